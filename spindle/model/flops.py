@@ -1,0 +1,98 @@
+"""Parameter counts, FLOPs and memory estimates: pure functions of the model config.
+
+Two FLOP counts, because they answer different questions:
+
+- `internevo_flops_per_step` is InternEvo's printed `tflops` formula (get_megatron_flops), kept so
+  our log line compares with theirs: f * ((8 + 4r) B s h^2 + 4 B s^2 h) L + 6 B s h V, with
+  f = 4 when activation checkpointing is on (recomputation counted as work, so it is closer to a
+  hardware-FLOPs utilisation), r = mlp_ratio * 3/2 for SwiGLU, dense non-causal attention.
+- `model_flops_per_token` is the model-FLOPs count behind MFU: 6 N_matmul + 12 L h s (the output
+  head included, the embedding lookup excluded, attention over the full s x s square, i.e. the
+  causal half not subtracted; the same convention as reference/cpu-baselines.md and PaLM's MFU).
+"""
+
+from __future__ import annotations
+
+from spindle.config import ModelConfig, SpindleConfig
+
+
+def parameter_counts(cfg: ModelConfig) -> dict[str, int]:
+    h, v, hd = cfg.hidden_size, cfg.vocab_size, cfg.head_dim
+    bias = 0 if cfg.no_bias else 1
+    q, kv = cfg.num_attention_heads * hd, cfg.kv_heads * hd
+    attn = h * q + 2 * h * kv + q * h + bias * (q + 2 * kv + h)
+    ffn_h = cfg.ffn_hidden_size
+    n_mats = 3 if cfg.use_swiglu else 2
+    ffn = n_mats * h * ffn_h + bias * ((n_mats - 1) * ffn_h + h)
+    norm = h * (1 if cfg.norm_type == "rmsnorm" or cfg.no_bias else 2)
+    per_layer = attn + ffn + 2 * norm
+    embedding = v * h
+    head = 0 if cfg.tie_word_embeddings else v * h
+    total = embedding + head + cfg.num_layers * per_layer + norm
+    matmul = cfg.num_layers * (h * q + 2 * h * kv + q * h + n_mats * h * ffn_h) + v * h  # output head included
+    return {"total": total, "embedding": embedding, "per_layer": per_layer, "matmul": matmul,
+            "non_embedding": total - embedding}
+
+
+def model_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
+    """Training FLOPs per token (forward + backward) for MFU: 6 N_matmul + 12 L h s."""
+    return 6.0 * parameter_counts(cfg)["matmul"] + 12.0 * cfg.num_layers * cfg.hidden_size * seq_len
+
+
+def internevo_flops_per_step(cfg: ModelConfig, seq_len: int, sequences: int) -> float:
+    """InternEvo's get_megatron_flops: FLOPs of one step over `sequences` rows of `seq_len` (all ranks)."""
+    f = 4 if cfg.checkpoint else 3  # truthy checkpoint, even a fraction, counts as full recompute there
+    r = cfg.mlp_ratio * 3 / 2 if cfg.use_swiglu else cfg.mlp_ratio
+    b, s, h, layers, v = sequences, seq_len, cfg.hidden_size, cfg.num_layers, cfg.vocab_size
+    return f * ((8 + 4 * r) * b * s * h**2 + 4 * b * s**2 * h) * layers + 6 * b * s * h * v
+
+
+def memory_estimate(cfg: SpindleConfig, world_size: int = 1) -> dict[str, float]:
+    """Bytes per device, roughly: weights, gradients, AdamW state, activations of one micro-batch.
+
+    Weights and gradients are fp32 masters (+ a 2-byte copy for bf16/fp16 compute), AdamW keeps
+    two fp32 moments. Sharding: tensor and pipeline split everything; zero1 splits optimizer state
+    over its group; FSDP splits weights, grads and state over data parallel. Activations follow
+    Korthikanti et al. (2022): s b h (34 + 5 a s / h) bytes per layer for 16-bit activations
+    (doubled for fp32); a recomputed layer keeps only its input.
+    """
+    m, par, data = cfg.model, cfg.parallel, cfg.data
+    n = parameter_counts(m)["total"]
+    tp, pp = par.tensor.size, par.pipeline.size
+    dp = max(1, world_size // (tp * pp))
+    zero = dp if par.zero1.size <= 0 else min(par.zero1.size, dp)
+    half = m.dtype in ("torch.bfloat16", "torch.float16", "torch.half")
+    model_split = tp * pp
+    weights = n * (4 + (2 if half else 0)) / model_split
+    grads = n * 4 / model_split
+    optim = n * 8 / model_split / zero
+    if par.fsdp:
+        weights, grads, optim = weights / dp, grads / dp, n * 8 / model_split / dp
+    s, b, h, a = data.seq_len, data.micro_bsz, m.hidden_size, m.num_attention_heads
+    act_bytes = 2 if half else 4
+    per_layer_full = s * b * h * (34 + 5 * a * s / h) * act_bytes / 2  # the formula is in 2-byte units
+    per_layer_ckpt = s * b * h * act_bytes  # only the layer input is kept
+    layers_local = m.num_layers / pp
+    n_ckpt = m.num_checkpointed_layers / pp
+    activations = ((layers_local - n_ckpt) * per_layer_full + n_ckpt * per_layer_ckpt) / tp
+    logits = s * b * m.vocab_size * 4 * 2 / tp  # fp32 logits and their gradient
+    total = weights + grads + optim + activations + logits
+    return {"weights": weights, "grads": grads, "optimizer": optim, "activations": activations,
+            "logits": logits, "total": total}
+
+
+# Dense peak TFLOP/s per device for the MFU denominator (vendor datasheets, without sparsity).
+PEAK_TFLOPS = {
+    ("a100", "bf16"): 312.0, ("a100", "fp16"): 312.0, ("a100", "tf32"): 156.0, ("a100", "fp32"): 19.5,
+    ("h100", "bf16"): 989.0, ("h100", "fp16"): 989.0, ("h100", "tf32"): 494.0, ("h100", "fp32"): 67.0,
+    ("h200", "bf16"): 989.0, ("h200", "fp16"): 989.0, ("h200", "tf32"): 494.0, ("h200", "fp32"): 67.0,
+}
+
+
+def lookup_peak_tflops(device_name: str, dtype: str) -> float | None:
+    """Peak for a GPU name such as 'NVIDIA H100 80GB HBM3' and a compute dtype key."""
+    name = device_name.lower()
+    for (gpu, dt), peak in PEAK_TFLOPS.items():
+        if gpu in name and dt == dtype:
+            return peak
+    return None
