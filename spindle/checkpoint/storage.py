@@ -524,13 +524,14 @@ class S3Storage(Storage):
     # -- retry core --
 
     def _reason(self, exc: BaseException) -> str:
-        info = _client_error_info(exc)
-        if info is not None:
-            code, status = info
-            message = exc.response.get("Error", {}).get("Message", "")  # type: ignore[attr-defined]
-            text = f"{code} (HTTP {status})" + (f": {message}" if message else "")
-        else:
-            text = f"{type(exc).__name__}: {exc}"
+        text = f"{type(exc).__name__}: {exc}"
+        for e in _exception_chain(exc):  # prefer the server's own code and message
+            info = _client_error_info(e)
+            if info is not None:
+                code, status = info
+                message = e.response.get("Error", {}).get("Message", "")  # type: ignore[attr-defined]
+                text = f"{code} (HTTP {status})" + (f": {message}" if message else "")
+                break
         for secret in self._redact:
             text = text.replace(secret, "***")
         return text
@@ -554,7 +555,7 @@ class S3Storage(Storage):
                     "(or AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY)") from None
             except Exception as exc:  # noqa: BLE001 - classified below, re-raised as SpindleError
                 if _is_not_found(exc):
-                    raise StorageNotFound(f"{what} failed: not found") from None
+                    raise StorageNotFound(f"{what} failed: {self._reason(exc)}") from None
                 if not _is_transient(exc):
                     raise SpindleError(f"{what} failed: {self._reason(exc)}") from None
                 if attempt == attempts:
