@@ -459,6 +459,9 @@ class S3Storage(Storage):
         self.backoff_s = backoff_s
         self.max_backoff_s = max_backoff_s
         self.file_workers = max(1, file_workers)
+        # S3's own cap for one listing page and one DeleteObjects call; tests lower it to cover
+        # the continuation paths without creating thousands of objects.
+        self._page_size = 1000
         # Kept only to scrub them from error text; excluded from repr.
         self._redact = tuple(s for s in (secret_key, access_key) if s and len(s) >= 4)
         # A per-instance generator: jitter must not touch (or depend on) the global random state.
@@ -605,11 +608,10 @@ class S3Storage(Storage):
         """All pages of list_objects_v2: Contents entries, plus CommonPrefixes as {'Prefix': ..}."""
         def run() -> list[dict]:
             out: list[dict] = []
-            kwargs = {"Bucket": self.bucket, "Prefix": key_prefix}
+            kwargs = {"Bucket": self.bucket, "Prefix": key_prefix,
+                      "MaxKeys": max_keys or self._page_size}
             if delimiter:
                 kwargs["Delimiter"] = delimiter
-            if max_keys:
-                kwargs["MaxKeys"] = max_keys
             while True:
                 page = self._client.list_objects_v2(**kwargs)
                 out.extend(page.get("Contents", []))
@@ -693,8 +695,9 @@ class S3Storage(Storage):
             raise SpindleError(f"refusing to delete the whole checkpoint folder {self.url}")
         keys = [e["Key"] for e in self._list(key + "/") if "Key" in e]
         keys.append(key)  # the object named exactly rel_prefix, if any; deleting a missing key is OK
-        for i in range(0, len(keys), 1000):  # DeleteObjects takes at most 1000 keys
-            batch = [{"Key": k} for k in keys[i:i + 1000]]
+        step = self._page_size
+        for i in range(0, len(keys), step):
+            batch = [{"Key": k} for k in keys[i:i + step]]
 
             def delete(batch: list[dict] = batch) -> None:
                 resp = self._client.delete_objects(
@@ -739,6 +742,11 @@ def open_storage(
     environment: S3_ENDPOINT_URL / AWS_ENDPOINT_URL, S3_ACCESS_KEY_ID / AWS_ACCESS_KEY_ID,
     S3_SECRET_ACCESS_KEY / AWS_SECRET_ACCESS_KEY; with no keys anywhere boto3's usual chain
     (profiles, instance roles) applies. Nothing is contacted here; call `ping()` for that.
+
+    retries: how often a transient S3 failure (connection error, 5xx, throttling) is retried, so
+    an operation makes up to retries + 1 attempts, sleeping backoff_s * 2**k seconds (jittered,
+    capped at 30 s) between them. connect_timeout_s bounds each TCP connect, which is what makes
+    a dead endpoint fail in seconds. These three are ignored for local folders.
     """
     if not url:
         raise SpindleError("checkpoint path is empty")

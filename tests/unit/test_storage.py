@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import os
+import threading
 import time
 import traceback
 import uuid
@@ -213,6 +214,34 @@ def test_async_uploader_local(tmp_path):
         up.submit(str(tmp_path), "5")
 
 
+def test_async_uploader_runs_in_background_and_on_done_failure_counts(tmp_path):
+    gate = threading.Event()
+
+    class SlowStorage(LocalStorage):
+        def upload_dir(self, local_dir, rel_prefix):
+            assert gate.wait(10)
+            super().upload_dir(local_dir, rel_prefix)
+
+    st = SlowStorage(str(tmp_path / "store"))
+    staging = _make_staging(tmp_path, {"m": b"1"})
+    up = AsyncUploader(st, max_workers=1)
+    t0 = time.monotonic()
+    fut = up.submit(staging, "1", on_done=lambda: st.write_bytes("1.step", b""))
+    assert time.monotonic() - t0 < 0.5 and not fut.done() and up.pending() == 1  # caller is free
+    gate.set()
+    up.wait()
+    assert st.exists("1.step") and up.pending() == 0
+
+    def broken_marker():
+        raise OSError("marker write failed")
+
+    up.submit(staging, "2", on_done=broken_marker)
+    up.submit(str(tmp_path / "gone"), "3")
+    with pytest.raises(SpindleError, match="marker write failed.*1 more"):
+        up.close()
+    assert os.path.isdir(staging)  # kept: nothing asked to remove it
+
+
 # ------------------------------------------------------------------------------------------
 # S3 (moto_server)
 # ------------------------------------------------------------------------------------------
@@ -279,6 +308,21 @@ def test_s3_round_trip(moto_server, bucket, tmp_path):
     assert not st.exists("pings")
 
 
+def test_s3_pagination(moto_server, bucket):
+    st = _s3(moto_server, bucket)
+    st._page_size = 2  # force several listing pages and DeleteObjects batches
+    for step in range(5):
+        st.write_bytes(f"{step}/a", b"a")
+        st.write_bytes(f"{step}/b/c", b"c")
+    st.write_bytes("keep/x", b"x")
+    assert st.list_dirs() == ["0", "1", "2", "3", "4", "keep"]
+    assert st.list_files("3") == ["a", "b/c"]
+    assert len(st.list_files()) == 11
+    for step in range(5):
+        st.delete_prefix(str(step))
+    assert st.list_files() == ["keep/x"]
+
+
 def test_s3_embedded_endpoint_and_env_credentials(moto_server, bucket, monkeypatch):
     monkeypatch.setenv("S3_ACCESS_KEY_ID", ACCESS)
     monkeypatch.setenv("S3_SECRET_ACCESS_KEY", SECRET)
@@ -290,7 +334,7 @@ def test_s3_embedded_endpoint_and_env_credentials(moto_server, bucket, monkeypat
     monkeypatch.setenv("AWS_ENDPOINT_URL", moto_server.endpoint)  # endpoint from the environment
     st2 = open_storage(f"boto3:s3://{bucket}/emb", retries=0)
     assert st2.read_bytes("x") == b"hello"
-    for text in (repr(st), str(st), repr(st2), repr(vars(st2).get("url"))):
+    for text in (repr(st), str(st), repr(st2), st2.url, str(st2.location)):
         _no_secret(text)
 
 
@@ -330,7 +374,7 @@ def test_transient_classification():
 
 def test_ping_unreachable_fails_fast_without_secret():
     port = free_port()  # nothing listens here
-    st = open_storage(f"boto3:s3://bkt/ckpt", endpoint_url=f"http://127.0.0.1:{port}",
+    st = open_storage("boto3:s3://bkt/ckpt", endpoint_url=f"http://127.0.0.1:{port}",
                       access_key=ACCESS, secret_key=SECRET)  # default retries/backoff
     t0 = time.monotonic()
     with pytest.raises(SpindleError) as ei:
