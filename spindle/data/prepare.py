@@ -1,0 +1,483 @@
+"""Raw text -> token files: `spindle prepare` (binary shards) and the engine of tools/tokenizer.py.
+
+Pipeline: the main process reads inputs and cuts them into ~1 MB batches of raw documents
+(or raw JSON lines); a pool of worker processes, each with its own tokenizer, extracts the text,
+batch-encodes it, adds BOS/EOS and returns ready-to-write bytes (numpy tokens, or rendered JSON
+lines); the main process writes results in input order. JSON parsing and output rendering
+happen in the workers because on short documents they cost as much as tokenization itself.
+
+Document units (the seed's rules, reference/internevo.md §1.2):
+- `.txt`: every non-empty stripped line is one document;
+- `.json`: a top-level list of records, `.jsonl`: one record per line; the `text_key` field is
+  the document (`raw_json_line=True` tokenizes the whole JSON text like InternEvo does);
+- `.parquet`: the `text_key` column;
+- any other extension (source code, markdown, ...) or `doc_per_file=True`: one file = one document.
+`.gz` variants of all of these are read transparently.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import gzip
+import io
+import itertools
+import json
+import multiprocessing as mp
+import os
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from typing import Iterator, Sequence
+
+import numpy as np
+
+from spindle.data.shards import (
+    IDX_EXT,
+    MANIFEST,
+    MASK_EXT,
+    TOKENS_EXT,
+    ShardWriter,
+    json_line,
+    token_dtype,
+    write_manifest,
+)
+from spindle.data.tokenizer import Tokenizer, load_tokenizer
+from spindle.errors import SpindleError
+
+LINE_FORMATS = (".txt", ".json", ".jsonl", ".parquet")
+BATCH_BYTES = 1 << 20  # per worker task: large enough to amortise IPC, small enough to stream
+
+
+@dataclass
+class Batch:
+    """A unit of work: raw items from one file, with the line/record number of the first."""
+
+    path: str
+    first: int  # 1-based line (txt/jsonl) or record index (json/parquet) of items[0]
+    mode: str  # "docs": items are documents; "jsonl": items are raw JSON lines to extract from
+    items: list
+    nbytes: int
+
+
+def input_kind(path: str, doc_per_file: bool = False) -> str:
+    name = path[:-3] if path.endswith(".gz") else path
+    ext = os.path.splitext(name)[1].lower()
+    if doc_per_file or ext not in LINE_FORMATS:
+        return "file"
+    return ext[1:]
+
+
+def expand_inputs(inputs: Sequence[str]) -> list[str]:
+    """Files as given, folders walked recursively (sorted; hidden files skipped)."""
+    out = []
+    for p in inputs:
+        p = os.fspath(p)
+        if os.path.isdir(p):
+            for root, dirs, files in os.walk(p, followlinks=True):
+                dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+                out.extend(os.path.join(root, f) for f in sorted(files) if not f.startswith("."))
+        elif os.path.isfile(p):
+            out.append(p)
+        else:
+            raise SpindleError(f"{p}: input not found")
+    if not out:
+        raise SpindleError(f"no input files in {', '.join(map(str, inputs))}")
+    return out
+
+
+def _open_binary(path: str):
+    try:
+        return gzip.open(path, "rb") if path.endswith(".gz") else open(path, "rb")
+    except OSError as e:
+        raise SpindleError(f"{path}: cannot read ({e.strerror or e})") from None
+
+
+def _decode(path: str, data: bytes, first_line: int) -> str:
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = first_line + data.count(b"\n", 0, e.start)
+        col = e.start - (data.rfind(b"\n", 0, e.start) + 1)
+        raise SpindleError(f"{path}: line {line}: invalid UTF-8 ({e.reason} at byte {col} of the line)") from None
+
+
+def _iter_line_blocks(path: str, block: int = 8 << 20) -> Iterator[tuple[int, list[str]]]:
+    """(first line number, lines) over a text file, read in big blocks cut at line ends.
+    Newlines are universal (\\r\\n, \\r, \\n), exactly like iterating a text-mode file."""
+    line_no = 1
+    tail = b""
+    try:
+        with _open_binary(path) as f:
+            while True:
+                data = f.read(block)
+                if not data:
+                    break
+                data = tail + data
+                cut = data.rfind(b"\n") + 1
+                if cut == 0:
+                    tail = data
+                    continue
+                data, tail = data[:cut], data[cut:]
+                text = _decode(path, data, line_no)
+                if "\r" in text:
+                    text = text.replace("\r\n", "\n").replace("\r", "\n")
+                lines = text.split("\n")
+                lines.pop()  # text ends with "\n": the last piece is empty
+                yield line_no, lines
+                line_no += data.count(b"\n")
+            if tail:
+                text = _decode(path, tail, line_no)
+                if "\r" in text:
+                    text = text.replace("\r\n", "\n").replace("\r", "\n")
+                yield line_no, text.split("\n")
+    except (OSError, EOFError, gzip.BadGzipFile) as e:
+        raise SpindleError(f"{path}: cannot read ({e})") from None
+
+
+def _chunks(path: str, first: int, mode: str, items: list, size_of) -> Iterator[Batch]:
+    start, acc, nbytes = 0, 0, 0
+    for j, it in enumerate(items):
+        nbytes += size_of(it)
+        if nbytes >= BATCH_BYTES:
+            yield Batch(path, first + start, mode, items[start : j + 1], nbytes)
+            start, nbytes = j + 1, 0
+    if start < len(items):
+        yield Batch(path, first + start, mode, items[start:], nbytes)
+
+
+def iter_batches(path: str, text_key: str = "text", raw_json_line: bool = False, doc_per_file: bool = False) -> Iterator[Batch]:
+    """Cut one input file into batches of raw documents (see the module docstring for units)."""
+    kind = input_kind(path, doc_per_file)
+    if kind == "file":
+        with _open_binary(path) as f:
+            try:
+                data = f.read()
+            except (OSError, EOFError, gzip.BadGzipFile) as e:
+                raise SpindleError(f"{path}: cannot read ({e})") from None
+        text = _decode(path, data, 1)
+        if text.strip():
+            yield Batch(path, 1, "docs", [text], len(data))
+    elif kind == "txt":
+        for first, lines in _iter_line_blocks(path):
+            # Keep line numbers exact for error messages: strip, then drop empties per batch.
+            for b in _chunks(path, first, "docs", lines, len):
+                b.items = [s for s in (x.strip() for x in b.items) if s]
+                if b.items:
+                    yield b
+    elif kind == "jsonl":
+        for first, lines in _iter_line_blocks(path):
+            if raw_json_line:
+                # InternEvo tokenizes the raw line, trailing newline included.
+                for b in _chunks(path, first, "docs", lines, len):
+                    b.items = [x + "\n" for x in b.items if x.strip()]
+                    if b.items:
+                        yield b
+            else:
+                yield from _chunks(path, first, "jsonl", lines, len)
+    elif kind == "json":
+        with _open_binary(path) as f:
+            data = f.read()
+        try:
+            records = json.loads(_decode(path, data, 1))
+        except ValueError as e:
+            raise SpindleError(f"{path}: malformed JSON ({e})") from None
+        if not isinstance(records, list):
+            raise SpindleError(f"{path}: expected a top-level JSON list of records, got {type(records).__name__}")
+        if raw_json_line:
+            docs = [json.dumps(r) for r in records]
+        else:
+            docs = [_field(path, "record", i, r, text_key) for i, r in enumerate(records)]
+        yield from _chunks(path, 0, "docs", docs, len)
+    elif kind == "parquet":
+        yield from _parquet_batches(path, text_key)
+
+
+def _parquet_batches(path: str, text_key: str) -> Iterator[Batch]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        src = pa.BufferReader(gzip.open(path).read()) if path.endswith(".gz") else path
+        pf = pq.ParquetFile(src)
+    except (OSError, pa.ArrowException) as e:
+        raise SpindleError(f"{path}: not a readable parquet file ({e})") from None
+    if text_key not in pf.schema_arrow.names:
+        raise SpindleError(f"{path}: no column {text_key!r} (columns: {', '.join(pf.schema_arrow.names)})")
+    row = 0
+    for rb in pf.iter_batches(batch_size=16384, columns=[text_key]):
+        col = rb.column(0).to_pylist()
+        for i, v in enumerate(col):
+            if not isinstance(v, str):
+                raise SpindleError(f"{path}: row {row + i}: column {text_key!r} is {type(v).__name__}, expected a string")
+        yield from _chunks(path, row, "docs", col, len)
+        row += len(col)
+
+
+def _field(path: str, unit: str, n: int, record, key: str) -> str:
+    if not isinstance(record, dict) or key not in record:
+        raise SpindleError(f"{path}: {unit} {n}: no {key!r} field (use --text_key / --text-key, or --raw_json_line)")
+    v = record[key]
+    if not isinstance(v, str):
+        raise SpindleError(f"{path}: {unit} {n}: field {key!r} is {type(v).__name__}, expected a string")
+    return v
+
+
+def extract_documents(batch: Batch, text_key: str) -> list[str]:
+    if batch.mode == "docs":
+        return batch.items
+    docs = []
+    for n, line in enumerate(batch.items, batch.first):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except ValueError as e:
+            raise SpindleError(f"{batch.path}: line {n}: malformed JSON ({e})") from None
+        docs.append(_field(batch.path, "line", n, rec, text_key))
+    return docs
+
+
+# ------------------------------------------------------------------------------ encode workers
+
+
+@dataclass
+class EncodeOptions:
+    tokenizer_spec: str
+    text_key: str = "text"
+    output: str = "shards"  # "shards": numpy tokens; "json": rendered InternEvo lines
+    min_length: int = 0
+    num_threads: int = 1
+
+
+@dataclass
+class Encoded:
+    nbytes: int  # input bytes consumed (progress)
+    lengths: np.ndarray  # tokens per kept document (BOS/EOS included)
+    tokens: np.ndarray | None  # shards: all kept documents back to back
+    lines: list | None  # json: one rendered line per kept document
+    dropped: int  # documents shorter than min_length
+
+
+def encode_batch(tok: Tokenizer, opts: EncodeOptions, batch: Batch) -> Encoded:
+    docs = extract_documents(batch, opts.text_key)
+    ids = tok.encode_batch(docs, num_threads=opts.num_threads) if docs else []
+    bos, eos = tok.bos_id, tok.eos_id
+    if opts.min_length > 0:
+        kept = [x for x in ids if len(x) + 2 >= opts.min_length]
+        dropped, ids = len(ids) - len(kept), kept
+    else:
+        dropped = 0
+    inner = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
+    lengths = inner + 2
+    if opts.output == "json":
+        lines = [json_line([bos, *x, eos]) for x in ids]
+        return Encoded(batch.nbytes, lengths, None, lines, dropped)
+    # Lay out [BOS] doc [EOS] ... with vectorised writes rather than per-document list building.
+    dtype = token_dtype(tok.vocab_size)
+    total = int(lengths.sum())
+    flat = np.empty(total, dtype=dtype)
+    ends = np.cumsum(lengths)
+    starts = ends - lengths
+    body = np.ones(total, dtype=bool)
+    body[starts] = False
+    body[ends - 1] = False
+    flat[starts] = bos
+    flat[ends - 1] = eos
+    flat[body] = np.fromiter(itertools.chain.from_iterable(ids), dtype=dtype, count=int(inner.sum()))
+    return Encoded(batch.nbytes, lengths, flat, None, dropped)
+
+
+class _WorkerState:
+    """Per-worker-process tokenizer, created once by the pool initializer. This is process-local
+    by construction (each worker is its own process); nothing else reads it."""
+
+    tok: Tokenizer | None = None
+    opts: EncodeOptions | None = None
+
+
+def _init_worker(opts: EncodeOptions) -> None:
+    _WorkerState.opts = opts
+    _WorkerState.tok = load_tokenizer(opts.tokenizer_spec)
+
+
+def _work(batch: Batch) -> Encoded:
+    return encode_batch(_WorkerState.tok, _WorkerState.opts, batch)
+
+
+def run_encode(batches: Iterator[Batch], opts: EncodeOptions, workers: int, tok: Tokenizer | None = None) -> Iterator[Encoded]:
+    """Encode batches in input order. workers <= 1 runs inline (no process start-up cost);
+    otherwise a pool with a bounded window of in-flight tasks, so memory stays flat however
+    large the input is."""
+    if workers <= 1:
+        tok = tok or load_tokenizer(opts.tokenizer_spec)
+        for b in batches:
+            yield encode_batch(tok, opts, b)
+        return
+    ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
+    with ctx.Pool(workers, initializer=_init_worker, initargs=(opts,)) as pool:
+        window: collections.deque = collections.deque()
+        for b in batches:
+            window.append(pool.apply_async(_work, (b,)))
+            if len(window) >= 2 * workers:
+                yield window.popleft().get()
+        while window:
+            yield window.popleft().get()
+
+
+def _progress(total_bytes: int, label: str):
+    """A rich progress bar on a terminal; a no-op elsewhere (logs, pipes, tests)."""
+    if not sys.stderr.isatty():
+        return None
+    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
+
+    prog = Progress(TextColumn(label), BarColumn(), DownloadColumn(), TransferSpeedColumn(), TimeRemainingColumn(),
+                    console=None, transient=False)
+    return prog
+
+
+def _all_batches(files: list[str], text_key: str, raw_json_line: bool, doc_per_file: bool) -> Iterator[Batch]:
+    for f in files:
+        yield from iter_batches(f, text_key, raw_json_line, doc_per_file)
+
+
+def default_workers() -> int:
+    return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1))
+
+
+def _clear_outputs(out_dir: str, overwrite: bool) -> None:
+    existing = [f for f in os.listdir(out_dir) if f == MANIFEST or f.endswith((TOKENS_EXT, IDX_EXT, MASK_EXT, ".bin", ".bin.meta"))]
+    if existing and not overwrite:
+        raise SpindleError(f"{out_dir}: already holds token files ({', '.join(sorted(existing)[:3])}...); pass --overwrite to replace them")
+    for f in existing:
+        os.remove(os.path.join(out_dir, f))
+
+
+def prepare(
+    inputs: Sequence[str],
+    out_dir: str,
+    tokenizer_spec: str = "default",
+    text_key: str = "text",
+    workers: int | None = None,
+    shard_size_mb: float = 256,
+    min_length: int = 0,
+    overwrite: bool = False,
+    doc_per_file: bool = False,
+    raw_json_line: bool = False,
+    progress: bool = True,
+) -> dict:
+    """Tokenize `inputs` (files or folders) into binary shards + manifest.json in `out_dir`.
+    Returns a summary dict (documents, tokens, shards, dropped, seconds, rates)."""
+    t0 = time.perf_counter()
+    files = expand_inputs(inputs)
+    tok = load_tokenizer(tokenizer_spec)
+    os.makedirs(out_dir, exist_ok=True)
+    _clear_outputs(out_dir, overwrite)
+    workers = default_workers() if not workers else workers
+    opts = EncodeOptions(str(tokenizer_spec), text_key=text_key, output="shards", min_length=min_length)
+    total_bytes = sum(os.path.getsize(f) for f in files)
+    shard_bytes = max(1, int(shard_size_mb * (1 << 20)))
+    shards: list[dict] = []
+    writer: ShardWriter | None = None
+    dropped = 0
+    prog = _progress(total_bytes, "prepare") if progress else None
+    task = prog.add_task("prepare", total=total_bytes) if prog else None
+    if prog:
+        prog.start()
+    try:
+        for enc in run_encode(_all_batches(files, text_key, raw_json_line, doc_per_file), opts, workers, tok):
+            dropped += enc.dropped
+            if len(enc.lengths):
+                if writer is None:
+                    writer = ShardWriter(out_dir, f"shard-{len(shards):05d}", tok.vocab_size)
+                writer.add_many(enc.lengths, enc.tokens)
+                if writer.nbytes >= shard_bytes:
+                    shards.append(writer.close())
+                    writer = None
+            if prog:
+                prog.update(task, advance=enc.nbytes)
+        if writer is not None:
+            shards.append(writer.close())
+    finally:
+        if prog:
+            prog.stop()
+    if not shards:
+        raise SpindleError(f"no documents found in {', '.join(map(str, inputs))}" + (f" ({dropped} shorter than --min-length)" if dropped else ""))
+    manifest = write_manifest(out_dir, tok.identity(), shards, bos_eos=True,
+                              sources=[os.path.abspath(f) for f in files], min_length=min_length)
+    secs = time.perf_counter() - t0
+    docs = sum(s["documents"] for s in shards)
+    toks = sum(s["tokens"] for s in shards)
+    return {
+        "out_dir": out_dir,
+        "manifest": manifest,
+        "files": len(files),
+        "input_bytes": total_bytes,
+        "documents": docs,
+        "tokens": toks,
+        "shards": len(shards),
+        "dropped_short": dropped,
+        "workers": workers,
+        "seconds": secs,
+        "docs_per_s": docs / secs if secs else 0.0,
+        "tokens_per_s": toks / secs if secs else 0.0,
+    }
+
+
+def prepare_main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="spindle prepare", description="Tokenize raw text into Spindle binary shards.")
+    ap.add_argument("inputs", nargs="+", help="files or folders: txt, json, jsonl, parquet (optionally .gz); other files = one document each")
+    ap.add_argument("--out", required=True, help="output folder (shards + manifest.json)")
+    ap.add_argument("--tokenizer", default="default", help="'default', 'byte', or a tokenizer path")
+    ap.add_argument("--text-key", default="text")
+    ap.add_argument("--workers", type=int, default=0, help="tokenizer processes (default: all cores)")
+    ap.add_argument("--shard-size-mb", type=float, default=256)
+    ap.add_argument("--min-length", type=int, default=0, help="drop documents with fewer tokens (BOS/EOS included)")
+    ap.add_argument("--doc-per-file", action="store_true", help="every input file is one document")
+    ap.add_argument("--raw-json-line", action="store_true", help="tokenize whole JSON records (InternEvo's behaviour)")
+    ap.add_argument("--overwrite", action="store_true")
+    ap.add_argument("--debug", action="store_true", help="show tracebacks")
+    args = ap.parse_args(argv)
+    try:
+        s = prepare(args.inputs, args.out, args.tokenizer, text_key=args.text_key, workers=args.workers,
+                    shard_size_mb=args.shard_size_mb, min_length=args.min_length, overwrite=args.overwrite,
+                    doc_per_file=args.doc_per_file, raw_json_line=args.raw_json_line)
+    except SpindleError as e:
+        if args.debug:
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"{s['documents']:,} documents, {s['tokens']:,} tokens in {s['shards']} shard(s) -> {s['out_dir']} "
+          f"({s['seconds']:.1f} s, {s['docs_per_s']:,.0f} docs/s)" + (f"; {s['dropped_short']:,} dropped by --min-length" if s["dropped_short"] else ""))
+    return 0
+
+
+def write_json_bin(
+    inputs: Sequence[str],
+    bin_path: str,
+    tokenizer_spec: str = "default",
+    text_key: str = "text",
+    raw_json_line: bool = False,
+    workers: int | None = None,
+    doc_per_file: bool = False,
+) -> dict:
+    """InternEvo `.bin` + int64 `.bin.meta` (the engine of tools/tokenizer.py)."""
+    from spindle.data.shards import JsonBinWriter
+
+    t0 = time.perf_counter()
+    files = expand_inputs(inputs)
+    tok = load_tokenizer(tokenizer_spec)
+    opts = EncodeOptions(str(tokenizer_spec), text_key=text_key, output="json")
+    w = JsonBinWriter(bin_path)
+    try:
+        for enc in run_encode(_all_batches(files, text_key, raw_json_line, doc_per_file), opts,
+                              default_workers() if not workers else workers, tok):
+            w.add_lines(enc.lines, enc.lengths.tolist())
+    except BaseException:
+        w._f.close()
+        os.remove(bin_path + ".tmp")
+        raise
+    res = w.close()
+    res["seconds"] = time.perf_counter() - t0
+    return res

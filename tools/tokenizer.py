@@ -1,0 +1,59 @@
+"""Seed-compatible: raw text -> InternEvo `.bin` + `.bin.meta`.
+
+    python tools/tokenizer.py --text_input_path raw.txt --bin_output_path data/train/en/raw.bin
+
+Byte layout as InternEvo's tool (one `json.dumps({"tokens": ids}) + "\\n"` per document, BOS/EOS
+around every document), with three deliberate differences: the meta is int64 (the seed's int32
+overflows past 2 GiB), `.json`/`.jsonl` take the `--text_key` field (`--raw_json_line` restores the
+seed's whole-record tokenization), and an existing output is never appended to silently.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+try:
+    import spindle  # noqa: F401
+except ImportError:  # run by path from a checkout: make the repo importable
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from spindle.data.prepare import write_json_bin  # noqa: E402
+from spindle.errors import SpindleError  # noqa: E402
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description="Tokenize raw text into InternEvo .bin/.bin.meta files.")
+    ap.add_argument("--text_input_path", required=True, help="input .txt, .json, .jsonl (or .gz of those), or a folder")
+    ap.add_argument("--bin_output_path", required=True, help="output path ending in .bin")
+    ap.add_argument("--tokenizer", default="default", help="'default', 'byte', or a tokenizer path (.model / tokenizer.json / folder)")
+    ap.add_argument("--text_key", default="text", help="field holding the text in .json/.jsonl records")
+    ap.add_argument("--raw_json_line", action="store_true", help="tokenize whole JSON records, as InternEvo does")
+    ap.add_argument("--workers", type=int, default=0, help="tokenizer processes (default: all cores)")
+    ap.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    ap.add_argument("--debug", action="store_true", help="show tracebacks")
+    args = ap.parse_args(argv)
+    try:
+        out = args.bin_output_path
+        if not out.endswith(".bin"):
+            raise SpindleError(f"{out}: --bin_output_path must end in .bin")
+        for p in (out, out + ".meta"):
+            if os.path.exists(p) and not args.overwrite:
+                raise SpindleError(f"{p}: already exists; pass --overwrite to replace it")
+        res = write_json_bin([args.text_input_path], out, args.tokenizer, text_key=args.text_key,
+                             raw_json_line=args.raw_json_line, workers=args.workers)
+    except SpindleError as e:
+        if args.debug:
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    print(f"{res['documents']:,} documents, {res['tokens']:,} tokens -> {out} (+ .meta) in {res['seconds']:.1f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
