@@ -197,6 +197,8 @@ def rope_inv_freq(
         inv = _ntk_base(base, _factor(params, kind), d) ** (-expo)
     elif kind == "dynamic":
         # factor defaults to 1: InternEvo's `use_dynamic_ntk_rope` (pure NTK with alpha = l/L).
+        # An explicit original_max_position_embeddings wins over max_position_embeddings; HF ignores
+        # (and warns about) that key for dynamic, so only configs HF already flags can differ.
         factor = _factor(params, kind, default=1.0)
         orig = _original_len(params, max_position_embeddings, kind)
         length = orig if seq_len is None else max(seq_len, orig)
@@ -379,18 +381,16 @@ class RotaryEmbedding(torch.nn.Module):
         logn_ref_len: int | None = None,
     ) -> None:
         super().__init__()
+        params = normalize_rope_scaling(scaling, base)
         if use_dynamic_ntk:
-            if scaling is not None and normalize_rope_scaling(scaling, base)["type"] not in ("default", "dynamic"):
-                raise SpindleError(
-                    "use_dynamic_ntk_rope=True conflicts with rope_scaling type "
-                    f"{normalize_rope_scaling(scaling, base)['type']!r}"
-                )
-            if scaling is None or normalize_rope_scaling(scaling, base)["type"] == "default":
+            if params["type"] not in ("default", "dynamic"):
+                raise SpindleError(f"use_dynamic_ntk_rope=True conflicts with rope_scaling type {params['type']!r}")
+            if params["type"] == "default":
                 if max_position_embeddings is None:
                     raise SpindleError("use_dynamic_ntk_rope=True needs max_position_embeddings")
                 # InternEvo's DynamicNTKScalingRotaryEmbedding: scaling_factor 1, L = max_position_embeddings.
-                scaling = {"type": "dynamic", "factor": 1.0}
-        self.scaling = normalize_rope_scaling(scaling, base)
+                params = {"type": "dynamic", "factor": 1.0}
+        self.scaling = params
         self.rope_type = self.scaling["type"]
         self.head_dim = head_dim
         self.base = float(base)
