@@ -1,0 +1,164 @@
+"""Packing documents into fixed-size micro-batches that follow the batch contract.
+
+A pack is `micro_bsz` rows of `seq_len` tokens (InternEvo's packed_length = micro_bsz * seq_len).
+
+Cut mode (`pack_sample_into_one=False`): the documents, shuffled once by seed, form one virtual
+token stream that is cut every `micro_bsz * seq_len` tokens. Every document fragment becomes its
+own attention segment (`cu_seqlens` boundary, `position_ids` restarting at 0). Rows are segment
+boundaries too: a fragment never straddles two rows, so attention is a per-row block-diagonal
+mask and costs no more than dense causal attention (InternEvo lets a fragment run across the
+row edge of its flat pack; we cut it there, which at most adds `micro_bsz` cuts per pack).
+A document longer than `seq_len` therefore ends up in `seq_len` pieces. Labels are the next
+token of the same document, -100 at a document's end (and where a loss mask says no loss).
+
+Concat mode (`pack_sample_into_one=True`): the same stream in `seq_len` windows; attention runs
+across documents inside a window (InternEvo's behaviour), positions are 0..seq_len-1 in every row,
+labels are still -100 at document ends.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Protocol, Sequence
+
+import numpy as np
+
+
+class Documents(Protocol):
+    """What packing needs from a document source (see spindle.data.shards)."""
+
+    lengths: np.ndarray
+
+    def __len__(self) -> int: ...
+
+    def __getitem__(self, i: int) -> tuple[np.ndarray, Optional[np.ndarray]]: ...
+
+
+@dataclass
+class Pack:
+    """One micro-batch as numpy arrays, shapes (B, L) except cu_seqlens (segments + 1,)."""
+
+    input_ids: np.ndarray
+    labels: np.ndarray
+    position_ids: np.ndarray
+    cu_seqlens: np.ndarray
+    type_ids: np.ndarray
+
+
+class PackedDocuments:
+    """Random access to the packs of one source: pack i is a pure function of (docs, seed, i)."""
+
+    def __init__(
+        self,
+        docs: Documents,
+        seq_len: int,
+        micro_bsz: int,
+        type_id: int = 0,
+        seed: int = 1024,
+        min_length: int = 0,
+        pack_into_one: bool = False,
+        shuffle: bool = True,
+    ):
+        self.docs, self.seq_len, self.micro_bsz, self.type_id = docs, seq_len, micro_bsz, type_id
+        self.pack_into_one = pack_into_one
+        lengths = np.asarray(docs.lengths, dtype=np.int64)
+        keep = np.nonzero(lengths >= max(min_length, 1))[0]
+        order = np.random.default_rng(seed).permutation(keep) if shuffle else keep
+        self.order = order
+        self.ends = np.cumsum(lengths[order])  # end offset of each document in the stream
+        self.total_tokens = int(self.ends[-1]) if len(self.ends) else 0
+        self.packed_length = seq_len * micro_bsz
+
+    def __len__(self) -> int:
+        return self.total_tokens // self.packed_length  # the tail that does not fill a pack is dropped
+
+    def _stream(self, start: int, stop: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """Tokens, next-token labels, in-document offsets and document-start flags of stream[start:stop]."""
+        first = int(np.searchsorted(self.ends, start, side="right"))
+        tokens, labels, offsets = [], [], []
+        pos = start
+        k = first
+        while pos < stop:
+            doc_end = int(self.ends[k])
+            doc_start = doc_end - int(self.docs.lengths[self.order[k]])
+            ids, mask = self.docs[int(self.order[k])]
+            ids = np.asarray(ids, dtype=np.int64)
+            a, b = pos - doc_start, min(stop, doc_end) - doc_start
+            nxt = np.full(b - a, -100, dtype=np.int64)
+            inner = min(b, len(ids) - 1)  # next tokens exist up to the document's last token
+            if inner > a:
+                nxt[: inner - a] = ids[a + 1 : inner + 1]
+                if mask is not None:  # a label carries loss only where the predicted token does
+                    nxt[: inner - a][~mask[a + 1 : inner + 1]] = -100
+            tokens.append(ids[a:b])
+            labels.append(nxt)
+            offsets.append(np.arange(a, b, dtype=np.int64))
+            pos = doc_start + b
+            k += 1
+        tokens_, labels_, offsets_ = np.concatenate(tokens), np.concatenate(labels), np.concatenate(offsets)
+        starts = np.zeros(stop - start, dtype=bool)
+        bounds = self.ends[first:k] - start
+        starts[0] = True
+        starts[bounds[(bounds > 0) & (bounds < stop - start)]] = True
+        return tokens_, labels_, offsets_, starts
+
+    def __getitem__(self, i: int) -> Pack:
+        if not 0 <= i < len(self):
+            raise IndexError(i)
+        p, b, l = self.packed_length, self.micro_bsz, self.seq_len
+        tokens, labels, offsets, starts = self._stream(i * p, (i + 1) * p)
+        if self.pack_into_one:
+            positions = np.tile(np.arange(l, dtype=np.int64), b)
+            cu = np.arange(0, p + 1, l, dtype=np.int32)
+        else:
+            starts = starts.copy()
+            starts[::l] = True  # every row starts a segment
+            seg_starts = np.nonzero(starts)[0]
+            cu = np.append(seg_starts, p).astype(np.int32)
+            # positions restart at each segment: index minus the start of its segment
+            seg_of = np.cumsum(starts) - 1
+            positions = np.arange(p, dtype=np.int64) - seg_starts[seg_of]
+        return Pack(
+            input_ids=tokens.reshape(b, l),
+            labels=labels.reshape(b, l),
+            position_ids=positions.reshape(b, l),
+            cu_seqlens=cu,
+            type_ids=np.full((b, l), self.type_id, dtype=np.int64),
+        )
+
+
+class RandomDocuments:
+    """Seeded synthetic documents for `train_folder=None`, as InternEvo's RandomDataset.
+
+    Each document repeats a short random pattern, so a model can learn it and the loss falls.
+    """
+
+    def __init__(self, vocab_size: int, num_docs: int = 100_000, seed: int = 1024, max_len: int = 512):
+        rng = np.random.default_rng(seed)
+        self.vocab_size, self.seed = vocab_size, seed
+        self.lengths = rng.integers(16, max_len + 1, size=num_docs).astype(np.int64)
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def __getitem__(self, i: int) -> tuple[np.ndarray, None]:
+        rng = np.random.default_rng((self.seed, i))
+        period = int(rng.integers(2, 17))
+        pattern = rng.integers(0, self.vocab_size, size=period)
+        return np.resize(pattern, int(self.lengths[i])).astype(np.int64), None
+
+
+def collate(packs: Sequence[Pack]):
+    """Stack packs into torch tensors of one micro-batch each (list of dicts)."""
+    import torch
+
+    return [
+        {
+            "input_ids": torch.from_numpy(p.input_ids),
+            "labels": torch.from_numpy(p.labels),
+            "position_ids": torch.from_numpy(p.position_ids),
+            "cu_seqlens": torch.from_numpy(p.cu_seqlens),
+            "type_ids": torch.from_numpy(p.type_ids),
+        }
+        for p in packs
+    ]

@@ -1,0 +1,121 @@
+"""Text generation with a KV cache: greedy, temperature, top-k, top-p, streaming, stop at EOS.
+
+The prompt is consumed in chunks (chunked prefill) so memory grows linearly with its length, then
+one token per forward. Positions are absolute, so RoPE scaling that depends on the context length
+(Dynamic NTK) follows the context as it grows: each forward passes `seq_len` = tokens so far.
+Keys already in the cache keep the rotation they were computed with, as transformers does.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Iterator, Optional, Sequence
+
+import torch
+
+from spindle.model.llama import KVCache, Transformer
+
+
+def sample_next(logits: torch.Tensor, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
+                generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """logits (B, V) -> next token ids (B,). temperature 0 means greedy."""
+    if temperature <= 0:
+        return logits.argmax(-1)
+    logits = logits.float() / temperature
+    if top_k > 0:
+        kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
+        probs = sorted_logits.softmax(-1)
+        # drop a token when the tokens ranked above it already hold top_p of the mass
+        drop = probs.cumsum(-1) - probs > top_p
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+    probs = logits.softmax(-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+@torch.no_grad()
+def prefill(model: Transformer, ids: torch.Tensor, cache: KVCache, chunk: int = 1024) -> torch.Tensor:
+    """Feed (B, L) prompt ids through the cache in chunks; return the last position's logits (B, V)."""
+    logits = None
+    start = cache.length
+    for s in range(0, ids.shape[1], chunk):
+        piece = ids[:, s : s + chunk]
+        b, l = piece.shape
+        pos = torch.arange(start + s, start + s + l, device=ids.device).expand(b, l)
+        logits = model(piece, pos, cache=cache, seq_len=start + s + l)[:, -1]
+    return logits
+
+
+@torch.no_grad()
+def generate_stream(
+    model: Transformer,
+    prompt_ids: Sequence[Sequence[int]],
+    max_new_tokens: int = 64,
+    temperature: float = 0.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    eos_id: Optional[int] = None,
+    seed: int = 0,
+) -> Iterator[torch.Tensor]:
+    """Yield the next token of every sequence, step by step. Prompts must have equal length."""
+    model.eval()
+    device = next(model.parameters()).device
+    ids = torch.tensor(prompt_ids, dtype=torch.long, device=device)
+    cache = KVCache()
+    gen = torch.Generator(device=device).manual_seed(seed)
+    logits = prefill(model, ids, cache)
+    done = torch.zeros(ids.shape[0], dtype=torch.bool, device=device)
+    for _ in range(max_new_tokens):
+        nxt = sample_next(logits, temperature, top_k, top_p, gen)
+        if eos_id is not None:
+            nxt = torch.where(done, torch.full_like(nxt, eos_id), nxt)
+        yield nxt
+        if eos_id is not None:
+            done |= nxt == eos_id
+            if bool(done.all()):
+                return
+        pos = torch.full((ids.shape[0], 1), cache.length, device=device)
+        logits = model(nxt[:, None], pos, cache=cache, seq_len=cache.length + 1)[:, -1]
+
+
+def generate(model: Transformer, prompt_ids: Sequence[Sequence[int]], max_new_tokens: int = 64,
+             on_token: Optional[Callable[[torch.Tensor], None]] = None, **kw) -> list[list[int]]:
+    """Batch generation: the new tokens of each sequence (up to and excluding EOS)."""
+    eos_id = kw.get("eos_id")
+    outs: list[list[int]] = [[] for _ in prompt_ids]
+    finished = [False] * len(prompt_ids)
+    for nxt in generate_stream(model, prompt_ids, max_new_tokens, **kw):
+        if on_token is not None:
+            on_token(nxt)
+        for i, t in enumerate(nxt.tolist()):
+            if finished[i]:
+                continue
+            if eos_id is not None and t == eos_id:
+                finished[i] = True
+            else:
+                outs[i].append(t)
+    return outs
+
+
+def complete_text(model: Transformer, tokenizer, prompt: str, max_new_tokens: int = 48, stream=None,
+                  **kw) -> str:
+    """Encode `prompt` (with BOS), generate, decode; `stream(text_piece)` receives text as it comes."""
+    ids = [tokenizer.bos_id] + tokenizer.encode(prompt) if tokenizer.bos_id is not None else tokenizer.encode(prompt)
+    produced: list[int] = []
+    shown = ""
+
+    def on_token(nxt: torch.Tensor) -> None:
+        nonlocal shown
+        t = int(nxt[0])
+        if t == tokenizer.eos_id:
+            return
+        produced.append(t)
+        if stream is not None:
+            text = tokenizer.decode(produced)
+            stream(text[len(shown):])
+            shown = text
+
+    generate(model, [ids], max_new_tokens, on_token=on_token, eos_id=tokenizer.eos_id, **kw)
+    return tokenizer.decode(produced)

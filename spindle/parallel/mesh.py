@@ -1,0 +1,105 @@
+"""Launchers and process groups: from torchrun / Slurm environment variables to a `ParallelEnv`.
+
+`--launcher torch` reads RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT as torchrun
+sets them. `--launcher slurm` reads SLURM_PROCID / SLURM_NTASKS / SLURM_LOCALID and takes the
+master address from the first host of SLURM_JOB_NODELIST (or SLURM_NODELIST), expanding
+bracketed ranges itself instead of shelling out to `scontrol`. A single process with neither
+launcher's variables runs without a process group at all.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import re
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+from spindle.errors import SpindleError
+
+
+@dataclass
+class ParallelEnv:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    dp_rank: int = 0
+    dp_size: int = 1
+    tp_size: int = 1
+    pp_size: int = 1
+    mesh: object = None  # torch DeviceMesh when world_size > 1
+    dp_group: object = None
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1 and dist.is_initialized()
+
+
+def first_slurm_host(nodelist: str) -> str:
+    """'node[03-05,09],gpu1' -> 'node03' (the rule scontrol show hostnames applies, first host only)."""
+    first = re.match(r"([^,\[]+)(\[([^\]]+)\])?", nodelist.strip())
+    if not first:
+        raise SpindleError(f"SLURM_JOB_NODELIST: cannot read a host from {nodelist!r}")
+    prefix, _, ranges = first.groups()
+    if not ranges:
+        return prefix
+    lo = ranges.split(",")[0].split("-")[0]
+    return prefix + lo
+
+
+def launcher_env(launcher: str, port: Optional[int]) -> dict[str, str]:
+    """The rendezvous variables for init_process_group, from the launcher's environment."""
+    env = os.environ
+    if launcher == "slurm":
+        try:
+            rank, world, local = env["SLURM_PROCID"], env["SLURM_NTASKS"], env.get("SLURM_LOCALID", "0")
+        except KeyError as exc:
+            raise SpindleError(f"--launcher slurm: environment variable {exc.args[0]} is not set "
+                               "(run under srun, or use --launcher torch)") from None
+        nodelist = env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST") or "127.0.0.1"
+        addr = env.get("MASTER_ADDR") or first_slurm_host(nodelist)
+        return {"RANK": rank, "WORLD_SIZE": world, "LOCAL_RANK": local, "MASTER_ADDR": addr,
+                "MASTER_PORT": str(port or env.get("MASTER_PORT", 8888))}
+    if launcher == "torch":
+        if "RANK" not in env and "WORLD_SIZE" not in env:
+            return {}  # plain `python train.py --launcher torch`: one process
+        out = {k: env[k] for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT") if k in env}
+        if port:
+            out["MASTER_PORT"] = str(port)
+        return out
+    return {}
+
+
+def init_distributed(launcher: Optional[str] = None, backend: Optional[str] = None, port: Optional[int] = None,
+                     device: str = "auto", timeout_s: float = 600.0) -> ParallelEnv:
+    """Start the process group (when there is more than one process, or a launcher asked for it)."""
+    variables = launcher_env(launcher, port) if launcher else (
+        launcher_env("torch", port) if "RANK" in os.environ else {})
+    want_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
+    if not variables:
+        dev = torch.device("cuda", 0) if want_cuda else torch.device("cpu")
+        return ParallelEnv(device=dev)
+    os.environ.update(variables)
+    rank, world = int(variables["RANK"]), int(variables["WORLD_SIZE"])
+    local = int(variables.get("LOCAL_RANK", 0))
+    backend = backend or ("nccl" if want_cuda else "gloo")
+    dev = torch.device("cuda", local) if want_cuda else torch.device("cpu")
+    if want_cuda:
+        torch.cuda.set_device(dev)
+    if not dist.is_initialized():
+        dist.init_process_group(backend=backend, rank=rank, world_size=world,
+                                timeout=datetime.timedelta(seconds=timeout_s))
+    return ParallelEnv(rank=rank, world_size=world, local_rank=local, device=dev, dp_rank=rank, dp_size=world)
+
+
+def shutdown() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()

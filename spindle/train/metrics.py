@@ -1,0 +1,138 @@
+"""Per-step metrics: the seed's key=value line, JSONL and TensorBoard sinks, a progress bar.
+
+The console line keeps InternEvo's keys in InternEvo's order (so log parsers written for it keep
+working) and appends ours: mfu, acc, perplexity, data_wait. Formulas:
+- tgs = tokens of the step over all data-parallel ranks / world size / step time (padding and
+  masked tokens included, as InternEvo counts);
+- tflops = InternEvo's get_megatron_flops (see spindle.model.flops) / step time / world size;
+- mfu = model FLOPs per token (6 N_matmul + 12 L h s) * tokens / step time / world size / peak.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from spindle.model.flops import lookup_peak_tflops
+
+CONSOLE_KEYS = [
+    "tflops", "step", "loss", "tgs (tokens/gpu/second)", "lr", "loss_scale", "grad_norm", "micro_num",
+    "num_consumed_tokens", "inf_nan_skip_batches", "num_samples_in_batch", "largest_length", "largest_batch",
+    "smallest_batch", "adam_beta2", "fwd_bwd_time", "mfu", "acc", "perplexity", "data_wait",
+]
+
+
+def format_value(v: Any) -> str:
+    if isinstance(v, float):
+        if v == 0 or (1e-3 <= abs(v) < 1e6):
+            return f"{v:.6g}" if abs(v) < 1 else f"{round(v, 4)}"
+        return f"{v:.6g}"
+    return str(v)
+
+
+def format_line(metrics: dict) -> str:
+    """One line, `key=value` separated by commas; per-source keys (loss/en ...) stay in JSONL only."""
+    return ",".join(f"{k}={format_value(metrics[k])}" for k in CONSOLE_KEYS if k in metrics)
+
+
+def batch_shape_stats(micro_batches: list[dict]) -> dict:
+    """InternEvo's num_samples_in_batch, largest_length, largest_batch, smallest_batch."""
+    segs = [torch.diff(mb["cu_seqlens"].long()) for mb in micro_batches]
+    per_pack = [int(s.numel()) for s in segs]
+    return {
+        "num_samples_in_batch": sum(per_pack),
+        "largest_length": max(int(s.max()) for s in segs),
+        "largest_batch": max(per_pack),
+        "smallest_batch": min(per_pack),
+    }
+
+
+def measure_cpu_peak_tflops(n: int = 1024, repeats: int = 3) -> float:
+    """fp32 matmul throughput of this CPU with the current thread count: the MFU denominator here."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b  # warm up the kernels
+    best = math.inf
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n**3 / best / 1e12
+
+
+def resolve_peak_tflops(configured: Optional[float], device: torch.device, compute_dtype: str) -> tuple[float, str]:
+    """(peak TFLOP/s per device, where it came from): config > GPU table > measured CPU matmul."""
+    if configured:
+        return configured, "config"
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        peak = lookup_peak_tflops(name, compute_dtype)
+        if peak:
+            return peak, f"table ({name}, {compute_dtype})"
+        return 0.0, f"unknown GPU {name}: set trainer.peak_tflops"
+    return measure_cpu_peak_tflops(), "measured fp32 matmul on this CPU"
+
+
+class MetricSinks:
+    """JSONL file and TensorBoard events in the run folder (rank 0 only)."""
+
+    def __init__(self, run_dir: Path, jsonl: bool = True, tensorboard: bool = True, tb_dir: Optional[str] = None):
+        self.jsonl = open(run_dir / "metrics.jsonl", "a") if jsonl else None
+        self.tb = None
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.tb = SummaryWriter(log_dir=tb_dir or str(run_dir / "tensorboard"))
+            except ImportError:  # tensorboard is a declared dependency; degrade rather than die
+                self.tb = None
+
+    def write(self, metrics: dict, step: int) -> None:
+        if self.jsonl is not None:
+            self.jsonl.write(json.dumps(metrics, default=float) + "\n")
+            self.jsonl.flush()
+        if self.tb is not None:
+            for key, value in metrics.items():
+                if isinstance(value, (int, float)) and key != "step" and math.isfinite(float(value)):
+                    self.tb.add_scalar(key.split(" ")[0], float(value), step)
+
+    def close(self) -> None:
+        if self.jsonl is not None:
+            self.jsonl.close()
+        if self.tb is not None:
+            self.tb.close()
+
+
+class Progress:
+    """A rich progress bar with ETA when stdout is a terminal; nothing otherwise."""
+
+    def __init__(self, total: int, start: int = 0, enabled: Optional[bool] = None):
+        enabled = sys.stdout.isatty() if enabled is None else enabled
+        self.bar = None
+        if enabled:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress as RichProgress, TextColumn, \
+                TimeElapsedColumn, TimeRemainingColumn
+
+            self.bar = RichProgress(TextColumn("train"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                                    TextColumn("eta"), TimeRemainingColumn(), TextColumn("{task.fields[info]}"))
+            self.bar.start()
+            self.task = self.bar.add_task("train", total=total, completed=start, info="")
+
+    def update(self, step: int, info: str) -> None:
+        if self.bar is not None:
+            self.bar.update(self.task, completed=step, info=info)
+
+    def print(self, line: str) -> None:
+        if self.bar is not None:
+            self.bar.console.print(line, markup=False, highlight=False, soft_wrap=True)
+        else:
+            print(line, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.stop()

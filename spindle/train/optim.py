@@ -1,0 +1,134 @@
+"""AdamW parameter groups, the LR and beta2 schedules (pure functions), and the fp16 loss scaler."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+
+from spindle.config import AdamConfig, Beta2SchedulerConfig, GradScalerConfig, LrSchedulerConfig
+
+
+# ----------------------------------------------------------------------------- schedules
+
+
+def lr_at(update: int, base_lr: float, sched: LrSchedulerConfig) -> float:
+    """Learning rate of optimizer update `update` (0-based), InternEvo's FineTuneCosineAnnealingWarmupLR.
+
+    0 for `init_steps` updates; then a linear warmup over int(total_steps * warmup_ratio) updates
+    reaching base_lr at its last one; then cosine from base_lr down to eta_min at total_steps.
+    (InternEvo prints the rate the scheduler will use next; we print the rate this step used.)
+    """
+    total = sched.total_steps
+    warmup = int(total * sched.warmup_ratio)
+    k = update - sched.init_steps
+    if k < 0:
+        return 0.0
+    if k < warmup:
+        return base_lr * (k + 1) / warmup
+    span = max(1, total - sched.init_steps - warmup)
+    t = min(k - warmup, span)
+    return sched.eta_min + (base_lr - sched.eta_min) * (1 + math.cos(math.pi * t / span)) / 2
+
+
+def beta2_at(update: int, sched: Beta2SchedulerConfig) -> float:
+    """InternEvo's Beta2Scheduler: max(init_beta2, 1 - 1 / iter**c) with iter = update + 1; constant if c = 0."""
+    if sched.c <= 0:
+        return sched.init_beta2
+    return max(sched.init_beta2, 1.0 - 1.0 / (update + 1) ** sched.c)
+
+
+# ----------------------------------------------------------------------------- optimizer
+
+
+def param_groups(model: nn.Module, adam: AdamConfig) -> list[dict]:
+    """Decay the matrices; exempt norms and biases (1-D tensors) unless `decay_norm_and_bias`."""
+    decay, no_decay = [], []
+    for _, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (decay if p.ndim >= 2 or adam.decay_norm_and_bias else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": adam.weight_decay, "name": "default"}]
+    if no_decay:
+        groups.append({"params": no_decay, "weight_decay": 0.0, "name": "no_decay"})
+    return groups
+
+
+def build_optimizer(model: nn.Module, adam: AdamConfig, device_type: str) -> torch.optim.AdamW:
+    fused = adam.fused if adam.fused is not None else device_type == "cuda"
+    return torch.optim.AdamW(
+        param_groups(model, adam),
+        lr=adam.lr,
+        betas=(adam.adam_beta1, adam.adam_beta2),
+        eps=adam.adam_eps,
+        fused=fused or None,
+        foreach=None if fused else True,
+    )
+
+
+def set_schedules(opt: torch.optim.Optimizer, lr: float, beta2: float) -> None:
+    for group in opt.param_groups:
+        group["lr"] = lr
+        group["betas"] = (group["betas"][0], beta2)
+
+
+# ----------------------------------------------------------------------------- loss scaling
+
+
+@dataclass
+class DynamicLossScaler:
+    """fp16 dynamic loss scaling with InternEvo's keys.
+
+    PyTorch's GradScaler has growth/backoff but no hysteresis and no min/max scale, which the seed
+    config sets, so this is our own (small) implementation. Disabled (scale 1) for bf16 and fp32:
+    their exponent range does not need it.
+    """
+
+    scale: float = 1.0
+    enabled: bool = False
+    growth_factor: float = 2.0
+    backoff_factor: float = 0.5
+    growth_interval: int = 1000
+    hysteresis: int = 2
+    min_scale: float = 1.0
+    max_scale: float = 2.0**24
+    growth_tracker: int = 0
+    hysteresis_tracker: int = 2
+
+    @classmethod
+    def from_config(cls, cfg: GradScalerConfig, enabled: bool) -> "DynamicLossScaler":
+        if not enabled:
+            return cls(scale=1.0, enabled=False)
+        return cls(
+            scale=cfg.fp16.initial_scale, enabled=True, growth_factor=cfg.growth_factor,
+            backoff_factor=cfg.backoff_factor, growth_interval=cfg.fp16.growth_interval,
+            hysteresis=cfg.hysteresis, min_scale=cfg.fp16.min_scale, max_scale=cfg.max_scale,
+            hysteresis_tracker=cfg.hysteresis,
+        )
+
+    def update(self, found_inf: bool) -> None:
+        if not self.enabled:
+            return
+        if found_inf:
+            # back off only after `hysteresis` overflows; every overflow restarts the growth count
+            self.growth_tracker = 0
+            self.hysteresis_tracker -= 1
+            if self.hysteresis_tracker <= 0:
+                self.scale = max(self.scale * self.backoff_factor, self.min_scale)
+        else:
+            self.growth_tracker += 1
+            if self.growth_tracker == self.growth_interval:
+                self.growth_tracker = 0
+                self.hysteresis_tracker = self.hysteresis
+                self.scale = min(self.scale * self.growth_factor, self.max_scale)
+
+    def state_dict(self) -> dict:
+        return {"scale": self.scale, "growth_tracker": self.growth_tracker,
+                "hysteresis_tracker": self.hysteresis_tracker}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.scale = float(state["scale"])
+        self.growth_tracker = int(state["growth_tracker"])
+        self.hysteresis_tracker = int(state["hysteresis_tracker"])

@@ -1,0 +1,312 @@
+"""The training loop: step, accumulate, clip, skip non-finite steps, validate, save, log.
+
+One optimizer step:
+  1. fetch `micro_num` micro-batches (the loader prefetches the next step in a thread);
+  2. count the valid labels of the whole step (all micro-batches, all data-parallel ranks): N;
+  3. for each micro-batch: forward, loss = sum of token losses / N (times dp size, because data
+     parallel averages gradients over ranks), backward — so the step's gradient is the gradient of
+     the mean token loss of the step, however the tokens are split into micro-batches or ranks;
+  4. unscale (fp16), measure the gradient norm, clip; a non-finite loss or norm skips the update;
+  5. set lr and beta2 from their schedules, optimizer step, loss-scaler update;
+  6. log, validate every `valid_every`, checkpoint every `checkpoint_every` / on the stop file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from spindle.checkpoint.manager import load_checkpoint, plan_load, prune_old, save_checkpoint, strip_prefix
+from spindle.config import SpindleConfig, parse_skip_batches, save_resolved_config
+from spindle.data.loader import build_train_loader, build_valid_sets
+from spindle.errors import SpindleError
+from spindle.model.flops import internevo_flops_per_step, model_flops_per_token, parameter_counts
+from spindle.model.llama import Transformer, build_model
+from spindle.parallel.mesh import ParallelEnv
+from spindle.parallel.parallelize import parallelize
+from spindle.train.metrics import MetricSinks, Progress, batch_shape_stats, format_line, resolve_peak_tflops
+from spindle.train.optim import DynamicLossScaler, beta2_at, build_optimizer, lr_at, set_schedules
+
+COMPUTE_DTYPES = {
+    "torch.float32": torch.float32, "torch.tf32": torch.float32, "torch.bfloat16": torch.bfloat16,
+    "torch.float16": torch.float16, "torch.half": torch.float16,
+}
+
+
+def compute_dtype_key(dtype: str) -> str:
+    return {"torch.float32": "fp32", "torch.tf32": "tf32", "torch.bfloat16": "bf16"}.get(dtype, "fp16")
+
+
+@dataclass
+class TrainState:
+    """Counters that go into every checkpoint."""
+
+    step: int = 0  # batch_count: the next batch to train (skipped batches included)
+    updates: int = 0  # successful optimizer updates (drives the LR / beta2 schedules)
+    num_consumed_tokens: int = 0
+    inf_nan_skip_batches: int = 0
+
+    def state_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+class Trainer:
+    def __init__(self, cfg: SpindleConfig, env: ParallelEnv, log=print):
+        self.cfg, self.env, self.log = cfg, env, log
+        self.run_dir = cfg.run_dir
+        self.device = env.device
+        torch.manual_seed(cfg.trainer.seed)
+        if cfg.trainer.num_threads and self.device.type == "cpu":
+            torch.set_num_threads(cfg.trainer.num_threads)
+        if cfg.model.dtype == "torch.tf32":
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cudnn.deterministic = cfg.cudnn_deterministic
+        torch.backends.cudnn.benchmark = cfg.cudnn_benchmark
+
+        if env.is_main:
+            save_resolved_config(cfg, self.run_dir)
+        self.model: Transformer = build_model(cfg.model, self.device, seed=cfg.trainer.seed)
+        self.raw_model = self.model
+        self.n_params = parameter_counts(cfg.model)["total"]
+        self.model = parallelize(self.model, cfg, env)
+        self.optimizer = build_optimizer(self.raw_model, cfg.adam, self.device.type)
+        self.compute_dtype = COMPUTE_DTYPES[cfg.model.dtype]
+        self.scaler = DynamicLossScaler.from_config(cfg.grad_scaler, enabled=self.compute_dtype == torch.float16)
+        self.state = TrainState()
+        self.skip = parse_skip_batches(cfg.data.skip_batches)
+        self.loader = build_train_loader(cfg.data, cfg.model.vocab_size, self.run_dir / "data_cache",
+                                         env.dp_rank, env.dp_size)
+        self.valid_sets = build_valid_sets(cfg.data, cfg.model.vocab_size)
+        self.save_dir = self._save_dir()
+        self._restore()
+        self.peak, self.peak_source = resolve_peak_tflops(cfg.trainer.peak_tflops, self.device,
+                                                          compute_dtype_key(cfg.model.dtype))
+        self.flops_per_token = model_flops_per_token(cfg.model, cfg.data.seq_len)
+
+    # ------------------------------------------------------------------ setup
+
+    def _save_dir(self) -> Optional[Path]:
+        ck = self.cfg.ckpt
+        if not ck.enable_save_ckpt:
+            return None
+        folder = ck.save_ckpt_folder or str(self.run_dir / "ckpt")
+        if folder.startswith("boto3:"):
+            raise SpindleError("ckpt.save_ckpt_folder: boto3: storage is not wired into the trainer yet")
+        return Path(strip_prefix(folder))
+
+    def _restore(self) -> None:
+        plan = plan_load(self.cfg.ckpt, self.save_dir)
+        self.log(f"checkpoint: {plan.reason}")
+        if plan.path is None:
+            return
+        if plan.content == ("hf",):
+            raise SpindleError("ckpt_type='hf' loading is not available in this build yet")
+        ts = load_checkpoint(plan.path, self.raw_model, self.optimizer, plan.content)
+        if "scheduler" in plan.content and ts:
+            self.state.updates = ts.get("updates", 0)
+            self.scaler.load_state_dict(ts["scaler"]) if "scaler" in ts and self.scaler.enabled else None
+        if "sampler" in plan.content and ts:
+            self.state.step = ts.get("step", 0)
+            self.state.num_consumed_tokens = ts.get("num_consumed_tokens", 0)
+            self.state.inf_nan_skip_batches = ts.get("inf_nan_skip_batches", 0)
+            self.loader.load_state_dict(ts["loader"])
+
+    def autocast(self):
+        if self.compute_dtype == torch.float32:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.compute_dtype)
+
+    def _all_reduce(self, t: torch.Tensor, op=dist.ReduceOp.SUM) -> torch.Tensor:
+        if self.env.distributed:
+            dist.all_reduce(t, op=op, group=self.env.dp_group)
+        return t
+
+    # ------------------------------------------------------------------ one step
+
+    def _to_device(self, mb: dict) -> dict:
+        return {k: v.to(self.device, non_blocking=True) for k, v in mb.items()}
+
+    def train_step(self, micro_batches: list[dict]) -> dict:
+        model, cfg = self.model, self.cfg
+        model.train()
+        mbs = [self._to_device(mb) for mb in micro_batches]
+        n_sources = max(1, len(self.loader.source_names))
+        # loss sum, valid tokens, correct predictions per source; [-1] slot is the total
+        stats = torch.zeros(3, n_sources + 1, dtype=torch.float64, device=self.device)
+        n_valid = sum((mb["labels"] != -100).sum() for mb in mbs).to(torch.float64)
+        n_valid = self._all_reduce(n_valid.clone())
+        denom = n_valid.clamp(min=1).item() / self.env.dp_size
+        scale = self.scaler.scale
+        t0 = time.perf_counter()
+        for i, mb in enumerate(mbs):
+            sync = contextlib.nullcontext()
+            if i < len(mbs) - 1 and hasattr(model, "no_sync"):
+                sync = model.no_sync()  # DDP: reduce gradients once, after the last micro-batch
+            with sync:
+                with self.autocast():
+                    logits = model(mb["input_ids"], mb["position_ids"], mb["cu_seqlens"])
+                flat_logits = logits.float().view(-1, logits.shape[-1])
+                labels = mb["labels"].view(-1)
+                loss_sum = F.cross_entropy(flat_logits, labels, ignore_index=-100, reduction="sum",
+                                           label_smoothing=cfg.loss.label_smoothing)
+                (loss_sum * (scale / denom)).backward()
+            with torch.no_grad():
+                valid = labels != -100
+                token_loss = F.cross_entropy(flat_logits, labels, ignore_index=-100, reduction="none")
+                correct = (flat_logits.argmax(-1) == labels) & valid
+                types = mb["type_ids"].view(-1).clamp(max=n_sources - 1)
+                for row, values in enumerate((token_loss, valid, correct)):
+                    stats[row].index_add_(0, types, values.to(torch.float64))
+        fwd_bwd = time.perf_counter() - t0
+        stats[:, -1] = stats[:, :-1].sum(1)
+        self._all_reduce(stats)
+
+        params = [p for p in self.raw_model.parameters() if p.grad is not None]
+        if self.scaler.enabled:
+            torch._foreach_mul_([p.grad for p in params], 1.0 / scale)
+        clip = cfg.hybrid_zero_optimizer.clip_grad_norm
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, clip if clip > 0 else math.inf, foreach=True)
+        loss = (stats[0, -1] / stats[1, -1].clamp(min=1)).item()
+        finite = math.isfinite(loss) and bool(torch.isfinite(grad_norm))
+        lr = lr_at(self.state.updates, cfg.adam.lr, cfg.lr_scheduler)
+        beta2 = beta2_at(self.state.updates, cfg.beta2_scheduler)
+        if finite:
+            set_schedules(self.optimizer, lr, beta2)
+            self.optimizer.step()
+            self.state.updates += 1
+        else:
+            self.state.inf_nan_skip_batches += 1
+        self.scaler.update(found_inf=not finite)
+        self.optimizer.zero_grad(set_to_none=True)
+
+        out = {"loss": loss, "grad_norm": float(grad_norm), "lr": lr, "adam_beta2": beta2,
+               "loss_scale": scale, "fwd_bwd_time": round(fwd_bwd, 3), "finite": finite,
+               "acc": (stats[2, -1] / stats[1, -1].clamp(min=1)).item()}
+        for k, name in enumerate(self.loader.source_names):
+            if stats[1, k] > 0:
+                out[f"loss/{name}"] = (stats[0, k] / stats[1, k]).item()
+                out[f"acc/{name}"] = (stats[2, k] / stats[1, k]).item()
+                out[f"tokens/{name}"] = int(stats[1, k])
+        return out
+
+    # ------------------------------------------------------------------ validation
+
+    @torch.no_grad()
+    def validate(self) -> dict:
+        self.model.eval()
+        out = {}
+        for name, mbs in self.valid_sets.items():
+            total = torch.zeros(2, dtype=torch.float64, device=self.device)
+            for mb in mbs:
+                mb = self._to_device(mb)
+                with self.autocast():
+                    logits = self.model(mb["input_ids"], mb["position_ids"], mb["cu_seqlens"])
+                total[0] += F.cross_entropy(logits.float().view(-1, logits.shape[-1]), mb["labels"].view(-1),
+                                            ignore_index=-100, reduction="sum").double()
+                total[1] += (mb["labels"] != -100).sum()
+            self._all_reduce(total)
+            loss = (total[0] / total[1].clamp(min=1)).item()
+            out[f"val/{name}_loss"] = loss
+            out[f"val/{name}_plex"] = math.exp(min(loss, 50.0))
+        return out
+
+    # ------------------------------------------------------------------ checkpoint
+
+    def save(self) -> Path:
+        ts = self.state.state_dict() | {"loader": self.loader.state_dict(), "scaler": self.scaler.state_dict()}
+        path = save_checkpoint(self.save_dir, self.state.step, self.raw_model, self.optimizer, ts,
+                               self.cfg.to_dict(), is_writer=self.env.is_main)
+        if self.env.is_main:
+            prune_old(self.save_dir, self.cfg.ckpt.keep_last_n)
+        self.log(f"checkpoint saved: {path}")
+        return path
+
+    def _read_stop_file(self) -> Optional[int]:
+        path = self.cfg.ckpt.stop_file_path
+        value = torch.zeros(1, dtype=torch.int64)
+        if path and self.env.is_main:
+            try:
+                text = Path(path).read_text().strip()
+                value[0] = int(text) if text else 0
+            except (OSError, ValueError):
+                value[0] = 0
+        if self.env.distributed and path:
+            dist.broadcast(value, 0)
+        return int(value[0]) or None
+
+    # ------------------------------------------------------------------ loop
+
+    def fit(self) -> dict:
+        cfg, env, state = self.cfg, self.env, self.state
+        total = cfg.data.total_steps
+        sinks = MetricSinks(self.run_dir, cfg.trainer.jsonl, cfg.trainer.tensorboard and cfg.enable_tb,
+                            cfg.tensorboard_folder) if env.is_main else None
+        progress = Progress(total, state.step, cfg.trainer.progress_bar if env.is_main else False)
+        printer = progress.print if env.is_main else (lambda _l: None)
+        self.log = printer
+        history: list[dict] = []
+        every = cfg.ckpt.checkpoint_every
+        saved_at = None
+        try:
+            while state.step < total:
+                step = state.step
+                t_start = time.perf_counter()
+                batch = self.loader.next_step(step)
+                data_wait = time.perf_counter() - t_start
+                if step in self.skip:
+                    state.step += 1
+                    continue
+                m = self.train_step(batch)
+                state.step += 1
+                elapsed = time.perf_counter() - t_start
+                tokens_local = sum(mb["labels"].numel() for mb in batch)
+                tokens_global = tokens_local * env.dp_size
+                if m.pop("finite"):
+                    state.num_consumed_tokens += tokens_global
+                sequences = sum(mb["input_ids"].shape[0] for mb in batch) * env.dp_size
+                flops = internevo_flops_per_step(cfg.model, cfg.data.seq_len, sequences)
+                tgs = tokens_global / env.world_size / elapsed
+                record = {
+                    "tflops": flops / elapsed / env.world_size / 1e12, "step": step, "loss": m["loss"],
+                    "tgs (tokens/gpu/second)": round(tgs, 2), "lr": m["lr"], "loss_scale": m["loss_scale"],
+                    "grad_norm": m["grad_norm"], "micro_num": len(batch),
+                    "num_consumed_tokens": state.num_consumed_tokens,
+                    "inf_nan_skip_batches": state.inf_nan_skip_batches, **batch_shape_stats(batch),
+                    "adam_beta2": m["adam_beta2"], "fwd_bwd_time": m["fwd_bwd_time"],
+                    "mfu": (self.flops_per_token * tgs / 1e12 / self.peak) if self.peak else 0.0,
+                    "acc": m["acc"], "perplexity": math.exp(min(m["loss"], 50.0)),
+                    "data_wait": data_wait / elapsed,
+                    **{k: v for k, v in m.items() if "/" in k},
+                }
+                if self.valid_sets and cfg.data.valid_every and state.step % cfg.data.valid_every == 0:
+                    record.update(self.validate())
+                history.append(record)
+                if env.is_main:
+                    if step % cfg.trainer.log_every == 0 or state.step == total:
+                        printer(format_line(record))
+                    sinks.write(record, step)
+                    progress.update(state.step, f"loss {m['loss']:.3f}")
+                stop = self._read_stop_file()
+                if self.save_dir is not None:
+                    due = state.step % every == 0 if math.isfinite(every) else False
+                    if due or state.step == total or (stop and state.step == abs(stop)):
+                        self.save()
+                        saved_at = state.step
+                if stop and stop > 0 and state.step >= stop:
+                    printer(f"stop file {cfg.ckpt.stop_file_path}: stopping at step {state.step}")
+                    break
+        finally:
+            progress.close()
+            if sinks is not None:
+                sinks.close()
+            self.loader.close()
+        return {"history": history, "saved_at": saved_at, "state": state.state_dict()}

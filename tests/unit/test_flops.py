@@ -1,0 +1,46 @@
+"""FLOP and parameter formulas against InternEvo's published 7B figures."""
+
+import pytest
+
+from spindle.config import load_config
+from spindle.model.flops import internevo_flops_per_step, memory_estimate, model_flops_per_token, parameter_counts
+
+
+def test_internevo_7b_flops_per_token():
+    cfg = load_config("configs/7B_sft.py").model
+    # reference/internevo.md §2: 44.41 GFLOP/token without checkpointing, 58.37 with it
+    assert internevo_flops_per_step(cfg, 2048, 1) / 2048 / 1e9 == pytest.approx(44.41, abs=0.01)
+    ck = cfg.model_copy(update={"checkpoint": True})
+    assert internevo_flops_per_step(ck, 2048, 1) / 2048 / 1e9 == pytest.approx(58.37, abs=0.01)
+    # their published table: TGS 4103 -> 182 TFLOPS (no ckpt); TGS 3314 -> 193 TFLOPS (ckpt)
+    assert 4103 * internevo_flops_per_step(cfg, 2048, 1) / 2048 / 1e12 == pytest.approx(182.2, abs=0.5)
+    assert 3314 * internevo_flops_per_step(ck, 2048, 1) / 2048 / 1e12 == pytest.approx(193.4, abs=0.5)
+    # a fraction counts as full recompute there too
+    assert internevo_flops_per_step(cfg.model_copy(update={"checkpoint": 0.2}), 2048, 1) == \
+        internevo_flops_per_step(ck, 2048, 1)
+
+
+def test_7b_parameter_count():
+    counts = parameter_counts(load_config("configs/7B_sft.py").model)
+    # 32 x (4 h^2 + 3 h 11008 + 2 h) + 2 V h + h
+    h, v = 4096, 103168
+    assert counts["total"] == 32 * (4 * h * h + 3 * h * 11008 + 2 * h) + 2 * v * h + h
+    assert 7.0e9 < counts["total"] < 7.5e9
+
+
+def test_model_flops_matches_cpu_baseline_convention():
+    # reference/cpu-baselines.md: 10M model (d256, L8, 4 heads, ffn 688, vocab 8192, untied): 56.82 MFLOP/token
+    from spindle.config import ModelConfig
+
+    cfg = ModelConfig(hidden_size=256, num_layers=8, num_attention_heads=4, vocab_size=8192,
+                      mlp_ratio=688 / 256, multiple_of=16)
+    assert cfg.ffn_hidden_size == 688
+    assert model_flops_per_token(cfg, 256) / 1e6 == pytest.approx(56.82, abs=0.01)
+
+
+def test_memory_estimate_shards():
+    cfg = load_config("configs/7B_sft.py")
+    one = memory_estimate(cfg, 1)
+    eight = memory_estimate(cfg, 8)
+    assert eight["optimizer"] == pytest.approx(one["optimizer"] / 8)  # zero1=8 over dp 8
+    assert eight["weights"] == one["weights"]

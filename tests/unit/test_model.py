@@ -1,0 +1,141 @@
+"""The model: causality, packed-document isolation, GQA, init, dtypes, options."""
+
+import pytest
+import torch
+
+from spindle.config import ModelConfig
+from spindle.model.attention import packed_causal_mask
+from spindle.model.llama import KVCache, build_model, count_parameters
+from spindle.model.flops import parameter_counts
+
+
+def tiny(**kw):
+    base = dict(hidden_size=64, num_attention_heads=4, num_kv_attention_heads=2, num_layers=2, vocab_size=97,
+                mlp_ratio=8 / 3, multiple_of=16, max_position_embeddings=64)
+    return ModelConfig(**{**base, **kw})
+
+
+def test_causal_future_tokens_do_not_change_past_logits():
+    model = build_model(tiny())
+    x = torch.randint(0, 97, (2, 24))
+    y = x.clone()
+    y[:, 15:] = torch.randint(0, 97, (2, 9))
+    with torch.no_grad():
+        a, b = model(x), model(y)
+    assert torch.allclose(a[:, :15], b[:, :15], atol=1e-6)
+    assert not torch.allclose(a[:, 15:], b[:, 15:], atol=1e-3)
+
+
+def pack(docs, length):
+    """Concatenate documents into one row with restarting positions and cu_seqlens."""
+    ids = torch.cat(docs)
+    assert ids.numel() == length
+    pos = torch.cat([torch.arange(d.numel()) for d in docs])
+    cu = torch.tensor([0] + torch.tensor([d.numel() for d in docs]).cumsum(0).tolist(), dtype=torch.int32)
+    return ids[None], pos[None], cu
+
+
+def test_changing_one_document_leaves_the_others_unchanged():
+    torch.manual_seed(0)
+    model = build_model(tiny())
+    docs = [torch.randint(0, 97, (n,)) for n in (7, 12, 5, 8)]
+    ids, pos, cu = pack(docs, 32)
+    changed = list(docs)
+    changed[1] = torch.randint(0, 97, (12,))  # the second document only
+    ids2, pos2, cu2 = pack(changed, 32)
+    with torch.no_grad():
+        a = model(ids, pos, cu)
+        b = model(ids2, pos2, cu2)
+    spans = [(0, 7), (7, 19), (19, 24), (24, 32)]
+    for k, (s, e) in enumerate(spans):
+        same = torch.allclose(a[0, s:e], b[0, s:e], atol=1e-6)
+        assert same == (k != 1), k
+    # and each document's logits equal running that document alone
+    with torch.no_grad():
+        alone = model(docs[2][None])
+    assert torch.allclose(a[0, 19:24], alone[0], atol=1e-5)
+
+
+def test_packed_rows_in_a_batch():
+    model = build_model(tiny())
+    ids = torch.randint(0, 97, (2, 16))
+    pos = torch.cat([torch.arange(10), torch.arange(6)]).repeat(2, 1)
+    cu = torch.tensor([0, 10, 16, 26, 32], dtype=torch.int32)  # flattened (2*16) boundaries
+    mask = packed_causal_mask(cu, 2, 16)
+    assert mask.shape == (2, 1, 16, 16)
+    assert not mask[0, 0, 12, 5] and mask[0, 0, 12, 11] and mask[1, 0, 9, 0] and not mask[1, 0, 3, 4]
+    with torch.no_grad():
+        out = model(ids, pos, cu)
+        first = model(ids[1:, 10:])
+    assert torch.allclose(out[1, 10:], first[0], atol=1e-5)
+
+
+def test_kv_cache_matches_full_forward_in_chunks():
+    model = build_model(tiny(), seed=3)
+    ids = torch.randint(0, 97, (2, 20))
+    with torch.no_grad():
+        full = model(ids)
+        cache = KVCache()
+        parts = [model(ids[:, s:e], torch.arange(s, e).expand(2, e - s), cache=cache) for s, e in
+                 ((0, 7), (7, 8), (8, 20))]
+    assert torch.allclose(torch.cat(parts, 1), full, atol=1e-5)
+
+
+def test_meta_init_is_seeded_and_layout_independent():
+    a, b, c = build_model(tiny(), seed=1), build_model(tiny(), seed=1), build_model(tiny(), seed=2)
+    sa, sb, sc = a.state_dict(), b.state_dict(), c.state_dict()
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert not torch.equal(sa["layers.0.attention.wq.weight"], sc["layers.0.attention.wq.weight"])
+    # a deeper model initialises its shared layers identically (per-name generators)
+    deep = build_model(tiny(num_layers=3), seed=1).state_dict()
+    assert torch.equal(deep["tok_embeddings.weight"], sa["tok_embeddings.weight"])
+    assert list(a.layers.keys()) == ["0", "1"]
+
+
+def test_gqa_shapes_and_parameter_count():
+    cfg = tiny()
+    model = build_model(cfg)
+    assert model.layers["0"].attention.wk.weight.shape == (2 * 16, 64)
+    assert count_parameters(model) == parameter_counts(cfg)["total"]
+    for kw in (dict(norm_type="layernorm", no_bias=False), dict(tie_word_embeddings=True),
+               dict(use_swiglu=False), dict(num_kv_attention_heads=None)):
+        c = tiny(**kw)
+        m = build_model(c)
+        assert count_parameters(m) == parameter_counts(c)["total"], kw
+    tied = build_model(tiny(tie_word_embeddings=True))
+    assert tied.output.weight is tied.tok_embeddings.weight
+
+
+def test_layernorm_and_post_norm_run():
+    model = build_model(tiny(norm_type="layernorm", no_bias=False, apply_post_layer_norm=True))
+    assert isinstance(model.norm, torch.nn.LayerNorm)
+    out = model(torch.randint(0, 97, (1, 8)))
+    assert out.shape == (1, 8, 97) and torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_autocast_is_close_to_fp32(dtype):
+    model = build_model(tiny())
+    ids = torch.randint(0, 97, (1, 8))
+    with torch.no_grad():
+        ref = model(ids)
+        with torch.autocast("cpu", dtype=dtype):
+            low = model(ids)
+    assert low.dtype == dtype
+    assert (low.float() - ref).abs().max() < 0.05
+
+
+def test_activation_checkpointing_gives_same_gradients():
+    from spindle.config import validate_config
+    from spindle.parallel.mesh import ParallelEnv
+    from spindle.parallel.parallelize import parallelize
+
+    ids = torch.randint(0, 97, (2, 12))
+    grads = []
+    for ck in (False, 0.5, True):
+        cfg = validate_config({"model": tiny(checkpoint=ck).model_dump()})
+        model = build_model(cfg.model, seed=5)
+        wrapped = parallelize(model, cfg, ParallelEnv())
+        wrapped(ids).float().pow(2).mean().backward()
+        grads.append(model.tok_embeddings.weight.grad.clone())
+    assert torch.allclose(grads[0], grads[1], atol=1e-6) and torch.allclose(grads[0], grads[2], atol=1e-6)

@@ -1,0 +1,117 @@
+"""The training step: token-weighted loss over micro-batches, skipping non-finite steps, determinism."""
+
+import math
+
+import pytest
+import torch
+
+from spindle.config import validate_config
+from spindle.parallel.mesh import ParallelEnv
+from spindle.train.trainer import Trainer
+
+
+def tiny_cfg(tmp_path, **over):
+    raw = {
+        "JOB_NAME": "t",
+        "data": {"seq_len": 16, "micro_bsz": 2, "micro_num": 2, "total_steps": 6},
+        "model": {"hidden_size": 32, "num_attention_heads": 4, "num_kv_attention_heads": 2, "num_layers": 2,
+                  "vocab_size": 64, "multiple_of": 16, "max_position_embeddings": 16},
+        "adam": {"lr": 1e-2},
+        "lr_scheduler": {"warmup_ratio": 0.0},
+        "trainer": {"run_folder": str(tmp_path), "tensorboard": False, "progress_bar": False, "seed": 7},
+    }
+    for k, v in over.items():
+        raw.setdefault(k, {}).update(v) if isinstance(v, dict) else raw.__setitem__(k, v)
+    return validate_config(raw)
+
+
+def micro_batch(ids, labels):
+    b, l = ids.shape
+    return {"input_ids": ids, "labels": labels, "position_ids": torch.arange(l).expand(b, l).contiguous(),
+            "cu_seqlens": torch.arange(0, b * l + 1, l, dtype=torch.int32),
+            "type_ids": torch.zeros(b, l, dtype=torch.long)}
+
+
+def grads_after(trainer, mbs):
+    params = list(trainer.raw_model.parameters())
+    before = [p.detach().clone() for p in params]
+    out = trainer.train_step(mbs)
+    delta = [p.detach() - b for p, b in zip(params, before)]
+    return out, delta
+
+
+def test_step_loss_is_token_weighted_over_micro_batches(tmp_path):
+    torch.manual_seed(0)
+    ids = torch.randint(0, 64, (2, 16))
+    labels = torch.roll(ids, -1, 1)
+    labels[0, 3:] = -100  # row 0 has only 3 valid labels, row 1 has 16
+    one = Trainer(tiny_cfg(tmp_path), ParallelEnv(), log=lambda *_: None)
+    two = Trainer(tiny_cfg(tmp_path), ParallelEnv(), log=lambda *_: None)
+    a, da = grads_after(one, [micro_batch(ids, labels)])
+    b, db = grads_after(two, [micro_batch(ids[:1], labels[:1]), micro_batch(ids[1:], labels[1:])])
+    assert a["loss"] == pytest.approx(b["loss"], rel=1e-6)
+    for x, y in zip(da, db):
+        assert torch.allclose(x, y, atol=1e-6)
+    # the loss is the mean over the 19 valid tokens, not the mean of the two micro-batch means
+    fresh = Trainer(tiny_cfg(tmp_path), ParallelEnv(), log=lambda *_: None)
+    with torch.no_grad():
+        lg = fresh.raw_model(ids).float()
+        tok = torch.nn.functional.cross_entropy(lg.view(-1, 64), labels.view(-1), reduction="none",
+                                                ignore_index=-100)
+    assert a["loss"] == pytest.approx((tok.sum() / 19).item(), rel=1e-5)
+
+
+def test_non_finite_loss_skips_the_update(tmp_path):
+    tr = Trainer(tiny_cfg(tmp_path), ParallelEnv(), log=lambda *_: None)
+    ids = torch.randint(0, 64, (2, 16))
+    with torch.no_grad():
+        tr.raw_model.layers["0"].attention.wq.weight[0, 0] = float("nan")
+    before = [p.detach().clone() for p in tr.raw_model.parameters()]
+    out = tr.train_step([micro_batch(ids, torch.roll(ids, -1, 1))])
+    assert not out["finite"] and tr.state.inf_nan_skip_batches == 1 and tr.state.updates == 0
+    for p, b in zip(tr.raw_model.parameters(), before):
+        assert torch.equal(p.detach().nan_to_num(), b.nan_to_num())
+
+
+def test_same_seed_same_losses_and_random_data(tmp_path):
+    runs = []
+    for _ in range(2):
+        tr = Trainer(tiny_cfg(tmp_path), ParallelEnv(), log=lambda *_: None)
+        runs.append([h["loss"] for h in tr.fit()["history"]])
+    assert runs[0] == runs[1] and len(runs[0]) == 6
+    other = Trainer(tiny_cfg(tmp_path, trainer={"seed": 8}), ParallelEnv(), log=lambda *_: None)
+    assert [h["loss"] for h in other.fit()["history"]] != runs[0]
+
+
+def test_skip_batches_and_metrics_fields(tmp_path):
+    tr = Trainer(tiny_cfg(tmp_path, data={"skip_batches": "1-2"}), ParallelEnv(), log=lambda *_: None)
+    hist = tr.fit()["history"]
+    assert [h["step"] for h in hist] == [0, 3, 4, 5]
+    h = hist[0]
+    for key in ("tflops", "tgs (tokens/gpu/second)", "lr", "loss_scale", "grad_norm", "micro_num",
+                "num_consumed_tokens", "inf_nan_skip_batches", "num_samples_in_batch", "largest_length",
+                "largest_batch", "smallest_batch", "adam_beta2", "fwd_bwd_time", "mfu"):
+        assert key in h, key
+    assert h["micro_num"] == 2 and h["num_consumed_tokens"] == 2 * 2 * 16
+    assert (tmp_path / "t" / "config.json").is_file()
+    assert len((tmp_path / "t" / "metrics.jsonl").read_text().splitlines()) == 4
+
+
+def test_fp16_path_uses_the_loss_scaler(tmp_path):
+    cfg = tiny_cfg(tmp_path, model={"dtype": "torch.float16"}, data={"total_steps": 2},
+                   grad_scaler={"fp16": {"initial_scale": 1024.0}})
+    tr = Trainer(cfg, ParallelEnv(), log=lambda *_: None)
+    hist = tr.fit()["history"]
+    assert hist[0]["loss_scale"] == 1024.0 and all(math.isfinite(h["loss"]) for h in hist)
+    bf = Trainer(tiny_cfg(tmp_path, model={"dtype": "torch.bfloat16"}, data={"total_steps": 1}), ParallelEnv(),
+                 log=lambda *_: None)
+    assert bf.fit()["history"][0]["loss_scale"] == 1.0  # no scaling for bf16
+
+
+def test_fp16_overflow_backs_off_the_scale(tmp_path):
+    cfg = tiny_cfg(tmp_path, model={"dtype": "torch.float16"},
+                   grad_scaler={"fp16": {"initial_scale": 2.0**40}, "hysteresis": 1, "max_scale": 2.0**40})
+    tr = Trainer(cfg, ParallelEnv(), log=lambda *_: None)
+    ids = torch.randint(0, 64, (2, 16))
+    out = tr.train_step([micro_batch(ids, torch.roll(ids, -1, 1))])
+    assert not out["finite"] and tr.scaler.scale == 2.0**39
