@@ -56,8 +56,8 @@ class Batch:
 
     path: str
     first: int  # 1-based line (txt/jsonl) or record index (json/parquet) of items[0]
-    mode: str  # "docs": items are documents; "jsonl": items are raw JSON lines to extract from
-    items: list
+    mode: str  # "docs": items is a list of documents; "txt" / "jsonl" / "jsonl_raw": raw bytes
+    items: list | bytes
     nbytes: int
 
 
@@ -103,9 +103,10 @@ def _decode(path: str, data: bytes, first_line: int) -> str:
         raise SpindleError(f"{path}: line {line}: invalid UTF-8 ({e.reason} at byte {col} of the line)") from None
 
 
-def _iter_line_blocks(path: str, block: int = 8 << 20) -> Iterator[tuple[int, list[str]]]:
-    """(first line number, lines) over a text file, read in big blocks cut at line ends.
-    Newlines are universal (\\r\\n, \\r, \\n), exactly like iterating a text-mode file."""
+def _iter_byte_blocks(path: str, block: int | None = None) -> Iterator[tuple[int, bytes]]:
+    """(first line number, raw bytes) over a text file, in blocks cut after a newline. The main
+    process only reads and counts newlines; decoding and splitting happen in the workers."""
+    block = block or BATCH_BYTES
     line_no = 1
     tail = b""
     try:
@@ -120,24 +121,27 @@ def _iter_line_blocks(path: str, block: int = 8 << 20) -> Iterator[tuple[int, li
                     tail = data
                     continue
                 data, tail = data[:cut], data[cut:]
-                text = _decode(path, data, line_no)
-                if "\r" in text:
-                    text = text.replace("\r\n", "\n").replace("\r", "\n")
-                lines = text.split("\n")
-                lines.pop()  # text ends with "\n": the last piece is empty
-                yield line_no, lines
+                yield line_no, data
                 line_no += data.count(b"\n")
             if tail:
-                text = _decode(path, tail, line_no)
-                if "\r" in text:
-                    text = text.replace("\r\n", "\n").replace("\r", "\n")
-                yield line_no, text.split("\n")
+                yield line_no, tail
     except (OSError, EOFError, gzip.BadGzipFile) as e:
         raise SpindleError(f"{path}: cannot read ({e})") from None
 
 
+def _split_lines(path: str, data: bytes, first_line: int) -> list[str]:
+    """Lines of a block with universal newlines (\r\n, \r, \n), like a text-mode file."""
+    text = _decode(path, data, first_line)
+    if "\r" in text:
+        text = text.replace("\r\n", "\n").replace("\r", "\n")
+    lines = text.split("\n")
+    if lines and lines[-1] == "":
+        lines.pop()
+    return lines
+
+
 def _chunks(path: str, first: int, mode: str, items: list, size_of) -> Iterator[Batch]:
-    start, acc, nbytes = 0, 0, 0
+    start, nbytes = 0, 0
     for j, it in enumerate(items):
         nbytes += size_of(it)
         if nbytes >= BATCH_BYTES:
@@ -160,22 +164,11 @@ def iter_batches(path: str, text_key: str = "text", raw_json_line: bool = False,
         if text.strip():
             yield Batch(path, 1, "docs", [text], len(data))
     elif kind == "txt":
-        for first, lines in _iter_line_blocks(path):
-            # Keep line numbers exact for error messages: strip, then drop empties per batch.
-            for b in _chunks(path, first, "docs", lines, len):
-                b.items = [s for s in (x.strip() for x in b.items) if s]
-                if b.items:
-                    yield b
+        for first, data in _iter_byte_blocks(path):
+            yield Batch(path, first, "txt", data, len(data))
     elif kind == "jsonl":
-        for first, lines in _iter_line_blocks(path):
-            if raw_json_line:
-                # InternEvo tokenizes the raw line, trailing newline included.
-                for b in _chunks(path, first, "docs", lines, len):
-                    b.items = [x + "\n" for x in b.items if x.strip()]
-                    if b.items:
-                        yield b
-            else:
-                yield from _chunks(path, first, "jsonl", lines, len)
+        for first, data in _iter_byte_blocks(path):
+            yield Batch(path, first, "jsonl_raw" if raw_json_line else "jsonl", data, len(data))
     elif kind == "json":
         with _open_binary(path) as f:
             data = f.read()
@@ -225,10 +218,17 @@ def _field(path: str, unit: str, n: int, record, key: str) -> str:
 
 
 def extract_documents(batch: Batch, text_key: str) -> list[str]:
+    """The documents of a batch (runs in the workers: decoding and JSON parsing parallelise)."""
     if batch.mode == "docs":
         return batch.items
+    lines = _split_lines(batch.path, batch.items, batch.first)
+    if batch.mode == "txt":
+        return [s for s in (x.strip() for x in lines) if s]
+    if batch.mode == "jsonl_raw":
+        # InternEvo tokenizes the raw line, trailing newline included.
+        return [x + "\n" for x in lines if x.strip()]
     docs = []
-    for n, line in enumerate(batch.items, batch.first):
+    for n, line in enumerate(lines, batch.first):
         if not line.strip():
             continue
         try:
@@ -262,7 +262,13 @@ class Encoded:
 
 def encode_batch(tok: Tokenizer, opts: EncodeOptions, batch: Batch) -> Encoded:
     docs = extract_documents(batch, opts.text_key)
-    ids = tok.encode_batch(docs, num_threads=opts.num_threads) if docs else []
+    # Encode each distinct text once: short-line corpora (code, logs, chat) repeat many lines,
+    # and hashing a string is far cheaper than tokenizing it. Exact: same ids either way.
+    uniq = list(dict.fromkeys(docs))
+    ids = tok.encode_batch(uniq, num_threads=opts.num_threads) if uniq else []
+    if len(uniq) < len(docs):
+        by_text = dict(zip(uniq, ids))
+        ids = [by_text[d] for d in docs]
     bos, eos = tok.bos_id, tok.eos_id
     if opts.min_length > 0:
         kept = [x for x in ids if len(x) + 2 >= opts.min_length]

@@ -292,8 +292,8 @@ def train_tokenizer(
 ) -> Tokenizer:
     """Train a tokenizer on text files (one sentence per line for sentencepiece) into `out_dir`.
 
-    sentencepiece: BPE with byte fallback and identity normalisation, so any text (code
-    indentation, newlines via byte pieces) round-trips through encode/decode exactly.
+    sentencepiece: BPE with byte fallback, identity normalisation and no dummy prefix, so any
+    text (code indentation, newlines via byte pieces) round-trips through encode/decode exactly.
     bpe: Hugging Face byte-level BPE with <s>, </s>, <pad> specials.
     """
     files = [str(f) for f in files]
@@ -318,6 +318,9 @@ def train_tokenizer(
                 byte_fallback=True,
                 normalization_rule_name="identity",
                 remove_extra_whitespaces=False,
+                # No implicit leading space: encode(a) + encode(b) decodes to a + b exactly,
+                # which SFT prompt/answer segments and code rely on.
+                add_dummy_prefix=False,
                 allow_whitespace_only_pieces=True,
                 split_digits=True,
                 character_coverage=0.9995,

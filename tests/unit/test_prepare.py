@@ -1,0 +1,140 @@
+"""spindle prepare / write_json_bin: input formats, document units, parallel == serial, errors."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+
+import numpy as np
+import pytest
+
+from spindle.data.prepare import prepare, prepare_main, write_json_bin
+from spindle.data.shards import open_documents, read_manifest
+from spindle.errors import SpindleError
+
+LINES = ["first line", "  second ", "", "third <s> line", "é ü"]
+DOCS = ["first line", "second", "third <s> line", "é ü"]
+
+
+def byte_doc(text: str) -> list[int]:
+    return [256, *text.encode("utf-8"), 257]
+
+
+def all_docs(src) -> list[list[int]]:
+    return [src[i][0].tolist() for i in range(len(src))]
+
+
+@pytest.fixture
+def inputs(tmp_path):
+    d = tmp_path / "in"
+    d.mkdir()
+    (d / "a.txt").write_text("\n".join(LINES) + "\n", encoding="utf-8")
+    (d / "b.jsonl").write_text("\n".join(json.dumps({"text": t, "id": i}) for i, t in enumerate(DOCS)) + "\n\n")
+    (d / "c.json").write_text(json.dumps([{"text": t} for t in DOCS]))
+    with gzip.open(d / "d.txt.gz", "wt", encoding="utf-8") as f:
+        f.write("gz one\r\ngz two\rgz three\n")
+    (d / "e.py").write_text("def f():\n    return 1\n")
+    return d
+
+
+def test_prepare_all_formats(inputs, tmp_path):
+    out = tmp_path / "out"
+    s = prepare([str(inputs)], str(out), "byte", workers=1, progress=False)
+    expected = DOCS + DOCS + DOCS + ["gz one", "gz two", "gz three"] + ["def f():\n    return 1\n"]
+    src = open_documents(str(out), vocab_size=258)
+    assert all_docs(src) == [byte_doc(t) for t in expected]
+    assert s["documents"] == len(expected) and s["files"] == 5
+    man = read_manifest(str(out))
+    assert man["tokenizer"]["kind"] == "byte" and man["dtype"] == "<u2" and man["documents"] == len(expected)
+
+
+def test_parquet(tmp_path):
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"text": DOCS, "n": list(range(4))}), tmp_path / "x.parquet")
+    src = open_documents(prepare([str(tmp_path / "x.parquet")], str(tmp_path / "o"), "byte", workers=1, progress=False)["out_dir"])
+    assert all_docs(src) == [byte_doc(t) for t in DOCS]
+    with pytest.raises(SpindleError, match=r"x\.parquet: no column 'body'"):
+        prepare([str(tmp_path / "x.parquet")], str(tmp_path / "o2"), "byte", text_key="body", workers=1, progress=False)
+
+
+def test_parallel_equals_serial_and_shard_rolling(tmp_path, monkeypatch):
+    import spindle.data.prepare as prep
+
+    monkeypatch.setattr(prep, "BATCH_BYTES", 2000)  # many small tasks through the pool
+    rng = np.random.default_rng(0)
+    lines = ["".join(chr(c) for c in rng.integers(97, 123, rng.integers(1, 60))) for _ in range(3000)]
+    (tmp_path / "big.txt").write_text("\n".join(lines) + "\n")
+    s1 = prepare([str(tmp_path / "big.txt")], str(tmp_path / "o1"), "byte", workers=1, progress=False)
+    s2 = prepare([str(tmp_path / "big.txt")], str(tmp_path / "o2"), "byte", workers=2, shard_size_mb=0.02, progress=False)
+    assert s2["shards"] > 1 and s1["shards"] == 1
+    a, b = open_documents(str(tmp_path / "o1")), open_documents(str(tmp_path / "o2"))
+    assert all_docs(a) == all_docs(b) == [byte_doc(t) for t in lines]
+
+
+def test_min_length_and_overwrite(inputs, tmp_path):
+    out = str(tmp_path / "o")
+    s = prepare([str(inputs / "a.txt")], out, "byte", workers=1, min_length=9, progress=False)
+    assert s["documents"] == 2 and s["dropped_short"] == 2
+    with pytest.raises(SpindleError, match="--overwrite"):
+        prepare([str(inputs / "a.txt")], out, "byte", workers=1, progress=False)
+    assert prepare([str(inputs / "a.txt")], out, "byte", workers=1, overwrite=True, progress=False)["documents"] == 4
+
+
+def test_doc_per_file_flag(inputs, tmp_path):
+    s = prepare([str(inputs / "a.txt")], str(tmp_path / "o"), "byte", workers=1, doc_per_file=True, progress=False)
+    assert s["documents"] == 1
+    assert open_documents(str(tmp_path / "o"))[0][0].tolist() == byte_doc("\n".join(LINES) + "\n")
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_bad_inputs_name_file_and_line(tmp_path, workers):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "ok"}\n{"text": "broken"\n')
+    with pytest.raises(SpindleError, match=r"bad\.jsonl: line 2: malformed JSON"):
+        prepare([str(bad)], str(tmp_path / "o"), "byte", workers=workers, progress=False)
+    nokey = tmp_path / "nokey.jsonl"
+    nokey.write_text('{"text": "ok"}\n\n{"body": "x"}\n')
+    with pytest.raises(SpindleError, match=r"nokey\.jsonl: line 3: no 'text' field"):
+        prepare([str(nokey)], str(tmp_path / "o"), "byte", workers=workers, progress=False)
+    utf = tmp_path / "utf.txt"
+    utf.write_bytes(b"fine\nalso fine\nbad \xff here\n")
+    with pytest.raises(SpindleError, match=r"utf\.txt: line 3: invalid UTF-8"):
+        prepare([str(utf)], str(tmp_path / "o"), "byte", workers=workers, progress=False)
+
+
+def test_bad_json_records(tmp_path):
+    p = tmp_path / "r.json"
+    p.write_text(json.dumps([{"text": "a"}, {"other": 1}]))
+    with pytest.raises(SpindleError, match=r"r\.json: record 1: no 'text' field"):
+        prepare([str(p)], str(tmp_path / "o"), "byte", workers=1, progress=False)
+    p.write_text('{"text": "not a list"}')
+    with pytest.raises(SpindleError, match=r"r\.json: expected a top-level JSON list"):
+        prepare([str(p)], str(tmp_path / "o"), "byte", workers=1, progress=False)
+    with pytest.raises(SpindleError, match="missing"):
+        prepare([str(tmp_path / "missing")], str(tmp_path / "o"), "byte", workers=1, progress=False)
+
+
+def test_write_json_bin_matches_shards_and_raw_mode(inputs, tmp_path):
+    binp = str(tmp_path / "j" / "x.bin")
+    write_json_bin([str(inputs / "b.jsonl")], binp, "byte", workers=2)
+    prepare([str(inputs / "b.jsonl")], str(tmp_path / "s"), "byte", workers=1, progress=False)
+    assert all_docs(open_documents(binp)) == all_docs(open_documents(str(tmp_path / "s")))
+    # --raw_json_line: the whole JSON line, newline included, is the document (InternEvo)
+    rawp = str(tmp_path / "j" / "raw.bin")
+    write_json_bin([str(inputs / "b.jsonl")], rawp, "byte", raw_json_line=True, workers=1)
+    first = (inputs / "b.jsonl").read_text().split("\n")[0] + "\n"
+    assert open_documents(rawp)[0][0].tolist() == byte_doc(first)
+    rawj = str(tmp_path / "j" / "rawj.bin")
+    write_json_bin([str(inputs / "c.json")], rawj, "byte", raw_json_line=True, workers=1)
+    assert open_documents(rawj)[0][0].tolist() == byte_doc(json.dumps({"text": DOCS[0]}))
+
+
+def test_prepare_main(inputs, tmp_path, capsys):
+    assert prepare_main([str(inputs / "a.txt"), "--out", str(tmp_path / "o"), "--tokenizer", "byte", "--workers", "1"]) == 0
+    assert "4 documents" in capsys.readouterr().out
+    assert prepare_main([str(inputs / "a.txt"), "--out", str(tmp_path / "o"), "--tokenizer", "byte"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--overwrite" in err and os.path.basename(str(tmp_path / "o")) in err

@@ -1,0 +1,112 @@
+"""Tokenizer interface: sentencepiece, HF tokenizer.json, bytes; loading, training, errors."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import pytest
+
+from spindle.data import tokenizer as tkmod
+from spindle.data.tokenizer import ByteTokenizer, load_tokenizer, tokenizer_main, train_tokenizer
+from spindle.errors import SpindleError
+
+TEXT = "\n".join(
+    f"def func_{i}(x, y):\n    return x * {i} + y  # comment {i % 7}\nclass K{i % 5}: pass" for i in range(400)
+) + "\nstates_<s>[<t>] </s> hello world\n"
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    p = tmp_path_factory.mktemp("corpus") / "train.txt"
+    p.write_text(TEXT, encoding="utf-8")
+    return p
+
+
+@pytest.fixture(scope="module")
+def sp_tok(corpus, tmp_path_factory):
+    return train_tokenizer([corpus], 320, tmp_path_factory.mktemp("sp"), num_threads=1)
+
+
+@pytest.fixture(scope="module")
+def hf_tok(corpus, tmp_path_factory):
+    return train_tokenizer([corpus], 320, tmp_path_factory.mktemp("hf"), kind="bpe")
+
+
+def test_byte_tokenizer():
+    t = load_tokenizer("byte")
+    assert isinstance(t, ByteTokenizer)
+    assert (t.vocab_size, t.bos_id, t.eos_id) == (258, 256, 257)
+    assert t.encode("a<s>é") == list("a<s>é".encode())
+    assert t.decode(t.encode("héllo\n")) == "héllo\n"
+    assert t.identity()["kind"] == "byte" and t.identity()["sha256"] is None
+
+
+@pytest.mark.parametrize("which", ["sp", "hf"])
+def test_trained_tokenizers(which, sp_tok, hf_tok, tmp_path):
+    t = sp_tok if which == "sp" else hf_tok
+    assert t.vocab_size == 320
+    s = "def func_3(x, y):\n    return x\t+  y\n"
+    ids = t.encode(s)
+    assert t.bos_id not in ids and t.eos_id not in ids  # no special tokens added
+    assert t.decode(ids) == s  # lossless (identity normalisation / byte level)
+    # Literal special-token text stays text: never becomes BOS/EOS (no injection from data).
+    lit = t.encode("states_<s>[<t>] </s>")
+    assert t.bos_id not in lit and t.eos_id not in lit
+    assert t.decode(lit) == "states_<s>[<t>] </s>"
+    texts = ["a", "", "def f():", "x = 1  # y"]
+    assert t.encode_batch(texts, num_threads=2) == [t.encode(x) for x in texts]
+    ident = t.identity()
+    assert ident["vocab_size"] == 320 and ident["kind"] == t.kind
+    assert ident["sha256"] == hashlib.sha256(open(t.path, "rb").read()).hexdigest()
+    # save -> load from the folder gives the same tokenizer
+    t.save(tmp_path)
+    t2 = load_tokenizer(str(tmp_path))
+    assert t2.kind == t.kind and t2.encode(s) == ids and (t2.bos_id, t2.eos_id) == (t.bos_id, t.eos_id)
+
+
+def test_sp_concatenation_roundtrips(sp_tok):
+    # No dummy prefix: segments encoded separately decode to their concatenation.
+    a, b = "<|User|>:hi\n", "<|Bot|>:x"
+    assert sp_tok.decode(sp_tok.encode(a) + sp_tok.encode(b)) == a + b
+
+
+def test_load_by_file_path(sp_tok, hf_tok):
+    assert load_tokenizer(sp_tok.path).kind == "sentencepiece"
+    assert load_tokenizer(hf_tok.path).kind == "hf"
+
+
+def test_default(monkeypatch, sp_tok, tmp_path):
+    monkeypatch.setattr(tkmod, "DEFAULT_TOKENIZER_PATH", tmp_path / "missing.model")
+    with pytest.raises(SpindleError, match="missing.model"):
+        load_tokenizer("default")
+    monkeypatch.setattr(tkmod, "DEFAULT_TOKENIZER_PATH", type(tmp_path)(sp_tok.path))
+    assert load_tokenizer("default").identity()["sha256"] == sp_tok.identity()["sha256"]
+
+
+def test_bad_paths(tmp_path):
+    with pytest.raises(SpindleError, match="nope.model"):
+        load_tokenizer(str(tmp_path / "nope.model"))
+    bad = tmp_path / "garbage.model"
+    bad.write_bytes(b"not a model")
+    with pytest.raises(SpindleError, match="garbage.model"):
+        load_tokenizer(str(bad))
+    badj = tmp_path / "tokenizer.json"
+    badj.write_text("{oops")
+    with pytest.raises(SpindleError, match="tokenizer.json"):
+        load_tokenizer(str(badj))
+    empty = tmp_path / "emptydir"
+    empty.mkdir()
+    with pytest.raises(SpindleError, match="emptydir"):
+        load_tokenizer(str(empty))
+    with pytest.raises(SpindleError, match="missing.txt"):
+        train_tokenizer([str(tmp_path / "missing.txt")], 400, tmp_path / "o")
+
+
+def test_tokenizer_main(corpus, tmp_path, capsys):
+    rc = tokenizer_main(["train", str(corpus), "--vocab-size", "320", "--out", str(tmp_path / "t")])
+    assert rc == 0
+    assert json.loads(capsys.readouterr().out)["vocab_size"] == 320
+    assert load_tokenizer(str(tmp_path / "t")).vocab_size == 320
+    assert tokenizer_main(["info", str(tmp_path / "none")]) == 2
+    assert "none" in capsys.readouterr().err

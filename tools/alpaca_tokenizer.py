@@ -1,0 +1,175 @@
+"""Seed-compatible SFT data tool: Alpaca JSON (or chat JSONL) -> InternEvo `.bin` + `.bin.meta`.
+
+    python tools/alpaca_tokenizer.py ALPACA_JSON OUT_DIR TOKENIZER --split_ratio 0.1
+
+Writes OUT_DIR/train/en/dataset.bin(.meta) and OUT_DIR/valid/en/dataset.bin(.meta).
+
+Loss masking uses InternEvo's convention, so InternEvo reads these files too: prompt tokens are
+stored negated, trained tokens positive (reference/internevo.md §1.4). Spindle's reader turns
+that back into abs(ids) + a loss mask. Per record:
+
+    alpaca: [BOS] -ids("<|User|>:{instruction}\\n{input}\\n") -ids("<|Bot|>:") +ids("{output}\\n") [EOS]
+    chat:   [BOS] then per message: system/user turns fully negated; assistant turns
+            -ids("<|Bot|>:") +ids("{content}\\n"); [EOS] at the end
+
+(InternEvo's InternLM-v1 <eoh>/<eoa> ids are model-specific and left out; EOS closes the answer.)
+Sequences are cut to --max_length tokens with EOS kept last, as the seed does. Differences from
+the seed, on purpose: the validation split is drawn *without* replacement (the seed's
+np.random.choice with replacement gives fewer validation records than the ratio), the split
+is O(n), and token id 0 cannot be negated, so a prompt containing id 0 keeps it trainable —
+sentencepiece's id 0 is <unk>, which byte-fallback models never emit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import numpy as np
+
+try:
+    import spindle  # noqa: F401
+except ImportError:  # run by path from a checkout: make the repo importable
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from spindle.data.shards import JsonBinWriter  # noqa: E402
+from spindle.data.tokenizer import load_tokenizer  # noqa: E402
+from spindle.errors import SpindleError  # noqa: E402
+
+ROLE_PREFIX = {"system": "<|System|>:", "user": "<|User|>:", "assistant": "<|Bot|>:"}
+
+
+def read_records(path: str) -> list[dict]:
+    """A JSON list, or JSON lines (one object per line)."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as e:
+        raise SpindleError(f"{path}: cannot read ({e.strerror})") from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        raise SpindleError(f"{path}: line {line}: invalid UTF-8") from None
+    stripped = text.lstrip()
+    if stripped.startswith("["):
+        try:
+            recs = json.loads(text)
+        except ValueError as e:
+            raise SpindleError(f"{path}: malformed JSON ({e})") from None
+        return recs
+    recs = []
+    for n, line in enumerate(text.splitlines(), 1):
+        if line.strip():
+            try:
+                recs.append(json.loads(line))
+            except ValueError as e:
+                raise SpindleError(f"{path}: line {n}: malformed JSON ({e})") from None
+    return recs
+
+
+def detect_format(recs: list, path: str) -> str:
+    first = next((r for r in recs if isinstance(r, dict)), None)
+    if first is None:
+        raise SpindleError(f"{path}: no records")
+    return "chat" if "messages" in first else "alpaca"
+
+
+def segments(recs: list, fmt: str, path: str) -> list[list[tuple[str, bool]]]:
+    """Each record as (text, trained?) pieces."""
+    out = []
+    for i, r in enumerate(recs):
+        where = f"{path}: record {i}"
+        if not isinstance(r, dict):
+            raise SpindleError(f"{where}: expected an object, got {type(r).__name__}")
+        if fmt == "alpaca":
+            for k in ("instruction", "output"):
+                if not isinstance(r.get(k), str):
+                    raise SpindleError(f"{where}: missing or non-string {k!r}")
+            inp = r.get("input") or ""
+            if not isinstance(inp, str):
+                raise SpindleError(f"{where}: 'input' must be a string")
+            prompt = f"<|User|>:{r['instruction']}\n{inp}" if inp else f"<|User|>:{r['instruction']}"
+            out.append([(prompt + "\n", False), ("<|Bot|>:", False), (r["output"] + "\n", True)])
+        else:
+            msgs = r.get("messages")
+            if not isinstance(msgs, list) or not msgs:
+                raise SpindleError(f"{where}: 'messages' must be a non-empty list")
+            segs = []
+            for j, m in enumerate(msgs):
+                role = m.get("role") if isinstance(m, dict) else None
+                content = m.get("content") if isinstance(m, dict) else None
+                if role not in ROLE_PREFIX or not isinstance(content, str):
+                    raise SpindleError(f"{where}: message {j}: need role in {sorted(ROLE_PREFIX)} and string content")
+                if role == "assistant":
+                    segs += [(ROLE_PREFIX[role], False), (content + "\n", True)]
+                else:
+                    segs.append((ROLE_PREFIX[role] + content + "\n", False))
+            if not any(t for _, t in segs):
+                raise SpindleError(f"{where}: no assistant message (nothing to train on)")
+            out.append(segs)
+    return out
+
+
+def tokenize(tok, recs_segs: list, max_length: int) -> list[list[int]]:
+    texts = [t for segs in recs_segs for t, _ in segs]
+    ids = iter(tok.encode_batch(texts, num_threads=os.cpu_count() or 1))
+    seqs = []
+    for segs in recs_segs:
+        seq = [tok.bos_id]
+        for _, trained in segs:
+            piece = next(ids)
+            seq.extend(piece if trained else (-x for x in piece))
+        seq = seq[: max_length - 1] + [tok.eos_id]
+        seqs.append(seq)
+    return seqs
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description="Tokenize Alpaca / chat data into InternEvo .bin files with loss masks.")
+    ap.add_argument("dataset_path", help="Alpaca JSON list, or chat JSONL with {'messages': [...]}")
+    ap.add_argument("output_path", help="output folder (train/en, valid/en are created)")
+    ap.add_argument("tokenizer_path", help="tokenizer path, 'default' or 'byte'")
+    ap.add_argument("--split_ratio", type=float, default=0.1)
+    ap.add_argument("--format", choices=["auto", "alpaca", "chat"], default="auto")
+    ap.add_argument("--max_length", type=int, default=2048)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--overwrite", action="store_true")
+    ap.add_argument("--debug", action="store_true")
+    args = ap.parse_args(argv)
+    try:
+        if not 0 <= args.split_ratio < 1:
+            raise SpindleError(f"--split_ratio {args.split_ratio} must be in [0, 1)")
+        outs = {s: os.path.join(args.output_path, s, "en", "dataset.bin") for s in ("train", "valid")}
+        for p in outs.values():
+            for q in (p, p + ".meta"):
+                if os.path.exists(q) and not args.overwrite:
+                    raise SpindleError(f"{q}: already exists; pass --overwrite to replace it")
+        tok = load_tokenizer(args.tokenizer_path)
+        recs = read_records(args.dataset_path)
+        fmt = detect_format(recs, args.dataset_path) if args.format == "auto" else args.format
+        seqs = tokenize(tok, segments(recs, fmt, args.dataset_path), args.max_length)
+        n = len(seqs)
+        # Without replacement, seeded: exactly int(n * ratio) validation records.
+        perm = np.random.default_rng(args.seed).permutation(n)
+        is_valid = np.zeros(n, dtype=bool)
+        is_valid[perm[: int(n * args.split_ratio)]] = True
+        counts = {}
+        for split, want in (("train", False), ("valid", True)):
+            w = JsonBinWriter(outs[split])
+            for i in np.flatnonzero(is_valid == want).tolist():
+                w.add(seqs[i])
+            counts[split] = w.close()["documents"]
+    except SpindleError as e:
+        if args.debug:
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"{fmt}: {counts['train']:,} train / {counts['valid']:,} valid records -> {args.output_path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
