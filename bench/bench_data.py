@@ -147,13 +147,19 @@ def main(argv=None) -> int:
 
         variants = {"seed": run_seed, "tool": run_tool, "prepare": run_prepare}
         times: dict[str, list[float]] = {k: [] for k in variants}
+        # CPU seconds (this process + reaped worker processes): robust to other load on the host,
+        # which slows the 2-process variants more than the 1-process seed in wall time.
+        cpu: dict[str, list[float]] = {k: [] for k in variants}
         names = list(variants)
         for r in range(args.reps):
             order = names[r % 3:] + names[: r % 3]
             for name in order:
+                c0 = os.times()
                 t = time.perf_counter()
                 n = variants[name](r)
                 times[name].append(time.perf_counter() - t)
+                c1 = os.times()
+                cpu[name].append(sum(c1[:4]) - sum(c0[:4]))
                 assert n == ndocs, (name, n, ndocs)
         # Correctness: all three hold the same tokens.
         seed_src = open_documents(os.path.join(tmp, "seed0.bin"))
@@ -178,6 +184,8 @@ def main(argv=None) -> int:
         "tokenizer": tok_path,
         "reps": args.reps,
         "tokenize_seconds": {k: summarize(v) for k, v in times.items()},
+        "tokenize_cpu_seconds": {k: summarize(v) for k, v in cpu.items()},
+        "load_average_at_end": os.getloadavg(),
         "tokenize_docs_per_s": {k: ndocs / statistics.median(v) for k, v in times.items()},
         "speedup_vs_seed": {k: statistics.median(times["seed"]) / statistics.median(v) for k, v in times.items()},
         "tool_bin_identical_to_seed": same_bin,
@@ -185,10 +193,12 @@ def main(argv=None) -> int:
         "read_seconds_per_100k": {k: summarize([x * 100_000 / args.reads for x in v]) for k, v in reads.items()},
         "read_speedup_shard_vs_json_seed_reader": statistics.median(reads["json_seed_reader"]) / statistics.median(reads["shard"]),
     }
-    print(f"\n{'variant':<10}{'s median':>10}{'s min':>9}{'docs/s':>12}{'MB/s':>8}{'vs seed':>9}")
+    print(f"\n{'variant':<10}{'s median':>10}{'s min':>9}{'docs/s':>12}{'MB/s':>8}{'vs seed':>9}{'vs seed(min)':>13}{'CPU s':>8}")
     for k, v in times.items():
         m = statistics.median(v)
-        print(f"{k:<10}{m:>10.2f}{min(v):>9.2f}{ndocs / m:>12,.0f}{nbytes / m / 1e6:>8.2f}{res['speedup_vs_seed'][k]:>8.2f}x")
+        print(f"{k:<10}{m:>10.2f}{min(v):>9.2f}{ndocs / m:>12,.0f}{nbytes / m / 1e6:>8.2f}{res['speedup_vs_seed'][k]:>8.2f}x"
+              f"{min(times['seed']) / min(v):>12.2f}x{statistics.median(cpu[k]):>8.2f}")
+    print(f"load average at end: {os.getloadavg()[0]:.2f} (other processes on the host skew the parallel variants)")
     print(f"tool .bin byte-identical to seed: {same_bin}; shard tokens identical: {same_shard}")
     print(f"\n{'random reads':<18}{'s/100k med':>11}{'min':>8}{'us/doc':>8}{'docs/s':>11}")
     for k, v in reads.items():
