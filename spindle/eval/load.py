@@ -8,7 +8,7 @@ from typing import Optional
 
 import torch
 
-from spindle.checkpoint.manager import load_checkpoint, resolve_checkpoint_dir
+from spindle.checkpoint.manager import load_checkpoint, open_checkpoint
 from spindle.config import SpindleConfig, validate_config
 from spindle.errors import SpindleError
 from spindle.model.llama import Transformer, build_model
@@ -42,17 +42,19 @@ def checkpoint_config(path: Path) -> SpindleConfig:
 
 def load_model_for_eval(ckpt: str, rope_scaling: Optional[str] = None, device: str = "cpu",
                         model_overrides: Optional[dict] = None) -> tuple[Transformer, SpindleConfig]:
-    path = resolve_checkpoint_dir(ckpt)
-    cfg = checkpoint_config(path)
-    mcfg = cfg.model
-    override = parse_rope_override(rope_scaling, cfg.data.seq_len)
-    updates = dict(model_overrides or {})
-    if override is not None:
-        updates["rope_scaling"] = override
-        updates["use_dynamic_ntk_rope"] = False
-    if updates:
-        mcfg = mcfg.model_validate(mcfg.model_dump() | updates)
-    model = build_model(mcfg, torch.device(device))
-    load_checkpoint(path, model, None, ("model",))
+    """`ckpt`: a checkpoint folder, a save folder (its latest completed checkpoint), `.../latest`,
+    local or boto3:s3://...; the S3 endpoint and keys come from the environment."""
+    with open_checkpoint(ckpt) as path:
+        cfg = checkpoint_config(path)
+        mcfg = cfg.model
+        override = parse_rope_override(rope_scaling, cfg.data.seq_len)
+        updates = dict(model_overrides or {})
+        if override is not None:
+            updates["rope_scaling"] = override
+            updates["use_dynamic_ntk_rope"] = False
+        if updates:
+            mcfg = mcfg.model_validate(mcfg.model_dump() | updates)
+        model = build_model(mcfg, torch.device(device))
+        load_checkpoint(path, model, None, ("model",))
     model.eval()
     return model, cfg

@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from spindle.checkpoint.manager import load_checkpoint, plan_load, prune_old, save_checkpoint, strip_prefix
+from spindle.checkpoint.manager import CheckpointManager, load_checkpoint, local_copy, plan_load
 from spindle.config import SpindleConfig, parse_skip_batches, save_resolved_config
 from spindle.data.loader import build_train_loader, build_valid_sets
 from spindle.errors import SpindleError
@@ -94,26 +94,35 @@ class Trainer:
 
     # ------------------------------------------------------------------ setup
 
-    def _save_dir(self) -> Optional[Path]:
+    def _save_dir(self):
+        """Open the save folder (local or boto3:) and ping it, so a bad path or an unreachable
+        endpoint fails now, before any training. Returns its location (a Path, or a URL)."""
         ck = self.cfg.ckpt
+        self.ckpt_manager: Optional[CheckpointManager] = None
         if not ck.enable_save_ckpt:
             return None
         folder = ck.save_ckpt_folder or str(self.run_dir / "ckpt")
-        if folder.startswith("boto3:"):
-            raise SpindleError("ckpt.save_ckpt_folder: boto3: storage is not wired into the trainer yet")
-        return Path(strip_prefix(folder))
+        self.ckpt_manager = CheckpointManager(folder, ck, is_writer=self.env.is_main,
+                                              distributed=self.env.distributed, log=self.log)
+        self.ckpt_manager.ping()
+        return self.ckpt_manager.location
 
     def _restore(self) -> None:
-        plan = plan_load(self.cfg.ckpt, self.save_dir)
+        plan = plan_load(self.cfg.ckpt, self.ckpt_manager.storage if self.ckpt_manager else None)
         self.log(f"checkpoint: {plan.reason}")
-        if plan.path is None:
-            return
         if plan.content == ("hf",):
-            raise SpindleError("ckpt_type='hf' loading is not available in this build yet")
-        ts = load_checkpoint(plan.path, self.raw_model, self.optimizer, plan.content)
+            from spindle.checkpoint.hf import load_hf_weights
+
+            load_hf_weights(self.raw_model, plan.url)
+            return
+        if plan.ref is None:
+            return
+        with local_copy(plan.storage, plan.ref) as path:
+            ts = load_checkpoint(path, self.raw_model, self.optimizer, plan.content)
         if "scheduler" in plan.content and ts:
             self.state.updates = ts.get("updates", 0)
-            self.scaler.load_state_dict(ts["scaler"]) if "scaler" in ts and self.scaler.enabled else None
+            if "scaler" in ts and self.scaler.enabled:
+                self.scaler.load_state_dict(ts["scaler"])
         if "sampler" in plan.content and ts:
             self.state.step = ts.get("step", 0)
             self.state.num_consumed_tokens = ts.get("num_consumed_tokens", 0)
@@ -221,14 +230,12 @@ class Trainer:
 
     # ------------------------------------------------------------------ checkpoint
 
-    def save(self) -> Path:
+    def save(self, snapshot_slot: Optional[int] = None) -> str:
         ts = self.state.state_dict() | {"loader": self.loader.state_dict(), "scaler": self.scaler.state_dict()}
-        path = save_checkpoint(self.save_dir, self.state.step, self.raw_model, self.optimizer, ts,
-                               self.cfg.to_dict(), is_writer=self.env.is_main)
-        if self.env.is_main:
-            prune_old(self.save_dir, self.cfg.ckpt.keep_last_n)
-        self.log(f"checkpoint saved: {path}")
-        return path
+        where = self.ckpt_manager.save(self.state.step, self.raw_model, self.optimizer, ts, self.cfg.to_dict(),
+                                       snapshot_slot=snapshot_slot)
+        self.log(f"checkpoint saved: {where}")
+        return where
 
     def _read_stop_file(self) -> Optional[int]:
         path = self.cfg.ckpt.stop_file_path
@@ -296,14 +303,20 @@ class Trainer:
                     sinks.write(record, step)
                     progress.update(state.step, f"loss {m['loss']:.3f}")
                 stop = self._read_stop_file()
-                if self.save_dir is not None:
+                quit_now = bool(stop and stop > 0 and state.step >= stop)
+                if self.ckpt_manager is not None:
                     due = state.step % every == 0 if math.isfinite(every) else False
-                    if due or state.step == total or (stop and state.step == abs(stop)):
+                    snap = cfg.ckpt.oss_snapshot_freq
+                    if due or state.step == total or quit_now or (stop and state.step == abs(stop)):
                         self.save()
                         saved_at = state.step
-                if stop and stop > 0 and state.step >= stop:
+                    elif math.isfinite(snap) and state.step % int(snap) == 0:
+                        self.save(snapshot_slot=(state.step // int(snap)) % 2)  # two alternating slots
+                if quit_now:
                     printer(f"stop file {cfg.ckpt.stop_file_path}: stopping at step {state.step}")
                     break
+            if self.ckpt_manager is not None:
+                self.ckpt_manager.wait()  # background uploads finish (and get their markers) before we return
         finally:
             progress.close()
             if sinks is not None:

@@ -1,0 +1,159 @@
+"""Checkpoint manager: DCP save/load, markers, snapshots, keep_last_n, precedence, bad input."""
+
+import json
+import pickle
+
+import pytest
+import torch
+
+from spindle.checkpoint.manager import (
+    CheckpointManager,
+    load_checkpoint,
+    plan_load,
+    read_metadata,
+    resolve,
+    scan_completed,
+)
+from spindle.config import validate_config
+from spindle.errors import SpindleError
+from spindle.model.llama import build_model
+from spindle.parallel.mesh import ParallelEnv
+from spindle.train.trainer import Trainer
+
+QUIET = dict(log=lambda *_: None)
+
+
+def tiny_cfg(tmp_path, ckpt=None, **over):
+    raw = {
+        "JOB_NAME": "t",
+        "data": {"seq_len": 16, "micro_bsz": 2, "micro_num": 1, "total_steps": 4},
+        "model": {"hidden_size": 32, "num_attention_heads": 4, "num_kv_attention_heads": 2, "num_layers": 1,
+                  "vocab_size": 64, "multiple_of": 16, "max_position_embeddings": 16},
+        "adam": {"lr": 1e-2},
+        "lr_scheduler": {"warmup_ratio": 0.0},
+        "trainer": {"run_folder": str(tmp_path), "tensorboard": False, "progress_bar": False, "seed": 7,
+                    "num_threads": 1},
+        "ckpt": {"enable_save_ckpt": True, "save_ckpt_folder": f"local:{tmp_path}/ckpt", **(ckpt or {})},
+    }
+    for k, v in over.items():
+        raw.setdefault(k, {}).update(v)
+    return validate_config(raw)
+
+
+def losses(result):
+    return [h["loss"] for h in result["history"]]
+
+
+def test_save_resume_is_exact_and_marker_is_written_last(tmp_path):
+    full = losses(Trainer(tiny_cfg(tmp_path / "a", {"auto_resume": False}), ParallelEnv(), **QUIET).fit())
+    b = tmp_path / "b"
+    part = Trainer(tiny_cfg(b, {"checkpoint_every": 2}, data={"total_steps": 4}), ParallelEnv(), **QUIET)
+    # stop after step 2 via the stop file
+    (b / "stop").write_text("2")
+    part.cfg.ckpt.stop_file_path = str(b / "stop")
+    first = losses(part.fit())
+    assert len(first) == 2 and (b / "ckpt" / "2.step").is_file()
+    assert {p.name for p in (b / "ckpt" / "2").iterdir()} >= {".metadata", "trainer_state.json", "config.json"}
+    resumed = Trainer(tiny_cfg(b, {"checkpoint_every": 2}), ParallelEnv(), **QUIET)
+    assert resumed.state.step == 2
+    rest = losses(resumed.fit())
+    assert first + rest == full  # bit for bit
+
+
+def test_negative_stop_file_saves_and_goes_on(tmp_path):
+    (tmp_path / "stop").write_text("-2")
+    tr = Trainer(tiny_cfg(tmp_path, {"stop_file_path": str(tmp_path / "stop")}), ParallelEnv(), **QUIET)
+    assert len(tr.fit()["history"]) == 4
+    assert [r.step for r in scan_completed(tr.ckpt_manager.storage)] == [2, 4]
+
+
+def test_incomplete_checkpoint_is_never_loaded(tmp_path):
+    Trainer(tiny_cfg(tmp_path, {"checkpoint_every": 2}), ParallelEnv(), **QUIET).fit()
+    ckpt = tmp_path / "ckpt"
+    (ckpt / "4.step").unlink()  # a crash before the marker
+    tr = Trainer(tiny_cfg(tmp_path, {"checkpoint_every": 2}), ParallelEnv(), **QUIET)
+    assert tr.state.step == 2
+    with pytest.raises(SpindleError, match="incomplete"):
+        resolve(str(ckpt / "4"))
+    (ckpt / "2.step").unlink()
+    with pytest.raises(SpindleError, match="none is complete"):
+        resolve(str(ckpt))
+
+
+def test_keep_last_n_and_snapshots(tmp_path):
+    cfg = tiny_cfg(tmp_path, {"checkpoint_every": 3, "oss_snapshot_freq": 1, "keep_last_n": 1},
+                   data={"total_steps": 7})
+    tr = Trainer(cfg, ParallelEnv(), **QUIET)
+    tr.fit()
+    refs = [(r.step, r.rel) for r in scan_completed(tr.ckpt_manager.storage)]
+    # normal: 3, 6, 7 -> keep 7; snapshots at 4 (slot 0) and 5 (slot 1)
+    assert refs == [(4, "snapshot/0/4"), (5, "snapshot/1/5"), (7, "7")]
+    assert not (tmp_path / "ckpt" / "3").exists() and not (tmp_path / "ckpt" / "6").exists()
+    # auto_resume takes the highest completed step across normal and snapshot folders
+    (tmp_path / "ckpt" / "7.step").unlink()
+    again = Trainer(cfg, ParallelEnv(), **QUIET)
+    assert again.state.step == 5
+
+
+def test_precedence_auto_resume_over_load_ckpt_info(tmp_path):
+    Trainer(tiny_cfg(tmp_path / "other"), ParallelEnv(), **QUIET).fit()
+    info = {"path": f"local:{tmp_path}/other/ckpt", "content": ["model"]}
+    cfg = tiny_cfg(tmp_path, {"load_ckpt_info": info})
+    plan = plan_load(cfg.ckpt, CheckpointManager(f"{tmp_path}/ckpt", cfg.ckpt).storage)
+    assert plan.content == ("model",) and "load_ckpt_info" in plan.reason and plan.ref.step == 4
+    tr = Trainer(cfg, ParallelEnv(), **QUIET)
+    assert tr.state.step == 0  # model only: counters and sampler start fresh
+    tr.fit()
+    plan = plan_load(cfg.ckpt, tr.ckpt_manager.storage)
+    assert plan.reason.startswith("auto_resume") and "is ignored" in plan.reason
+
+
+def test_shape_mismatch_names_parameter_and_both_shapes(tmp_path):
+    Trainer(tiny_cfg(tmp_path), ParallelEnv(), **QUIET).fit()
+    cfg = tiny_cfg(tmp_path, model={"vocab_size": 96})
+    model = build_model(cfg.model)
+    with pytest.raises(SpindleError, match=r"tok_embeddings.weight has shape \[64, 32\] in the checkpoint but "
+                                           r"\[96, 32\]"):
+        load_checkpoint(tmp_path / "ckpt" / "4", model, None, ("model",))
+
+
+def test_truncated_and_foreign_checkpoints(tmp_path):
+    Trainer(tiny_cfg(tmp_path), ParallelEnv(), **QUIET).fit()
+    path = tmp_path / "ckpt" / "4"
+    model = build_model(tiny_cfg(tmp_path).model)
+    shard = next(path.glob("*.distcp"))
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 3])
+    with pytest.raises(SpindleError, match=str(path)):
+        load_checkpoint(path, model, None, ("model",))
+    meta = path / ".metadata"
+    meta.write_bytes(meta.read_bytes()[:50])
+    with pytest.raises(SpindleError, match="truncated"):
+        load_checkpoint(path, model, None, ("model",))
+    # a torch.save file and an empty folder are not checkpoints
+    torch.save({"w": torch.ones(2)}, tmp_path / "foreign.pt")
+    with pytest.raises(SpindleError, match="not a Spindle checkpoint"):
+        resolve(str(tmp_path / "foreign.pt"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SpindleError, match="not a Spindle checkpoint"):
+        resolve(str(tmp_path / "empty"))
+    with pytest.raises(SpindleError, match="does not exist"):
+        resolve(str(tmp_path / "nowhere"))
+
+
+class _Evil:
+    def __reduce__(self):
+        return (print, ("pwned",))
+
+
+def test_metadata_unpickler_refuses_code(tmp_path):
+    (tmp_path / "1").mkdir()
+    (tmp_path / "1" / ".metadata").write_bytes(pickle.dumps(_Evil()))
+    with pytest.raises(SpindleError, match="refusing to load builtins.print"):
+        read_metadata(tmp_path / "1")
+
+
+def test_trainer_state_is_json(tmp_path):
+    Trainer(tiny_cfg(tmp_path), ParallelEnv(), **QUIET).fit()
+    ts = json.loads((tmp_path / "ckpt" / "4" / "trainer_state.json").read_text())
+    assert ts["step"] == 4 and ts["updates"] == 4 and "loader" in ts
+    assert json.loads((tmp_path / "ckpt" / "4" / "config.json").read_text())["model"]["vocab_size"] == 64
