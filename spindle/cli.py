@@ -178,6 +178,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         from spindle.checkpoint.hf import convert_main
 
         return guarded(lambda: convert_main(argv[1:]), debug)
+    if argv and argv[0] == "eval":
+        from spindle.eval.perplexity import eval_main
+
+        return guarded(lambda: eval_main(argv[1:]), debug)
 
     ap = argparse.ArgumentParser(prog="spindle", description="PyTorch-native LLM pre-training and fine-tuning.")
     sub = ap.add_subparsers(dest="command")
@@ -186,6 +190,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     sub.add_parser("tokenizer", help="train a tokenizer (spindle tokenizer train -h)")
     sub.add_parser("rope", help="RoPE scaling-law calculator (spindle rope -h)")
     sub.add_parser("convert", help="checkpoint <-> Hugging Face Llama (spindle convert -h)")
+    sub.add_parser("eval", help="long-context evaluation: ppl, passkey (spindle eval -h)")
     g = sub.add_parser("generate", help="generate text from a checkpoint")
     g.add_argument("--ckpt", required=True)
     g.add_argument("--prompt", required=True)

@@ -1,0 +1,400 @@
+"""Long-context language-modelling evaluation: per-position loss and perplexity per length.
+
+One pass per document window with the KV cache (chunked prefill): the window is fed `chunk` tokens at a
+time, each chunk attends to the cached keys through a (chunk x T) mask, so memory grows linearly with
+the length T (the cache is (B, Hkv, T, D) per layer; no T x T mask or score matrix is ever formed).
+The loss of every position comes out of that one pass; because attention is causal it is the loss
+"with context t" (rope.md §3.1, protocol 3).
+
+RoPE variants are evaluated without retraining by swapping the model's rotary module:
+
+    plain        the checkpoint's own RoPE (fixed base)
+    dynamic      Dynamic NTK (factor 1, original length = training length)      one pass per length
+    yarn         YaRN with factor L / T_train for each evaluation length L        one pass per length
+    yarn:F ntk:F linear:F   fixed-factor scalings                                 one pass in all
+    logn         log-scaled attention, q *= max(1, log_{T_train}(t + 1))
+    a+b          combinations, e.g. dynamic+logn
+
+Variants whose RoPE depends on the total length (dynamic, yarn without a factor) get one pass per
+evaluation length L on the first L tokens of every window, with seq_len = L for every chunk, so all
+positions of that pass share one base. Fixed variants get a single pass at the longest length; their
+"truncated" perplexity at L is the mean over the first L positions, which is the same number a
+separate pass at L would give.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from spindle.errors import SpindleError
+from spindle.model.llama import KVCache, Transformer
+from spindle.model.rope import RotaryEmbedding
+
+# --------------------------------------------------------------------------- per-position loss
+
+
+@torch.no_grad()
+def token_losses(model: Transformer, ids: torch.Tensor, chunk: int = 1024,
+                 seq_len: Optional[int] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """ids (B, L) -> (nll (B, L-1) fp32, correct (B, L-1) bool) via chunked prefill with a KV cache.
+
+    Entry t is the loss of predicting ids[:, t+1] from ids[:, :t+1]. `seq_len` is the total context
+    that length-dependent RoPE (Dynamic NTK) scales for; default L, the same for every chunk.
+    """
+    if ids.dim() != 2 or ids.shape[1] < 2:
+        raise SpindleError("token_losses needs ids of shape (B, L) with L >= 2")
+    model.eval()
+    b, total = ids.shape
+    seq_len = total if seq_len is None else seq_len
+    cache = KVCache()
+    inputs, labels = ids[:, :-1], ids[:, 1:]
+    nll, correct = [], []
+    for s in range(0, inputs.shape[1], chunk):
+        piece = inputs[:, s : s + chunk]
+        pos = torch.arange(s, s + piece.shape[1], device=ids.device).expand(b, -1)
+        logits = model(piece, pos, cache=cache, seq_len=seq_len).float()
+        lab = labels[:, s : s + piece.shape[1]]
+        nll.append(F.cross_entropy(logits.transpose(1, 2), lab, reduction="none"))
+        correct.append(logits.argmax(-1) == lab)
+        del logits
+    return torch.cat(nll, 1), torch.cat(correct, 1)
+
+
+def bucket_edges(max_len: int, train_len: int, per_octave: int = 2, start: int = 16) -> list[int]:
+    """Geometric bucket edges over query positions: 0, start, ..., train_len, ..., max_len (per_octave per 2x)."""
+    edges = {0, max_len}
+    e = float(start)
+    while e < max_len:
+        edges.add(int(round(e)))
+        e *= 2 ** (1 / per_octave)
+    k = train_len
+    while k < max_len:  # the training length and its powers of two are always edges
+        edges.add(k)
+        k *= 2
+    return sorted(x for x in edges if x <= max_len)
+
+
+def bucket_means(values: torch.Tensor, edges: Sequence[int]) -> list[Optional[float]]:
+    """values (N, P) summed over rows, averaged per bucket [edges[i], edges[i+1]) of positions."""
+    out = []
+    for lo, hi in zip(edges[:-1], edges[1:]):
+        seg = values[:, lo:hi]
+        out.append(float(seg.double().mean()) if seg.numel() else None)
+    return out
+
+
+# --------------------------------------------------------------------------- variants
+
+
+@dataclass
+class Variant:
+    name: str
+    scaling: Optional[dict] = None  # rope_scaling dict; None = the checkpoint's own
+    per_length_yarn: bool = False  # yarn with factor L / T_train, one pass per length
+    logn: bool = False
+    overrides: dict = field(default_factory=dict)
+
+    @property
+    def per_length(self) -> bool:
+        return self.per_length_yarn or (self.scaling or {}).get("type") in ("dynamic", "longrope")
+
+
+def parse_variant(spec: str, train_len: int) -> Variant:
+    """'plain' | 'dynamic' | 'yarn' | 'yarn:F' | 'ntk:F' | 'linear:F' | 'logn' and '+' combinations."""
+    v = Variant(name=spec)
+    for part in spec.split("+"):
+        kind, _, arg = part.strip().lower().partition(":")
+        try:
+            factor = float(arg) if arg else None
+        except ValueError:
+            raise SpindleError(f"variant {spec!r}: the factor after ':' must be a number") from None
+        if kind in ("plain", "none", "default", "base"):
+            continue
+        if kind == "logn":
+            v.logn = True
+        elif kind == "dynamic":
+            v.scaling = {"type": "dynamic", "factor": factor or 1.0, "original_max_position_embeddings": train_len}
+        elif kind == "yarn" and factor is None:
+            v.per_length_yarn = True
+        elif kind in ("yarn", "ntk", "linear"):
+            v.scaling = {"type": kind, "factor": factor}
+            if kind == "yarn":
+                v.scaling["original_max_position_embeddings"] = train_len
+        else:
+            raise SpindleError(f"variant {spec!r}: unknown part {part!r} "
+                               "(expected plain, dynamic, yarn, yarn:F, ntk:F, linear:F, logn, joined by '+')")
+    return v
+
+
+def set_rope(model: Transformer, scaling: Optional[dict], logn_ref_len: Optional[int]) -> Transformer:
+    """Give `model` a new rotary module (new scaling / log-n), built as Transformer.__init__ builds it."""
+    cfg = model.cfg
+    if scaling is None:
+        scaling = cfg.effective_rope_scaling()
+    dev = next(model.parameters()).device
+    with torch.device(dev):
+        model.rotary = RotaryEmbedding(head_dim=cfg.head_dim, base=cfg.rope_base, scaling=scaling,
+                                       max_position_embeddings=cfg.max_position_embeddings,
+                                       logn_ref_len=logn_ref_len)
+    return model
+
+
+def variant_scaling(v: Variant, length: int, train_len: int) -> Optional[dict]:
+    if v.per_length_yarn:
+        f = max(1.0, length / train_len)
+        return {"type": "yarn", "factor": f, "original_max_position_embeddings": train_len} if f > 1 else None
+    return v.scaling
+
+
+# --------------------------------------------------------------------------- data
+
+
+def load_token_docs(paths: Sequence[str], tokenizer, glob: str = "*") -> list[list[int]]:
+    """Documents from text files / folders (one document per file, BOS first) or token shard folders."""
+    from spindle.data.shards import find_token_files, open_documents
+
+    docs: list[list[int]] = []
+    for p in map(Path, paths):
+        if not p.exists():
+            raise SpindleError(f"--data {p}: not found")
+        token_files = find_token_files(str(p)) if p.is_dir() else (
+            [str(p)] if p.suffix in (".bin", ".npy") else [])
+        if token_files:
+            for f in token_files:
+                src = open_documents(f)
+                docs.extend(src[i][0].astype("int64").tolist() for i in range(len(src)))
+            continue
+        files = sorted(x for x in p.rglob(glob) if x.is_file()) if p.is_dir() else [p]
+        for f in files:
+            text = f.read_text(encoding="utf-8", errors="replace")
+            ids = tokenizer.encode(text)
+            if tokenizer.bos_id is not None:
+                ids = [tokenizer.bos_id] + ids
+            docs.append(ids)
+    if not docs:
+        raise SpindleError(f"--data {list(paths)}: no documents")
+    return docs
+
+
+def make_windows(docs: Sequence[Sequence[int]], length: int, n: int) -> tuple[torch.Tensor, int]:
+    """n windows of `length` tokens: the starts of documents at least that long, in order; when there are
+    too few, the remaining documents concatenated and cut. Returns (windows (n, length), natural count)."""
+    wins = [list(d[:length]) for d in docs if len(d) >= length][:n]
+    natural = len(wins)
+    if len(wins) < n:
+        stream = [t for d in docs if len(d) < length for t in d]
+        for s in range(0, len(stream) - length + 1, length):
+            if len(wins) == n:
+                break
+            wins.append(stream[s : s + length])
+    if not wins:
+        raise SpindleError(f"the evaluation data holds fewer than {length} tokens")
+    return torch.tensor(wins, dtype=torch.long), natural
+
+
+# --------------------------------------------------------------------------- evaluation
+
+
+def evaluate_variant(model: Transformer, windows: torch.Tensor, lengths: Sequence[int], train_len: int,
+                     variant: Variant, chunk: int = 1024, batch: int = 1, per_octave: int = 4,
+                     log=None) -> dict:
+    """Per-length truncated NLL/perplexity/accuracy, tail-bucket NLL ([L/2, L)) and a per-position curve."""
+    lengths = sorted(lengths)
+    max_len = lengths[-1]
+    logn = train_len if variant.logn else None
+    out: dict = {"spec": variant.name, "per_length": variant.per_length, "length": {}}
+    original_rotary = model.rotary
+
+    def run(length: int, scaling) -> tuple[torch.Tensor, torch.Tensor]:
+        set_rope(model, scaling, logn)
+        nl, ac = [], []
+        for i in range(0, windows.shape[0], batch):
+            n, c = token_losses(model, windows[i : i + batch, :length], chunk, seq_len=length)
+            nl.append(n)
+            ac.append(c)
+        return torch.cat(nl), torch.cat(ac)
+
+    t0 = time.perf_counter()
+    passes = [(L, variant_scaling(variant, L, train_len)) for L in lengths] if variant.per_length else \
+        [(max_len, variant.scaling)]
+    nll = acc = None
+    for L, scaling in passes:
+        nll, acc = run(L, scaling)
+        targets = [L] if variant.per_length else lengths
+        for T in targets:
+            n = nll[:, : T - 1]
+            a = acc[:, : T - 1]
+            tail = slice(max(0, T // 2 - 1), T - 1)
+            mean = float(n.double().mean())
+            out["length"][str(T)] = {"nll": mean, "ppl": math.exp(min(mean, 50.0)),
+                                     "acc": float(a.double().mean()),
+                                     "tail_nll": float(nll[:, tail].double().mean()),
+                                     "tail_acc": float(acc[:, tail].double().mean())}
+    # the per-position curve from the longest pass (for per-length variants: the base used at max_len)
+    edges = bucket_edges(nll.shape[1], train_len, per_octave)
+    out["curve"] = {"edges": edges, "nll": bucket_means(nll, edges), "acc": bucket_means(acc, edges)}
+    out["seconds"] = round(time.perf_counter() - t0, 2)
+    model.rotary = original_rotary
+    if log:
+        log(f"  {variant.name}: " + ", ".join(f"{L}: {out['length'][str(L)]['ppl']:.3g}" for L in lengths)
+            + f"  ({out['seconds']:.0f} s)")
+    return out
+
+
+def default_lengths(train_len: int, factor: int = 64) -> list[int]:
+    out, L = [], train_len
+    while L <= train_len * factor:
+        out.append(L)
+        L *= 2
+    return out
+
+
+def plot_ppl(result: dict, path: Path, title: str = "") -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
+    T = result["train_len"]
+    for name, r in result["variants"].items():
+        if r["per_length"]:
+            Ls = sorted(int(k) for k in r["length"])
+            xs = [math.sqrt(max(L / 2, 1) * L) for L in Ls]
+            ax1.plot(xs, [r["length"][str(L)]["tail_nll"] for L in Ls], "o--", label=f"{name} (tail [L/2,L), per L)")
+        else:
+            c = r["curve"]
+            mids = [math.sqrt(max(lo, 1) * hi) for lo, hi in zip(c["edges"][:-1], c["edges"][1:])]
+            ax1.plot(mids, c["nll"], "-", label=name)
+        Ls = sorted(int(k) for k in r["length"])
+        ax2.plot(Ls, [r["length"][str(L)]["ppl"] for L in Ls], "o-", label=name)
+    for ax in (ax1, ax2):
+        ax.set_xscale("log", base=2)
+        ax.axvline(T, color="grey", ls=":", lw=1)
+        ax.grid(alpha=0.3)
+    ax1.set_xlabel("position (tokens)")
+    ax1.set_ylabel("NLL (nats/token)")
+    ax1.set_title("loss vs position")
+    ax2.set_yscale("log")
+    ax2.set_xlabel("evaluation length L")
+    ax2.set_ylabel("perplexity over the first L tokens")
+    ax2.set_title("perplexity vs length")
+    ax1.legend(fontsize=8)
+    fig.suptitle(title or f"{result.get('ckpt', '')} (training length {T})")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def run_ppl(ckpt: str, data: Sequence[str], lengths: Optional[Sequence[int]] = None,
+            variants: Sequence[str] = ("plain", "dynamic", "yarn", "logn"), windows: int = 8, chunk: int = 1024,
+            batch: int = 1, tokenizer: Optional[str] = None, glob: str = "*", train_len: Optional[int] = None,
+            device: str = "cpu", log=print) -> dict:
+    from spindle.data.tokenizer import load_tokenizer
+    from spindle.eval.load import load_model_for_eval
+
+    model, cfg = load_model_for_eval(ckpt, device=device)
+    T = train_len or cfg.data.seq_len
+    lengths = sorted(set(lengths or default_lengths(T)))
+    tok = load_tokenizer(tokenizer or cfg.data.tokenizer_path or "default")
+    docs = load_token_docs(data, tok, glob)
+    wins, natural = make_windows(docs, lengths[-1], windows)
+    wins = wins.to(device)
+    log(f"eval ppl: {ckpt}: {wins.shape[0]} windows of {lengths[-1]} tokens ({natural} whole-document starts), "
+        f"training length {T}, chunk {chunk}")
+    result = {"ckpt": str(ckpt), "train_len": T, "rope_base": cfg.model.rope_base, "lengths": lengths,
+              "n_windows": int(wins.shape[0]), "natural_windows": natural, "chunk": chunk,
+              "protocol": "per-position NLL from one chunked-prefill pass per window (fixed RoPE) or per length "
+                          "(dynamic / per-length YaRN); ppl at L = exp(mean NLL of positions < L); "
+                          "tail = positions [L/2, L)",
+              "variants": {}}
+    for spec in variants:
+        v = parse_variant(spec, T)
+        result["variants"][spec] = evaluate_variant(model, wins, lengths, T, v, chunk, batch, log=log)
+    return result
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def _ints(text: str) -> list[int]:
+    try:
+        return [int(float(x)) for x in text.replace(" ", "").split(",") if x]
+    except ValueError:
+        raise SpindleError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def _floats(text: str) -> list[float]:
+    try:
+        return [float(x) for x in text.replace(" ", "").split(",") if x]
+    except ValueError:
+        raise SpindleError(f"expected comma-separated numbers, got {text!r}") from None
+
+
+def eval_main(argv: Optional[Sequence[str]] = None) -> int:
+    """`spindle eval ppl ...` / `spindle eval passkey ...`."""
+    ap = argparse.ArgumentParser(prog="spindle eval", description="long-context evaluation of a checkpoint")
+    sub = ap.add_subparsers(dest="what", required=True)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--ckpt", required=True, help="checkpoint folder (a step folder or a ckpt/ folder)")
+    common.add_argument("--variants", default="plain,dynamic,yarn,logn",
+                        help="comma list: plain, dynamic, yarn, yarn:F, ntk:F, linear:F, logn, a+b")
+    common.add_argument("--lengths", default=None, help="comma list of lengths (default: T_train x 1, 2, ... 64)")
+    common.add_argument("--train-len", type=int, default=None, help="default: data.seq_len of the checkpoint")
+    common.add_argument("--chunk", type=int, default=1024, help="prefill chunk (memory ~ chunk x length)")
+    common.add_argument("--tokenizer", default=None)
+    common.add_argument("--out", required=True, help="output folder (JSON + PNG)")
+    common.add_argument("--device", default="cpu")
+    common.add_argument("--threads", type=int, default=None)
+    common.add_argument("--debug", action="store_true")
+    p = sub.add_parser("ppl", parents=[common], help="per-position loss / perplexity per length")
+    p.add_argument("--data", nargs="+", required=True, help="text files or folders (one document per file), or token shards")
+    p.add_argument("--glob", default="*", help="file pattern inside --data folders")
+    p.add_argument("--windows", type=int, default=8, help="number of evaluation windows (documents)")
+    p.add_argument("--batch", type=int, default=1)
+    k = sub.add_parser("passkey", parents=[common], help="passkey retrieval over a length x depth grid")
+    k.add_argument("--depths", default="0,0.25,0.5,0.75,1")
+    k.add_argument("--samples", type=int, default=5, help="samples per (length, depth) cell")
+    k.add_argument("--seed", type=int, default=0)
+    k.add_argument("--mode", choices=["generate", "teacher"], default="generate",
+                   help="generate: greedy decoding, exact match; teacher: every key token is the argmax")
+    args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    variants = [v for v in args.variants.split(",") if v]
+    lengths = _ints(args.lengths) if args.lengths else None
+    if args.what == "ppl":
+        res = run_ppl(args.ckpt, args.data, lengths, variants, args.windows, args.chunk, args.batch, args.tokenizer,
+                      args.glob, args.train_len, args.device)
+        (out / "ppl.json").write_text(json.dumps(res, indent=1))
+        plot_ppl(res, out / "ppl.png")
+        print(format_table(res))
+        print(f"wrote {out / 'ppl.json'} and {out / 'ppl.png'}")
+        return 0
+    from spindle.eval.passkey import plot_passkey, run_passkey
+
+    res = run_passkey(args.ckpt, lengths, _floats(args.depths), args.samples, variants, args.seed, args.mode,
+                      args.chunk, args.tokenizer, args.train_len, args.device)
+    (out / "passkey.json").write_text(json.dumps(res, indent=1))
+    plot_passkey(res, out / "passkey.png")
+    print(f"wrote {out / 'passkey.json'} and {out / 'passkey.png'}")
+    return 0
+
+
+def format_table(res: dict) -> str:
+    Ls = res["lengths"]
+    lines = ["perplexity over the first L tokens", f"{'variant':<16}" + "".join(f"{L:>10}" for L in Ls)]
+    for name, r in res["variants"].items():
+        lines.append(f"{name:<16}" + "".join(f"{r['length'][str(L)]['ppl']:>10.3g}" for L in Ls))
+    return "\n".join(lines)
