@@ -82,7 +82,19 @@ def generate_stream(
 
 def generate(model: Transformer, prompt_ids: Sequence[Sequence[int]], max_new_tokens: int = 64,
              on_token: Optional[Callable[[torch.Tensor], None]] = None, **kw) -> list[list[int]]:
-    """Batch generation: the new tokens of each sequence (up to and excluding EOS)."""
+    """Batch generation: the new tokens of each sequence (up to and excluding EOS).
+
+    Prompts of different lengths are generated in groups of equal length (no padding, so every
+    sequence sees exactly its own context); results come back in the order of `prompt_ids`.
+    """
+    lengths = {len(p) for p in prompt_ids}
+    if len(lengths) > 1:
+        outs_by_index: dict[int, list[int]] = {}
+        for n in sorted(lengths):
+            idx = [i for i, p in enumerate(prompt_ids) if len(p) == n]
+            group = generate(model, [prompt_ids[i] for i in idx], max_new_tokens, on_token=on_token, **kw)
+            outs_by_index.update(zip(idx, group))
+        return [outs_by_index[i] for i in range(len(prompt_ids))]
     eos_id = kw.get("eos_id")
     outs: list[list[int]] = [[] for _ in prompt_ids]
     finished = [False] * len(prompt_ids)
