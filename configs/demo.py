@@ -14,7 +14,7 @@ NUM_ATTENTION_HEAD = 4
 NUM_KV_ATTENTION_HEAD = 2
 MLP_RATIO = 8 / 3
 NUM_LAYER = 4
-VOCAB_SIZE = 4096
+VOCAB_SIZE = 1024
 TOTAL_STEPS = 420
 
 # the stdlib's .py files, one document per file; test suites excluded

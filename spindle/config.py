@@ -240,7 +240,8 @@ class RopeScalingConfig(Section):
         return data
 
     def as_dict(self) -> dict:
-        return self.model_dump(exclude_none=True)
+        """Only the keys the config set (each type rejects the other types' parameters), plus the type."""
+        return self.model_dump(exclude_unset=True, exclude_none=True) | {"type": self.type}
 
 
 class ModelConfig(Section):

@@ -1,10 +1,10 @@
 """Train the default tokenizer that ships in the package (spindle/assets/tokenizer/tokenizer.model).
 
-A sentencepiece BPE model, vocabulary 4096, byte fallback, trained on the Python standard
+A sentencepiece BPE model, vocabulary 1024, byte fallback, trained on the Python standard
 library's own .py files (tests excluded) — text every Python installation has, so the demo needs
 no download and this script reproduces the shipped file from what is already on the machine.
 
-    python tools/make_default_tokenizer.py [--vocab-size 4096] [--out spindle/assets/tokenizer]
+    python tools/make_default_tokenizer.py [--vocab-size 1024] [--out spindle/assets/tokenizer]
 """
 
 import argparse
@@ -25,7 +25,7 @@ def stdlib_files() -> list[Path]:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--vocab-size", type=int, default=4096)
+    ap.add_argument("--vocab-size", type=int, default=1024)
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent.parent / "spindle" / "assets" / "tokenizer"))
     args = ap.parse_args(argv)
     lines = []

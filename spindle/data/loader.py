@@ -91,7 +91,11 @@ def text_cache(data: DataConfig, cache_root: Path) -> str:
         files = kept
     if not files:
         raise SpindleError(f"data.train_folder: no files match {data.text_glob!r} under {root}")
-    key = hashlib.sha256(json.dumps([files, data.tokenizer_path or "default"]).encode()).hexdigest()[:16]
+    from spindle.data.tokenizer import load_tokenizer
+
+    # the cache is keyed by the files and the tokenizer's content, so a changed tokenizer re-tokenizes
+    identity = load_tokenizer(data.tokenizer_path or "default").identity()
+    key = hashlib.sha256(json.dumps([files, identity.get("sha256"), identity.get("vocab_size")]).encode()).hexdigest()[:16]
     out = cache_root / f"text-{key}"
     source_dir = out / "text"  # one source, named "text"
     if not (source_dir / "manifest.json").exists():

@@ -201,7 +201,7 @@ class Transformer(nn.Module):
         `seq_len` (the total context, for dynamic RoPE scaling) defaults to max position + 1.
         """
         h = self.tok_embeddings(input_ids) if self.tok_embeddings is not None else input_ids
-        b, l = h.shape[:2]
+        b, l = input_ids.shape[:2]  # not h's: under sequence parallelism h holds only this rank's slice
         if position_ids is None:
             start = cache.length if cache is not None else 0
             position_ids = torch.arange(start, start + l, device=h.device).expand(b, l)

@@ -29,10 +29,15 @@ class ParallelEnv:
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     dp_rank: int = 0
     dp_size: int = 1
+    tp_rank: int = 0
     tp_size: int = 1
+    pp_rank: int = 0
     pp_size: int = 1
-    mesh: object = None  # torch DeviceMesh when world_size > 1
+    mesh: object = None  # torch DeviceMesh ("dp", "pp", "tp") when world_size > 1
     dp_group: object = None
+    pp_group: object = None
+    tp_group: object = None
+    fsdp_mesh: object = None  # 1-D ("dp_shard") or 2-D ("dp_replicate", "dp_shard") mesh for FSDP2
 
     @property
     def is_main(self) -> bool:
@@ -76,6 +81,47 @@ def launcher_env(launcher: str, port: Optional[int]) -> dict[str, str]:
             out["MASTER_PORT"] = str(port)
         return out
     return {}
+
+
+def check_layout(parallel, model, world_size: int) -> tuple[int, int, int]:
+    """(dp, pp, tp) sizes, or a SpindleError naming the keys that do not fit — before any work."""
+    tp, pp = parallel.tensor.size, parallel.pipeline.size
+    if world_size % (tp * pp):
+        raise SpindleError(f"parallel: world size {world_size} is not divisible by tensor ({tp}) x pipeline ({pp})")
+    dp = world_size // (tp * pp)
+    if model.num_attention_heads % tp or model.kv_heads % tp:
+        raise SpindleError(f"parallel.tensor.size={tp} must divide model.num_attention_heads "
+                           f"({model.num_attention_heads}) and the KV heads ({model.kv_heads})")
+    stages = pp * model.num_chunks
+    if model.num_layers % stages:
+        raise SpindleError(f"model.num_layers ({model.num_layers}) is not divisible by pipeline.size ({pp}) x "
+                           f"model.num_chunks ({model.num_chunks})")
+    zero = parallel.zero1.size
+    if zero > 1 and dp % zero:
+        raise SpindleError(f"parallel.zero1={zero} does not divide the data-parallel size {dp}")
+    return dp, pp, tp
+
+
+def build_mesh(env: "ParallelEnv", parallel, model) -> "ParallelEnv":
+    """DeviceMesh ("dp_replicate", "dp_shard", "pp", "tp"): tp ranks adjacent (fastest links), then pp,
+    then data parallel. dp_shard is the zero1 group size (the whole dp group for zero1 <= 0 or fsdp)."""
+    dp, pp, tp = check_layout(parallel, model, env.world_size)
+    env.dp_size, env.pp_size, env.tp_size = dp, pp, tp
+    if env.world_size == 1:
+        return env
+    from torch.distributed.device_mesh import init_device_mesh
+
+    zero = parallel.zero1.size
+    shard = dp if (parallel.fsdp or zero <= 0 or zero > dp) else zero
+    mesh = init_device_mesh(env.device.type, (dp // shard, shard, pp, tp),
+                            mesh_dim_names=("dp_replicate", "dp_shard", "pp", "tp"))
+    dp_mesh = mesh["dp_replicate", "dp_shard"]._flatten("dp")
+    env.mesh = mesh
+    env.dp_group, env.pp_group, env.tp_group = dp_mesh.get_group(), mesh["pp"].get_group(), mesh["tp"].get_group()
+    env.dp_rank, env.pp_rank, env.tp_rank = dp_mesh.get_local_rank(), mesh["pp"].get_local_rank(), \
+        mesh["tp"].get_local_rank()
+    env.fsdp_mesh = mesh["dp_shard"] if shard == dp else mesh["dp_replicate", "dp_shard"]
+    return env
 
 
 def init_distributed(launcher: Optional[str] = None, backend: Optional[str] = None, port: Optional[int] = None,

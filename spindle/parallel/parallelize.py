@@ -1,8 +1,9 @@
 """Apply parallelism and memory/speed wrappers to a plain model, from the outside.
 
 Order (torchtitan's): tensor/sequence parallel -> activation checkpointing -> torch.compile ->
-data parallel / FSDP. Each step is a function of (model, config, env); the model file never
-knows it happened. Pipeline stages call `parallelize` on their own chunk.
+data parallel (DDP, ZeRO-1 in the optimizer, or FSDP2). Each step is a function of
+(model, config, env); the model file never knows it happened. Pipeline stages are built by
+`spindle.parallel.pipeline` and go through the same `parallelize`.
 """
 
 from __future__ import annotations
@@ -13,6 +14,55 @@ from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoi
 
 from spindle.config import SpindleConfig
 from spindle.parallel.mesh import ParallelEnv
+
+
+def apply_tensor_parallel(model: nn.Module, env: ParallelEnv, sequence_parallel: bool) -> None:
+    """Megatron-style TP with DTensor: column-parallel q/k/v and w1/w3, row-parallel wo and w2.
+
+    With sequence parallelism the norms and the residual stream are sharded along the sequence
+    (Shard(1)) between the parallel regions; the output head is column-parallel over the vocabulary
+    and the loss is computed under `loss_parallel` without gathering the logits.
+    """
+    from torch.distributed.tensor import Replicate, Shard
+    from torch.distributed.tensor.parallel import (
+        ColwiseParallel,
+        PrepareModuleInput,
+        RowwiseParallel,
+        SequenceParallel,
+        parallelize_module,
+    )
+
+    tp_mesh = env.mesh["tp"]
+    residual = Shard(1) if sequence_parallel else Replicate()
+    top_plan = {}
+    if model.tok_embeddings is not None:
+        top_plan["tok_embeddings"] = RowwiseParallel(input_layouts=Replicate(), output_layouts=residual)
+    if model.norm is not None:
+        top_plan["norm"] = SequenceParallel() if sequence_parallel else None
+    if model.output is not None:
+        top_plan["output"] = ColwiseParallel(input_layouts=residual, output_layouts=Shard(-1), use_local_output=False)
+    parallelize_module(model, tp_mesh, {k: v for k, v in top_plan.items() if v is not None})
+    # Block.forward(x, cos, sin, q_scale, mask, cache, positions): PrepareModuleInput counts positional
+    # arguments, so every one gets a layout (None = leave it alone).
+    others = (None,) * 6
+    for block in model.layers.values():
+        plan = {
+            "attention": PrepareModuleInput(input_layouts=(residual, *others),
+                                            desired_input_layouts=(Replicate(), *others)),
+            "attention.wq": ColwiseParallel(),
+            "attention.wk": ColwiseParallel(),
+            "attention.wv": ColwiseParallel(),
+            "attention.wo": RowwiseParallel(output_layouts=residual),
+            "feed_forward": PrepareModuleInput(input_layouts=(residual,), desired_input_layouts=(Replicate(),)),
+            "feed_forward.w1": ColwiseParallel(),
+            "feed_forward.w2": RowwiseParallel(output_layouts=residual),
+        }
+        if block.feed_forward.w3 is not None:
+            plan["feed_forward.w3"] = ColwiseParallel()
+        if sequence_parallel:
+            plan["attention_norm"] = SequenceParallel()
+            plan["ffn_norm"] = SequenceParallel()
+        parallelize_module(block, tp_mesh, plan)
 
 
 def apply_activation_checkpointing(model: nn.Module, num_layers: int) -> None:
@@ -29,26 +79,70 @@ def apply_compile(model: nn.Module) -> None:
         model.layers[name] = torch.compile(block, dynamic=False)
 
 
-def parallelize(model: nn.Module, cfg: SpindleConfig, env: ParallelEnv) -> nn.Module:
+def apply_fsdp(root: nn.Module, blocks, env: ParallelEnv, reshard_after_forward: bool,
+               mixed_precision: torch.dtype | None) -> None:
+    """FSDP2 over the data-parallel mesh: each block, then the root. A 2-D (replicate, shard) mesh
+    gives hybrid sharding: parameters, gradients and optimizer state sharded within groups of
+    `zero1` ranks and replicated across the groups."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    mp = MixedPrecisionPolicy(param_dtype=mixed_precision, reduce_dtype=torch.float32) if mixed_precision else \
+        MixedPrecisionPolicy()
+    mesh = env.fsdp_mesh
+    for block in blocks:
+        fully_shard(block, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward)
+    fully_shard(root, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward)
+
+
+class ModelView(nn.Module):
+    """The pipeline stages held by this rank, seen as one model with the whole model's parameter names
+    (layers.N..., tok_embeddings on the first stage, norm/output on the last): what the optimizer and
+    checkpoints use, so a checkpoint does not depend on how the layers were split."""
+
+    def __init__(self, parts: list[nn.Module]):
+        super().__init__()
+        self.layers = nn.ModuleDict({k: v for part in parts for k, v in part.layers.items()})
+        for name in ("tok_embeddings", "norm", "output"):
+            setattr(self, name, next((getattr(p, name) for p in parts if getattr(p, name) is not None), None))
+
+
+def apply_model_parallel(model: nn.Module, cfg: SpindleConfig, env: ParallelEnv) -> nn.Module:
+    """Tensor/sequence parallel, activation checkpointing, compile: in place on the plain model."""
+    if env.tp_size > 1:
+        apply_tensor_parallel(model, env, cfg.parallel.sequence_parallel)
     n_ckpt = cfg.model.num_checkpointed_layers
     if n_ckpt:
         apply_activation_checkpointing(model, min(n_ckpt, len(model.layers)))
     if cfg.trainer.compile:
         apply_compile(model)
-    if env.dp_size > 1:
-        model = apply_data_parallel(model, cfg, env)
     return model
 
 
-def apply_data_parallel(model: nn.Module, cfg: SpindleConfig, env: ParallelEnv) -> nn.Module:
-    """FSDP2 full sharding when parallel.fsdp, else DDP (gradients all-reduced once per step)."""
-    if cfg.parallel.fsdp:
-        from torch.distributed.fsdp import fully_shard
+def apply_data_parallel(module: nn.Module, cfg: SpindleConfig, env: ParallelEnv) -> nn.Module:
+    """The seed's zero1 / our fsdp switch on top of the model-parallel module.
 
-        for block in model.layers.values():
-            fully_shard(block)
-        fully_shard(model)
-        return model
+    - zero1 == 1 (no sharding), no tensor parallelism: DDP, gradients all-reduced once per step;
+    - zero1 <= 0: FSDP2 sharding over the whole data-parallel group; zero1 = k: hybrid sharding
+      within groups of k ranks. Parameters stay gathered between forward and backward
+      (reshard_after_forward=False), so communication is ZeRO-1/2-like: one all-gather per step,
+      one reduce-scatter; the optimizer state is sharded as in ZeRO-1;
+    - parallel.fsdp: full FSDP (ZeRO-3), re-gathering parameters in backward to save memory.
+    Tensor-parallel (DTensor) parameters compose with FSDP2 on a 2-D mesh, not with DDP.
+    """
+    if env.dp_size == 1:
+        return module
+    par = cfg.parallel
+    if par.fsdp or par.zero1.size != 1 or env.tp_size > 1:
+        half = {"torch.bfloat16": torch.bfloat16, "torch.float16": torch.float16}.get(cfg.model.dtype)
+        inner = module.model if hasattr(module, "model") and not hasattr(module, "layers") else module
+        apply_fsdp(module, list(inner.layers.values()), env, reshard_after_forward=par.fsdp, mixed_precision=half)
+        return module
     from torch.nn.parallel import DistributedDataParallel as DDP
 
-    return DDP(model, device_ids=[env.device.index] if env.device.type == "cuda" else None)
+    return DDP(module, device_ids=[env.device.index] if env.device.type == "cuda" else None,
+               process_group=env.dp_group)
+
+
+def parallelize(model: nn.Module, cfg: SpindleConfig, env: ParallelEnv) -> nn.Module:
+    """The whole recipe for a single-stage model."""
+    return apply_data_parallel(apply_model_parallel(model, cfg, env), cfg, env)

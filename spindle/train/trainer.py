@@ -23,6 +23,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from torch.distributed.tensor import DTensor
 
 from spindle.checkpoint.manager import CheckpointManager, load_checkpoint, local_copy, plan_load
 from spindle.config import SpindleConfig, parse_skip_batches, save_resolved_config
@@ -30,8 +31,9 @@ from spindle.data.loader import build_train_loader, build_valid_sets
 from spindle.errors import SpindleError
 from spindle.model.flops import internevo_flops_per_step, model_flops_per_token, parameter_counts
 from spindle.model.llama import Transformer, build_model
-from spindle.parallel.mesh import ParallelEnv
-from spindle.parallel.parallelize import parallelize
+from spindle.parallel.mesh import ParallelEnv, build_mesh
+from spindle.parallel.parallelize import ModelView, apply_data_parallel, apply_model_parallel
+from spindle.parallel.pipeline import PipelineChunk, build_schedule, build_stage_model, stages_of_rank
 from spindle.train.metrics import MetricSinks, Progress, batch_shape_stats, format_line, resolve_peak_tflops
 from spindle.train.optim import DynamicLossScaler, beta2_at, build_optimizer, lr_at, set_schedules
 
@@ -72,12 +74,18 @@ class Trainer:
         torch.backends.cudnn.deterministic = cfg.cudnn_deterministic
         torch.backends.cudnn.benchmark = cfg.cudnn_benchmark
 
+        if env.mesh is None:
+            env = self.env = build_mesh(env, cfg.parallel, cfg.model)  # layout errors before any work
         if env.is_main:
             save_resolved_config(cfg, self.run_dir)
-        self.model: Transformer = build_model(cfg.model, self.device, seed=cfg.trainer.seed)
-        self.raw_model = self.model
         self.n_params = parameter_counts(cfg.model)["total"]
-        self.model = parallelize(self.model, cfg, env)
+        self.schedule = None
+        if env.pp_size > 1:
+            self._build_pipeline()
+        else:
+            model: Transformer = build_model(cfg.model, self.device, seed=cfg.trainer.seed)
+            self.raw_model = model  # parameter names of the plain model, for checkpoints and the optimizer
+            self.model = apply_data_parallel(apply_model_parallel(model, cfg, env), cfg, env)
         self.optimizer = build_optimizer(self.raw_model, cfg.adam, self.device.type)
         self.compute_dtype = COMPUTE_DTYPES[cfg.model.dtype]
         self.scaler = DynamicLossScaler.from_config(cfg.grad_scaler, enabled=self.compute_dtype == torch.float16)
@@ -134,6 +142,40 @@ class Trainer:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.compute_dtype)
 
+    def _build_pipeline(self) -> None:
+        """This rank's stages, parallelized like a whole model, and the pipeline schedule."""
+        cfg, env = self.cfg, self.env
+        num_stages = env.pp_size * cfg.model.num_chunks
+        self.stage_ids = stages_of_rank(env.pp_rank, env.pp_size, cfg.model.num_chunks)
+        inner = [build_stage_model(cfg, sid, num_stages, self.device) for sid in self.stage_ids]
+        self.raw_model = ModelView(inner)
+        self.chunks = [PipelineChunk(apply_model_parallel(m, cfg, env)) for m in inner]
+        parts = [apply_data_parallel(c, cfg, env) for c in self.chunks]
+        self.is_first, self.is_last = 0 in self.stage_ids, num_stages - 1 in self.stage_ids
+        self._pp_denom = 1.0
+        self._pp_started = False
+        vocab = cfg.model.vocab_size
+
+        def loss_fn(logits, labels):
+            loss_sum = self._cross_entropy(logits, labels, vocab)
+            return loss_sum * (self.scaler.scale / self._pp_denom)
+
+        self.schedule, _ = build_schedule(cfg, env, parts, self.stage_ids, loss_fn, cfg.data.micro_num)
+        self.model = parts[0]
+
+    def _cross_entropy(self, logits, labels, vocab: int) -> torch.Tensor:
+        """Sum of token losses (vocabulary-parallel inside `_loss_context` when the head is tensor-parallel)."""
+        return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100, reduction="sum",
+                               label_smoothing=self.cfg.loss.label_smoothing)
+
+    def _loss_context(self):
+        """loss_parallel: cross-entropy on vocabulary-sharded logits, forward and backward, no gather."""
+        if self.env.tp_size > 1:
+            from torch.distributed.tensor.parallel import loss_parallel
+
+            return loss_parallel()
+        return contextlib.nullcontext()
+
     def _all_reduce(self, t: torch.Tensor, op=dist.ReduceOp.SUM) -> torch.Tensor:
         if self.env.distributed:
             dist.all_reduce(t, op=op, group=self.env.dp_group)
@@ -156,20 +198,25 @@ class Trainer:
         denom = n_valid.clamp(min=1).item() / self.env.dp_size
         scale = self.scaler.scale
         t0 = time.perf_counter()
-        for i, mb in enumerate(mbs):
+        if self.schedule is not None:
+            self._pipeline_forward_backward(mbs, denom, stats)
+        for i, mb in enumerate(mbs if self.schedule is None else []):
             sync = contextlib.nullcontext()
             if i < len(mbs) - 1 and hasattr(model, "no_sync"):
                 sync = model.no_sync()  # DDP: reduce gradients once, after the last micro-batch
-            with sync:
+            with sync, self._loss_context():
                 with self.autocast():
                     logits = model(mb["input_ids"], mb["position_ids"], mb["cu_seqlens"])
-                flat_logits = logits.float().view(-1, logits.shape[-1])
-                labels = mb["labels"].view(-1)
-                loss_sum = F.cross_entropy(flat_logits, labels, ignore_index=-100, reduction="sum",
-                                           label_smoothing=cfg.loss.label_smoothing)
+                loss_sum = self._cross_entropy(logits, mb["labels"], logits.shape[-1])
                 (loss_sum * (scale / denom)).backward()
             with torch.no_grad():
+                labels = mb["labels"].view(-1)
                 valid = labels != -100
+                if isinstance(logits, DTensor):  # vocabulary-sharded logits: the loss total only
+                    stats[0, 0] += loss_sum.detach().full_tensor().double()
+                    stats[1, 0] += valid.sum()
+                    continue
+                flat_logits = logits.float().view(-1, logits.shape[-1])
                 token_loss = F.cross_entropy(flat_logits, labels, ignore_index=-100, reduction="none")
                 correct = (flat_logits.argmax(-1) == labels) & valid
                 types = mb["type_ids"].view(-1).clamp(max=n_sources - 1)
@@ -182,8 +229,7 @@ class Trainer:
         params = [p for p in self.raw_model.parameters() if p.grad is not None]
         if self.scaler.enabled:
             torch._foreach_mul_([p.grad for p in params], 1.0 / scale)
-        clip = cfg.hybrid_zero_optimizer.clip_grad_norm
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, clip if clip > 0 else math.inf, foreach=True)
+        grad_norm = self._clip_gradients(params, cfg.hybrid_zero_optimizer.clip_grad_norm)
         loss = (stats[0, -1] / stats[1, -1].clamp(min=1)).item()
         finite = math.isfinite(loss) and bool(torch.isfinite(grad_norm))
         lr = lr_at(self.state.updates, cfg.adam.lr, cfg.lr_scheduler)
@@ -206,6 +252,57 @@ class Trainer:
                 out[f"acc/{name}"] = (stats[2, k] / stats[1, k]).item()
                 out[f"tokens/{name}"] = int(stats[1, k])
         return out
+
+    def _pipeline_forward_backward(self, mbs: list[dict], denom: float, stats: torch.Tensor) -> None:
+        """One step through the pipeline schedule: micro-batches are rows of one stacked batch."""
+        for chunk in self.chunks:
+            chunk.set_micro_batches([(mb["position_ids"], mb["cu_seqlens"]) for mb in mbs],
+                                    first_step=not self._pp_started)
+        self._pp_started = True
+        self._pp_denom = denom
+        inputs = torch.cat([mb["input_ids"] for mb in mbs])
+        labels = torch.cat([mb["labels"] for mb in mbs])
+        losses: list[torch.Tensor] = []
+        with self.autocast(), self._loss_context():
+            if self.is_first and self.is_last:
+                self.schedule.step(inputs, target=labels, losses=losses)
+            elif self.is_first:
+                self.schedule.step(inputs)
+            elif self.is_last:
+                self.schedule.step(target=labels, losses=losses)
+            else:
+                self.schedule.step()
+        if self.is_last:  # the losses came back scaled by scale / denom: undo it for the log
+            stats[0, 0] = sum(l.detach().double() for l in losses) * denom / self.scaler.scale
+            stats[1, 0] = sum((mb["labels"] != -100).sum() for mb in mbs)
+        if self.env.pp_group is not None:  # the last stage's totals, to every stage (then dp reduces)
+            dist.all_reduce(stats, group=self.env.pp_group)
+
+    def _clip_gradients(self, params: list[torch.Tensor], max_norm: float) -> torch.Tensor:
+        """Global gradient norm over every stage, tensor and data shard; clip to max_norm (0 = no clip).
+
+        Gradients are grouped by kind (plain tensors; DTensors per mesh and placement) because the
+        foreach kernels refuse to mix them under tensor parallelism.
+        """
+        groups: dict[tuple, list[torch.Tensor]] = {}
+        for p in params:
+            g = p.grad
+            key = (id(g.device_mesh), g.placements) if isinstance(g, DTensor) else ("plain",)
+            groups.setdefault(key, []).append(g)
+        sq = torch.zeros((), dtype=torch.float64, device=self.device)
+        for grads in groups.values():
+            n = torch.nn.utils.get_total_norm(grads, foreach=True)
+            if isinstance(n, DTensor):
+                n = n.full_tensor()
+            sq += n.double() ** 2
+        if self.env.pp_size > 1:
+            dist.all_reduce(sq, group=self.env.pp_group)
+        norm = sq.sqrt().float()
+        if max_norm > 0 and params:
+            coef = (max_norm / (norm + 1e-6)).clamp(max=1.0)
+            for grads in groups.values():
+                torch._foreach_mul_(grads, coef.item())
+        return norm
 
     # ------------------------------------------------------------------ validation
 

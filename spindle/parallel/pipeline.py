@@ -1,0 +1,101 @@
+"""Pipeline parallelism with `torch.distributed.pipelining`: split the model into stages, pick a schedule.
+
+Stages are built from the same plain model: every stage constructs the full module tree on the
+meta device, keeps only its own layers (index keys preserved, so `layers.12...` keeps its name and
+checkpoints stay layout-independent), drops the embeddings / head it does not own, and is then
+materialised and initialised with the same per-name seeding as the whole model.
+
+With `model.num_chunks` > 1 each rank holds several stages in the looped layout (stage s lives on
+rank s mod pp) and an interleaved schedule runs them.
+
+Only the first stage receives the batch from the schedule; later stages receive hidden states.
+Position ids and document boundaries, which every stage needs for RoPE and the packed mask, are
+handed to each stage before the step (`PipelineChunk.set_micro_batches`) and consumed in
+micro-batch order, which is the order every schedule runs a stage's forwards in (preceded, on the
+first step, by the stage's shape-inference forward on micro-batch 0).
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+import torch.nn as nn
+
+from spindle.config import SpindleConfig
+from spindle.errors import SpindleError
+from spindle.model.llama import Transformer
+from spindle.parallel.mesh import ParallelEnv
+
+SCHEDULES = {
+    "1f1b": "Schedule1F1B",
+    "gpipe": "ScheduleGPipe",
+    "interleaved_1f1b": "ScheduleInterleaved1F1B",
+    "zero_bubble": "ScheduleInterleavedZeroBubble",
+}
+
+
+def split_layers(num_layers: int, num_stages: int) -> list[list[int]]:
+    """Uniform split (InternEvo's partition_uniform): stage s gets layers [s*k, (s+1)*k)."""
+    per = num_layers // num_stages
+    return [list(range(s * per, (s + 1) * per)) for s in range(num_stages)]
+
+
+def stages_of_rank(pp_rank: int, pp_size: int, num_chunks: int) -> list[int]:
+    """Looped placement: rank r holds stages r, r + pp, r + 2 pp, ..."""
+    return [pp_rank + k * pp_size for k in range(num_chunks)]
+
+
+class PipelineChunk(nn.Module):
+    """One stage: a Transformer holding a slice of the layers, fed position info per micro-batch."""
+
+    def __init__(self, model: Transformer):
+        super().__init__()
+        self.model = model
+        self._meta: list[tuple[torch.Tensor, Optional[torch.Tensor]]] = []
+        self._calls = 0
+
+    def set_micro_batches(self, meta: list[tuple[torch.Tensor, Optional[torch.Tensor]]], first_step: bool) -> None:
+        """Position info for this step's micro-batches, in order. On the first step the stage runs one
+        extra forward on micro-batch 0 to infer its shapes, so that one is listed twice."""
+        self._meta, self._calls = ([meta[0]] + meta) if first_step else meta, 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        position_ids, cu_seqlens = self._meta[self._calls % len(self._meta)]
+        self._calls += 1
+        return self.model(x, position_ids, cu_seqlens)
+
+
+def build_stage_model(cfg: SpindleConfig, stage: int, num_stages: int, device: torch.device) -> Transformer:
+    if cfg.model.tie_word_embeddings:
+        raise SpindleError("model.tie_word_embeddings cannot be used with pipeline parallelism "
+                           "(the embedding and the head live on different stages)")
+    with torch.device("meta"):
+        model = Transformer(cfg.model)
+    keep = {str(i) for i in split_layers(cfg.model.num_layers, num_stages)[stage]}
+    model.layers = nn.ModuleDict({k: v for k, v in model.layers.items() if k in keep})
+    if stage != 0:
+        model.tok_embeddings = None
+    if stage != num_stages - 1:
+        model.norm = None
+        model.output = None
+    model.to_empty(device=device)
+    model.init_weights(cfg.trainer.seed)
+    return model
+
+
+def build_schedule(cfg: SpindleConfig, env: ParallelEnv, parts: list[nn.Module], stage_ids: list[int],
+                   loss_fn: Callable, n_microbatches: int):
+    from torch.distributed.pipelining import PipelineStage, schedules
+
+    num_stages = env.pp_size * cfg.model.num_chunks
+    stages = [PipelineStage(part, sid, num_stages, env.device, group=env.pp_group)
+              for part, sid in zip(parts, stage_ids)]
+    name = cfg.parallel.pipeline.schedule
+    if cfg.model.num_chunks > 1 and name in ("1f1b", "gpipe"):
+        name = "interleaved_1f1b"  # InternEvo: num_chunks > 1 means the interleaved schedule
+    cls = getattr(schedules, SCHEDULES[name])
+    # our loss is already divided by the step's token count, so the schedule must not rescale it
+    if name in ("1f1b", "gpipe"):
+        return cls(stages[0], n_microbatches, loss_fn=loss_fn, scale_grads=False), stages
+    return cls(stages, n_microbatches, loss_fn=loss_fn, scale_grads=False), stages

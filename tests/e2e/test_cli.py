@@ -1,0 +1,86 @@
+"""The command line end to end: dry run, config errors (exit 2, one line), the demo for a few steps."""
+
+import json
+import os
+import resource
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+ENV = {**os.environ, "OMP_NUM_THREADS": "2", "PYTHONPATH": str(ROOT)}
+
+
+def spindle(*args, cwd=ROOT, timeout=300):
+    return subprocess.run([sys.executable, "-m", "spindle.cli", *args], cwd=cwd, env=ENV, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def test_dry_run_7b_prints_estimates_without_allocating():
+    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    r = spindle("train", "--config", "configs/7B_sft.py", "--dry-run")
+    assert r.returncode == 0, r.stderr
+    out = r.stdout
+    assert "parameters: 7,325," in out and "(7.33 B" in out
+    assert "FLOPs per token" in out and "InternEvo formula: 44.41 GFLOP" in out
+    assert "tokens per step: 16,384 per data-parallel rank" in out
+    assert "memory estimate per device" in out
+    # a 7B fp32 model would need ~29 GB; the dry run stays small
+    peak_kb = max(before, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)
+    assert peak_kb < 2_000_000
+
+
+@pytest.mark.parametrize("cfg_text, expected", [
+    ("model = dict(num_layerz=2)\n", "model.num_layerz: unknown key; did you mean 'model.num_layers'?"),
+    ("data = dict(micro_bsz='x')\n", "data.micro_bsz: Input should be a valid integer"),
+    ("adam = dict(lr=-1)\n", "adam.lr: Input should be greater than or equal to 0"),
+    ("x = (\n", "config does not parse"),
+])
+def test_config_errors_are_one_line_exit_2(tmp_path, cfg_text, expected):
+    cfg = tmp_path / "bad.py"
+    cfg.write_text(cfg_text)
+    r = spindle("train", "--config", str(cfg))
+    assert r.returncode == 2
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and expected in lines[0] and str(cfg) in lines[0], r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_set_override_error_and_debug_traceback(tmp_path):
+    r = spindle("train", "--set", "model.hiden_size=8")
+    assert r.returncode == 2 and "did you mean 'model.hidden_size'" in r.stderr
+    r = spindle("train", "--set", "model.hiden_size=8", "--debug")
+    assert r.returncode != 0 and "Traceback" in r.stderr
+
+
+def test_demo_few_steps_end_to_end(tmp_path):
+    r = spindle("train", "--set", "data.total_steps=4", "trainer.log_every=1", f"trainer.run_folder={tmp_path}",
+                "trainer.sample_tokens=8", "data.max_text_bytes=400000")
+    assert r.returncode == 0, r.stderr
+    run = tmp_path / "demo"
+    lines = [l for l in r.stdout.splitlines() if l.startswith("tflops=")]
+    assert len(lines) == 4 and "tgs (tokens/gpu/second)=" in lines[0] and ",loss=" in lines[0]
+    metrics = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics] == [0, 1, 2, 3]
+    assert metrics[0]["loss"] == pytest.approx(8.3, abs=0.3)  # ln(4096) at init
+    assert metrics[-1]["loss"] < metrics[0]["loss"]
+    assert json.loads((run / "config.json").read_text())["JOB_NAME"] == "demo"
+    assert (run / "ckpt" / "4.step").is_file() and (run / "ckpt" / "4" / ".metadata").is_file()
+    assert list((run / "tensorboard").glob("events.out.tfevents.*"))
+    assert "sample (greedy, 8 tokens):" in r.stdout
+
+
+def test_torchrun_single_process_runs_the_same_job(tmp_path):
+    torchrun = Path(sys.executable).parent / "torchrun"
+    r = subprocess.run([str(torchrun), "--standalone", "--nproc_per_node=1", "train.py", "--config",
+                        "configs/demo.py", "--launcher", "torch", "--set", "data.total_steps=2",
+                        f"trainer.run_folder={tmp_path}", "trainer.sample_tokens=0", "data.max_text_bytes=400000",
+                        "trainer.log_every=1"],
+                       cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    direct = spindle("train", "--set", "data.total_steps=2", f"trainer.run_folder={tmp_path / 'direct'}",
+                     "trainer.sample_tokens=0", "data.max_text_bytes=400000", "trainer.log_every=1")
+    losses = lambda out: [l.split(",loss=")[1].split(",")[0] for l in out.splitlines() if l.startswith("tflops=")]
+    assert losses(r.stdout) == losses(direct.stdout) and len(losses(r.stdout)) == 2
