@@ -174,8 +174,12 @@ class TrainLoader:
 
 def build_train_loader(data: DataConfig, vocab_size: int, cache_root: Path, dp_rank: int = 0, dp_size: int = 1,
                        prefetch: bool = True) -> TrainLoader:
+    """The training loader of this data-parallel rank (a StreamingLoader for type='streaming',
+    which offers the same next_step / state_dict / load_state_dict / source_names / close)."""
     if data.type == "streaming":
-        raise SpindleError("data.type='streaming' is not available in this build yet")
+        from spindle.data.streaming import StreamingLoader
+
+        return StreamingLoader(data, vocab_size, dp_rank, dp_size, prefetch)
     if data.train_folder is None or data.type == "dummy":
         sources = [Source("random", 0, RandomDocuments(vocab_size, seed=data.seed))]
     elif data.type == "text":

@@ -105,26 +105,36 @@ class PackedDocuments:
     def __getitem__(self, i: int) -> Pack:
         if not 0 <= i < len(self):
             raise IndexError(i)
-        p, b, l = self.packed_length, self.micro_bsz, self.seq_len
-        tokens, labels, offsets, starts = self._stream(i * p, (i + 1) * p)
-        if self.pack_into_one:
-            positions = np.tile(np.arange(l, dtype=np.int64), b)
-            cu = np.arange(0, p + 1, l, dtype=np.int32)
-        else:
-            starts = starts.copy()
-            starts[::l] = True  # every row starts a segment
-            seg_starts = np.nonzero(starts)[0]
-            cu = np.append(seg_starts, p).astype(np.int32)
-            # positions restart at each segment: index minus the start of its segment
-            seg_of = np.cumsum(starts) - 1
-            positions = np.arange(p, dtype=np.int64) - seg_starts[seg_of]
-        return Pack(
-            input_ids=tokens.reshape(b, l),
-            labels=labels.reshape(b, l),
-            position_ids=positions.reshape(b, l),
-            cu_seqlens=cu,
-            type_ids=np.full((b, l), self.type_id, dtype=np.int64),
-        )
+        tokens, labels, _offsets, starts = self._stream(i * self.packed_length, (i + 1) * self.packed_length)
+        return assemble_pack(tokens, labels, starts, self.seq_len, self.micro_bsz, self.type_id, self.pack_into_one)
+
+
+def assemble_pack(tokens: np.ndarray, labels: np.ndarray, starts: np.ndarray, seq_len: int, micro_bsz: int,
+                  type_id: int = 0, pack_into_one: bool = False) -> Pack:
+    """One pack from `micro_bsz * seq_len` stream tokens, their labels and document-start flags.
+
+    Shared by the random-access packer above and the streaming packer (spindle.data.streaming),
+    so both follow the same rules.
+    """
+    p, b, l = seq_len * micro_bsz, micro_bsz, seq_len
+    if pack_into_one:
+        positions = np.tile(np.arange(l, dtype=np.int64), b)
+        cu = np.arange(0, p + 1, l, dtype=np.int32)
+    else:
+        starts = starts.copy()
+        starts[::l] = True  # every row starts a segment
+        seg_starts = np.nonzero(starts)[0]
+        cu = np.append(seg_starts, p).astype(np.int32)
+        # positions restart at each segment: index minus the start of its segment
+        seg_of = np.cumsum(starts) - 1
+        positions = np.arange(p, dtype=np.int64) - seg_starts[seg_of]
+    return Pack(
+        input_ids=tokens.reshape(b, l),
+        labels=labels.reshape(b, l),
+        position_ids=positions.reshape(b, l),
+        cu_seqlens=cu,
+        type_ids=np.full((b, l), type_id, dtype=np.int64),
+    )
 
 
 class RandomDocuments:

@@ -1,0 +1,251 @@
+"""`data.type="streaming"`: a local Hugging Face dataset, tokenized on the fly, packed, resumable.
+
+`train_folder` is a dataset as it sits on disk: a dataset repository folder downloaded from the
+Hub (parquet / json / jsonl / arrow files, optionally with a README that declares configs), or the
+output of `Dataset.save_to_disk` / `DatasetDict.save_to_disk`. It is read with the `datasets`
+library in streaming mode (`load_dataset(..., streaming=True)`, or `load_from_disk(...)
+.to_iterable_dataset()` for a saved dataset), record by record, in the dataset's own order.
+
+Each record's `content_name` column (default "text") is one document. Documents are tokenized in
+batches with `load_tokenizer(tokenizer_path)` and wrapped as [BOS] ids [EOS]; documents shorter
+than `min_length` tokens are dropped. The documents form one token stream that is packed exactly
+like cut-mode packing (spindle.data.packing.assemble_pack: rows of seq_len, a segment per
+document fragment, positions restarting per fragment, labels the next token of the same document
+and -100 at its end), or concat mode with `pack_sample_into_one=True`. The tail of the stream that
+does not fill a pack is dropped and the next epoch starts the dataset again from its first record.
+
+Data parallel: there is one global stream of packs, the same on every rank. A step takes
+`micro_num * dp_size` consecutive packs and rank r keeps packs [r*micro_num, (r+1)*micro_num) of
+them, like the tokenized loader. So the global sequence of packs does not depend on the number of
+ranks, and a run resumed with another data-parallel size continues the same sequence. The price:
+every rank reads and tokenizes the whole stream (tokenizing is cheap next to a training step; it
+runs in a prefetch thread while the step trains).
+
+Resume: the state is the global pack position plus the stream cursor at that position
+(epoch, record index, token offset inside that record). Loading it re-opens the dataset, skips
+`record` records (`IterableDataset.skip`, which reads past them for local files) and continues
+from the offset, so a resumed run sees exactly the packs an uninterrupted run would have seen.
+A state holding only a position replays the stream from the start to that position.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from typing import Iterator, Optional
+
+import numpy as np
+
+from spindle.config import DataConfig, parse_rampup
+from spindle.data.packing import Pack, assemble_pack, collate
+from spindle.data.sampler import micro_num_at
+from spindle.errors import SpindleError
+
+DATA_SUFFIXES = (".parquet", ".json", ".jsonl", ".arrow", ".csv", ".txt")
+TOKENIZE_BATCH = 256  # records per tokenizer call
+
+
+def open_stream(folder: str, subset_name: Optional[str] = None, split: str = "train"):
+    """The `datasets.IterableDataset` of a local dataset folder (repository layout or save_to_disk)."""
+    import datasets
+
+    root = Path(folder)
+    if not root.exists():
+        raise SpindleError(f"data.train_folder: dataset folder not found: {folder}")
+    if root.is_dir() and ((root / "state.json").is_file() or (root / "dataset_dict.json").is_file()):
+        ds = datasets.load_from_disk(str(root))  # save_to_disk output: memory-mapped arrow
+        if isinstance(ds, datasets.DatasetDict):
+            key = subset_name if subset_name in ds else split if split in ds else next(iter(ds))
+            ds = ds[key]
+        return ds.to_iterable_dataset()
+    if root.is_dir():
+        kwargs = {}
+        if subset_name:
+            # a sub-folder of the repository, or a config declared in its README
+            kwargs = {"data_dir": subset_name} if (root / subset_name).is_dir() else {"name": subset_name}
+        path = str(root)
+    else:  # a single data file
+        suffix = root.suffix.lstrip(".")
+        builder = {"jsonl": "json"}.get(suffix, suffix)
+        path, kwargs = builder, {"data_files": str(root)}
+    try:
+        return datasets.load_dataset(path, split=split, streaming=True, **kwargs)
+    except (FileNotFoundError, ValueError) as e:
+        raise SpindleError(f"data.train_folder: cannot read {folder} as a Hugging Face dataset ({e})") from None
+
+
+class StreamPacker:
+    """Documents of one epoch -> packs, with a cursor (record index, token offset) at every pack start."""
+
+    def __init__(self, data: DataConfig, tokenizer, vocab_size: Optional[int] = None, type_id: int = 0):
+        self.data, self.tok, self.type_id = data, tokenizer, type_id
+        self.packed_length = data.seq_len * data.micro_bsz
+        self.vocab_size = vocab_size
+        if vocab_size is not None and tokenizer.vocab_size > vocab_size:
+            raise SpindleError(f"data.tokenizer_path: the tokenizer has {tokenizer.vocab_size} ids but "
+                               f"model.vocab_size is {vocab_size}")
+
+    def documents(self, start_record: int) -> Iterator[tuple[int, np.ndarray]]:
+        """(record index, [BOS] ids [EOS]) from record `start_record` on; short documents dropped."""
+        ds = open_stream(self.data.train_folder, self.data.subset_name)
+        if start_record:
+            ds = ds.skip(start_record)
+        column, min_len = self.data.content_name, max(self.data.min_length, 1)
+        bos, eos = self.tok.bos_id, self.tok.eos_id
+        index = start_record
+        for batch in ds.iter(batch_size=TOKENIZE_BATCH):
+            if column not in batch:
+                raise SpindleError(f"data.content_name: the dataset {self.data.train_folder} has no column "
+                                   f"{column!r}; its columns are {sorted(batch)}")
+            texts = ["" if t is None else str(t) for t in batch[column]]
+            for ids in self.tok.encode_batch(texts):
+                doc = np.asarray([bos, *ids, eos], dtype=np.int64)
+                if len(doc) >= min_len:
+                    yield index, doc
+                index += 1
+
+    def packs(self, start_record: int = 0, start_offset: int = 0) -> Iterator[tuple[Pack, tuple[int, int]]]:
+        """(pack, cursor after it) for the rest of the epoch; the cursor is where the next pack starts."""
+        p = self.packed_length
+        pending: deque = deque()  # [record, ids, offset] fragments not yet packed
+        buffered = 0
+        next_record = start_record
+        for record, ids in self.documents(start_record):
+            ids_off = start_offset if record == start_record else 0  # resume inside a document
+            pending.append([record, ids, ids_off])
+            buffered += len(ids) - ids_off
+            next_record = record + 1
+            while buffered >= p:
+                tokens, labels, starts = [], [], []
+                need = p
+                while need:
+                    frag = pending[0]
+                    rec, d, off = frag
+                    take = min(need, len(d) - off)
+                    tokens.append(d[off : off + take])
+                    nxt = np.full(take, -100, dtype=np.int64)
+                    inner = min(off + take, len(d) - 1) - off  # next tokens exist up to the last token
+                    if inner > 0:
+                        nxt[:inner] = d[off + 1 : off + 1 + inner]
+                    labels.append(nxt)
+                    st = np.zeros(take, dtype=bool)
+                    st[0] = True
+                    starts.append(st)
+                    need -= take
+                    if off + take == len(d):
+                        pending.popleft()
+                    else:
+                        frag[2] = off + take
+                buffered -= p
+                cursor = (pending[0][0], pending[0][2]) if pending else (next_record, 0)
+                pack = assemble_pack(np.concatenate(tokens), np.concatenate(labels), np.concatenate(starts),
+                                     self.data.seq_len, self.data.micro_bsz, self.type_id,
+                                     self.data.pack_sample_into_one)
+                if self.vocab_size is not None and int(pack.input_ids.max()) >= self.vocab_size:
+                    raise SpindleError(f"token id {int(pack.input_ids.max())} >= model.vocab_size {self.vocab_size}")
+                yield pack, cursor
+
+
+class StreamingLoader:
+    """TrainLoader's interface over a streamed dataset: `next_step(step)`, state = global position + cursor."""
+
+    def __init__(self, data: DataConfig, vocab_size: Optional[int] = None, dp_rank: int = 0, dp_size: int = 1,
+                 prefetch: bool = True, tokenizer=None):
+        if not data.train_folder:
+            raise SpindleError("data.type='streaming' needs data.train_folder (a local Hugging Face dataset folder)")
+        if tokenizer is None:
+            if not data.tokenizer_path:
+                raise SpindleError("data.type='streaming' needs data.tokenizer_path")
+            from spindle.data.tokenizer import load_tokenizer
+
+            tokenizer = load_tokenizer(data.tokenizer_path)
+        self.data, self.dp_rank, self.dp_size = data, dp_rank, dp_size
+        self.packer = StreamPacker(data, tokenizer, vocab_size)
+        name = data.subset_name or Path(os.path.normpath(data.train_folder)).name or "streaming"
+        self.source_names = [name.replace("/", "_")]
+        self.rampup = parse_rampup(data.rampup_batch_size)
+        self.position = 0
+        self._at: tuple[int, tuple[int, int]] = (0, (0, 0))  # (epoch, cursor) at `position`
+        self.epoch, self.cursor = self._at  # the reader head (ahead of `position` while prefetching)
+        self._iter: Optional[Iterator] = None
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="spindle-stream") if prefetch else None
+        self._pending: Optional[tuple[int, int, Future]] = None
+
+    # -- state
+    def state_dict(self) -> dict:
+        epoch, (record, offset) = self._at
+        return {"position": self.position, "epoch": epoch, "record": record, "offset": offset}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._drop_pending()
+        position = int(state["position"])
+        if "record" in state:
+            self._at = (int(state["epoch"]), (int(state["record"]), int(state["offset"])))
+        else:  # a bare position (e.g. a checkpoint of the tokenized loader): replay from the start
+            self._at = (0, (0, 0))
+            self._seek()
+            self._take(position)
+            self._at = (self.epoch, self.cursor)
+        self.position = position
+        self._seek()
+
+    def _seek(self) -> None:
+        """Put the reader head at the state of the current position; the stream re-opens lazily."""
+        self.epoch, self.cursor = self._at
+        self._iter = None
+
+    # -- the global pack stream
+    def _take(self, n: int) -> list[Pack]:
+        """The next `n` packs of the global stream; advances the reader head (and the epoch at an epoch's end)."""
+        out: list[Pack] = []
+        while len(out) < n:
+            if self._iter is None:
+                self._iter = self.packer.packs(*self.cursor)
+            item = next(self._iter, None)
+            if item is None:  # end of the epoch: the tail is dropped, the next epoch starts over
+                if self.cursor == (0, 0):
+                    raise SpindleError(f"{self.data.train_folder}: the dataset holds fewer tokens than one pack "
+                                       f"(micro_bsz * seq_len = {self.data.packed_length})")
+                self.epoch, self.cursor, self._iter = self.epoch + 1, (0, 0), None
+                continue
+            pack, self.cursor = item
+            out.append(pack)
+        return out
+
+    def _build(self, micro_num: int) -> tuple[list[dict], tuple]:
+        packs = self._take(micro_num * self.dp_size)
+        mine = packs[self.dp_rank * micro_num : (self.dp_rank + 1) * micro_num]
+        return collate(mine), (self.epoch, self.cursor)
+
+    def _drop_pending(self) -> None:
+        """Forget a prefetched step that will not be used and rewind the reader head."""
+        if self._pending is not None:
+            try:
+                self._pending[2].result()
+            except Exception:  # noqa: BLE001 - the step is rebuilt and raises again if it must
+                pass
+            self._pending = None
+            self._seek()
+
+    def next_step(self, step: int) -> list[dict]:
+        """The micro-batches of `step` for this rank; advances the global position."""
+        micro_num = micro_num_at(step, self.data.micro_num, self.rampup)
+        if self._pending is not None and self._pending[:2] == (self.position, micro_num):
+            batch, at = self._pending[2].result()
+            self._pending = None
+        else:
+            self._drop_pending()
+            batch, at = self._build(micro_num)
+        self.position += micro_num * self.dp_size
+        self._at = at
+        if self._pool is not None:  # read and tokenize the next step while this one trains
+            nxt = micro_num_at(step + 1, self.data.micro_num, self.rampup)
+            self._pending = (self.position, nxt, self._pool.submit(self._build, nxt))
+        return batch
+
+    def close(self) -> None:
+        self._pending = None
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
