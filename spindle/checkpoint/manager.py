@@ -305,6 +305,11 @@ def read_metadata(path: Path):
 # --------------------------------------------------------------------------- save / load tensors
 
 
+# Optimizer state keyed "state.<param name>.exp_avg", "param_groups.<param name>.lr": every entry names
+# its parameter, so a rank holding a pipeline stage or a shard reads exactly its part of any layout.
+OPTIM_OPTIONS = StateDictOptions(flatten_optimizer_state_dict=True)
+
+
 def _rng_state() -> dict:
     state = {"cpu": torch.get_rng_state()}
     if torch.cuda.is_available():
@@ -317,7 +322,7 @@ def write_dcp(path: Path, model: torch.nn.Module, optimizer: Optional[torch.opti
     """Write the DCP files and the JSON files of one checkpoint into the local folder `path`."""
     state = {"model": get_model_state_dict(model), "rng": _rng_state()}
     if optimizer is not None:
-        state["optimizer"] = get_optimizer_state_dict(model, optimizer)
+        state["optimizer"] = get_optimizer_state_dict(model, optimizer, options=OPTIM_OPTIONS)
     path.mkdir(parents=True, exist_ok=True)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "no process group, assuming single process" is expected on 1 rank
@@ -344,8 +349,9 @@ def _shape(meta) -> Optional[tuple]:
     return tuple(size) if size is not None else None
 
 
-def check_model_shapes(path: Path, model_sd: dict, prefix: str = "model.") -> None:
-    """Every model tensor must exist in the checkpoint with the same shape; name both otherwise."""
+def check_model_shapes(path: Path, model_sd: dict, prefix: str = "model.", partial: bool = False) -> None:
+    """Every model tensor must exist in the checkpoint with the same shape; name both otherwise.
+    `partial`: the model is one pipeline stage, so the checkpoint may hold more than it."""
     meta = read_metadata(path).state_dict_metadata
     saved = {k[len(prefix):]: v for k, v in meta.items() if k.startswith(prefix)}
     if not saved:
@@ -360,7 +366,7 @@ def check_model_shapes(path: Path, model_sd: dict, prefix: str = "model.") -> No
         if got is not None and got != want:
             raise SpindleError(f"{path}: parameter {name} has shape {list(got)} in the checkpoint but "
                                f"{list(want)} in the model built from the config")
-    extra = [k for k in saved if k not in model_sd]
+    extra = [] if partial else [k for k in saved if k not in model_sd]
     if extra:
         raise SpindleError(f"{path}: checkpoint parameter {extra[0]} does not exist in the model built from the "
                            "config" + (f" (and {len(extra) - 1} more)" if len(extra) > 1 else ""))
@@ -372,6 +378,7 @@ def load_checkpoint(
     optimizer: Optional[torch.optim.Optimizer],
     content: tuple[str, ...],
     process_group=None,
+    partial: bool = False,
 ) -> dict:
     """Load the selected content into model/optimizer in place; returns trainer_state.json (or {})."""
     path = Path(path)
@@ -380,9 +387,9 @@ def load_checkpoint(
     state: dict = {}
     if "model" in content:
         state["model"] = get_model_state_dict(model)
-        check_model_shapes(path, state["model"])
+        check_model_shapes(path, state["model"], partial=partial)
     if "optimizer" in content and optimizer is not None:
-        state["optimizer"] = get_optimizer_state_dict(model, optimizer)
+        state["optimizer"] = get_optimizer_state_dict(model, optimizer, options=OPTIM_OPTIONS)
     if "sampler" in content:
         state["rng"] = _rng_state()
     if state:
@@ -398,7 +405,7 @@ def load_checkpoint(
     if "model" in state:
         set_model_state_dict(model, state["model"], options=StateDictOptions(strict=True))
     if "optimizer" in state:
-        set_optimizer_state_dict(model, optimizer, state["optimizer"])
+        set_optimizer_state_dict(model, optimizer, state["optimizer"], options=OPTIM_OPTIONS)
     if "rng" in state:
         torch.set_rng_state(state["rng"]["cpu"])
         if "cuda" in state["rng"] and torch.cuda.is_available():

@@ -35,6 +35,7 @@ from spindle.parallel.mesh import ParallelEnv, build_mesh
 from spindle.parallel.parallelize import ModelView, apply_data_parallel, apply_model_parallel
 from spindle.parallel.pipeline import PipelineChunk, build_schedule, build_stage_model, stages_of_rank
 from spindle.train.metrics import MetricSinks, Progress, batch_shape_stats, format_line, resolve_peak_tflops
+from spindle.train.monitor import build_monitor
 from spindle.train.optim import DynamicLossScaler, beta2_at, build_optimizer, lr_at, set_schedules
 
 COMPUTE_DTYPES = {
@@ -99,6 +100,7 @@ class Trainer:
         self.peak, self.peak_source = resolve_peak_tflops(cfg.trainer.peak_tflops, self.device,
                                                           compute_dtype_key(cfg.model.dtype))
         self.flops_per_token = model_flops_per_token(cfg.model, cfg.data.seq_len)
+        self.monitor = build_monitor(cfg, self.run_dir, env.rank, env.is_main, log=lambda m: self.log(m))
 
     # ------------------------------------------------------------------ setup
 
@@ -126,7 +128,7 @@ class Trainer:
         if plan.ref is None:
             return
         with local_copy(plan.storage, plan.ref) as path:
-            ts = load_checkpoint(path, self.raw_model, self.optimizer, plan.content)
+            ts = load_checkpoint(path, self.raw_model, self.optimizer, plan.content, partial=self.env.pp_size > 1)
         if "scheduler" in plan.content and ts:
             self.state.updates = ts.get("updates", 0)
             if "scaler" in ts and self.scaler.enabled:
@@ -360,9 +362,11 @@ class Trainer:
         history: list[dict] = []
         every = cfg.ckpt.checkpoint_every
         saved_at = None
+        self.monitor.start()
         try:
             while state.step < total:
                 step = state.step
+                self.monitor.step_started(step)
                 t_start = time.perf_counter()
                 batch = self.loader.next_step(step)
                 data_wait = time.perf_counter() - t_start
@@ -409,12 +413,17 @@ class Trainer:
                         saved_at = state.step
                     elif math.isfinite(snap) and state.step % int(snap) == 0:
                         self.save(snapshot_slot=(state.step // int(snap)) % 2)  # two alternating slots
+                self.monitor.step_finished(record)
                 if quit_now:
                     printer(f"stop file {cfg.ckpt.stop_file_path}: stopping at step {state.step}")
                     break
             if self.ckpt_manager is not None:
                 self.ckpt_manager.wait()  # background uploads finish (and get their markers) before we return
+        except BaseException as exc:
+            self.monitor.exception(exc)
+            raise
         finally:
+            self.monitor.close()
             progress.close()
             if sinks is not None:
                 sinks.close()
