@@ -357,7 +357,16 @@ class Trainer:
         sinks = MetricSinks(self.run_dir, cfg.trainer.jsonl, cfg.trainer.tensorboard and cfg.enable_tb,
                             cfg.tensorboard_folder) if env.is_main else None
         progress = Progress(total, state.step, cfg.trainer.progress_bar if env.is_main else False)
-        printer = progress.print if env.is_main else (lambda _l: None)
+        # every rank keeps its own log in the run folder; rank 0 also prints to the console
+        (self.run_dir / "logs").mkdir(parents=True, exist_ok=True)
+        rank_log = open(self.run_dir / "logs" / f"rank{env.rank}.log", "a")
+
+        def printer(line: str) -> None:
+            rank_log.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} rank{env.rank} {line}\n")
+            rank_log.flush()
+            if env.is_main:
+                progress.print(line)
+
         self.log = printer
         history: list[dict] = []
         every = cfg.ckpt.checkpoint_every
@@ -398,9 +407,9 @@ class Trainer:
                 if self.valid_sets and cfg.data.valid_every and state.step % cfg.data.valid_every == 0:
                     record.update(self.validate())
                 history.append(record)
+                if step % cfg.trainer.log_every == 0 or state.step == total:
+                    printer(format_line(record))
                 if env.is_main:
-                    if step % cfg.trainer.log_every == 0 or state.step == total:
-                        printer(format_line(record))
                     sinks.write(record, step)
                     progress.update(state.step, f"loss {m['loss']:.3f}")
                 stop = self._read_stop_file()
@@ -424,6 +433,7 @@ class Trainer:
             raise
         finally:
             self.monitor.close()
+            rank_log.close()
             progress.close()
             if sinks is not None:
                 sinks.close()
