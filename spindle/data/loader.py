@@ -63,9 +63,15 @@ def leaf_sources(folder: str, vocab_size: Optional[int] = None) -> list[Source]:
     by_dir: dict[str, list[str]] = {}
     for f in files:
         by_dir.setdefault(str(Path(f).parent), []).append(f)
+    dirs = sorted(by_dir)
+    names = [Path(d).name for d in dirs]
+    # two leaves with the same folder name (a/en, b/en) would overwrite each other's metrics:
+    # those are named by their path under `folder` instead (a_en, b_en)
+    names = [n if names.count(n) == 1 else str(Path(d).relative_to(folder)).replace(os.sep, "_")
+             for n, d in zip(names, dirs)]
     return [
-        Source(Path(d).name, 0, ConcatSource(d, [open_documents(f, vocab_size=vocab_size) for f in fs]))
-        for d, fs in sorted(by_dir.items())
+        Source(name, 0, ConcatSource(d, [open_documents(f, vocab_size=vocab_size) for f in by_dir[d]]))
+        for name, d in zip(names, dirs)
     ]
 
 

@@ -1,0 +1,126 @@
+"""Source folders: type ids by sorted folder name, per-source metrics in a real run, validation sets per leaf."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+from spindle.config import DataConfig, validate_config
+from spindle.data.loader import build_train_loader, build_valid_sets, discover_sources, leaf_sources
+from spindle.data.shards import JsonBinWriter
+from spindle.errors import SpindleError
+from spindle.parallel.mesh import ParallelEnv
+from spindle.train.trainer import Trainer
+
+VOCAB = 64
+
+
+def write_bin(path, docs):
+    w = JsonBinWriter(str(path))
+    for d in docs:
+        w.add([int(t) for t in d])
+    w.close()
+
+
+def make_tree(root, seed=0, n=30):
+    """train/{cn,code,en}/... with each source's tokens in its own id range (to tell them apart)."""
+    rng = np.random.default_rng(seed)
+    ranges = {"cn": (0, 20), "code": (20, 40), "en": (40, 64)}
+    layout = {"en": ["part1/a.bin", "part2/deeper/b.bin"], "cn": ["x.bin"], "code": ["repo/y.bin"]}
+    for name, files in layout.items():
+        lo, hi = ranges[name]
+        for f in files:
+            p = root / name / f
+            p.parent.mkdir(parents=True, exist_ok=True)
+            write_bin(p, [rng.integers(lo, hi, size=int(k)) for k in rng.integers(5, 40, size=n)])
+    return ranges
+
+
+def test_type_ids_by_sorted_folder_name(tmp_path):
+    ranges = make_tree(tmp_path / "train")
+    sources = discover_sources(str(tmp_path / "train"), VOCAB)
+    assert [(s.name, s.type_id) for s in sources] == [("cn", 0), ("code", 1), ("en", 2)]
+    assert len(sources[2].docs) == 60  # both nested files of en
+    data = DataConfig(train_folder=str(tmp_path / "train"), seq_len=16, micro_bsz=2, micro_num=4)
+    loader = build_train_loader(data, VOCAB, tmp_path / "cache", prefetch=False)
+    assert loader.source_names == ["cn", "code", "en"]
+    seen = set()
+    for step in range(10):
+        for mb in loader.next_step(step):
+            t = int(mb["type_ids"][0, 0])
+            assert (mb["type_ids"] == t).all()  # a pack comes from one source
+            lo, hi = ranges[loader.source_names[t]]
+            assert int(mb["input_ids"].min()) >= lo and int(mb["input_ids"].max()) < hi
+            seen.add(t)
+    assert seen == {0, 1, 2}
+
+
+def test_source_weights_and_min_length_dict(tmp_path):
+    make_tree(tmp_path / "train", n=60)
+    data = DataConfig(train_folder=str(tmp_path / "train"), seq_len=8, micro_bsz=1, micro_num=10,
+                      source_weights={"cn": 3.0, "en": 1.0}, min_length_dict={"code": 1000})
+    loader = build_train_loader(data, VOCAB, tmp_path / "cache", prefetch=False)
+    assert [len(p) for p in loader.packed][1] == 0  # every code document is shorter than 1000
+    types = np.array([int(mb["type_ids"][0, 0]) for s in range(100) for mb in loader.next_step(s)])
+    frac = np.bincount(types, minlength=3) / len(types)
+    assert frac[1] == 0 and frac[0] == pytest.approx(0.75, abs=0.05) and frac[2] == pytest.approx(0.25, abs=0.05)
+    with pytest.raises(SpindleError, match="no source named"):
+        build_train_loader(data.model_copy(update={"source_weights": {"de": 1.0}}), VOCAB, tmp_path / "c",
+                           prefetch=False)
+
+
+def test_leaf_validation_sets_are_named_by_folder(tmp_path):
+    rng = np.random.default_rng(1)
+    for leaf in ("zhihu", "wiki/sub"):
+        (tmp_path / "valid" / leaf).mkdir(parents=True)
+        write_bin(tmp_path / "valid" / leaf / "v.bin", [rng.integers(0, VOCAB, size=20) for _ in range(6)])
+    assert [s.name for s in leaf_sources(str(tmp_path / "valid"))] == ["sub", "zhihu"]
+    data = DataConfig(valid_folder=str(tmp_path / "valid"), valid_every=1, seq_len=16, micro_bsz=2, micro_num=3,
+                      valid_micro_num=2)
+    sets = build_valid_sets(data, VOCAB)
+    assert sorted(sets) == ["sub", "zhihu"] and all(len(v) == 2 for v in sets.values())
+    assert sets["zhihu"][0]["input_ids"].shape == (2, 16)
+
+
+def test_per_source_metrics_and_validation_in_metrics_jsonl(tmp_path):
+    make_tree(tmp_path / "train")
+    rng = np.random.default_rng(2)
+    for leaf in ("held_en", "held_code"):
+        (tmp_path / "valid" / leaf).mkdir(parents=True)
+        write_bin(tmp_path / "valid" / leaf / "v.bin", [rng.integers(0, VOCAB, size=30) for _ in range(4)])
+    cfg = validate_config({
+        "JOB_NAME": "src",
+        "data": {"seq_len": 16, "micro_bsz": 2, "micro_num": 4, "total_steps": 3, "train_folder": str(tmp_path / "train"),
+                 "valid_folder": str(tmp_path / "valid"), "valid_every": 1, "valid_micro_num": 1},
+        "model": {"hidden_size": 32, "num_attention_heads": 4, "num_kv_attention_heads": 2, "num_layers": 1,
+                  "vocab_size": VOCAB, "multiple_of": 16, "max_position_embeddings": 16},
+        "adam": {"lr": 1e-2}, "lr_scheduler": {"warmup_ratio": 0.0},
+        "ckpt": {"enable_save_ckpt": False},
+        "trainer": {"run_folder": str(tmp_path / "run"), "tensorboard": False, "progress_bar": False, "seed": 3},
+    })
+    out = Trainer(cfg, ParallelEnv(), log=lambda *_: None).fit()
+    lines = [json.loads(line) for line in (tmp_path / "run" / "src" / "metrics.jsonl").read_text().splitlines()]
+    assert len(lines) == 3 and [r["step"] for r in lines] == [0, 1, 2]
+    names = {k.split("/", 1)[1] for r in lines for k in r if k.startswith("tokens/")}
+    assert names <= {"cn", "code", "en"} and len(names) >= 2
+    for r in lines:
+        per = [n for n in ("cn", "code", "en") if f"tokens/{n}" in r]
+        # the per-source token counts add up to the step's valid labels: 4 packs of 32 tokens minus doc ends
+        total = sum(r[f"tokens/{n}"] for n in per)
+        assert 0 < total <= 4 * 32
+        # the step loss is the token-weighted mean of the per-source losses
+        assert r["loss"] == pytest.approx(sum(r[f"loss/{n}"] * r[f"tokens/{n}"] for n in per) / total, rel=1e-6)
+        assert r["acc"] == pytest.approx(sum(r[f"acc/{n}"] * r[f"tokens/{n}"] for n in per) / total, rel=1e-6)
+        assert all(0.0 <= r[f"acc/{n}"] <= 1.0 for n in per)
+        for leaf in ("held_en", "held_code"):
+            assert r[f"val/{leaf}_plex"] == pytest.approx(math.exp(r[f"val/{leaf}_loss"]), rel=1e-9)
+    assert out["history"][-1]["loss"] == lines[-1]["loss"]
+
+
+def test_leaf_sets_with_the_same_folder_name_keep_apart(tmp_path):
+    rng = np.random.default_rng(4)
+    for leaf in ("a/en", "b/en", "cn"):
+        (tmp_path / "valid" / leaf).mkdir(parents=True)
+        write_bin(tmp_path / "valid" / leaf / "v.bin", [rng.integers(0, VOCAB, size=20) for _ in range(3)])
+    assert [s.name for s in leaf_sources(str(tmp_path / "valid"))] == ["a_en", "b_en", "cn"]
