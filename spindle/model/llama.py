@@ -80,6 +80,8 @@ class Attention(nn.Module):
         self.wv = nn.Linear(cfg.hidden_size, self.n_kv_heads * self.head_dim, bias=bias)
         self.wo = nn.Linear(self.n_heads * self.head_dim, cfg.hidden_size, bias=bias)
         self.dropout = cfg.attn_drop_rate
+        # the attention kernel; context parallelism swaps in one that gathers keys across ranks
+        self.kernel = attention
 
     def forward(self, x, cos, sin, q_scale, mask, cache: Optional[LayerCache] = None, positions=None):
         b, l, _ = x.shape
@@ -94,7 +96,7 @@ class Attention(nn.Module):
         if cache is not None:
             k, v, k_pos = cache.extend(k, v, positions)
             mask = cached_causal_mask(positions, k_pos)
-        out = attention(q, k, v, mask, self.dropout if self.training else 0.0)
+        out = self.kernel(q, k, v, mask, self.dropout if self.training else 0.0)
         return self.wo(out.transpose(1, 2).reshape(b, l, -1))
 
 

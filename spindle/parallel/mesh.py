@@ -33,6 +33,10 @@ class ParallelEnv:
     tp_size: int = 1
     pp_rank: int = 0
     pp_size: int = 1
+    cp_rank: int = 0
+    cp_size: int = 1
+    cp_group: object = None
+    grad_group: object = None  # data parallel x context parallel: where gradients and loss sums add up
     mesh: object = None  # torch DeviceMesh ("dp", "pp", "tp") when world_size > 1
     dp_group: object = None
     pp_group: object = None
@@ -85,10 +89,14 @@ def launcher_env(launcher: str, port: Optional[int]) -> dict[str, str]:
 
 def check_layout(parallel, model, world_size: int) -> tuple[int, int, int]:
     """(dp, pp, tp) sizes, or a SpindleError naming the keys that do not fit — before any work."""
-    tp, pp = parallel.tensor.size, parallel.pipeline.size
-    if world_size % (tp * pp):
-        raise SpindleError(f"parallel: world size {world_size} is not divisible by tensor ({tp}) x pipeline ({pp})")
-    dp = world_size // (tp * pp)
+    tp, pp, cp = parallel.tensor.size, parallel.pipeline.size, parallel.context
+    if world_size % (tp * pp * cp):
+        raise SpindleError(f"parallel: world size {world_size} is not divisible by tensor ({tp}) x pipeline ({pp})"
+                           + (f" x context ({cp})" if cp > 1 else ""))
+    if cp > 1 and (tp > 1 or pp > 1):
+        raise SpindleError("parallel.context > 1 combines with data parallelism only (not tensor or pipeline) "
+                           "in this version")
+    dp = world_size // (tp * pp * cp)
     if model.num_attention_heads % tp or model.kv_heads % tp:
         raise SpindleError(f"parallel.tensor.size={tp} must divide model.num_attention_heads "
                            f"({model.num_attention_heads}) and the KV heads ({model.kv_heads})")
@@ -103,24 +111,32 @@ def check_layout(parallel, model, world_size: int) -> tuple[int, int, int]:
 
 
 def build_mesh(env: "ParallelEnv", parallel, model) -> "ParallelEnv":
-    """DeviceMesh ("dp_replicate", "dp_shard", "pp", "tp"): tp ranks adjacent (fastest links), then pp,
-    then data parallel. dp_shard is the zero1 group size (the whole dp group for zero1 <= 0 or fsdp)."""
+    """DeviceMesh ("dp_replicate", "dp_shard", "cp", "pp", "tp"): tp ranks adjacent (fastest links), then pp,
+    then context, then data parallel. dp_shard is the zero1 group size (the whole dp group for zero1 <= 0
+    or fsdp). Context ranks read the same batch (each its own slice of the sequence)."""
     dp, pp, tp = check_layout(parallel, model, env.world_size)
-    env.dp_size, env.pp_size, env.tp_size = dp, pp, tp
+    cp = parallel.context
+    env.dp_size, env.pp_size, env.tp_size, env.cp_size = dp, pp, tp, cp
     if env.world_size == 1:
         return env
     from torch.distributed.device_mesh import init_device_mesh
 
     zero = parallel.zero1.size
     shard = dp if (parallel.fsdp or zero <= 0 or zero > dp) else zero
-    mesh = init_device_mesh(env.device.type, (dp // shard, shard, pp, tp),
-                            mesh_dim_names=("dp_replicate", "dp_shard", "pp", "tp"))
+    mesh = init_device_mesh(env.device.type, (dp // shard, shard, cp, pp, tp),
+                            mesh_dim_names=("dp_replicate", "dp_shard", "cp", "pp", "tp"))
     dp_mesh = mesh["dp_replicate", "dp_shard"]._flatten("dp")
+    grad_mesh = mesh["dp_replicate", "dp_shard", "cp"]._flatten("dp_cp")
     env.mesh = mesh
     env.dp_group, env.pp_group, env.tp_group = dp_mesh.get_group(), mesh["pp"].get_group(), mesh["tp"].get_group()
+    env.cp_group, env.grad_group = mesh["cp"].get_group(), grad_mesh.get_group()
     env.dp_rank, env.pp_rank, env.tp_rank = dp_mesh.get_local_rank(), mesh["pp"].get_local_rank(), \
         mesh["tp"].get_local_rank()
-    env.fsdp_mesh = mesh["dp_shard"] if shard == dp else mesh["dp_replicate", "dp_shard"]
+    env.cp_rank = mesh["cp"].get_local_rank()
+    if cp > 1:  # gradients are summed over data and context ranks alike
+        env.fsdp_mesh = mesh["dp_shard", "cp"]._flatten("dp_shard_cp") if shard == dp else None
+    else:
+        env.fsdp_mesh = mesh["dp_shard"] if shard == dp else mesh["dp_replicate", "dp_shard"]
     return env
 
 

@@ -129,18 +129,29 @@ def apply_data_parallel(module: nn.Module, cfg: SpindleConfig, env: ParallelEnv)
     - parallel.fsdp: full FSDP (ZeRO-3), re-gathering parameters in backward to save memory.
     Tensor-parallel (DTensor) parameters compose with FSDP2 on a 2-D mesh, not with DDP.
     """
-    if env.dp_size == 1:
+    if env.cp_size > 1:
+        from spindle.parallel.context import ContextParallel
+
+        module = ContextParallel(module, env.cp_group)
+    if env.dp_size * env.cp_size == 1:
         return module
     par = cfg.parallel
+    if env.cp_size > 1 and env.fsdp_mesh is None and (par.fsdp or par.zero1.size != 1):
+        from spindle.errors import SpindleError
+
+        raise SpindleError("parallel.context > 1 with zero1 sub-groups is not supported: use zero1=1, zero1=-1 "
+                           "or parallel.fsdp=True")
     if par.fsdp or par.zero1.size != 1 or env.tp_size > 1:
         half = {"torch.bfloat16": torch.bfloat16, "torch.float16": torch.float16}.get(cfg.model.dtype)
-        inner = module.model if hasattr(module, "model") and not hasattr(module, "layers") else module
+        inner = module
+        while not hasattr(inner, "layers"):  # PipelineChunk / ContextParallel hold the model in .model
+            inner = inner.model
         apply_fsdp(module, list(inner.layers.values()), env, reshard_after_forward=par.fsdp, mixed_precision=half)
         return module
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     return DDP(module, device_ids=[env.device.index] if env.device.type == "cuda" else None,
-               process_group=env.dp_group)
+               process_group=env.grad_group)
 
 
 def parallelize(model: nn.Module, cfg: SpindleConfig, env: ParallelEnv) -> nn.Module:

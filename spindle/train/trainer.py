@@ -31,6 +31,7 @@ from spindle.data.loader import build_train_loader, build_valid_sets
 from spindle.errors import SpindleError
 from spindle.model.flops import internevo_flops_per_step, model_flops_per_token, parameter_counts
 from spindle.model.llama import Transformer, build_model
+from spindle.parallel.context import local_slice
 from spindle.parallel.mesh import ParallelEnv, build_mesh
 from spindle.parallel.parallelize import ModelView, apply_data_parallel, apply_model_parallel
 from spindle.parallel.pipeline import PipelineChunk, build_schedule, build_stage_model, stages_of_rank
@@ -178,9 +179,10 @@ class Trainer:
             return loss_parallel()
         return contextlib.nullcontext()
 
-    def _all_reduce(self, t: torch.Tensor, op=dist.ReduceOp.SUM) -> torch.Tensor:
+    def _all_reduce(self, t: torch.Tensor, op=dist.ReduceOp.SUM, group=None) -> torch.Tensor:
+        """Sum over the data-parallel group (default), or over `group`."""
         if self.env.distributed:
-            dist.all_reduce(t, op=op, group=self.env.dp_group)
+            dist.all_reduce(t, op=op, group=group or self.env.dp_group)
         return t
 
     # ------------------------------------------------------------------ one step
@@ -197,7 +199,11 @@ class Trainer:
         stats = torch.zeros(3, n_sources + 1, dtype=torch.float64, device=self.device)
         n_valid = sum((mb["labels"] != -100).sum() for mb in mbs).to(torch.float64)
         n_valid = self._all_reduce(n_valid.clone())
-        denom = n_valid.clamp(min=1).item() / self.env.dp_size
+        # gradients are averaged over data x context ranks: scale the loss up by their number
+        denom = n_valid.clamp(min=1).item() / (self.env.dp_size * self.env.cp_size)
+        if self.env.cp_size > 1:  # each context rank keeps its slice of the sequence (cu_seqlens stay whole)
+            mbs = [{k: v if k == "cu_seqlens" else local_slice(v, self.env.cp_rank, self.env.cp_size).contiguous()
+                    for k, v in mb.items()} for mb in mbs]
         scale = self.scaler.scale
         t0 = time.perf_counter()
         if self.schedule is not None:
@@ -226,7 +232,7 @@ class Trainer:
                     stats[row].index_add_(0, types, values.to(torch.float64))
         fwd_bwd = time.perf_counter() - t0
         stats[:, -1] = stats[:, :-1].sum(1)
-        self._all_reduce(stats)
+        self._all_reduce(stats, group=self.env.grad_group)
 
         params = [p for p in self.raw_model.parameters() if p.grad is not None]
         if self.scaler.enabled:

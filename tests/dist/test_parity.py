@@ -49,6 +49,8 @@ LAYOUTS = {
     "pp2_interleaved": (2, ["parallel.pipeline.size=2", "model.num_chunks=2"]),
     "dp2_tp2": (4, ["data.micro_num=4", "parallel.tensor=2"]),
     "dp2_pp2": (4, ["data.micro_num=4", "parallel.pipeline.size=2"]),
+    "cp2": (2, ["parallel.context=2"]),  # context parallel: each rank holds half of every sequence
+    "dp2_cp2": (4, ["data.micro_num=4", "parallel.context=2"]),
 }
 
 
