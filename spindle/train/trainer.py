@@ -316,18 +316,24 @@ class Trainer:
 
     @torch.no_grad()
     def validate(self) -> dict:
+        if self.schedule is not None:
+            return {}  # not run through the pipeline schedule yet (docs/parallelism.md, limits)
         self.model.eval()
         out = {}
         for name, mbs in self.valid_sets.items():
             total = torch.zeros(2, dtype=torch.float64, device=self.device)
             for mb in mbs:
                 mb = self._to_device(mb)
-                with self.autocast():
-                    logits = self.model(mb["input_ids"], mb["position_ids"], mb["cu_seqlens"])
-                total[0] += F.cross_entropy(logits.float().view(-1, logits.shape[-1]), mb["labels"].view(-1),
-                                            ignore_index=-100, reduction="sum").double()
                 total[1] += (mb["labels"] != -100).sum()
-            self._all_reduce(total)
+                if self.env.cp_size > 1:
+                    mb = {k: v if k == "cu_seqlens" else local_slice(v, self.env.cp_rank, self.env.cp_size)
+                          .contiguous() for k, v in mb.items()}
+                with self.autocast(), self._loss_context():
+                    logits = self.model(mb["input_ids"], mb["position_ids"], mb["cu_seqlens"])
+                    loss_sum = self._cross_entropy(logits, mb["labels"], logits.shape[-1]).detach()
+                total[0] += (loss_sum.full_tensor() if isinstance(loss_sum, DTensor) else loss_sum).double()
+            total[0:1] = self._all_reduce(total[0:1].clone(), group=self.env.grad_group)
+            total[1:2] = self._all_reduce(total[1:2].clone())
             loss = (total[0] / total[1].clamp(min=1)).item()
             out[f"val/{name}_loss"] = loss
             out[f"val/{name}_plex"] = math.exp(min(loss, 50.0))
