@@ -174,6 +174,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         from spindle.ropelaws import rope_main
 
         return guarded(lambda: rope_main(argv[1:]), debug)
+    if argv and argv[0] == "bench":
+        from spindle.bench import bench_main
+
+        return guarded(lambda: bench_main(argv[1:]), debug)
     if argv and argv[0] == "convert":
         from spindle.checkpoint.hf import convert_main
 
@@ -189,6 +193,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     sub.add_parser("prepare", help="tokenize raw text into binary shards (spindle prepare -h)")
     sub.add_parser("tokenizer", help="train a tokenizer (spindle tokenizer train -h)")
     sub.add_parser("rope", help="RoPE scaling-law calculator (spindle rope -h)")
+    sub.add_parser("bench", help="benchmarks: train, data, memory, gpu (spindle bench -h)")
     sub.add_parser("convert", help="checkpoint <-> Hugging Face Llama (spindle convert -h)")
     sub.add_parser("eval", help="long-context evaluation: ppl, passkey (spindle eval -h)")
     g = sub.add_parser("generate", help="generate text from a checkpoint")

@@ -1,0 +1,77 @@
+"""The benchmark code paths on tiny shapes: no timing assertions, only that they run and agree."""
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from spindle.bench import BENCH_DIR, bench_main, load_script
+from spindle.cli import main as cli_main
+from spindle.errors import SpindleError
+
+
+def test_train_bench_variants_start_from_the_same_model(tmp_path):
+    bt = load_script("train")
+    res = bt.run_size("tiny", ["spindle", "hf", "hand"], rounds=2, run_folder=str(tmp_path), log=lambda *_: None)
+    assert set(res["variants"]) == {"spindle", "hf", "hand"}
+    # the weights were copied: same logits before training (fp32 rounding only)
+    assert all(d < 1e-4 for d in res["logit_max_abs_diff"].values()), res["logit_max_abs_diff"]
+    first = {k: v["losses_first_last"][0] for k, v in res["variants"].items()}
+    # spindle and hand predict all S positions, HF S-1 (it shifts labels itself): close, not equal
+    assert first["spindle"] == pytest.approx(first["hand"], rel=1e-5)
+    assert first["hf"] == pytest.approx(first["hand"], rel=0.05)
+    for v in res["variants"].values():
+        assert v["tokens_per_s"]["median"] > 0 and math.isfinite(v["mfu_vs_best_matmul"]["median"])
+    assert "spindle/hf" in res["ratios"] and "spindle/hand" in res["ratios"]
+    text = bt.format_report([res], {"date": "d", "machine": "m", "torch": "t", "transformers": "x", "threads": 2,
+                                    "rounds": 2, "load_before": [0], "load_after": [0]})
+    assert "| spindle |" in text
+
+
+def test_hand_model_matches_spindle_model_numerically(tmp_path):
+    bt = load_script("train")
+    from spindle.parallel.mesh import ParallelEnv
+    from spindle.train.trainer import Trainer
+
+    tr = Trainer(bt.spindle_config("tiny", False, str(tmp_path)), ParallelEnv(), log=lambda *_: None)
+    d, layers, heads, vocab, seq, _ = bt.SIZES["tiny"]
+    hand = bt.HandLlama(d, layers, heads, tr.cfg.model.ffn_hidden_size, vocab, seq)
+    bt.load_hand_from_spindle(hand, tr.raw_model)
+    x = bt.make_batch("tiny")["input_ids"]
+    with torch.no_grad():
+        assert torch.allclose(hand(x), tr.raw_model(x), atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_gpu_driver_runs_the_trainer_on_cpu(tmp_path, dtype):
+    gt = load_script("gpu")
+    out = gt.run(preset="tiny", steps=3, warmup=1, dtype=dtype, compile=False, device="cpu",
+                 run_folder=str(tmp_path), log=lambda *_: None)
+    assert out["dtype"] == gt.DTYPES[dtype] and out["params"] > 0
+    assert out["tokens_per_s"]["median"] > 0 and out["mfu"]["median"] > 0
+    assert all(math.isfinite(x) for x in out["loss_first_last"])
+    cfg = gt.build_config("1b", 10, "bf16", True, "cuda", str(tmp_path))
+    from spindle.model.flops import parameter_counts
+
+    assert 0.9e9 < parameter_counts(cfg.model)["total"] < 1.2e9  # the GPU preset is ~1B parameters
+    assert cfg.trainer.compile and cfg.model.dtype == "torch.bfloat16" and cfg.adam.fused is None  # fused on CUDA
+
+
+def test_memory_bench_small_lengths(tmp_path):
+    out = tmp_path / "mem.json"
+    assert bench_main(["memory", "--lengths", "64,256", "--layers", "1", "--out", str(out)]) == 0
+    import json
+
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["length"] for r in rows] == [64, 256]
+    assert all(r["peak_rss"] >= r["base_rss"] > 0 for r in rows)
+
+
+def test_cli_dispatch(capsys):
+    assert cli_main(["bench"]) == 0
+    assert "train" in capsys.readouterr().out
+    assert cli_main(["bench", "nope"]) == 2
+    with pytest.raises(SpindleError):
+        bench_main(["nope"])
+    assert Path(BENCH_DIR / "gpu.sh").is_file()
