@@ -254,7 +254,9 @@ class Trainer:
         out = {"loss": loss, "grad_norm": float(grad_norm), "lr": lr, "adam_beta2": beta2,
                "loss_scale": scale, "fwd_bwd_time": round(fwd_bwd, 3), "finite": finite,
                "acc": (stats[2, -1] / stats[1, -1].clamp(min=1)).item()}
-        for k, name in enumerate(self.loader.source_names):
+        # per-source numbers need full logits: not under tensor parallelism (vocabulary-sharded) or pipeline
+        per_source = self.env.tp_size == 1 and self.schedule is None
+        for k, name in enumerate(self.loader.source_names if per_source else []):
             if stats[1, k] > 0:
                 out[f"loss/{name}"] = (stats[0, k] / stats[1, k]).item()
                 out[f"acc/{name}"] = (stats[2, k] / stats[1, k]).item()
