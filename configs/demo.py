@@ -15,7 +15,7 @@ NUM_KV_ATTENTION_HEAD = 2
 MLP_RATIO = 8 / 3
 NUM_LAYER = 4
 VOCAB_SIZE = 1024
-TOTAL_STEPS = 420
+TOTAL_STEPS = 540
 
 # the stdlib's .py files, one document per file; test suites excluded
 TRAIN_FOLDER = sysconfig.get_paths()["stdlib"]
@@ -40,9 +40,9 @@ data = dict(
     min_length=0,
 )
 
-adam = dict(lr=4e-3, adam_beta1=0.9, adam_beta2=0.95, adam_eps=1e-8, weight_decay=0.1)
+adam = dict(lr=5e-3, adam_beta1=0.9, adam_beta2=0.95, adam_eps=1e-8, weight_decay=0.1)
 
-lr_scheduler = dict(total_steps=TOTAL_STEPS, init_steps=0, warmup_ratio=0.04, eta_min=2e-4)
+lr_scheduler = dict(total_steps=TOTAL_STEPS, init_steps=0, warmup_ratio=0.03, eta_min=3e-4)
 
 hybrid_zero_optimizer = dict(clip_grad_norm=1.0)
 

@@ -116,9 +116,11 @@ def run_train(args: argparse.Namespace) -> int:
         result = trainer.fit()
         hist = result["history"]
         if env.is_main and hist:
-            log(f"done: {len(hist)} steps in {time.perf_counter() - t0:.1f} s; loss {hist[0]['loss']:.4f} -> "
-                f"{hist[-1]['loss']:.4f}" + (f"; checkpoint {trainer.save_dir / str(result['saved_at'])}"
-                                               if result["saved_at"] else ""))
+            tail = [h["loss"] for h in hist[-20:]]
+            log(f"done: {len(hist)} steps in {time.perf_counter() - t0:.1f} s; loss {hist[0]['loss']:.4f} at the first "
+                f"step, {hist[-1]['loss']:.4f} at the last, {sum(tail) / len(tail):.4f} averaged over the last "
+                f"{len(tail)}" + (f"; checkpoint saved at step {result['saved_at']} in {trainer.save_dir}"
+                                  if result["saved_at"] else ""))
             if cfg.trainer.sample_prompt is not None and cfg.trainer.sample_tokens:
                 print_sample(trainer, cfg)
     finally:
