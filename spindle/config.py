@@ -528,7 +528,8 @@ def _format_error(err: dict) -> str:
 
 def validate_config(raw: dict, source: str = "<config>") -> SpindleConfig:
     keys, constants = _split_constants(raw)
-    keys.setdefault("constants", {}).update(constants)
+    if isinstance(keys.get("constants", {}), dict):  # else the schema reports `constants` (fuzz: constants=None)
+        keys.setdefault("constants", {}).update(constants)
     try:
         return SpindleConfig.model_validate(keys)
     except ValidationError as exc:

@@ -290,6 +290,9 @@ class SafeFileSystemReader(dcp.FileSystemReader):
         except Exception as exc:  # noqa: BLE001 - truncated or foreign metadata
             raise SpindleError(f"{path}: unreadable checkpoint metadata (truncated or not a DCP checkpoint): "
                                f"{type(exc).__name__}: {exc}") from None
+        if not isinstance(metadata, dcp.metadata.Metadata) or not isinstance(  # admitted types, not DCP's (fuzz)
+                getattr(metadata, "state_dict_metadata", None), dict):
+            raise SpindleError(f"{path}: not DCP checkpoint metadata (holds a {type(metadata).__name__})")
         if getattr(metadata, "storage_meta", None) is None:
             metadata.storage_meta = dcp.metadata.StorageMeta()
         metadata.storage_meta.load_id = self.load_id
@@ -323,14 +326,18 @@ def write_dcp(path: Path, model: torch.nn.Module, optimizer: Optional[torch.opti
     state = {"model": get_model_state_dict(model), "rng": _rng_state()}
     if optimizer is not None:
         state["optimizer"] = get_optimizer_state_dict(model, optimizer, options=OPTIM_OPTIONS)
-    path.mkdir(parents=True, exist_ok=True)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # "no process group, assuming single process" is expected on 1 rank
-        dcp.save(state, storage_writer=dcp.FileSystemWriter(str(path)), process_group=process_group)
-    if is_writer:
-        (path / "trainer_state.json").write_text(json.dumps(trainer_state, indent=1))
-        (path / "config.json").write_text(json.dumps(config, indent=1, default=str))
-        _fsync_dir(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "no process group, assuming single process" is expected on 1 rank
+            dcp.save(state, storage_writer=dcp.FileSystemWriter(str(path)), process_group=process_group)
+        if is_writer:
+            (path / "trainer_state.json").write_text(json.dumps(trainer_state, indent=1))
+            (path / "config.json").write_text(json.dumps(config, indent=1, default=str))
+            _fsync_dir(path)
+    except (OSError, CheckpointException) as exc:  # e.g. a full disk: one line, not DCP's rank tracebacks
+        raise SpindleError(f"{path}: checkpoint could not be written ({describe_load_error(exc)}); it is not "
+                           "marked complete, the previous checkpoint stays the latest") from None
 
 
 def _fsync_dir(path: Path) -> None:

@@ -28,6 +28,7 @@ import os
 import shutil
 import sys
 import time
+import zlib
 from dataclasses import dataclass
 from typing import Iterator, Sequence
 
@@ -124,7 +125,7 @@ def _iter_byte_blocks(path: str, block: int | None = None) -> Iterator[tuple[int
                 line_no += data.count(b"\n")
             if tail:
                 yield line_no, tail
-    except (OSError, EOFError, gzip.BadGzipFile) as e:
+    except (OSError, EOFError, gzip.BadGzipFile, zlib.error) as e:
         raise SpindleError(f"{path}: cannot read ({e})") from None
 
 
@@ -157,7 +158,7 @@ def iter_batches(path: str, text_key: str = "text", raw_json_line: bool = False,
         with _open_binary(path) as f:
             try:
                 data = f.read()
-            except (OSError, EOFError, gzip.BadGzipFile) as e:
+            except (OSError, EOFError, gzip.BadGzipFile, zlib.error) as e:
                 raise SpindleError(f"{path}: cannot read ({e})") from None
         text = _decode(path, data, 1)
         if text.strip():
@@ -170,7 +171,10 @@ def iter_batches(path: str, text_key: str = "text", raw_json_line: bool = False,
             yield Batch(path, first, "jsonl_raw" if raw_json_line else "jsonl", data, len(data))
     elif kind == "json":
         with _open_binary(path) as f:
-            data = f.read()
+            try:
+                data = f.read()
+            except (OSError, EOFError, gzip.BadGzipFile, zlib.error) as e:
+                raise SpindleError(f"{path}: cannot read ({e})") from None
         try:
             records = json.loads(_decode(path, data, 1))
         except ValueError as e:

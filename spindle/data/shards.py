@@ -60,8 +60,8 @@ def _load_npy(path: str) -> np.ndarray:
         return np.load(path, allow_pickle=False)
     except FileNotFoundError:
         raise SpindleError(f"{path}: missing (every token file needs its index)") from None
-    except (OSError, ValueError) as e:
-        raise SpindleError(f"{path}: not a readable .npy index ({e})") from None
+    except Exception as e:  # noqa: BLE001 - a damaged header raises SyntaxError/TokenError/... inside numpy (fuzz)
+        raise SpindleError(f"{path}: not a readable .npy index ({type(e).__name__}: {e})") from None
 
 
 class DocumentSource:
@@ -234,7 +234,7 @@ class JsonBin(DocumentSource):
             problem = None
             try:
                 obj = json.loads(line)
-                toks = obj["tokens"] if isinstance(obj, dict) else None
+                toks = obj.get("tokens") if isinstance(obj, dict) else None  # no KeyError on {"x": ..} (fuzz)
                 if not isinstance(toks, list) or not all(type(t) is int for t in toks):
                     problem = 'expected {"tokens": [int, ...]}'
                     toks = []
