@@ -24,7 +24,7 @@ from spindle.config import ModelConfig
 from spindle.model.llama import build_model
 from spindle.eval.perplexity import token_losses
 torch.set_num_threads(2)
-cfg = ModelConfig(hidden_size=64, num_attention_heads=1, num_kv_attention_heads=1, num_layers=2, vocab_size=258,
+cfg = ModelConfig(hidden_size=32, num_attention_heads=1, num_kv_attention_heads=1, num_layers=1, vocab_size=258,
                   mlp_ratio=2, multiple_of=16, max_position_embeddings=256)
 m = build_model(cfg).eval()
 token_losses(m, torch.randint(0, 258, (1, 256)), chunk={chunk})
@@ -48,10 +48,10 @@ def main():
         base, peak, secs = int(out[0]), int(out[1]), float(out[2])
         rows.append({"length": L, "chunk": a.chunk, "baseline_rss_mib": base / 1024, "peak_rss_mib": peak / 1024,
                      "extra_mib": (peak - base) / 1024, "seconds": round(secs, 1),
-                     "kv_cache_mib": 2 * 2 * L * 64 * 4 / 2**20, "full_LxL_bool_mask_mib": L * L / 2**20})
+                     "kv_cache_mib": 1 * 2 * L * 32 * 4 / 2**20, "full_LxL_bool_mask_mib": L * L / 2**20})
         print(json.dumps(rows[-1]))
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(a.out).write_text(json.dumps({"model": "2 layers, 1 head of 64, fp32, batch 1", "rows": rows}, indent=1))
+    Path(a.out).write_text(json.dumps({"model": "1 layer, 1 head of 32, fp32, batch 1", "rows": rows}, indent=1))
 
 
 if __name__ == "__main__":
