@@ -392,6 +392,10 @@ def main(argv=None) -> int:
                 raise SystemExit(f"unknown size {size!r}; known: {', '.join(SIZES)}")
             results.append(run_size(size, names, rounds, tmp))
             gc.collect()
+            if args.out:  # after every size, so an interrupted run keeps what it measured
+                os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+                with open(args.out, "w") as f:
+                    json.dump({"meta": meta, "results": results, "partial": True}, f, indent=1)
     meta["load_after"] = [round(x, 2) for x in os.getloadavg()]
     report = format_report(results, meta)
     print(report)

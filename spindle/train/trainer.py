@@ -215,7 +215,15 @@ class Trainer:
             with sync, self._loss_context():
                 with self.autocast():
                     logits = model(mb["input_ids"], mb["position_ids"], mb["cu_seqlens"])
-                loss_sum = self._cross_entropy(logits, mb["labels"], logits.shape[-1])
+                # per-token losses double as the statistics' losses (one log_softmax pass, not two);
+                # the gradient is the same as reduction="sum" (each token's loss gets the same factor)
+                token_loss = None
+                if not isinstance(logits, DTensor) and self.cfg.loss.label_smoothing == 0:
+                    token_loss = F.cross_entropy(logits.float().flatten(0, 1), mb["labels"].flatten(),
+                                                 ignore_index=-100, reduction="none")
+                    loss_sum = token_loss.sum()
+                else:
+                    loss_sum = self._cross_entropy(logits, mb["labels"], logits.shape[-1])
                 (loss_sum * (scale / denom)).backward()
             with torch.no_grad():
                 labels = mb["labels"].view(-1)
@@ -225,7 +233,9 @@ class Trainer:
                     stats[1, 0] += valid.sum()
                     continue
                 flat_logits = logits.float().view(-1, logits.shape[-1])
-                token_loss = F.cross_entropy(flat_logits, labels, ignore_index=-100, reduction="none")
+                if token_loss is None:
+                    token_loss = F.cross_entropy(flat_logits, labels, ignore_index=-100, reduction="none")
+                token_loss = token_loss.detach()
                 correct = (flat_logits.argmax(-1) == labels) & valid
                 types = mb["type_ids"].view(-1).clamp(max=n_sources - 1)
                 for row, values in enumerate((token_loss, valid, correct)):
