@@ -78,19 +78,29 @@ def evaluate_all(p: dict, runs: list[dict], log=print) -> None:
         for spec in m["variants"]:
             if spec in res["variants"] and have.get("ckpt") == str(ck):
                 continue
-            t0 = time.time()
             res["variants"][spec] = evaluate_variant(model, wins, lengths, T, parse_variant(spec, T), chunk=1024,
                                                      batch=4, per_octave=4, log=log)
             out_file.write_text(json.dumps(res))
-            log(f"    ({time.time() - t0:.0f} s)")
 
 
 # ----------------------------------------------------------------------------- analysis
 
 
-def break_length(curve: dict, T: int, delta: float) -> tuple[float | None, float]:
-    """(first position past T whose bucket NLL exceeds the [T/2, T) level by delta, that level)."""
+def envelope(curves: list[dict]) -> list[float]:
+    """Bucket-wise minimum NLL over several models' curves on the same windows (same edges)."""
+    return [min(v for v in vals if v is not None) for vals in zip(*(c["nll"] for c in curves))]
+
+
+def break_length(curve: dict, T: int, delta: float, env: list[float] | None = None) -> tuple[float | None, float]:
+    """(first position past T whose bucket NLL exceeds the [T/2, T) level by delta, that level).
+
+    With `env` (the best NLL any model reaches in each bucket, which tracks how hard the text at that
+    position is), the comparison is on NLL - env instead of NLL: content difficulty that changes with
+    position (file headers, long bodies) is removed, and only the model's excess loss is tested.
+    """
     e, nll = curve["edges"], curve["nll"]
+    if env is not None:
+        nll = [None if v is None else v - m for v, m in zip(nll, env)]
     ref_vals = [(min(hi, T) - max(lo, T // 2), v) for lo, hi, v in zip(e[:-1], e[1:], nll)
                 if hi > T // 2 and lo < T and v is not None]
     ref = sum(w * v for w, v in ref_vals) / sum(w for w, _ in ref_vals)
@@ -143,6 +153,8 @@ def analyze(p: dict, log=print) -> dict:
         if s.exists():
             train[name] = json.loads(s.read_text())
 
+    # content-difficulty envelope: the best fixed-RoPE curve in every bucket over all evaluated models
+    env = envelope([v["curve"] for r in models.values() for v in r["variants"].values() if not v["per_length"]])
     rows = []
     for name, r in models.items():
         if r["kind"] == "pretrained1e3":
@@ -155,9 +167,9 @@ def analyze(p: dict, log=print) -> dict:
                    "tail_nll": {L: tail(v, L) for L in lengths}, "ppl": {L: v["length"][str(L)]["ppl"] for L in lengths}}
             if not v["per_length"]:
                 for delta in DELTAS:
-                    b, ref = break_length(v["curve"], T, delta)
+                    b, ref = break_length(v["curve"], T, delta, env)
                     row[f"break_{delta}"] = b
-                    row["in_range_nll"] = ref
+                    row[f"break_raw_{delta}"], row["in_range_nll"] = break_length(v["curve"], T, delta)
             row["train"] = train.get(name)
             rows.append(row)
 
@@ -185,12 +197,16 @@ def analyze(p: dict, log=print) -> dict:
         if r["kind"] in ("small", "large") and r["base"] <= 1e4:
             v = models[r["model"]]["variants"][r["variant"]]
             c = v["curve"]
-            past = [(lo, x) for lo, x in zip(c["edges"][:-1], c["nll"]) if lo >= T and x is not None]
+            ex = [(lo, x - m) for lo, x, m in zip(c["edges"][:-1], c["nll"], env) if x is not None]
+            inside = [x for lo, x in ex if T // 2 <= lo < T]
+            past = [(lo, x) for lo, x in ex if lo >= T]
             jumps = [b - a for (_, a), (_, b) in zip(past[:-1], past[1:])]
+            last_octave = [x for lo, x in ex if lo >= Lmax // 2]
             small.append({"base": r["base"], "variant": r["variant"], "nll_in_range": r.get("in_range_nll"),
                           "nll_tail_Lmax": r["tail_nll"][Lmax],
-                          "rise_to_Lmax": r["tail_nll"][Lmax] - (r.get("in_range_nll") or float("nan")),
-                          "max_quarter_octave_jump": max(jumps) if jumps else None})
+                          "excess_in_range": sum(inside) / len(inside),
+                          "excess_last_octave": sum(last_octave) / len(last_octave),
+                          "max_excess_jump_between_quarter_octaves": max(jumps) if jumps else None})
     small.sort(key=lambda s: (-s["base"], s["variant"]))
 
     pre = models.get(p["prefix"] + "pre-b1e4")
@@ -198,11 +214,14 @@ def analyze(p: dict, log=print) -> dict:
 
     result = {
         "quick": bool(p["prefix"]),
+        "envelope_nll": env,
         "setup": {"T_train": T, "head_dim": d, "model": stages.MODEL, "pretrain": p["pretrain"],
                   "continued_training": p["cont"], "eval_len": Lmax, "eval_windows": p["eval_windows"],
                   "tokenizer": "byte", "data": "CPython stdlib .py files (tests excluded), long files held out",
-                  "break_definition": "first quarter-octave bucket at positions >= T_train whose mean NLL exceeds the "
-                                      "mean NLL of positions [T_train/2, T_train) by delta nats"},
+                  "break_definition": "first quarter-octave bucket at positions >= T_train whose excess NLL (NLL minus "
+                                      "the best NLL any evaluated fixed-RoPE model reaches in that bucket) exceeds "
+                                      "the excess over positions [T_train/2, T_train) by delta nats; break_raw_*: "
+                                      "the same on plain NLL (no content correction)"},
         "theory": {"d_extra": d_extra, "slope": d_extra / d, "beta1_beta2_beta3": [b1, b2, b3],
                    "d_extra_pre1e3": critical_dim(d, T, 1e3)},
         "rows": rows, "fits": fits, "small_bases": small, "dynamic_ntk_tail_nll": dyn,
@@ -216,6 +235,17 @@ def analyze(p: dict, log=print) -> dict:
         c = v["curve"]
         return ([math.sqrt(max(lo, 1) * hi) for lo, hi in zip(c["edges"][:-1], c["edges"][1:])], c["nll"])
 
+    def excess(y):
+        return [None if v is None else v - m for v, m in zip(y, env)]
+
+    def excess_axis(a):
+        a.axvline(T, color="grey", lw=0.8)
+        a.axhline(0, color="grey", lw=0.5)
+        a.set_xscale("log", base=2)
+        a.set_xlabel("position (bytes)")
+        a.set_ylabel("excess NLL over the best model in each bucket")
+        a.grid(alpha=0.3)
+
     def dyn_line(ax):
         if pre is None:
             return
@@ -225,17 +255,22 @@ def analyze(p: dict, log=print) -> dict:
                     label="pre-trained + Dynamic NTK (per-length, tail)")
 
     large = sorted((r for r in rows if r["kind"] == "large" and r["variant"] == "plain"), key=lambda r: r["base"])
-    fig, ax = plt.subplots(figsize=(9, 5.5))
+    fig, (ax, axe) = plt.subplots(2, 1, figsize=(9, 9), sharex=True)
     for i, r in enumerate(large):
         col = cmap(i / max(1, len(large) - 1))
-        ax.plot(*curve_xy(models[r["model"]]["variants"]["plain"]), color=col, label=f"base {r['base']:g}")
+        x, y = curve_xy(models[r["model"]]["variants"]["plain"])
+        ax.plot(x, y, color=col, label=f"base {r['base']:g}")
+        axe.plot(x, excess(y), color=col, label=f"base {r['base']:g}")
         if r["predicted_T_extra"]:
-            ax.axvline(r["predicted_T_extra"], color=col, ls=":", lw=1.3)
+            for a in (ax, axe):
+                a.axvline(r["predicted_T_extra"], color=col, ls=":", lw=1.3)
     dyn_line(ax)
+    if pre is not None:
+        axe.plot(x, excess(curve_xy(pre["variants"]["plain"])[1]), color="black", lw=1.2, label="pre-trained, plain")
+    excess_axis(axe)
     ax.axvline(T, color="grey", lw=0.8)
     ax.set_xscale("log", base=2)
     ax.set_ylim(top=min(ax.get_ylim()[1], 6.0))
-    ax.set_xlabel("position (bytes)")
     ax.set_ylabel("NLL (nats/byte), quarter-octave buckets")
     ax.set_title(f"Larger bases, continued training at T={T}: dotted = predicted 2π·β^({d_extra}/{d})"
                  + (" [QUICK run]" if p["prefix"] else ""), fontsize=10)
@@ -248,20 +283,20 @@ def analyze(p: dict, log=print) -> dict:
     sm = sorted((r for r in rows if r["kind"] in ("small",) or (r["kind"] == "large" and r["base"] == 1e4)),
                 key=lambda r: (-r["base"], r["variant"]))
     if sm:
-        fig, ax = plt.subplots(figsize=(9, 5.5))
+        fig, (ax, axe) = plt.subplots(2, 1, figsize=(9, 9), sharex=True)
         bases = sorted({r["base"] for r in sm}, reverse=True)
         for r in sm:
             col = plt.get_cmap("plasma")(bases.index(r["base"]) / max(1, len(bases) - 1) * 0.9)
             ls = "--" if "logn" in r["variant"] else "-"
-            ax.plot(*curve_xy(models[r["model"]]["variants"][r["variant"]]), color=col, ls=ls,
-                    label=f"base {r['base']:g}" + (" + log-n" if "logn" in r["variant"] else ""))
+            lab = f"base {r['base']:g}" + (" + log-n" if "logn" in r["variant"] else "")
+            x, y = curve_xy(models[r["model"]]["variants"][r["variant"]])
+            ax.plot(x, y, color=col, ls=ls, label=lab)
+            axe.plot(x, excess(y), color=col, ls=ls, label=lab)
         dyn_line(ax)
-        for b, nm in ((b1, "β1"), (b2, "β2"), (b3, "β3")):
-            pass
+        excess_axis(axe)
         ax.axvline(T, color="grey", lw=0.8)
         ax.set_xscale("log", base=2)
         ax.set_ylim(top=min(ax.get_ylim()[1], 6.0))
-        ax.set_xlabel("position (bytes)")
         ax.set_ylabel("NLL (nats/byte)")
         ax.set_title(f"Smaller bases (β1/β2/β3 = {b1:.0f}/{b2:.1f}/{b3:.1f}); dashed = log-scaled attention"
                      + (" [QUICK run]" if p["prefix"] else ""), fontsize=10)
@@ -310,17 +345,17 @@ def analyze(p: dict, log=print) -> dict:
 def readme_table(rows: list[dict], lengths: list[int], T: int) -> str:
     show = [L for L in lengths if L in (T, 4 * T, 16 * T, 64 * T) or L == lengths[-1]]
     show = sorted(set(show))
-    head = ("| model | variant | base | predicted T_extra | break δ=0.05 / 0.1 / 0.2 | "
+    head = ("| model | variant | base | predicted T_extra | break at δ=0.05 / 0.1 / 0.2 (none = not before L_max) | "
             + " | ".join(f"NLL [{L // 2}, {L})" for L in show) + " |")
     sep = "|" + "---|" * (5 + len(show))
     out = [head, sep]
     order = {"pretrained": 0, "large": 1, "small": 2, "pre1e3": 3}
     for r in sorted(rows, key=lambda r: (order.get(r["kind"], 9), -r["base"] if r["kind"] == "small" else r["base"],
                                          r["variant"])):
-        br = " / ".join("—" if r.get(f"break_{dl}") is None and f"break_{dl}" in r else
-                        ("n/a" if f"break_{dl}" not in r else f"{r[f'break_{dl}']:.0f}") for dl in DELTAS)
-        if all(f"break_{dl}" in r and r[f"break_{dl}"] is None for dl in DELTAS):
-            br = f"none ≤ {lengths[-1]}"
+        if f"break_{DELTAS[0]}" in r:
+            br = " / ".join("none" if r[f"break_{dl}"] is None else f"{r[f'break_{dl}']:.0f}" for dl in DELTAS)
+        else:
+            br = "n/a (per-length)"
         pt = f"{r['predicted_T_extra']:.0f}" if r["predicted_T_extra"] else ""
         out.append(f"| {r['model']} | {r['variant']} | {r['base']:g} | {pt} | {br} | "
                    + " | ".join(f"{r['tail_nll'][L]:.3f}" for L in show) + " |")
