@@ -12,6 +12,7 @@ Bad input prints one line naming what is wrong and exits with code 2; `--debug` 
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import sys
 import time
@@ -160,34 +161,25 @@ def run_generate(args: argparse.Namespace) -> int:
 # ----------------------------------------------------------------------------- main
 
 
+# subcommand -> (module, function(argv) -> exit code); imported only when used, so `spindle --help` is fast
+SUBCOMMANDS = {
+    "prepare": ("spindle.data.prepare", "prepare_main"),
+    "tokenizer": ("spindle.data.tokenizer", "tokenizer_main"),
+    "rope": ("spindle.ropelaws", "rope_main"),
+    "bench": ("spindle.bench", "bench_main"),
+    "convert": ("spindle.checkpoint.hf", "convert_main"),
+    "eval": ("spindle.eval.perplexity", "eval_main"),
+}
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
     # subcommands implemented with their own argparse live next to their code
-    if argv and argv[0] == "prepare":
-        from spindle.data.prepare import prepare_main
-
-        return guarded(lambda: prepare_main(argv[1:]), debug)
-    if argv and argv[0] == "tokenizer":
-        from spindle.data.tokenizer import tokenizer_main
-
-        return guarded(lambda: tokenizer_main(argv[1:]), debug)
-    if argv and argv[0] == "rope":
-        from spindle.ropelaws import rope_main
-
-        return guarded(lambda: rope_main(argv[1:]), debug)
-    if argv and argv[0] == "bench":
-        from spindle.bench import bench_main
-
-        return guarded(lambda: bench_main(argv[1:]), debug)
-    if argv and argv[0] == "convert":
-        from spindle.checkpoint.hf import convert_main
-
-        return guarded(lambda: convert_main(argv[1:]), debug)
-    if argv and argv[0] == "eval":
-        from spindle.eval.perplexity import eval_main
-
-        return guarded(lambda: eval_main(argv[1:]), debug)
+    if argv and argv[0] in SUBCOMMANDS:
+        module, function = SUBCOMMANDS[argv[0]]
+        entry = getattr(importlib.import_module(module), function)
+        return guarded(lambda: entry(argv[1:]), debug)
 
     ap = argparse.ArgumentParser(prog="spindle", description="PyTorch-native LLM pre-training and fine-tuning.")
     sub = ap.add_subparsers(dest="command")
