@@ -80,6 +80,7 @@ def main() -> int:
     if "data" in todo or "pretrain" in todo or "continue" in todo:
         stages.prepare_data(log)
     runs = training_plan(p)
+    import study
     for raw in runs:
         is_pre = "-pre-" in "-" + raw["JOB_NAME"]
         if (is_pre and "pretrain" in todo) or (not is_pre and "continue" in todo):
@@ -87,14 +88,19 @@ def main() -> int:
             info = raw["ckpt"].get("load_ckpt_info")
             if info is not None:
                 src = stages.final_checkpoint(info["path"])
-                if src is None:
-                    log(f"[{raw['JOB_NAME']}] skipped: {info['path']} has no checkpoint yet")
+                if src is None or src.name != str(p["pretrain"]["steps"]):
+                    log(f"[{raw['JOB_NAME']}] skipped: {info['path']} has not finished pre-training")
                     continue
                 info["path"] = str(src)
             stages.train(raw, log)
+            if "eval" in todo:  # evaluate each model as soon as it is trained: partial results at any time
+                study.evaluate_all(p, runs, log, only=raw["JOB_NAME"], extras=False)
+                if "analyze" in todo:
+                    try:
+                        study.analyze(p, log=lambda *a: None)
+                    except Exception as exc:  # noqa: BLE001 - partial results must not stop the study
+                        log(f"analyze (partial) failed: {exc!r}")
     if "eval" in todo or "analyze" in todo:
-        import study
-
         if "eval" in todo:
             study.evaluate_all(p, runs, log)
         if "analyze" in todo:

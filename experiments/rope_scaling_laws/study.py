@@ -52,17 +52,29 @@ def eval_windows(p: dict):
     return make_windows(docs, p["eval_len"], p["eval_windows"])
 
 
-def evaluate_all(p: dict, runs: list[dict], log=print) -> None:
+_WINDOWS: dict = {}
+
+
+def evaluate_all(p: dict, runs: list[dict], log=print, only: str | None = None, extras: bool = True) -> None:
     from spindle.eval.load import load_model_for_eval
     from spindle.eval.perplexity import default_lengths, evaluate_variant, parse_variant
 
     ev_dir, _ = out_dirs(p)
     ev_dir.mkdir(parents=True, exist_ok=True)
-    wins, natural = eval_windows(p)
+    key = (p["eval_len"], p["eval_windows"])
+    if key not in _WINDOWS:
+        _WINDOWS[key] = eval_windows(p)
+    wins, natural = _WINDOWS[key]
     T = stages.T_TRAIN
     lengths = default_lengths(T, p["eval_len"] // T)
-    log(f"eval: {wins.shape[0]} windows of {wins.shape[1]} bytes ({natural} whole held-out files), lengths {lengths}")
+    if only is None:
+        log(f"eval: {wins.shape[0]} windows of {wins.shape[1]} bytes ({natural} whole held-out files), lengths {lengths}")  # noqa: E501
     for m in model_list(p):
+        if only is not None and m["name"] != only:
+            continue
+        if not extras:  # the essential variants first; YaRN and log-n on the pre-trained model at the end
+            m = dict(m, variants=[v for v in m["variants"] if v in ("plain", "dynamic") or
+                                  (v == "logn" and m["kind"] == "small")])
         out_file = ev_dir / f"{m['name']}.json"
         ck = stages.final_checkpoint(m["name"])
         if ck is None:
@@ -266,7 +278,8 @@ def analyze(p: dict, log=print) -> dict:
                 a.axvline(r["predicted_T_extra"], color=col, ls=":", lw=1.3)
     dyn_line(ax)
     if pre is not None:
-        axe.plot(x, excess(curve_xy(pre["variants"]["plain"])[1]), color="black", lw=1.2, label="pre-trained, plain")
+        axe.plot(*curve_xy(pre["variants"]["plain"])[:1], excess(curve_xy(pre["variants"]["plain"])[1]),
+                 color="black", lw=1.2, label="pre-trained, plain")
     excess_axis(axe)
     ax.axvline(T, color="grey", lw=0.8)
     ax.set_xscale("log", base=2)
