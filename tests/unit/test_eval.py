@@ -147,3 +147,32 @@ def test_passkey_scoring_runs_both_modes():
     ids = torch.tensor([s["ids"] + s["answer"]])
     ref, _ = full_forward_losses(model, ids)
     assert math.isclose(-t["logp"], float(ref[0, -len(s["answer"]):].mean()), rel_tol=1e-4)
+
+
+def test_continued_training_config_loads_weights_only_at_a_new_base(tmp_path):
+    """configs/continue_rope.py's mechanism: load_ckpt_info(content=("model",)) + a new rope_base."""
+    from pathlib import Path
+
+    from spindle.config import load_config, validate_config
+    from spindle.parallel.mesh import ParallelEnv
+    from spindle.train.trainer import Trainer
+
+    cfg = load_config(Path(__file__).resolve().parents[2] / "configs" / "continue_rope.py")
+    assert cfg.ckpt.load_ckpt_info.content == ("model",) and cfg.model.rope_base == 1_000_000
+
+    def raw(name, base, **ckpt):
+        return {"JOB_NAME": name, "ckpt": {"enable_save_ckpt": True, "auto_resume": False, **ckpt},
+                "data": {"seq_len": 16, "micro_bsz": 2, "total_steps": 2},
+                "model": {"hidden_size": 32, "num_attention_heads": 2, "num_layers": 1, "vocab_size": 64,
+                          "multiple_of": 16, "max_position_embeddings": 16, "rope_base": base},
+                "trainer": {"run_folder": str(tmp_path), "tensorboard": False, "progress_bar": False}}
+
+    pre = Trainer(validate_config(raw("pre", 1e4)), ParallelEnv(), log=lambda *_: None)
+    pre.fit()
+    saved = {k: v.clone() for k, v in pre.raw_model.state_dict().items()}
+    ct = Trainer(validate_config(raw("ct", 1e6, load_ckpt_info={"path": str(pre.save_dir / "2"),
+                                                                 "content": ["model"]})), ParallelEnv(),
+                 log=lambda *_: None)
+    assert ct.state.step == 0  # fresh schedule and data position
+    assert all(torch.equal(saved[k], v) for k, v in ct.raw_model.state_dict().items())
+    assert ct.raw_model.rotary.base == 1e6
