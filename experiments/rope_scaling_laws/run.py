@@ -27,7 +27,7 @@ import stages  # noqa: E402
 
 FULL = dict(
     prefix="",
-    pretrain=dict(steps=600, lr=1e-3, warmup_ratio=0.1, eta_min=1e-4, micro_bsz=32),
+    pretrain=dict(steps=400, lr=1e-3, warmup_ratio=0.15, eta_min=1e-4, micro_bsz=32),
     cont=dict(steps=50, lr=5e-4, warmup_ratio=0.1, eta_min=5e-4, micro_bsz=32),
     large=[1e4, 1e5, 1e6, 1e7, 1e8],
     small=[163, 40.7, 20],
@@ -52,7 +52,9 @@ def base_name(b: float) -> str:
 def training_plan(p: dict) -> list[dict]:
     pre = p["prefix"] + "pre-b1e4"
     runs = [stages.train_config(pre, 1e4, **p["pretrain"])]
-    for b in p["large"] + p["small"]:
+    # the most informative bases first, so that a study cut short still has the widest span
+    order = sorted(p["large"] + p["small"], key=lambda b: (b not in (1e4, 1e6, 1e8, 20), b))
+    for b in order:
         runs.append(stages.train_config(f"{p['prefix']}ct-b{base_name(b)}", b, init_from=pre, **p["cont"]))
     if p["pre1000"]:
         pre3 = p["prefix"] + "pre-b1e3"
