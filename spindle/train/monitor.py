@@ -168,7 +168,7 @@ class Monitor:
         step = record.get("step", step)
         loss, gnorm = record.get("loss"), record.get("grad_norm")
         finite = all(v is None or math.isfinite(v) for v in (loss, gnorm))
-        if not finite:
+        if not finite and self.is_main:  # loss and norm are global: one alert, from rank 0
             self.alert("non_finite", f"step {step}: non-finite loss {loss} / grad norm {gnorm}; update skipped "
                                      f"(inf_nan_skip_batches={record.get('inf_nan_skip_batches')}, "
                                      f"loss_scale={record.get('loss_scale')})", step=step)
