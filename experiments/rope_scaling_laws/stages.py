@@ -76,7 +76,7 @@ def train_config(name: str, base: float, steps: int, lr: float, warmup_ratio: fl
     return {
         "JOB_NAME": name,
         "ckpt": ckpt,
-        "data": dict(type="tokenized", train_folder=str(WORK / "data" / "train"), seq_len=seq_len,
+        "data": dict(type="tokenized", train_folder=str(WORK / "data" / "train"), tokenizer_path="byte", seq_len=seq_len,
                      micro_bsz=micro_bsz, micro_num=1, total_steps=steps, pack_sample_into_one=True,
                      seed=seed),
         "model": dict(MODEL, rope_base=float(base), max_position_embeddings=seq_len),

@@ -94,3 +94,19 @@ def test_dynamic_ntk_changes_logits_only_past_the_original_length():
     gp, gd = generate(plain, [prompt], 14), generate(dyn, [prompt], 14)
     assert gp[0][:7] == gd[0][:7]
     assert gd == [greedy_by_full_forward(dyn, prompt, 14)]
+
+
+def test_complete_text_streams_and_rejects_a_tokenizer_larger_than_the_vocab():
+    from spindle.data.tokenizer import load_tokenizer
+    from spindle.errors import SpindleError
+    from spindle.eval.generate import complete_text
+
+    tok = load_tokenizer("byte")
+    with pytest.raises(SpindleError, match="vocabulary has 50"):
+        complete_text(tiny(), tok, "hello", 4)
+    cfg = ModelConfig(hidden_size=32, num_attention_heads=2, num_layers=1, vocab_size=258, multiple_of=16,
+                      max_position_embeddings=16, init_std=0.2)
+    model = build_model(cfg).eval()
+    pieces = []
+    text = complete_text(model, tok, "ab", 6, stream=pieces.append)
+    assert "".join(pieces) == text
