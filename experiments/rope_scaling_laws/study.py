@@ -90,7 +90,7 @@ def evaluate_all(p: dict, runs: list[dict], log=print, only: str | None = None, 
         for spec in m["variants"]:
             if spec in res["variants"] and have.get("ckpt") == str(ck):
                 continue
-            res["variants"][spec] = evaluate_variant(model, wins, lengths, T, parse_variant(spec, T), chunk=1024,
+            res["variants"][spec] = evaluate_variant(model, wins, lengths, T, parse_variant(spec, T), chunk=4096,
                                                      batch=4, per_octave=4, log=log)
             out_file.write_text(json.dumps(res))
 
