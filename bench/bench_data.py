@@ -104,7 +104,7 @@ def summarize(xs: list[float]) -> dict:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--out", required=True, help="results JSON path")
+    ap.add_argument("--out", default="runs/bench_data.json", help="results JSON path")
     ap.add_argument("--mb", type=float, default=8.0, help="corpus size in MB")
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--reads", type=int, default=100_000)
