@@ -385,6 +385,8 @@ class Trainer:
         (self.run_dir / "logs").mkdir(parents=True, exist_ok=True)
         rank_log = open(self.run_dir / "logs" / f"rank{env.rank}.log", "a")
 
+        outer_log = self.log
+
         def printer(line: str) -> None:
             rank_log.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} rank{env.rank} {line}\n")
             rank_log.flush()
@@ -458,6 +460,7 @@ class Trainer:
         finally:
             self.monitor.close()
             rank_log.close()
+            self.log = outer_log  # the rank log is closed: later messages (a save after fit) go where they went
             progress.close()
             if sinks is not None:
                 sinks.close()
