@@ -192,7 +192,7 @@ def analyze(p: dict, log=print) -> dict:
                    and r.get(f"break_{delta}")]
             censored = [r["base"] for r in rows if r["kind"] == kind and r["variant"] == "plain"
                         and r.get(f"break_{delta}") is None]
-            if len(pts) >= 3:
+            if len(pts) >= 2:  # slope_se needs 3 points (nan with 2)
                 f = linfit([math.log(b) for b, _ in pts], [math.log(t) for _, t in pts])
                 f["theory_slope"] = dx / d
                 f["points"] = pts
@@ -331,9 +331,9 @@ def analyze(p: dict, log=print) -> dict:
         if cens:
             ax.plot(cens, [Lmax] * len(cens), markers[delta], mfc="none", color="grey", label=f"no break ≤ {Lmax} (δ={delta})")
         f = fits.get(f"large/delta={delta}")
-        if f and f.get("slope") is not None and delta == 0.1:
+        if f and f.get("slope") is not None and delta == min(dl for dl in DELTAS if fits.get(f"large/delta={dl}", {}).get("slope") is not None):
             ax.plot(bs, [math.exp(f["intercept"]) * b ** f["slope"] for b in bs], "C1--",
-                    label=f"fit: slope {f['slope']:.3f} ± {f['slope_se']:.3f}")
+                    label=f"fit (δ={delta}): slope {f['slope']:.3f} ± {f['slope_se']:.3f}")
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlabel("rotary base β (continued training)")
