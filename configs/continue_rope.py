@@ -22,8 +22,8 @@ the LR schedule position and the data position (a resume, not a continued traini
 so any base or scaling can be set on top of the loaded model. `auto_resume=False` keeps a stale checkpoint
 of this job from overriding load_ckpt_info. The model shape keys must match the checkpoint.
 
-Note: `model.rope_scaling` with a non-default type currently fails validation (config.RopeScalingConfig
-passes the yarn / llama3 defaults to every type); changing `model.rope_base` works.
+`model.rope_scaling` (e.g. dict(type="yarn", factor=4, original_max_position_embeddings=256)) can be set
+the same way instead of, or on top of, a new base.
 """
 
 import sysconfig

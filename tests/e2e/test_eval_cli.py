@@ -90,8 +90,6 @@ def test_generate_streams_and_accepts_sampling_options(ckpt):
     assert r.stdout.startswith("def f(") and len(r.stdout) > len("def f(\n")
 
 
-@pytest.mark.xfail(strict=True, reason="config.RopeScalingConfig.as_dict() passes yarn/llama3 defaults (beta_fast, "
-                   "low_freq_factor, ...) to every type, so any non-default rope_scaling in a ModelConfig is rejected")
 def test_generate_with_dynamic_ntk(ckpt):
     tmp, ck = ckpt
     r = spindle("generate", "--ckpt", str(ck), "--prompt", "x" * 40, "--max-new-tokens", "8", "--rope-scaling", "dynamic")
