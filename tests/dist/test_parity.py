@@ -47,6 +47,8 @@ LAYOUTS = {
     "tp2_sp": (2, ["parallel.tensor=2", "parallel.sequence_parallel=True"]),
     "pp2_1f1b": (2, ["parallel.pipeline.size=2"]),
     "pp2_interleaved": (2, ["parallel.pipeline.size=2", "model.num_chunks=2"]),
+    "pp2_gpipe": (2, ["parallel.pipeline.size=2", "parallel.pipeline.schedule=gpipe"]),
+    "pp2_zero_bubble": (2, ["parallel.pipeline.size=2", "model.num_chunks=2", "parallel.pipeline.schedule=zero_bubble"]),
     "dp2_tp2": (4, ["data.micro_num=4", "parallel.tensor=2"]),
     "dp2_pp2": (4, ["data.micro_num=4", "parallel.pipeline.size=2"]),
     "cp2": (2, ["parallel.context=2"]),  # context parallel: each rank holds half of every sequence
