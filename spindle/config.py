@@ -240,8 +240,13 @@ class RopeScalingConfig(Section):
         return data
 
     def as_dict(self) -> dict:
-        """Only the keys the config set (each type rejects the other types' parameters), plus the type."""
-        return self.model_dump(exclude_unset=True, exclude_none=True) | {"type": self.type}
+        """type, factor, original length, and the parameters that differ from their defaults: each type
+        rejects the other types' parameters, and a config read back from JSON has every field set."""
+        keep = ("type", "factor", "original_max_position_embeddings")
+        if self.type == "llama3":  # required by llama3 (transformers has no defaults for them)
+            keep += ("low_freq_factor", "high_freq_factor")
+        return {k: v for k, v in self.model_dump(exclude_none=True).items()
+                if k in keep or v != type(self).model_fields[k].default}
 
 
 class ModelConfig(Section):

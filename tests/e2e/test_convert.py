@@ -41,9 +41,20 @@ def hf_logits(folder, ids):
         return model(ids).logits
 
 
-@pytest.mark.parametrize("dynamic", [False, True])
-def test_to_hf_same_logits(tmp_path, dynamic):
-    cfg = cfg_for(tmp_path, model={"use_dynamic_ntk_rope": True} if dynamic else None)
+SCALINGS = {
+    "plain": None,
+    "dynamic": {"use_dynamic_ntk_rope": True},
+    "linear": {"rope_scaling": {"type": "linear", "factor": 2.0}},
+    "yarn": {"rope_scaling": {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16}},
+    "llama3": {"rope_scaling": {"type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                "original_max_position_embeddings": 32}},
+}
+
+
+@pytest.mark.parametrize("variant", list(SCALINGS))
+def test_to_hf_same_logits(tmp_path, variant):
+    dynamic = variant == "dynamic"
+    cfg = cfg_for(tmp_path, model=SCALINGS[variant])
     tr = Trainer(cfg, ParallelEnv(), **QUIET)
     tr.fit()
     out = tmp_path / "hf"
