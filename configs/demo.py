@@ -22,7 +22,7 @@ NUM_KV_ATTENTION_HEAD = 2
 MLP_RATIO = 8 / 3
 NUM_LAYER = 4
 VOCAB_SIZE = 258  # 256 bytes + BOS + EOS
-TOTAL_STEPS = 400
+TOTAL_STEPS = 560
 
 # the stdlib's .py files, one document per file; test suites excluded
 TRAIN_FOLDER = sysconfig.get_paths()["stdlib"]

@@ -12,6 +12,7 @@ Bad input prints one line naming what is wrong and exits with code 2; `--debug` 
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib
 import os
 import sys
@@ -108,7 +109,7 @@ def run_train(args: argparse.Namespace) -> int:
 
     env = init_distributed(args.launcher, args.backend, args.port, cfg.trainer.device)
     try:
-        log = print if env.is_main else (lambda *_: None)
+        log = functools.partial(print, flush=True) if env.is_main else (lambda *_: None)
         log(f"spindle: job {cfg.JOB_NAME}, run folder {cfg.run_dir}, world size {env.world_size}, "
             f"device {env.device}")
         t0 = time.perf_counter()

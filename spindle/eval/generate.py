@@ -45,7 +45,8 @@ def prefill(model: Transformer, ids: torch.Tensor, cache: KVCache, chunk: int = 
         piece = ids[:, s : s + chunk]
         b, l = piece.shape
         pos = torch.arange(start + s, start + s + l, device=ids.device).expand(b, l)
-        logits = model(piece, pos, cache=cache, seq_len=start + s + l)[:, -1]
+        # one base for the whole prompt: with Dynamic NTK, per-chunk lengths would rotate its parts differently
+        logits = model(piece, pos, cache=cache, seq_len=start + ids.shape[1])[:, -1]
     return logits
 
 
