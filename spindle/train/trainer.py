@@ -70,11 +70,6 @@ class Trainer:
         torch.manual_seed(cfg.trainer.seed)
         if cfg.trainer.num_threads and self.device.type == "cpu":
             torch.set_num_threads(cfg.trainer.num_threads)
-        if self.device.type == "cpu":
-            # denormal floats (|x| < 1.2e-38, common in AdamW state and small gradients after some
-            # steps) take a slow microcode path on x86: measured here, the step time of the demo model
-            # rose from 0.27 s to 0.47 s after ~60 steps without this (docs/LOG.md)
-            torch.set_flush_denormal(True)
         if cfg.model.dtype == "torch.tf32":
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
@@ -403,6 +398,13 @@ class Trainer:
         every = cfg.ckpt.checkpoint_every
         saved_at = None
         self.monitor.start()
+        flush_denormals = self.device.type == "cpu"
+        if flush_denormals:
+            # denormal floats (|x| < 1.2e-38, common in AdamW state and small gradients after some
+            # steps) take a slow microcode path on x86: measured here, the step time of the demo model
+            # rose from 0.27 s to 0.47 s after ~60 steps without this (docs/LOG.md). Process-wide state,
+            # so it is switched back off when training ends.
+            torch.set_flush_denormal(True)
         try:
             while state.step < total:
                 step = state.step
@@ -463,6 +465,8 @@ class Trainer:
             self.monitor.exception(exc)
             raise
         finally:
+            if flush_denormals:
+                torch.set_flush_denormal(False)
             self.monitor.close()
             rank_log.close()
             self.log = outer_log  # the rank log is closed: later messages (a save after fit) go where they went
