@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.dist.test_parity import CONFIG, ENV, ROOT, run
+from tests.distributed.test_parity import CONFIG, ENV, ROOT, run
 
 pytestmark = pytest.mark.dist
 

@@ -9,7 +9,7 @@ import shutil
 
 import pytest
 
-from tests.dist.test_parity import run
+from tests.distributed.test_parity import run
 
 pytestmark = pytest.mark.dist
 
