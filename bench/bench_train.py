@@ -31,6 +31,7 @@ paired ratios (same round, so host drift cancels). FLOPs/token = 6 N_matmul + 12
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import math
@@ -272,6 +273,7 @@ def summarize(xs):
 
 def run_size(size: str, names, rounds: int, run_folder: str, log=print) -> dict:
     from spindle.model.flops import model_flops_per_token
+    from spindle.train.host import cpu_training_mode
 
     variants, info = build_variants(size, names, run_folder)
     d, layers, heads, vocab, seq, batch = SIZES[size]
@@ -286,6 +288,11 @@ def run_size(size: str, names, rounds: int, run_folder: str, log=print) -> dict:
     log(f"[{size}] d{d} L{layers} H{heads} ffn{info['ffn']} V{vocab} S{seq} B{batch}: {info['params']:,} params, "
         f"{fpt / 1e6:.2f} MFLOP/token; max |logit diff| vs {variants[0].name}: "
         + ", ".join(f"{k} {v:.1e}" for k, v in diffs.items()))
+    # The process-wide CPU settings Spindle's trainer runs under (flush denormals, keep freed memory
+    # in the heap: spindle/train/host.py), entered where `Trainer.fit` enters them (after the models
+    # are built), for every variant alike: the ratios compare the steps, not the allocator.
+    host_mode = contextlib.ExitStack()
+    tuned = host_mode.enter_context(cpu_training_mode())
     for v in variants:  # warm-up: compilation happens here
         t = time.perf_counter()
         for _ in range(2):
@@ -306,10 +313,11 @@ def run_size(size: str, names, rounds: int, run_folder: str, log=print) -> dict:
         round_peak.append(max(mm))
         log(f"[{size}] round {r + 1}/{rounds}: " + ", ".join(f"{v.name} {v.times[-1] * 1e3:.0f} ms" for v in variants)
             + f"; matmul {max(mm):.0f} GFLOP/s; load {os.getloadavg()[0]:.2f}")
+    host_mode.close()
     best_peak = max(peaks)
     res = {"size": size, "dims": {"d": d, "layers": layers, "heads": heads, "ffn": info["ffn"], "vocab": vocab,
                                   "seq": seq, "batch": batch}, "params": info["params"],
-           "flops_per_token": fpt, "logit_max_abs_diff": diffs, "matmul_gflops": summarize(peaks),
+           "flops_per_token": fpt, "logit_max_abs_diff": diffs, "malloc_tuned": tuned, "matmul_gflops": summarize(peaks),
            "variants": {}, "ratios": {}}
     for v in variants:
         ts = v.times

@@ -193,7 +193,7 @@ class AdamConfig(Section):
     weight_decay: float = Field(default=0.01, ge=0)
     # InternEvo decays every parameter; the usual practice (and ours) exempts norms and biases.
     decay_norm_and_bias: bool = False
-    fused: Optional[bool] = None  # None: fused AdamW on GPU, foreach on CPU
+    fused: Optional[bool] = None  # None: fused AdamW on CPU and CUDA, foreach elsewhere
 
 
 class LrSchedulerConfig(Section):

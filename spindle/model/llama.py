@@ -28,6 +28,7 @@ import torch.nn.functional as F
 
 from spindle.config import ModelConfig
 from spindle.model.attention import attention, cached_causal_mask, is_dense, packed_causal_mask
+from spindle.model.loss import TokenLosses, linear_cross_entropy
 from spindle.model.rope import RotaryEmbedding, apply_rotary
 
 
@@ -194,13 +195,16 @@ class Transformer(nn.Module):
         cu_seqlens: Optional[torch.Tensor] = None,
         cache: Optional[KVCache] = None,
         seq_len: Optional[int] = None,
-    ) -> torch.Tensor:
-        """input_ids (B, L) -> logits (B, L, V).
+        labels: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor | TokenLosses:
+        """input_ids (B, L) -> logits (B, L, V); with `labels` (B, L) -> TokenLosses instead.
 
         A pipeline stage without embeddings receives hidden states (B, L, H) in `input_ids`.
         `position_ids` restart at every document of a pack; `cu_seqlens` are the document
         boundaries of the flattened pack (int32). With a `cache`, `position_ids` are absolute and
         `seq_len` (the total context, for dynamic RoPE scaling) defaults to max position + 1.
+        With `labels` (-100 where no loss) the head and the cross-entropy run fused over token
+        chunks (`spindle.model.loss`): the summed loss, per-token losses and argmax hits, no logits.
         """
         h = self.tok_embeddings(input_ids) if self.tok_embeddings is not None else input_ids
         b, l = input_ids.shape[:2]  # not h's: under sequence parallelism h holds only this rank's slice
@@ -214,7 +218,11 @@ class Transformer(nn.Module):
             h = layer(h, cos, sin, q_scale, mask, layer_cache, position_ids if cache is not None else None)
         if self.norm is not None:
             h = self.norm(h)
-        return self.output(h) if self.output is not None else h
+        if self.output is None:
+            return h
+        if labels is not None:
+            return linear_cross_entropy(h, self.output.weight, labels)
+        return self.output(h)
 
 
 def build_model(cfg: ModelConfig, device: torch.device | str = "cpu", seed: int = 0) -> Transformer:

@@ -57,7 +57,9 @@ def param_groups(model: nn.Module, adam: AdamConfig) -> list[dict]:
 
 
 def build_optimizer(model: nn.Module, adam: AdamConfig, device_type: str) -> torch.optim.AdamW:
-    fused = adam.fused if adam.fused is not None else device_type == "cuda"
+    # fused AdamW: one kernel per parameter instead of ~10 foreach passes; on CPU too (measured at
+    # 10M parameters: 7.7 ms per step against 20-29 ms for foreach, docs/LOG.md)
+    fused = adam.fused if adam.fused is not None else device_type in ("cuda", "cpu")
     return torch.optim.AdamW(
         param_groups(model, adam),
         lr=adam.lr,

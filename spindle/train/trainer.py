@@ -36,6 +36,7 @@ from spindle.parallel.mesh import ParallelEnv, build_mesh
 from spindle.parallel.parallelize import ModelView, apply_data_parallel, apply_model_parallel
 from spindle.parallel.pipeline import PipelineChunk, build_schedule, build_stage_model, stages_of_rank
 from spindle.train.metrics import MetricSinks, Progress, batch_shape_stats, format_line, resolve_peak_tflops
+from spindle.train.host import cpu_training_mode
 from spindle.train.monitor import build_monitor
 from spindle.train.optim import DynamicLossScaler, beta2_at, build_optimizer, lr_at, set_schedules
 
@@ -82,6 +83,8 @@ class Trainer:
             save_resolved_config(cfg, self.run_dir)
         self.n_params = parameter_counts(cfg.model)["total"]
         self.schedule = None
+        # the fused head + cross-entropy needs the whole vocabulary on this rank and plain labels
+        self._fused_loss = env.tp_size == 1 and cfg.loss.label_smoothing == 0
         if env.pp_size > 1:
             self._build_pipeline()
         else:
@@ -213,30 +216,28 @@ class Trainer:
             if i < len(mbs) - 1 and hasattr(model, "no_sync"):
                 sync = model.no_sync()  # DDP: reduce gradients once, after the last micro-batch
             with sync, self._loss_context():
-                with self.autocast():
-                    logits = model(mb["input_ids"], mb["position_ids"], mb["cu_seqlens"])
-                # per-token losses double as the statistics' losses (one log_softmax pass, not two);
-                # the gradient is the same as reduction="sum" (each token's loss gets the same factor)
-                token_loss = None
-                if not isinstance(logits, DTensor) and self.cfg.loss.label_smoothing == 0:
-                    token_loss = F.cross_entropy(logits.float().flatten(0, 1), mb["labels"].flatten(),
-                                                 ignore_index=-100, reduction="none")
-                    loss_sum = token_loss.sum()
+                if self._fused_loss:  # head + loss over token chunks: no (N, V) logits (spindle/model/loss.py)
+                    with self.autocast():
+                        out = model(mb["input_ids"], mb["position_ids"], mb["cu_seqlens"], labels=mb["labels"])
+                    (out.loss_sum * (scale / denom)).backward()
+                    token_loss, correct = out.token_loss, out.correct
+                    loss_sum = out.loss_sum
                 else:
+                    with self.autocast():
+                        logits = model(mb["input_ids"], mb["position_ids"], mb["cu_seqlens"])
                     loss_sum = self._cross_entropy(logits, mb["labels"], logits.shape[-1])
-                (loss_sum * (scale / denom)).backward()
+                    (loss_sum * (scale / denom)).backward()
             with torch.no_grad():
                 labels = mb["labels"].view(-1)
                 valid = labels != -100
-                if isinstance(logits, DTensor):  # vocabulary-sharded logits: the loss total only
-                    stats[0, 0] += loss_sum.detach().full_tensor().double()
-                    stats[1, 0] += valid.sum()
-                    continue
-                flat_logits = logits.float().view(-1, logits.shape[-1])
-                if token_loss is None:
+                if not self._fused_loss:
+                    if isinstance(logits, DTensor):  # vocabulary-sharded logits: the loss total only
+                        stats[0, 0] += loss_sum.detach().full_tensor().double()
+                        stats[1, 0] += valid.sum()
+                        continue
+                    flat_logits = logits.float().view(-1, logits.shape[-1])
                     token_loss = F.cross_entropy(flat_logits, labels, ignore_index=-100, reduction="none")
-                token_loss = token_loss.detach()
-                correct = (flat_logits.argmax(-1) == labels) & valid
+                    correct = (flat_logits.argmax(-1) == labels) & valid
                 types = mb["type_ids"].view(-1).clamp(max=n_sources - 1)
                 for row, values in enumerate((token_loss, valid, correct)):
                     stats[row].index_add_(0, types, values.to(torch.float64))
@@ -341,8 +342,12 @@ class Trainer:
                     mb = {k: v if k == "cu_seqlens" else local_slice(v, self.env.cp_rank, self.env.cp_size)
                           .contiguous() for k, v in mb.items()}
                 with self.autocast(), self._loss_context():
-                    logits = self.model(mb["input_ids"], mb["position_ids"], mb["cu_seqlens"])
-                    loss_sum = self._cross_entropy(logits, mb["labels"], logits.shape[-1]).detach()
+                    if self._fused_loss:
+                        loss_sum = self.model(mb["input_ids"], mb["position_ids"], mb["cu_seqlens"],
+                                              labels=mb["labels"]).loss_sum.detach()
+                    else:
+                        logits = self.model(mb["input_ids"], mb["position_ids"], mb["cu_seqlens"])
+                        loss_sum = self._cross_entropy(logits, mb["labels"], logits.shape[-1]).detach()
                 total[0] += (loss_sum.full_tensor() if isinstance(loss_sum, DTensor) else loss_sum).double()
             total[0:1] = self._all_reduce(total[0:1].clone(), group=self.env.grad_group)
             total[1:2] = self._all_reduce(total[1:2].clone())
@@ -398,13 +403,9 @@ class Trainer:
         every = cfg.ckpt.checkpoint_every
         saved_at = None
         self.monitor.start()
-        flush_denormals = self.device.type == "cpu"
-        if flush_denormals:
-            # denormal floats (|x| < 1.2e-38, common in AdamW state and small gradients after some
-            # steps) take a slow microcode path on x86: measured here, the step time of the demo model
-            # rose from 0.27 s to 0.47 s after ~60 steps without this (docs/LOG.md). Process-wide state,
-            # so it is switched back off when training ends.
-            torch.set_flush_denormal(True)
+        # CPU: flush denormals, keep freed memory for reuse (spindle/train/host.py); undone at the end
+        host_mode = contextlib.ExitStack()
+        host_mode.enter_context(cpu_training_mode(self.device.type == "cpu"))
         try:
             while state.step < total:
                 step = state.step
@@ -465,8 +466,7 @@ class Trainer:
             self.monitor.exception(exc)
             raise
         finally:
-            if flush_denormals:
-                torch.set_flush_denormal(False)
+            host_mode.close()
             self.monitor.close()
             rank_log.close()
             self.log = outer_log  # the rank log is closed: later messages (a save after fit) go where they went

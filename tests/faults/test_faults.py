@@ -423,13 +423,13 @@ def test_nan_in_loss_and_gradients_skipped_counted_alerted(tmp_path):
     tr = Trainer(_nan_cfg(tmp_path, alerts), ParallelEnv(), log=lambda *_: None)
     snapshots = {}
 
-    def nan_logits(module, inputs, out):  # NaN in the forward output, hence the loss, at step 2
+    def nan_logits(module, inputs, out):  # NaN in the final hidden states, hence the loss, at step 2
         return out * float("nan") if tr.state.step == 2 else out
 
     def grad_hook(g):  # NaN in one gradient (the loss stays finite) at step 5
         return g * float("nan") if tr.state.step == 5 else g
 
-    tr.raw_model.register_forward_hook(nan_logits)
+    tr.raw_model.norm.register_forward_hook(nan_logits)
     tr.raw_model.tok_embeddings.weight.register_hook(grad_hook)
     real_step = tr.train_step
 

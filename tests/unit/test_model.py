@@ -139,3 +139,21 @@ def test_activation_checkpointing_gives_same_gradients():
         wrapped(ids).float().pow(2).mean().backward()
         grads.append(model.tok_embeddings.weight.grad.clone())
     assert torch.allclose(grads[0], grads[1], atol=1e-6) and torch.allclose(grads[0], grads[2], atol=1e-6)
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_labels_give_the_fused_loss_of_the_logits(tied):
+    """model(..., labels=) == cross-entropy of model(...) logits, values and parameter gradients."""
+    torch.manual_seed(0)
+    a, b = build_model(tiny(tie_word_embeddings=tied)), build_model(tiny(tie_word_embeddings=tied))
+    x = torch.randint(0, 97, (2, 24))
+    labels = torch.randint(0, 97, (2, 24))
+    labels[:, :3] = -100
+    out = a(x, labels=labels)
+    out.loss_sum.backward()
+    ref = torch.nn.functional.cross_entropy(b(x).flatten(0, 1), labels.flatten(), ignore_index=-100, reduction="sum")
+    ref.backward()
+    torch.testing.assert_close(out.loss_sum, ref, rtol=1e-5, atol=1e-5)
+    assert out.token_loss.shape == (48,) and int((out.token_loss > 0).sum()) == 42
+    for (name, p), q in zip(a.named_parameters(), b.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-6, msg=name)

@@ -185,10 +185,10 @@ def test_trainer_alerts_nonfinite_step_and_heartbeat(hook, tmp_path):
     alert = {"enable_feishu_alert": True, "feishu_alert_address": f"{hook.url}/hook/x", "webhook_format": "json",
              "light_monitor_address": f"{hook.url}/beat", "heartbeat_every": 3}
     tr = Trainer(tiny_cfg(tmp_path, alert), ParallelEnv(), log=lambda *_: None)
-    def nan_at_step_2(module, inputs, out):  # NaN logits, hence a NaN loss, at step 2
+    def nan_at_step_2(module, inputs, out):  # NaN final hidden states, hence a NaN loss, at step 2
         return out * float("nan") if tr.state.step == 2 else out
 
-    tr.raw_model.register_forward_hook(nan_at_step_2)
+    tr.raw_model.norm.register_forward_hook(nan_at_step_2)
     res = tr.fit()
     assert res["state"]["inf_nan_skip_batches"] == 1
     alerts = hook.wait_for("/hook/x")

@@ -1,0 +1,59 @@
+"""Process-wide CPU settings for the duration of a training run, switched back afterwards.
+
+Two things made CPU steps much slower than their matmuls, both measured here (docs/LOG.md):
+
+- Denormal floats (|x| < 1.2e-38, common in AdamW state and small gradients after some steps) take
+  a microcode slow path on x86: the demo's step went from 0.27 s to 0.47 s after ~60 steps.
+  `torch.set_flush_denormal(True)` flushes them to zero.
+- glibc serves every allocation above its mmap threshold (at most 32 MB) with a fresh `mmap` and
+  returns it on free, so each step page-faults its large activations and gradients in again
+  (zero-filling them in the kernel). At the 10M benchmark shapes that cost 10-25 % of the step.
+  `mallopt(M_MMAP_MAX, 0)` + a huge `M_TRIM_THRESHOLD` keep freed memory in the heap for reuse,
+  which is what a caching allocator does on GPUs. The resident size stays at its peak; it is
+  returned with `malloc_trim` when the run ends.
+
+Both are process-wide state, hence a context manager around `Trainer.fit` and the benchmarks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import ctypes.util
+from typing import Iterator, Optional
+
+import torch
+
+# glibc's mallopt parameter numbers (malloc.h) and its defaults
+M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4
+DEFAULT_TRIM_THRESHOLD, DEFAULT_MMAP_MAX = 128 * 1024, 65536
+
+
+def _glibc() -> Optional[ctypes.CDLL]:
+    """The C library if it is glibc (mallopt's numbers are glibc's), else None (macOS, musl)."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.gnu_get_libc_version  # noqa: B018 - raises AttributeError outside glibc
+        return libc
+    except (OSError, AttributeError):
+        return None
+
+
+@contextlib.contextmanager
+def cpu_training_mode(enabled: bool = True) -> Iterator[bool]:
+    """Flush denormals and keep freed memory for reuse while the block runs; yields whether the
+    allocator setting took effect (False off glibc)."""
+    if not enabled:
+        yield False
+        return
+    libc = _glibc()
+    tuned = bool(libc) and libc.mallopt(M_MMAP_MAX, 0) == 1 and libc.mallopt(M_TRIM_THRESHOLD, (1 << 31) - 1) == 1
+    torch.set_flush_denormal(True)
+    try:
+        yield tuned
+    finally:
+        torch.set_flush_denormal(False)
+        if tuned:
+            libc.mallopt(M_MMAP_MAX, DEFAULT_MMAP_MAX)
+            libc.mallopt(M_TRIM_THRESHOLD, DEFAULT_TRIM_THRESHOLD)
+            libc.malloc_trim(0)
