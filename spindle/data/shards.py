@@ -433,31 +433,30 @@ class JsonBinWriter:
         self.path = path
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         self._f = open(path + ".tmp", "wb")
-        self._rows: list[tuple[int, int]] = []
+        self._rows: list[np.ndarray] = []  # (n, 2) blocks of (byte offset, token count)
         self._pos = 0
 
     def add(self, tokens: Sequence[int]) -> None:
         line = json_line(tokens)
         self._f.write(line)
-        self._rows.append((self._pos, len(tokens)))
+        self._rows.append(np.array([[self._pos, len(tokens)]], dtype=np.int64))
         self._pos += len(line)
 
-    def add_lines(self, lines: list[bytes], counts: list[int]) -> None:
-        """Append pre-rendered `json_line` bytes (rendered in worker processes)."""
-        pos = self._pos
-        for line, c in zip(lines, counts):
-            self._rows.append((pos, c))
-            pos += len(line)
-        self._f.write(b"".join(lines))
-        self._pos = pos
+    def add_lines(self, blob: bytes, line_bytes: np.ndarray, counts: np.ndarray) -> None:
+        """Append pre-rendered `json_line`s (rendered in worker processes): their bytes back to
+        back, each line's byte length and token count."""
+        ends = self._pos + np.cumsum(line_bytes, dtype=np.int64)
+        self._rows.append(np.stack([ends - line_bytes, np.asarray(counts, dtype=np.int64)], axis=1))
+        self._f.write(blob)
+        self._pos = int(ends[-1]) if len(ends) else self._pos
 
     @property
     def num_docs(self) -> int:
-        return len(self._rows)
+        return sum(len(r) for r in self._rows)
 
     def close(self) -> dict:
         self._f.close()
-        meta = np.array(self._rows, dtype=np.int64).reshape(-1, 2)
+        meta = np.concatenate(self._rows) if self._rows else np.zeros((0, 2), dtype=np.int64)
         with open(self.path + ".meta.tmp", "wb") as f:
             np.save(f, meta)
         os.replace(self.path + ".tmp", self.path)

@@ -138,3 +138,16 @@ def test_prepare_main(inputs, tmp_path, capsys):
     assert prepare_main([str(inputs / "a.txt"), "--out", str(tmp_path / "o"), "--tokenizer", "byte"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "--overwrite" in err and os.path.basename(str(tmp_path / "o")) in err
+
+
+@pytest.mark.parametrize("vocab", [258, 1024, 70_000])
+def test_render_json_lines_equals_json_dumps(vocab):
+    from spindle.data.prepare import render_json_lines
+
+    rng = np.random.default_rng(vocab)
+    docs = [rng.integers(0, vocab, rng.integers(1, 30)).tolist() for _ in range(300)] + [[vocab - 1], [0, 0], [0]]
+    flat = np.array([t for d in docs for t in d], dtype=np.uint32)
+    blob, line_bytes = render_json_lines(flat, np.array([len(d) for d in docs]), vocab)
+    lines = [(json.dumps({"tokens": d}) + "\n").encode() for d in docs]
+    assert blob == b"".join(lines)
+    assert line_bytes.tolist() == [len(x) for x in lines]
