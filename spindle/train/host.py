@@ -7,7 +7,8 @@ Two things made CPU steps much slower than their matmuls, both measured here (do
   `torch.set_flush_denormal(True)` flushes them to zero.
 - glibc serves every allocation above its mmap threshold (at most 32 MB) with a fresh `mmap` and
   returns it on free, so each step page-faults its large activations and gradients in again
-  (zero-filling them in the kernel). At the 10M benchmark shapes that cost 10-25 % of the step.
+  (zero-filling them in the kernel). At the 10M benchmark shapes this setting is worth ~3.5 % of the
+  step (most of the cost was the logits, which spindle.model.loss no longer allocates).
   `mallopt(M_MMAP_MAX, 0)` + a huge `M_TRIM_THRESHOLD` keep freed memory in the heap for reuse,
   which is what a caching allocator does on GPUs. The resident size stays at its peak; it is
   returned with `malloc_trim` when the run ends.
