@@ -61,7 +61,11 @@ class _LinearCrossEntropy(torch.autograd.Function):
             correct[s:e] = (picked >= logp.amax(-1)) & vc
             if not want_grad:
                 continue
-            probs = logp.exp_()  # d loss_i / d logits_i = softmax_i - one_hot(label_i)
+            # d loss_i / d logits_i = softmax_i - one_hot(label_i). Clamp first: exp of inputs below
+            # -87.3 (denormal or zero results) takes a slow path, ~20x slower on x86 even with
+            # flush-to-zero (docs/LOG.md); a floor of exp(-87) = 1.6e-38 per logit is far below fp32
+            # rounding of the entries that matter.
+            probs = logp.clamp_(min=-87.0).exp_()
             probs.scatter_add_(1, lc[:, None], torch.full_like(picked, -1.0)[:, None])
             if not bool(vc.all()):
                 probs.mul_(vc[:, None])
