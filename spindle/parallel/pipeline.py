@@ -12,7 +12,9 @@ Only the first stage receives the batch from the schedule; later stages receive 
 Position ids and document boundaries, which every stage needs for RoPE and the packed mask, are
 handed to each stage before the step (`PipelineChunk.set_micro_batches`) and consumed in
 micro-batch order, which is the order every schedule runs a stage's forwards in (preceded, on the
-first step, by the stage's shape-inference forward on micro-batch 0).
+first step and on every switch between training and the forward-only validation pass, by the
+stage's shape-inference forward on micro-batch 0). The trainer checks after each step that every
+listed entry was consumed exactly once.
 """
 
 from __future__ import annotations
@@ -54,16 +56,32 @@ class PipelineChunk(nn.Module):
         self.model = model
         self._meta: list[tuple[torch.Tensor, Optional[torch.Tensor]]] = []
         self._calls = 0
+        self._inference_calls = 0
 
     def set_micro_batches(self, meta: list[tuple[torch.Tensor, Optional[torch.Tensor]]], first_step: bool) -> None:
         """Position info for this step's micro-batches, in order. On the first step the stage runs one
         extra forward on micro-batch 0 to infer its shapes, so that one is listed twice."""
         self._meta, self._calls = ([meta[0]] + meta) if first_step else meta, 0
+        self._inference_calls = 1 if first_step else 0
+
+    @property
+    def last_forward_was_shape_inference(self) -> bool:
+        """The latest forward ran on the schedule's placeholder inputs (whose outputs, and any loss
+        the schedule computes from them for its backward metadata, are not real numbers)."""
+        return 0 < self._calls <= self._inference_calls
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        position_ids, cu_seqlens = self._meta[self._calls % len(self._meta)]
+        if self._calls >= len(self._meta):
+            raise RuntimeError(f"pipeline stage called {self._calls + 1} times for {len(self._meta)} micro-batches")
+        position_ids, cu_seqlens = self._meta[self._calls]
         self._calls += 1
         return self.model(x, position_ids, cu_seqlens)
+
+    def check_consumed(self) -> None:
+        """After a schedule step: every listed micro-batch was run once, in order (else the schedule's
+        forward count differs from what set_micro_batches assumed and positions would be misassigned)."""
+        if self._calls != len(self._meta):
+            raise RuntimeError(f"pipeline stage ran {self._calls} forwards for {len(self._meta)} micro-batches")
 
 
 def build_stage_model(cfg: SpindleConfig, stage: int, num_stages: int, device: torch.device) -> Transformer:

@@ -83,8 +83,8 @@ class Trainer:
             save_resolved_config(cfg, self.run_dir)
         self.n_params = parameter_counts(cfg.model)["total"]
         self.schedule = None
-        # the fused head + cross-entropy needs the whole vocabulary on this rank and plain labels
-        self._fused_loss = env.tp_size == 1 and cfg.loss.label_smoothing == 0
+        # the fused head + cross-entropy needs the whole vocabulary on this rank
+        self._fused_loss = env.tp_size == 1
         if env.pp_size > 1:
             self._build_pipeline()
         else:
@@ -158,21 +158,62 @@ class Trainer:
         self.chunks = [PipelineChunk(apply_model_parallel(m, cfg, env)) for m in inner]
         parts = [apply_data_parallel(c, cfg, env) for c in self.chunks]
         self.is_first, self.is_last = 0 in self.stage_ids, num_stages - 1 in self.stage_ids
-        self._pp_denom = 1.0
-        self._pp_started = False
-        vocab = cfg.model.vocab_size
+        # the schedule re-runs each stage's shape-inference forward on micro-batch 0 at the first step
+        # and whenever it switches between training and evaluation (torch.distributed.pipelining)
+        self._pp_mode: Optional[str] = None  # "train" / "eval": the mode of the schedule's last step
+        self._pp_loss_factor = 1.0  # scale / denom while training, 1 for validation
+        self._pp_stats: Optional[torch.Tensor] = None  # per-source sums the last stage adds to
 
-        def loss_fn(logits, labels):
-            loss_sum = self._cross_entropy(logits, labels, vocab)
-            return loss_sum * (self.scaler.scale / self._pp_denom)
+        last_chunk = self.chunks[self.stage_ids.index(num_stages - 1)] if self.is_last else None
+
+        def loss_fn(logits, target):
+            # target rows are (labels, type_ids) of one micro-batch, so per-source statistics survive
+            # the schedule's micro-batch split; the loss of the schedule's shape-inference pass is not counted
+            labels, types = target[:, 0], target[:, 1]
+            stats = None if last_chunk.last_forward_was_shape_inference else self._pp_stats
+            return self._token_statistics(logits, labels, types, stats) * self._pp_loss_factor
 
         self.schedule, _ = build_schedule(cfg, env, parts, self.stage_ids, loss_fn, cfg.data.micro_num)
         self.model = parts[0]
 
-    def _cross_entropy(self, logits, labels, vocab: int) -> torch.Tensor:
-        """Sum of token losses (vocabulary-parallel inside `_loss_context` when the head is tensor-parallel)."""
+    def _cross_entropy(self, logits, labels, label_smoothing: Optional[float] = None) -> torch.Tensor:
+        """Sum of token losses (vocabulary-parallel inside `_loss_context` when the head is tensor-parallel);
+        `label_smoothing` defaults to the configured one (the training loss)."""
+        smoothing = self.cfg.loss.label_smoothing if label_smoothing is None else label_smoothing
         return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100, reduction="sum",
-                               label_smoothing=self.cfg.loss.label_smoothing)
+                               label_smoothing=smoothing)
+
+    def _token_statistics(self, logits, labels, types, stats: Optional[torch.Tensor]) -> torch.Tensor:
+        """The training loss (summed, with grad) of unfused logits; adds each source's summed plain
+        cross-entropy, valid tokens and argmax hits to `stats` (3, sources + 1) when given.
+        Vocabulary-sharded (tensor-parallel) logits give the loss total only."""
+        if isinstance(logits, DTensor):
+            loss_sum = self._cross_entropy(logits, labels)
+            if stats is not None:
+                with torch.no_grad():
+                    plain = loss_sum if self.cfg.loss.label_smoothing == 0 else self._cross_entropy(logits, labels, 0.0)
+                    stats[0, 0] += plain.detach().full_tensor().double()
+                    stats[1, 0] += (labels != -100).sum()
+            return loss_sum
+        flat = logits.float().flatten(0, -2)
+        labels = labels.flatten()
+        token_loss = F.cross_entropy(flat, labels, ignore_index=-100, reduction="none")
+        smoothing = self.cfg.loss.label_smoothing
+        loss_sum = token_loss.sum() if smoothing == 0 else \
+            F.cross_entropy(flat, labels, ignore_index=-100, reduction="sum", label_smoothing=smoothing)
+        if stats is not None:
+            with torch.no_grad():
+                valid = labels != -100
+                correct = (flat.argmax(-1) == labels) & valid
+                self._add_source_stats(stats, types, token_loss.detach(), valid, correct)
+        return loss_sum
+
+    @staticmethod
+    def _add_source_stats(stats: torch.Tensor, types, token_loss, valid, correct) -> None:
+        """Per-source sums of token loss, valid tokens and hits into columns 0..sources-1 of `stats`."""
+        types = types.reshape(-1).clamp(max=stats.shape[1] - 2)
+        for row, values in enumerate((token_loss, valid, correct)):
+            stats[row].index_add_(0, types, values.to(torch.float64))
 
     def _loss_context(self):
         """loss_parallel: cross-entropy on vocabulary-sharded logits, forward and backward, no gather."""
@@ -210,7 +251,7 @@ class Trainer:
         scale = self.scaler.scale
         t0 = time.perf_counter()
         if self.schedule is not None:
-            self._pipeline_forward_backward(mbs, denom, stats)
+            self._pipeline_run(mbs, "train", scale / denom, stats)
         for i, mb in enumerate(mbs if self.schedule is None else []):
             sync = contextlib.nullcontext()
             if i < len(mbs) - 1 and hasattr(model, "no_sync"):
@@ -218,29 +259,18 @@ class Trainer:
             with sync, self._loss_context():
                 if self._fused_loss:  # head + loss over token chunks: no (N, V) logits (spindle/model/loss.py)
                     with self.autocast():
-                        out = model(mb["input_ids"], mb["position_ids"], mb["cu_seqlens"], labels=mb["labels"])
+                        out = model(mb["input_ids"], mb["position_ids"], mb["cu_seqlens"], labels=mb["labels"],
+                                    label_smoothing=cfg.loss.label_smoothing)
                     (out.loss_sum * (scale / denom)).backward()
                     token_loss, correct = out.token_loss, out.correct
-                    loss_sum = out.loss_sum
-                else:
+                    with torch.no_grad():
+                        self._add_source_stats(stats, mb["type_ids"], token_loss.detach(),
+                                               mb["labels"].view(-1) != -100, correct)
+                else:  # tensor-parallel head: vocabulary-sharded (N, V) logits
                     with self.autocast():
                         logits = model(mb["input_ids"], mb["position_ids"], mb["cu_seqlens"])
-                    loss_sum = self._cross_entropy(logits, mb["labels"], logits.shape[-1])
+                    loss_sum = self._token_statistics(logits, mb["labels"], mb["type_ids"], stats)
                     (loss_sum * (scale / denom)).backward()
-            with torch.no_grad():
-                labels = mb["labels"].view(-1)
-                valid = labels != -100
-                if not self._fused_loss:
-                    if isinstance(logits, DTensor):  # vocabulary-sharded logits: the loss total only
-                        stats[0, 0] += loss_sum.detach().full_tensor().double()
-                        stats[1, 0] += valid.sum()
-                        continue
-                    flat_logits = logits.float().view(-1, logits.shape[-1])
-                    token_loss = F.cross_entropy(flat_logits, labels, ignore_index=-100, reduction="none")
-                    correct = (flat_logits.argmax(-1) == labels) & valid
-                types = mb["type_ids"].view(-1).clamp(max=n_sources - 1)
-                for row, values in enumerate((token_loss, valid, correct)):
-                    stats[row].index_add_(0, types, values.to(torch.float64))
         fwd_bwd = time.perf_counter() - t0
         stats[:, -1] = stats[:, :-1].sum(1)
         self._all_reduce(stats, group=self.env.grad_group)
@@ -265,8 +295,8 @@ class Trainer:
         out = {"loss": loss, "grad_norm": float(grad_norm), "lr": lr, "adam_beta2": beta2,
                "loss_scale": scale, "fwd_bwd_time": round(fwd_bwd, 3), "finite": finite,
                "acc": (stats[2, -1] / stats[1, -1].clamp(min=1)).item()}
-        # per-source numbers need full logits: not under tensor parallelism (vocabulary-sharded) or pipeline
-        per_source = self.env.tp_size == 1 and self.schedule is None
+        # per-source numbers need full logits: not under tensor parallelism (vocabulary-sharded)
+        per_source = self.env.tp_size == 1
         for k, name in enumerate(self.loader.source_names if per_source else []):
             if stats[1, k] > 0:
                 out[f"loss/{name}"] = (stats[0, k] / stats[1, k]).item()
@@ -274,30 +304,37 @@ class Trainer:
                 out[f"tokens/{name}"] = int(stats[1, k])
         return out
 
-    def _pipeline_forward_backward(self, mbs: list[dict], denom: float, stats: torch.Tensor) -> None:
-        """One step through the pipeline schedule: micro-batches are rows of one stacked batch."""
+    def _pipeline_run(self, mbs: list[dict], mode: str, loss_factor: float, stats: torch.Tensor) -> None:
+        """One pass of the schedule over `micro_num` micro-batches (stacked as rows of one batch):
+        forward + backward (`mode="train"`) or forward only ("eval"). The last stage adds the loss
+        statistics to `stats`, which then reach every stage of the pipeline."""
         for chunk in self.chunks:
             chunk.set_micro_batches([(mb["position_ids"], mb["cu_seqlens"]) for mb in mbs],
-                                    first_step=not self._pp_started)
-        self._pp_started = True
-        self._pp_denom = denom
+                                    first_step=self._pp_mode != mode)
+        self._pp_mode = mode
+        # this pass's sums go to a buffer of their own: reducing `stats` itself would count earlier passes again
+        local = torch.zeros_like(stats)
+        self._pp_loss_factor, self._pp_stats = loss_factor, local
         inputs = torch.cat([mb["input_ids"] for mb in mbs])
-        labels = torch.cat([mb["labels"] for mb in mbs])
-        losses: list[torch.Tensor] = []
-        with self.autocast(), self._loss_context():
-            if self.is_first and self.is_last:
-                self.schedule.step(inputs, target=labels, losses=losses)
-            elif self.is_first:
-                self.schedule.step(inputs)
-            elif self.is_last:
-                self.schedule.step(target=labels, losses=losses)
-            else:
-                self.schedule.step()
-        if self.is_last:  # the losses came back scaled by scale / denom: undo it for the log
-            stats[0, 0] = sum(l.detach().double() for l in losses) * denom / self.scaler.scale
-            stats[1, 0] = sum((mb["labels"] != -100).sum() for mb in mbs)
-        if self.env.pp_group is not None:  # the last stage's totals, to every stage (then dp reduces)
-            dist.all_reduce(stats, group=self.env.pp_group)
+        target = torch.stack([torch.cat([mb[k] for mb in mbs]).long() for k in ("labels", "type_ids")], 1)
+        run = self.schedule.step if mode == "train" else self.schedule.eval
+        try:
+            with self.autocast(), self._loss_context():
+                if self.is_first and self.is_last:
+                    run(inputs, target=target)
+                elif self.is_first:
+                    run(inputs)
+                elif self.is_last:
+                    run(target=target)
+                else:
+                    run()
+        finally:
+            self._pp_stats = None
+        for chunk in self.chunks:  # the position side channel must have been consumed exactly
+            chunk.check_consumed()
+        if self.env.pp_group is not None:  # the last stage's sums, to every stage (then dp reduces)
+            dist.all_reduce(local, group=self.env.pp_group)
+        stats += local
 
     def _clip_gradients(self, params: list[torch.Tensor], max_norm: float) -> torch.Tensor:
         """Global gradient norm over every stage, tensor and data shard; clip to max_norm (0 = no clip).
@@ -329,13 +366,14 @@ class Trainer:
 
     @torch.no_grad()
     def validate(self) -> dict:
-        if self.schedule is not None:
-            return {}  # not run through the pipeline schedule yet (docs/parallelism.md, limits)
+        """val/{set}_loss (plain cross-entropy per valid token) and val/{set}_plex for every validation set."""
         self.model.eval()
         out = {}
         for name, mbs in self.valid_sets.items():
             total = torch.zeros(2, dtype=torch.float64, device=self.device)
-            for mb in mbs:
+            if self.schedule is not None:
+                total = self._pipeline_validate([self._to_device(mb) for mb in mbs])
+            for mb in mbs if self.schedule is None else []:
                 mb = self._to_device(mb)
                 total[1] += (mb["labels"] != -100).sum()
                 if self.env.cp_size > 1:
@@ -345,9 +383,9 @@ class Trainer:
                     if self._fused_loss:
                         loss_sum = self.model(mb["input_ids"], mb["position_ids"], mb["cu_seqlens"],
                                               labels=mb["labels"]).loss_sum.detach()
-                    else:
+                    else:  # the plain cross-entropy, as the fused path reports (no label smoothing)
                         logits = self.model(mb["input_ids"], mb["position_ids"], mb["cu_seqlens"])
-                        loss_sum = self._cross_entropy(logits, mb["labels"], logits.shape[-1]).detach()
+                        loss_sum = self._cross_entropy(logits, mb["labels"], label_smoothing=0.0).detach()
                 total[0] += (loss_sum.full_tensor() if isinstance(loss_sum, DTensor) else loss_sum).double()
             total[0:1] = self._all_reduce(total[0:1].clone(), group=self.env.grad_group)
             total[1:2] = self._all_reduce(total[1:2].clone())
@@ -355,6 +393,17 @@ class Trainer:
             out[f"val/{name}_loss"] = loss
             out[f"val/{name}_plex"] = math.exp(min(loss, 50.0))
         return out
+
+    def _pipeline_validate(self, mbs: list[dict]) -> torch.Tensor:
+        """(loss sum, valid tokens) of a validation set through the schedule's forward-only pass, in
+        groups of `micro_num` micro-batches; a short last group is padded with copies that carry no labels."""
+        n = self.cfg.data.micro_num
+        stats = torch.zeros(3, 2, dtype=torch.float64, device=self.device)
+        for start in range(0, len(mbs), n):
+            group = mbs[start:start + n]
+            filler = {**group[-1], "labels": torch.full_like(group[-1]["labels"], -100)}
+            self._pipeline_run(group + [filler] * (n - len(group)), "eval", 1.0, stats)
+        return stats[:2, :].sum(1)
 
     # ------------------------------------------------------------------ checkpoint
 
