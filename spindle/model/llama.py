@@ -196,6 +196,7 @@ class Transformer(nn.Module):
         cache: Optional[KVCache] = None,
         seq_len: Optional[int] = None,
         labels: Optional[torch.Tensor] = None,
+        label_smoothing: float = 0.0,
     ) -> torch.Tensor | TokenLosses:
         """input_ids (B, L) -> logits (B, L, V); with `labels` (B, L) -> TokenLosses instead.
 
@@ -204,7 +205,8 @@ class Transformer(nn.Module):
         boundaries of the flattened pack (int32). With a `cache`, `position_ids` are absolute and
         `seq_len` (the total context, for dynamic RoPE scaling) defaults to max position + 1.
         With `labels` (-100 where no loss) the head and the cross-entropy run fused over token
-        chunks (`spindle.model.loss`): the summed loss, per-token losses and argmax hits, no logits.
+        chunks (`spindle.model.loss`): the summed loss (label-smoothed if asked), per-token plain
+        cross-entropy and argmax hits, no logits.
         """
         h = self.tok_embeddings(input_ids) if self.tok_embeddings is not None else input_ids
         b, l = input_ids.shape[:2]  # not h's: under sequence parallelism h holds only this rank's slice
@@ -221,7 +223,7 @@ class Transformer(nn.Module):
         if self.output is None:
             return h
         if labels is not None:
-            return linear_cross_entropy(h, self.output.weight, labels)
+            return linear_cross_entropy(h, self.output.weight, labels, label_smoothing=label_smoothing)
         return self.output(h)
 
 

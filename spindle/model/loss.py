@@ -11,9 +11,13 @@ gradients of `h` and `weight` by two matmuls, so backward only scales them by th
 of the summed loss. The same pass yields every token's loss and whether its argmax was right, which
 the trainer's per-source statistics need.
 
+With `label_smoothing` ε the summed loss (the one that trains) is PyTorch's smoothed cross-entropy,
+(1 - ε)·(-log p_label) + ε·mean_j(-log p_j) per token, while `token_loss` stays the plain
+cross-entropy that the trainer reports.
+
 PyTorch has no fused linear + cross-entropy (torch.compile does not fuse across the matmul either),
 so this is our own. The matmul FLOPs are unchanged; only elementwise traffic and allocations go.
-Label smoothing and vocabulary-parallel (DTensor) heads use the plain path in the trainer.
+Vocabulary-parallel (DTensor) heads use the plain path in the trainer.
 """
 
 from __future__ import annotations
@@ -26,8 +30,8 @@ IGNORE_INDEX = -100
 
 
 class TokenLosses(NamedTuple):
-    loss_sum: torch.Tensor  # () fp32, differentiable: the sum over valid tokens
-    token_loss: torch.Tensor  # (N,) fp32, 0 where the label is ignored; no gradient
+    loss_sum: torch.Tensor  # () fp32, differentiable: the (label-smoothed) loss summed over valid tokens
+    token_loss: torch.Tensor  # (N,) fp32 plain cross-entropy, 0 where the label is ignored; no gradient
     correct: torch.Tensor  # (N,) bool: argmax == label (False where ignored); no gradient
 
 
@@ -39,8 +43,9 @@ def chunk_rows(vocab: int, device_type: str) -> int:
 
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, h, weight, labels, rows):
+    def forward(ctx, h, weight, labels, rows, smoothing):
         n = h.shape[0]
+        smoothed_sum = torch.zeros((), dtype=torch.float64, device=h.device) if smoothing else None
         want_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
         valid = labels != IGNORE_INDEX
         safe = labels.clamp(min=0)  # ignored positions pick column 0; their rows are zeroed below
@@ -59,6 +64,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
             # "the label has the top score" via amax (vectorised; argmax is ~10x slower on CPU);
             # a tie for the top counts as correct
             correct[s:e] = (picked >= logp.amax(-1)) & vc
+            if smoothing:  # before the clamp below alters logp
+                smoothed = (1.0 - smoothing) * -picked - smoothing * logp.mean(-1)
+                smoothed_sum += torch.where(vc, smoothed, 0.0).sum(dtype=torch.float64)
             if not want_grad:
                 continue
             # d loss_i / d logits_i = softmax_i - one_hot(label_i). Clamp first: exp of inputs below
@@ -66,7 +74,10 @@ class _LinearCrossEntropy(torch.autograd.Function):
             # flush-to-zero (docs/LOG.md); a floor of exp(-87) = 1.6e-38 per logit is far below fp32
             # rounding of the entries that matter.
             probs = logp.clamp_(min=-87.0).exp_()
-            probs.scatter_add_(1, lc[:, None], torch.full_like(picked, -1.0)[:, None])
+            # (smoothed) target distribution: 1 - ε on the label, ε / V everywhere
+            probs.scatter_add_(1, lc[:, None], torch.full_like(picked, -(1.0 - smoothing))[:, None])
+            if smoothing:
+                probs.sub_(smoothing / probs.shape[1])
             if not bool(vc.all()):
                 probs.mul_(vc[:, None])
             g = probs.to(hc.dtype)
@@ -79,18 +90,20 @@ class _LinearCrossEntropy(torch.autograd.Function):
             ctx.save_for_backward(grad_h, grad_w)
             ctx.weight_dtype = weight.dtype
         ctx.mark_non_differentiable(token_loss, correct)
-        return token_loss.sum(), token_loss, correct
+        loss_sum = token_loss.sum() if smoothed_sum is None else smoothed_sum.float()
+        return loss_sum, token_loss, correct
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_token_loss, _grad_correct):
         grad_h, grad_w = ctx.saved_tensors
-        return (grad_h * grad_loss.to(grad_h.dtype), (grad_w * grad_loss).to(ctx.weight_dtype), None, None)
+        return (grad_h * grad_loss.to(grad_h.dtype), (grad_w * grad_loss).to(ctx.weight_dtype), None, None, None)
 
 
 def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
-                         rows: int | None = None) -> TokenLosses:
+                         rows: int | None = None, label_smoothing: float = 0.0) -> TokenLosses:
     """h (..., d), weight (V, d), labels (...) with -100 where no loss -> TokenLosses over the flattened tokens."""
     h2 = h.reshape(-1, h.shape[-1])
     rows = rows or chunk_rows(weight.shape[0], h.device.type)
-    loss_sum, token_loss, correct = _LinearCrossEntropy.apply(h2, weight, labels.reshape(-1), rows)
+    loss_sum, token_loss, correct = _LinearCrossEntropy.apply(h2, weight, labels.reshape(-1), rows,
+                                                              float(label_smoothing))
     return TokenLosses(loss_sum, token_loss, correct)

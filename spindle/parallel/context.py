@@ -86,7 +86,7 @@ class ContextParallel(nn.Module):
             inner = getattr(block, "_checkpoint_wrapped_module", block)
             inner.attention.kernel = kernel
 
-    def forward(self, input_ids, position_ids, cu_seqlens, labels=None):
+    def forward(self, input_ids, position_ids, cu_seqlens, labels=None, label_smoothing=0.0):
         b, lc = input_ids.shape[:2]
         length = lc * self.size
         self.info.q_index = torch.arange(self.rank * lc, (self.rank + 1) * lc, device=input_ids.device)
@@ -94,7 +94,7 @@ class ContextParallel(nn.Module):
             cu_seqlens = torch.arange(0, b * length + 1, length, device=input_ids.device, dtype=torch.int32)
         self.info.segments = segment_ids(cu_seqlens, b, length)
         # no cu_seqlens below: the mask is the kernel's business (built from the full rows above)
-        return self.model(input_ids, position_ids, None, labels=labels)
+        return self.model(input_ids, position_ids, None, labels=labels, label_smoothing=label_smoothing)
 
 
 def local_slice(t: torch.Tensor, rank: int, size: int) -> torch.Tensor:

@@ -88,3 +88,22 @@ def test_chunk_rows_sizes_logits_for_the_cache():
     assert chunk_rows(8192, "cpu") == 256  # 2 Mi fp32 logits = 8 MiB per chunk
     assert chunk_rows(256_000, "cpu") == 64  # never fewer rows than a useful GEMM
     assert chunk_rows(128_256, "cuda") >= 2048
+
+
+@pytest.mark.parametrize("rows", [16, 1000])
+def test_label_smoothing_matches_pytorch(rows):
+    """The summed loss and the gradients follow F.cross_entropy(label_smoothing=ε); token_loss stays plain."""
+    h, w, labels = _inputs(vocab=40)
+    hr, wr = h.clone().requires_grad_(), w.clone().requires_grad_()
+    logits = hr @ wr.t()
+    smooth = F.cross_entropy(logits, labels, ignore_index=-100, reduction="sum", label_smoothing=0.2)
+    (smooth * 0.5).backward()
+    plain = F.cross_entropy(logits.detach(), labels, ignore_index=-100, reduction="none")
+    hh, ww = h.clone().requires_grad_(), w.clone().requires_grad_()
+    out = linear_cross_entropy(hh, ww, labels, rows=rows, label_smoothing=0.2)
+    (out.loss_sum * 0.5).backward()
+    torch.testing.assert_close(out.loss_sum.detach().double(), smooth.detach(), rtol=1e-6, atol=1e-5)
+    torch.testing.assert_close(out.token_loss, plain.float(), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(hh.grad, hr.grad, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(ww.grad, wr.grad, rtol=1e-6, atol=1e-6)
+    assert (smooth - plain.sum()).abs() > 1.0  # smoothing visibly changes the loss here

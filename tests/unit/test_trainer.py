@@ -115,3 +115,29 @@ def test_fp16_overflow_backs_off_the_scale(tmp_path):
     ids = torch.randint(0, 64, (2, 16))
     out = tr.train_step([micro_batch(ids, torch.roll(ids, -1, 1))])
     assert not out["finite"] and tr.scaler.scale == 2.0**39
+
+
+def test_label_smoothing_trains_on_the_smoothed_loss_and_reports_the_plain_one(tmp_path):
+    torch.manual_seed(1)
+    ids = torch.randint(0, 64, (2, 16))
+    labels = torch.roll(ids, -1, 1)
+    labels[1, 10:] = -100
+    labels[0, :4] = 1  # source-free data: every token is type 0
+    tr = Trainer(tiny_cfg(tmp_path, loss={"label_smoothing": 0.1}, hybrid_zero_optimizer={"clip_grad_norm": 0.0}),
+                 ParallelEnv(), log=lambda *_: None)
+    assert tr._fused_loss  # label smoothing runs through the fused head + loss
+    model = tr.raw_model
+    with torch.enable_grad():
+        logits = model(ids).float().view(-1, 64)
+        smooth = torch.nn.functional.cross_entropy(logits, labels.view(-1), ignore_index=-100, label_smoothing=0.1)
+        plain = torch.nn.functional.cross_entropy(logits, labels.view(-1), ignore_index=-100)
+        hits = ((logits.argmax(-1) == labels.view(-1)) & (labels.view(-1) != -100)).sum() / (labels != -100).sum()
+        expected = torch.autograd.grad(smooth, list(model.parameters()))
+    tr.optimizer.step = lambda: None  # keep the gradients to compare them
+    tr.optimizer.zero_grad = lambda set_to_none=True: None
+    out = tr.train_step([micro_batch(ids, labels)])
+    assert out["loss"] == pytest.approx(plain.item(), rel=1e-6)  # the logged loss is the plain cross-entropy
+    assert out["acc"] == pytest.approx(hits.item())
+    assert abs(smooth.item() - plain.item()) > 1e-4  # the two losses are distinguishable here
+    for p, g in zip(model.parameters(), expected):  # the update follows the smoothed loss
+        assert torch.allclose(p.grad, g, atol=1e-6)
