@@ -46,6 +46,29 @@ COMPUTE_DTYPES = {
 }
 
 
+def sharded_token_statistics(logits: DTensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token plain cross-entropy and "the label has the top logit" for logits sharded over the
+    vocabulary (`Shard(-1)` on the tensor-parallel mesh), without gathering them: each rank reduces its
+    slice (max, sum of exp, the label's logit where the label falls in its slice), and three all-reduces
+    over the (N,) rows combine them. `loss_parallel` gives the summed loss only, hence our own."""
+    local = logits.to_local().float().flatten(0, -2)
+    mesh = logits.device_mesh
+    group = mesh.get_group() if mesh.ndim == 1 else mesh.get_group(mesh.ndim - 1)
+    vocab, rank = logits.shape[-1], dist.get_rank(group)
+    start = rank * -(-vocab // mesh.size(-1))  # Shard splits like torch.chunk: ceil(V / n) per rank
+    row_max = local.amax(-1)
+    dist.all_reduce(row_max, op=dist.ReduceOp.MAX, group=group)
+    sum_exp = (local - row_max[:, None]).clamp_(min=-87.0).exp_().sum(-1)
+    dist.all_reduce(sum_exp, group=group)
+    ours = (labels >= start) & (labels < start + local.shape[-1])
+    index = torch.where(ours, labels - start, 0)
+    picked = torch.where(ours, local.gather(1, index[:, None]).squeeze(1), 0.0)
+    dist.all_reduce(picked, group=group)
+    valid = labels != -100
+    token_loss = torch.where(valid, row_max + sum_exp.log() - picked, 0.0)
+    return token_loss, (picked >= row_max) & valid
+
+
 def compute_dtype_key(dtype: str) -> str:
     return {"torch.float32": "fp32", "torch.tf32": "tf32", "torch.bfloat16": "bf16"}.get(dtype, "fp16")
 
@@ -185,15 +208,14 @@ class Trainer:
 
     def _token_statistics(self, logits, labels, types, stats: Optional[torch.Tensor]) -> torch.Tensor:
         """The training loss (summed, with grad) of unfused logits; adds each source's summed plain
-        cross-entropy, valid tokens and argmax hits to `stats` (3, sources + 1) when given.
-        Vocabulary-sharded (tensor-parallel) logits give the loss total only."""
+        cross-entropy, valid tokens and argmax hits to `stats` (3, sources + 1) when given. Logits may be
+        vocabulary-sharded DTensors (tensor-parallel head): the statistics then come from the shards."""
         if isinstance(logits, DTensor):
             loss_sum = self._cross_entropy(logits, labels)
             if stats is not None:
                 with torch.no_grad():
-                    plain = loss_sum if self.cfg.loss.label_smoothing == 0 else self._cross_entropy(logits, labels, 0.0)
-                    stats[0, 0] += plain.detach().full_tensor().double()
-                    stats[1, 0] += (labels != -100).sum()
+                    token_loss, correct = sharded_token_statistics(logits, labels.flatten())
+                    self._add_source_stats(stats, types, token_loss, labels.flatten() != -100, correct)
             return loss_sum
         flat = logits.float().flatten(0, -2)
         labels = labels.flatten()
@@ -295,9 +317,7 @@ class Trainer:
         out = {"loss": loss, "grad_norm": float(grad_norm), "lr": lr, "adam_beta2": beta2,
                "loss_scale": scale, "fwd_bwd_time": round(fwd_bwd, 3), "finite": finite,
                "acc": (stats[2, -1] / stats[1, -1].clamp(min=1)).item()}
-        # per-source numbers need full logits: not under tensor parallelism (vocabulary-sharded)
-        per_source = self.env.tp_size == 1
-        for k, name in enumerate(self.loader.source_names if per_source else []):
+        for k, name in enumerate(self.loader.source_names):
             if stats[1, k] > 0:
                 out[f"loss/{name}"] = (stats[0, k] / stats[1, k]).item()
                 out[f"acc/{name}"] = (stats[2, k] / stats[1, k]).item()

@@ -1,6 +1,7 @@
-"""Pipeline parallelism reports what a single process reports: per-source loss / accuracy / tokens of
-every step and the validation loss (run through the schedule's forward-only pass), on real source
-folders prepared with tools/tokenizer.py (gloo, torchrun)."""
+"""Pipeline and tensor parallelism report what a single process reports: per-source loss / accuracy /
+tokens of every step and the validation loss, on real source folders prepared with tools/tokenizer.py
+(gloo, torchrun). Pipelines compute them on the last stage inside the schedule (validation through its
+forward-only pass); tensor parallelism from vocabulary-sharded logits."""
 
 import json
 import os
@@ -64,8 +65,9 @@ def reference(config, tmp_path_factory):
 @pytest.mark.parametrize("name,overrides", [
     ("pp2_1f1b", ["parallel.pipeline.size=2"]),
     ("pp2_interleaved", ["parallel.pipeline.size=2", "model.num_chunks=2"]),
+    ("tp2_sp", ["parallel.tensor=2", "parallel.sequence_parallel=True"]),
 ])
-def test_pipeline_reports_sources_and_validation(config, reference, tmp_path, name, overrides):
+def test_layout_reports_sources_and_validation(config, reference, tmp_path, name, overrides):
     records = run(config, tmp_path / name, 2, overrides)
     assert [r["step"] for r in records] == [r["step"] for r in reference] == [0, 1, 2, 3]
     def reported(record):
