@@ -150,6 +150,19 @@ def _ntk_base(base: float, alpha: float, head_dim: int) -> float:
     return base * alpha ** (head_dim / (head_dim - 2))
 
 
+def _extension(params: dict, kind: str, max_position_embeddings: int | None) -> tuple[int, float, float | None]:
+    """(original length, factor, explicit attention_factor or None) for yarn and longrope; a missing
+    factor is max_position_embeddings / original length, as in transformers."""
+    orig = _original_len(params, max_position_embeddings, kind)
+    factor = params.get("factor")
+    if factor is None:
+        if max_position_embeddings is None:
+            raise SpindleError(f"rope_scaling type {kind!r} needs 'factor' (or max_position_embeddings)")
+        factor = max_position_embeddings / orig
+    att = params.get("attention_factor")
+    return orig, _positive_number(factor, "factor"), None if att is None else _positive_number(att, "attention_factor")
+
+
 def _yarn_mscale(scale: float, mscale: float = 1.0) -> float:
     # YaRN's temperature sqrt(1/t) = 0.1 ln s + 1; no correction when not extending.
     return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
@@ -206,16 +219,9 @@ def rope_inv_freq(
         alpha = factor * length / orig - (factor - 1.0)
         inv = _ntk_base(base, alpha, d) ** (-expo)
     elif kind == "yarn":
-        orig = _original_len(params, max_position_embeddings, kind)
-        factor = params.get("factor")
-        if factor is None:
-            if max_position_embeddings is None:
-                raise SpindleError("rope_scaling type 'yarn' needs 'factor' (or max_position_embeddings)")
-            factor = max_position_embeddings / orig
-        factor = _positive_number(factor, "factor")
-        att = params.get("attention_factor")
-        if att is not None:
-            attention_factor = _positive_number(att, "attention_factor")
+        orig, factor, explicit_attention = _extension(params, kind, max_position_embeddings)
+        if explicit_attention is not None:
+            attention_factor = explicit_attention
         else:
             mscale, mscale_all = params.get("mscale"), params.get("mscale_all_dim")
             if mscale and mscale_all:  # DeepSeek-V3 style ratio; both must be non-zero, as in HF
@@ -263,16 +269,9 @@ def rope_inv_freq(
         inv = torch.where(wavelen < orig / hi, inv0, inv)
         inv = torch.where(wavelen > orig / lo, inv0 / factor, inv)
     elif kind == "longrope":
-        orig = _original_len(params, max_position_embeddings, kind)
-        factor = params.get("factor")
-        if factor is None:
-            if max_position_embeddings is None:
-                raise SpindleError("rope_scaling type 'longrope' needs 'factor' (or max_position_embeddings)")
-            factor = max_position_embeddings / orig
-        factor = _positive_number(factor, "factor")
-        att = params.get("attention_factor")
-        if att is not None:
-            attention_factor = _positive_number(att, "attention_factor")
+        orig, factor, explicit_attention = _extension(params, kind, max_position_embeddings)
+        if explicit_attention is not None:
+            attention_factor = explicit_attention
         elif factor > 1.0:
             attention_factor = math.sqrt(1 + math.log(factor) / math.log(orig))
         which = "long_factor" if seq_len is not None and seq_len > orig else "short_factor"
