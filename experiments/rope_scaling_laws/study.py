@@ -265,6 +265,20 @@ def analyze(p: dict, log=print) -> dict:
             ax.plot([math.sqrt(L / 2 * L) for L in lengths], [dyn[L] for L in lengths], "k--o", ms=3,
                     label="pre-trained + Dynamic NTK (per-length, tail)")
 
+    def finish_position_plot(fig, ax, axe, ylabel: str, title: str, name: str) -> None:
+        """Shared axes, labels and file output of the two loss-vs-position figures."""
+        excess_axis(axe)
+        ax.axvline(T, color="grey", lw=0.8)
+        ax.set_xscale("log", base=2)
+        ax.set_ylim(top=min(ax.get_ylim()[1], 6.0))
+        ax.set_ylabel(ylabel)
+        ax.set_title(title + (" [QUICK run]" if p["prefix"] else ""), fontsize=10)
+        ax.legend(fontsize=7)
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        fig.savefig(res_dir / name, dpi=110)
+        plt.close(fig)
+
     large = sorted((r for r in rows if r["kind"] == "large" and r["variant"] == "plain"), key=lambda r: r["base"])
     fig, (ax, axe) = plt.subplots(2, 1, figsize=(9, 9), sharex=True)
     for i, r in enumerate(large):
@@ -279,18 +293,9 @@ def analyze(p: dict, log=print) -> dict:
     if pre is not None:
         axe.plot(*curve_xy(pre["variants"]["plain"])[:1], excess(curve_xy(pre["variants"]["plain"])[1]),
                  color="black", lw=1.2, label="pre-trained, plain")
-    excess_axis(axe)
-    ax.axvline(T, color="grey", lw=0.8)
-    ax.set_xscale("log", base=2)
-    ax.set_ylim(top=min(ax.get_ylim()[1], 6.0))
-    ax.set_ylabel("NLL (nats/byte), quarter-octave buckets")
-    ax.set_title(f"Larger bases, continued training at T={T}: dotted = predicted 2π·β^({d_extra}/{d})"
-                 + (" [QUICK run]" if p["prefix"] else ""), fontsize=10)
-    ax.legend(fontsize=7)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(res_dir / "loss_vs_position_large_bases.png", dpi=110)
-    plt.close(fig)
+    finish_position_plot(fig, ax, axe, "NLL (nats/byte), quarter-octave buckets",
+                         f"Larger bases, continued training at T={T}: dotted = predicted 2π·β^({d_extra}/{d})",
+                         "loss_vs_position_large_bases.png")
 
     sm = sorted((r for r in rows if r["kind"] in ("small",) or (r["kind"] == "large" and r["base"] == 1e4)),
                 key=lambda r: (-r["base"], r["variant"]))
@@ -305,18 +310,9 @@ def analyze(p: dict, log=print) -> dict:
             ax.plot(x, y, color=col, ls=ls, label=lab)
             axe.plot(x, excess(y), color=col, ls=ls, label=lab)
         dyn_line(ax)
-        excess_axis(axe)
-        ax.axvline(T, color="grey", lw=0.8)
-        ax.set_xscale("log", base=2)
-        ax.set_ylim(top=min(ax.get_ylim()[1], 6.0))
-        ax.set_ylabel("NLL (nats/byte)")
-        ax.set_title(f"Smaller bases (β1/β2/β3 = {b1:.0f}/{b2:.1f}/{b3:.1f}); dashed = log-scaled attention"
-                     + (" [QUICK run]" if p["prefix"] else ""), fontsize=10)
-        ax.legend(fontsize=7)
-        ax.grid(alpha=0.3)
-        fig.tight_layout()
-        fig.savefig(res_dir / "loss_vs_position_small_bases.png", dpi=110)
-        plt.close(fig)
+        finish_position_plot(fig, ax, axe, "NLL (nats/byte)",
+                             f"Smaller bases (β1/β2/β3 = {b1:.0f}/{b2:.1f}/{b3:.1f}); dashed = log-scaled attention",
+                             "loss_vs_position_small_bases.png")
 
     fig, ax = plt.subplots(figsize=(7, 5))
     bs = [10 ** (3.8 + k * 0.05) for k in range(90)]
