@@ -48,19 +48,27 @@ def stages_of_rank(pp_rank: int, pp_size: int, num_chunks: int) -> list[int]:
     return [pp_rank + k * pp_size for k in range(num_chunks)]
 
 
-class PipelineChunk(nn.Module):
-    """One stage: a Transformer holding a slice of the layers, fed position info per micro-batch."""
+MicroBatchInfo = tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]  # positions, cu_seqlens, labels
 
-    def __init__(self, model: Transformer):
+
+class PipelineChunk(nn.Module):
+    """One stage: a Transformer holding a slice of the layers, fed position info per micro-batch.
+
+    Given labels, the last stage runs the fused head + cross-entropy (spindle/model/loss.py) itself and
+    returns (loss_sum as shape (1,), token_loss, correct) instead of (N, V) logits; the schedule's loss
+    function then only scales the summed loss."""
+
+    def __init__(self, model: Transformer, label_smoothing: float = 0.0):
         super().__init__()
         self.model = model
-        self._meta: list[tuple[torch.Tensor, Optional[torch.Tensor]]] = []
+        self.label_smoothing = label_smoothing
+        self._meta: list[MicroBatchInfo] = []
         self._calls = 0
         self._inference_calls = 0
 
-    def set_micro_batches(self, meta: list[tuple[torch.Tensor, Optional[torch.Tensor]]], first_step: bool) -> None:
-        """Position info for this step's micro-batches, in order. On the first step the stage runs one
-        extra forward on micro-batch 0 to infer its shapes, so that one is listed twice."""
+    def set_micro_batches(self, meta: list[MicroBatchInfo], first_step: bool) -> None:
+        """(position_ids, cu_seqlens, labels or None) of this step's micro-batches, in order. On the first
+        step the stage runs one extra forward on micro-batch 0 to infer its shapes, so that one is listed twice."""
         self._meta, self._calls = ([meta[0]] + meta) if first_step else meta, 0
         self._inference_calls = 1 if first_step else 0
 
@@ -73,8 +81,12 @@ class PipelineChunk(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._calls >= len(self._meta):
             raise RuntimeError(f"pipeline stage called {self._calls + 1} times for {len(self._meta)} micro-batches")
-        position_ids, cu_seqlens = self._meta[self._calls]
+        position_ids, cu_seqlens, labels = self._meta[self._calls]
         self._calls += 1
+        if labels is not None and self.model.output is not None:
+            out = self.model(x, position_ids, cu_seqlens, labels=labels, label_smoothing=self.label_smoothing)
+            # (1,), not (): the schedule concatenates the last stage's outputs over micro-batches
+            return out.loss_sum.reshape(1), out.token_loss, out.correct
         return self.model(x, position_ids, cu_seqlens)
 
     def check_consumed(self) -> None:

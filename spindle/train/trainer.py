@@ -178,7 +178,7 @@ class Trainer:
         self.stage_ids = stages_of_rank(env.pp_rank, env.pp_size, cfg.model.num_chunks)
         inner = [build_stage_model(cfg, sid, num_stages, self.device) for sid in self.stage_ids]
         self.raw_model = ModelView(inner)
-        self.chunks = [PipelineChunk(apply_model_parallel(m, cfg, env)) for m in inner]
+        self.chunks = [PipelineChunk(apply_model_parallel(m, cfg, env), cfg.loss.label_smoothing) for m in inner]
         parts = [apply_data_parallel(c, cfg, env) for c in self.chunks]
         self.is_first, self.is_last = 0 in self.stage_ids, num_stages - 1 in self.stage_ids
         # the schedule re-runs each stage's shape-inference forward on micro-batch 0 at the first step
@@ -189,12 +189,20 @@ class Trainer:
 
         last_chunk = self.chunks[self.stage_ids.index(num_stages - 1)] if self.is_last else None
 
-        def loss_fn(logits, target):
+        def loss_fn(output, target):
             # target rows are (labels, type_ids) of one micro-batch, so per-source statistics survive
             # the schedule's micro-batch split; the loss of the schedule's shape-inference pass is not counted
             labels, types = target[:, 0], target[:, 1]
             stats = None if last_chunk.last_forward_was_shape_inference else self._pp_stats
-            return self._token_statistics(logits, labels, types, stats) * self._pp_loss_factor
+            if isinstance(output, tuple):  # the stage ran the fused head + loss (PipelineChunk)
+                loss_sum, token_loss, correct = output
+                loss_sum = loss_sum.sum()  # shape (1,) -> ()
+                if stats is not None:
+                    with torch.no_grad():
+                        self._add_source_stats(stats, types, token_loss, labels.flatten() != -100, correct)
+            else:  # vocabulary-sharded logits (tensor-parallel head)
+                loss_sum = self._token_statistics(output, labels, types, stats)
+            return loss_sum * self._pp_loss_factor
 
         self.schedule, _ = build_schedule(cfg, env, parts, self.stage_ids, loss_fn, cfg.data.micro_num)
         self.model = parts[0]
@@ -328,9 +336,10 @@ class Trainer:
         """One pass of the schedule over `micro_num` micro-batches (stacked as rows of one batch):
         forward + backward (`mode="train"`) or forward only ("eval"). The last stage adds the loss
         statistics to `stats`, which then reach every stage of the pipeline."""
-        for chunk in self.chunks:
-            chunk.set_micro_batches([(mb["position_ids"], mb["cu_seqlens"]) for mb in mbs],
-                                    first_step=self._pp_mode != mode)
+        for chunk in self.chunks:  # labels only where the fused head + loss runs inside the last stage
+            fused = self._fused_loss and chunk.model.output is not None
+            chunk.set_micro_batches([(mb["position_ids"], mb["cu_seqlens"], mb["labels"] if fused else None)
+                                     for mb in mbs], first_step=self._pp_mode != mode)
         self._pp_mode = mode
         # this pass's sums go to a buffer of their own: reducing `stats` itself would count earlier passes again
         local = torch.zeros_like(stats)

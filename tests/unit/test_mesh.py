@@ -50,3 +50,37 @@ def test_layout_sizes_and_stages():
     assert check_layout(c.parallel, c.model, 8) == (2, 2, 2)
     assert split_layers(8, 4) == [[0, 1], [2, 3], [4, 5], [6, 7]]
     assert stages_of_rank(1, 2, 2) == [1, 3]  # looped placement for the interleaved schedule
+
+
+def test_last_pipeline_stage_runs_the_fused_loss_when_given_labels():
+    """No (N, V) logits on the last stage: with labels it returns (loss_sum (1,), token_loss, correct),
+    the same numbers as the whole model's fused loss; position info is consumed once per forward."""
+    import torch
+
+    from spindle.model.llama import build_model
+    from spindle.parallel.pipeline import PipelineChunk, build_stage_model
+
+    c = cfg()
+    c.model.vocab_size = 96
+    whole = build_model(c.model, seed=c.trainer.seed)
+    last = build_stage_model(c, stage=1, num_stages=2, device=torch.device("cpu"))
+    chunk = PipelineChunk(last, label_smoothing=0.0)
+    ids = torch.randint(0, 96, (2, 16), generator=torch.Generator().manual_seed(0))
+    labels = torch.roll(ids, -1, 1)
+    pos = torch.arange(16).expand(2, 16)
+    with torch.no_grad():
+        h = whole.tok_embeddings(ids)
+        cos, sin, q_scale = whole.rotary(pos, None)
+        for k in ("0", "1"):
+            h = whole.layers[k](h, cos, sin, q_scale, None)
+        expected = whole(ids, pos, None, labels=labels)
+        chunk.set_micro_batches([(pos, None, labels), (pos, None, None)], first_step=False)
+        loss_sum, token_loss, correct = chunk(h)
+        logits = chunk(h)  # no labels listed for this micro-batch: logits as before
+    assert loss_sum.shape == (1,) and token_loss.shape == (32,) and correct.dtype == torch.bool
+    torch.testing.assert_close(loss_sum[0], expected.loss_sum, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(token_loss, expected.token_loss, rtol=1e-5, atol=1e-5)
+    assert logits.shape == (2, 16, 96)
+    chunk.check_consumed()
+    with pytest.raises(RuntimeError, match="called 3 times for 2 micro-batches"):
+        chunk(h)
