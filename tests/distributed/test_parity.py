@@ -53,6 +53,8 @@ LAYOUTS = {
     "dp2_pp2": (4, ["data.micro_num=4", "parallel.pipeline.size=2"]),
     "cp2": (2, ["parallel.context=2"]),  # context parallel: each rank holds half of every sequence
     "dp2_cp2": (4, ["data.micro_num=4", "parallel.context=2"]),
+    "cp2_tp2_sp": (4, ["parallel.context=2", "parallel.tensor=2", "parallel.sequence_parallel=True"]),
+    "cp2_tp2": (4, ["parallel.context=2", "parallel.tensor=2"]),
 }
 
 
