@@ -73,12 +73,11 @@ def make_cp_kernel(group, info: _SliceInfo):
     return cp_attention
 
 
-class ContextParallel(nn.Module):
-    """Wraps the plain model: takes this rank's slice of (B, L) inputs plus the full pack's cu_seqlens."""
+class ContextSlices:
+    """Gives every block of `model` the all-gathering attention kernel; `begin` tells the kernels, before
+    each forward, which global tokens this rank's slice holds and where the full pack's documents are."""
 
     def __init__(self, model: nn.Module, group):
-        super().__init__()
-        self.model, self.group = model, group
         self.rank, self.size = dist.get_rank(group), dist.get_world_size(group)
         self.info = _SliceInfo()
         kernel = make_cp_kernel(group, self.info)
@@ -86,13 +85,25 @@ class ContextParallel(nn.Module):
             inner = getattr(block, "_checkpoint_wrapped_module", block)
             inner.attention.kernel = kernel
 
-    def forward(self, input_ids, position_ids, cu_seqlens, labels=None, label_smoothing=0.0):
-        b, lc = input_ids.shape[:2]
-        length = lc * self.size
-        self.info.q_index = torch.arange(self.rank * lc, (self.rank + 1) * lc, device=input_ids.device)
+    def begin(self, batch: int, local_len: int, cu_seqlens: Optional[torch.Tensor], device) -> None:
+        length = local_len * self.size
+        self.info.q_index = torch.arange(self.rank * local_len, (self.rank + 1) * local_len, device=device)
         if cu_seqlens is None:
-            cu_seqlens = torch.arange(0, b * length + 1, length, device=input_ids.device, dtype=torch.int32)
-        self.info.segments = segment_ids(cu_seqlens, b, length)
+            cu_seqlens = torch.arange(0, batch * length + 1, length, device=device, dtype=torch.int32)
+        self.info.segments = segment_ids(cu_seqlens, batch, length)
+
+
+class ContextParallel(nn.Module):
+    """Wraps the plain model: takes this rank's slice of (B, L) inputs plus the full pack's cu_seqlens.
+    (Pipeline stages use `ContextSlices` directly, through `PipelineChunk`.)"""
+
+    def __init__(self, model: nn.Module, group):
+        super().__init__()
+        self.model = model
+        self.slices = ContextSlices(model, group)
+
+    def forward(self, input_ids, position_ids, cu_seqlens, labels=None, label_smoothing=0.0):
+        self.slices.begin(input_ids.shape[0], input_ids.shape[1], cu_seqlens, input_ids.device)
         # no cu_seqlens below: the mask is the kernel's business (built from the full rows above)
         return self.model(input_ids, position_ids, None, labels=labels, label_smoothing=label_smoothing)
 

@@ -93,9 +93,6 @@ def check_layout(parallel, model, world_size: int) -> tuple[int, int, int]:
     if world_size % (tp * pp * cp):
         raise SpindleError(f"parallel: world size {world_size} is not divisible by tensor ({tp}) x pipeline ({pp})"
                            + (f" x context ({cp})" if cp > 1 else ""))
-    if cp > 1 and pp > 1:
-        raise SpindleError("parallel.context > 1 combines with data and tensor parallelism, not with pipeline "
-                           "parallelism, in this version")
     dp = world_size // (tp * pp * cp)
     if model.num_attention_heads % tp or model.kv_heads % tp:
         raise SpindleError(f"parallel.tensor.size={tp} must divide model.num_attention_heads "

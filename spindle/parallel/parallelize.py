@@ -129,7 +129,7 @@ def apply_data_parallel(module: nn.Module, cfg: SpindleConfig, env: ParallelEnv)
     - parallel.fsdp: full FSDP (ZeRO-3), re-gathering parameters in backward to save memory.
     Tensor-parallel (DTensor) parameters compose with FSDP2 on a 2-D mesh, not with DDP.
     """
-    if env.cp_size > 1:
+    if env.cp_size > 1 and hasattr(module, "layers"):  # a pipeline stage slices in PipelineChunk instead
         from spindle.parallel.context import ContextParallel
 
         module = ContextParallel(module, env.cp_group)

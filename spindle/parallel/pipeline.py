@@ -58,10 +58,16 @@ class PipelineChunk(nn.Module):
     returns (loss_sum as shape (1,), token_loss, correct) instead of (N, V) logits; the schedule's loss
     function then only scales the summed loss."""
 
-    def __init__(self, model: Transformer, label_smoothing: float = 0.0):
+    def __init__(self, model: Transformer, label_smoothing: float = 0.0, context_group=None):
         super().__init__()
         self.model = model
         self.label_smoothing = label_smoothing
+        # context parallelism: inputs are this rank's sequence slice, cu_seqlens the full pack's
+        self.context = None
+        if context_group is not None:
+            from spindle.parallel.context import ContextSlices
+
+            self.context = ContextSlices(model, context_group)
         self._meta: list[MicroBatchInfo] = []
         self._calls = 0
         self._inference_calls = 0
@@ -83,6 +89,9 @@ class PipelineChunk(nn.Module):
             raise RuntimeError(f"pipeline stage called {self._calls + 1} times for {len(self._meta)} micro-batches")
         position_ids, cu_seqlens, labels = self._meta[self._calls]
         self._calls += 1
+        if self.context is not None:  # the attention kernels build the mask from the full pack
+            self.context.begin(x.shape[0], x.shape[1], cu_seqlens, x.device)
+            cu_seqlens = None
         if labels is not None and self.model.output is not None:
             out = self.model(x, position_ids, cu_seqlens, labels=labels, label_smoothing=self.label_smoothing)
             # (1,), not (): the schedule concatenates the last stage's outputs over micro-batches

@@ -178,7 +178,9 @@ class Trainer:
         self.stage_ids = stages_of_rank(env.pp_rank, env.pp_size, cfg.model.num_chunks)
         inner = [build_stage_model(cfg, sid, num_stages, self.device) for sid in self.stage_ids]
         self.raw_model = ModelView(inner)
-        self.chunks = [PipelineChunk(apply_model_parallel(m, cfg, env), cfg.loss.label_smoothing) for m in inner]
+        cp_group = env.cp_group if env.cp_size > 1 else None
+        self.chunks = [PipelineChunk(apply_model_parallel(m, cfg, env), cfg.loss.label_smoothing, cp_group)
+                       for m in inner]
         parts = [apply_data_parallel(c, cfg, env) for c in self.chunks]
         self.is_first, self.is_last = 0 in self.stage_ids, num_stages - 1 in self.stage_ids
         # the schedule re-runs each stage's shape-inference forward on micro-batch 0 at the first step
@@ -264,6 +266,13 @@ class Trainer:
     def _to_device(self, mb: dict) -> dict:
         return {k: v.to(self.device, non_blocking=True) for k, v in mb.items()}
 
+    def _context_slices(self, mbs: list[dict]) -> list[dict]:
+        """Under context parallelism each rank keeps its slice of the sequence (cu_seqlens stay whole)."""
+        if self.env.cp_size == 1:
+            return mbs
+        return [{k: v if k == "cu_seqlens" else local_slice(v, self.env.cp_rank, self.env.cp_size).contiguous()
+                 for k, v in mb.items()} for mb in mbs]
+
     def train_step(self, micro_batches: list[dict]) -> dict:
         model, cfg = self.model, self.cfg
         model.train()
@@ -275,9 +284,7 @@ class Trainer:
         n_valid = self._all_reduce(n_valid.clone())
         # gradients are averaged over data x context ranks: scale the loss up by their number
         denom = n_valid.clamp(min=1).item() / (self.env.dp_size * self.env.cp_size)
-        if self.env.cp_size > 1:  # each context rank keeps its slice of the sequence (cu_seqlens stay whole)
-            mbs = [{k: v if k == "cu_seqlens" else local_slice(v, self.env.cp_rank, self.env.cp_size).contiguous()
-                    for k, v in mb.items()} for mb in mbs]
+        mbs = self._context_slices(mbs)
         scale = self.scaler.scale
         t0 = time.perf_counter()
         if self.schedule is not None:
@@ -400,14 +407,12 @@ class Trainer:
         out = {}
         for name, mbs in self.valid_sets.items():
             total = torch.zeros(2, dtype=torch.float64, device=self.device)
+            mbs = [self._to_device(mb) for mb in mbs]
+            total[1] = sum((mb["labels"] != -100).sum() for mb in mbs)  # of the whole rows, on every rank
+            mbs = self._context_slices(mbs)
             if self.schedule is not None:
-                total = self._pipeline_validate([self._to_device(mb) for mb in mbs])
+                total[0] = self._pipeline_validate(mbs)
             for mb in mbs if self.schedule is None else []:
-                mb = self._to_device(mb)
-                total[1] += (mb["labels"] != -100).sum()
-                if self.env.cp_size > 1:
-                    mb = {k: v if k == "cu_seqlens" else local_slice(v, self.env.cp_rank, self.env.cp_size)
-                          .contiguous() for k, v in mb.items()}
                 with self.autocast(), self._loss_context():
                     if self._fused_loss:
                         loss_sum = self.model(mb["input_ids"], mb["position_ids"], mb["cu_seqlens"],
@@ -424,15 +429,15 @@ class Trainer:
         return out
 
     def _pipeline_validate(self, mbs: list[dict]) -> torch.Tensor:
-        """(loss sum, valid tokens) of a validation set through the schedule's forward-only pass, in
-        groups of `micro_num` micro-batches; a short last group is padded with copies that carry no labels."""
+        """Summed loss of a validation set through the schedule's forward-only pass, in groups of
+        `micro_num` micro-batches; a short last group is padded with copies that carry no labels."""
         n = self.cfg.data.micro_num
         stats = torch.zeros(3, 2, dtype=torch.float64, device=self.device)
         for start in range(0, len(mbs), n):
             group = mbs[start:start + n]
             filler = {**group[-1], "labels": torch.full_like(group[-1]["labels"], -100)}
             self._pipeline_run(group + [filler] * (n - len(group)), "eval", 1.0, stats)
-        return stats[:2, :].sum(1)
+        return stats[0].sum()
 
     # ------------------------------------------------------------------ checkpoint
 

@@ -66,9 +66,10 @@ def reference(config, tmp_path_factory):
     ("pp2_1f1b", ["parallel.pipeline.size=2"]),
     ("pp2_interleaved", ["parallel.pipeline.size=2", "model.num_chunks=2"]),
     ("tp2_sp", ["parallel.tensor=2", "parallel.sequence_parallel=True"]),
+    ("pp2_cp2", ["parallel.pipeline.size=2", "parallel.context=2"]),  # 4 processes
 ])
 def test_layout_reports_sources_and_validation(config, reference, tmp_path, name, overrides):
-    records = run(config, tmp_path / name, 2, overrides)
+    records = run(config, tmp_path / name, 4 if "cp2" in name else 2, overrides)
     assert [r["step"] for r in records] == [r["step"] for r in reference] == [0, 1, 2, 3]
     def reported(record):
         return {k for k in record if k.split("/")[0] in ("loss", "acc", "tokens")}

@@ -55,6 +55,7 @@ LAYOUTS = {
     "dp2_cp2": (4, ["data.micro_num=4", "parallel.context=2"]),
     "cp2_tp2_sp": (4, ["parallel.context=2", "parallel.tensor=2", "parallel.sequence_parallel=True"]),
     "cp2_tp2": (4, ["parallel.context=2", "parallel.tensor=2"]),
+    "pp2_cp2": (4, ["parallel.pipeline.size=2", "parallel.context=2"]),
 }
 
 

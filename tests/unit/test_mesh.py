@@ -37,7 +37,6 @@ def test_slurm_env(monkeypatch):
     (8, {"tensor": 4}, "must divide model.num_attention_heads (4) and the KV heads (2)"),
     (6, {"pipeline": 3}, "model.num_layers (4) is not divisible by pipeline.size (3)"),
     (8, {"zero1": 3}, "parallel.zero1=3 does not divide the data-parallel size 8"),
-    (4, {"pipeline": 2, "context": 2}, "parallel.context > 1 combines with data and tensor parallelism, not with"),
 ])
 def test_layout_errors(world, parallel, message):
     c = cfg(**parallel)
