@@ -130,8 +130,9 @@ def build_mesh(env: "ParallelEnv", parallel, model) -> "ParallelEnv":
     env.dp_rank, env.pp_rank, env.tp_rank = dp_mesh.get_local_rank(), mesh["pp"].get_local_rank(), \
         mesh["tp"].get_local_rank()
     env.cp_rank = mesh["cp"].get_local_rank()
-    if cp > 1:  # gradients are summed over data and context ranks alike
-        env.fsdp_mesh = mesh["dp_shard", "cp"]._flatten("dp_shard_cp") if shard == dp else None
+    if cp > 1:  # gradients are summed over data and context ranks alike: shard over (dp_shard, cp)
+        shard_cp = mesh["dp_shard", "cp"]._flatten("dp_shard_cp")
+        env.fsdp_mesh = shard_cp if shard == dp else mesh["dp_replicate", "dp_shard_cp"]
     else:
         env.fsdp_mesh = mesh["dp_shard"] if shard == dp else mesh["dp_replicate", "dp_shard"]
     return env

@@ -136,11 +136,6 @@ def apply_data_parallel(module: nn.Module, cfg: SpindleConfig, env: ParallelEnv)
     if env.dp_size * env.cp_size == 1:
         return module
     par = cfg.parallel
-    if env.cp_size > 1 and env.fsdp_mesh is None and (par.fsdp or par.zero1.size != 1):
-        from spindle.errors import SpindleError
-
-        raise SpindleError("parallel.context > 1 with zero1 sub-groups is not supported: use zero1=1, zero1=-1 "
-                           "or parallel.fsdp=True")
     if par.fsdp or par.zero1.size != 1 or env.tp_size > 1:
         half = {"torch.bfloat16": torch.bfloat16, "torch.float16": torch.float16}.get(cfg.model.dtype)
         inner = module

@@ -56,6 +56,9 @@ LAYOUTS = {
     "cp2_tp2_sp": (4, ["parallel.context=2", "parallel.tensor=2", "parallel.sequence_parallel=True"]),
     "cp2_tp2": (4, ["parallel.context=2", "parallel.tensor=2"]),
     "pp2_cp2": (4, ["parallel.pipeline.size=2", "parallel.context=2"]),
+    # three-way, 8 processes: hybrid FSDP over (dp_replicate, dp_shard x cp) next to the tp DTensors
+    "dp2_tp2_cp2": (8, ["data.micro_num=4", "parallel.tensor=2", "parallel.context=2"]),
+    "tp2_pp2_cp2": (8, ["parallel.tensor=2", "parallel.pipeline.size=2", "parallel.context=2"]),
 }
 
 
