@@ -65,6 +65,10 @@ class CkptConfig(Section):
     # object storage (boto3:) connection; credentials are better left to the environment
     s3_endpoint_url: Optional[str] = None
     s3_region: Optional[str] = None
+    # an endpoint that is down fails within the connect timeout; one that accepts connections but never
+    # answers, within the read timeout (each try; start-up makes two)
+    s3_connect_timeout_s: float = Field(default=5.0, gt=0, le=600)
+    s3_read_timeout_s: float = Field(default=60.0, gt=0, le=3600)
 
     @field_validator("checkpoint_every", "oss_snapshot_freq")
     @classmethod

@@ -251,7 +251,8 @@ def export_hf(ckpt: str, out: str | Path) -> Path:
     """Write a Spindle checkpoint as a HF Llama folder (safetensors, config.json, tokenizer)."""
     from safetensors.torch import save_file
 
-    from spindle.checkpoint.manager import load_checkpoint, open_checkpoint
+    from spindle.checkpoint.dcp_io import load_tensors
+    from spindle.checkpoint.discovery import open_checkpoint
     from spindle.eval.load import checkpoint_config
     from spindle.model.llama import build_model
 
@@ -259,7 +260,7 @@ def export_hf(ckpt: str, out: str | Path) -> Path:
     with open_checkpoint(ckpt) as path:
         cfg = checkpoint_config(path)
         model = build_model(cfg.model, "cpu")
-        load_checkpoint(path, model, None, ("model",))
+        load_tensors(path, model, None, ("model",))
     bos = eos = None
     if cfg.data.tokenizer_path and cfg.data.tokenizer_path != "byte":
         try:
@@ -288,8 +289,8 @@ def export_hf(ckpt: str, out: str | Path) -> Path:
 
 def import_hf(hf_dir: str | Path, out: str | Path) -> Path:
     """Write a HF Llama folder as a Spindle checkpoint (model weights, step 0) under `out`."""
-    from spindle.checkpoint.manager import CheckpointManager
-    from spindle.config import CkptConfig, validate_config
+    from spindle.checkpoint.manager import save_weights_checkpoint
+    from spindle.config import validate_config
     from spindle.model.llama import build_model
 
     hf_dir = Path(hf_dir)
@@ -301,9 +302,7 @@ def import_hf(hf_dir: str | Path, out: str | Path) -> Path:
     if tok is not None:
         raw["data"] = {"tokenizer_path": str(tok)}
     cfg = validate_config(raw, str(hf_dir / "config.json"))
-    mgr = CheckpointManager(str(out), CkptConfig())
-    mgr.save(0, model, None, {"step": 0, "updates": 0, "num_consumed_tokens": 0, "source": str(hf_dir)},
-             cfg.to_dict())
+    save_weights_checkpoint(str(out), 0, model, cfg.to_dict())
     return Path(str(out)) / "0"
 
 

@@ -1,206 +1,49 @@
-"""Saving and loading training state with torch.distributed.checkpoint (DCP).
-
-A save folder (`ckpt.save_ckpt_folder`: `local:/dir`, a bare path, or `boto3:s3://bucket/prefix`)
-holds one checkpoint per saved step:
-
-    {step}/.metadata, {step}/__{rank}_0.distcp   DCP: model, optimizer and RNG tensors under their
-                                                 fully-qualified names (sharded, topology-independent)
-    {step}/trainer_state.json                    counters, sampler position, loss scaler (JSON)
-    {step}/config.json                           the resolved config of the run that wrote it
-    {step}.step                                  the completion marker, written last
-    snapshot/{0,1}/{step}/... + {step}.step      `oss_snapshot_freq` snapshots, two alternating slots
-
-A folder without its marker is never loaded: a crash (or a failed upload) during a save leaves the
-previous checkpoint as the latest.
+"""The checkpoint manager: what to load at start, where and when to save, what may be pruned.
 
 Load precedence (printed at start, see docs/checkpoints.md):
-  1. `auto_resume=True` and a completed checkpoint (normal or snapshot) in `save_ckpt_folder`:
-     the highest step is loaded with all content (the same run continuing); `load_ckpt_info` is
-     ignored.
-  2. otherwise `load_ckpt_info` (or the legacy `load_ckpt_folder`): the listed `content` from
-     that path (`ckpt_type="hf"`: model weights from a Hugging Face Llama folder);
+  1. `auto_resume=True` and a completed checkpoint (normal or snapshot) in `save_ckpt_folder`: the
+     newest *intact* one is loaded with all content (the same run continuing); newer damaged ones are
+     moved to `damaged/` and named; when none is intact the run is refused. `load_ckpt_info` is then
+     ignored (and the log says so).
+  2. otherwise `load_ckpt_info` (or the legacy `load_ckpt_folder`): the listed `content` from that
+     path; a damaged checkpoint is refused. `ckpt_type="hf"`: weights of a Hugging Face folder.
   3. otherwise fresh weights.
 
-No pickled code is ever executed on load: DCP's `.metadata` is read with an unpickler that admits
-only DCP's own metadata classes, torch dtypes/sizes and plain containers; tensor payloads are read
-by DCP with `torch.load(weights_only=True)`; our own state is JSON.
+Before anything is written into the save folder (`CheckpointManager.open`): a folder holding
+checkpoints Spindle did not write (an InternEvo `20/model_tp0_pp0.pt`, ...) is refused, the folder
+lock is taken (one writer, spindle.checkpoint.lock), and `adopt` refuses a folder holding checkpoints
+of another run, or of this run newer than the step it continues from — so pruning and re-saving only
+ever touch checkpoints of this run's lineage, and never the one just saved.
 """
 
 from __future__ import annotations
 
-import contextlib
-import dataclasses
-import enum
-import io
 import json
 import os
-import pickle
-import re
-import shutil
-import tempfile
-import warnings
-from dataclasses import dataclass
+import socket
+import time
+import uuid
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator, Optional
+from typing import Callable, Optional
 
 import torch
 import torch.distributed as dist
-import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.api import CheckpointException
-from torch.distributed.checkpoint.state_dict import (
-    StateDictOptions,
-    get_model_state_dict,
-    get_optimizer_state_dict,
-    set_model_state_dict,
-    set_optimizer_state_dict,
-)
 
-from spindle.checkpoint.storage import AsyncUploader, LocalStorage, Storage, StorageNotFound, open_storage
+from spindle.checkpoint.dcp_io import load_tensors, write_tensors
+from spindle.checkpoint.discovery import (
+    CkptRef, FolderContents, Location, Verified, inspect_folder, local_copy, newest_intact, open_ckpt_storage,
+    record_lineage, resolve, scan_completed, verify,
+)
+from spindle.checkpoint.lock import FolderLock
+from spindle.checkpoint.records import HASHED_FILES, completion_record, sha256
+from spindle.checkpoint.staging import Staging
+from spindle.checkpoint.storage import Storage
 from spindle.config import CkptConfig, LoadCkptInfo
 from spindle.errors import SpindleError
 
 CONTENTS = ("model", "optimizer", "scheduler", "sampler")
-MARKER_RE = re.compile(r"^(?:(snapshot/[01])/)?(\d+)\.step$")
-HF_TYPES = ("hf", "hf_llama", "llama")
-
-
-def strip_prefix(url: str) -> str:
-    """'local:/x' -> '/x'. Other prefixes (boto3:) are handled by spindle.checkpoint.storage."""
-    return url[len("local:"):] if url.startswith("local:") else url
-
-
-def is_remote(url: str) -> bool:
-    return url.startswith("boto3:") or url.startswith("s3://")
-
-
-class Location(str):
-    """A save-folder URL that joins like a Path (`loc / "100"`), for printing remote folders."""
-
-    def __truediv__(self, other) -> "Location":
-        return Location(f"{self.rstrip('/')}/{other}")
-
-
-def open_ckpt_storage(url: str, ckpt: Optional[CkptConfig] = None) -> Storage:
-    """Open a checkpoint storage; the S3 endpoint/region come from `ckpt` or the environment."""
-    kwargs = {}
-    if ckpt is not None and is_remote(url):
-        kwargs = {"endpoint_url": ckpt.s3_endpoint_url, "region": ckpt.s3_region}
-    return open_storage(url, **kwargs)
-
-
-# --------------------------------------------------------------------------- finding checkpoints
-
-
-@dataclass(frozen=True)
-class CkptRef:
-    step: int
-    rel: str  # "100" or "snapshot/1/100", relative to the save folder
-
-    @property
-    def marker(self) -> str:
-        return f"{self.rel}.step"
-
-
-def scan_completed(storage: Storage) -> list[CkptRef]:
-    """Completed checkpoints (normal and snapshot) in a save folder, ascending by step.
-
-    At equal steps a normal checkpoint sorts after (wins over) a snapshot.
-    """
-    files = storage.list_files("")
-    present = set(files)
-    refs = []
-    for f in files:
-        m = MARKER_RE.match(f)
-        if not m:
-            continue
-        rel = f"{m.group(1)}/{m.group(2)}" if m.group(1) else m.group(2)
-        if f"{rel}/.metadata" in present:
-            refs.append(CkptRef(int(m.group(2)), rel))
-    return sorted(refs, key=lambda r: (r.step, not r.rel.startswith("snapshot")))
-
-
-def completed_steps(folder: str | Path) -> list[int]:
-    """Steps with a completion marker in a local save folder (normal checkpoints only), ascending."""
-    if not Path(strip_prefix(str(folder))).is_dir():
-        return []
-    return sorted({r.step for r in scan_completed(LocalStorage(strip_prefix(str(folder))))
-                   if "/" not in r.rel})
-
-
-def _split_url(url: str) -> tuple[str, str]:
-    url = url.rstrip("/")
-    parent, _, name = url.rpartition("/")
-    if not parent or parent.endswith(":") or parent.endswith(":/"):  # "s3://bucket" has no parent to step to
-        raise SpindleError(f"{url}: cannot locate the folder that holds this checkpoint")
-    return parent, name
-
-
-def resolve(url: str, ckpt: Optional[CkptConfig] = None) -> tuple[Storage, CkptRef]:
-    """A URL names a checkpoint folder (holding .metadata), a save folder (take its latest completed
-    checkpoint, snapshots included), or `{save folder}/latest`. Returns (save-folder storage, ref)."""
-    if not url:
-        raise SpindleError("checkpoint path is empty")
-    if url.rstrip("/").endswith("/latest"):
-        url = url.rstrip("/")[: -len("/latest")]
-    local = None if is_remote(url) else Path(strip_prefix(url))
-    if local is not None and local.is_file():
-        raise SpindleError(f"{local}: not a Spindle checkpoint (a file, expected a DCP checkpoint folder; "
-                           "for a Hugging Face folder use ckpt_type='hf' or `spindle convert from-hf`)")
-    storage = open_ckpt_storage(url, ckpt)
-    if storage.exists(".metadata"):
-        parent, name = _split_url(url)
-        pstore = open_ckpt_storage(parent, ckpt)
-        if not name.isdigit():
-            raise SpindleError(f"{url}: checkpoint folder name must be its step number")
-        ref = CkptRef(int(name), name)
-        if not pstore.exists(ref.marker):
-            raise SpindleError(f"{url}: checkpoint is incomplete (no completion marker {name}.step beside it); "
-                               "not loading it")
-        return pstore, ref
-    refs = scan_completed(storage)
-    if refs:
-        return storage, refs[-1]
-    if local is not None and not local.exists():
-        raise SpindleError(f"{local}: checkpoint path does not exist")
-    if any(d.isdigit() for d in storage.list_dirs("")):
-        raise SpindleError(f"{storage.url}: holds checkpoint folders but none is complete (no N.step marker)")
-    if local is not None and (local / "config.json").is_file() and (
-            any(local.glob("*.safetensors")) or any(local.glob("*.bin"))):
-        raise SpindleError(f"{local}: a Hugging Face model folder, not a Spindle checkpoint; use ckpt_type='hf' "
-                           "or `spindle convert from-hf`")
-    raise SpindleError(f"{storage.url}: not a Spindle checkpoint (no .metadata file, no completed N/ folder)")
-
-
-@contextlib.contextmanager
-def local_copy(storage: Storage, ref: CkptRef) -> Iterator[Path]:
-    """The checkpoint as a local folder: in place for local storage, else downloaded to a temp dir."""
-    path = storage.local_path(ref.rel)
-    if path is not None:
-        yield Path(path)
-        return
-    tmp = Path(tempfile.mkdtemp(prefix=f"spindle-ckpt-{ref.step}-"))
-    try:
-        storage.download_dir(ref.rel, str(tmp))
-        yield tmp
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
-@contextlib.contextmanager
-def open_checkpoint(url: str, ckpt: Optional[CkptConfig] = None) -> Iterator[Path]:
-    """Resolve `url` and yield a local folder holding that completed checkpoint."""
-    storage, ref = resolve(url, ckpt)
-    with local_copy(storage, ref) as path:
-        yield path
-
-
-def resolve_checkpoint_dir(path: str) -> Path:
-    """A local checkpoint folder for `path` (kept for callers that need a plain Path)."""
-    storage, ref = resolve(path)
-    local = storage.local_path(ref.rel)
-    if local is None:
-        raise SpindleError(f"{path}: remote checkpoint; use open_checkpoint() to download it")
-    return Path(local)
+HF_TYPES = ("hf", "hf_llama")
 
 
 # --------------------------------------------------------------------------- load plan
@@ -208,11 +51,22 @@ def resolve_checkpoint_dir(path: str) -> Path:
 
 @dataclass
 class LoadPlan:
-    url: Optional[str]
+    kind: str  # "fresh", "spindle" (a DCP checkpoint), "hf"
     content: tuple[str, ...]
     reason: str
+    url: Optional[str] = None
     storage: Optional[Storage] = None
-    ref: Optional[CkptRef] = None
+    verified: Optional[Verified] = None
+    quarantine: list[tuple[CkptRef, str]] = field(default_factory=list)  # damaged newer ones to move aside
+
+    @property
+    def ref(self) -> Optional[CkptRef]:
+        return self.verified.ref if self.verified is not None else None
+
+    @property
+    def continues_run(self) -> bool:
+        """True when the trainer state is restored: the run lineage (and its counters) go on."""
+        return self.verified is not None and "sampler" in self.content
 
     @property
     def path(self):  # display / local path
@@ -223,7 +77,7 @@ class LoadPlan:
 
 
 def plan_load(ckpt: CkptConfig, save_storage: Optional[Storage]) -> LoadPlan:
-    """Decide what to load at start (see the module docstring for the precedence)."""
+    """Decide what to load at start (the module docstring gives the precedence). Reads only."""
     info: Optional[LoadCkptInfo] = ckpt.load_ckpt_info
     if info is None and ckpt.load_ckpt_folder:
         info = LoadCkptInfo(path=ckpt.load_ckpt_folder, content=("all",))
@@ -231,113 +85,311 @@ def plan_load(ckpt: CkptConfig, save_storage: Optional[Storage]) -> LoadPlan:
     if ckpt.auto_resume and save_storage is not None:
         refs = scan_completed(save_storage)
         if refs:
-            ref = refs[-1]
+            verified, damaged = newest_intact(save_storage, refs)
+            if verified is None:
+                reasons = "; ".join(reason for _, reason in damaged[:3])
+                raise SpindleError(f"auto_resume: no intact checkpoint in {save_storage.url} ({reasons}); "
+                                   "refusing to start over in a folder of saved checkpoints")
             note = f"; load_ckpt_info ({info.path}) is ignored" if has_info else ""
-            return LoadPlan(None, CONTENTS, f"auto_resume: continuing from {save_storage.url}/{ref.rel} "
-                                            f"(step {ref.step}, all state){note}", save_storage, ref)
+            fallback = "".join(f"; checkpoint {ref.step} is damaged ({reason}) and is moved to damaged/"
+                               for ref, reason in damaged)
+            return LoadPlan("spindle", CONTENTS, f"auto_resume: continuing from {save_storage.url}/"
+                            f"{verified.ref.rel} (step {verified.ref.step}, all state){fallback}{note}",
+                            storage=save_storage, verified=verified, quarantine=damaged)
     if has_info:
         if info.ckpt_type in HF_TYPES:
-            return LoadPlan(info.path, ("hf",), f"load_ckpt_info: Hugging Face Llama weights from {info.path}")
+            return LoadPlan("hf", ("hf",), f"load_ckpt_info: Hugging Face weights from {info.path}", url=info.path)
         content = CONTENTS if "all" in info.content else tuple(info.content)
         storage, ref = resolve(info.path, ckpt)
+        verified = verify(storage, ref, need_state=any(c in content for c in ("sampler", "scheduler")))
         why = " (auto_resume found no completed checkpoint in save_ckpt_folder)" if ckpt.auto_resume else ""
-        return LoadPlan(info.path, content, f"load_ckpt_info: loading {', '.join(content)} from "
-                                            f"{storage.url}/{ref.rel}{why}", storage, ref)
-    return LoadPlan(None, (), "no checkpoint to load: starting from freshly initialised weights")
+        return LoadPlan("spindle", content, f"load_ckpt_info: loading {', '.join(content)} from "
+                        f"{storage.url}/{ref.rel}{why}", url=info.path, storage=storage, verified=verified)
+    return LoadPlan("fresh", (), "no checkpoint to load: starting from freshly initialised weights")
 
 
-# --------------------------------------------------------------------------- safe metadata
+def restore(plan: LoadPlan, model, optimizer, process_group=None, partial: bool = False,
+            log: Callable[[str], None] = print) -> dict:
+    """Load the plan's tensors into model / optimizer; returns its verified trainer state."""
+    with local_copy(plan.storage, plan.ref) as path:
+        load_tensors(path, model, optimizer, plan.content, process_group, partial, log)
+    return plan.verified.trainer_state
 
 
-class _SafeUnpickler(pickle.Unpickler):
-    """Admits only what DCP's .metadata legitimately holds; anything else is a foreign/hostile file."""
-
-    def find_class(self, module: str, name: str):
-        if module == "torch.serialization" and name == "_get_layout":
-            return torch.serialization._get_layout
-        if module == "collections" and name == "OrderedDict":
-            import collections
-
-            return collections.OrderedDict
-        if module in ("builtins",) and name in ("set", "frozenset", "slice", "tuple", "list", "dict"):
-            import builtins
-
-            return getattr(builtins, name)
-        if module in ("pathlib", "pathlib._local") and name in ("PosixPath", "PurePosixPath", "WindowsPath"):
-            import pathlib
-
-            return getattr(pathlib, name)
-        if module == "torch":
-            obj = getattr(torch, name, None)
-            if obj is torch.Size or isinstance(obj, (torch.dtype, torch.layout, torch.memory_format)):
-                return obj
-        if module.startswith("torch.distributed.checkpoint"):
-            import importlib
-
-            obj = getattr(importlib.import_module(module), name, None)
-            if isinstance(obj, type) and (dataclasses.is_dataclass(obj) or issubclass(obj, enum.Enum)):
-                return obj
-        raise pickle.UnpicklingError(f"refusing to load {module}.{name} from checkpoint metadata")
+def load_checkpoint(path: Path, model, optimizer, content: tuple[str, ...], process_group=None,
+                    partial: bool = False, log: Callable[[str], None] = print) -> dict:
+    """Verify the completed checkpoint folder `path` and load `content` from it; returns its trainer
+    state ({} when only weights were asked for)."""
+    path = Path(path)
+    storage = open_ckpt_storage(str(path.parent))
+    if not path.name.isdigit():
+        raise SpindleError(f"{path}: checkpoint folder name must be its step number")
+    need_state = any(c in content for c in ("sampler", "scheduler"))
+    verified = verify(storage, CkptRef(int(path.name), path.name), need_state=need_state)
+    load_tensors(path, model, optimizer, content, process_group, partial, log)
+    return verified.trainer_state
 
 
-class SafeFileSystemReader(dcp.FileSystemReader):
-    def read_metadata(self, *args, **kwargs):
-        path = Path(str(self.path)) / ".metadata"
+# --------------------------------------------------------------------------- the manager
+
+
+class CheckpointManager:
+    """Saves into a save folder on local disk or S3, with snapshots, async upload and pruning.
+
+    Every rank calls `save`; rank `is_writer` writes the JSON files and the completion record, holds the
+    folder lock, and prunes. For remote storage each rank stages its own DCP files (spindle.checkpoint.
+    staging) and uploads them; the record is written after every upload finished on every rank.
+    """
+
+    def __init__(self, url: str, ckpt: CkptConfig, *, job: str = "spindle", is_writer: bool = True,
+                 process_group=None, distributed: bool = False, device: torch.device = torch.device("cpu"),
+                 log: Callable[[str], None] = print, alert: Optional[Callable[[str, str], None]] = None):
+        self.url, self.ckpt, self.log, self.alert = url, ckpt, log, alert or (lambda kind, msg: None)
+        self.is_writer, self.process_group, self.distributed, self.device = is_writer, process_group, distributed, device
+        self.storage = open_ckpt_storage(url, ckpt)
+        self.remote = self.storage.local_path("") is None
+        self.location = Location(self.storage.url) if self.remote else Path(self.storage.local_path(""))
+        self.lock = FolderLock(self.storage, job, log=log) if is_writer else None
+        self.staging = Staging(self.storage, ckpt, log=log) if self.remote else None
+        self.lineage: Optional[str] = None
+        self.contents = FolderContents()
+        self._slots: dict[int, int] = {}  # snapshot slot -> step of this lineage's snapshot in it
+        self._pending: list[CkptRef] = []  # staged checkpoints whose upload has not been confirmed
+        self.closed = False
+        self.upload_seconds: list[float] = []
+
+    # -- start-up
+
+    def open(self) -> FolderContents:
+        """Before anything is written: refuse checkpoints Spindle did not write, take the lock, ping."""
+        if self.remote and self.is_writer:  # an endpoint that is down or mute fails fast, before any listing
+            self.storage.ping()
+        contents = inspect_folder(self.storage)
+        if contents.foreign:
+            raise SpindleError(
+                f"{self.storage.url}: holds checkpoints Spindle did not write ({contents.describe_foreign()}); "
+                "Spindle never writes into such a folder — set ckpt.save_ckpt_folder to a new folder (to start "
+                "from an InternEvo checkpoint: load_ckpt_info=dict(path=..., ckpt_type='internevo'))")
+        if self.is_writer:
+            self.lock.acquire()
+            if not self.remote:
+                self.storage.ping()
+            if self.staging is not None:
+                self.staging.recover(self._commit_files)
+            if contents.other:
+                self.log(f"checkpoint: {self.storage.url} also holds {', '.join(contents.other[:5])}, not written "
+                         "by Spindle: left alone")
+        self._barrier()
+        self.contents = inspect_folder(self.storage)  # under the lock: what no other run can change now
+        return self.contents
+
+    def adopt(self, plan: LoadPlan) -> str:
+        """This run's lineage, after checking the folder holds nothing the run would overwrite or mix with.
+        Moves the damaged checkpoints the plan skipped into damaged/ (writer, after every rank planned)."""
+        same_folder = plan.storage is not None and plan.storage.url == self.storage.url
+        skipped = {ref.rel for ref, _ in plan.quarantine} if same_folder else set()
+        self.lineage = plan.verified.lineage if plan.continues_run else uuid.uuid4().hex
+        resumed = plan.ref.step if plan.continues_run else 0
+        others, newer = [], []
+        for ref in self.contents.completed:
+            if ref.rel in skipped:
+                continue
+            if record_lineage(self.storage, ref) != self.lineage:
+                others.append(ref)
+            elif ref.step > resumed:
+                newer.append(ref)
+        if others:
+            raise SpindleError(
+                f"{self.storage.url}: already holds checkpoints of another run (steps "
+                f"{', '.join(str(r.step) for r in others[:8])}); this run would mix its checkpoints with them. "
+                "Set ckpt.auto_resume=True to continue that run, or use a new ckpt.save_ckpt_folder")
+        if newer:
+            raise SpindleError(
+                f"{self.storage.url}: holds checkpoints of this run newer than step {resumed} that it continues "
+                f"from (steps {', '.join(str(r.step) for r in newer[:8])}); saving would overwrite them. Continue "
+                "from the newest with ckpt.auto_resume=True, or save into a new ckpt.save_ckpt_folder")
+        for ref in self.contents.completed:
+            if ref.is_snapshot and ref.rel not in skipped:
+                self._slots[int(ref.rel.split("/")[1])] = ref.step
+        self._barrier()
+        if self.is_writer and same_folder:
+            stamp = time.strftime("%Y%m%d-%H%M%S")
+            for ref, _ in plan.quarantine:
+                dest = f"damaged/{ref.rel.replace('/', '-')}-{stamp}"
+                self.storage.move(ref.marker, f"{dest}.step")
+                self.storage.move(ref.rel, dest)
+                self.log(f"checkpoint: moved damaged checkpoint {ref.rel} to {self.storage.url}/{dest}")
+        self._barrier()
+        return self.lineage
+
+    # -- save
+
+    def save(self, step: int, model, optimizer, trainer_state: dict, config: dict, snapshot: bool = False) -> str:
+        if self.closed:
+            raise SpindleError(f"{self.storage.url}: the checkpoint manager is closed (its run ended)")
+        self.wait()  # uploads of earlier saves are confirmed (or kept staged for a retry) first
+        slot = None
+        if snapshot:  # write into the slot that does not hold the newest snapshot: one always survives
+            slot = min((0, 1), key=lambda s: self._slots.get(s, -1))
+        ref = CkptRef(step, f"snapshot/{slot}/{step}" if snapshot else str(step))
+        state = dict(trainer_state, lineage=self.lineage)
+        if self.is_writer:
+            self._clear(f"snapshot/{slot}" if snapshot else ref.rel)
+        self._barrier()
+        owner = json.dumps({"lineage": self.lineage, "step": step, "host": socket.gethostname(),
+                            "pid": os.getpid(), "time": time.time()}).encode()
+        files = {".owner.json": owner, "trainer_state.json": json.dumps(state, indent=1).encode(),
+                 "config.json": json.dumps(config, indent=1, default=str).encode()}
+        target = Path(self.storage.local_path(ref.rel)) if not self.remote else \
+            self.staging.folder(ref.rel, _state_bytes(model, optimizer))
         try:
-            metadata = _SafeUnpickler(io.BytesIO(path.read_bytes())).load()
-        except FileNotFoundError:
-            raise SpindleError(f"{path.parent}: not a Spindle checkpoint (no .metadata)") from None
-        except Exception as exc:  # noqa: BLE001 - truncated or foreign metadata
-            raise SpindleError(f"{path}: unreadable checkpoint metadata (truncated or not a DCP checkpoint): "
-                               f"{type(exc).__name__}: {exc}") from None
-        if not isinstance(metadata, dcp.metadata.Metadata) or not isinstance(  # admitted types, not DCP's (fuzz)
-                getattr(metadata, "state_dict_metadata", None), dict):
-            raise SpindleError(f"{path}: not DCP checkpoint metadata (holds a {type(metadata).__name__})")
-        if getattr(metadata, "storage_meta", None) is None:
-            metadata.storage_meta = dcp.metadata.StorageMeta()
-        metadata.storage_meta.load_id = self.load_id
-        if getattr(metadata, "planner_data", None) is None:
-            metadata.planner_data = {}
-        return metadata
+            write_tensors(target, model, optimizer, self.process_group)
+            if self.is_writer:
+                for name, data in files.items():
+                    _write_durable(target / name, data)
+                _fsync_dir(target)
+        except OSError as exc:  # e.g. a full disk: one line; no completion record, the previous stays latest
+            raise SpindleError(f"{target}: checkpoint could not be written ({exc}); it is not marked complete, "
+                               "the previous checkpoint stays the latest") from None
+        if slot is not None:
+            self._slots[slot] = step
+        if not self.remote:
+            self._barrier()
+            self._commit(ref)
+            return str(self.location / ref.rel)
+        if self.ckpt.async_upload:
+            self._submit(ref)
+            return str(self.location / ref.rel) + " (uploading in the background)"
+        try:
+            self.staging.upload_now(ref)
+        except SpindleError as exc:
+            raise SpindleError(f"checkpoint step {step} was not uploaded to {self.location / ref.rel} and is "
+                               f"not marked complete: {exc}") from None
+        self._barrier()
+        self._commit(ref)
+        return str(self.location / ref.rel)
+
+    def _clear(self, rel: str) -> None:
+        """Empty a step folder or snapshot slot before writing into it: the record first, so a half-deleted
+        folder is never taken for a checkpoint. The start-up checks made sure it holds only this lineage's
+        checkpoints or Spindle's own unfinished saves."""
+        if rel.startswith("snapshot/"):
+            for f in self.storage.list_files(rel):
+                if f.endswith(".step"):
+                    self.storage.delete_prefix(f"{rel}/{f}")
+        else:
+            self.storage.delete_prefix(f"{rel}.step")
+        if self.storage.exists(rel):
+            self.storage.delete_prefix(rel)
+
+    def _commit_files(self, ref: CkptRef) -> None:
+        """Write the completion record of `ref` from the files the storage holds now."""
+        sizes = self.storage.file_sizes(ref.rel)
+        hashes = {name: sha256(self.storage.read_bytes(f"{ref.rel}/{name}")) for name in HASHED_FILES
+                  if name in sizes}
+        lineage = json.loads(self.storage.read_bytes(f"{ref.rel}/.owner.json"))["lineage"]
+        self.storage.write_bytes(ref.marker, completion_record(ref.step, lineage, sizes, hashes))
+
+    def _commit(self, ref: CkptRef) -> None:
+        if not self.is_writer:
+            return
+        self._commit_files(ref)
+        self.prune(keep=ref)
+
+    def wait(self) -> None:
+        """Settle background uploads: confirmed ones get their completion record (on one rank already in
+        the upload thread); a failed one stays staged, is reported and alerted, and is submitted again —
+        the run goes on."""
+        if not self._pending:
+            return
+        failed = self.staging.settle()  # {rel: reason} of this rank's uploads
+        if self.distributed:  # a checkpoint is complete when every rank's files landed
+            ok = torch.tensor([0 if failed else 1], device=self.device)
+            dist.all_reduce(ok, op=dist.ReduceOp.MIN, group=self.process_group)
+            if int(ok.item()) == 0 and not failed:
+                failed = {r.rel: "another rank's upload failed" for r in self._pending}
+            elif not failed:
+                for ref in self._pending:
+                    self._commit(ref)
+        pending, self._pending = self._pending, []
+        for ref in pending:
+            if ref.rel not in failed and not (self.distributed and failed):
+                self.staging.remove(ref)
+                continue
+            reason = failed.get(ref.rel) or next(iter(failed.values()))
+            message = (f"checkpoint upload of step {ref.step} to {self.location} failed ({reason}); it stays "
+                       f"staged in {self.staging.root / ref.rel} and is retried in the background")
+            self.log(f"checkpoint: {message}")
+            self.alert("checkpoint_upload", message)
+            self._submit(ref)
+
+    def _submit(self, ref: CkptRef) -> None:
+        on_done = None if self.distributed else (lambda: self._commit(ref))
+        self.staging.submit(ref, on_done)
+        self._pending.append(ref)
+
+    def close(self) -> None:
+        """Confirm the last uploads (one more try for a failed one), then release the folder."""
+        if self.closed:
+            return
+        self.closed = True
+        try:
+            if self._pending:
+                self.wait()
+            if self._pending:
+                self.wait()
+            if self._pending:
+                steps = ", ".join(str(r.step) for r in self._pending)
+                raise SpindleError(f"checkpoint step {steps} could not be uploaded to {self.location}; it stays "
+                                   f"staged in {self.staging.root} and is uploaded by the next run on this save "
+                                   "folder")
+        finally:
+            if self.staging is not None:
+                self.staging.close()
+            if self.lock is not None:
+                self.lock.release()
+
+    def prune(self, keep: Optional[CkptRef] = None) -> None:
+        """Keep the newest `keep_last_n` normal checkpoints of this lineage (never `keep`, just saved)."""
+        n = self.ckpt.keep_last_n
+        if not n or not self.is_writer:
+            return
+        ours = [r for r in scan_completed(self.storage)
+                if not r.is_snapshot and r != keep and record_lineage(self.storage, r) == self.lineage]
+        for ref in ours[: max(0, len(ours) - (n - 1 if keep is not None else n))]:
+            self.storage.delete_prefix(ref.marker)  # unmark first: a half-deleted folder is never loaded
+            self.storage.delete_prefix(ref.rel)
+
+    def _barrier(self) -> None:
+        if self.distributed:
+            dist.barrier(group=self.process_group)
 
 
-def read_metadata(path: Path):
-    return SafeFileSystemReader(str(path)).read_metadata()
-
-
-# --------------------------------------------------------------------------- save / load tensors
-
-
-# Optimizer state keyed "state.<param name>.exp_avg", "param_groups.<param name>.lr": every entry names
-# its parameter, so a rank holding a pipeline stage or a shard reads exactly its part of any layout.
-OPTIM_OPTIONS = StateDictOptions(flatten_optimizer_state_dict=True)
-
-
-def _rng_state() -> dict:
-    state = {"cpu": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state()
-    return state
-
-
-def write_dcp(path: Path, model: torch.nn.Module, optimizer: Optional[torch.optim.Optimizer],
-              trainer_state: dict, config: dict, process_group=None, is_writer: bool = True) -> None:
-    """Write the DCP files and the JSON files of one checkpoint into the local folder `path`."""
-    state = {"model": get_model_state_dict(model), "rng": _rng_state()}
-    if optimizer is not None:
-        state["optimizer"] = get_optimizer_state_dict(model, optimizer, options=OPTIM_OPTIONS)
+def save_weights_checkpoint(url: str, step: int, model, config: dict, log: Callable[[str], None] = print) -> str:
+    """A checkpoint holding weights (and counters at zero) in a folder that holds no checkpoints yet:
+    what conversions write, for `load_ckpt_info(content=("model",))`."""
+    manager = CheckpointManager(url, CkptConfig(), job="convert", log=log)
     try:
-        path.mkdir(parents=True, exist_ok=True)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # "no process group, assuming single process" is expected on 1 rank
-            dcp.save(state, storage_writer=dcp.FileSystemWriter(str(path)), process_group=process_group)
-        if is_writer:
-            (path / "trainer_state.json").write_text(json.dumps(trainer_state, indent=1))
-            (path / "config.json").write_text(json.dumps(config, indent=1, default=str))
-            _fsync_dir(path)
-    except (OSError, CheckpointException) as exc:  # e.g. a full disk: one line, not DCP's rank tracebacks
-        raise SpindleError(f"{path}: checkpoint could not be written ({describe_load_error(exc)}); it is not "
-                           "marked complete, the previous checkpoint stays the latest") from None
+        manager.open()
+        manager.adopt(LoadPlan("fresh", (), "conversion"))
+        state = {"step": step, "updates": 0, "num_consumed_tokens": 0, "inf_nan_skip_batches": 0,
+                 "loader": {"position": 0}}
+        return manager.save(step, model, None, state, config)
+    finally:
+        manager.close()
+
+
+def _state_bytes(model, optimizer) -> int:
+    """About how many bytes this rank's part of a checkpoint takes: weights, plus two AdamW moments."""
+    local = sum((p.to_local() if hasattr(p, "to_local") else p).nbytes for p in model.parameters())
+    return local * (3 if optimizer is not None else 1)
+
+
+def _write_durable(path: Path, data: bytes) -> None:
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def _fsync_dir(path: Path) -> None:
@@ -351,226 +403,4 @@ def _fsync_dir(path: Path) -> None:
         pass
 
 
-def _shape(meta) -> Optional[tuple]:
-    size = getattr(meta, "size", None)
-    return tuple(size) if size is not None else None
-
-
-def check_model_shapes(path: Path, model_sd: dict, prefix: str = "model.", partial: bool = False) -> None:
-    """Every model tensor must exist in the checkpoint with the same shape; name both otherwise.
-    `partial`: the model is one pipeline stage, so the checkpoint may hold more than it."""
-    meta = read_metadata(path).state_dict_metadata
-    saved = {k[len(prefix):]: v for k, v in meta.items() if k.startswith(prefix)}
-    if not saved:
-        raise SpindleError(f"{path}: not a Spindle checkpoint (no model tensors in it)")
-    missing = [k for k in model_sd if k not in saved]
-    if missing:
-        raise SpindleError(f"{path}: checkpoint has no parameter {missing[0]}"
-                           + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
-                           + " — a checkpoint of a different model?")
-    for name, t in model_sd.items():
-        want, got = tuple(t.shape), _shape(saved[name])
-        if got is not None and got != want:
-            raise SpindleError(f"{path}: parameter {name} has shape {list(got)} in the checkpoint but "
-                               f"{list(want)} in the model built from the config")
-    extra = [] if partial else [k for k in saved if k not in model_sd]
-    if extra:
-        raise SpindleError(f"{path}: checkpoint parameter {extra[0]} does not exist in the model built from the "
-                           "config" + (f" (and {len(extra) - 1} more)" if len(extra) > 1 else ""))
-
-
-def load_checkpoint(
-    path: Path,
-    model: torch.nn.Module,
-    optimizer: Optional[torch.optim.Optimizer],
-    content: tuple[str, ...],
-    process_group=None,
-    partial: bool = False,
-) -> dict:
-    """Load the selected content into model/optimizer in place; returns trainer_state.json (or {})."""
-    path = Path(path)
-    if not (path / ".metadata").is_file():
-        raise SpindleError(f"{path}: not a Spindle checkpoint (no .metadata)")
-    state: dict = {}
-    if "model" in content:
-        state["model"] = get_model_state_dict(model)
-        check_model_shapes(path, state["model"], partial=partial)
-    if "optimizer" in content and optimizer is not None:
-        state["optimizer"] = get_optimizer_state_dict(model, optimizer, options=OPTIM_OPTIONS)
-    if "sampler" in content:
-        state["rng"] = _rng_state()
-    if state:
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                dcp.load(state, storage_reader=SafeFileSystemReader(str(path)), process_group=process_group)
-        except SpindleError:
-            raise
-        except (Exception, CheckpointException) as exc:  # noqa: BLE001 - one line naming the checkpoint
-            raise SpindleError(f"{path}: cannot load checkpoint (truncated or damaged?): "
-                               f"{describe_load_error(exc)}") from None
-    if "model" in state:
-        set_model_state_dict(model, state["model"], options=StateDictOptions(strict=True))
-    if "optimizer" in state:
-        set_optimizer_state_dict(model, optimizer, state["optimizer"], options=OPTIM_OPTIONS)
-    if "rng" in state:
-        torch.set_rng_state(state["rng"]["cpu"])
-        if "cuda" in state["rng"] and torch.cuda.is_available():
-            torch.cuda.set_rng_state(state["rng"]["cuda"])
-    ts = path / "trainer_state.json"
-    try:
-        return json.loads(ts.read_text()) if ts.is_file() else {}
-    except ValueError as exc:
-        raise SpindleError(f"{ts}: damaged trainer state: {exc}") from None
-
-
-def describe_load_error(exc: BaseException) -> str:
-    text = str(exc)
-    m = re.search(r"Size mismatch.*?key (\S+).*?(torch\.Size\(\[[^\]]*\]\)).*?(torch\.Size\(\[[^\]]*\]\))", text, re.S)
-    if m:
-        return f"parameter {m.group(1)} has shape {m.group(3)} in the checkpoint but {m.group(2)} in the model"
-    lines = [ln.strip() for ln in text.strip().splitlines() if ln.strip()]
-    # DCP wraps rank failures in a CheckpointException holding tracebacks; the last
-    # "SomeError: message" line is the cause
-    causes = [ln for ln in lines if re.match(r"^[A-Za-z_.]*(Error|Exception)\b.*:", ln)
-              and not ln.startswith("CheckpointException")]
-    first = causes[-1] if causes else (lines[0] if lines else type(exc).__name__)
-    return first.split(". ")[0][:300]
-
-
-# --------------------------------------------------------------------------- the manager
-
-
-class CheckpointManager:
-    """Saves into a save folder on local disk or S3, with snapshots, async upload and pruning.
-
-    Every rank calls `save`; rank `is_writer` writes the JSON files, the marker, and prunes.
-    For remote storage each rank stages its own DCP files under `async_upload_tmp_folder` and
-    uploads them; the marker is written after every upload finished (and, on several ranks, after
-    a barrier).
-    """
-
-    def __init__(self, url: str, ckpt: CkptConfig, *, is_writer: bool = True, process_group=None,
-                 distributed: bool = False, log: Callable[[str], None] = print):
-        self.url, self.ckpt, self.log = url, ckpt, log
-        self.is_writer, self.process_group, self.distributed = is_writer, process_group, distributed
-        self.storage = open_ckpt_storage(url, ckpt)
-        self.remote = self.storage.local_path("") is None
-        self.location = Location(self.storage.url) if self.remote else Path(self.storage.local_path(""))
-        self.uploader = AsyncUploader(self.storage) if self.remote and ckpt.async_upload else None
-        self._deferred: list[CkptRef] = []  # markers to write after the pending uploads (several ranks)
-        self.upload_seconds: list[float] = []
-
-    # -- queries --
-
-    def ping(self) -> None:
-        if self.is_writer:
-            self.storage.ping()
-
-    def completed(self) -> list[CkptRef]:
-        return scan_completed(self.storage)
-
-    # -- save --
-
-    def save(self, step: int, model, optimizer, trainer_state: dict, config: dict,
-             snapshot_slot: Optional[int] = None) -> str:
-        self.wait()  # the previous upload must be complete (and marked) before a new save starts
-        base = f"snapshot/{snapshot_slot}" if snapshot_slot is not None else ""
-        ref = CkptRef(step, f"{base}/{step}" if base else str(step))
-        if self.is_writer:
-            if base:  # a slot holds one checkpoint: unmark, then clear it
-                for f in self.storage.list_files(base):
-                    if f.endswith(".step"):
-                        self.storage.delete_prefix(f"{base}/{f}")
-                for d in self.storage.list_dirs(base):
-                    self.storage.delete_prefix(f"{base}/{d}")
-            else:
-                self.storage.delete_prefix(ref.marker)  # re-saving a step: incomplete until the new marker
-                self.storage.delete_prefix(ref.rel)
-        if self.distributed:
-            dist.barrier(group=self.process_group)
-        if not self.remote:
-            write_dcp(Path(self.storage.local_path(ref.rel)), model, optimizer, trainer_state, config,
-                      self.process_group, self.is_writer)
-            self._commit(ref)
-            return str(self.location / ref.rel)
-        stage = Path(self.ckpt.async_upload_tmp_folder or tempfile.gettempdir()) / f"spindle-{os.getpid()}" / ref.rel
-        shutil.rmtree(stage, ignore_errors=True)
-        write_dcp(stage, model, optimizer, trainer_state, config, self.process_group, self.is_writer)
-        if self.uploader is not None:
-            on_done = None if self.distributed else (lambda: self._commit(ref))
-            self._deferred.append(ref)
-            self.uploader.submit(str(stage), ref.rel, on_done=on_done, remove_local=True)
-            return str(self.location / ref.rel) + " (uploading in the background)"
-        try:
-            self.storage.upload_dir(str(stage), ref.rel)
-        except SpindleError as exc:
-            raise SpindleError(f"checkpoint step {step} was not uploaded to {self.location / ref.rel} and is "
-                               f"not marked complete: {exc}") from None
-        shutil.rmtree(stage, ignore_errors=True)
-        if self.distributed:
-            dist.barrier(group=self.process_group)
-        self._commit(ref)
-        return str(self.location / ref.rel)
-
-    def _commit(self, ref: CkptRef) -> None:
-        if not self.is_writer:
-            return
-        self.storage.write_bytes(ref.marker, f"{ref.step}\n".encode())
-        if not self.remote:
-            _fsync_dir(Path(self.storage.local_path(ref.marker)).parent)
-        self.prune()
-
-    def wait(self) -> None:
-        """Finish background uploads; raise a clear error if one failed (its marker is not written)."""
-        if self.uploader is None or not self._deferred:
-            return
-        refs, self._deferred = self._deferred, []
-        try:
-            self.uploader.wait()
-        except SpindleError as exc:
-            steps = ", ".join(str(r.step) for r in refs)
-            raise SpindleError(f"checkpoint upload to {self.location} failed; step {steps} is not marked "
-                               f"complete: {exc}") from None
-        if self.distributed:
-            dist.barrier(group=self.process_group)
-            for ref in refs:
-                self._commit(ref)
-
-    def close(self) -> None:
-        try:
-            self.wait()
-        finally:
-            if self.uploader is not None:
-                self.uploader.close()
-
-    def prune(self) -> None:
-        n = self.ckpt.keep_last_n
-        if not n or not self.is_writer:
-            return
-        normal = [r for r in self.completed() if "/" not in r.rel]
-        for ref in normal[:-n]:
-            self.storage.delete_prefix(ref.marker)  # unmark first: a half-deleted folder is never loaded
-            self.storage.delete_prefix(ref.rel)
-
-
-# --------------------------------------------------------------------------- legacy helpers
-
-
-def save_checkpoint(folder: Path, step: int, model, optimizer, trainer_state: dict, config: dict,
-                    process_group=None, is_writer: bool = True) -> Path:
-    """Write `{folder}/{step}/` then the marker `{folder}/{step}.step` (local folders)."""
-    mgr = CheckpointManager(str(folder), CkptConfig(), is_writer=is_writer, process_group=process_group)
-    mgr.save(step, model, optimizer, trainer_state, config)
-    return Path(folder) / str(step)
-
-
-def prune_old(folder: Path, keep_last_n: Optional[int]) -> None:
-    if keep_last_n:
-        CheckpointManager(str(folder), CkptConfig(keep_last_n=keep_last_n)).prune()
-
-
-__all__ = [
-    "CONTENTS", "CheckpointManager", "CkptRef", "LoadPlan", "Location", "StorageNotFound", "load_checkpoint",
-    "local_copy", "open_checkpoint", "plan_load", "resolve", "resolve_checkpoint_dir", "scan_completed",
-]
+__all__ = ["CONTENTS", "CheckpointManager", "CkptRef", "LoadPlan", "load_checkpoint", "plan_load", "restore"]

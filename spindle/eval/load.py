@@ -8,7 +8,8 @@ from typing import Optional
 
 import torch
 
-from spindle.checkpoint.manager import load_checkpoint, open_checkpoint
+from spindle.checkpoint.dcp_io import load_tensors
+from spindle.checkpoint.discovery import open_checkpoint
 from spindle.config import SpindleConfig, validate_config
 from spindle.errors import SpindleError
 from spindle.model.llama import Transformer, build_model
@@ -55,6 +56,6 @@ def load_model_for_eval(ckpt: str, rope_scaling: Optional[str] = None, device: s
         if updates:
             mcfg = mcfg.model_validate(mcfg.model_dump() | updates)
         model = build_model(mcfg, torch.device(device))
-        load_checkpoint(path, model, None, ("model",))
+        load_tensors(path, model, None, ("model",))
     model.eval()
     return model, cfg

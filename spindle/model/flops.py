@@ -79,20 +79,3 @@ def memory_estimate(cfg: SpindleConfig, world_size: int = 1) -> dict[str, float]
     total = weights + grads + optim + activations + logits
     return {"weights": weights, "grads": grads, "optimizer": optim, "activations": activations,
             "logits": logits, "total": total}
-
-
-# Dense peak TFLOP/s per device for the MFU denominator (vendor datasheets, without sparsity).
-PEAK_TFLOPS = {
-    ("a100", "bf16"): 312.0, ("a100", "fp16"): 312.0, ("a100", "tf32"): 156.0, ("a100", "fp32"): 19.5,
-    ("h100", "bf16"): 989.0, ("h100", "fp16"): 989.0, ("h100", "tf32"): 494.0, ("h100", "fp32"): 67.0,
-    ("h200", "bf16"): 989.0, ("h200", "fp16"): 989.0, ("h200", "tf32"): 494.0, ("h200", "fp32"): 67.0,
-}
-
-
-def lookup_peak_tflops(device_name: str, dtype: str) -> float | None:
-    """Peak for a GPU name such as 'NVIDIA H100 80GB HBM3' and a compute dtype key."""
-    name = device_name.lower()
-    for (gpu, dt), peak in PEAK_TFLOPS.items():
-        if gpu in name and dt == dtype:
-            return peak
-    return None

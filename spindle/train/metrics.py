@@ -13,13 +13,11 @@ from __future__ import annotations
 import json
 import math
 import sys
-import time
 from pathlib import Path
 from typing import Any, Optional
 
 import torch
 
-from spindle.model.flops import lookup_peak_tflops
 
 CONSOLE_KEYS = [
     "tflops", "step", "loss", "tgs (tokens/gpu/second)", "lr", "loss_scale", "grad_norm", "micro_num",
@@ -51,31 +49,6 @@ def batch_shape_stats(micro_batches: list[dict]) -> dict:
         "largest_batch": max(per_pack),
         "smallest_batch": min(per_pack),
     }
-
-
-def measure_cpu_peak_tflops(n: int = 1024, repeats: int = 3) -> float:
-    """fp32 matmul throughput of this CPU with the current thread count: the MFU denominator here."""
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    a @ b  # warm up the kernels
-    best = math.inf
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        a @ b
-        best = min(best, time.perf_counter() - t0)
-    return 2 * n**3 / best / 1e12
-
-
-def resolve_peak_tflops(configured: Optional[float], device: torch.device, compute_dtype: str) -> tuple[float, str]:
-    """(peak TFLOP/s per device, where it came from): config > GPU table > measured CPU matmul."""
-    if configured:
-        return configured, "config"
-    if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-        peak = lookup_peak_tflops(name, compute_dtype)
-        if peak:
-            return peak, f"table ({name}, {compute_dtype})"
-        return 0.0, f"unknown GPU {name}: set trainer.peak_tflops"
-    return measure_cpu_peak_tflops(), "measured fp32 matmul on this CPU"
 
 
 class MetricSinks:

@@ -25,17 +25,17 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.distributed.tensor import DTensor
 
-from spindle.checkpoint.manager import CheckpointManager, load_checkpoint, local_copy, plan_load
+from spindle.checkpoint.manager import CheckpointManager, LoadPlan, plan_load, restore
 from spindle.config import SpindleConfig, parse_skip_batches, save_resolved_config
 from spindle.data.loader import build_train_loader, build_valid_sets
-from spindle.errors import SpindleError
 from spindle.model.flops import internevo_flops_per_step, model_flops_per_token, parameter_counts
 from spindle.model.llama import Transformer, build_model
 from spindle.parallel.context import local_slice
 from spindle.parallel.mesh import ParallelEnv, build_mesh
 from spindle.parallel.parallelize import ModelView, apply_data_parallel, apply_model_parallel
 from spindle.parallel.pipeline import PipelineChunk, build_schedule, build_stage_model, stages_of_rank
-from spindle.train.metrics import MetricSinks, Progress, batch_shape_stats, format_line, resolve_peak_tflops
+from spindle.hardware import resolve_peak_tflops
+from spindle.train.metrics import MetricSinks, Progress, batch_shape_stats, format_line
 from spindle.train.host import cpu_training_mode
 from spindle.train.monitor import build_monitor
 from spindle.train.optim import DynamicLossScaler, beta2_at, build_optimizer, lr_at, set_schedules
@@ -102,6 +102,15 @@ class Trainer:
 
         if env.mesh is None:
             env = self.env = build_mesh(env, cfg.parallel, cfg.model)  # layout errors before any work
+        try:
+            self._build(cfg, env)
+        except BaseException:
+            self.close()
+            raise
+
+    def _build(self, cfg: SpindleConfig, env: ParallelEnv) -> None:
+        self.ckpt_manager = self._open_save_folder()
+        self.save_dir = self.ckpt_manager.location if self.ckpt_manager else None
         if env.is_main:
             save_resolved_config(cfg, self.run_dir)
         self.n_params = parameter_counts(cfg.model)["total"]
@@ -122,49 +131,55 @@ class Trainer:
         self.loader = build_train_loader(cfg.data, cfg.model.vocab_size, self.run_dir / "data_cache",
                                          env.dp_rank, env.dp_size)
         self.valid_sets = build_valid_sets(cfg.data, cfg.model.vocab_size)
-        self.save_dir = self._save_dir()
-        self._restore()
         self.peak, self.peak_source = resolve_peak_tflops(cfg.trainer.peak_tflops, self.device,
                                                           compute_dtype_key(cfg.model.dtype))
+        self._restore()  # last: nothing may draw from the global RNG between the restore and the first step
         self.flops_per_token = model_flops_per_token(cfg.model, cfg.data.seq_len)
         self.monitor = build_monitor(cfg, self.run_dir, env.rank, env.is_main, log=lambda m: self.log(m))
 
     # ------------------------------------------------------------------ setup
 
-    def _save_dir(self):
-        """Open the save folder (local or boto3:) and ping it, so a bad path or an unreachable
-        endpoint fails now, before any training. Returns its location (a Path, or a URL)."""
+    def _open_save_folder(self) -> Optional[CheckpointManager]:
+        """Open the save folder (local or boto3:): refuse foreign checkpoints, lock it, ping it, so a bad
+        path, a folder in use or an unreachable endpoint fails now, before any training."""
         ck = self.cfg.ckpt
-        self.ckpt_manager: Optional[CheckpointManager] = None
         if not ck.enable_save_ckpt:
             return None
         folder = ck.save_ckpt_folder or str(self.run_dir / "ckpt")
-        self.ckpt_manager = CheckpointManager(folder, ck, is_writer=self.env.is_main,
-                                              distributed=self.env.distributed, log=self.log)
-        self.ckpt_manager.ping()
-        return self.ckpt_manager.location
+        manager = CheckpointManager(folder, ck, job=self.cfg.JOB_NAME, is_writer=self.env.is_main,
+                                    distributed=self.env.distributed, device=self.device, log=self.log,
+                                    alert=lambda kind, msg: self.monitor.alert(kind, msg))
+        self.ckpt_manager = manager  # close() releases what open() took, also when open() fails half-way
+        manager.open()
+        return manager
 
     def _restore(self) -> None:
-        plan = plan_load(self.cfg.ckpt, self.ckpt_manager.storage if self.ckpt_manager else None)
+        plan: LoadPlan = plan_load(self.cfg.ckpt, self.ckpt_manager.storage if self.ckpt_manager else None)
         self.log(f"checkpoint: {plan.reason}")
-        if plan.content == ("hf",):
+        if self.ckpt_manager is not None:
+            self.lineage = self.ckpt_manager.adopt(plan)
+        if plan.kind == "hf":
             from spindle.checkpoint.hf import load_hf_weights
 
             load_hf_weights(self.raw_model, plan.url)
             return
         if plan.ref is None:
             return
-        with local_copy(plan.storage, plan.ref) as path:
-            ts = load_checkpoint(path, self.raw_model, self.optimizer, plan.content, partial=self.env.pp_size > 1)
-        if "scheduler" in plan.content and ts:
-            self.state.updates = ts.get("updates", 0)
+        ts = restore(plan, self.raw_model, self.optimizer, partial=self.env.pp_size > 1, log=self.log)
+        if "scheduler" in plan.content:
+            self.state.updates = ts["updates"]
             if "scaler" in ts and self.scaler.enabled:
                 self.scaler.load_state_dict(ts["scaler"])
-        if "sampler" in plan.content and ts:
-            self.state.step = ts.get("step", 0)
-            self.state.num_consumed_tokens = ts.get("num_consumed_tokens", 0)
-            self.state.inf_nan_skip_batches = ts.get("inf_nan_skip_batches", 0)
+        if "sampler" in plan.content:
+            self.state.step = ts["step"]
+            self.state.num_consumed_tokens = ts["num_consumed_tokens"]
+            self.state.inf_nan_skip_batches = ts["inf_nan_skip_batches"]
             self.loader.load_state_dict(ts["loader"])
+
+    def close(self) -> None:
+        """Confirm the last uploads and release the save folder (fit() does this when it ends)."""
+        if getattr(self, "ckpt_manager", None) is not None:
+            self.ckpt_manager.close()
 
     def autocast(self):
         if self.compute_dtype == torch.float32:
@@ -441,10 +456,10 @@ class Trainer:
 
     # ------------------------------------------------------------------ checkpoint
 
-    def save(self, snapshot_slot: Optional[int] = None) -> str:
+    def save(self, snapshot: bool = False) -> str:
         ts = self.state.state_dict() | {"loader": self.loader.state_dict(), "scaler": self.scaler.state_dict()}
         where = self.ckpt_manager.save(self.state.step, self.raw_model, self.optimizer, ts, self.cfg.to_dict(),
-                                       snapshot_slot=snapshot_slot)
+                                       snapshot=snapshot)
         self.log(f"checkpoint saved: {where}")
         return where
 
@@ -538,13 +553,12 @@ class Trainer:
                         self.save()
                         saved_at = state.step
                     elif math.isfinite(snap) and state.step % int(snap) == 0:
-                        self.save(snapshot_slot=(state.step // int(snap)) % 2)  # two alternating slots
+                        self.save(snapshot=True)  # the manager alternates the two slots
                 self.monitor.step_finished(record)
                 if quit_now:
                     printer(f"stop file {cfg.ckpt.stop_file_path}: stopping at step {state.step}")
                     break
-            if self.ckpt_manager is not None:
-                self.ckpt_manager.wait()  # background uploads finish (and get their markers) before we return
+            self.close()  # background uploads confirmed (and marked) before we return; locks released
         except BaseException as exc:
             self.monitor.exception(exc)
             raise
@@ -557,4 +571,6 @@ class Trainer:
             if sinks is not None:
                 sinks.close()
             self.loader.close()
+            with contextlib.suppress(Exception):  # after an error: the folders are released all the same
+                self.close()
         return {"history": history, "saved_at": saved_at, "state": state.state_dict()}

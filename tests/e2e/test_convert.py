@@ -6,7 +6,8 @@ import json
 import pytest
 import torch
 
-from spindle.checkpoint.manager import load_checkpoint, resolve
+from spindle.checkpoint.discovery import resolve
+from spindle.checkpoint.manager import load_checkpoint
 from spindle.cli import main
 from spindle.config import validate_config
 from spindle.model.llama import build_model

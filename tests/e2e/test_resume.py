@@ -94,3 +94,84 @@ def test_sigkill_then_auto_resume_is_bit_exact(tmp_path):
     want, got = _losses(run_a), _losses(run_b)
     assert sorted(want) == list(range(TOTAL)) and sorted(got) == list(range(TOTAL))
     assert got == want  # bit for bit: float equality of every step's loss
+
+
+# ----------------------------------------------------------------------------- every feature that draws or counts
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from spindle.config import validate_config  # noqa: E402
+from spindle.parallel.mesh import ParallelEnv  # noqa: E402
+from spindle.train.trainer import Trainer  # noqa: E402
+
+TEXT = "\n".join(f"line {i}: the quick brown fox {i * 7 % 13} jumps over the lazy dog." for i in range(400))
+FEATURES = {
+    "dropout": {"model": {"drop_rate": 0.2}},
+    "attention_dropout": {"model": {"attn_drop_rate": 0.2}},
+    "label_smoothing": {"loss": {"label_smoothing": 0.1}},
+    "rampup": {"data": {"micro_num": 3, "rampup_batch_size": "1 1 2"}},
+    "validation": {"data": {"valid_every": 1, "valid_micro_num": 1}, "model": {"drop_rate": 0.2}},
+    "text_data": {"data": {"type": "text", "tokenizer_path": "byte"}, "model": {"drop_rate": 0.2}},
+}
+
+
+def _feature_cfg(tmp: Path, name: str, feature: str, total: int):
+    data = {"seq_len": 16, "micro_num": 2, "micro_bsz": 2, "total_steps": total}
+    raw = {
+        "JOB_NAME": name,
+        "ckpt": {"enable_save_ckpt": True, "save_ckpt_folder": str(tmp / name / "ckpt"), "checkpoint_every": 3},
+        "data": data,
+        "adam": {"lr": 1e-2},
+        "lr_scheduler": {"warmup_ratio": 0.2, "total_steps": 6},
+        "model": {"hidden_size": 32, "num_attention_heads": 4, "num_layers": 2, "vocab_size": 258,
+                  "multiple_of": 16, "max_position_embeddings": 16},
+        "trainer": {"run_folder": str(tmp), "tensorboard": False, "progress_bar": False, "seed": 13,
+                    "num_threads": 1},
+    }
+    for section, values in FEATURES[feature].items():
+        raw.setdefault(section, {}).update(values)
+    if feature == "validation":
+        from spindle.data.prepare import prepare
+
+        (tmp / "valid.txt").write_text(TEXT)
+        prepare([str(tmp / "valid.txt")], str(tmp / "valid" / "en"), "byte", overwrite=True, progress=False)
+        data["valid_folder"] = str(tmp / "valid")
+    if feature == "text_data":
+        (tmp / "text").mkdir(exist_ok=True)
+        for i in range(3):
+            (tmp / "text" / f"f{i}.txt").write_text(TEXT[i * 3000:(i + 1) * 3000])
+        data["train_folder"] = str(tmp / "text")
+    return validate_config(raw)
+
+
+@pytest.mark.parametrize("feature", sorted(FEATURES))
+def test_resume_is_bit_exact_with(feature, tmp_path, monkeypatch):
+    quiet = dict(log=lambda *_: None)
+    full = Trainer(_feature_cfg(tmp_path, "full", feature, 6), ParallelEnv(), **quiet).fit()["history"]
+    first = Trainer(_feature_cfg(tmp_path, "cut", feature, 3), ParallelEnv(), **quiet).fit()["history"]
+
+    # nothing may draw from the global generator between the restore and the first step
+    restored = {}
+    real_restore, real_step = Trainer._restore, Trainer.train_step
+
+    def spy_restore(self):
+        real_restore(self)
+        restored["rng"] = torch.get_rng_state()
+
+    def spy_step(self, mbs):
+        if "first_step" not in restored:
+            restored["first_step"] = torch.get_rng_state()
+        return real_step(self, mbs)
+
+    monkeypatch.setattr(Trainer, "_restore", spy_restore)
+    monkeypatch.setattr(Trainer, "train_step", spy_step)
+    from spindle.hardware import measure_cpu_peak_tflops
+
+    measure_cpu_peak_tflops.cache_clear()  # the probe runs again in this Trainer, as in a new process
+    second = Trainer(_feature_cfg(tmp_path, "cut", feature, 6), ParallelEnv(), **quiet)
+    assert second.state.step == 3
+    rest = second.fit()["history"]
+    assert torch.equal(restored["rng"], restored["first_step"])
+    keys = ["loss", "grad_norm"] + (["val/en_loss"] if feature == "validation" else [])
+    assert [[h[k] for k in keys] for h in first + rest] == [[h[k] for k in keys] for h in full]

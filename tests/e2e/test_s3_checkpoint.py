@@ -19,6 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from s3server import MotoServer, find_moto_server, free_port  # noqa: E402
 
+from spindle.checkpoint.discovery import scan_completed  # noqa: E402
 from spindle.config import validate_config  # noqa: E402
 from spindle.errors import SpindleError  # noqa: E402
 from spindle.parallel.mesh import ParallelEnv  # noqa: E402
@@ -73,7 +74,7 @@ def test_save_and_auto_resume_from_s3(moto_server, tmp_path, monkeypatch, capsys
                     ParallelEnv())
     a = losses(first.fit())
     files = first.ckpt_manager.storage.list_files("")
-    assert {"2.step", "4.step", "snapshot/1/3.step", "4/.metadata", "4/trainer_state.json"} <= set(files)
+    assert {"2.step", "4.step", "snapshot/0/3.step", "4/.metadata", "4/trainer_state.json"} <= set(files)
     assert not list((tmp_path / "stage").rglob("*.distcp"))  # staging removed after upload
 
     second = Trainer(cfg(tmp_path, url, total=6, checkpoint_every=2, async_upload=async_upload), ParallelEnv())
@@ -90,42 +91,44 @@ def test_save_and_auto_resume_from_s3(moto_server, tmp_path, monkeypatch, capsys
     assert torch.equal(model.tok_embeddings.weight, second.raw_model.tok_embeddings.weight)
 
 
-def test_failed_upload_retries_then_errors_and_is_not_marked(moto_server, tmp_path, monkeypatch):
+def test_failed_upload_keeps_training_stays_staged_and_is_uploaded_by_the_next_run(moto_server, tmp_path,
+                                                                                    monkeypatch):
     from botocore.exceptions import EndpointConnectionError
 
     s3_env(monkeypatch, moto_server.endpoint)
     url = f"boto3:s3://{make_bucket(moto_server.endpoint)}/run"
-    tr = Trainer(cfg(tmp_path, url, total=2, async_upload=True), ParallelEnv(), log=lambda *_: None)
+    lines: list[str] = []
+    tr = Trainer(cfg(tmp_path, url, total=4, checkpoint_every=2, async_upload=True), ParallelEnv(), log=lines.append)
     st = tr.ckpt_manager.storage
     st.retries, st.backoff_s = 2, 0.01
     calls = []
     real = st._client.upload_file
 
-    def flaky(*a, **kw):
+    def down(*a, **kw):
         calls.append(a[2])
         raise EndpointConnectionError(endpoint_url=moto_server.endpoint)
 
-    st._client.upload_file = flaky
-    with pytest.raises(SpindleError, match=r"step 2 is not marked complete.*after 3 attempts") as err:
+    st._client.upload_file = down
+    with pytest.raises(SpindleError, match=r"checkpoint step 2, 4 could not be uploaded.*stays staged") as err:
         tr.fit()
     assert SECRET not in str(err.value)
-    assert len(calls) >= 3  # the first file was tried 1 + 2 retries times
-    assert not st.exists("2.step") and tr.ckpt_manager.completed() == []
+    assert tr.state.step == 4  # the failed upload of step 2 did not stop the run at the save of step 4
+    assert any("upload of step 2" in ln and "retried in the background" in ln for ln in lines)
+    assert len(calls) >= 3 and not st.exists("2.step") and not st.exists("4.step")
+    stage = tmp_path / "stage"
+    roots = list(stage.glob("spindle-*"))
+    assert len(roots) == 1 and (roots[0] / "4" / ".metadata").is_file()  # kept: the only copy
 
-    # transient failures below the retry budget: the checkpoint lands and is marked
+    # the next run on the folder (another process: here, a pid that is gone) uploads what was staged
+    roots[0].rename(stage / (roots[0].name.rsplit("-", 1)[0] + "-999999"))
     st._client.upload_file = real
-    fails = {"n": 2}
-
-    def flaky_twice(*a, **kw):
-        if fails["n"]:
-            fails["n"] -= 1
-            raise EndpointConnectionError(endpoint_url=moto_server.endpoint)
-        return real(*a, **kw)
-
-    st._client.upload_file = flaky_twice
-    tr.save()
-    tr.ckpt_manager.wait()
-    assert [r.step for r in tr.ckpt_manager.completed()] == [2]
+    lines.clear()
+    second = Trainer(cfg(tmp_path, url, total=6, checkpoint_every=2, async_upload=True), ParallelEnv(),
+                     log=lines.append)
+    assert any("uploaded step 4, left staged" in ln for ln in lines)
+    assert second.state.step == 4 and [r.step for r in scan_completed(second.ckpt_manager.storage)] == [2, 4]
+    assert not list(stage.glob("*-999999"))  # nothing left behind in the staging folder
+    second.fit()
 
 
 def test_unreachable_endpoint_fails_at_start(tmp_path, monkeypatch):
@@ -137,6 +140,38 @@ def test_unreachable_endpoint_fails_at_start(tmp_path, monkeypatch):
     assert time.monotonic() - t0 < 30
     assert SECRET not in str(err.value) and ACCESS not in str(err.value)
     assert not (tmp_path / "s3" / "metrics.jsonl").exists()  # no training happened
+
+
+def test_endpoint_that_accepts_but_never_answers_fails_at_start_within_the_timeouts(tmp_path, monkeypatch):
+    import socket
+    import threading
+
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(16)
+    held = []
+
+    def accept_and_stay_silent():
+        while True:
+            try:
+                held.append(server.accept()[0])
+            except OSError:
+                return
+
+    threading.Thread(target=accept_and_stay_silent, daemon=True).start()
+    s3_env(monkeypatch, f"http://127.0.0.1:{server.getsockname()[1]}")
+    t0 = time.monotonic()
+    try:
+        with pytest.raises(SpindleError, match=r"boto3:s3://bucket/run is not usable.*[Rr]ead timeout") as err:
+            Trainer(cfg(tmp_path, "boto3:s3://bucket/run", s3_connect_timeout_s=1, s3_read_timeout_s=1),
+                    ParallelEnv(), log=lambda *_: None)
+    finally:
+        server.close()
+        for conn in held:
+            conn.close()
+    assert held, "the client never connected"
+    assert time.monotonic() - t0 < 15  # two tries of a 1 s read timeout (+ backoff), not minutes
+    assert "\n" not in str(err.value) and SECRET not in str(err.value)
 
 
 # ----------------------------------------------------------------------------- measurement

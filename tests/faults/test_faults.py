@@ -78,7 +78,8 @@ data = dict(seq_len=32, micro_num=2, micro_bsz=2, total_steps={total}, fixed_ran
 adam = dict(lr=1e-2)
 lr_scheduler = dict(warmup_ratio=0.2, total_steps={total})
 model = dict(hidden_size=32, num_attention_heads=4, num_kv_attention_heads=2, num_layers=2, vocab_size=96,
-             multiple_of=16, max_position_embeddings=32)
+             multiple_of=16, max_position_embeddings=32, drop_rate=0.1, attn_drop_rate=0.1)
+loss = dict(label_smoothing=0.1)
 trainer = dict(run_folder={run!r}, tensorboard=False, progress_bar=False, seed=11, num_threads=1, log_every=1)
 """
 

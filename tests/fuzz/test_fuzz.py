@@ -335,7 +335,8 @@ def test_fuzz_checkpoint_loader(work):
 
     import torch
 
-    from spindle.checkpoint.manager import CONTENTS, CheckpointManager, load_checkpoint, resolve
+    from spindle.checkpoint.discovery import resolve
+    from spindle.checkpoint.manager import CONTENTS, CheckpointManager, load_checkpoint
     from spindle.config import CkptConfig, validate_config
     from spindle.model.llama import build_model
     from spindle.train.optim import build_optimizer

@@ -6,14 +6,9 @@ import pickle
 import pytest
 import torch
 
-from spindle.checkpoint.manager import (
-    CheckpointManager,
-    load_checkpoint,
-    plan_load,
-    read_metadata,
-    resolve,
-    scan_completed,
-)
+from spindle.checkpoint.dcp_io import read_metadata
+from spindle.checkpoint.discovery import resolve, scan_completed
+from spindle.checkpoint.manager import CheckpointManager, load_checkpoint, plan_load
 from spindle.config import validate_config
 from spindle.errors import SpindleError
 from spindle.model.llama import build_model
@@ -157,3 +152,31 @@ def test_trainer_state_is_json(tmp_path):
     ts = json.loads((tmp_path / "ckpt" / "4" / "trainer_state.json").read_text())
     assert ts["step"] == 4 and ts["updates"] == 4 and "loader" in ts
     assert json.loads((tmp_path / "ckpt" / "4" / "config.json").read_text())["model"]["vocab_size"] == 64
+
+
+def test_first_wave_checkpoint_still_loads(tmp_path):
+    """tests/fixtures/ckpt_v1: written by the first wave (marker = the step number, no lineage): it loads
+    with all its state, and a run continuing it writes the current format beside it."""
+    import shutil
+    from pathlib import Path
+
+    fixture = Path(__file__).resolve().parents[1] / "fixtures" / "ckpt_v1"
+    ckpt = tmp_path / "ckpt_v1"
+    shutil.copytree(fixture, ckpt)
+    old = {p.name: p.read_bytes() for p in (ckpt / "2").iterdir()}
+    cfg = validate_config({
+        "JOB_NAME": "legacy",
+        "ckpt": {"enable_save_ckpt": True, "save_ckpt_folder": str(ckpt), "checkpoint_every": 2},
+        "data": {"seq_len": 16, "micro_num": 1, "micro_bsz": 2, "total_steps": 4},
+        "model": {"hidden_size": 16, "num_attention_heads": 2, "num_layers": 1, "vocab_size": 64, "multiple_of": 16},
+        "adam": {"lr": 1e-2},
+        "trainer": {"run_folder": str(tmp_path / "runs"), "tensorboard": False, "progress_bar": False},
+    })
+    lines = []
+    tr = Trainer(cfg, ParallelEnv(), log=lines.append)
+    assert tr.state.step == 2 and tr.state.updates == 2 and tr.loader.position == 2
+    assert any("continuing from" in ln and "/2 (step 2, all state)" in ln for ln in lines)
+    tr.fit()
+    record = json.loads((ckpt / "4.step").read_text())
+    assert record["lineage"] == "first-wave" and record["step"] == 4 and "trainer_state.json" in record["files"]
+    assert {p.name: p.read_bytes() for p in (ckpt / "2").iterdir()} == old

@@ -17,10 +17,10 @@ from spindle.checkpoint.storage import (
     LocalStorage,
     S3Storage,
     StorageNotFound,
-    _is_transient,
     open_storage,
     parse_s3_url,
 )
+from spindle.checkpoint.storage.s3_address import _is_transient
 from spindle.errors import SpindleError
 
 ACCESS = "AKIASPINDLETEST0001"

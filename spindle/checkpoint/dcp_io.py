@@ -1,0 +1,240 @@
+"""Reading and writing the tensors of one checkpoint folder with torch.distributed.checkpoint (DCP).
+
+    {step}/.metadata, {step}/__{rank}_0.distcp   model, optimizer and RNG tensors under their
+                                                 fully-qualified names (sharded, topology-independent)
+
+No pickled code is ever executed on load: DCP's `.metadata` is read with an unpickler that admits
+only DCP's own metadata classes, torch dtypes/sizes and plain containers; tensor payloads are read
+by DCP with `torch.load(weights_only=True)`. The JSON files beside the tensors (trainer state,
+config) and the completion record are written by the manager (spindle.checkpoint.manager).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import io
+import pickle
+import re
+import warnings
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
+
+from spindle.errors import SpindleError
+
+# Optimizer state keyed "state.<param name>.exp_avg", "param_groups.<param name>.lr": every entry names
+# its parameter, so a rank holding a pipeline stage or a shard reads exactly its part of any layout.
+OPTIM_OPTIONS = StateDictOptions(flatten_optimizer_state_dict=True)
+
+
+# --------------------------------------------------------------------------- safe metadata
+
+
+class _SafeUnpickler(pickle.Unpickler):
+    """Admits only what DCP's .metadata legitimately holds; anything else is a foreign/hostile file."""
+
+    def find_class(self, module: str, name: str):
+        if module == "torch.serialization" and name == "_get_layout":
+            return torch.serialization._get_layout
+        if module == "collections" and name == "OrderedDict":
+            import collections
+
+            return collections.OrderedDict
+        if module in ("builtins",) and name in ("set", "frozenset", "slice", "tuple", "list", "dict"):
+            import builtins
+
+            return getattr(builtins, name)
+        if module in ("pathlib", "pathlib._local") and name in ("PosixPath", "PurePosixPath", "WindowsPath"):
+            import pathlib
+
+            return getattr(pathlib, name)
+        if module == "torch":
+            obj = getattr(torch, name, None)
+            if obj is torch.Size or isinstance(obj, (torch.dtype, torch.layout, torch.memory_format)):
+                return obj
+        if module.startswith("torch.distributed.checkpoint"):
+            import importlib
+
+            obj = getattr(importlib.import_module(module), name, None)
+            if isinstance(obj, type) and (dataclasses.is_dataclass(obj) or issubclass(obj, enum.Enum)):
+                return obj
+        raise pickle.UnpicklingError(f"refusing to load {module}.{name} from checkpoint metadata")
+
+
+def parse_metadata(data: bytes, where: str):
+    """DCP Metadata from the bytes of a `.metadata` file, through the safe unpickler."""
+    try:
+        metadata = _SafeUnpickler(io.BytesIO(data)).load()
+    except Exception as exc:  # noqa: BLE001 - truncated or foreign metadata
+        raise SpindleError(f"{where}: unreadable checkpoint metadata (truncated or not a DCP checkpoint): "
+                           f"{type(exc).__name__}: {exc}") from None
+    if not isinstance(metadata, dcp.metadata.Metadata) or not isinstance(  # admitted types, not DCP's (fuzz)
+            getattr(metadata, "state_dict_metadata", None), dict):
+        raise SpindleError(f"{where}: not DCP checkpoint metadata (holds a {type(metadata).__name__})")
+    return metadata
+
+
+class SafeFileSystemReader(dcp.FileSystemReader):
+    def read_metadata(self, *args, **kwargs):
+        path = Path(str(self.path)) / ".metadata"
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:
+            raise SpindleError(f"{path.parent}: not a Spindle checkpoint (no .metadata)") from None
+        metadata = parse_metadata(data, str(path))
+        if getattr(metadata, "storage_meta", None) is None:
+            metadata.storage_meta = dcp.metadata.StorageMeta()
+        metadata.storage_meta.load_id = self.load_id
+        if getattr(metadata, "planner_data", None) is None:
+            metadata.planner_data = {}
+        return metadata
+
+
+def read_metadata(path: Path):
+    return SafeFileSystemReader(str(path)).read_metadata()
+
+
+# --------------------------------------------------------------------------- RNG
+
+
+def rng_state() -> dict:
+    """The generators a training step draws from: the CPU one, and the current CUDA device's if any."""
+    state = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _rng_to_load(saved_keys: set[str], log: Callable[[str], None]) -> dict:
+    """Templates for the RNG states this checkpoint holds and this machine has (a checkpoint written on
+    a CPU machine has no CUDA state, and the other way round): the CPU state always, the CUDA state
+    when both sides have it, a note otherwise."""
+    here = rng_state()
+    wanted = {}
+    for device, template in here.items():
+        if f"rng.{device}" in saved_keys:
+            wanted[device] = template
+        else:
+            log(f"checkpoint: no {device} RNG state in the checkpoint (written on a machine without one); "
+                f"the {device} generator keeps its seed")
+    for key in saved_keys:
+        device = key.split(".", 1)[1]
+        if device not in here:
+            log(f"checkpoint: the checkpoint's {device} RNG state is not restored (no {device} device here)")
+    return wanted
+
+
+# --------------------------------------------------------------------------- write / load tensors
+
+
+def write_tensors(path: Path, model: torch.nn.Module, optimizer: Optional[torch.optim.Optimizer],
+                  process_group=None) -> None:
+    """Write the DCP files of one checkpoint (every rank calls this; DCP coordinates)."""
+    state = {"model": get_model_state_dict(model), "rng": rng_state()}
+    if optimizer is not None:
+        state["optimizer"] = get_optimizer_state_dict(model, optimizer, options=OPTIM_OPTIONS)
+    path.mkdir(parents=True, exist_ok=True)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "no process group, assuming single process" is expected on 1 rank
+            dcp.save(state, storage_writer=dcp.FileSystemWriter(str(path)), process_group=process_group)
+    except CheckpointException as exc:  # e.g. a full disk: one line, not DCP's rank tracebacks
+        raise OSError(describe_load_error(exc)) from None
+
+
+def _shape(meta) -> Optional[tuple]:
+    size = getattr(meta, "size", None)
+    return tuple(size) if size is not None else None
+
+
+def check_model_shapes(path: Path, model_sd: dict, prefix: str = "model.", partial: bool = False) -> None:
+    """Every model tensor must exist in the checkpoint with the same shape; name both otherwise.
+    `partial`: the model is one pipeline stage, so the checkpoint may hold more than it."""
+    meta = read_metadata(path).state_dict_metadata
+    saved = {k[len(prefix):]: v for k, v in meta.items() if k.startswith(prefix)}
+    if not saved:
+        raise SpindleError(f"{path}: not a Spindle checkpoint (no model tensors in it)")
+    missing = [k for k in model_sd if k not in saved]
+    if missing:
+        raise SpindleError(f"{path}: checkpoint has no parameter {missing[0]}"
+                           + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
+                           + " — a checkpoint of a different model?")
+    for name, t in model_sd.items():
+        want, got = tuple(t.shape), _shape(saved[name])
+        if got is not None and got != want:
+            raise SpindleError(f"{path}: parameter {name} has shape {list(got)} in the checkpoint but "
+                               f"{list(want)} in the model built from the config")
+    extra = [] if partial else [k for k in saved if k not in model_sd]
+    if extra:
+        raise SpindleError(f"{path}: checkpoint parameter {extra[0]} does not exist in the model built from the "
+                           "config" + (f" (and {len(extra) - 1} more)" if len(extra) > 1 else ""))
+
+
+def load_tensors(
+    path: Path,
+    model: torch.nn.Module,
+    optimizer: Optional[torch.optim.Optimizer],
+    content: tuple[str, ...],
+    process_group=None,
+    partial: bool = False,
+    log: Callable[[str], None] = print,
+) -> None:
+    """Load the selected content (model / optimizer / the RNG with "sampler") into place."""
+    path = Path(path)
+    if not (path / ".metadata").is_file():
+        raise SpindleError(f"{path}: not a Spindle checkpoint (no .metadata)")
+    state: dict = {}
+    if "model" in content:
+        state["model"] = get_model_state_dict(model)
+        check_model_shapes(path, state["model"], partial=partial)
+    if "optimizer" in content and optimizer is not None:
+        state["optimizer"] = get_optimizer_state_dict(model, optimizer, options=OPTIM_OPTIONS)
+    if "sampler" in content:
+        saved_rng = {k for k in read_metadata(path).state_dict_metadata if k.startswith("rng.")}
+        rng = _rng_to_load(saved_rng, log)
+        if rng:
+            state["rng"] = rng
+    if state:
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                dcp.load(state, storage_reader=SafeFileSystemReader(str(path)), process_group=process_group)
+        except SpindleError:
+            raise
+        except (Exception, CheckpointException) as exc:  # noqa: BLE001 - one line naming the checkpoint
+            raise SpindleError(f"{path}: cannot load checkpoint (truncated or damaged?): "
+                               f"{describe_load_error(exc)}") from None
+    if "model" in state:
+        set_model_state_dict(model, state["model"], options=StateDictOptions(strict=True))
+    if "optimizer" in state:
+        set_optimizer_state_dict(model, optimizer, state["optimizer"], options=OPTIM_OPTIONS)
+    if "rng" in state:
+        if "cpu" in state["rng"]:
+            torch.set_rng_state(state["rng"]["cpu"])
+        if "cuda" in state["rng"]:
+            torch.cuda.set_rng_state(state["rng"]["cuda"])
+
+
+def describe_load_error(exc: BaseException) -> str:
+    text = str(exc)
+    m = re.search(r"Size mismatch.*?key (\S+).*?(torch\.Size\(\[[^\]]*\]\)).*?(torch\.Size\(\[[^\]]*\]\))", text, re.S)
+    if m:
+        return f"parameter {m.group(1)} has shape {m.group(3)} in the checkpoint but {m.group(2)} in the model"
+    lines = [ln.strip() for ln in text.strip().splitlines() if ln.strip()]
+    # DCP wraps rank failures in a CheckpointException holding tracebacks; the last
+    # "SomeError: message" line is the cause
+    causes = [ln for ln in lines if re.match(r"^[A-Za-z_.]*(Error|Exception)\b.*:", ln)
+              and not ln.startswith("CheckpointException")]
+    first = causes[-1] if causes else (lines[0] if lines else type(exc).__name__)
+    return first.split(". ")[0][:300]

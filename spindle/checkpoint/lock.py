@@ -1,0 +1,191 @@
+"""One writer per save folder: a lock on `{folder}/.spindle.lock`, held for the whole run.
+
+Local and network folders: `fcntl.flock` on the lock file, held by an open file descriptor. The
+kernel drops it when its owner exits, however it exits (SIGKILL included), so a dead owner never
+blocks the next run; the file's content (host, pid, job, start time) names the owner to the run
+that is refused. flock is honoured across hosts on NFSv4 and on CephFS / Lustre mounted with
+`flock`; on file systems that refuse it (ENOLCK / EOPNOTSUPP), the content of the file is the lock:
+a live owner on this host refuses the run, a dead one (no such pid, or the pid was reused by a
+process that started later) is taken over, an owner on another host cannot be checked and refuses
+the run with the command that releases it.
+
+S3 has no locks: the lock is a lease object the owner rewrites every `LEASE_REFRESH_S` seconds from
+a background thread. A lease not refreshed for `stale_after_s` belongs to a dead run and is taken
+over. After writing its lease a run reads it back one second later, so of two runs starting in the
+same instant at most one keeps it — on a store with read-after-write consistency (AWS S3, MinIO).
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import socket
+import threading
+import time
+from typing import Callable, Optional
+
+from spindle.checkpoint.storage import Storage, StorageNotFound
+from spindle.errors import SpindleError
+
+LOCK_FILE = ".spindle.lock"
+LEASE_REFRESH_S = 60.0
+NO_FLOCK = {errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EINVAL, errno.ENOSYS}
+
+
+def _process_start(pid: int) -> Optional[int]:
+    """Start time of `pid` in clock ticks since boot (field 22 of /proc/PID/stat), None if unknown."""
+    try:
+        stat = open(f"/proc/{pid}/stat").read()
+    except OSError:
+        return None
+    return int(stat.rsplit(")", 1)[1].split()[19])
+
+
+def _alive(pid: int, start: Optional[int]) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    now = _process_start(pid)
+    return start is None or now is None or now == start
+
+
+def owner_info(job: str) -> dict:
+    return {"host": socket.gethostname(), "pid": os.getpid(), "pid_start": _process_start(os.getpid()),
+            "job": job, "started": time.time(), "refreshed": time.time()}
+
+
+def describe_owner(owner: dict) -> str:
+    when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(owner.get("started", 0)))
+    return f"job {owner.get('job', '?')!r}, pid {owner.get('pid', '?')} on {owner.get('host', '?')}, since {when}"
+
+
+def _parse_owner(data: bytes) -> Optional[dict]:
+    try:
+        owner = json.loads(data)
+    except ValueError:
+        return None
+    return owner if isinstance(owner, dict) else None
+
+
+class FolderLock:
+    """`acquire()` at start (before anything is written), `release()` at the end."""
+
+    def __init__(self, storage: Storage, job: str, stale_after_s: float = 600.0,
+                 log: Callable[[str], None] = print):
+        self.storage, self.job, self.stale_after_s, self.log = storage, job, stale_after_s, log
+        self.local = storage.local_path("")
+        self._fd: Optional[int] = None
+        self._by_content = False
+        self._stop = threading.Event()
+        self._thread: Optional[threading.Thread] = None
+        self._owner = owner_info(job)
+
+    @property
+    def where(self) -> str:
+        return f"{self.storage.url.rstrip('/')}/{LOCK_FILE}"
+
+    def _refuse(self, owner: Optional[dict], extra: str = "") -> SpindleError:
+        who = describe_owner(owner) if owner else "another run"
+        return SpindleError(f"{self.storage.url}: this save folder is in use by {who} ({self.where}); one run "
+                            f"writes a save folder at a time — wait for it, stop it, or use another "
+                            f"ckpt.save_ckpt_folder{extra}")
+
+    # -- local folders
+
+    def _acquire_local(self) -> None:
+        import fcntl
+
+        os.makedirs(self.local, exist_ok=True)
+        path = os.path.join(self.local, LOCK_FILE)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            owner = _parse_owner(os.pread(fd, 4096, 0))
+            os.close(fd)
+            raise self._refuse(owner) from None
+        except OSError as exc:
+            os.close(fd)
+            if exc.errno not in NO_FLOCK:
+                raise SpindleError(f"{path}: cannot lock the save folder: {exc.strerror}") from None
+            self._acquire_by_content(path)
+            return
+        self._fd = fd
+        self._write_owner_fd()
+
+    def _write_owner_fd(self) -> None:
+        data = json.dumps(self._owner).encode()
+        os.ftruncate(self._fd, 0)
+        os.pwrite(self._fd, data, 0)
+        os.fsync(self._fd)
+
+    def _acquire_by_content(self, path: str) -> None:
+        """No flock here: the file's content is the lock (see the module docstring)."""
+        owner = _parse_owner(open(path, "rb").read()) if os.path.exists(path) else None
+        if owner and owner.get("pid"):
+            if owner.get("host") != self._owner["host"]:
+                raise self._refuse(owner, f"; if that run is gone, delete {path}")
+            if _alive(int(owner["pid"]), owner.get("pid_start")) and owner["pid"] != os.getpid():
+                raise self._refuse(owner)
+            self.log(f"checkpoint: taking over the lock of a run that is gone ({describe_owner(owner)})")
+        self.storage.write_bytes(LOCK_FILE, json.dumps(self._owner).encode())
+        self._by_content = True
+
+    # -- S3
+
+    def _acquire_lease(self) -> None:
+        try:
+            owner = _parse_owner(self.storage.read_bytes(LOCK_FILE))
+        except StorageNotFound:
+            owner = None
+        if owner and owner.get("refreshed", 0) > time.time() - self.stale_after_s:
+            raise self._refuse(owner, f" (a lease not refreshed for {self.stale_after_s:.0f} s is taken over)")
+        if owner:
+            self.log(f"checkpoint: taking over a lease not refreshed for {self.stale_after_s:.0f} s "
+                     f"({describe_owner(owner)})")
+        self.storage.write_bytes(LOCK_FILE, json.dumps(self._owner).encode())
+        time.sleep(1.0)
+        back = _parse_owner(self.storage.read_bytes(LOCK_FILE))
+        if not back or (back.get("host"), back.get("pid"), back.get("started")) != \
+                (self._owner["host"], self._owner["pid"], self._owner["started"]):
+            raise self._refuse(back)
+        self._thread = threading.Thread(target=self._refresh_loop, name="spindle-lock-lease", daemon=True)
+        self._thread.start()
+
+    def _refresh_loop(self) -> None:
+        while not self._stop.wait(LEASE_REFRESH_S):
+            self._owner["refreshed"] = time.time()
+            try:
+                self.storage.write_bytes(LOCK_FILE, json.dumps(self._owner).encode())
+            except SpindleError as exc:  # the next refresh tries again; the lease outlives one miss
+                self.log(f"checkpoint: could not refresh the save-folder lease: {exc}")
+
+    # -- both
+
+    def acquire(self) -> "FolderLock":
+        if self.local is not None:
+            self._acquire_local()
+        else:
+            self._acquire_lease()
+        return self
+
+    def release(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+            self._thread = None
+            try:
+                self.storage.delete_prefix(LOCK_FILE)
+            except SpindleError:
+                pass  # a stale lease is taken over by the next run
+        if self._fd is not None:
+            os.ftruncate(self._fd, 0)  # the file stays (another run may already have it open); empty = free
+            os.close(self._fd)
+            self._fd = None
+        if self._by_content:
+            self.storage.write_bytes(LOCK_FILE, b"")
+            self._by_content = False

@@ -1,0 +1,107 @@
+"""The JSON files of a checkpoint: the completion record (`{step}.step`) and `trainer_state.json`.
+
+The completion record is written last, after every file it lists is durable: the step, the run
+lineage, and every file of the checkpoint with its size (and the SHA-256 of the small JSON / metadata
+files). First-wave records hold just the step number.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+from spindle.errors import SpindleError
+
+RECORD_FORMAT = "spindle-checkpoint-2"
+LEGACY_LINEAGE = "first-wave"  # checkpoints written before lineages existed form one lineage per folder
+HASHED_FILES = (".metadata", "trainer_state.json", "config.json", ".owner.json")
+
+
+class DamagedCheckpoint(SpindleError):
+    """A checkpoint that has its completion record but does not hold what the record promises."""
+
+
+# --------------------------------------------------------------------------- the completion record
+
+
+def sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def completion_record(step: int, lineage: str, sizes: dict[str, int], hashes: dict[str, str]) -> bytes:
+    files = {name: ({"size": size, "sha256": hashes[name]} if name in hashes else {"size": size})
+             for name, size in sorted(sizes.items())}
+    return (json.dumps({"format": RECORD_FORMAT, "step": step, "lineage": lineage, "files": files}, indent=1)
+            + "\n").encode()
+
+
+@dataclass(frozen=True)
+class CompletionRecord:
+    step: int
+    lineage: str
+    files: Optional[dict]  # None for first-wave records (the step number only)
+
+
+def parse_record(data: bytes, where: str) -> CompletionRecord:
+    text = data.decode("utf-8", errors="replace").strip()
+    if text.isdigit():  # first wave: "N\n"
+        return CompletionRecord(int(text), LEGACY_LINEAGE, None)
+    try:
+        rec = json.loads(text)
+    except ValueError:
+        raise DamagedCheckpoint(f"{where}: completion record is neither a step number nor JSON") from None
+    ok = (isinstance(rec, dict) and rec.get("format") == RECORD_FORMAT and _is_count(rec.get("step"))
+          and isinstance(rec.get("lineage"), str) and isinstance(rec.get("files"), dict)
+          and all(isinstance(v, dict) and _is_count(v.get("size")) for v in rec["files"].values()))
+    if not ok:
+        raise DamagedCheckpoint(f"{where}: malformed completion record (expected {RECORD_FORMAT} JSON with step, "
+                                "lineage and files)")
+    return CompletionRecord(rec["step"], rec["lineage"], rec["files"])
+
+
+def _is_count(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 2**63
+
+
+# --------------------------------------------------------------------------- the trainer state file
+
+# key -> (check, what is expected); the loader and loss-scaler parts are checked by their owners
+TRAINER_STATE_KEYS = {
+    "step": (_is_count, "a non-negative integer"),
+    "updates": (_is_count, "a non-negative integer"),
+    "num_consumed_tokens": (_is_count, "a non-negative integer"),
+    "inf_nan_skip_batches": (_is_count, "a non-negative integer"),
+    "loader": (lambda v: isinstance(v, dict) and _is_count(v.get("position")), "an object with a position"),
+}
+OPTIONAL_TRAINER_STATE_KEYS = {
+    "scaler": (lambda v: isinstance(v, dict) and all(isinstance(x, (int, float)) and not isinstance(x, bool)
+                                                       and math.isfinite(x) for x in v.values()),
+               "an object of finite numbers"),
+    "lineage": (lambda v: isinstance(v, str) and 0 < len(v) <= 128, "a string"),
+    "snapshots": (lambda v: _is_count(v), "a non-negative integer"),
+}
+
+
+def parse_trainer_state(data: bytes, where: str) -> dict:
+    """trainer_state.json, checked key by key: a damaged state is refused, never read as "no state"."""
+    try:
+        state = json.loads(data.decode("utf-8"))
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise DamagedCheckpoint(f"{where}: damaged trainer state (not JSON: {exc})") from None
+    if not isinstance(state, dict):
+        raise DamagedCheckpoint(f"{where}: damaged trainer state (expected a JSON object, got "
+                                f"{type(state).__name__})")
+    for key, (check, expected) in TRAINER_STATE_KEYS.items():
+        if key not in state:
+            raise DamagedCheckpoint(f"{where}: damaged trainer state (no '{key}')")
+        if not check(state[key]):
+            raise DamagedCheckpoint(f"{where}: damaged trainer state ('{key}' must be {expected}, got "
+                                    f"{state[key]!r:.60})")
+    for key, (check, expected) in OPTIONAL_TRAINER_STATE_KEYS.items():
+        if key in state and not check(state[key]):
+            raise DamagedCheckpoint(f"{where}: damaged trainer state ('{key}' must be {expected}, got "
+                                    f"{state[key]!r:.60})")
+    return state

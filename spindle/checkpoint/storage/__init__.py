@@ -1,0 +1,110 @@
+"""Where checkpoint bytes live: a local folder or an S3-compatible object store.
+
+Paths use InternEvo's prefixes so existing configs keep working:
+
+    local:/some/dir            a folder on this machine (a bare path means the same)
+    boto3:s3://bucket/prefix   an S3 bucket; endpoint and keys from arguments or the environment
+    boto3:s3://bucket.10.1.2.3:9000/prefix
+                               the same, with the endpoint written after the bucket name
+
+Everything here is plain IO (no torch import), so the checkpoint manager can stage files with
+torch and hand folders to this layer, and tests of this layer stay fast.
+
+Addresses inside a storage are relative POSIX paths ("100/model.pt"); "" is the storage root.
+Every failure a user can cause or meet (missing file, full disk, unreachable endpoint, bad keys)
+is a `SpindleError` whose message names the place, and never contains a secret key.
+"""
+
+from __future__ import annotations
+
+import os
+
+from spindle.checkpoint.storage.base import Storage, StorageNotFound
+from spindle.checkpoint.storage.local import LocalStorage
+from spindle.checkpoint.storage.s3 import S3Storage
+from spindle.checkpoint.storage.s3_address import S3Location, parse_s3_url
+from spindle.checkpoint.storage.uploader import AsyncUploader
+from spindle.errors import SpindleError
+
+__all__ = [
+    "AsyncUploader",
+    "LocalStorage",
+    "S3Location",
+    "S3Storage",
+    "Storage",
+    "StorageNotFound",
+    "open_storage",
+    "parse_s3_url",
+]
+
+# Seeds (InternEvo) accept these prefixes; we name them in the error rather than silently treating
+# "volc:vc://..." as a local folder called "volc:vc:".
+_UNSUPPORTED_PREFIXES = ("volc:", "oss2:")
+
+_ENDPOINT_ENV = ("S3_ENDPOINT_URL", "AWS_ENDPOINT_URL")
+_ACCESS_KEY_ENV = ("S3_ACCESS_KEY_ID", "AWS_ACCESS_KEY_ID")
+_SECRET_KEY_ENV = ("S3_SECRET_ACCESS_KEY", "AWS_SECRET_ACCESS_KEY")
+_REGION_ENV = ("S3_REGION", "AWS_REGION", "AWS_DEFAULT_REGION")
+
+
+def _first_env(names: tuple[str, ...]) -> str | None:
+    for name in names:
+        value = os.environ.get(name)
+        if value:
+            return value
+    return None
+
+
+def open_storage(
+    url: str,
+    *,
+    endpoint_url: str | None = None,
+    access_key: str | None = None,
+    secret_key: str | None = None,
+    region: str | None = None,
+    retries: int = 5,
+    backoff_s: float = 0.5,
+    connect_timeout_s: float = 3.0,
+    read_timeout_s: float = 120.0,
+) -> Storage:
+    """Open `local:/dir`, a bare path, or `boto3:s3://bucket[.host[:port]]/prefix`.
+
+    S3 endpoint and keys come from the arguments, else the URL (endpoint only), else the
+    environment: S3_ENDPOINT_URL / AWS_ENDPOINT_URL, S3_ACCESS_KEY_ID / AWS_ACCESS_KEY_ID,
+    S3_SECRET_ACCESS_KEY / AWS_SECRET_ACCESS_KEY; with no keys anywhere boto3's usual chain
+    (profiles, instance roles) applies. Nothing is contacted here; call `ping()` for that.
+
+    retries: how often a transient S3 failure (connection error, 5xx, throttling) is retried, so
+    an operation makes up to retries + 1 attempts, sleeping backoff_s * 2**k seconds (jittered,
+    capped at 30 s) between them. connect_timeout_s bounds each TCP connect, which is what makes
+    a dead endpoint fail in seconds; read_timeout_s bounds each wait for an answer, which is what
+    makes an endpoint that accepts connections but never answers fail. Ignored for local folders.
+    """
+    if not url:
+        raise SpindleError("checkpoint path is empty")
+    for prefix in _UNSUPPORTED_PREFIXES:
+        if url.startswith(prefix):
+            raise SpindleError(f"checkpoint path {url!r}: the {prefix} backend is not supported; "
+                               "use local:/path or boto3:s3://bucket/prefix")
+    if url.startswith("boto3:") or url.startswith("s3://"):
+        location = parse_s3_url(url)
+        if endpoint_url and location.endpoint_url and endpoint_url.rstrip("/") != location.endpoint_url:
+            # Two different endpoints for one path: guessing which one is meant could write a
+            # checkpoint to the wrong cluster.
+            raise SpindleError(f"checkpoint path {url!r} names endpoint {location.endpoint_url} but "
+                               f"endpoint_url={endpoint_url!r} was also given; keep one")
+        return S3Storage(
+            location,
+            endpoint_url=endpoint_url or location.endpoint_url or _first_env(_ENDPOINT_ENV),
+            access_key=access_key or _first_env(_ACCESS_KEY_ENV),
+            secret_key=secret_key or _first_env(_SECRET_KEY_ENV),
+            region=region or _first_env(_REGION_ENV),
+            retries=retries,
+            backoff_s=backoff_s,
+            connect_timeout_s=connect_timeout_s,
+            read_timeout_s=read_timeout_s,
+        )
+    path = url[len("local:"):] if url.startswith("local:") else url
+    if not path:
+        raise SpindleError(f"checkpoint path {url!r} has no folder after 'local:'")
+    return LocalStorage(path)
