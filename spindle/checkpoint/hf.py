@@ -258,7 +258,7 @@ def export_hf(ckpt: str, out: str | Path) -> Path:
     out = Path(out)
     with open_checkpoint(ckpt) as path:
         cfg = checkpoint_config(path)
-        model = build_model(cfg.model, "cpu")
+        model = build_model(cfg.model.to_args(), "cpu")
         load_checkpoint(path, model, None, ("model",))
     bos = eos = None
     if cfg.data.tokenizer_path and cfg.data.tokenizer_path != "byte":
@@ -294,7 +294,7 @@ def import_hf(hf_dir: str | Path, out: str | Path) -> Path:
 
     hf_dir = Path(hf_dir)
     mcfg = ModelConfig.model_validate(model_config_from_hf(_read_hf_config(hf_dir)))
-    model = build_model(mcfg, "cpu")
+    model = build_model(mcfg.to_args(), "cpu")
     load_hf_weights(model, hf_dir)
     raw = {"model": mcfg.model_dump()}
     tok = next((hf_dir / n for n in ("tokenizer.model", "tokenizer.json") if (hf_dir / n).is_file()), None)

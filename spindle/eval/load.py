@@ -54,7 +54,7 @@ def load_model_for_eval(ckpt: str, rope_scaling: Optional[str] = None, device: s
             updates["use_dynamic_ntk_rope"] = False
         if updates:
             mcfg = mcfg.model_validate(mcfg.model_dump() | updates)
-        model = build_model(mcfg, torch.device(device))
+        model = build_model(mcfg.to_args(), torch.device(device))
         load_checkpoint(path, model, None, ("model",))
     model.eval()
     return model, cfg

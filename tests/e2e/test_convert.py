@@ -114,7 +114,7 @@ def test_round_trip_from_hf_and_ckpt_type_hf(tmp_path):
     path = out / ref.rel
     mcfg = validate_config(json.loads((path / "config.json").read_text())).model
     assert mcfg.ffn_hidden_size == 80 and mcfg.rope_base == 20000.0
-    model = build_model(mcfg)
+    model = build_model(mcfg.to_args())
     load_checkpoint(path, model, None, ("model",))
     with torch.no_grad():
         assert (model.eval()(ids) - want).abs().max().item() <= 1e-4
