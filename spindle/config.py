@@ -216,7 +216,7 @@ DTYPES = ("torch.float32", "torch.tf32", "torch.bfloat16", "torch.float16", "tor
 
 
 class RopeScalingConfig(Section):
-    type: Literal["default", "linear", "dynamic", "ntk", "yarn", "llama3"] = "default"
+    type: Literal["default", "linear", "dynamic", "ntk", "yarn", "llama3", "longrope"] = "default"
     factor: float = Field(default=1.0, gt=0)
     original_max_position_embeddings: Optional[int] = Field(default=None, ge=1)
     # yarn
@@ -229,6 +229,9 @@ class RopeScalingConfig(Section):
     # llama3
     low_freq_factor: float = 1.0
     high_freq_factor: float = 4.0
+    # longrope: per-frequency factors (head_dim / 2 each) within / beyond the original length
+    short_factor: Optional[list[float]] = None
+    long_factor: Optional[list[float]] = None
 
     @model_validator(mode="before")
     @classmethod
