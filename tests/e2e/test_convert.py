@@ -150,3 +150,96 @@ def test_convert_bad_input_exit_code_2(tmp_path, capsys):
     assert "not a Spindle checkpoint" in capsys.readouterr().err
     assert main(["convert", "from-hf", str(tmp_path / "junk"), str(tmp_path / "o")]) == 2
     assert "no config.json" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- exported folders are complete
+
+
+def save_spindle_checkpoint(folder, model_section, data_section, seed=0):
+    """A Spindle checkpoint as a run writes it (model weights + the run's config), without training."""
+    from spindle.checkpoint.manager import CheckpointManager
+    from spindle.config import CkptConfig
+
+    cfg = validate_config({"model": model_section, "data": data_section})
+    model = build_model(cfg.model.to_args(), seed=seed)
+    with torch.no_grad():  # far from init, so a wrong mapping would show in the generated tokens
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(seed)))
+    CheckpointManager(str(folder), CkptConfig()).save(1, model, None, {"step": 1}, cfg.to_dict())
+    return model
+
+
+def greedy(model, prompt_ids, n):
+    ids = list(prompt_ids)
+    with torch.no_grad():
+        for _ in range(n):
+            ids.append(int(model.eval()(torch.tensor([ids]))[0, -1].argmax()))
+    return ids
+
+
+def test_to_hf_writes_the_data_tools_default_tokenizer_and_generates(tmp_path):
+    """data.tokenizer_path None (as after tools/tokenizer.py): the export still carries the tokenizer
+    the data tools used, and transformers tokenizes and generates from the folder alone."""
+    from spindle.data.tokenizer import load_tokenizer
+
+    section = {"hidden_size": 32, "num_attention_heads": 4, "num_layers": 2, "vocab_size": 1024, "multiple_of": 16,
+               "max_position_embeddings": 64}
+    model = save_spindle_checkpoint(tmp_path / "ck", section, {"tokenizer_path": None})
+    out = tmp_path / "hf"
+    assert main(["convert", "to-hf", str(tmp_path / "ck"), str(out)]) == 0
+    ours = load_tokenizer("default")
+    conf = json.loads((out / "config.json").read_text())
+    gen = json.loads((out / "generation_config.json").read_text())
+    assert (conf["bos_token_id"], conf["eos_token_id"]) == (ours.bos_id, ours.eos_id) == (gen["bos_token_id"],
+                                                                                          gen["eos_token_id"])
+    tok = transformers.AutoTokenizer.from_pretrained(str(out))
+    # (transformers rebuilds the sentencepiece BPE; only text *starting* with 2+ spaces encodes differently)
+    for text in ("Hello world, 123", "two  spaces\n  indented\nand a new line", "ünïcödé"):
+        assert tok(text).input_ids == [ours.bos_id] + ours.encode(text), text
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32).eval()
+    prompt = tok("Hello world", return_tensors="pt")
+    with torch.no_grad():
+        out_ids = hf.generate(**prompt, max_new_tokens=6, do_sample=False)
+    assert out_ids[0].tolist() == greedy(model, prompt.input_ids[0].tolist(), 6)
+
+
+def write_hf_tokenizer_folder(folder):
+    """A BPE tokenizer.json trained here, with the config files an HF folder carries."""
+    import tokenizers
+    from tokenizers import models, pre_tokenizers, trainers
+
+    tk = tokenizers.Tokenizer(models.BPE(unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = tokenizers.decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", "<|im_start|>", "<|im_end|>", "<|endoftext|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tk.train_from_iterator(["hello world, this is a tiny corpus for a tiny tokenizer"] * 20, trainer=trainer)
+    folder.mkdir(parents=True, exist_ok=True)
+    tk.save(str(folder / "tokenizer.json"))
+    template = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+                "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    (folder / "tokenizer_config.json").write_text(json.dumps(
+        {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": None, "eos_token": "<|im_end|>",
+         "pad_token": "<|endoftext|>", "unk_token": "<unk>", "chat_template": template, "model_max_length": 512},
+        indent=2))
+    (folder / "special_tokens_map.json").write_text(json.dumps({"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>"}))
+    return tk.get_vocab_size()
+
+
+def test_hf_tokenizer_files_travel_unchanged_through_import_and_export(tmp_path):
+    src = tmp_path / "src"
+    vocab = write_hf_tokenizer_folder(src)
+    cfg = transformers.Qwen2Config(vocab_size=320, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    transformers.Qwen2ForCausalLM(cfg).save_pretrained(str(src))
+    assert vocab <= 320
+    assert main(["convert", "from-hf", str(src), str(tmp_path / "ck")]) == 0
+    assert main(["convert", "to-hf", str(tmp_path / "ck"), str(tmp_path / "back")]) == 0
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        assert (tmp_path / "back" / name).read_bytes() == (src / name).read_bytes(), name
+    a, b = (transformers.AutoTokenizer.from_pretrained(str(p)) for p in (src, tmp_path / "back"))
+    chat = [{"role": "user", "content": "hello tiny world"}]
+    assert a.apply_chat_template(chat, add_generation_prompt=True) == b.apply_chat_template(chat, add_generation_prompt=True)
+    assert a("this is a tiny corpus").input_ids == b("this is a tiny corpus").input_ids
+    conf = json.loads((tmp_path / "back" / "config.json").read_text())
+    assert conf["architectures"] == ["Qwen2ForCausalLM"] and conf["eos_token_id"] == a.convert_tokens_to_ids("<|im_end|>")
