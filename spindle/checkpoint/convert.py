@@ -81,9 +81,15 @@ def _print_training_hint(path: Path, out: Path) -> None:
     print("  model = dict(" + ", ".join(f"{k}={v!r}" for k, v in keep.items()) + ")")
 
 
+class _Parser(argparse.ArgumentParser):
+    """Bad options are one line (spindle: error: ...) and exit code 2, like every other bad input."""
+
+    def error(self, message: str):
+        raise SpindleError(f"{self.prog}: {message}")
+
+
 def convert_main(argv) -> int:
-    ap = argparse.ArgumentParser(prog="spindle convert",
-                                 description="Convert checkpoints to and from Hugging Face and InternEvo.")
+    ap = _Parser(prog="spindle convert", description="Convert checkpoints to and from Hugging Face and InternEvo.")
     sub = ap.add_subparsers(dest="direction", required=True)
     commands = {
         "to-hf": ("Spindle checkpoint -> Hugging Face folder (Llama, Mistral, Qwen2 or Qwen3 class)", "ckpt",

@@ -35,7 +35,12 @@ def checkpoint_config(path: Path) -> SpindleConfig:
     cfg_file = path / "config.json"
     if not cfg_file.is_file():
         raise SpindleError(f"{path}: no config.json beside the checkpoint")
-    raw = json.loads(cfg_file.read_text())
+    try:
+        raw = json.loads(cfg_file.read_text())
+    except (ValueError, OSError) as exc:
+        raise SpindleError(f"{cfg_file}: not a readable JSON config ({exc})") from None
+    if not isinstance(raw, dict):
+        raise SpindleError(f"{cfg_file}: expected a JSON object (the run's config), found {type(raw).__name__}")
     raw.pop("constants", None)
     return validate_config(raw, str(cfg_file))
 

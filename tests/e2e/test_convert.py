@@ -243,3 +243,119 @@ def test_hf_tokenizer_files_travel_unchanged_through_import_and_export(tmp_path)
     assert a("this is a tiny corpus").input_ids == b("this is a tiny corpus").input_ids
     conf = json.loads((tmp_path / "back" / "config.json").read_text())
     assert conf["architectures"] == ["Qwen2ForCausalLM"] and conf["eos_token_id"] == a.convert_tokens_to_ids("<|im_end|>")
+
+
+# --------------------------------------------------------------------------- safety and bad input
+
+
+def tree_bytes(folder):
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+SMALL = {"hidden_size": 32, "num_attention_heads": 4, "num_layers": 1, "vocab_size": 96, "multiple_of": 16,
+         "max_position_embeddings": 64}
+
+
+@pytest.mark.parametrize("target", ["{ck}/1", "{ck}", "{ck}/1/inner", "{parent}"])
+def test_convert_never_writes_into_or_around_its_source(tmp_path, capsys, target):
+    ck = tmp_path / "run" / "ck"
+    save_spindle_checkpoint(ck, SMALL, {"tokenizer_path": "byte"})
+    before = tree_bytes(tmp_path)
+    out = target.format(ck=ck, parent=tmp_path / "run")
+    for flags in ([], ["--overwrite"]):
+        assert main(["convert", "to-hf", f"{ck}/1", out, *flags]) == 2
+        err = capsys.readouterr().err
+        assert "is, lies inside or contains the source" in err and "Traceback" not in err
+    assert tree_bytes(tmp_path) == before
+
+
+def test_existing_target_needs_overwrite_and_is_replaced_whole(tmp_path, capsys):
+    ck = tmp_path / "ck"
+    save_spindle_checkpoint(ck, SMALL, {"tokenizer_path": "byte"})
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("user data")
+    assert main(["convert", "to-hf", str(ck), str(out)]) == 2
+    assert "exists and is not empty; pass --overwrite" in capsys.readouterr().err
+    assert (out / "keep.txt").read_text() == "user data"
+    assert main(["convert", "to-hf", str(ck), str(out), "--overwrite"]) == 0
+    assert (out / "model.safetensors").is_file() and not (out / "keep.txt").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging folder left
+    (tmp_path / "empty").mkdir()
+    assert main(["convert", "to-hf", str(ck), str(tmp_path / "empty")]) == 0  # an empty folder is fine
+
+
+def corrupt(path, how):
+    if how == "truncate":
+        data = path.read_bytes()
+        path.write_bytes(data[: len(data) // 2])
+    else:
+        path.write_bytes(how)
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda d: corrupt(d / "config.json", b"{not json"), "config.json: not valid JSON"),
+    (lambda d: corrupt(d / "config.json", b"[1, 2]"), "expected a JSON object"),
+    (lambda d: corrupt(d / "model.safetensors", b"\x10\x00\x00\x00\x00\x00\x00\x00{bad header json}"),
+     "model.safetensors: not a readable safetensors file"),
+    (lambda d: corrupt(d / "model.safetensors", "truncate"), "model.safetensors: not a readable safetensors file"),
+    (lambda d: (d / "model.safetensors").unlink(), "no model.safetensors(.index.json) or pytorch_model.bin"),
+    (lambda d: (d / "model.safetensors.index.json").write_text('{"weight_map": {"x": "../../etc/passwd"}}'),
+     "expected a file name in this folder"),
+    (lambda d: (d / "model.safetensors.index.json").write_text('{"weight_map": {"x": "other.safetensors"}}'),
+     "weight_map names other.safetensors, which is not in"),
+    (lambda d: (d / "model.safetensors.index.json").write_text('{"weight_map": []}'), "weight_map must be"),
+    (lambda d: (d / "model.safetensors.index.json").write_text(
+        '{"weight_map": {"model.norm.weight": "model.safetensors", "ghost": "model.safetensors"}}'),
+     "has no tensor ghost, which the weight index places in it"),
+])
+def test_from_hf_bad_files_are_one_line(tmp_path, capsys, damage, message):
+    hf_cfg = transformers.LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                      num_attention_heads=4, num_key_value_heads=2)
+    src = tmp_path / "src"
+    transformers.LlamaForCausalLM(hf_cfg).save_pretrained(str(src))
+    capsys.readouterr()  # transformers' progress bar
+    damage(src)
+    assert main(["convert", "from-hf", str(src), str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "out").exists()
+
+
+def test_from_hf_shape_mismatch_names_the_tensor(tmp_path, capsys):
+    from safetensors.torch import load_file, save_file
+
+    hf_cfg = transformers.LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                      num_attention_heads=4, num_key_value_heads=2)
+    src = tmp_path / "src"
+    transformers.LlamaForCausalLM(hf_cfg).save_pretrained(str(src))
+    tensors = load_file(str(src / "model.safetensors"))
+    tensors["model.layers.0.mlp.up_proj.weight"] = torch.zeros(80, 32)
+    save_file(tensors, str(src / "model.safetensors"))
+    assert main(["convert", "from-hf", str(src), str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "layers.0.feed_forward.w3.weight (model.layers.0.mlp.up_proj.weight) has shape [80, 32]" in err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["to-hf"], "the following arguments are required: ckpt, out"),
+    (["to-hf", "a", "b", "--bogus"], "unrecognized arguments: --bogus"),
+    (["sideways", "a", "b"], "invalid choice: 'sideways'"),
+    (["to-hf", "a", "boto3:s3://bucket/x"], "conversions write to a local folder"),
+])
+def test_convert_bad_options_are_one_line(tmp_path, capsys, argv, message):
+    assert main(["convert", *argv]) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_to_hf_bad_checkpoint_config_is_one_line(tmp_path, capsys):
+    ck = tmp_path / "ck"
+    save_spindle_checkpoint(ck, SMALL, {"tokenizer_path": "byte"})
+    (ck / "1" / "config.json").write_text("{truncated")
+    assert main(["convert", "to-hf", str(ck), str(tmp_path / "out")]) == 2
+    assert "config.json: not a readable JSON config" in capsys.readouterr().err
+    (ck / "1" / "config.json").write_text(json.dumps({"model": {"hidden_size": "wide"}}))
+    assert main(["convert", "to-hf", str(ck), str(tmp_path / "out")]) == 2
+    assert "model.hidden_size" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
