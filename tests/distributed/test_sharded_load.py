@@ -75,4 +75,5 @@ def test_sharded_model_loads_foreign_weights(tmp_path, sources, layout, nproc):
         got = results[f"{kind}:{folder}"]
         assert "DTensor" in got["param_types"], got["param_types"]  # the model really was sharded
         diff = (got["logits"] - unsharded(kind, folder)).abs().max().item()
+        print(f"PARITY sharded {layout} x{nproc} {kind}: {diff:.2e}")  # docs/interop.md (pytest -s)
         assert diff <= 1e-5, f"{layout} {kind}: {diff:.2e}"

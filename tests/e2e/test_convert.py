@@ -359,3 +359,22 @@ def test_to_hf_bad_checkpoint_config_is_one_line(tmp_path, capsys):
     assert main(["convert", "to-hf", str(ck), str(tmp_path / "out")]) == 2
     assert "model.hidden_size" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_spindle_load_model_reads_spindle_and_hugging_face_folders(tmp_path):
+    import spindle
+
+    ck = tmp_path / "ck"
+    ours = save_spindle_checkpoint(ck, SMALL, {"tokenizer_path": "byte"})
+    ids = torch.randint(0, 96, (1, 12))
+    model, cfg = spindle.load_model(str(ck))
+    with torch.no_grad():
+        assert torch.equal(model(ids), ours.eval()(ids)) and cfg.data.tokenizer_path == "byte"
+    hf_cfg = transformers.Qwen3Config(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                      num_attention_heads=4, num_key_value_heads=2, head_dim=12)
+    hf = transformers.Qwen3ForCausalLM(hf_cfg).eval()
+    hf.save_pretrained(str(tmp_path / "hf"))
+    model, cfg = spindle.load_model(f"local:{tmp_path / 'hf'}")
+    assert cfg.model.qk_norm and cfg.model.head_dim == 12 and not model.training
+    with torch.no_grad():
+        assert (model(ids) - hf(ids).logits).abs().max().item() <= 1e-5

@@ -138,6 +138,7 @@ def test_family_imports_and_exports_with_transformers_logits(tmp_path, case):
     assert diff <= TOL, f"{case}: import max |diff| {diff:.2e}"
     assert want.abs().max() > 1.0  # the weights are far from init: differences would show
     back = train_export_compare(tmp_path, model, mcfg, EXPORT_CLASS[kind])
+    print(f"PARITY {case}: import {diff:.2e}, trained + exported {back:.2e}")  # docs/interop.md (pytest -s)
     assert back <= TOL, f"{case}: export max |diff| {back:.2e}"
 
 
@@ -153,6 +154,7 @@ def test_mistral_v03_folder_reads_only_the_indexed_files(tmp_path):
               str(folder / "consolidated.safetensors"))
     (folder / "params.json").write_text(json.dumps({"dim": 64, "n_layers": 2}))
     model, mcfg, diff = import_and_compare(folder, hf_logits(ref, ids()))
+    print(f"PARITY mistral_v03_index: import {diff:.2e}")
     assert diff <= TOL and mcfg.sliding_window is None
 
 
@@ -189,7 +191,9 @@ def test_internlm_v1_folder_reads_as_llama_with_attention_bias(tmp_path):
     model, mcfg, diff = import_and_compare(folder, hf_logits(ref, ids()))
     assert diff <= TOL, diff
     assert (mcfg.qkv_bias, mcfg.o_bias, mcfg.mlp_bias, mcfg.rope_scaling.type) == (True, True, False, "dynamic")
-    assert train_export_compare(tmp_path, model, mcfg, "LlamaForCausalLM") <= TOL
+    back = train_export_compare(tmp_path, model, mcfg, "LlamaForCausalLM")
+    print(f"PARITY internlm_v1: import {diff:.2e}, trained + exported {back:.2e}")
+    assert back <= TOL
 
 
 def fuse_internlm2_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_heads: int, head_dim: int):
@@ -244,7 +248,9 @@ def test_internlm2_folder_splits_the_grouped_wqkv(tmp_path, bias):
     folder, ref = internlm2_folder(tmp_path, bias)
     model, mcfg, diff = import_and_compare(folder, hf_logits(ref, ids()))
     assert diff <= TOL, diff
-    assert train_export_compare(tmp_path, model, mcfg, "LlamaForCausalLM") <= TOL
+    back = train_export_compare(tmp_path, model, mcfg, "LlamaForCausalLM")
+    print(f"PARITY internlm2 bias={bias}: import {diff:.2e}, trained + exported {back:.2e}")
+    assert back <= TOL
 
 
 # --------------------------------------------------------------------------- the table's edges

@@ -200,6 +200,7 @@ def test_shards_merge_to_the_reference_logits(tmp_path, internevo_config_class, 
     notes = load_internevo_weights(model, folder)
     with torch.no_grad():
         diff = (model.eval()(X) - want).abs().max().item()
+    print(f"PARITY internevo {case} tp{tp} pp{pp}: {diff:.2e}")  # docs/interop.md (pytest -s)
     assert diff <= 1e-5, f"{case} tp{tp} pp{pp}: {diff:.2e}"
     assert any("adapt_hf" in n for n in notes) == (CASES[case][3] is None and case != "internlm_v1")
     # counters: resume at batch_count + 1, updates from the LR scheduler (warmup 5 + cosine 36)
@@ -287,7 +288,9 @@ def test_meta_consolidated_folder_merges_model_parallel_files(tmp_path):
     model = build_model(mcfg.to_args())
     load_meta_weights(model, folder)
     with torch.no_grad():
-        assert (model.eval()(X) - ref(X).logits).abs().max().item() <= 1e-5
+        diff = (model.eval()(X) - ref(X).logits).abs().max().item()
+    print(f"PARITY meta consolidated x2: {diff:.2e}")
+    assert diff <= 1e-5
 
 
 def test_meta_loader_names_the_type_for_a_hugging_face_folder(tmp_path):
@@ -297,3 +300,13 @@ def test_meta_loader_names_the_type_for_a_hugging_face_folder(tmp_path):
     reference(2, False).save_pretrained(str(tmp_path / "hf"))
     with pytest.raises(SpindleError, match="not a Meta Llama folder.*use ckpt_type='hf'"):
         read_meta(tmp_path / "hf")
+
+
+def test_spindle_load_model_reads_an_internevo_folder(tmp_path, internevo_config_class):
+    import spindle
+
+    folder, want = make_case(tmp_path, internevo_config_class, "llama2_default", 2, 2)
+    model, cfg = spindle.load_model(str(folder))
+    assert cfg.model.num_kv_attention_heads == 2 and cfg.data.seq_len == cfg.model.max_position_embeddings
+    with torch.no_grad():
+        assert (model(X) - want).abs().max().item() <= 1e-5
