@@ -307,8 +307,8 @@ class ModelConfig(Section):
     @model_validator(mode="after")
     def _heads(self) -> "ModelConfig":
         if self.head_dim is None:
-            if self.hidden_size % self.num_attention_heads:
-                raise ValueError(f"hidden_size ({self.hidden_size}) must be divisible by num_attention_heads "
+            if self.hidden_size % self.num_attention_heads or self.hidden_size < 2 * self.num_attention_heads:
+                raise ValueError(f"hidden_size ({self.hidden_size}) must be a multiple (>= 2x) of num_attention_heads "
                                  f"({self.num_attention_heads}), or give head_dim")
             self.head_dim = self.hidden_size // self.num_attention_heads  # re-validates once, now set
         if self.head_dim % 2:
