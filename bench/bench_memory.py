@@ -43,7 +43,7 @@ def child(length: int, layers: int, chunk: int, threads: int) -> dict:
     torch.set_num_threads(threads)
     cfg = ModelConfig(hidden_size=256, num_attention_heads=4, num_kv_attention_heads=2, num_layers=layers,
                       vocab_size=1024, multiple_of=64, max_position_embeddings=256, dtype="torch.float32")
-    model = build_model(cfg, "cpu", seed=0)
+    model = build_model(cfg.to_args(), "cpu", seed=0)
     ids = torch.randint(0, cfg.vocab_size, (1, length), generator=torch.Generator().manual_seed(0))
     base = rss_bytes()
     t = time.perf_counter()

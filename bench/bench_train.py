@@ -211,12 +211,12 @@ def build_variants(size: str, names, run_folder: str) -> tuple[list[Variant], di
 
             transformers.logging.set_verbosity_error()
             from transformers import LlamaConfig, LlamaForCausalLM
-            from spindle.checkpoint.hf import hf_config, to_hf_name
+            from spindle.checkpoint.families import family_named, hf_config, to_hf_name
 
-            hcfg = LlamaConfig(**{k: v for k, v in hf_config(mcfg).items() if k not in ("architectures",)})
+            hcfg = LlamaConfig(**{k: v for k, v in hf_config(mcfg.to_args()).items() if k not in ("architectures",)})
             hcfg._attn_implementation = "sdpa"
             m = LlamaForCausalLM(hcfg).float()
-            sd = {to_hf_name(k): v for k, v in ref_state.items() if not k.startswith("rotary")}
+            sd = {to_hf_name(k, family_named("llama")): v for k, v in ref_state.items() if not k.startswith("rotary")}
             missing, unexpected = m.load_state_dict(sd, strict=False)
             if [k for k in missing if "rotary" not in k] or unexpected:
                 raise RuntimeError(f"HF weight copy: missing {missing}, unexpected {unexpected}")

@@ -220,7 +220,7 @@ DTYPES = ("torch.float32", "torch.tf32", "torch.bfloat16", "torch.float16", "tor
 
 
 class RopeScalingConfig(Section):
-    type: Literal["default", "linear", "dynamic", "ntk", "yarn", "llama3"] = "default"
+    type: Literal["default", "linear", "dynamic", "ntk", "yarn", "llama3", "longrope"] = "default"
     factor: float = Field(default=1.0, gt=0)
     original_max_position_embeddings: Optional[int] = Field(default=None, ge=1)
     # yarn
@@ -233,6 +233,9 @@ class RopeScalingConfig(Section):
     # llama3
     low_freq_factor: float = 1.0
     high_freq_factor: float = 4.0
+    # longrope: per-frequency factors (head_dim / 2 each) within / beyond the original length
+    short_factor: Optional[list[float]] = None
+    long_factor: Optional[list[float]] = None
 
     @model_validator(mode="before")
     @classmethod
@@ -271,7 +274,13 @@ class ModelConfig(Section):
     layer_norm_epsilon: float = Field(default=1e-5, gt=0)
     use_flash_attn: bool = True  # SDPA picks the flash kernel where the hardware has one
     num_chunks: int = Field(default=1, ge=1)  # >1: interleaved pipeline schedule
-    no_bias: bool = True
+    no_bias: bool = True  # InternEvo's switch: no bias anywhere (the three keys below default to it)
+    qkv_bias: Optional[bool] = None  # biases of wq/wk/wv (None: not no_bias); Qwen2: True with o/MLP False
+    o_bias: Optional[bool] = None  # bias of wo (None: not no_bias)
+    mlp_bias: Optional[bool] = None  # biases of w1/w2/w3 (None: not no_bias)
+    qk_norm: bool = False  # RMSNorm of every q and k head over head_dim before RoPE (Qwen3)
+    head_dim: Optional[int] = Field(default=None, ge=2)  # None: hidden_size / num_attention_heads
+    sliding_window: Optional[int] = Field(default=None, ge=1)  # Mistral; longer sequences are refused
     tie_word_embeddings: bool = False
     use_swiglu: bool = True
     use_fp32_norm: bool = False
@@ -301,26 +310,26 @@ class ModelConfig(Section):
 
     @model_validator(mode="after")
     def _heads(self) -> "ModelConfig":
-        if self.hidden_size % self.num_attention_heads:
-            raise ValueError(
-                f"hidden_size ({self.hidden_size}) must be divisible by num_attention_heads ({self.num_attention_heads})"
-            )
-        if (self.hidden_size // self.num_attention_heads) % 2:
-            raise ValueError("the head dimension hidden_size / num_attention_heads must be even for RoPE")
+        if self.head_dim is None:
+            if self.hidden_size % self.num_attention_heads or self.hidden_size < 2 * self.num_attention_heads:
+                raise ValueError(f"hidden_size ({self.hidden_size}) must be a multiple (>= 2x) of num_attention_heads "
+                                 f"({self.num_attention_heads}), or give head_dim")
+            self.head_dim = self.hidden_size // self.num_attention_heads  # re-validates once, now set
+        if self.head_dim % 2:
+            raise ValueError(f"head_dim ({self.head_dim}) must be even for RoPE")
         if self.num_attention_heads % self.kv_heads:
             raise ValueError(
                 f"num_attention_heads ({self.num_attention_heads}) must be divisible by "
                 f"num_kv_attention_heads ({self.kv_heads})"
             )
+        if self.no_bias and any(getattr(self, k) for k in ("qkv_bias", "o_bias", "mlp_bias")):
+            raise ValueError("no_bias=True means no bias anywhere; set no_bias=False to turn biases on by group "
+                             "(qkv_bias / o_bias / mlp_bias)")
         return self
 
     @property
     def kv_heads(self) -> int:
         return self.num_kv_attention_heads or self.num_attention_heads
-
-    @property
-    def head_dim(self) -> int:
-        return self.hidden_size // self.num_attention_heads
 
     @property
     def ffn_hidden_size(self) -> int:
@@ -341,6 +350,28 @@ class ModelConfig(Section):
         if self.use_dynamic_ntk_rope:
             return {"type": "dynamic", "factor": 1.0, "original_max_position_embeddings": self.max_position_embeddings}
         return None
+
+    def to_args(self):
+        """The model's plain `ModelArgs`: every size resolved, every bias switch explicit."""
+        from spindle.model.llama import ModelArgs
+
+        def bias(key: str) -> bool:
+            value = getattr(self, key)
+            return (not self.no_bias) if value is None else value
+
+        return ModelArgs(
+            vocab_size=self.vocab_size, hidden_size=self.hidden_size, num_layers=self.num_layers,
+            num_attention_heads=self.num_attention_heads, num_kv_heads=self.kv_heads, head_dim=self.head_dim,
+            ffn_hidden_size=self.ffn_hidden_size, norm_type=self.norm_type,
+            layer_norm_epsilon=self.layer_norm_epsilon, norm_bias=not self.no_bias,
+            qkv_bias=bias("qkv_bias"), o_bias=bias("o_bias"), mlp_bias=bias("mlp_bias"), qk_norm=self.qk_norm,
+            use_swiglu=self.use_swiglu, apply_post_layer_norm=self.apply_post_layer_norm,
+            tie_word_embeddings=self.tie_word_embeddings, drop_rate=self.drop_rate,
+            attn_drop_rate=self.attn_drop_rate, rope_base=self.rope_base, rope_scaling=self.effective_rope_scaling(),
+            max_position_embeddings=self.max_position_embeddings,
+            logn_ref_len=(self.logn_ref_len or self.max_position_embeddings) if self.logn_attn else None,
+            sliding_window=self.sliding_window, init_std=self.init_std,
+        )
 
 
 # --------------------------------------------------------------------------- parallel

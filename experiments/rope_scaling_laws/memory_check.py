@@ -26,7 +26,7 @@ from spindle.eval.perplexity import token_losses
 torch.set_num_threads(2)
 cfg = ModelConfig(hidden_size=32, num_attention_heads=1, num_kv_attention_heads=1, num_layers=1, vocab_size=258,
                   mlp_ratio=2, multiple_of=16, max_position_embeddings=256)
-m = build_model(cfg).eval()
+m = build_model(cfg.to_args()).eval()
 token_losses(m, torch.randint(0, 258, (1, 256)), chunk={chunk})
 base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 t = time.perf_counter()

@@ -227,6 +227,9 @@ class CheckpointManager:
     def save(self, step: int, model, optimizer, trainer_state: dict, config: dict, snapshot: bool = False) -> str:
         if self.closed:
             raise SpindleError(f"{self.storage.url}: the checkpoint manager is closed (its run ended)")
+        if self.lineage is None:  # used without a training run: a new lineage in a folder of no checkpoints
+            self.open()
+            self.adopt(LoadPlan("fresh", (), "save"))
         self.wait()  # uploads of earlier saves are confirmed (or kept staged for a retry) first
         slot = None
         if snapshot:  # write into the slot that does not hold the newest snapshot: one always survives
@@ -365,15 +368,16 @@ class CheckpointManager:
             dist.barrier(group=self.process_group)
 
 
-def save_weights_checkpoint(url: str, step: int, model, config: dict, log: Callable[[str], None] = print) -> str:
-    """A checkpoint holding weights (and counters at zero) in a folder that holds no checkpoints yet:
-    what conversions write, for `load_ckpt_info(content=("model",))`."""
+def save_weights_checkpoint(url: str, step: int, model, config: dict, counters: Optional[dict] = None,
+                            log: Callable[[str], None] = print) -> str:
+    """A checkpoint holding weights (and `counters`, else zeros; the data position at its start) in a
+    folder that holds no checkpoints yet: what conversions write, for `load_ckpt_info`."""
     manager = CheckpointManager(url, CkptConfig(), job="convert", log=log)
     try:
         manager.open()
         manager.adopt(LoadPlan("fresh", (), "conversion"))
         state = {"step": step, "updates": 0, "num_consumed_tokens": 0, "inf_nan_skip_batches": 0,
-                 "loader": {"position": 0}}
+                 "loader": {"position": 0}, **(counters or {})}
         return manager.save(step, model, None, state, config)
     finally:
         manager.close()

@@ -117,7 +117,7 @@ def complete_text(model: Transformer, tokenizer, prompt: str, max_new_tokens: in
                   **kw) -> str:
     """Encode `prompt` (with BOS), generate, decode; `stream(text_piece)` receives text as it comes."""
     ids = [tokenizer.bos_id] + tokenizer.encode(prompt) if tokenizer.bos_id is not None else tokenizer.encode(prompt)
-    vocab = model.cfg.vocab_size
+    vocab = model.args.vocab_size
     if ids and max(ids) >= vocab:
         raise SpindleError(f"the tokenizer produced id {max(ids)} but the model's vocabulary has {vocab} entries: "
                            "the checkpoint was trained with another tokenizer (pass --tokenizer)")

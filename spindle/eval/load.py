@@ -1,10 +1,12 @@
-"""Load a trained model for evaluation or generation from a checkpoint folder."""
+"""Load a trained model for evaluation or generation: a Spindle checkpoint, or a foreign folder
+(Hugging Face, InternEvo, Meta Llama) read in place with the same parity as `spindle convert`."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
@@ -36,17 +38,80 @@ def checkpoint_config(path: Path) -> SpindleConfig:
     cfg_file = path / "config.json"
     if not cfg_file.is_file():
         raise SpindleError(f"{path}: no config.json beside the checkpoint")
-    raw = json.loads(cfg_file.read_text())
+    try:
+        raw = json.loads(cfg_file.read_text())
+    except (ValueError, OSError) as exc:
+        raise SpindleError(f"{cfg_file}: not a readable JSON config ({exc})") from None
+    if not isinstance(raw, dict):
+        raise SpindleError(f"{cfg_file}: expected a JSON object (the run's config), found {type(raw).__name__}")
     raw.pop("constants", None)
     return validate_config(raw, str(cfg_file))
+
+
+def foreign_kind(path: str) -> Optional[str]:
+    """'hf', 'internevo' or 'llama' (Meta) for a local folder of that format; None for Spindle's own."""
+    from spindle.checkpoint.hf import local_dir, weight_files
+    from spindle.checkpoint.internevo import is_internevo_folder
+    from spindle.checkpoint.meta import is_meta_folder
+
+    if str(path).startswith(("boto3:", "s3://")):
+        return None
+    p = local_dir(path)
+    if not p.is_dir() or (p / ".metadata").is_file():
+        return None
+    if is_internevo_folder(p):
+        return "internevo"
+    if is_meta_folder(p) and not (p / "config.json").is_file():
+        return "llama"
+    if (p / "config.json").is_file():
+        try:
+            weight_files(p)
+        except SpindleError:
+            return None
+        return "hf"
+    return None
+
+
+def _foreign(kind: str, path: str) -> tuple[SpindleConfig, Callable[[torch.nn.Module], None]]:
+    """The config of a foreign folder (its own length as data.seq_len) and how to fill a model from it."""
+    from spindle.checkpoint.hf import load_hf_weights, local_dir, read_hf_config
+    from spindle.checkpoint.weights import assign_weights
+
+    p = local_dir(path)
+    if kind == "hf":
+        from spindle.checkpoint.families import model_config_from_hf
+
+        section, fill = model_config_from_hf(read_hf_config(p), str(p / "config.json")), \
+            (lambda m: load_hf_weights(m, p))
+    elif kind == "internevo":
+        from spindle.checkpoint.internevo import read_internevo
+
+        ck = read_internevo(p)
+        section, fill = ck.model, (lambda m: assign_weights(m, ck.state_dict, str(p)))
+    else:
+        from spindle.checkpoint.meta import read_meta
+
+        section, tensors = read_meta(p)
+        fill = lambda m: assign_weights(m, tensors, str(p))  # noqa: E731
+    data = {"seq_len": max(2, section.get("max_position_embeddings", 2048))}
+    if any((p / n).is_file() for n in ("tokenizer.model", "tokenizer.json")):
+        data["tokenizer_path"] = str(p)
+    return validate_config({"model": section, "data": data}, str(p)), fill
 
 
 def load_model_for_eval(ckpt: str, rope_scaling: Optional[str] = None, device: str = "cpu",
                         model_overrides: Optional[dict] = None) -> tuple[Transformer, SpindleConfig]:
     """`ckpt`: a checkpoint folder, a save folder (its latest completed checkpoint), `.../latest`,
-    local or boto3:s3://...; the S3 endpoint and keys come from the environment."""
-    with open_checkpoint(ckpt) as path:
-        cfg = checkpoint_config(path)
+    local or boto3:s3://... (the S3 endpoint and keys come from the environment); or a local Hugging
+    Face / InternEvo / Meta Llama folder."""
+    kind = foreign_kind(ckpt)
+    with contextlib.ExitStack() as stack:
+        if kind is None:
+            path = stack.enter_context(open_checkpoint(ckpt))
+            cfg = checkpoint_config(path)
+            fill = lambda m: load_tensors(path, m, None, ("model",))  # noqa: E731
+        else:
+            cfg, fill = _foreign(kind, ckpt)
         mcfg = cfg.model
         override = parse_rope_override(rope_scaling, cfg.data.seq_len)
         updates = dict(model_overrides or {})
@@ -55,7 +120,24 @@ def load_model_for_eval(ckpt: str, rope_scaling: Optional[str] = None, device: s
             updates["use_dynamic_ntk_rope"] = False
         if updates:
             mcfg = mcfg.model_validate(mcfg.model_dump() | updates)
-        model = build_model(mcfg, torch.device(device))
-        load_tensors(path, model, None, ("model",))
+        model = build_model(mcfg.to_args(), torch.device(device))
+        fill(model)
     model.eval()
     return model, cfg
+
+
+def load_model(path: str, device: str = "cpu") -> tuple[Transformer, SpindleConfig]:
+    """A model, in eval mode, and its config, from any folder Spindle reads.
+
+    `path` is a Spindle checkpoint (a step folder, a save folder for its latest completed step,
+    `.../latest`, `local:` or `boto3:s3://...`), a Hugging Face folder (Llama, Mistral, Qwen2, Qwen3,
+    InternLM, InternLM2), an InternEvo checkpoint folder (model_tp*_pp*.pt + model_config.pt) or a
+    Meta Llama folder (consolidated.*.pth + params.json). The model is a plain
+    `spindle.model.llama.Transformer` on `device`; `model(input_ids)` gives logits (B, L, vocab).
+    The config is a `SpindleConfig`: the run's for a Spindle checkpoint, else one whose `model`
+    section describes the folder (and `data.tokenizer_path` its tokenizer, when it has one).
+
+        model, cfg = spindle.load_model("runs/demo/ckpt")
+        logits = model(torch.tensor([[1, 2, 3]]))
+    """
+    return load_model_for_eval(path, device=device)

@@ -137,9 +137,9 @@ def parse_variant(spec: str, train_len: int) -> Variant:
 
 def set_rope(model: Transformer, scaling: Optional[dict], logn_ref_len: Optional[int]) -> Transformer:
     """Give `model` a new rotary module (new scaling / log-n), built as Transformer.__init__ builds it."""
-    cfg = model.cfg
+    cfg = model.args
     if scaling is None:
-        scaling = cfg.effective_rope_scaling()
+        scaling = cfg.rope_scaling
     dev = next(model.parameters()).device
     with torch.device(dev):
         model.rotary = RotaryEmbedding(head_dim=cfg.head_dim, base=cfg.rope_base, scaling=scaling,

@@ -17,19 +17,20 @@ from spindle.config import ModelConfig, SpindleConfig
 
 
 def parameter_counts(cfg: ModelConfig) -> dict[str, int]:
-    h, v, hd = cfg.hidden_size, cfg.vocab_size, cfg.head_dim
-    bias = 0 if cfg.no_bias else 1
-    q, kv = cfg.num_attention_heads * hd, cfg.kv_heads * hd
-    attn = h * q + 2 * h * kv + q * h + bias * (q + 2 * kv + h)
-    ffn_h = cfg.ffn_hidden_size
-    n_mats = 3 if cfg.use_swiglu else 2
-    ffn = n_mats * h * ffn_h + bias * ((n_mats - 1) * ffn_h + h)
-    norm = h * (1 if cfg.norm_type == "rmsnorm" or cfg.no_bias else 2)
+    a = cfg.to_args()
+    h, v, hd = a.hidden_size, a.vocab_size, a.head_dim
+    q, kv = a.num_attention_heads * hd, a.num_kv_heads * hd
+    per_norm_dim = 2 if a.norm_type == "layernorm" and a.norm_bias else 1  # weight (+ bias)
+    attn = h * q + 2 * h * kv + q * h + a.qkv_bias * (q + 2 * kv) + a.o_bias * h + a.qk_norm * 2 * hd * per_norm_dim
+    ffn_h = a.ffn_hidden_size
+    n_mats = 3 if a.use_swiglu else 2
+    ffn = n_mats * h * ffn_h + a.mlp_bias * ((n_mats - 1) * ffn_h + h)
+    norm = h * per_norm_dim
     per_layer = attn + ffn + 2 * norm
     embedding = v * h
-    head = 0 if cfg.tie_word_embeddings else v * h
-    total = embedding + head + cfg.num_layers * per_layer + norm
-    matmul = cfg.num_layers * (h * q + 2 * h * kv + q * h + n_mats * h * ffn_h) + v * h  # output head included
+    head = 0 if a.tie_word_embeddings else v * h
+    total = embedding + head + a.num_layers * per_layer + norm
+    matmul = a.num_layers * (h * q + 2 * h * kv + q * h + n_mats * h * ffn_h) + v * h  # output head included
     return {"total": total, "embedding": embedding, "per_layer": per_layer, "matmul": matmul,
             "non_embedding": total - embedding}
 

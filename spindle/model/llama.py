@@ -11,8 +11,15 @@ Layers live in an `nn.ModuleDict` keyed by their index, so a pipeline stage that
 "8".."15" still names them `layers.8...` and checkpoints do not depend on the layout. A stage may
 drop `tok_embeddings`, `norm` and `output` (set to None); forward skips what is missing.
 
-Parameter names follow InternLM/LLaMA (wq/wk/wv/wo, w1/w2/w3), which keeps the Hugging Face
-mapping in `spindle.checkpoint.hf` one line per tensor.
+The model takes a plain `ModelArgs` (every size resolved, every switch explicit); the config
+section turns into one with `ModelConfig.to_args()`. The switches cover the families Spindle reads
+and writes (Llama, Mistral, Qwen2/3, InternLM 1/2): a bias per projection group (q/k/v, o, MLP),
+RMSNorm of q and k over each head (Qwen3), a head_dim that is not hidden / heads, and Mistral's
+sliding window, which is refused (one line) for any sequence longer than the window: within the
+window it is exact causal attention.
+
+Parameter names follow InternLM/LLaMA (wq/wk/wv/wo, w1/w2/w3, attention.q_norm/k_norm), which keeps
+the Hugging Face mapping in `spindle.checkpoint.families` one line per tensor.
 """
 
 from __future__ import annotations
@@ -26,16 +33,57 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from spindle.config import ModelConfig
+from spindle.errors import SpindleError
 from spindle.model.attention import attention, cached_causal_mask, is_dense, packed_causal_mask
 from spindle.model.loss import TokenLosses, linear_cross_entropy
 from spindle.model.rope import RotaryEmbedding, apply_rotary
 
 
-def make_norm(cfg: ModelConfig) -> nn.Module:
-    if cfg.norm_type == "rmsnorm":
-        return nn.RMSNorm(cfg.hidden_size, eps=cfg.layer_norm_epsilon)
-    return nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_epsilon, bias=not cfg.no_bias)
+@dataclass
+class ModelArgs:
+    """Everything the model's shape and arithmetic depend on, resolved (no defaults to look up)."""
+
+    vocab_size: int
+    hidden_size: int
+    num_layers: int
+    num_attention_heads: int
+    num_kv_heads: int
+    head_dim: int
+    ffn_hidden_size: int
+    norm_type: str = "rmsnorm"  # "rmsnorm" | "layernorm"
+    layer_norm_epsilon: float = 1e-5
+    norm_bias: bool = False  # LayerNorm's bias
+    qkv_bias: bool = False
+    o_bias: bool = False
+    mlp_bias: bool = False
+    qk_norm: bool = False  # RMSNorm over head_dim of every q and k head, before RoPE (Qwen3)
+    use_swiglu: bool = True
+    apply_post_layer_norm: bool = False
+    tie_word_embeddings: bool = False
+    drop_rate: float = 0.0
+    attn_drop_rate: float = 0.0
+    rope_base: float = 10000.0
+    rope_scaling: Optional[dict] = None  # a rope_scaling dict (spindle.model.rope), None = plain RoPE
+    max_position_embeddings: int = 2048
+    logn_ref_len: Optional[int] = None  # log-scaled attention with this reference length; None = off
+    sliding_window: Optional[int] = None  # keys further back than this are invisible (Mistral)
+    init_std: float = 0.02
+
+
+def make_norm(args: ModelArgs, dim: Optional[int] = None) -> nn.Module:
+    if args.norm_type == "rmsnorm":
+        return nn.RMSNorm(dim or args.hidden_size, eps=args.layer_norm_epsilon)
+    return nn.LayerNorm(dim or args.hidden_size, eps=args.layer_norm_epsilon, bias=args.norm_bias)
+
+
+def check_within_window(position_ids: torch.Tensor, window: int) -> None:
+    """Refuse attention spans longer than the sliding window (positions count from each document's
+    start, or from the cache's, so max + 1 is the longest span any query attends over)."""
+    span = int(position_ids.max().item()) + 1
+    if span > window:
+        raise SpindleError(f"sequence of {span} positions exceeds model.sliding_window={window}: sliding-window "
+                           "attention is not implemented (it equals causal attention only within the window); "
+                           "use sequences of at most the window")
 
 
 @dataclass
@@ -72,15 +120,17 @@ class KVCache:
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, args: ModelArgs):
         super().__init__()
-        self.n_heads, self.n_kv_heads, self.head_dim = cfg.num_attention_heads, cfg.kv_heads, cfg.head_dim
-        bias = not cfg.no_bias
-        self.wq = nn.Linear(cfg.hidden_size, self.n_heads * self.head_dim, bias=bias)
-        self.wk = nn.Linear(cfg.hidden_size, self.n_kv_heads * self.head_dim, bias=bias)
-        self.wv = nn.Linear(cfg.hidden_size, self.n_kv_heads * self.head_dim, bias=bias)
-        self.wo = nn.Linear(self.n_heads * self.head_dim, cfg.hidden_size, bias=bias)
-        self.dropout = cfg.attn_drop_rate
+        self.n_heads, self.n_kv_heads, self.head_dim = args.num_attention_heads, args.num_kv_heads, args.head_dim
+        h, q_dim, kv_dim = args.hidden_size, self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
+        self.wq = nn.Linear(h, q_dim, bias=args.qkv_bias)
+        self.wk = nn.Linear(h, kv_dim, bias=args.qkv_bias)
+        self.wv = nn.Linear(h, kv_dim, bias=args.qkv_bias)
+        self.wo = nn.Linear(q_dim, h, bias=args.o_bias)
+        self.q_norm = make_norm(args, self.head_dim) if args.qk_norm else None
+        self.k_norm = make_norm(args, self.head_dim) if args.qk_norm else None
+        self.dropout = args.attn_drop_rate
         # the attention kernel; context parallelism swaps in one that gathers keys across ranks
         self.kernel = attention
 
@@ -90,6 +140,8 @@ class Attention(nn.Module):
         q = self.wq(x).view(b, l, -1, self.head_dim)
         k = self.wk(x).view(b, l, -1, self.head_dim)
         v = self.wv(x).view(b, l, -1, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if q_scale is not None:  # log-scaled attention: scaling q scales that query's logits
             q = q * q_scale[:, :, None, None].to(q.dtype)
@@ -104,14 +156,13 @@ class Attention(nn.Module):
 class FeedForward(nn.Module):
     """SwiGLU: w2(silu(w1 x) * w3 x); or a plain GELU MLP when use_swiglu is False."""
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, args: ModelArgs):
         super().__init__()
-        bias = not cfg.no_bias
-        hidden = cfg.ffn_hidden_size
-        self.swiglu = cfg.use_swiglu
-        self.w1 = nn.Linear(cfg.hidden_size, hidden, bias=bias)
-        self.w3 = nn.Linear(cfg.hidden_size, hidden, bias=bias) if self.swiglu else None
-        self.w2 = nn.Linear(hidden, cfg.hidden_size, bias=bias)
+        bias, hidden = args.mlp_bias, args.ffn_hidden_size
+        self.swiglu = args.use_swiglu
+        self.w1 = nn.Linear(args.hidden_size, hidden, bias=bias)
+        self.w3 = nn.Linear(args.hidden_size, hidden, bias=bias) if self.swiglu else None
+        self.w2 = nn.Linear(hidden, args.hidden_size, bias=bias)
 
     def forward(self, x):
         if self.swiglu:
@@ -120,14 +171,14 @@ class FeedForward(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, args: ModelArgs):
         super().__init__()
-        self.attention_norm = make_norm(cfg)
-        self.attention = Attention(cfg)
-        self.ffn_norm = make_norm(cfg)
-        self.feed_forward = FeedForward(cfg)
-        self.post_norm = cfg.apply_post_layer_norm
-        self.dropout = nn.Dropout(cfg.drop_rate)
+        self.attention_norm = make_norm(args)
+        self.attention = Attention(args)
+        self.ffn_norm = make_norm(args)
+        self.feed_forward = FeedForward(args)
+        self.post_norm = args.apply_post_layer_norm
+        self.dropout = nn.Dropout(args.drop_rate)
 
     def forward(self, x, cos, sin, q_scale, mask, cache=None, positions=None):
         if self.post_norm:  # original-Transformer ordering, kept for InternEvo's apply_post_layer_norm
@@ -138,25 +189,25 @@ class Block(nn.Module):
 
 
 class Transformer(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, args: ModelArgs):
         super().__init__()
-        self.cfg = cfg
-        self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleDict({str(i): Block(cfg) for i in range(cfg.num_layers)})
-        self.norm = make_norm(cfg)
-        self.output = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.args = args
+        self.tok_embeddings = nn.Embedding(args.vocab_size, args.hidden_size)
+        self.layers = nn.ModuleDict({str(i): Block(args) for i in range(args.num_layers)})
+        self.norm = make_norm(args)
+        self.output = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
         self.rotary = RotaryEmbedding(
-            head_dim=cfg.head_dim,
-            base=cfg.rope_base,
-            scaling=cfg.effective_rope_scaling(),
-            max_position_embeddings=cfg.max_position_embeddings,
-            logn_ref_len=(cfg.logn_ref_len or cfg.max_position_embeddings) if cfg.logn_attn else None,
+            head_dim=args.head_dim,
+            base=args.rope_base,
+            scaling=args.rope_scaling,
+            max_position_embeddings=args.max_position_embeddings,
+            logn_ref_len=args.logn_ref_len,
         )
         self.tie_weights()
 
     def tie_weights(self) -> None:
         # `to_empty` materialises each module's parameters separately, so re-tie after it
-        if self.cfg.tie_word_embeddings and self.output is not None and self.tok_embeddings is not None:
+        if self.args.tie_word_embeddings and self.output is not None and self.tok_embeddings is not None:
             self.output.weight = self.tok_embeddings.weight
 
     # ------------------------------------------------------------------ init
@@ -170,7 +221,7 @@ class Transformer(nn.Module):
         initialises them exactly as the full model would.
         """
         self.rotary.reset_parameters()
-        n_layers = self.cfg.num_layers
+        n_layers = self.args.num_layers
         for name, p in self.named_parameters():
             if name.endswith("bias"):
                 p.zero_()
@@ -179,7 +230,7 @@ class Transformer(nn.Module):
             else:
                 # residual-branch outputs get std / sqrt(2 * layers) so the residual stream's
                 # variance does not grow with depth (GPT-2 / Megatron "scaled init")
-                std = self.cfg.init_std
+                std = self.args.init_std
                 if name.endswith(("wo.weight", "w2.weight")):
                     std /= math.sqrt(2 * n_layers)
                 gen = torch.Generator(device="cpu").manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
@@ -213,6 +264,8 @@ class Transformer(nn.Module):
         if position_ids is None:
             start = cache.length if cache is not None else 0
             position_ids = torch.arange(start, start + l, device=h.device).expand(b, l)
+        if self.args.sliding_window is not None:
+            check_within_window(position_ids, self.args.sliding_window)
         cos, sin, q_scale = self.rotary(position_ids, seq_len)
         mask = None if cache is not None or is_dense(cu_seqlens, b, l) else packed_causal_mask(cu_seqlens, b, l)
         for name, layer in self.layers.items():
@@ -227,10 +280,10 @@ class Transformer(nn.Module):
         return self.output(h)
 
 
-def build_model(cfg: ModelConfig, device: torch.device | str = "cpu", seed: int = 0) -> Transformer:
+def build_model(args: ModelArgs, device: torch.device | str = "cpu", seed: int = 0) -> Transformer:
     """Construct on the meta device (no memory touched), then materialise and init on `device`."""
     with torch.device("meta"):
-        model = Transformer(cfg)
+        model = Transformer(args)
     model.to_empty(device=device)
     model.tie_weights()
     model.init_weights(seed)

@@ -110,7 +110,7 @@ def build_stage_model(cfg: SpindleConfig, stage: int, num_stages: int, device: t
         raise SpindleError("model.tie_word_embeddings cannot be used with pipeline parallelism "
                            "(the embedding and the head live on different stages)")
     with torch.device("meta"):
-        model = Transformer(cfg.model)
+        model = Transformer(cfg.model.to_args())
     keep = {str(i) for i in split_layers(cfg.model.num_layers, num_stages)[stage]}
     model.layers = nn.ModuleDict({k: v for k, v in model.layers.items() if k in keep})
     if stage != 0:

@@ -120,7 +120,7 @@ class Trainer:
         if env.pp_size > 1:
             self._build_pipeline()
         else:
-            model: Transformer = build_model(cfg.model, self.device, seed=cfg.trainer.seed)
+            model: Transformer = build_model(cfg.model.to_args(), self.device, seed=cfg.trainer.seed)
             self.raw_model = model  # parameter names of the plain model, for checkpoints and the optimizer
             self.model = apply_data_parallel(apply_model_parallel(model, cfg, env), cfg, env)
         self.optimizer = build_optimizer(self.raw_model, cfg.adam, self.device.type)

@@ -106,7 +106,7 @@ def test_precedence_auto_resume_over_load_ckpt_info(tmp_path):
 def test_shape_mismatch_names_parameter_and_both_shapes(tmp_path):
     Trainer(tiny_cfg(tmp_path), ParallelEnv(), **QUIET).fit()
     cfg = tiny_cfg(tmp_path, model={"vocab_size": 96})
-    model = build_model(cfg.model)
+    model = build_model(cfg.model.to_args())
     with pytest.raises(SpindleError, match=r"tok_embeddings.weight has shape \[64, 32\] in the checkpoint but "
                                            r"\[96, 32\]"):
         load_checkpoint(tmp_path / "ckpt" / "4", model, None, ("model",))
@@ -115,7 +115,7 @@ def test_shape_mismatch_names_parameter_and_both_shapes(tmp_path):
 def test_truncated_and_foreign_checkpoints(tmp_path):
     Trainer(tiny_cfg(tmp_path), ParallelEnv(), **QUIET).fit()
     path = tmp_path / "ckpt" / "4"
-    model = build_model(tiny_cfg(tmp_path).model)
+    model = build_model(tiny_cfg(tmp_path).model.to_args())
     shard = next(path.glob("*.distcp"))
     shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 3])
     with pytest.raises(SpindleError, match=str(path)):

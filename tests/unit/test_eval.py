@@ -18,7 +18,7 @@ from spindle.model.llama import build_model
 def tiny(**kw):
     base = dict(hidden_size=32, num_attention_heads=2, num_kv_attention_heads=1, num_layers=2, vocab_size=258,
                 mlp_ratio=2, multiple_of=16, max_position_embeddings=16)
-    return build_model(ModelConfig(**{**base, **kw}), seed=3).eval()
+    return build_model(ModelConfig(**{**base, **kw}).to_args(), seed=3).eval()
 
 
 def full_forward_losses(model, ids, seq_len=None):

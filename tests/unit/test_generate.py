@@ -14,7 +14,7 @@ V = 50
 def tiny(max_pos=16, seed=0):
     cfg = ModelConfig(hidden_size=32, num_attention_heads=2, num_kv_attention_heads=1, num_layers=2, vocab_size=V,
                       mlp_ratio=2, multiple_of=16, max_position_embeddings=max_pos, init_std=0.2)
-    return build_model(cfg, seed=seed).eval()
+    return build_model(cfg.to_args(), seed=seed).eval()
 
 
 def greedy_by_full_forward(model, prompt, n, seq_len_of=lambda L: L):
@@ -106,7 +106,7 @@ def test_complete_text_streams_and_rejects_a_tokenizer_larger_than_the_vocab():
         complete_text(tiny(), tok, "hello", 4)
     cfg = ModelConfig(hidden_size=32, num_attention_heads=2, num_layers=1, vocab_size=258, multiple_of=16,
                       max_position_embeddings=16, init_std=0.2)
-    model = build_model(cfg).eval()
+    model = build_model(cfg.to_args()).eval()
     pieces = []
     text = complete_text(model, tok, "ab", 6, stream=pieces.append)
     assert "".join(pieces) == text

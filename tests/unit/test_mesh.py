@@ -62,7 +62,7 @@ def test_last_pipeline_stage_runs_the_fused_loss_when_given_labels():
 
     c = cfg()
     c.model.vocab_size = 96
-    whole = build_model(c.model, seed=c.trainer.seed)
+    whole = build_model(c.model.to_args(), seed=c.trainer.seed)
     last = build_stage_model(c, stage=1, num_stages=2, device=torch.device("cpu"))
     chunk = PipelineChunk(last, label_smoothing=0.0)
     ids = torch.randint(0, 96, (2, 16), generator=torch.Generator().manual_seed(0))

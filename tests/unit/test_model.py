@@ -16,7 +16,7 @@ def tiny(**kw):
 
 
 def test_causal_future_tokens_do_not_change_past_logits():
-    model = build_model(tiny())
+    model = build_model(tiny().to_args())
     x = torch.randint(0, 97, (2, 24))
     y = x.clone()
     y[:, 15:] = torch.randint(0, 97, (2, 9))
@@ -37,7 +37,7 @@ def pack(docs, length):
 
 def test_changing_one_document_leaves_the_others_unchanged():
     torch.manual_seed(0)
-    model = build_model(tiny())
+    model = build_model(tiny().to_args())
     docs = [torch.randint(0, 97, (n,)) for n in (7, 12, 5, 8)]
     ids, pos, cu = pack(docs, 32)
     changed = list(docs)
@@ -57,7 +57,7 @@ def test_changing_one_document_leaves_the_others_unchanged():
 
 
 def test_packed_rows_in_a_batch():
-    model = build_model(tiny())
+    model = build_model(tiny().to_args())
     ids = torch.randint(0, 97, (2, 16))
     pos = torch.cat([torch.arange(10), torch.arange(6)]).repeat(2, 1)
     cu = torch.tensor([0, 10, 16, 26, 32], dtype=torch.int32)  # flattened (2*16) boundaries
@@ -71,7 +71,7 @@ def test_packed_rows_in_a_batch():
 
 
 def test_kv_cache_matches_full_forward_in_chunks():
-    model = build_model(tiny(), seed=3)
+    model = build_model(tiny().to_args(), seed=3)
     ids = torch.randint(0, 97, (2, 20))
     with torch.no_grad():
         full = model(ids)
@@ -82,32 +82,32 @@ def test_kv_cache_matches_full_forward_in_chunks():
 
 
 def test_meta_init_is_seeded_and_layout_independent():
-    a, b, c = build_model(tiny(), seed=1), build_model(tiny(), seed=1), build_model(tiny(), seed=2)
+    a, b, c = build_model(tiny().to_args(), seed=1), build_model(tiny().to_args(), seed=1), build_model(tiny().to_args(), seed=2)
     sa, sb, sc = a.state_dict(), b.state_dict(), c.state_dict()
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
     assert not torch.equal(sa["layers.0.attention.wq.weight"], sc["layers.0.attention.wq.weight"])
     # a deeper model initialises its shared layers identically (per-name generators)
-    deep = build_model(tiny(num_layers=3), seed=1).state_dict()
+    deep = build_model(tiny(num_layers=3).to_args(), seed=1).state_dict()
     assert torch.equal(deep["tok_embeddings.weight"], sa["tok_embeddings.weight"])
     assert list(a.layers.keys()) == ["0", "1"]
 
 
 def test_gqa_shapes_and_parameter_count():
     cfg = tiny()
-    model = build_model(cfg)
+    model = build_model(cfg.to_args())
     assert model.layers["0"].attention.wk.weight.shape == (2 * 16, 64)
     assert count_parameters(model) == parameter_counts(cfg)["total"]
     for kw in (dict(norm_type="layernorm", no_bias=False), dict(tie_word_embeddings=True),
                dict(use_swiglu=False), dict(num_kv_attention_heads=None)):
         c = tiny(**kw)
-        m = build_model(c)
+        m = build_model(c.to_args())
         assert count_parameters(m) == parameter_counts(c)["total"], kw
-    tied = build_model(tiny(tie_word_embeddings=True))
+    tied = build_model(tiny(tie_word_embeddings=True).to_args())
     assert tied.output.weight is tied.tok_embeddings.weight
 
 
 def test_layernorm_and_post_norm_run():
-    model = build_model(tiny(norm_type="layernorm", no_bias=False, apply_post_layer_norm=True))
+    model = build_model(tiny(norm_type="layernorm", no_bias=False, apply_post_layer_norm=True).to_args())
     assert isinstance(model.norm, torch.nn.LayerNorm)
     out = model(torch.randint(0, 97, (1, 8)))
     assert out.shape == (1, 8, 97) and torch.isfinite(out).all()
@@ -115,7 +115,7 @@ def test_layernorm_and_post_norm_run():
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_low_precision_autocast_is_close_to_fp32(dtype):
-    model = build_model(tiny())
+    model = build_model(tiny().to_args())
     ids = torch.randint(0, 97, (1, 8))
     with torch.no_grad():
         ref = model(ids)
@@ -134,7 +134,7 @@ def test_activation_checkpointing_gives_same_gradients():
     grads = []
     for ck in (False, 0.5, True):
         cfg = validate_config({"model": tiny(checkpoint=ck).model_dump()})
-        model = build_model(cfg.model, seed=5)
+        model = build_model(cfg.model.to_args(), seed=5)
         wrapped = parallelize(model, cfg, ParallelEnv())
         wrapped(ids).float().pow(2).mean().backward()
         grads.append(model.tok_embeddings.weight.grad.clone())
@@ -145,7 +145,7 @@ def test_activation_checkpointing_gives_same_gradients():
 def test_labels_give_the_fused_loss_of_the_logits(tied):
     """model(..., labels=) == cross-entropy of model(...) logits, values and parameter gradients."""
     torch.manual_seed(0)
-    a, b = build_model(tiny(tie_word_embeddings=tied)), build_model(tiny(tie_word_embeddings=tied))
+    a, b = build_model(tiny(tie_word_embeddings=tied).to_args()), build_model(tiny(tie_word_embeddings=tied).to_args())
     x = torch.randint(0, 97, (2, 24))
     labels = torch.randint(0, 97, (2, 24))
     labels[:, :3] = -100
@@ -157,3 +157,99 @@ def test_labels_give_the_fused_loss_of_the_logits(tied):
     assert out.token_loss.shape == (48,) and int((out.token_loss > 0).sum()) == 42
     for (name, p), q in zip(a.named_parameters(), b.parameters()):
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+# --------------------------------------------------------------------------- the family switches
+
+
+def test_model_args_is_a_plain_dataclass_built_from_the_config():
+    import dataclasses
+
+    from spindle.model.llama import ModelArgs
+
+    args = tiny(no_bias=False, o_bias=False).to_args()
+    assert dataclasses.is_dataclass(args) and type(args) is ModelArgs
+    assert (args.qkv_bias, args.o_bias, args.mlp_bias, args.norm_bias) == (True, False, True, True)
+    assert (args.num_kv_heads, args.head_dim, args.ffn_hidden_size) == (2, 16, 176)
+
+
+@pytest.mark.parametrize("kw, present, absent", [
+    (dict(), (), ("attention.wq.bias", "attention.wo.bias", "feed_forward.w1.bias", "attention.q_norm.weight")),
+    (dict(no_bias=False, o_bias=False, mlp_bias=False),  # Qwen2
+     ("attention.wq.bias", "attention.wk.bias", "attention.wv.bias"),
+     ("attention.wo.bias", "feed_forward.w1.bias", "feed_forward.w2.bias")),
+    (dict(no_bias=False, mlp_bias=False),  # InternLM v1
+     ("attention.wq.bias", "attention.wo.bias"), ("feed_forward.w1.bias", "feed_forward.w3.bias")),
+    (dict(qk_norm=True, head_dim=24), ("attention.q_norm.weight", "attention.k_norm.weight"), ("attention.wq.bias",)),
+])
+def test_bias_and_qk_norm_switches_make_exactly_their_tensors(kw, present, absent):
+    cfg = tiny(**kw)
+    model = build_model(cfg.to_args())
+    names = {n.removeprefix("layers.0.") for n, _ in model.named_parameters() if n.startswith("layers.0.")}
+    assert set(present) <= names and not set(absent) & names
+    assert count_parameters(model) == parameter_counts(cfg)["total"]
+    for n, p in model.named_parameters():  # new tensors follow the init rules: biases 0, norms 1
+        if n.endswith("bias"):
+            assert torch.equal(p, torch.zeros_like(p)), n
+        if "q_norm" in n or "k_norm" in n:
+            assert torch.equal(p, torch.ones_like(p)), n
+
+
+def test_explicit_head_dim_sets_projection_shapes_and_decodes_with_the_cache():
+    cfg = tiny(head_dim=24, qk_norm=True)
+    model = build_model(cfg.to_args(), seed=2)
+    att = model.layers["0"].attention
+    assert att.wq.weight.shape == (4 * 24, 64) and att.wk.weight.shape == (2 * 24, 64)
+    assert att.wo.weight.shape == (64, 96) and att.q_norm.weight.shape == (24,)
+    ids = torch.randint(0, 97, (1, 12))
+    with torch.no_grad():
+        full = model(ids)
+        cache = KVCache()
+        parts = [model(ids[:, s:e], torch.arange(s, e)[None], cache=cache) for s, e in ((0, 5), (5, 12))]
+    assert torch.allclose(torch.cat(parts, 1), full, atol=1e-5)
+
+
+def test_qk_norm_makes_attention_invariant_to_the_scale_of_wq_and_wk():
+    """RMSNorm over each head removes the scale of q and k: scaling wq/wk leaves the logits unchanged
+    with qk_norm and changes them without (so the norm really runs on q and k, per head)."""
+    ids = torch.randint(0, 97, (1, 10))
+    for qk_norm in (True, False):
+        model = build_model(tiny(qk_norm=qk_norm, layer_norm_epsilon=1e-12).to_args(), seed=4)
+        with torch.no_grad():
+            before = model(ids)
+            for block in model.layers.values():
+                block.attention.wq.weight.mul_(5.0)
+                block.attention.wk.weight.mul_(3.0)
+            after = model(ids)
+        assert torch.allclose(before, after, atol=1e-4) == qk_norm
+
+
+def test_sliding_window_is_exact_within_the_window_and_refused_beyond():
+    from spindle.errors import SpindleError
+
+    plain = build_model(tiny().to_args(), seed=1)
+    windowed = build_model(tiny(sliding_window=16).to_args(), seed=1)
+    ids = torch.randint(0, 97, (2, 16))
+    with torch.no_grad():
+        assert torch.equal(windowed(ids), plain(ids))
+        # packed rows: only the longest document counts (each attends within itself)
+        pos = torch.cat([torch.arange(12), torch.arange(12)])[None]
+        windowed(torch.randint(0, 97, (1, 24)), pos, torch.tensor([0, 12, 24], dtype=torch.int32))
+        with pytest.raises(SpindleError, match="17 positions exceeds model.sliding_window=16"):
+            windowed(torch.randint(0, 97, (1, 17)))
+        cache = KVCache()
+        windowed(ids[:1], cache=cache)
+        with pytest.raises(SpindleError, match="sliding_window"):  # the cache counts
+            windowed(ids[:1, :1], cache=cache)
+
+
+def test_config_refuses_contradicting_switches():
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="no_bias=True means no bias anywhere"):
+        tiny(qkv_bias=True)
+    with pytest.raises(ValidationError, match="head_dim .* must be even"):
+        tiny(head_dim=15)
+    with pytest.raises(ValidationError, match="or give head_dim"):
+        tiny(hidden_size=60, num_attention_heads=8)
+    assert tiny(hidden_size=60, num_attention_heads=8, num_kv_attention_heads=4, head_dim=16).head_dim == 16

@@ -30,7 +30,7 @@ def tiny(tmp_path):
     cfg = validate_config({"model": {"hidden_size": 16, "num_attention_heads": 2, "num_kv_attention_heads": 1,
                                      "num_layers": 1, "vocab_size": 32, "multiple_of": 16,
                                      "max_position_embeddings": 16}})
-    model = build_model(cfg.model, torch.device("cpu"), seed=1)
+    model = build_model(cfg.model.to_args(), torch.device("cpu"), seed=1)
     opt = build_optimizer(model, cfg.adam, "cpu")
     CheckpointManager(str(tmp_path / "ck"), CkptConfig()).save(1, model, opt, {"step": 1}, {})
     return model, opt, tmp_path / "ck" / "1"

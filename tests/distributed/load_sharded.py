@@ -1,0 +1,61 @@
+"""Run under torchrun: load foreign weights into a sharded model, write its logits (rank 0).
+
+    torchrun --nproc_per_node=N tests/distributed/load_sharded.py LAYOUT OUT.pt KIND:FOLDER ...
+
+LAYOUT: fsdp (FSDP2 over all ranks) or tp (tensor parallel over all ranks). KIND: hf or internevo.
+"""
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from spindle.checkpoint.families import model_config_from_hf
+from spindle.checkpoint.hf import load_hf_weights
+from spindle.checkpoint.internevo import load_internevo_weights, read_internevo
+from spindle.config import validate_config
+from spindle.parallel.mesh import build_mesh, init_distributed
+from spindle.parallel.parallelize import apply_fsdp, apply_model_parallel
+from spindle.model.llama import build_model
+
+
+def model_section(kind: str, folder: Path) -> dict:
+    if kind == "hf":
+        return model_config_from_hf(json.loads((folder / "config.json").read_text()))
+    return read_internevo(folder).model
+
+
+def main(layout: str, out: str, sources: list[str]) -> None:
+    env = init_distributed("torch", backend="gloo")
+    ids = torch.randint(0, 96, (2, 40), generator=torch.Generator().manual_seed(0))
+    results = {}
+    for spec in sources:
+        kind, folder = spec.split(":", 1)
+        parallel = {"tensor": env.world_size} if layout == "tp" else {"fsdp": True}
+        cfg = validate_config({"model": model_section(kind, Path(folder)), "parallel": parallel})
+        env = build_mesh(env, cfg.parallel, cfg.model)
+        model = build_model(cfg.model.to_args(), env.device, seed=0)
+        if layout == "tp":
+            apply_model_parallel(model, cfg, env)
+        else:  # FSDP2 also on one rank (the trainer skips data parallelism there)
+            from torch.distributed.device_mesh import init_device_mesh
+
+            env.fsdp_mesh = init_device_mesh("cpu", (env.world_size,), mesh_dim_names=("dp_shard",))
+            apply_fsdp(model, list(model.layers.values()), env, reshard_after_forward=True, mixed_precision=None)
+        loader = load_hf_weights if kind == "hf" else load_internevo_weights
+        loader(model, folder)
+        kinds = {type(p).__name__ for p in model.parameters()}
+        with torch.no_grad():
+            logits = model.eval()(ids)
+        results[spec] = {"logits": logits.full_tensor() if hasattr(logits, "full_tensor") else logits,
+                         "param_types": sorted(kinds)}
+    if env.rank == 0:
+        torch.save(results, out)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2], sys.argv[3:])
