@@ -35,6 +35,7 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
+from spindle.data.files import unique_files, walk_files
 from spindle.data.shards import (
     IDX_EXT,
     MANIFEST,
@@ -74,21 +75,20 @@ def input_kind(path: str, doc_per_file: bool = False) -> str:
 
 
 def expand_inputs(inputs: Sequence[str]) -> list[str]:
-    """Files as given, folders walked recursively (sorted; hidden files skipped)."""
+    """Files as given, folders walked recursively (sorted; hidden files skipped; each real file
+    once, however the folders link into themselves or each other)."""
     out = []
     for p in inputs:
         p = os.fspath(p)
         if os.path.isdir(p):
-            for root, dirs, files in os.walk(p, followlinks=True):
-                dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-                out.extend(os.path.join(root, f) for f in sorted(files) if not f.startswith("."))
+            out.extend(walk_files(p, skip_hidden=True))
         elif os.path.isfile(p):
             out.append(p)
         else:
             raise SpindleError(f"{p}: input not found")
     if not out:
         raise SpindleError(f"no input files in {', '.join(map(str, inputs))}")
-    return out
+    return unique_files(out)  # the same file named twice (or a folder and a file in it) is read once
 
 
 def _open_binary(path: str):

@@ -39,41 +39,55 @@ from typing import Iterator, Optional
 import numpy as np
 
 from spindle.config import DataConfig, parse_rampup
+from spindle.data.files import check_fingerprints, fingerprint, walk_files
+from spindle.data.hub import builder_of, split_files
 from spindle.data.packing import Pack, assemble_pack, collate
 from spindle.data.sampler import micro_num_at
 from spindle.errors import SpindleError
 
-DATA_SUFFIXES = (".parquet", ".json", ".jsonl", ".arrow", ".csv", ".txt")
 TOKENIZE_BATCH = 256  # records per tokenizer call
 
 
-def open_stream(folder: str, subset_name: Optional[str] = None, split: str = "train"):
-    """The `datasets.IterableDataset` of a local dataset folder (repository layout or save_to_disk)."""
-    import datasets
+def _saved_to_disk(root: Path) -> bool:
+    return root.is_dir() and ((root / "state.json").is_file() or (root / "dataset_dict.json").is_file())
 
+
+def stream_files(folder: str, subset_name: Optional[str] = None, split: str = "train",
+                 folder_key: str = "data.train_folder") -> list[str]:
+    """The files one split of a local dataset folder is read from: a repository folder's split of
+    one config (spindle.data.hub: found by a loop-safe walk), every file of a save_to_disk folder,
+    or the single data file given."""
     root = Path(folder)
     if not root.exists():
-        raise SpindleError(f"data.train_folder: dataset folder not found: {folder}")
-    if root.is_dir() and ((root / "state.json").is_file() or (root / "dataset_dict.json").is_file()):
-        ds = datasets.load_from_disk(str(root))  # save_to_disk output: memory-mapped arrow
+        raise SpindleError(f"{folder_key}: dataset folder not found: {folder}")
+    if _saved_to_disk(root):
+        return walk_files(str(root))
+    if root.is_dir():
+        return split_files(str(root), split, subset_name, split_key="data.split", subset_key="data.subset_name")
+    return [str(root)]
+
+
+def open_stream(folder: str, subset_name: Optional[str] = None, split: str = "train",
+                folder_key: str = "data.train_folder"):
+    """The `datasets.IterableDataset` of one split of a local dataset folder (repository layout or
+    save_to_disk). A repository folder's files are handed to `datasets` as `data_files`, so neither
+    the card, nor another split or config, nor a symlink loop reaches it."""
+    import datasets
+
+    files = stream_files(folder, subset_name, split, folder_key)
+    if _saved_to_disk(Path(folder)):
+        ds = datasets.load_from_disk(str(folder))  # save_to_disk output: memory-mapped arrow
         if isinstance(ds, datasets.DatasetDict):
-            key = subset_name if subset_name in ds else split if split in ds else next(iter(ds))
+            key = subset_name if subset_name in ds else split
+            if key not in ds:
+                raise SpindleError(f"data.split: {folder} has no split {split!r}; its splits: {', '.join(ds)}")
             ds = ds[key]
         return ds.to_iterable_dataset()
-    if root.is_dir():
-        kwargs = {}
-        if subset_name:
-            # a sub-folder of the repository, or a config declared in its README
-            kwargs = {"data_dir": subset_name} if (root / subset_name).is_dir() else {"name": subset_name}
-        path = str(root)
-    else:  # a single data file
-        suffix = root.suffix.lstrip(".")
-        builder = {"jsonl": "json"}.get(suffix, suffix)
-        path, kwargs = builder, {"data_files": str(root)}
     try:
-        return datasets.load_dataset(path, split=split, streaming=True, **kwargs)
+        return datasets.load_dataset(builder_of(files, folder_key), data_files={split: files}, split=split,
+                                     streaming=True)
     except (FileNotFoundError, ValueError) as e:
-        raise SpindleError(f"data.train_folder: cannot read {folder} as a Hugging Face dataset ({e})") from None
+        raise SpindleError(f"{folder_key}: cannot read {folder} as a Hugging Face dataset ({e})") from None
 
 
 class StreamPacker:
@@ -165,6 +179,9 @@ class StreamingLoader:
         self.packer = StreamPacker(data, tokenizer, vocab_size)
         name = data.subset_name or Path(os.path.normpath(data.train_folder)).name or "streaming"
         self.source_names = [name.replace("/", "_")]
+        files = stream_files(data.train_folder, data.subset_name)
+        root = data.train_folder if os.path.isdir(data.train_folder) else os.path.dirname(data.train_folder)
+        self.fingerprint = [fingerprint(self.source_names[0], root, files, tokenizer.identity())]
         self.rampup = parse_rampup(data.rampup_batch_size)
         self.position = 0
         self._at: tuple[int, tuple[int, int]] = (0, (0, 0))  # (epoch, cursor) at `position`
@@ -176,9 +193,11 @@ class StreamingLoader:
     # -- state
     def state_dict(self) -> dict:
         epoch, (record, offset) = self._at
-        return {"position": self.position, "epoch": epoch, "record": record, "offset": offset}
+        return {"position": self.position, "epoch": epoch, "record": record, "offset": offset,
+                "fingerprint": self.fingerprint}
 
     def load_state_dict(self, state: dict) -> None:
+        check_fingerprints(state.get("fingerprint"), self.fingerprint)
         self._drop_pending()
         position = int(state["position"])
         if "record" in state:

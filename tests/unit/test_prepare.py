@@ -151,3 +151,16 @@ def test_render_json_lines_equals_json_dumps(vocab):
     lines = [(json.dumps({"tokens": d}) + "\n").encode() for d in docs]
     assert blob == b"".join(lines)
     assert line_bytes.tolist() == [len(x) for x in lines]
+
+
+def test_inputs_with_symlink_loops_are_read_once(tmp_path):
+    from spindle.data.prepare import expand_inputs
+
+    d = tmp_path / "in"
+    (d / "sub").mkdir(parents=True)
+    (d / "a.txt").write_text("a\n")
+    (d / "sub" / "b.txt").write_text("b\n")
+    os.symlink(".", d / "loop")
+    os.symlink("..", d / "sub" / "back")
+    files = expand_inputs([str(d), str(d / "a.txt")])  # a folder and a file inside it
+    assert [os.path.relpath(f, d) for f in files] == ["a.txt", "sub/b.txt"]

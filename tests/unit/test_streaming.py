@@ -191,3 +191,22 @@ def test_training_steps_with_streaming_data_and_checkpoint_resume(folders, tmp_p
     assert resumed.state.step == 2 and resumed.loader.state_dict()["position"] == 4
     rest = resumed.fit()["history"]
     assert [h["loss"] for h in first + rest] == [h["loss"] for h in full]  # bit for bit
+
+
+def test_loops_in_the_dataset_folder_and_a_changed_dataset(folders, tmp_path):
+    import os
+    import shutil
+
+    shutil.copytree(folders / "repo", tmp_path / "repo")
+    os.symlink(".", tmp_path / "repo" / "data" / "again")  # a loop: data/again/again/... 
+    os.symlink("..", tmp_path / "repo" / "data" / "up")
+    want = packs(StreamingLoader(cfg(folders / "repo"), 258, prefetch=False), 3)
+    loader = StreamingLoader(cfg(tmp_path / "repo"), 258, prefetch=False)
+    assert packs(loader, 3) == want  # every record once, in order
+    state = loader.state_dict()
+    assert sorted(state["fingerprint"][0]["files"]) == ["data/train-00000-of-00002.parquet",
+                                                        "data/train-00001-of-00002.parquet"]
+    datasets.Dataset.from_dict({"text": ["new"] * 5}).to_parquet(str(tmp_path / "repo" / "data" / "train-00002-of-00002.parquet"))
+    with pytest.raises(SpindleError, match=r"data changed since the checkpoint: source 'repo': file "
+                                           r"data/train-00002-of-00002.parquet was added"):
+        StreamingLoader(cfg(tmp_path / "repo"), 258, prefetch=False).load_state_dict(state)
