@@ -22,7 +22,6 @@ sentencepiece's id 0 is <unk>, which byte-fallback models never emit.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -34,6 +33,9 @@ try:
 except ImportError:  # run by path from a checkout: make the repo importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from spindle.data import options  # noqa: E402
+from spindle.data.files import check_output  # noqa: E402
+from spindle.data.prepare import MAX_TOKENS  # noqa: E402
 from spindle.data.shards import JsonBinWriter  # noqa: E402
 from spindle.data.tokenizer import load_tokenizer  # noqa: E402
 from spindle.errors import SpindleError  # noqa: E402
@@ -128,45 +130,40 @@ def tokenize(tok, recs_segs: list, max_length: int) -> list[list[int]]:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description="Tokenize Alpaca / chat data into InternEvo .bin files with loss masks.")
-    ap.add_argument("dataset_path", help="Alpaca JSON list, or chat JSONL with {'messages': [...]}")
-    ap.add_argument("output_path", help="output folder (train/en, valid/en are created)")
-    ap.add_argument("tokenizer_path", help="tokenizer path, 'default' or 'byte'")
-    ap.add_argument("--split_ratio", type=float, default=0.1)
+    ap = options.OneLineParser(prog="tools/alpaca_tokenizer.py",
+                               description="Tokenize Alpaca / chat data into InternEvo .bin files with loss masks.")
+    ap.add_argument("dataset_path", type=options.path, help="Alpaca JSON list, or chat JSONL with {'messages': [...]}")
+    ap.add_argument("output_path", type=options.path, help="output folder (train/en, valid/en are created)")
+    ap.add_argument("tokenizer_path", type=options.path, help="tokenizer path, 'default' or 'byte'")
+    ap.add_argument("--split_ratio", type=options.float_in(0, 1, hi_open=True), default=0.1,
+                    help="fraction of records for validation, [0, 1)")
     ap.add_argument("--format", choices=["auto", "alpaca", "chat"], default="auto")
-    ap.add_argument("--max_length", type=int, default=2048)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--overwrite", action="store_true")
+    ap.add_argument("--max_length", type=options.int_in(2, MAX_TOKENS), default=2048,
+                    help="tokens per record at most (EOS kept last)")
+    ap.add_argument("--seed", type=options.int_in(0, 2**63 - 1), default=0)
+    ap.add_argument("--overwrite", action="store_true", help="replace the .bin files of an existing output folder")
     ap.add_argument("--debug", action="store_true")
-    args = ap.parse_args(argv)
-    try:
-        if not 0 <= args.split_ratio < 1:
-            raise SpindleError(f"--split_ratio {args.split_ratio} must be in [0, 1)")
-        outs = {s: os.path.join(args.output_path, s, "en", "dataset.bin") for s in ("train", "valid")}
-        for p in outs.values():
-            for q in (p, p + ".meta"):
-                if os.path.exists(q) and not args.overwrite:
-                    raise SpindleError(f"{q}: already exists; pass --overwrite to replace it")
-        tok = load_tokenizer(args.tokenizer_path)
-        recs = read_records(args.dataset_path)
-        fmt = detect_format(recs, args.dataset_path) if args.format == "auto" else args.format
-        seqs = tokenize(tok, segments(recs, fmt, args.dataset_path), args.max_length)
-        n = len(seqs)
-        # Without replacement, seeded: exactly int(n * ratio) validation records.
-        perm = np.random.default_rng(args.seed).permutation(n)
-        is_valid = np.zeros(n, dtype=bool)
-        is_valid[perm[: int(n * args.split_ratio)]] = True
-        counts = {}
-        for split, want in (("train", False), ("valid", True)):
-            w = JsonBinWriter(outs[split])
-            for i in np.flatnonzero(is_valid == want).tolist():
-                w.add(seqs[i])
-            counts[split] = w.close()["documents"]
-    except SpindleError as e:
-        if args.debug:
-            raise
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    return options.run_command(run, ap, argv)
+
+
+def run(args) -> int:
+    check_output(args.output_path, [args.dataset_path], args.overwrite, "output_path")
+    outs = {s: os.path.join(args.output_path, s, "en", "dataset.bin") for s in ("train", "valid")}
+    tok = load_tokenizer(args.tokenizer_path)
+    recs = read_records(args.dataset_path)
+    fmt = detect_format(recs, args.dataset_path) if args.format == "auto" else args.format
+    seqs = tokenize(tok, segments(recs, fmt, args.dataset_path), args.max_length)
+    n = len(seqs)
+    # Without replacement, seeded: exactly int(n * ratio) validation records.
+    perm = np.random.default_rng(args.seed).permutation(n)
+    is_valid = np.zeros(n, dtype=bool)
+    is_valid[perm[: int(n * args.split_ratio)]] = True
+    counts = {}
+    for split, want in (("train", False), ("valid", True)):
+        w = JsonBinWriter(outs[split])
+        for i in np.flatnonzero(is_valid == want).tolist():
+            w.add(seqs[i])
+        counts[split] = w.close()["documents"]
     print(f"{fmt}: {counts['train']:,} train / {counts['valid']:,} valid records -> {args.output_path}")
     return 0
 

@@ -23,7 +23,7 @@ from typing import Optional
 import numpy as np
 
 from spindle.config import DataConfig, parse_rampup
-from spindle.data.files import check_fingerprints, fingerprint, relative_glob, tokenizer_key
+from spindle.data.files import StagedFolder, check_fingerprints, fingerprint, relative_glob, tokenizer_key
 from spindle.data.packing import PackedDocuments, RandomDocuments, collate
 from spindle.data.sampler import GlobalSampler, micro_num_at
 from spindle.errors import SpindleError
@@ -136,8 +136,8 @@ def text_cache(data: DataConfig, cache_root: Path, log=None) -> str:
 
     The cache is keyed by the content of the files (path, size, mtime_ns of each) and the
     tokenizer's, so an edited file or another tokenizer re-tokenizes. Ranks that start together
-    share one build: whoever takes the lock file builds into a temporary folder and publishes it
-    with one `os.replace`; the others wait on the lock and find the published manifest. A file
+    share one build: whoever takes the lock file builds into a staged folder and publishes it
+    with one `os.replace` (files.StagedFolder); the others wait on the lock and find the published manifest. A file
     lock, not a barrier, so single-process runs and unrelated runs sharing a cache work the same.
     """
     from spindle.data.prepare import prepare
@@ -159,14 +159,10 @@ def text_cache(data: DataConfig, cache_root: Path, log=None) -> str:
         if not (source_dir / MANIFEST).is_file():
             if log:
                 log(f"data: tokenizing {len(files)} text file(s) into {out}")
-            tmp = out.parent / f"text-{key}.tmp-{os.getpid()}"
-            shutil.rmtree(tmp, ignore_errors=True)
-            try:
-                prepare(files, str(tmp / "text"), data.tokenizer_path or "default", doc_per_file=True, progress=False)
-                shutil.rmtree(out, ignore_errors=True)  # a cache folder without a manifest: an older crashed build
-                os.replace(tmp, out)
-            finally:
-                shutil.rmtree(tmp, ignore_errors=True)
+            shutil.rmtree(out, ignore_errors=True)  # a cache folder without a manifest: an older crashed build
+            with StagedFolder(str(out), replaces=lambda name: True) as tmp:
+                prepare(files, os.path.join(tmp, "text"), data.tokenizer_path or "default", doc_per_file=True,
+                        progress=False)
     return str(out)
 
 
@@ -207,6 +203,8 @@ class TrainLoader:
 
     # -- state
     def state_dict(self) -> dict:
+        if self.fingerprint is None:
+            return {"position": self.position}
         return {"position": self.position, "fingerprint": self.fingerprint}
 
     def load_state_dict(self, state: dict) -> None:

@@ -17,7 +17,6 @@ Document units (the seed's rules, reference/internevo.md §1.2):
 
 from __future__ import annotations
 
-import argparse
 import collections
 import functools
 import gzip
@@ -35,7 +34,9 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
-from spindle.data.files import unique_files, walk_files
+from spindle.data import options
+from spindle.data.options import OneLineParser
+from spindle.data.files import StagedFolder, check_output, unique_files, walk_files
 from spindle.data.shards import (
     IDX_EXT,
     MANIFEST,
@@ -53,6 +54,8 @@ LINE_FORMATS = (".txt", ".json", ".jsonl", ".parquet")
 # core idle (1 MiB tasks: an 8 MB input ran 9 tasks on 2 workers, one alone at the end; 256 KiB
 # measured 7 % faster, docs/LOG.md)
 BATCH_BYTES = 1 << 18
+MAX_SHARD_MB = 1 << 20  # 1 TiB
+MAX_TOKENS = (1 << 31) - 1
 
 
 @dataclass
@@ -401,12 +404,9 @@ def default_workers() -> int:
     return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1))
 
 
-def _clear_outputs(out_dir: str, overwrite: bool) -> None:
-    existing = [f for f in os.listdir(out_dir) if f == MANIFEST or f.endswith((TOKENS_EXT, IDX_EXT, MASK_EXT, ".bin", ".bin.meta"))]
-    if existing and not overwrite:
-        raise SpindleError(f"{out_dir}: already holds token files ({', '.join(sorted(existing)[:3])}...); pass --overwrite to replace them")
-    for f in existing:
-        os.remove(os.path.join(out_dir, f))
+def is_prepare_output(name: str) -> bool:
+    """Files a `spindle prepare` output folder holds (replaced by `--overwrite`)."""
+    return name == MANIFEST or name.endswith((TOKENS_EXT, IDX_EXT, MASK_EXT, ".bin", ".bin.meta"))
 
 
 def prepare(
@@ -426,11 +426,27 @@ def prepare(
     Returns a summary dict (documents, tokens, shards, dropped, seconds, rates)."""
     t0 = time.perf_counter()
     files = expand_inputs(inputs)
+    check_output(out_dir, inputs, overwrite, "--out")
     tok = load_tokenizer(tokenizer_spec)
-    os.makedirs(out_dir, exist_ok=True)
-    _clear_outputs(out_dir, overwrite)
     workers = default_workers() if not workers else workers
-    opts = EncodeOptions(str(tokenizer_spec), text_key=text_key, output="shards", min_length=min_length)
+    with StagedFolder(out_dir, replaces=is_prepare_output) as staging:
+        summary = _prepare_into(staging, files, tok, str(tokenizer_spec), text_key, workers, shard_size_mb,
+                                min_length, doc_per_file, raw_json_line, progress, inputs)
+    secs = time.perf_counter() - t0
+    docs, toks = summary["documents"], summary["tokens"]
+    return summary | {
+        "out_dir": out_dir,
+        "manifest": os.path.join(out_dir, MANIFEST),
+        "seconds": secs,
+        "docs_per_s": docs / secs if secs else 0.0,
+        "tokens_per_s": toks / secs if secs else 0.0,
+    }
+
+
+def _prepare_into(out_dir: str, files: list[str], tok: Tokenizer, tokenizer_spec: str, text_key: str, workers: int,
+                  shard_size_mb: float, min_length: int, doc_per_file: bool, raw_json_line: bool, progress: bool,
+                  inputs: Sequence[str]) -> dict:
+    opts = EncodeOptions(tokenizer_spec, text_key=text_key, output="shards", min_length=min_length)
     total_bytes = sum(os.path.getsize(f) for f in files)
     shard_bytes = max(1, int(shard_size_mb * (1 << 20)))
     shards: list[dict] = []
@@ -459,53 +475,46 @@ def prepare(
             prog.stop()
     if not shards:
         raise SpindleError(f"no documents found in {', '.join(map(str, inputs))}" + (f" ({dropped} shorter than --min-length)" if dropped else ""))
-    manifest = write_manifest(out_dir, tok.identity(), shards, bos_eos=True,
-                              sources=[os.path.abspath(f) for f in files], min_length=min_length)
-    secs = time.perf_counter() - t0
-    docs = sum(s["documents"] for s in shards)
-    toks = sum(s["tokens"] for s in shards)
+    write_manifest(out_dir, tok.identity(), shards, bos_eos=True,
+                   sources=[os.path.abspath(f) for f in files], min_length=min_length)
     return {
-        "out_dir": out_dir,
-        "manifest": manifest,
         "files": len(files),
         "input_bytes": total_bytes,
-        "documents": docs,
-        "tokens": toks,
+        "documents": sum(s["documents"] for s in shards),
+        "tokens": sum(s["tokens"] for s in shards),
         "shards": len(shards),
         "dropped_short": dropped,
         "workers": workers,
-        "seconds": secs,
-        "docs_per_s": docs / secs if secs else 0.0,
-        "tokens_per_s": toks / secs if secs else 0.0,
     }
 
 
 def prepare_main(argv: Sequence[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="spindle prepare", description="Tokenize raw text into Spindle binary shards.")
-    ap.add_argument("inputs", nargs="+", help="files or folders: txt, json, jsonl, parquet (optionally .gz); other files = one document each")
-    ap.add_argument("--out", required=True, help="output folder (shards + manifest.json)")
-    ap.add_argument("--tokenizer", default="default", help="'default', 'byte', or a tokenizer path")
-    ap.add_argument("--text-key", default="text")
-    ap.add_argument("--workers", type=int, default=0, help="tokenizer processes (default: all cores)")
-    ap.add_argument("--shard-size-mb", type=float, default=256)
-    ap.add_argument("--min-length", type=int, default=0, help="drop documents with fewer tokens (BOS/EOS included)")
+    ap = OneLineParser(prog="spindle prepare", description="Tokenize raw text into Spindle binary shards.")
+    ap.add_argument("inputs", nargs="+", type=options.path,
+                    help="files or folders: txt, json, jsonl, parquet (optionally .gz); other files = one document each")
+    ap.add_argument("--out", required=True, type=options.path, help="output folder (shards + manifest.json)")
+    ap.add_argument("--tokenizer", default="default", type=options.path, help="'default', 'byte', or a tokenizer path")
+    ap.add_argument("--text-key", default="text", type=options.name)
+    options.workers_option(ap)
+    ap.add_argument("--shard-size-mb", type=options.float_in(0, MAX_SHARD_MB, lo_open=True), default=256,
+                    help=f"shard size in MiB, (0, {MAX_SHARD_MB}]")
+    ap.add_argument("--min-length", type=options.int_in(0, MAX_TOKENS), default=0,
+                    help="drop documents with fewer tokens (BOS/EOS included)")
     ap.add_argument("--doc-per-file", action="store_true", help="every input file is one document")
     ap.add_argument("--raw-json-line", action="store_true", help="tokenize whole JSON records (InternEvo's behaviour)")
-    ap.add_argument("--overwrite", action="store_true")
+    ap.add_argument("--overwrite", action="store_true", help="replace the token files of an existing output folder")
     ap.add_argument("--debug", action="store_true", help="show tracebacks")
-    args = ap.parse_args(argv)
-    try:
+
+    def run(args) -> int:
         s = prepare(args.inputs, args.out, args.tokenizer, text_key=args.text_key, workers=args.workers,
                     shard_size_mb=args.shard_size_mb, min_length=args.min_length, overwrite=args.overwrite,
                     doc_per_file=args.doc_per_file, raw_json_line=args.raw_json_line)
-    except SpindleError as e:
-        if args.debug:
-            raise
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(f"{s['documents']:,} documents, {s['tokens']:,} tokens in {s['shards']} shard(s) -> {s['out_dir']} "
-          f"({s['seconds']:.1f} s, {s['docs_per_s']:,.0f} docs/s)" + (f"; {s['dropped_short']:,} dropped by --min-length" if s["dropped_short"] else ""))
-    return 0
+        print(f"{s['documents']:,} documents, {s['tokens']:,} tokens in {s['shards']} shard(s) -> {s['out_dir']} "
+              f"({s['seconds']:.1f} s, {s['docs_per_s']:,.0f} docs/s)"
+              + (f"; {s['dropped_short']:,} dropped by --min-length" if s["dropped_short"] else ""))
+        return 0
+
+    return options.run_command(run, ap, argv)
 
 
 def write_json_bin(

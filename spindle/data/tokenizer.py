@@ -11,12 +11,10 @@ Contract shared by every implementation:
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import os
 import shutil
-import sys
 from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -283,28 +281,58 @@ def load_tokenizer(spec: str | os.PathLike) -> Tokenizer:
     return SentencePieceTokenizer(p)
 
 
+# What a tokenizer folder holds; `spindle tokenizer train --overwrite` replaces these (and only these).
+TOKENIZER_FILES = {"tokenizer.model", "tokenizer.vocab", "tokenizer.json", "tokenizer_config.json",
+                   "special_tokens_map.json", "chat_template.jinja", BYTE_TOKENIZER_FILE}
+
+
+MIN_VOCAB, MAX_VOCAB = 300, 1 << 24
+
+
+def check_vocab_size(vocab_size, option: str) -> int:
+    """A vocabulary size sentencepiece and tokenizers can train: checked before calling them
+    (sentencepiece takes an int32 and aborts the process on some values)."""
+    if type(vocab_size) is not int or not MIN_VOCAB <= vocab_size <= MAX_VOCAB:
+        raise SpindleError(f"{option}: expected an integer in [{MIN_VOCAB}, {MAX_VOCAB}] (byte fallback + specials "
+                           f"need {MIN_VOCAB}), got {vocab_size!r}")
+    return vocab_size
+
+
 def train_tokenizer(
     files: Sequence[str | os.PathLike],
     vocab_size: int,
     out_dir: str | os.PathLike,
     kind: str = "sentencepiece",
     num_threads: int | None = None,
+    overwrite: bool = False,
 ) -> Tokenizer:
+    """Train a tokenizer on text files into `out_dir` (see `_train_into`). An existing non-empty
+    `out_dir` is refused without `overwrite`, and so is one that holds an input; the files are
+    written next to it and moved in when training succeeded."""
+    from spindle.data.files import StagedFolder, check_output
+
+    files = [str(f) for f in files]
+    if not files:
+        raise SpindleError("train_tokenizer: no input files")
+    for f in files:
+        if not os.path.isfile(f) or not os.access(f, os.R_OK):
+            raise SpindleError(f"{f}: training file not found or not readable")
+    if kind not in ("sentencepiece", "bpe"):
+        raise SpindleError(f"unknown tokenizer kind {kind!r} (expected 'sentencepiece' or 'bpe')")
+    check_vocab_size(vocab_size, "--vocab-size")
+    check_output(str(out_dir), files, overwrite, "--out")
+    with StagedFolder(str(out_dir), replaces=TOKENIZER_FILES.__contains__) as staging:
+        _train_into(files, vocab_size, staging, kind, num_threads)
+    return load_tokenizer(out_dir)
+
+
+def _train_into(files: list[str], vocab_size: int, out_dir: str, kind: str, num_threads: int | None) -> None:
     """Train a tokenizer on text files (one sentence per line for sentencepiece) into `out_dir`.
 
     sentencepiece: BPE with byte fallback, identity normalisation and no dummy prefix, so any
     text (code indentation, newlines via byte pieces) round-trips through encode/decode exactly.
     bpe: Hugging Face byte-level BPE with <s>, </s>, <pad> specials.
     """
-    files = [str(f) for f in files]
-    for f in files:
-        if not os.path.isfile(f) or not os.access(f, os.R_OK):
-            raise SpindleError(f"{f}: training file not found or not readable")
-    if not files:
-        raise SpindleError("train_tokenizer: no input files")
-    if vocab_size < 300:
-        raise SpindleError(f"vocab size {vocab_size} is too small (need >= 300 for byte fallback + specials)")
-    os.makedirs(out_dir, exist_ok=True)
     threads = num_threads or os.cpu_count() or 1
     if kind == "sentencepiece":
         import sentencepiece as spm
@@ -334,9 +362,9 @@ def train_tokenizer(
                 shuffle_input_sentence=True,
                 minloglevel=2,
             )
-        except RuntimeError as e:
+        except (RuntimeError, ValueError) as e:
             raise SpindleError(f"sentencepiece training failed on {', '.join(files)}: {e}") from None
-        return SentencePieceTokenizer(os.path.join(str(out_dir), "tokenizer.model"))
+        return
     if kind == "bpe":
         from tokenizers import Tokenizer as _HFTok, decoders, models, pre_tokenizers, trainers
 
@@ -357,33 +385,31 @@ def train_tokenizer(
         tok.save(path)
         with open(os.path.join(str(out_dir), "tokenizer_config.json"), "w", encoding="utf-8") as f:
             json.dump({"bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>"}, f)
-        return HFTokenizer(path)
-    raise SpindleError(f"unknown tokenizer kind {kind!r} (expected 'sentencepiece' or 'bpe')")
 
 
 def tokenizer_main(argv: Sequence[str] | None = None) -> int:
-    """`spindle tokenizer train FILES --vocab-size N --out DIR [--kind sentencepiece|bpe]`
+    """`spindle tokenizer train FILES --vocab-size N --out DIR [--kind sentencepiece|bpe] [--overwrite]`
     and `spindle tokenizer info SPEC`."""
-    ap = argparse.ArgumentParser(prog="spindle tokenizer", description="Train or inspect tokenizers.")
+    from spindle.data import options
+
+    ap = options.OneLineParser(prog="spindle tokenizer", description="Train or inspect tokenizers.")
     ap.add_argument("--debug", action="store_true", help="show tracebacks")
     sub = ap.add_subparsers(dest="cmd", required=True)
     tr = sub.add_parser("train", help="train a tokenizer on text files")
-    tr.add_argument("files", nargs="+")
-    tr.add_argument("--vocab-size", type=int, required=True)
-    tr.add_argument("--out", required=True)
+    tr.add_argument("files", nargs="+", type=options.path)
+    tr.add_argument("--vocab-size", type=options.int_in(MIN_VOCAB, MAX_VOCAB), required=True)
+    tr.add_argument("--out", required=True, type=options.path)
     tr.add_argument("--kind", choices=["sentencepiece", "bpe"], default="sentencepiece")
+    tr.add_argument("--overwrite", action="store_true", help="replace the tokenizer files of an existing folder")
     info = sub.add_parser("info", help="print a tokenizer's identity")
-    info.add_argument("spec")
-    args = ap.parse_args(argv)
-    try:
+    info.add_argument("spec", type=options.path)
+
+    def run(args) -> int:
         if args.cmd == "train":
-            tok = train_tokenizer(args.files, args.vocab_size, args.out, kind=args.kind)
+            tok = train_tokenizer(args.files, args.vocab_size, args.out, kind=args.kind, overwrite=args.overwrite)
         else:
             tok = load_tokenizer(args.spec)
         print(json.dumps(tok.identity(), indent=2))
         return 0
-    except SpindleError as e:
-        if args.debug:
-            raise
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+
+    return options.run_command(run, ap, argv)

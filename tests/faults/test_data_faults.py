@@ -141,4 +141,4 @@ def test_two_processes_build_the_text_cache_once(tmp_path):
     cache = Path(outs[0][-1])
     man = json.loads((cache / "text" / "manifest.json").read_text())
     assert man["documents"] == 40
-    assert [p.name for p in cache.parent.iterdir() if ".tmp-" in p.name] == []  # no temporary left
+    assert [p.name for p in cache.parent.iterdir() if ".partial-" in p.name] == []  # no staged folder left

@@ -225,3 +225,39 @@ def test_text_cache_is_keyed_by_content(tmp_path):
     from spindle.data.shards import open_documents
 
     assert bytes(open_documents(second)[0][0].tolist()[1:-1]) == b"second version, same name"
+
+
+@pytest.mark.parametrize("data,expected", [
+    ({"seq_len": 2.5}, "data.seq_len: Input should be a valid integer (got 2.5)"),
+    ({"micro_num": True}, "data.micro_num: Input should be a valid integer (got True)"),
+    ({"micro_bsz": "4"}, "data.micro_bsz: Input should be a valid integer"),
+    ({"min_length_dict": {"en": 1.5}}, "data.min_length_dict.en: Input should be a valid integer"),
+    ({"min_length_dict": {"en": -1}}, "data.min_length_dict.en: Input should be greater than or equal to 0"),
+    ({"source_weights": {"en": 0}}, "data.source_weights: the weight of 'en' must be a finite number > 0"),
+    ({"source_weights": {"en": -2.0}}, "data.source_weights: the weight of 'en' must be a finite number > 0"),
+    ({"source_weights": {"en": float("nan")}}, "data.source_weights: the weight of 'en' must be a finite number > 0"),
+    ({"diag_outlier_ratio": float("inf")}, "data.diag_outlier_ratio: Input should be a finite number"),
+    ({"seed": -1}, "data.seed: Input should be greater than or equal to 0"),
+    ({"max_text_bytes": 0}, "data.max_text_bytes: Input should be greater than or equal to 1"),
+    ({"text_glob": "/data/*.txt"}, "data.text_glob: expected a non-empty pattern relative to train_folder"),
+    ({"text_glob": ""}, "data.text_glob: expected a non-empty pattern relative to train_folder"),
+    ({"text_glob": "../*.txt"}, "data.text_glob: expected a non-empty pattern relative to train_folder"),
+    ({"text_exclude": ("",)}, "data.text_exclude: expected non-empty folder or file names"),
+    ({"content_name": " "}, "data.content_name: expected a non-empty string"),
+    ({"split": "train_sft"}, "'split' selects a split of a streamed dataset and needs type='streaming'"),
+    ({"skip_batches": "9-3"}, "data.skip_batches: range '9-3' ends before it starts"),
+])
+def test_data_keys_are_validated(data, expected):
+    with pytest.raises(SpindleError) as e:
+        validate_config({"data": data})
+    assert expected in str(e.value) and "\n" not in str(e.value)
+
+
+def test_skip_batches_ranges_do_not_allocate():
+    from spindle.config import parse_skip_batches
+
+    skip = validate_config({"data": {"skip_batches": "0-99999999999,5"}}).data.skip_batches
+    ranges = parse_skip_batches(skip)  # one merged range, not 10^11 ints
+    assert 0 in ranges and 99_999_999_999 in ranges and 100_000_000_000 not in ranges and -1 not in ranges
+    assert len(ranges) == 100_000_000_000
+    assert parse_skip_batches("1-3,9, 2-4") == {1, 2, 3, 4, 9} and 5 not in parse_skip_batches("1-3,9")

@@ -164,3 +164,76 @@ def test_inputs_with_symlink_loops_are_read_once(tmp_path):
     os.symlink("..", d / "sub" / "back")
     files = expand_inputs([str(d), str(d / "a.txt")])  # a folder and a file inside it
     assert [os.path.relpath(f, d) for f in files] == ["a.txt", "sub/b.txt"]
+
+
+def snapshot(folder) -> dict:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def one_line(capsys, *needles):
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err, err
+    for n in needles:
+        assert n in err, (n, err)
+    return err
+
+
+def test_prepare_never_overwrites_nor_writes_into_its_inputs(inputs, tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")  # a non-empty folder that prepare did not write
+    argv = [str(inputs / "a.txt"), "--out", str(out), "--tokenizer", "byte", "--workers", "1"]
+    assert prepare_main(argv) == 2
+    one_line(capsys, f"--out {out}: already exists and is not empty", "--overwrite")
+    assert snapshot(out) == {"notes.txt": b"mine"}
+    # --overwrite: the token files are replaced (stale shards of a larger earlier output too), the rest kept
+    (out / "shard-00007.tokens").write_bytes(b"old")
+    assert prepare_main(argv + ["--overwrite", "--shard-size-mb", "1"]) == 0
+    assert sorted(snapshot(out)) == ["manifest.json", "notes.txt", "shard-00000.idx.npy", "shard-00000.tokens"]
+    assert (out / "notes.txt").read_text() == "mine"
+    before = snapshot(out)
+    # a failing run leaves the previous output byte-identical
+    assert prepare_main([str(tmp_path / "missing.txt"), "--out", str(out), "--tokenizer", "byte", "--overwrite"]) == 2
+    one_line(capsys, "missing.txt")
+    (inputs / "zz.jsonl").write_text('{"text": "x"}\n{"text": 5}\n')
+    assert prepare_main([str(inputs), "--out", str(out), "--tokenizer", "byte", "--overwrite", "--workers", "1"]) == 2
+    one_line(capsys, "zz.jsonl", "line 2")
+    assert snapshot(out) == before and not list(tmp_path.glob(".out.partial-*"))
+    (inputs / "zz.jsonl").unlink()
+    # never into (or above) an input folder, even with --overwrite
+    inside = inputs / "shards"
+    src = snapshot(inputs)
+    assert prepare_main([str(inputs), "--out", str(inside), "--tokenizer", "byte", "--overwrite"]) == 2
+    one_line(capsys, f"--out {inside}: is inside the input folder {inputs}")
+    assert prepare_main([str(inputs), "--out", str(inputs), "--tokenizer", "byte", "--overwrite"]) == 2
+    one_line(capsys, "is inside the input folder")
+    assert prepare_main([str(inputs / "a.txt"), "--out", str(tmp_path), "--tokenizer", "byte", "--overwrite"]) == 2
+    one_line(capsys, f"--out {tmp_path}: holds the input")
+    assert snapshot(inputs) == src and not inside.exists()
+
+
+@pytest.mark.parametrize("option,value,expected", [
+    ("--workers", "0", "argument --workers: expected an integer in [1, 1024], got 0"),
+    ("--workers", "two", "argument --workers: expected an integer in [1, 1024], got 'two'"),
+    ("--shard-size-mb", "0", "argument --shard-size-mb: expected a number in (0, 1048576]"),
+    ("--shard-size-mb", "nan", "argument --shard-size-mb: expected a number in (0, 1048576], got nan"),
+    ("--shard-size-mb", "inf", "got inf"),
+    ("--min-length", "-1", "argument --min-length: expected an integer in [0, 2147483647], got -1"),
+    ("--min-length", "1.5", "argument --min-length: expected an integer"),
+    ("--text-key", "", "argument --text-key: expected a non-empty name"),
+    ("--out", "", "argument --out: expected a path"),
+    ("--tokenizer", "/nowhere/tok.model", "/nowhere/tok.model"),
+    ("--bogus", "1", "unrecognized arguments: --bogus"),
+])
+def test_prepare_options_are_validated(inputs, tmp_path, capsys, option, value, expected):
+    argv = [str(inputs / "a.txt"), "--out", str(tmp_path / "o"), "--tokenizer", "byte", option, value]
+    assert prepare_main(argv) == 2
+    one_line(capsys, expected)
+    assert not (tmp_path / "o").exists()
+
+
+def test_prepare_requires_inputs_and_out(capsys, tmp_path):
+    assert prepare_main(["--out", str(tmp_path / "o")]) == 2
+    one_line(capsys, "the following arguments are required: inputs")
+    assert prepare_main([str(tmp_path)]) == 2
+    one_line(capsys, "--out")

@@ -110,3 +110,58 @@ def test_tokenizer_main(corpus, tmp_path, capsys):
     assert load_tokenizer(str(tmp_path / "t")).vocab_size == 320
     assert tokenizer_main(["info", str(tmp_path / "none")]) == 2
     assert "none" in capsys.readouterr().err
+
+
+def one_line(capsys, *needles):
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err, err
+    for n in needles:
+        assert n in err, (n, err)
+
+
+def test_tokenizer_train_never_overwrites(corpus, tmp_path, capsys):
+    out = tmp_path / "tok"
+    assert tokenizer_main(["train", str(corpus), "--vocab-size", "320", "--out", str(out)]) == 0
+    capsys.readouterr()
+    (out / "README.txt").write_text("my notes")
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert tokenizer_main(["train", str(corpus), "--vocab-size", "330", "--out", str(out)]) == 2
+    one_line(capsys, f"--out {out}: already exists and is not empty", "--overwrite")
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    # --overwrite with another kind: the old sentencepiece files go (they would win on load), notes stay
+    assert tokenizer_main(["train", str(corpus), "--vocab-size", "330", "--out", str(out), "--kind", "bpe",
+                           "--overwrite"]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["README.txt", "tokenizer.json", "tokenizer_config.json"]
+    assert load_tokenizer(str(out)).kind == "hf" and (out / "README.txt").read_text() == "my notes"
+    # never into the folder of its own input
+    assert tokenizer_main(["train", str(corpus), "--vocab-size", "320", "--out", str(corpus.parent),
+                           "--overwrite"]) == 2
+    one_line(capsys, f"--out {corpus.parent}: holds the input {corpus}")
+
+
+@pytest.mark.parametrize("args,expected", [
+    (["--vocab-size", "-5"], "argument --vocab-size: expected an integer in [300, 16777216], got -5"),
+    (["--vocab-size", str(10**12)], "argument --vocab-size: expected an integer in [300, 16777216], got 1000000000000"),
+    (["--vocab-size", "3e4"], "argument --vocab-size: expected an integer in [300, 16777216], got '3e4'"),
+    (["--vocab-size", "320", "--kind", "wordpiece"], "argument --kind: invalid choice: 'wordpiece'"),
+    (["--vocab-size", "320", "--out", ""], "argument --out: expected a path"),
+    ([], "the following arguments are required: --vocab-size"),
+])
+def test_tokenizer_train_options_are_validated(corpus, tmp_path, capsys, args, expected):
+    argv = ["train", str(corpus), "--out", str(tmp_path / "t")] + args
+    assert tokenizer_main(argv) == 2
+    one_line(capsys, expected)
+    assert not (tmp_path / "t").exists()
+
+
+def test_tokenizer_train_bad_inputs_are_one_line(tmp_path, capsys):
+    empty, noise = tmp_path / "empty.txt", tmp_path / "noise.txt"
+    empty.write_text("")
+    noise.write_bytes(bytes(range(256)) * 4)
+    for files, needle in (([tmp_path / "missing.txt"], "missing.txt: training file not found"),
+                          ([empty], "sentencepiece training failed on"), ([noise], "sentencepiece training failed on")):
+        assert tokenizer_main(["train", *map(str, files), "--vocab-size", "300", "--out", str(tmp_path / "t")]) == 2
+        one_line(capsys, needle)
+    assert not (tmp_path / "t").exists() and not list(tmp_path.glob(".t.partial-*"))
+    with pytest.raises(SpindleError, match="vocab"):
+        train_tokenizer([str(noise)], 10**12, tmp_path / "t")  # the API checks too, before sentencepiece
