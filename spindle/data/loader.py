@@ -182,6 +182,10 @@ class TrainLoader:
         ]
         sizes = [len(p) for p in self.packed]
         if sum(sizes) == 0:
+            if not any(len(p.order) for p in self.packed) and any(len(s.docs) for s in sources):
+                longest = max(int(s.docs.lengths.max()) for s in sources if len(s.docs))
+                raise SpindleError(f"data.min_length={data.min_length} (min_length_dict {data.min_length_dict}) drops "
+                                   f"every document (the longest has {longest} tokens)")
             raise SpindleError(
                 f"the training data holds fewer tokens than one pack (micro_bsz * seq_len = {data.packed_length})")
         weights = None
@@ -256,10 +260,23 @@ def build_train_loader(data: DataConfig, vocab_size: int, cache_root: Path, dp_r
     return TrainLoader(sources, data, dp_rank, dp_size, prefetch)
 
 
+def _holds_token_files(folder: Optional[str]) -> bool:
+    from spindle.data.shards import find_token_files
+
+    return bool(folder) and os.path.isdir(folder) and bool(find_token_files(folder))
+
+
 def build_valid_sets(data: DataConfig, vocab_size: int) -> dict[str, list[dict]]:
-    """name -> the first `valid_micro_num` micro-batches of that validation set (unshuffled packs)."""
-    if not data.valid_folder or not data.valid_every:
+    """name -> the first `valid_micro_num` micro-batches of that validation set (unshuffled packs).
+    Token folders: one set per leaf folder of `valid_folder`. Streaming: a split of a dataset folder
+    (`valid_split`, default "validation", of `valid_folder`, default the training dataset)."""
+    if not data.valid_every or not (data.valid_folder or data.valid_split):
         return {}
+    if data.type == "streaming" and not _holds_token_files(data.valid_folder):
+        from spindle.data.streaming import streamed_valid_set
+
+        name, batches = streamed_valid_set(data, vocab_size)
+        return {name: batches}
     out = {}
     for src in leaf_sources(data.valid_folder, vocab_size):
         packed = PackedDocuments(src.docs, data.seq_len, data.micro_bsz, shuffle=False,

@@ -30,6 +30,7 @@ A state holding only a position replays the stream from the start to that positi
 
 from __future__ import annotations
 
+import itertools
 import os
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -102,23 +103,30 @@ class StreamPacker:
                                f"model.vocab_size is {vocab_size}")
 
     def documents(self, start_record: int) -> Iterator[tuple[int, np.ndarray]]:
-        """(record index, [BOS] ids [EOS]) from record `start_record` on; short documents dropped."""
-        ds = open_stream(self.data.train_folder, self.data.subset_name)
+        """(record index, [BOS] ids [EOS]) from record `start_record` on; short documents dropped.
+        A whole epoch in which `min_length` drops every document is an error naming it."""
+        data = self.data
+        ds = open_stream(data.train_folder, data.subset_name, data.split)
         if start_record:
             ds = ds.skip(start_record)
-        column, min_len = self.data.content_name, max(self.data.min_length, 1)
+        column, min_len = data.content_name, max(data.min_length, 1)
         bos, eos = self.tok.bos_id, self.tok.eos_id
-        index = start_record
+        index, kept, longest = start_record, 0, 0
         for batch in ds.iter(batch_size=TOKENIZE_BATCH):
             if column not in batch:
-                raise SpindleError(f"data.content_name: the dataset {self.data.train_folder} has no column "
+                raise SpindleError(f"data.content_name: the dataset {data.train_folder} has no column "
                                    f"{column!r}; its columns are {sorted(batch)}")
             texts = ["" if t is None else str(t) for t in batch[column]]
             for ids in self.tok.encode_batch(texts):
                 doc = np.asarray([bos, *ids, eos], dtype=np.int64)
+                longest = max(longest, len(doc))
                 if len(doc) >= min_len:
+                    kept += 1
                     yield index, doc
                 index += 1
+        if start_record == 0 and index and not kept:
+            raise SpindleError(f"data.min_length={data.min_length} drops every document of {data.train_folder} "
+                               f"(split {data.split!r}: {index} documents, the longest {longest} tokens)")
 
     def packs(self, start_record: int = 0, start_offset: int = 0) -> Iterator[tuple[Pack, tuple[int, int]]]:
         """(pack, cursor after it) for the rest of the epoch; the cursor is where the next pack starts."""
@@ -179,7 +187,7 @@ class StreamingLoader:
         self.packer = StreamPacker(data, tokenizer, vocab_size)
         name = data.subset_name or Path(os.path.normpath(data.train_folder)).name or "streaming"
         self.source_names = [name.replace("/", "_")]
-        files = stream_files(data.train_folder, data.subset_name)
+        files = stream_files(data.train_folder, data.subset_name, data.split)
         root = data.train_folder if os.path.isdir(data.train_folder) else os.path.dirname(data.train_folder)
         self.fingerprint = [fingerprint(self.source_names[0], root, files, tokenizer.identity())]
         self.rampup = parse_rampup(data.rampup_batch_size)
@@ -268,3 +276,23 @@ class StreamingLoader:
         self._pending = None
         if self._pool is not None:
             self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+def streamed_valid_set(data: DataConfig, vocab_size: Optional[int]) -> tuple[str, list[dict]]:
+    """(name, micro-batches) of a validation split of a streamed dataset: `data.valid_split`
+    (default "validation") of `data.valid_folder` (default: the training dataset), its first
+    `valid_micro_num` packs in dataset order, packed like training."""
+    from spindle.data.tokenizer import load_tokenizer
+
+    if not data.tokenizer_path:
+        raise SpindleError("data.type='streaming' needs data.tokenizer_path")
+    split = data.valid_split or "validation"
+    folder = data.valid_folder or data.train_folder
+    valid = data.model_copy(update={"train_folder": folder, "split": split})
+    packer = StreamPacker(valid, load_tokenizer(data.tokenizer_path), vocab_size)
+    n = data.valid_micro_num or data.micro_num
+    packs = [pack for pack, _ in itertools.islice(packer.packs(), n)]
+    if len(packs) < n:
+        raise SpindleError(f"data.valid_split: split {split!r} of {folder} holds fewer tokens than "
+                           f"{n} pack(s) of micro_bsz * seq_len = {data.packed_length} (data.valid_micro_num)")
+    return split, collate(packs)

@@ -261,3 +261,10 @@ def test_skip_batches_ranges_do_not_allocate():
     assert 0 in ranges and 99_999_999_999 in ranges and 100_000_000_000 not in ranges and -1 not in ranges
     assert len(ranges) == 100_000_000_000
     assert parse_skip_batches("1-3,9, 2-4") == {1, 2, 3, 4, 9} and 5 not in parse_skip_batches("1-3,9")
+
+
+def test_min_length_that_drops_every_document_is_named(tmp_path):
+    make_tree(tmp_path / "train")
+    data = DataConfig(train_folder=str(tmp_path / "train"), seq_len=8, micro_bsz=1, min_length=100)
+    with pytest.raises(SpindleError, match=r"data.min_length=100 .* drops every document \(the longest has 39 tokens\)"):
+        build_train_loader(data, VOCAB, tmp_path / "cache", prefetch=False)
