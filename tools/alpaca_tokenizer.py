@@ -120,7 +120,7 @@ def tokenize(tok, recs_segs: list, max_length: int) -> list[list[int]]:
     ids = iter(tok.encode_batch(texts, num_threads=os.cpu_count() or 1))
     seqs = []
     for segs in recs_segs:
-        seq = [tok.bos_id]
+        seq = [] if tok.bos_id is None else [tok.bos_id]
         for _, trained in segs:
             piece = next(ids)
             seq.extend(piece if trained else (-x for x in piece))

@@ -281,24 +281,26 @@ def encode_batch(tok: Tokenizer, opts: EncodeOptions, batch: Batch) -> Encoded:
         by_text = dict(zip(uniq, ids))
         ids = [by_text[d] for d in docs]
     bos, eos = tok.bos_id, tok.eos_id
+    extra = 1 if bos is None else 2  # the wrapping of Tokenizer.document: [BOS] ids [EOS], no BOS without one
     if opts.min_length > 0:
-        kept = [x for x in ids if len(x) + 2 >= opts.min_length]
+        kept = [x for x in ids if len(x) + extra >= opts.min_length]
         dropped, ids = len(ids) - len(kept), kept
     else:
         dropped = 0
     inner = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
-    lengths = inner + 2
-    # Lay out [BOS] doc [EOS] ... with vectorised writes rather than per-document list building.
+    lengths = inner + extra
+    # Lay out Tokenizer.document(ids) back to back with vectorised writes rather than per-document lists.
     dtype = token_dtype(tok.vocab_size)
     total = int(lengths.sum())
     flat = np.empty(total, dtype=dtype)
     ends = np.cumsum(lengths)
     starts = ends - lengths
     body = np.ones(total, dtype=bool)
-    body[starts] = False
     body[ends - 1] = False
-    flat[starts] = bos
     flat[ends - 1] = eos
+    if bos is not None:
+        body[starts] = False
+        flat[starts] = bos
     flat[body] = np.fromiter(itertools.chain.from_iterable(ids), dtype=dtype, count=int(inner.sum()))
     if opts.output == "json":
         blob, line_bytes = render_json_lines(flat, lengths, tok.vocab_size)

@@ -110,7 +110,6 @@ class StreamPacker:
         if start_record:
             ds = ds.skip(start_record)
         column, min_len = data.content_name, max(data.min_length, 1)
-        bos, eos = self.tok.bos_id, self.tok.eos_id
         index, kept, longest = start_record, 0, 0
         for batch in ds.iter(batch_size=TOKENIZE_BATCH):
             if column not in batch:
@@ -118,7 +117,7 @@ class StreamPacker:
                                    f"{column!r}; its columns are {sorted(batch)}")
             texts = ["" if t is None else str(t) for t in batch[column]]
             for ids in self.tok.encode_batch(texts):
-                doc = np.asarray([bos, *ids, eos], dtype=np.int64)
+                doc = np.asarray(self.tok.document(ids), dtype=np.int64)
                 longest = max(longest, len(doc))
                 if len(doc) >= min_len:
                     kept += 1
