@@ -94,6 +94,7 @@ def internlm2(folder: Path) -> Path:
     spm.SentencePieceTrainer.train(
         sentence_iterator=iter(CORPUS), model_writer=model, vocab_size=320, model_type="bpe", byte_fallback=True,
         user_defined_symbols=["<|im_start|>", "<|im_end|>"], unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
+        normalization_rule_name="identity", remove_extra_whitespaces=False,  # newlines survive, as in InternLM2
         num_threads=1, minloglevel=2)
     (folder / "tokenizer.model").write_bytes(model.getvalue())
     sp = spm.SentencePieceProcessor(model_proto=model.getvalue())

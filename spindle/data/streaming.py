@@ -6,9 +6,11 @@ output of `Dataset.save_to_disk` / `DatasetDict.save_to_disk`. It is read with t
 library in streaming mode (`load_dataset(..., streaming=True)`, or `load_from_disk(...)
 .to_iterable_dataset()` for a saved dataset), record by record, in the dataset's own order.
 
-Each record's `content_name` column (default "text") is one document. Documents are tokenized in
-batches with `load_tokenizer(tokenizer_path)` and wrapped as [BOS] ids [EOS]; documents shorter
-than `min_length` tokens are dropped. The documents form one token stream that is packed exactly
+Each record's `content_name` column (default "text") is one document. Text is tokenized in
+batches with `load_tokenizer(tokenizer_path)` and wrapped as [BOS] ids [EOS] (no BOS for a model
+without one); a conversation (a list of {role, content} messages) is rendered with the tokenizer's
+chat template, loss on the assistant's turns only (spindle.data.chat); any other value is refused.
+Documents shorter than `min_length` tokens are dropped. The documents form one token stream that is packed exactly
 like cut-mode packing (spindle.data.packing.assemble_pack: rows of seq_len, a segment per
 document fragment, positions restarting per fragment, labels the next token of the same document
 and -100 at its end), or concat mode with `pack_sample_into_one=True`. The tail of the stream that
@@ -40,6 +42,7 @@ from typing import Iterator, Optional
 import numpy as np
 
 from spindle.config import DataConfig, parse_rampup
+from spindle.data.chat import conversation_tokens, text_or_conversation
 from spindle.data.files import check_fingerprints, fingerprint, walk_files
 from spindle.data.hub import builder_of, split_files
 from spindle.data.packing import Pack, assemble_pack, collate
@@ -102,9 +105,11 @@ class StreamPacker:
             raise SpindleError(f"data.tokenizer_path: the tokenizer has {tokenizer.vocab_size} ids but "
                                f"model.vocab_size is {vocab_size}")
 
-    def documents(self, start_record: int) -> Iterator[tuple[int, np.ndarray]]:
-        """(record index, [BOS] ids [EOS]) from record `start_record` on; short documents dropped.
-        A whole epoch in which `min_length` drops every document is an error naming it."""
+    def documents(self, start_record: int) -> Iterator[tuple[int, np.ndarray, Optional[np.ndarray]]]:
+        """(record index, ids, loss mask or None) from record `start_record` on; short documents
+        dropped. A text cell is `Tokenizer.document(ids)`; a conversation (a list of {role, content}
+        messages, smoltalk / ultrachat style) is rendered by spindle.data.chat with its mask. A whole
+        epoch in which `min_length` drops every document is an error naming it."""
         data = self.data
         ds = open_stream(data.train_folder, data.subset_name, data.split)
         if start_record:
@@ -115,13 +120,20 @@ class StreamPacker:
             if column not in batch:
                 raise SpindleError(f"data.content_name: the dataset {data.train_folder} has no column "
                                    f"{column!r}; its columns are {sorted(batch)}")
-            texts = ["" if t is None else str(t) for t in batch[column]]
-            for ids in self.tok.encode_batch(texts):
-                doc = np.asarray(self.tok.document(ids), dtype=np.int64)
+            wheres = [f"data.content_name: column {column!r} of {data.train_folder}, record {index + k}"
+                      for k in range(len(batch[column]))]
+            cells = [text_or_conversation(v, w) for v, w in zip(batch[column], wheres)]
+            encoded = iter(self.tok.encode_batch([c or "" for c in cells if not isinstance(c, list)]))
+            for cell, where in zip(cells, wheres):
+                if isinstance(cell, list):
+                    ids, trained = conversation_tokens(self.tok, cell, where)
+                    doc, mask = np.asarray(ids, dtype=np.int64), np.asarray(trained, dtype=bool)
+                else:
+                    doc, mask = np.asarray(self.tok.document(next(encoded)), dtype=np.int64), None
                 longest = max(longest, len(doc))
                 if len(doc) >= min_len:
                     kept += 1
-                    yield index, doc
+                    yield index, doc, mask
                 index += 1
         if start_record == 0 and index and not kept:
             raise SpindleError(f"data.min_length={data.min_length} drops every document of {data.train_folder} "
@@ -130,12 +142,12 @@ class StreamPacker:
     def packs(self, start_record: int = 0, start_offset: int = 0) -> Iterator[tuple[Pack, tuple[int, int]]]:
         """(pack, cursor after it) for the rest of the epoch; the cursor is where the next pack starts."""
         p = self.packed_length
-        pending: deque = deque()  # [record, ids, offset] fragments not yet packed
+        pending: deque = deque()  # [record, ids, offset, mask] fragments not yet packed
         buffered = 0
         next_record = start_record
-        for record, ids in self.documents(start_record):
+        for record, ids, mask in self.documents(start_record):
             ids_off = start_offset if record == start_record else 0  # resume inside a document
-            pending.append([record, ids, ids_off])
+            pending.append([record, ids, ids_off, mask])
             buffered += len(ids) - ids_off
             next_record = record + 1
             while buffered >= p:
@@ -143,13 +155,15 @@ class StreamPacker:
                 need = p
                 while need:
                     frag = pending[0]
-                    rec, d, off = frag
+                    rec, d, off, m = frag
                     take = min(need, len(d) - off)
                     tokens.append(d[off : off + take])
                     nxt = np.full(take, -100, dtype=np.int64)
                     inner = min(off + take, len(d) - 1) - off  # next tokens exist up to the last token
                     if inner > 0:
                         nxt[:inner] = d[off + 1 : off + 1 + inner]
+                        if m is not None:  # a label carries loss only where the predicted token does
+                            nxt[:inner][~m[off + 1 : off + 1 + inner]] = -100
                     labels.append(nxt)
                     st = np.zeros(take, dtype=bool)
                     st[0] = True

@@ -152,3 +152,30 @@ def test_tools_validate_options_and_never_write_into_their_inputs(tmp_path):
         one_line_error(run(ALPACA_TOOL, src, tmp_path / "sft", "byte", *extra, cwd=tmp_path), *needles)
     assert not (tmp_path / "sft").exists()
     one_line_error(run(ALPACA_TOOL, src, tmp_path, "byte", "--overwrite", cwd=tmp_path), f"output_path {tmp_path}: holds the input")
+
+
+def test_alpaca_tool_renders_with_the_tokenizers_chat_template(tmp_path):
+    sys.path.insert(0, str(ROOT / "tests"))
+    import tokenizer_folders as hub
+
+    from spindle.data.tokenizer import load_tokenizer
+
+    folder = hub.qwen2(tmp_path / "qwen2")
+    tok = load_tokenizer(folder)
+    chat = tmp_path / "chat.jsonl"
+    chat.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"},
+                                             {"role": "user", "content": "more"},
+                                             {"role": "assistant", "content": "ok"}]}) + "\n")
+    alpaca = tmp_path / "alpaca.json"
+    alpaca.write_text(json.dumps([{"instruction": "Add", "input": "1 2", "output": "3"}]))
+    for src, trained_want, text_want in (
+        (chat, "yo<|im_end|>\nok<|im_end|>\n", "<|im_start|>user\nmore<|im_end|>\n<|im_start|>assistant\nok<|im_end|>\n"),
+        (alpaca, "3<|im_end|>\n", "<|im_start|>user\nAdd\n1 2<|im_end|>\n<|im_start|>assistant\n3<|im_end|>\n"),
+    ):
+        out = tmp_path / src.stem
+        p = run(ALPACA_TOOL, src, out, folder, "--split_ratio", "0", cwd=tmp_path)
+        assert p.returncode == 0, p.stderr
+        toks, mask = open_documents(str(out / "train" / "en" / "dataset.bin"))[0]
+        assert tok.decode(toks.tolist()).endswith(text_want)
+        assert tok.decode(toks.tolist()).startswith("<|im_start|>system\n")  # no BOS: Qwen2 has none
+        assert tok.decode([t for t, m in zip(toks.tolist(), mask.tolist()) if m]) == trained_want
