@@ -37,6 +37,7 @@ import numpy as np
 from spindle.data import options
 from spindle.data.options import OneLineParser
 from spindle.data.files import StagedFolder, check_output, unique_files, walk_files
+from spindle.data.hub import is_hub_dataset, split_files
 from spindle.data.shards import (
     IDX_EXT,
     MANIFEST,
@@ -50,6 +51,7 @@ from spindle.data.tokenizer import Tokenizer, load_tokenizer
 from spindle.errors import SpindleError
 
 LINE_FORMATS = (".txt", ".json", ".jsonl", ".parquet")
+LINE_FORMATS_KINDS = tuple(ext[1:] for ext in LINE_FORMATS)
 # Per worker task: large enough to amortise IPC, small enough that the last tasks do not leave a
 # core idle (1 MiB tasks: an 8 MB input ran 9 tasks on 2 workers, one alone at the end; 256 KiB
 # measured 7 % faster, docs/LOG.md)
@@ -77,14 +79,29 @@ def input_kind(path: str, doc_per_file: bool = False) -> str:
     return ext[1:]
 
 
-def expand_inputs(inputs: Sequence[str]) -> list[str]:
-    """Files as given, folders walked recursively (sorted; hidden files skipped; each real file
-    once, however the folders link into themselves or each other)."""
+def expand_inputs(inputs: Sequence[str], split: str | None = None, subset: str | None = None,
+                  taken: dict | None = None) -> list[str]:
+    """Files as given, folders walked recursively (sorted; hidden files and `*.lock` skipped; each
+    real file once, however the folders link into themselves or each other).
+
+    A folder downloaded from the Hub (spindle.data.hub.is_hub_dataset), or any folder when
+    `split` / `subset` are given, contributes the files of one split (default "train") of one
+    config instead: never its card, its other splits or configs. `taken[folder] = (split, files)`
+    records what was chosen there, for the user to see."""
     out = []
     for p in inputs:
         p = os.fspath(p)
-        if os.path.isdir(p):
-            out.extend(walk_files(p, skip_hidden=True))
+        if os.path.isdir(p) and (split is not None or subset is not None or is_hub_dataset(p)):
+            files = split_files(p, split or "train", subset)
+            odd = [f for f in files if input_kind(f) not in LINE_FORMATS_KINDS]
+            if odd:
+                raise SpindleError(f"{odd[0]}: split {split or 'train'!r} of {p} is in a format prepare does not "
+                                   f"read (it reads {', '.join(LINE_FORMATS)}, optionally .gz)")
+            out.extend(files)
+            if taken is not None:
+                taken[p] = (split or "train", files)
+        elif os.path.isdir(p):
+            out.extend(walk_files(p, skip_hidden=True, keep=lambda f: not f.endswith(".lock")))
         elif os.path.isfile(p):
             out.append(p)
         else:
@@ -423,11 +440,15 @@ def prepare(
     doc_per_file: bool = False,
     raw_json_line: bool = False,
     progress: bool = True,
+    split: str | None = None,
+    subset: str | None = None,
 ) -> dict:
     """Tokenize `inputs` (files or folders) into binary shards + manifest.json in `out_dir`.
-    Returns a summary dict (documents, tokens, shards, dropped, seconds, rates)."""
+    Returns a summary dict (documents, tokens, shards, dropped, seconds, rates, and `taken`: the
+    split chosen in each Hub dataset folder, see `expand_inputs`)."""
     t0 = time.perf_counter()
-    files = expand_inputs(inputs)
+    taken: dict = {}
+    files = expand_inputs(inputs, split, subset, taken)
     check_output(out_dir, inputs, overwrite, "--out")
     tok = load_tokenizer(tokenizer_spec)
     workers = default_workers() if not workers else workers
@@ -437,6 +458,7 @@ def prepare(
     secs = time.perf_counter() - t0
     docs, toks = summary["documents"], summary["tokens"]
     return summary | {
+        "taken": taken,
         "out_dir": out_dir,
         "manifest": os.path.join(out_dir, MANIFEST),
         "seconds": secs,
@@ -504,13 +526,22 @@ def prepare_main(argv: Sequence[str] | None = None) -> int:
                     help="drop documents with fewer tokens (BOS/EOS included)")
     ap.add_argument("--doc-per-file", action="store_true", help="every input file is one document")
     ap.add_argument("--raw-json-line", action="store_true", help="tokenize whole JSON records (InternEvo's behaviour)")
+    ap.add_argument("--split", type=options.relative_name, default=None,
+                    help="Hub dataset folders: the split to take (default: train)")
+    ap.add_argument("--subset", type=options.relative_name, default=None,
+                    help="Hub dataset folders: the config (README configs:) or sub-folder to take")
     ap.add_argument("--overwrite", action="store_true", help="replace the token files of an existing output folder")
     ap.add_argument("--debug", action="store_true", help="show tracebacks")
 
     def run(args) -> int:
         s = prepare(args.inputs, args.out, args.tokenizer, text_key=args.text_key, workers=args.workers,
                     shard_size_mb=args.shard_size_mb, min_length=args.min_length, overwrite=args.overwrite,
-                    doc_per_file=args.doc_per_file, raw_json_line=args.raw_json_line)
+                    doc_per_file=args.doc_per_file, raw_json_line=args.raw_json_line, split=args.split,
+                    subset=args.subset)
+        for folder, (split, files) in s["taken"].items():
+            names = [os.path.relpath(f, folder) for f in files]
+            print(f"{folder}: split {split!r}, {len(files)} file(s): {', '.join(names[:4])}"
+                  + (f" (+{len(names) - 4} more)" if len(names) > 4 else ""))
         print(f"{s['documents']:,} documents, {s['tokens']:,} tokens in {s['shards']} shard(s) -> {s['out_dir']} "
               f"({s['seconds']:.1f} s, {s['docs_per_s']:,.0f} docs/s)"
               + (f"; {s['dropped_short']:,} dropped by --min-length" if s["dropped_short"] else ""))

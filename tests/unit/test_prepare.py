@@ -237,3 +237,94 @@ def test_prepare_requires_inputs_and_out(capsys, tmp_path):
     one_line(capsys, "the following arguments are required: inputs")
     assert prepare_main([str(tmp_path)]) == 2
     one_line(capsys, "--out")
+
+
+# ------------------------------------------------------------------------------ Hub dataset folders
+
+
+def jsonl(path, texts):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+
+
+def texts_of(out):
+    return [bytes(d.tolist()[1:-1]).decode() for d, _ in open_documents(str(out))]
+
+
+def hub_markers(root, card="---\nlicense: mit\n---\n# Card\nnot data\n"):
+    (root / "README.md").write_text(card)
+    (root / ".gitattributes").write_text("*.parquet filter=lfs diff=lfs merge=lfs -text\n")
+    (root / ".cache" / "huggingface" / "download").mkdir(parents=True)
+    (root / ".cache" / "huggingface" / "download" / "x.jsonl.lock").write_text("")
+    (root / ".cache" / "huggingface" / "download" / "x.jsonl").write_text('{"text": "cached"}\n')
+
+
+def test_hub_dataset_folder_takes_one_split(tmp_path, capsys):
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    repo = tmp_path / "repo"
+    (repo / "data").mkdir(parents=True)
+    pq.write_table(pa.table({"text": ["train a", "train b"]}), repo / "data" / "train-00000-of-00001.parquet")
+    pq.write_table(pa.table({"text": ["test a"]}), repo / "data" / "test-00000-of-00001.parquet")
+    hub_markers(repo)
+    assert prepare_main([str(repo), "--out", str(tmp_path / "o"), "--tokenizer", "byte", "--workers", "1"]) == 0
+    assert texts_of(tmp_path / "o") == ["train a", "train b"]  # no card, no cache, no test split
+    out = capsys.readouterr().out
+    assert f"{repo}: split 'train', 1 file(s): data/train-00000-of-00001.parquet" in out
+    s = prepare([str(repo)], str(tmp_path / "t"), "byte", workers=1, progress=False, split="test")
+    assert texts_of(tmp_path / "t") == ["test a"] and s["taken"] == {str(repo): ("test", [
+        str(repo / "data" / "test-00000-of-00001.parquet")])}
+    assert prepare_main([str(repo), "--out", str(tmp_path / "v"), "--tokenizer", "byte", "--split", "validation"]) == 2
+    one_line(capsys, "--split: ", "has no split 'validation'; its splits: train, test")
+
+
+def test_config_folders_and_split_files(tmp_path, capsys):
+    repo = tmp_path / "multi"
+    for cfg in ("en", "de"):
+        jsonl(repo / cfg / "train" / "part.jsonl", [f"{cfg} train"])
+        jsonl(repo / cfg / "test" / "part.jsonl", [f"{cfg} test"])
+    hub_markers(repo)
+    assert prepare_main([str(repo), "--out", str(tmp_path / "o"), "--tokenizer", "byte"]) == 2
+    one_line(capsys, f"{repo}: holds several configs (de, en)", "--subset")
+    prepare([str(repo)], str(tmp_path / "o"), "byte", workers=1, progress=False, subset="de")
+    assert texts_of(tmp_path / "o") == ["de train"]
+    flat = tmp_path / "flat"  # {split}-*.jsonl at the top, no card: a split layout given --split
+    jsonl(flat / "train-0.jsonl", ["t0"])
+    jsonl(flat / "validation-0.jsonl", ["v0"])
+    prepare([str(flat)], str(tmp_path / "f"), "byte", workers=1, progress=False, split="validation")
+    assert texts_of(tmp_path / "f") == ["v0"]
+    # without hub markers and without --split a folder is just files: every file is read
+    prepare([str(flat)], str(tmp_path / "g"), "byte", workers=1, progress=False)
+    assert texts_of(tmp_path / "g") == ["t0", "v0"]
+
+
+CARD_CONFIGS = """---
+configs:
+- config_name: default
+  data_files:
+  - split: train
+    path: "texts/a-*.jsonl"
+  - split: test
+    path: "texts/b-*.jsonl"
+- config_name: other
+  data_files: "other/*.jsonl"
+---
+# a card
+"""
+
+
+def test_readme_configs(tmp_path, capsys):
+    repo = tmp_path / "cards"
+    jsonl(repo / "texts" / "a-0.jsonl", ["default train"])
+    jsonl(repo / "texts" / "b-0.jsonl", ["default test"])
+    jsonl(repo / "other" / "x.jsonl", ["other train"])
+    hub_markers(repo, card=CARD_CONFIGS)
+    prepare([str(repo)], str(tmp_path / "d"), "byte", workers=1, progress=False)
+    assert texts_of(tmp_path / "d") == ["default train"]
+    prepare([str(repo)], str(tmp_path / "o"), "byte", workers=1, progress=False, subset="other")
+    assert texts_of(tmp_path / "o") == ["other train"]
+    assert prepare_main([str(repo), "--out", str(tmp_path / "x"), "--tokenizer", "byte", "--subset", "nope"]) == 2
+    one_line(capsys, "--subset: ", "has no config 'nope'; its configs: default, other")
+    assert prepare_main([str(repo), "--out", str(tmp_path / "x"), "--tokenizer", "byte", "--subset", "../up"]) == 2
+    one_line(capsys, "argument --subset: expected a name inside the dataset folder")
