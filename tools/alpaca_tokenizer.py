@@ -39,7 +39,7 @@ from spindle.data import options  # noqa: E402
 from spindle.data.chat import alpaca_messages, check_messages, conversation_tokens  # noqa: E402
 from spindle.data.files import check_output  # noqa: E402
 from spindle.data.prepare import MAX_TOKENS  # noqa: E402
-from spindle.data.shards import JsonBinWriter  # noqa: E402
+from spindle.data.shard_writers import JsonBinWriter  # noqa: E402
 from spindle.data.tokenizer import load_tokenizer  # noqa: E402
 from spindle.errors import SpindleError  # noqa: E402
 

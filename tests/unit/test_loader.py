@@ -8,7 +8,7 @@ import pytest
 
 from spindle.config import DataConfig, validate_config
 from spindle.data.loader import build_train_loader, build_valid_sets, discover_sources, leaf_sources
-from spindle.data.shards import JsonBinWriter
+from spindle.data.shard_writers import JsonBinWriter
 from spindle.errors import SpindleError
 from spindle.parallel.mesh import ParallelEnv
 from spindle.train.trainer import Trainer
@@ -131,7 +131,7 @@ def test_leaf_sets_with_the_same_folder_name_keep_apart(tmp_path):
 
 def shard_folder(folder, docs, tokenizer=None):
     """A prepared folder (binary shard + manifest) of `docs`, as `spindle prepare` writes it."""
-    from spindle.data.shards import ShardWriter, write_manifest
+    from spindle.data.shard_writers import ShardWriter, write_manifest
 
     w = ShardWriter(str(folder), "shard-00000", VOCAB)
     for d in docs:

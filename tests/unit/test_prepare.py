@@ -61,9 +61,9 @@ def test_parquet(tmp_path):
 
 
 def test_parallel_equals_serial_and_shard_rolling(tmp_path, monkeypatch):
-    import spindle.data.prepare as prep
+    import spindle.data.documents as documents
 
-    monkeypatch.setattr(prep, "BATCH_BYTES", 2000)  # many small tasks through the pool
+    monkeypatch.setattr(documents, "BATCH_BYTES", 2000)  # many small tasks through the pool
     rng = np.random.default_rng(0)
     lines = ["".join(chr(c) for c in rng.integers(97, 123, rng.integers(1, 60))) for _ in range(3000)]
     (tmp_path / "big.txt").write_text("\n".join(lines) + "\n")
@@ -154,7 +154,7 @@ def test_render_json_lines_equals_json_dumps(vocab):
 
 
 def test_inputs_with_symlink_loops_are_read_once(tmp_path):
-    from spindle.data.prepare import expand_inputs
+    from spindle.data.documents import expand_inputs
 
     d = tmp_path / "in"
     (d / "sub").mkdir(parents=True)

@@ -8,15 +8,8 @@ import os
 import numpy as np
 import pytest
 
-from spindle.data.shards import (
-    JsonBinWriter,
-    ShardWriter,
-    find_token_files,
-    json_line,
-    open_documents,
-    read_manifest,
-    write_manifest,
-)
+from spindle.data.shard_writers import JsonBinWriter, ShardWriter, json_line, write_manifest
+from spindle.data.shards import find_token_files, open_documents, read_manifest
 from spindle.errors import SpindleError
 
 DOCS = [[1, 333, 352, 2], [1, 5, 2], [1, 7, 8, 9, 10, 11, 12, 13, 14, 2]]
