@@ -146,15 +146,19 @@ def _chunks(path: str, first: int, mode: str, items: list, size_of) -> Iterator[
         yield Batch(path, first + start, mode, items[start:], nbytes)
 
 
+def _read_whole(path: str) -> bytes:
+    with _open_binary(path) as f:
+        try:
+            return f.read()
+        except (OSError, EOFError, gzip.BadGzipFile, zlib.error) as e:
+            raise SpindleError(f"{path}: cannot read ({e})") from None
+
+
 def iter_batches(path: str, text_key: str = "text", raw_json_line: bool = False, doc_per_file: bool = False) -> Iterator[Batch]:
     """Cut one input file into batches of raw documents (see the module docstring for units)."""
     kind = input_kind(path, doc_per_file)
     if kind == "file":
-        with _open_binary(path) as f:
-            try:
-                data = f.read()
-            except (OSError, EOFError, gzip.BadGzipFile, zlib.error) as e:
-                raise SpindleError(f"{path}: cannot read ({e})") from None
+        data = _read_whole(path)
         text = _decode(path, data, 1)
         if text.strip():
             yield Batch(path, 1, "docs", [text], len(data))
@@ -165,11 +169,7 @@ def iter_batches(path: str, text_key: str = "text", raw_json_line: bool = False,
         for first, data in _iter_byte_blocks(path):
             yield Batch(path, first, "jsonl_raw" if raw_json_line else "jsonl", data, len(data))
     elif kind == "json":
-        with _open_binary(path) as f:
-            try:
-                data = f.read()
-            except (OSError, EOFError, gzip.BadGzipFile, zlib.error) as e:
-                raise SpindleError(f"{path}: cannot read ({e})") from None
+        data = _read_whole(path)
         try:
             records = json.loads(_decode(path, data, 1))
         except ValueError as e:
