@@ -6,7 +6,9 @@ Writes OUT_DIR/train/en/dataset.bin(.meta) and OUT_DIR/valid/en/dataset.bin(.met
 
 Loss masking uses InternEvo's convention, so InternEvo reads these files too: prompt tokens are
 stored negated, trained tokens positive (reference/internevo.md §1.4). Spindle's reader turns
-that back into abs(ids) + a loss mask. Per record:
+that back into abs(ids) + a loss mask. A tokenizer with a chat template (Qwen2, Llama 3, InternLM2
+folders) renders every record with it, an Alpaca record as one user turn and one answer, and only
+what the assistant writes is trained (spindle.data.chat). Without a template, per record:
 
     alpaca: [BOS] -ids("<|User|>:{instruction}\\n{input}\\n") -ids("<|Bot|>:") +ids("{output}\\n") [EOS]
     chat:   [BOS] then per message: system/user turns fully negated; assistant turns
@@ -22,7 +24,6 @@ sentencepiece's id 0 is <unk>, which byte-fallback models never emit.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -34,12 +35,13 @@ try:
 except ImportError:  # run by path from a checkout: make the repo importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from spindle.data.shards import JsonBinWriter  # noqa: E402
+from spindle.data import options  # noqa: E402
+from spindle.data.chat import alpaca_messages, check_messages, conversation_tokens  # noqa: E402
+from spindle.data.files import check_output  # noqa: E402
+from spindle.data.prepare import MAX_TOKENS  # noqa: E402
+from spindle.data.shard_writers import JsonBinWriter  # noqa: E402
 from spindle.data.tokenizer import load_tokenizer  # noqa: E402
 from spindle.errors import SpindleError  # noqa: E402
-
-ROLE_PREFIX = {"system": "<|System|>:", "user": "<|User|>:", "assistant": "<|Bot|>:"}
-
 
 def read_records(path: str) -> list[dict]:
     """A JSON list, or JSON lines (one object per line)."""
@@ -77,96 +79,64 @@ def detect_format(recs: list, path: str) -> str:
     return "chat" if "messages" in first else "alpaca"
 
 
-def segments(recs: list, fmt: str, path: str) -> list[list[tuple[str, bool]]]:
-    """Each record as (text, trained?) pieces."""
+def conversations(recs: list, fmt: str, path: str) -> list[list[dict]]:
+    """Each record as a checked conversation (an Alpaca record is one user turn and one answer)."""
     out = []
     for i, r in enumerate(recs):
         where = f"{path}: record {i}"
         if not isinstance(r, dict):
             raise SpindleError(f"{where}: expected an object, got {type(r).__name__}")
-        if fmt == "alpaca":
-            for k in ("instruction", "output"):
-                if not isinstance(r.get(k), str):
-                    raise SpindleError(f"{where}: missing or non-string {k!r}")
-            inp = r.get("input") or ""
-            if not isinstance(inp, str):
-                raise SpindleError(f"{where}: 'input' must be a string")
-            prompt = f"<|User|>:{r['instruction']}\n{inp}" if inp else f"<|User|>:{r['instruction']}"
-            out.append([(prompt + "\n", False), ("<|Bot|>:", False), (r["output"] + "\n", True)])
-        else:
-            msgs = r.get("messages")
-            if not isinstance(msgs, list) or not msgs:
-                raise SpindleError(f"{where}: 'messages' must be a non-empty list")
-            segs = []
-            for j, m in enumerate(msgs):
-                role = m.get("role") if isinstance(m, dict) else None
-                content = m.get("content") if isinstance(m, dict) else None
-                if role not in ROLE_PREFIX or not isinstance(content, str):
-                    raise SpindleError(f"{where}: message {j}: need role in {sorted(ROLE_PREFIX)} and string content")
-                if role == "assistant":
-                    segs += [(ROLE_PREFIX[role], False), (content + "\n", True)]
-                else:
-                    segs.append((ROLE_PREFIX[role] + content + "\n", False))
-            if not any(t for _, t in segs):
-                raise SpindleError(f"{where}: no assistant message (nothing to train on)")
-            out.append(segs)
+        out.append(alpaca_messages(r, where) if fmt == "alpaca" else check_messages(r.get("messages"), where))
     return out
 
 
-def tokenize(tok, recs_segs: list, max_length: int) -> list[list[int]]:
-    texts = [t for segs in recs_segs for t, _ in segs]
-    ids = iter(tok.encode_batch(texts, num_threads=os.cpu_count() or 1))
+def tokenize(tok, convs: list[list[dict]], max_length: int, path: str) -> list[list[int]]:
+    """InternEvo's SFT ids: trained tokens positive, the rest negated; cut to max_length with EOS last."""
     seqs = []
-    for segs in recs_segs:
-        seq = [tok.bos_id]
-        for _, trained in segs:
-            piece = next(ids)
-            seq.extend(piece if trained else (-x for x in piece))
-        seq = seq[: max_length - 1] + [tok.eos_id]
+    for i, msgs in enumerate(convs):
+        ids, trained = conversation_tokens(tok, msgs, f"{path}: record {i}")
+        seq = [t if m else -t for t, m in zip(ids, trained)]
+        if len(seq) > max_length:
+            seq = seq[: max_length - 1] + [tok.eos_id]
         seqs.append(seq)
     return seqs
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description="Tokenize Alpaca / chat data into InternEvo .bin files with loss masks.")
-    ap.add_argument("dataset_path", help="Alpaca JSON list, or chat JSONL with {'messages': [...]}")
-    ap.add_argument("output_path", help="output folder (train/en, valid/en are created)")
-    ap.add_argument("tokenizer_path", help="tokenizer path, 'default' or 'byte'")
-    ap.add_argument("--split_ratio", type=float, default=0.1)
+    ap = options.OneLineParser(prog="tools/alpaca_tokenizer.py",
+                               description="Tokenize Alpaca / chat data into InternEvo .bin files with loss masks.")
+    ap.add_argument("dataset_path", type=options.path, help="Alpaca JSON list, or chat JSONL with {'messages': [...]}")
+    ap.add_argument("output_path", type=options.path, help="output folder (train/en, valid/en are created)")
+    ap.add_argument("tokenizer_path", type=options.path, help="tokenizer path, 'default' or 'byte'")
+    ap.add_argument("--split_ratio", type=options.float_in(0, 1, hi_open=True), default=0.1,
+                    help="fraction of records for validation, [0, 1)")
     ap.add_argument("--format", choices=["auto", "alpaca", "chat"], default="auto")
-    ap.add_argument("--max_length", type=int, default=2048)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--overwrite", action="store_true")
+    ap.add_argument("--max_length", type=options.int_in(2, MAX_TOKENS), default=2048,
+                    help="tokens per record at most (EOS kept last)")
+    ap.add_argument("--seed", type=options.int_in(0, 2**63 - 1), default=0)
+    ap.add_argument("--overwrite", action="store_true", help="replace the .bin files of an existing output folder")
     ap.add_argument("--debug", action="store_true")
-    args = ap.parse_args(argv)
-    try:
-        if not 0 <= args.split_ratio < 1:
-            raise SpindleError(f"--split_ratio {args.split_ratio} must be in [0, 1)")
-        outs = {s: os.path.join(args.output_path, s, "en", "dataset.bin") for s in ("train", "valid")}
-        for p in outs.values():
-            for q in (p, p + ".meta"):
-                if os.path.exists(q) and not args.overwrite:
-                    raise SpindleError(f"{q}: already exists; pass --overwrite to replace it")
-        tok = load_tokenizer(args.tokenizer_path)
-        recs = read_records(args.dataset_path)
-        fmt = detect_format(recs, args.dataset_path) if args.format == "auto" else args.format
-        seqs = tokenize(tok, segments(recs, fmt, args.dataset_path), args.max_length)
-        n = len(seqs)
-        # Without replacement, seeded: exactly int(n * ratio) validation records.
-        perm = np.random.default_rng(args.seed).permutation(n)
-        is_valid = np.zeros(n, dtype=bool)
-        is_valid[perm[: int(n * args.split_ratio)]] = True
-        counts = {}
-        for split, want in (("train", False), ("valid", True)):
-            w = JsonBinWriter(outs[split])
-            for i in np.flatnonzero(is_valid == want).tolist():
-                w.add(seqs[i])
-            counts[split] = w.close()["documents"]
-    except SpindleError as e:
-        if args.debug:
-            raise
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    return options.run_command(run, ap, argv)
+
+
+def run(args) -> int:
+    check_output(args.output_path, [args.dataset_path], args.overwrite, "output_path")
+    outs = {s: os.path.join(args.output_path, s, "en", "dataset.bin") for s in ("train", "valid")}
+    tok = load_tokenizer(args.tokenizer_path)
+    recs = read_records(args.dataset_path)
+    fmt = detect_format(recs, args.dataset_path) if args.format == "auto" else args.format
+    seqs = tokenize(tok, conversations(recs, fmt, args.dataset_path), args.max_length, args.dataset_path)
+    n = len(seqs)
+    # Without replacement, seeded: exactly int(n * ratio) validation records.
+    perm = np.random.default_rng(args.seed).permutation(n)
+    is_valid = np.zeros(n, dtype=bool)
+    is_valid[perm[: int(n * args.split_ratio)]] = True
+    counts = {}
+    for split, want in (("train", False), ("valid", True)):
+        w = JsonBinWriter(outs[split])
+        for i in np.flatnonzero(is_valid == want).tolist():
+            w.add(seqs[i])
+        counts[split] = w.close()["documents"]
     print(f"{fmt}: {counts['train']:,} train / {counts['valid']:,} valid records -> {args.output_path}")
     return 0
 

@@ -10,7 +10,6 @@ seed's whole-record tokenization), and an existing output is never appended to s
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
@@ -19,40 +18,37 @@ try:
 except ImportError:  # run by path from a checkout: make the repo importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from spindle.data import options  # noqa: E402
+from spindle.data.files import check_output  # noqa: E402
 from spindle.data.prepare import write_json_bin  # noqa: E402
 from spindle.errors import SpindleError  # noqa: E402
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description="Tokenize raw text into InternEvo .bin/.bin.meta files.")
-    ap.add_argument("--text_input_path", required=True, help="input .txt, .json, .jsonl (or .gz of those), or a folder")
-    ap.add_argument("--bin_output_path", required=True, help="output path ending in .bin")
-    ap.add_argument("--tokenizer", default="default", help="'default', 'byte', or a tokenizer path (.model / tokenizer.json / folder)")
-    ap.add_argument("--text_key", default="text", help="field holding the text in .json/.jsonl records")
+    ap = options.OneLineParser(prog="tools/tokenizer.py", description="Tokenize raw text into InternEvo .bin/.bin.meta files.")
+    ap.add_argument("--text_input_path", required=True, type=options.path,
+                    help="input .txt, .json, .jsonl (or .gz of those), or a folder")
+    ap.add_argument("--bin_output_path", required=True, type=options.path, help="output path ending in .bin")
+    ap.add_argument("--tokenizer", default="default", type=options.path,
+                    help="'default', 'byte', or a tokenizer path (.model / tokenizer.json / folder)")
+    ap.add_argument("--text_key", default="text", type=options.name, help="field holding the text in .json/.jsonl records")
     ap.add_argument("--raw_json_line", action="store_true", help="tokenize whole JSON records, as InternEvo does")
-    ap.add_argument("--workers", type=int, default=0, help="tokenizer processes (default: all cores)")
+    options.workers_option(ap)
     ap.add_argument("--overwrite", action="store_true", help="replace an existing output")
     ap.add_argument("--debug", action="store_true", help="show tracebacks")
-    args = ap.parse_args(argv)
-    try:
+
+    def run(args) -> int:
         out = args.bin_output_path
         if not out.endswith(".bin"):
-            raise SpindleError(f"{out}: --bin_output_path must end in .bin")
+            raise SpindleError(f"--bin_output_path {out}: must end in .bin")
         for p in (out, out + ".meta"):
-            if os.path.exists(p) and not args.overwrite:
-                raise SpindleError(f"{p}: already exists; pass --overwrite to replace it")
+            check_output(p, [args.text_input_path], args.overwrite, "--bin_output_path")
         res = write_json_bin([args.text_input_path], out, args.tokenizer, text_key=args.text_key,
                              raw_json_line=args.raw_json_line, workers=args.workers)
-    except SpindleError as e:
-        if args.debug:
-            raise
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
-    print(f"{res['documents']:,} documents, {res['tokens']:,} tokens -> {out} (+ .meta) in {res['seconds']:.1f} s")
-    return 0
+        print(f"{res['documents']:,} documents, {res['tokens']:,} tokens -> {out} (+ .meta) in {res['seconds']:.1f} s")
+        return 0
+
+    return options.run_command(run, ap, argv)
 
 
 if __name__ == "__main__":

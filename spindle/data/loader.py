@@ -9,9 +9,11 @@ folder of raw text files, tokenizes it once into a cache of binary shards and re
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
+import shutil
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -21,6 +23,7 @@ from typing import Optional
 import numpy as np
 
 from spindle.config import DataConfig, parse_rampup
+from spindle.data.files import StagedFolder, check_fingerprints, fingerprint, relative_glob, tokenizer_key
 from spindle.data.packing import PackedDocuments, RandomDocuments, collate
 from spindle.data.sampler import GlobalSampler, micro_num_at
 from spindle.errors import SpindleError
@@ -31,35 +34,70 @@ class Source:
     name: str
     type_id: int
     docs: object
+    fingerprint: Optional[dict] = None  # files, sizes, manifests, tokenizer (None: generated data)
+
+
+def _open_source(name: str, type_id: int, root: str, files: list[str], vocab_size: Optional[int]) -> Source:
+    from spindle.data.shards import ConcatSource, open_documents
+
+    tokenizers = _manifest_tokenizers(files)
+    docs = ConcatSource(root, [open_documents(f, vocab_size=vocab_size) for f in files])
+    ident = next(iter(tokenizers.values()), None)
+    return Source(name, type_id, docs, fingerprint(name, root, files, ident))
+
+
+def _manifest_tokenizers(files: list[str]) -> dict[str, dict]:
+    """folder -> tokenizer identity, for every folder among `files` that holds a manifest."""
+    from spindle.data.shards import MANIFEST, read_manifest
+
+    out = {}
+    for folder in dict.fromkeys(os.path.dirname(f) for f in files):
+        if os.path.isfile(os.path.join(folder, MANIFEST)):
+            out[folder] = read_manifest(folder).get("tokenizer")
+    return out
+
+
+def refuse_mixed_tokenizers(files: list[str], key: str) -> None:
+    """Token files prepared with different tokenizers mean different things by the same id."""
+    first: dict = {}
+    for folder, ident in _manifest_tokenizers(files).items():
+        tk = json.dumps(tokenizer_key(ident), sort_keys=True)
+        first.setdefault(tk, folder)
+        if len(first) > 1:
+            (a, ka), (b, kb) = [(f, json.loads(k)) for k, f in first.items()]
+            raise SpindleError(f"{key}: {a} and {b} were prepared with different tokenizers ({ka} vs {kb}); "
+                               f"prepare every source with the same tokenizer")
 
 
 def discover_sources(folder: str, vocab_size: Optional[int] = None) -> list[Source]:
     """Top-level sub-folders of `folder` are sources (sorted names -> type ids)."""
-    from spindle.data.shards import ConcatSource, find_token_files, open_documents
+    from spindle.data.shards import find_token_files
 
     root = Path(folder)
     if not root.is_dir():
         raise SpindleError(f"data folder not found: {folder}")
-    subdirs = sorted(p.name for p in root.iterdir() if p.is_dir() and find_token_files(str(p)))
-    groups: list[tuple[str, list[str]]] = [(name, find_token_files(str(root / name))) for name in subdirs]
-    direct = [f for f in find_token_files(str(root)) if Path(f).parent == root]
-    if direct:
-        groups.insert(0, (root.name, direct))
+    files = find_token_files(str(root))  # one walk: a file reachable from two sources belongs to one
+    refuse_mixed_tokenizers(files, "data.train_folder")
+    by_top: dict[str, list[str]] = {}
+    for f in files:
+        rel = Path(f).relative_to(root)
+        by_top.setdefault("" if len(rel.parts) == 1 else rel.parts[0], []).append(f)
+    groups = [(name, root / name, by_top[name]) for name in sorted(n for n in by_top if n)]
+    if "" in by_top:  # token files directly in the folder: one more source, first
+        groups.insert(0, (root.name, root, by_top[""]))
     if not groups:
         raise SpindleError(f"{folder}: no token files (.bin with .bin.meta, or Spindle shards) found")
-    return [
-        Source(name, i, ConcatSource(str(root / name), [open_documents(f, vocab_size=vocab_size) for f in files]))
-        for i, (name, files) in enumerate(groups)
-    ]
+    return [_open_source(name, i, str(src_root), fs, vocab_size) for i, (name, src_root, fs) in enumerate(groups)]
 
 
 def leaf_sources(folder: str, vocab_size: Optional[int] = None) -> list[Source]:
     """One source per leaf folder holding token files (validation sets, named by the folder)."""
-    from spindle.data.shards import ConcatSource, find_token_files, open_documents
+    from spindle.data.shards import find_token_files
 
     files = find_token_files(folder)
     if not files:
         raise SpindleError(f"{folder}: no token files found for validation")
+    refuse_mixed_tokenizers(files, "data.valid_folder")
     by_dir: dict[str, list[str]] = {}
     for f in files:
         by_dir.setdefault(str(Path(f).parent), []).append(f)
@@ -69,23 +107,16 @@ def leaf_sources(folder: str, vocab_size: Optional[int] = None) -> list[Source]:
     # those are named by their path under `folder` instead (a_en, b_en)
     names = [n if names.count(n) == 1 else str(Path(d).relative_to(folder)).replace(os.sep, "_")
              for n, d in zip(names, dirs)]
-    return [
-        Source(name, 0, ConcatSource(d, [open_documents(f, vocab_size=vocab_size) for f in by_dir[d]]))
-        for name, d in zip(names, dirs)
-    ]
+    return [_open_source(name, 0, d, by_dir[d], vocab_size) for name, d in zip(names, dirs)]
 
 
-def text_cache(data: DataConfig, cache_root: Path) -> str:
-    """Tokenize a raw-text folder once into binary shards under `cache_root`; return the shard folder."""
-    from spindle.data.prepare import prepare
-
+def text_files(data: DataConfig) -> list[str]:
+    """The raw-text files of a `type="text"` folder: `text_glob` minus `text_exclude`, up to `max_text_bytes`."""
     root = Path(data.train_folder)
     if not root.is_dir():
         raise SpindleError(f"data.train_folder: text folder not found: {root}")
-    files = sorted(
-        str(p) for p in root.glob(data.text_glob)
-        if p.is_file() and not any(part in data.text_exclude for part in p.relative_to(root).parts)
-    )
+    files = [f for f in relative_glob(str(root), data.text_glob)
+             if not any(part in data.text_exclude for part in Path(f).relative_to(root).parts)]
     if data.max_text_bytes is not None:
         kept, total = [], 0
         for f in files:
@@ -97,16 +128,41 @@ def text_cache(data: DataConfig, cache_root: Path) -> str:
         files = kept
     if not files:
         raise SpindleError(f"data.train_folder: no files match {data.text_glob!r} under {root}")
+    return files
+
+
+def text_cache(data: DataConfig, cache_root: Path, log=None) -> str:
+    """Tokenize a raw-text folder once into binary shards under `cache_root`; return the shard folder.
+
+    The cache is keyed by the content of the files (path, size, mtime_ns of each) and the
+    tokenizer's, so an edited file or another tokenizer re-tokenizes. Ranks that start together
+    share one build: whoever takes the lock file builds into a staged folder and publishes it
+    with one `os.replace` (files.StagedFolder); the others wait on the lock and find the published manifest. A file
+    lock, not a barrier, so single-process runs and unrelated runs sharing a cache work the same.
+    """
+    from spindle.data.prepare import prepare
+    from spindle.data.shards import MANIFEST
     from spindle.data.tokenizer import load_tokenizer
 
-    # the cache is keyed by the files and the tokenizer's content, so a changed tokenizer re-tokenizes
+    files = text_files(data)
     identity = load_tokenizer(data.tokenizer_path or "default").identity()
-    key = hashlib.sha256(json.dumps([files, identity.get("sha256"), identity.get("vocab_size")]).encode()).hexdigest()[:16]
-    out = cache_root / f"text-{key}"
+    content = [(f, st.st_size, st.st_mtime_ns) for f, st in ((f, os.stat(f)) for f in files)]
+    key = hashlib.sha256(json.dumps([content, tokenizer_key(identity), identity.get("bos_id"),
+                                     identity.get("eos_id")]).encode()).hexdigest()[:16]
+    out = Path(cache_root) / f"text-{key}"
     source_dir = out / "text"  # one source, named "text"
-    if not (source_dir / "manifest.json").exists():
-        prepare(files, str(source_dir), data.tokenizer_path or "default", doc_per_file=True, overwrite=True,
-                progress=False)
+    if (source_dir / MANIFEST).is_file():
+        return str(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out.parent / f"text-{key}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, also if this process dies
+        if not (source_dir / MANIFEST).is_file():
+            if log:
+                log(f"data: tokenizing {len(files)} text file(s) into {out}")
+            shutil.rmtree(out, ignore_errors=True)  # a cache folder without a manifest: an older crashed build
+            with StagedFolder(str(out), replaces=lambda name: True) as tmp:
+                prepare(files, os.path.join(tmp, "text"), data.tokenizer_path or "default", doc_per_file=True,
+                        progress=False)
     return str(out)
 
 
@@ -126,6 +182,10 @@ class TrainLoader:
         ]
         sizes = [len(p) for p in self.packed]
         if sum(sizes) == 0:
+            if not any(len(p.order) for p in self.packed) and any(len(s.docs) for s in sources):
+                longest = max(int(s.docs.lengths.max()) for s in sources if len(s.docs))
+                raise SpindleError(f"data.min_length={data.min_length} (min_length_dict {data.min_length_dict}) drops "
+                                   f"every document (the longest has {longest} tokens)")
             raise SpindleError(
                 f"the training data holds fewer tokens than one pack (micro_bsz * seq_len = {data.packed_length})")
         weights = None
@@ -137,6 +197,8 @@ class TrainLoader:
             weights = [data.source_weights.get(s.name, 0.0) for s in sources]
         self.sampler = GlobalSampler(sizes, seed=data.seed, weights=weights)
         self.source_names = [s.name for s in sources]
+        # generated sources (random data) have nothing on disk to check
+        self.fingerprint = None if any(s.fingerprint is None for s in sources) else [s.fingerprint for s in sources]
         self.rampup = parse_rampup(data.rampup_batch_size)
         self.position = 0
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="spindle-data") if prefetch else None
@@ -145,9 +207,12 @@ class TrainLoader:
 
     # -- state
     def state_dict(self) -> dict:
-        return {"position": self.position}
+        if self.fingerprint is None:
+            return {"position": self.position}
+        return {"position": self.position, "fingerprint": self.fingerprint}
 
     def load_state_dict(self, state: dict) -> None:
+        check_fingerprints(state.get("fingerprint"), self.fingerprint)
         self.position = int(state["position"])
         self._pending = None
 
@@ -195,10 +260,23 @@ def build_train_loader(data: DataConfig, vocab_size: int, cache_root: Path, dp_r
     return TrainLoader(sources, data, dp_rank, dp_size, prefetch)
 
 
+def _holds_token_files(folder: Optional[str]) -> bool:
+    from spindle.data.shards import find_token_files
+
+    return bool(folder) and os.path.isdir(folder) and bool(find_token_files(folder))
+
+
 def build_valid_sets(data: DataConfig, vocab_size: int) -> dict[str, list[dict]]:
-    """name -> the first `valid_micro_num` micro-batches of that validation set (unshuffled packs)."""
-    if not data.valid_folder or not data.valid_every:
+    """name -> the first `valid_micro_num` micro-batches of that validation set (unshuffled packs).
+    Token folders: one set per leaf folder of `valid_folder`. Streaming: a split of a dataset folder
+    (`valid_split`, default "validation", of `valid_folder`, default the training dataset)."""
+    if not data.valid_every or not (data.valid_folder or data.valid_split):
         return {}
+    if data.type == "streaming" and not _holds_token_files(data.valid_folder):
+        from spindle.data.streaming import streamed_valid_set
+
+        name, batches = streamed_valid_set(data, vocab_size)
+        return {name: batches}
     out = {}
     for src in leaf_sources(data.valid_folder, vocab_size):
         packed = PackedDocuments(src.docs, data.seq_len, data.micro_bsz, shuffle=False,

@@ -1,249 +1,38 @@
 """Raw text -> token files: `spindle prepare` (binary shards) and the engine of tools/tokenizer.py.
 
-Pipeline: the main process reads inputs and cuts them into ~1 MB batches of raw documents
-(or raw JSON lines); a pool of worker processes, each with its own tokenizer, extracts the text,
-batch-encodes it, adds BOS/EOS and returns ready-to-write bytes (numpy tokens, or rendered JSON
-lines); the main process writes results in input order. JSON parsing and output rendering
-happen in the workers because on short documents they cost as much as tokenization itself.
-
-Document units (the seed's rules, reference/internevo.md §1.2):
-- `.txt`: every non-empty stripped line is one document;
-- `.json`: a top-level list of records, `.jsonl`: one record per line; the `text_key` field is
-  the document (`raw_json_line=True` tokenizes the whole JSON text like InternEvo does);
-- `.parquet`: the `text_key` column;
-- any other extension (source code, markdown, ...) or `doc_per_file=True`: one file = one document.
-`.gz` variants of all of these are read transparently.
+Pipeline: the main process reads inputs and cuts them into ~256 KiB batches of raw documents
+(or raw JSON lines, spindle.data.documents); a pool of worker processes, each with its own
+tokenizer, extracts the text, batch-encodes it, wraps each document (`Tokenizer.document`) and
+returns ready-to-write bytes (numpy tokens, or rendered JSON lines); the main process writes
+results in input order. JSON parsing and output rendering happen in the workers because on short
+documents they cost as much as tokenization itself.
 """
 
 from __future__ import annotations
 
-import argparse
 import collections
 import functools
-import gzip
-import io
 import itertools
-import json
 import multiprocessing as mp
 import os
-import shutil
 import sys
 import time
-import zlib
 from dataclasses import dataclass
 from typing import Iterator, Sequence
 
 import numpy as np
 
-from spindle.data.shards import (
-    IDX_EXT,
-    MANIFEST,
-    MASK_EXT,
-    TOKENS_EXT,
-    ShardWriter,
-    token_dtype,
-    write_manifest,
-)
+from spindle.data import options
+from spindle.data.options import OneLineParser
+from spindle.data.documents import Batch, all_batches, expand_inputs, extract_documents
+from spindle.data.files import StagedFolder, check_output
+from spindle.data.shard_writers import ShardWriter, write_manifest
+from spindle.data.shards import IDX_EXT, MANIFEST, MASK_EXT, TOKENS_EXT, token_dtype
 from spindle.data.tokenizer import Tokenizer, load_tokenizer
 from spindle.errors import SpindleError
 
-LINE_FORMATS = (".txt", ".json", ".jsonl", ".parquet")
-# Per worker task: large enough to amortise IPC, small enough that the last tasks do not leave a
-# core idle (1 MiB tasks: an 8 MB input ran 9 tasks on 2 workers, one alone at the end; 256 KiB
-# measured 7 % faster, docs/LOG.md)
-BATCH_BYTES = 1 << 18
-
-
-@dataclass
-class Batch:
-    """A unit of work: raw items from one file, with the line/record number of the first."""
-
-    path: str
-    first: int  # 1-based line (txt/jsonl) or record index (json/parquet) of items[0]
-    mode: str  # "docs": items is a list of documents; "txt" / "jsonl" / "jsonl_raw": raw bytes
-    items: list | bytes
-    nbytes: int
-
-
-def input_kind(path: str, doc_per_file: bool = False) -> str:
-    name = path[:-3] if path.endswith(".gz") else path
-    ext = os.path.splitext(name)[1].lower()
-    if doc_per_file or ext not in LINE_FORMATS:
-        return "file"
-    return ext[1:]
-
-
-def expand_inputs(inputs: Sequence[str]) -> list[str]:
-    """Files as given, folders walked recursively (sorted; hidden files skipped)."""
-    out = []
-    for p in inputs:
-        p = os.fspath(p)
-        if os.path.isdir(p):
-            for root, dirs, files in os.walk(p, followlinks=True):
-                dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-                out.extend(os.path.join(root, f) for f in sorted(files) if not f.startswith("."))
-        elif os.path.isfile(p):
-            out.append(p)
-        else:
-            raise SpindleError(f"{p}: input not found")
-    if not out:
-        raise SpindleError(f"no input files in {', '.join(map(str, inputs))}")
-    return out
-
-
-def _open_binary(path: str):
-    try:
-        return gzip.open(path, "rb") if path.endswith(".gz") else open(path, "rb")
-    except OSError as e:
-        raise SpindleError(f"{path}: cannot read ({e.strerror or e})") from None
-
-
-def _decode(path: str, data: bytes, first_line: int) -> str:
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError as e:
-        line = first_line + data.count(b"\n", 0, e.start)
-        col = e.start - (data.rfind(b"\n", 0, e.start) + 1)
-        raise SpindleError(f"{path}: line {line}: invalid UTF-8 ({e.reason} at byte {col} of the line)") from None
-
-
-def _iter_byte_blocks(path: str, block: int | None = None) -> Iterator[tuple[int, bytes]]:
-    """(first line number, raw bytes) over a text file, in blocks cut after a newline. The main
-    process only reads and counts newlines; decoding and splitting happen in the workers."""
-    block = block or BATCH_BYTES
-    line_no = 1
-    tail = b""
-    try:
-        with _open_binary(path) as f:
-            while True:
-                data = f.read(block)
-                if not data:
-                    break
-                data = tail + data
-                cut = data.rfind(b"\n") + 1
-                if cut == 0:
-                    tail = data
-                    continue
-                data, tail = data[:cut], data[cut:]
-                yield line_no, data
-                line_no += data.count(b"\n")
-            if tail:
-                yield line_no, tail
-    except (OSError, EOFError, gzip.BadGzipFile, zlib.error) as e:
-        raise SpindleError(f"{path}: cannot read ({e})") from None
-
-
-def _split_lines(path: str, data: bytes, first_line: int) -> list[str]:
-    """Lines of a block with universal newlines (\r\n, \r, \n), like a text-mode file."""
-    text = _decode(path, data, first_line)
-    if "\r" in text:
-        text = text.replace("\r\n", "\n").replace("\r", "\n")
-    lines = text.split("\n")
-    if lines and lines[-1] == "":
-        lines.pop()
-    return lines
-
-
-def _chunks(path: str, first: int, mode: str, items: list, size_of) -> Iterator[Batch]:
-    start, nbytes = 0, 0
-    for j, it in enumerate(items):
-        nbytes += size_of(it)
-        if nbytes >= BATCH_BYTES:
-            yield Batch(path, first + start, mode, items[start : j + 1], nbytes)
-            start, nbytes = j + 1, 0
-    if start < len(items):
-        yield Batch(path, first + start, mode, items[start:], nbytes)
-
-
-def iter_batches(path: str, text_key: str = "text", raw_json_line: bool = False, doc_per_file: bool = False) -> Iterator[Batch]:
-    """Cut one input file into batches of raw documents (see the module docstring for units)."""
-    kind = input_kind(path, doc_per_file)
-    if kind == "file":
-        with _open_binary(path) as f:
-            try:
-                data = f.read()
-            except (OSError, EOFError, gzip.BadGzipFile, zlib.error) as e:
-                raise SpindleError(f"{path}: cannot read ({e})") from None
-        text = _decode(path, data, 1)
-        if text.strip():
-            yield Batch(path, 1, "docs", [text], len(data))
-    elif kind == "txt":
-        for first, data in _iter_byte_blocks(path):
-            yield Batch(path, first, "txt", data, len(data))
-    elif kind == "jsonl":
-        for first, data in _iter_byte_blocks(path):
-            yield Batch(path, first, "jsonl_raw" if raw_json_line else "jsonl", data, len(data))
-    elif kind == "json":
-        with _open_binary(path) as f:
-            try:
-                data = f.read()
-            except (OSError, EOFError, gzip.BadGzipFile, zlib.error) as e:
-                raise SpindleError(f"{path}: cannot read ({e})") from None
-        try:
-            records = json.loads(_decode(path, data, 1))
-        except ValueError as e:
-            raise SpindleError(f"{path}: malformed JSON ({e})") from None
-        if not isinstance(records, list):
-            raise SpindleError(f"{path}: expected a top-level JSON list of records, got {type(records).__name__}")
-        if raw_json_line:
-            docs = [json.dumps(r) for r in records]
-        else:
-            docs = [_field(path, "record", i, r, text_key) for i, r in enumerate(records)]
-        yield from _chunks(path, 0, "docs", docs, len)
-    elif kind == "parquet":
-        yield from _parquet_batches(path, text_key)
-
-
-def _parquet_batches(path: str, text_key: str) -> Iterator[Batch]:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    try:
-        src = pa.BufferReader(gzip.open(path).read()) if path.endswith(".gz") else path
-        pf = pq.ParquetFile(src)
-    except (OSError, pa.ArrowException) as e:
-        raise SpindleError(f"{path}: not a readable parquet file ({e})") from None
-    if text_key not in pf.schema_arrow.names:
-        raise SpindleError(f"{path}: no column {text_key!r} (columns: {', '.join(pf.schema_arrow.names)})")
-    row = 0
-    for rb in pf.iter_batches(batch_size=16384, columns=[text_key]):
-        col = rb.column(0).to_pylist()
-        for i, v in enumerate(col):
-            if not isinstance(v, str):
-                raise SpindleError(f"{path}: row {row + i}: column {text_key!r} is {type(v).__name__}, expected a string")
-        yield from _chunks(path, row, "docs", col, len)
-        row += len(col)
-
-
-def _field(path: str, unit: str, n: int, record, key: str) -> str:
-    if not isinstance(record, dict) or key not in record:
-        raise SpindleError(f"{path}: {unit} {n}: no {key!r} field (use --text_key / --text-key, or --raw_json_line)")
-    v = record[key]
-    if not isinstance(v, str):
-        raise SpindleError(f"{path}: {unit} {n}: field {key!r} is {type(v).__name__}, expected a string")
-    return v
-
-
-def extract_documents(batch: Batch, text_key: str) -> list[str]:
-    """The documents of a batch (runs in the workers: decoding and JSON parsing parallelise)."""
-    if batch.mode == "docs":
-        return batch.items
-    lines = _split_lines(batch.path, batch.items, batch.first)
-    if batch.mode == "txt":
-        return [s for s in (x.strip() for x in lines) if s]
-    if batch.mode == "jsonl_raw":
-        # InternEvo tokenizes the raw line, trailing newline included.
-        return [x + "\n" for x in lines if x.strip()]
-    docs = []
-    for n, line in enumerate(lines, batch.first):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except ValueError as e:
-            raise SpindleError(f"{batch.path}: line {n}: malformed JSON ({e})") from None
-        docs.append(_field(batch.path, "line", n, rec, text_key))
-    return docs
+MAX_SHARD_MB = 1 << 20  # 1 TiB
+MAX_TOKENS = (1 << 31) - 1
 
 
 # ------------------------------------------------------------------------------ encode workers
@@ -278,24 +67,26 @@ def encode_batch(tok: Tokenizer, opts: EncodeOptions, batch: Batch) -> Encoded:
         by_text = dict(zip(uniq, ids))
         ids = [by_text[d] for d in docs]
     bos, eos = tok.bos_id, tok.eos_id
+    extra = 1 if bos is None else 2  # the wrapping of Tokenizer.document: [BOS] ids [EOS], no BOS without one
     if opts.min_length > 0:
-        kept = [x for x in ids if len(x) + 2 >= opts.min_length]
+        kept = [x for x in ids if len(x) + extra >= opts.min_length]
         dropped, ids = len(ids) - len(kept), kept
     else:
         dropped = 0
     inner = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
-    lengths = inner + 2
-    # Lay out [BOS] doc [EOS] ... with vectorised writes rather than per-document list building.
+    lengths = inner + extra
+    # Lay out Tokenizer.document(ids) back to back with vectorised writes rather than per-document lists.
     dtype = token_dtype(tok.vocab_size)
     total = int(lengths.sum())
     flat = np.empty(total, dtype=dtype)
     ends = np.cumsum(lengths)
     starts = ends - lengths
     body = np.ones(total, dtype=bool)
-    body[starts] = False
     body[ends - 1] = False
-    flat[starts] = bos
     flat[ends - 1] = eos
+    if bos is not None:
+        body[starts] = False
+        flat[starts] = bos
     flat[body] = np.fromiter(itertools.chain.from_iterable(ids), dtype=dtype, count=int(inner.sum()))
     if opts.output == "json":
         blob, line_bytes = render_json_lines(flat, lengths, tok.vocab_size)
@@ -392,21 +183,13 @@ def _progress(total_bytes: int, label: str):
     return prog
 
 
-def _all_batches(files: list[str], text_key: str, raw_json_line: bool, doc_per_file: bool) -> Iterator[Batch]:
-    for f in files:
-        yield from iter_batches(f, text_key, raw_json_line, doc_per_file)
-
-
 def default_workers() -> int:
     return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1))
 
 
-def _clear_outputs(out_dir: str, overwrite: bool) -> None:
-    existing = [f for f in os.listdir(out_dir) if f == MANIFEST or f.endswith((TOKENS_EXT, IDX_EXT, MASK_EXT, ".bin", ".bin.meta"))]
-    if existing and not overwrite:
-        raise SpindleError(f"{out_dir}: already holds token files ({', '.join(sorted(existing)[:3])}...); pass --overwrite to replace them")
-    for f in existing:
-        os.remove(os.path.join(out_dir, f))
+def is_prepare_output(name: str) -> bool:
+    """Files a `spindle prepare` output folder holds (replaced by `--overwrite`)."""
+    return name == MANIFEST or name.endswith((TOKENS_EXT, IDX_EXT, MASK_EXT, ".bin", ".bin.meta"))
 
 
 def prepare(
@@ -421,16 +204,37 @@ def prepare(
     doc_per_file: bool = False,
     raw_json_line: bool = False,
     progress: bool = True,
+    split: str | None = None,
+    subset: str | None = None,
 ) -> dict:
     """Tokenize `inputs` (files or folders) into binary shards + manifest.json in `out_dir`.
-    Returns a summary dict (documents, tokens, shards, dropped, seconds, rates)."""
+    Returns a summary dict (documents, tokens, shards, dropped, seconds, rates, and `taken`: the
+    split chosen in each Hub dataset folder, see `expand_inputs`)."""
     t0 = time.perf_counter()
-    files = expand_inputs(inputs)
+    taken: dict = {}
+    files = expand_inputs(inputs, split, subset, taken)
+    check_output(out_dir, inputs, overwrite, "--out")
     tok = load_tokenizer(tokenizer_spec)
-    os.makedirs(out_dir, exist_ok=True)
-    _clear_outputs(out_dir, overwrite)
     workers = default_workers() if not workers else workers
-    opts = EncodeOptions(str(tokenizer_spec), text_key=text_key, output="shards", min_length=min_length)
+    with StagedFolder(out_dir, replaces=is_prepare_output) as staging:
+        summary = _prepare_into(staging, files, tok, str(tokenizer_spec), text_key, workers, shard_size_mb,
+                                min_length, doc_per_file, raw_json_line, progress, inputs)
+    secs = time.perf_counter() - t0
+    docs, toks = summary["documents"], summary["tokens"]
+    return summary | {
+        "taken": taken,
+        "out_dir": out_dir,
+        "manifest": os.path.join(out_dir, MANIFEST),
+        "seconds": secs,
+        "docs_per_s": docs / secs if secs else 0.0,
+        "tokens_per_s": toks / secs if secs else 0.0,
+    }
+
+
+def _prepare_into(out_dir: str, files: list[str], tok: Tokenizer, tokenizer_spec: str, text_key: str, workers: int,
+                  shard_size_mb: float, min_length: int, doc_per_file: bool, raw_json_line: bool, progress: bool,
+                  inputs: Sequence[str]) -> dict:
+    opts = EncodeOptions(tokenizer_spec, text_key=text_key, output="shards", min_length=min_length)
     total_bytes = sum(os.path.getsize(f) for f in files)
     shard_bytes = max(1, int(shard_size_mb * (1 << 20)))
     shards: list[dict] = []
@@ -441,7 +245,7 @@ def prepare(
     if prog:
         prog.start()
     try:
-        for enc in run_encode(_all_batches(files, text_key, raw_json_line, doc_per_file), opts, workers, tok):
+        for enc in run_encode(all_batches(files, text_key, raw_json_line, doc_per_file), opts, workers, tok):
             dropped += enc.dropped
             if len(enc.lengths):
                 if writer is None:
@@ -459,53 +263,55 @@ def prepare(
             prog.stop()
     if not shards:
         raise SpindleError(f"no documents found in {', '.join(map(str, inputs))}" + (f" ({dropped} shorter than --min-length)" if dropped else ""))
-    manifest = write_manifest(out_dir, tok.identity(), shards, bos_eos=True,
-                              sources=[os.path.abspath(f) for f in files], min_length=min_length)
-    secs = time.perf_counter() - t0
-    docs = sum(s["documents"] for s in shards)
-    toks = sum(s["tokens"] for s in shards)
+    write_manifest(out_dir, tok.identity(), shards, bos_eos=True,
+                   sources=[os.path.abspath(f) for f in files], min_length=min_length)
     return {
-        "out_dir": out_dir,
-        "manifest": manifest,
         "files": len(files),
         "input_bytes": total_bytes,
-        "documents": docs,
-        "tokens": toks,
+        "documents": sum(s["documents"] for s in shards),
+        "tokens": sum(s["tokens"] for s in shards),
         "shards": len(shards),
         "dropped_short": dropped,
         "workers": workers,
-        "seconds": secs,
-        "docs_per_s": docs / secs if secs else 0.0,
-        "tokens_per_s": toks / secs if secs else 0.0,
     }
 
 
 def prepare_main(argv: Sequence[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="spindle prepare", description="Tokenize raw text into Spindle binary shards.")
-    ap.add_argument("inputs", nargs="+", help="files or folders: txt, json, jsonl, parquet (optionally .gz); other files = one document each")
-    ap.add_argument("--out", required=True, help="output folder (shards + manifest.json)")
-    ap.add_argument("--tokenizer", default="default", help="'default', 'byte', or a tokenizer path")
-    ap.add_argument("--text-key", default="text")
-    ap.add_argument("--workers", type=int, default=0, help="tokenizer processes (default: all cores)")
-    ap.add_argument("--shard-size-mb", type=float, default=256)
-    ap.add_argument("--min-length", type=int, default=0, help="drop documents with fewer tokens (BOS/EOS included)")
+    ap = OneLineParser(prog="spindle prepare", description="Tokenize raw text into Spindle binary shards.")
+    ap.add_argument("inputs", nargs="+", type=options.path,
+                    help="files or folders: txt, json, jsonl, parquet (optionally .gz); other files = one document each")
+    ap.add_argument("--out", required=True, type=options.path, help="output folder (shards + manifest.json)")
+    ap.add_argument("--tokenizer", default="default", type=options.path, help="'default', 'byte', or a tokenizer path")
+    ap.add_argument("--text-key", default="text", type=options.name)
+    options.workers_option(ap)
+    ap.add_argument("--shard-size-mb", type=options.float_in(0, MAX_SHARD_MB, lo_open=True), default=256,
+                    help=f"shard size in MiB, (0, {MAX_SHARD_MB}]")
+    ap.add_argument("--min-length", type=options.int_in(0, MAX_TOKENS), default=0,
+                    help="drop documents with fewer tokens (BOS/EOS included)")
     ap.add_argument("--doc-per-file", action="store_true", help="every input file is one document")
     ap.add_argument("--raw-json-line", action="store_true", help="tokenize whole JSON records (InternEvo's behaviour)")
-    ap.add_argument("--overwrite", action="store_true")
+    ap.add_argument("--split", type=options.relative_name, default=None,
+                    help="Hub dataset folders: the split to take (default: train)")
+    ap.add_argument("--subset", type=options.relative_name, default=None,
+                    help="Hub dataset folders: the config (README configs:) or sub-folder to take")
+    ap.add_argument("--overwrite", action="store_true", help="replace the token files of an existing output folder")
     ap.add_argument("--debug", action="store_true", help="show tracebacks")
-    args = ap.parse_args(argv)
-    try:
+
+    def run(args) -> int:
         s = prepare(args.inputs, args.out, args.tokenizer, text_key=args.text_key, workers=args.workers,
                     shard_size_mb=args.shard_size_mb, min_length=args.min_length, overwrite=args.overwrite,
-                    doc_per_file=args.doc_per_file, raw_json_line=args.raw_json_line)
-    except SpindleError as e:
-        if args.debug:
-            raise
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(f"{s['documents']:,} documents, {s['tokens']:,} tokens in {s['shards']} shard(s) -> {s['out_dir']} "
-          f"({s['seconds']:.1f} s, {s['docs_per_s']:,.0f} docs/s)" + (f"; {s['dropped_short']:,} dropped by --min-length" if s["dropped_short"] else ""))
-    return 0
+                    doc_per_file=args.doc_per_file, raw_json_line=args.raw_json_line, split=args.split,
+                    subset=args.subset)
+        for folder, (split, files) in s["taken"].items():
+            names = [os.path.relpath(f, folder) for f in files]
+            print(f"{folder}: split {split!r}, {len(files)} file(s): {', '.join(names[:4])}"
+                  + (f" (+{len(names) - 4} more)" if len(names) > 4 else ""))
+        print(f"{s['documents']:,} documents, {s['tokens']:,} tokens in {s['shards']} shard(s) -> {s['out_dir']} "
+              f"({s['seconds']:.1f} s, {s['docs_per_s']:,.0f} docs/s)"
+              + (f"; {s['dropped_short']:,} dropped by --min-length" if s["dropped_short"] else ""))
+        return 0
+
+    return options.run_command(run, ap, argv)
 
 
 def write_json_bin(
@@ -518,7 +324,7 @@ def write_json_bin(
     doc_per_file: bool = False,
 ) -> dict:
     """InternEvo `.bin` + int64 `.bin.meta` (the engine of tools/tokenizer.py)."""
-    from spindle.data.shards import JsonBinWriter
+    from spindle.data.shard_writers import JsonBinWriter
 
     t0 = time.perf_counter()
     files = expand_inputs(inputs)
@@ -526,7 +332,7 @@ def write_json_bin(
     opts = EncodeOptions(str(tokenizer_spec), text_key=text_key, output="json")
     w = JsonBinWriter(bin_path)
     try:
-        for enc in run_encode(_all_batches(files, text_key, raw_json_line, doc_per_file), opts,
+        for enc in run_encode(all_batches(files, text_key, raw_json_line, doc_per_file), opts,
                               default_workers() if not workers else workers, tok):
             w.add_lines(enc.lines, enc.line_bytes, enc.lengths)
     except BaseException:

@@ -22,12 +22,12 @@ from __future__ import annotations
 
 import bisect
 import json
-import mmap
 import os
-from typing import Iterable, Sequence
+from typing import Sequence
 
 import numpy as np
 
+from spindle.data.files import walk_files
 from spindle.errors import SpindleError
 
 FORMAT_NAME = "spindle-shards"
@@ -44,15 +44,55 @@ def token_dtype(vocab_size: int) -> np.dtype:
     return np.dtype("<u2") if vocab_size <= 65535 else np.dtype("<u4")
 
 
-def _mmap_file(path: str) -> mmap.mmap | None:
-    """Read-only mmap of a whole file; None for an empty file (mmap cannot map 0 bytes)."""
-    try:
-        with open(path, "rb") as f:
-            if os.fstat(f.fileno()).st_size == 0:
-                return None
-            return mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-    except OSError as e:
-        raise SpindleError(f"{path}: cannot read ({e.strerror})") from None
+class WatchedFile:
+    """A token file read by offset (`os.pread`), never memory-mapped: a file truncated under an
+    mmap kills the process with SIGBUS on the next access, while a short or changed read here is
+    an error that names the file. Every read opens the file and compares what it finds with the
+    (device, inode, size, mtime) of the first open, so a file truncated, rewritten in place or
+    replaced while a run trains stops the run with one message (3.8 us per read against 0.6 us
+    for an mmap slice, docs/LOG.md). No descriptor stays open: a folder of thousands of files
+    does not run into the open-file limit."""
+
+    def __init__(self, path: str):
+        self.path = path
+        fd = self._open()
+        try:
+            st = os.fstat(fd)
+        finally:
+            os.close(fd)
+        self.size = st.st_size
+        self._sig = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+
+    def _open(self) -> int:
+        try:
+            return os.open(self.path, os.O_RDONLY)
+        except FileNotFoundError:
+            raise SpindleError(f"{self.path}: token file disappeared while this run reads it") from None
+        except OSError as e:
+            raise SpindleError(f"{self.path}: cannot read ({e.strerror})") from None
+
+    def read(self, offset: int, nbytes: int) -> bytes:
+        fd = self._open()
+        try:
+            st = os.fstat(fd)
+            if (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns) != self._sig:
+                what = "truncated" if st.st_size < self.size else "rewritten or replaced"
+                raise SpindleError(f"{self.path}: token file {what} while this run reads it "
+                                   f"({self.size} -> {st.st_size} bytes); data must not change under a running job")
+            data = os.pread(fd, nbytes, offset)
+        except OSError as e:
+            raise SpindleError(f"{self.path}: cannot read ({e.strerror})") from None
+        finally:
+            os.close(fd)
+        if len(data) != nbytes:
+            raise SpindleError(f"{self.path}: token file truncated while this run reads it "
+                               f"(read {len(data)} of {nbytes} bytes at {offset})")
+        return data
+
+    def blocks(self, block: int = 1 << 24):
+        """(offset, bytes) over the whole file in `block`-sized reads (flat memory for big files)."""
+        for off in range(0, self.size, block):
+            yield off, self.read(off, min(block, self.size - off))
 
 
 def _load_npy(path: str) -> np.ndarray:
@@ -101,8 +141,9 @@ def _fail_or_count(on_error: str, msg: str) -> None:
 
 
 class BinaryShard(DocumentSource):
-    """Spindle binary shard. Reads are `np.frombuffer` views over one mmap (no np.memmap:
-    its subclass overhead makes per-document slicing as slow as JSON, cpu-baselines.md §4)."""
+    """Spindle binary shard. A document is one `pread` of its token range (WatchedFile), read
+    with `np.frombuffer` (no np.memmap: besides SIGBUS, its subclass overhead makes per-document
+    slicing as slow as JSON, cpu-baselines.md §4)."""
 
     def __init__(self, path: str, vocab_size: int | None = None, on_error: str = "raise"):
         base = path[: -len(TOKENS_EXT)] if path.endswith(TOKENS_EXT) else path
@@ -114,7 +155,8 @@ class BinaryShard(DocumentSource):
         if offsets.ndim != 1 or offsets.size < 1 or offsets.dtype.kind not in "iu":
             raise SpindleError(f"{idx_path}: expected a 1-D integer offsets array, got {offsets.dtype} {offsets.shape}")
         offsets = offsets.astype(np.int64, copy=False)
-        size = os.path.getsize(self.path)
+        self._file = WatchedFile(self.path)
+        size = self._file.size
         total = int(offsets[-1])
         if size == 0 or total == 0:
             raise SpindleError(f"{self.path}: empty shard (no tokens)")
@@ -127,30 +169,38 @@ class BinaryShard(DocumentSource):
         self.dtype = np.dtype("<u2") if size // total == 2 else np.dtype("<u4")
         if manifest_dtype is not None and np.dtype(manifest_dtype) != self.dtype:
             raise SpindleError(f"{self.path}: manifest says {manifest_dtype} but size implies {self.dtype}")
-        self._mm = _mmap_file(self.path)
-        self.token_array = np.frombuffer(self._mm, dtype=self.dtype)
-        self._mask_bits = None
+        self._mask_file = None
         mask_path = base + MASK_EXT
         if os.path.exists(mask_path):
-            self._mask_mm = _mmap_file(mask_path)
+            self._mask_file = WatchedFile(mask_path)
             need = (total + 7) // 8
-            if self._mask_mm is None or len(self._mask_mm) != need:
-                raise SpindleError(f"{mask_path}: loss mask has {0 if self._mask_mm is None else len(self._mask_mm)} bytes, expected {need}")
-            self._mask_bits = np.frombuffer(self._mask_mm, dtype=np.uint8)
+            if self._mask_file.size != need:
+                raise SpindleError(f"{mask_path}: loss mask has {self._mask_file.size} bytes, expected {need}")
             self.has_loss_mask = True
         keep = np.ones(len(offsets) - 1, dtype=bool)
         if vocab_size is not None:
-            # One vectorised pass over the mmap: cheap compared with training on bad ids.
-            if int(self.token_array.max()) >= vocab_size:
-                bad_pos = np.flatnonzero(self.token_array >= vocab_size)
+            # One vectorised pass over the file: cheap compared with training on bad ids.
+            bad_pos, first_bad = self._ids_out_of_range(vocab_size)
+            if len(bad_pos):
                 bad_docs = np.unique(np.searchsorted(offsets, bad_pos, side="right") - 1)
                 _fail_or_count(on_error, f"{self.path}: {len(bad_docs)} document(s) hold token ids >= vocab size {vocab_size} "
-                               f"(first: document {int(bad_docs[0])}, id {int(self.token_array[bad_pos[0]])})")
+                               f"(first: document {int(bad_docs[0])}, id {first_bad})")
                 keep[bad_docs] = False
         self.offsets = offsets
         self.skipped = int((~keep).sum())
         self._index = None if keep.all() else np.flatnonzero(keep)
         self.lengths = np.diff(offsets) if self._index is None else np.diff(offsets)[self._index]
+
+    def _ids_out_of_range(self, vocab_size: int) -> tuple[np.ndarray, int]:
+        """Token positions holding ids >= vocab_size, and the first such id (-1 if none)."""
+        bad, first = [], -1
+        for off, data in self._file.blocks():
+            arr = np.frombuffer(data, dtype=self.dtype)
+            if int(arr.max()) >= vocab_size:
+                pos = np.flatnonzero(arr >= vocab_size)
+                first = int(arr[pos[0]]) if first < 0 else first
+                bad.append(pos + off // self.dtype.itemsize)
+        return (np.concatenate(bad) if bad else np.zeros(0, np.int64)), first
 
     @staticmethod
     def _manifest_dtype(folder: str, name: str) -> str | None:
@@ -168,17 +218,19 @@ class BinaryShard(DocumentSource):
             i = self._index[i]
         a = self.offsets[i]
         b = self.offsets[i + 1]
-        tokens = self.token_array[a:b].astype(np.int64)
-        if self._mask_bits is None:
-            return tokens, None
         a, b = int(a), int(b)
-        bits = np.unpackbits(self._mask_bits[a >> 3 : (b + 7) >> 3], bitorder="little")
+        size = self.dtype.itemsize
+        tokens = np.frombuffer(self._file.read(a * size, (b - a) * size), dtype=self.dtype).astype(np.int64)
+        if self._mask_file is None:
+            return tokens, None
+        lo, hi = a >> 3, (b + 7) >> 3
+        bits = np.unpackbits(np.frombuffer(self._mask_file.read(lo, hi - lo), dtype=np.uint8), bitorder="little")
         return tokens, bits[a & 7 : (a & 7) + (b - a)].astype(bool)
 
 
 class JsonBin(DocumentSource):
-    """InternEvo `.bin` + `.bin.meta`. Opening parses every line once (validation); reads then
-    seek + readline + json.loads like InternEvo's JsonlDataset."""
+    """InternEvo `.bin` + `.bin.meta`. Opening parses every line once (validation); a read is then
+    one `pread` of the line (WatchedFile) + json.loads, like InternEvo's JsonlDataset."""
 
     def __init__(self, path: str, vocab_size: int | None = None, on_error: str = "raise"):
         self.path = path
@@ -189,12 +241,13 @@ class JsonBin(DocumentSource):
         if meta.ndim != 2 or meta.shape[1] != 2 or meta.dtype.kind not in "iu":
             raise SpindleError(f"{meta_path}: expected an integer (N, 2) array of (byte offset, token count), got {meta.dtype} {meta.shape}")
         meta = meta.astype(np.int64, copy=False)
-        self._mm = _mmap_file(path)
-        if self._mm is None or len(meta) == 0:
+        self._file = WatchedFile(path)
+        size = self._file.size
+        if size == 0 or len(meta) == 0:
             raise SpindleError(f"{path}: empty file (no documents)")
-        size = len(self._mm)
         # Full parse: line starts, token counts, negative ids (SFT masks), vocab range.
         starts, counts, has_neg, bad_lines = self._scan(vocab_size, on_error)
+        line_ends = starts[1:] + [size]
         line_no = {int(s): n for n, s in enumerate(starts, 1)}
         bad_starts = {int(starts[n - 1]) for n in bad_lines}
         keep = []
@@ -216,47 +269,50 @@ class JsonBin(DocumentSource):
             raise SpindleError(f"{path}: no valid documents ({self.skipped} skipped)")
         meta = meta[keep]
         self._offsets = meta[:, 0].tolist()
+        self._ends = [line_ends[line_no[off] - 1] for off in self._offsets]
         self.lengths = meta[:, 1].copy()
         self.has_loss_mask = has_neg
 
     def _scan(self, vocab_size, on_error):
-        mm = self._mm
         starts, counts, bad = [], [], []
         has_neg = False
-        pos, n, size = 0, 0, len(mm)
-        while pos < size:
-            end = mm.find(b"\n", pos)
-            end = size if end < 0 else end + 1
-            n += 1
-            starts.append(pos)
-            line = mm[pos:end]
-            pos = end
-            problem = None
-            try:
-                obj = json.loads(line)
-                toks = obj.get("tokens") if isinstance(obj, dict) else None  # no KeyError on {"x": ..} (fuzz)
-                if not isinstance(toks, list) or not all(type(t) is int for t in toks):
-                    problem = 'expected {"tokens": [int, ...]}'
-                    toks = []
-            except ValueError as e:
-                problem, toks = f"malformed JSON ({e})", []
-            counts.append(len(toks))
-            if problem is None and toks:
-                lo, hi = min(toks), max(toks)
-                if lo < 0:
-                    has_neg = True
-                if vocab_size is not None and max(hi, -lo) >= vocab_size:
-                    problem = f"token id {max(hi, -lo)} >= vocab size {vocab_size}"
-            if problem is not None:
-                _fail_or_count(on_error, f"{self.path}: line {n}: {problem}")
-                bad.append(n)
+        pos, n = 0, 0
+        with open(self.path, "rb") as f:  # buffered reads: a file cut short here ends the scan, no SIGBUS
+            for line in f:
+                n += 1
+                starts.append(pos)
+                pos += len(line)
+                problem = None
+                try:
+                    obj = json.loads(line)
+                    toks = obj.get("tokens") if isinstance(obj, dict) else None  # no KeyError on {"x": ..} (fuzz)
+                    if not isinstance(toks, list) or not all(type(t) is int for t in toks):
+                        problem = 'expected {"tokens": [int, ...]}'
+                        toks = []
+                except ValueError as e:
+                    problem, toks = f"malformed JSON ({e})", []
+                counts.append(len(toks))
+                if problem is None and toks:
+                    lo, hi = min(toks), max(toks)
+                    if lo < 0:
+                        has_neg = True
+                    if vocab_size is not None and max(hi, -lo) >= vocab_size:
+                        problem = f"token id {max(hi, -lo)} >= vocab size {vocab_size}"
+                if problem is not None:
+                    _fail_or_count(on_error, f"{self.path}: line {n}: {problem}")
+                    bad.append(n)
+        self._file.read(0, 0)  # the file must still be the one opened
         return starts, counts, has_neg, bad
 
     def __getitem__(self, i: int) -> tuple[np.ndarray, np.ndarray | None]:
-        # find + slice instead of seek + readline: no shared file position, so thread-safe.
-        mm = self._mm
+        # pread at an offset: no shared file position, so thread-safe.
         off = self._offsets[i]
-        toks = np.array(json.loads(mm[off : mm.find(b"\n", off) + 1 or len(mm)])["tokens"], dtype=np.int64)
+        line = self._file.read(off, self._ends[i] - off)
+        try:
+            toks = np.array(json.loads(line)["tokens"], dtype=np.int64)
+        except (ValueError, KeyError, TypeError):  # the scan at open parsed this line: the file changed since
+            raise SpindleError(f"{self.path}: byte {off} no longer holds the document read at start; "
+                               f"data must not change under a running job") from None
         if not self.has_loss_mask:
             return toks, None
         # InternEvo's collate maps labels <= 0 to -100, so id 0 is masked in SFT files too.
@@ -282,18 +338,13 @@ class ConcatSource(DocumentSource):
 
 
 def find_token_files(folder: str) -> list[str]:
-    """All `.bin` and `.tokens` files under `folder` (recursive, following links, sorted)."""
+    """All `.bin` and `.tokens` files under `folder` (recursive, following links, each real file
+    once however the folder links into itself; sorted)."""
     if os.path.isfile(folder):
         return [folder]
     if not os.path.isdir(folder):
         raise SpindleError(f"{folder}: data folder not found")
-    found = []
-    for root, dirs, files in os.walk(folder, followlinks=True):
-        dirs.sort()
-        for f in files:
-            if f.endswith(JSON_EXT) or f.endswith(TOKENS_EXT):
-                found.append(os.path.join(root, f))
-    return sorted(found)
+    return sorted(walk_files(folder, keep=lambda f: f.endswith((JSON_EXT, TOKENS_EXT))))
 
 
 def open_documents(path: str | os.PathLike, vocab_size: int | None = None, on_error: str = "raise") -> DocumentSource:
@@ -315,94 +366,6 @@ def open_documents(path: str | os.PathLike, vocab_size: int | None = None, on_er
     raise SpindleError(f"{path}: not a token file (expected .bin or .tokens)")
 
 
-# ----------------------------------------------------------------------------------- writers
-
-
-class ShardWriter:
-    """Appends documents to one binary shard; `close()` writes the index and returns the shard's
-    manifest entry. Data goes to `NAME.tokens.tmp` first so a crash never leaves a shard that
-    looks complete."""
-
-    def __init__(self, folder: str, name: str, vocab_size: int, with_loss_mask: bool = False):
-        self.folder, self.name = folder, name
-        self.dtype = token_dtype(vocab_size)
-        self.vocab_size = vocab_size
-        self.base = os.path.join(folder, name)
-        os.makedirs(folder, exist_ok=True)
-        self._f = open(self.base + TOKENS_EXT + ".tmp", "wb")
-        self._lengths: list[np.ndarray] = []
-        self._masks: list[np.ndarray] | None = [] if with_loss_mask else None
-        self.num_tokens = 0
-        self.num_docs = 0
-
-    @property
-    def nbytes(self) -> int:
-        return self.num_tokens * self.dtype.itemsize
-
-    def add(self, tokens: Sequence[int] | np.ndarray, loss_mask: np.ndarray | None = None) -> None:
-        tokens = np.asarray(tokens)
-        self.add_many(np.array([len(tokens)], np.int64), tokens, loss_mask)
-
-    def add_many(self, lengths: np.ndarray, flat_tokens: np.ndarray, flat_mask: np.ndarray | None = None) -> None:
-        """Append many documents at once: `flat_tokens` holds them back to back."""
-        flat = np.asarray(flat_tokens)
-        if flat.size and (flat.min() < 0 or flat.max() >= self.vocab_size):
-            raise SpindleError(f"{self.base}{TOKENS_EXT}: token id out of range [0, {self.vocab_size})")
-        if self._masks is not None:
-            if flat_mask is None:
-                flat_mask = np.ones(flat.size, dtype=bool)
-            self._masks.append(np.asarray(flat_mask, dtype=bool))
-        elif flat_mask is not None:
-            raise ValueError("this shard was opened without a loss mask")
-        self._f.write(flat.astype(self.dtype, copy=False).tobytes())
-        self._lengths.append(np.asarray(lengths, dtype=np.int64))
-        self.num_tokens += int(flat.size)
-        self.num_docs += len(lengths)
-
-    def close(self) -> dict:
-        self._f.close()
-        lengths = np.concatenate(self._lengths) if self._lengths else np.zeros(0, np.int64)
-        offsets = np.zeros(len(lengths) + 1, np.int64)
-        np.cumsum(lengths, out=offsets[1:])
-        if int(offsets[-1]) != self.num_tokens:
-            raise AssertionError("document lengths disagree with tokens written")
-        np.save(self.base + IDX_EXT, offsets)
-        if self._masks is not None:
-            mask = np.concatenate(self._masks) if self._masks else np.zeros(0, bool)
-            with open(self.base + MASK_EXT, "wb") as f:
-                f.write(np.packbits(mask, bitorder="little").tobytes())
-        os.replace(self.base + TOKENS_EXT + ".tmp", self.base + TOKENS_EXT)
-        return {
-            "name": self.name,
-            "file": self.name + TOKENS_EXT,
-            "dtype": self.dtype.str,
-            "documents": self.num_docs,
-            "tokens": self.num_tokens,
-            "loss_mask": self._masks is not None,
-        }
-
-
-def write_manifest(folder: str, tokenizer_identity: dict | None, shards: list[dict], **extra) -> str:
-    """One manifest per output folder (atomic write)."""
-    dtypes = sorted({s["dtype"] for s in shards})
-    man = {
-        "format": FORMAT_NAME,
-        "version": FORMAT_VERSION,
-        "tokenizer": tokenizer_identity,
-        "dtype": dtypes[0] if len(dtypes) == 1 else dtypes,
-        "documents": sum(s["documents"] for s in shards),
-        "tokens": sum(s["tokens"] for s in shards),
-        "shards": shards,
-        **extra,
-    }
-    path = os.path.join(folder, MANIFEST)
-    with open(path + ".tmp", "w", encoding="utf-8") as f:
-        json.dump(man, f, indent=2)
-        f.write("\n")
-    os.replace(path + ".tmp", path)
-    return path
-
-
 def read_manifest(folder: str) -> dict:
     path = os.path.join(folder, MANIFEST)
     try:
@@ -417,48 +380,3 @@ def read_manifest(folder: str) -> dict:
     if man.get("version", 0) > FORMAT_VERSION:
         raise SpindleError(f"{path}: format version {man.get('version')} is newer than this Spindle reads ({FORMAT_VERSION})")
     return man
-
-
-def json_line(tokens: Iterable[int]) -> bytes:
-    """Exactly `json.dumps({"tokens": tokens}) + "\\n"` (default separators), built without
-    json.dumps because this is the hot loop of writing `.bin` files."""
-    return ('{"tokens": [' + ", ".join(map(str, tokens)) + "]}\n").encode("ascii")
-
-
-class JsonBinWriter:
-    """Writes InternEvo `.bin` + int64 `.bin.meta` (int64 so offsets past 2 GiB survive).
-    The meta is built from the bytes written, without re-reading the file."""
-
-    def __init__(self, path: str):
-        self.path = path
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        self._f = open(path + ".tmp", "wb")
-        self._rows: list[np.ndarray] = []  # (n, 2) blocks of (byte offset, token count)
-        self._pos = 0
-
-    def add(self, tokens: Sequence[int]) -> None:
-        line = json_line(tokens)
-        self._f.write(line)
-        self._rows.append(np.array([[self._pos, len(tokens)]], dtype=np.int64))
-        self._pos += len(line)
-
-    def add_lines(self, blob: bytes, line_bytes: np.ndarray, counts: np.ndarray) -> None:
-        """Append pre-rendered `json_line`s (rendered in worker processes): their bytes back to
-        back, each line's byte length and token count."""
-        ends = self._pos + np.cumsum(line_bytes, dtype=np.int64)
-        self._rows.append(np.stack([ends - line_bytes, np.asarray(counts, dtype=np.int64)], axis=1))
-        self._f.write(blob)
-        self._pos = int(ends[-1]) if len(ends) else self._pos
-
-    @property
-    def num_docs(self) -> int:
-        return sum(len(r) for r in self._rows)
-
-    def close(self) -> dict:
-        self._f.close()
-        meta = np.concatenate(self._rows) if self._rows else np.zeros((0, 2), dtype=np.int64)
-        with open(self.path + ".meta.tmp", "wb") as f:
-            np.save(f, meta)
-        os.replace(self.path + ".tmp", self.path)
-        os.replace(self.path + ".meta.tmp", self.path + ".meta")
-        return {"path": self.path, "documents": len(meta), "tokens": int(meta[:, 1].sum()) if len(meta) else 0}

@@ -6,9 +6,11 @@ output of `Dataset.save_to_disk` / `DatasetDict.save_to_disk`. It is read with t
 library in streaming mode (`load_dataset(..., streaming=True)`, or `load_from_disk(...)
 .to_iterable_dataset()` for a saved dataset), record by record, in the dataset's own order.
 
-Each record's `content_name` column (default "text") is one document. Documents are tokenized in
-batches with `load_tokenizer(tokenizer_path)` and wrapped as [BOS] ids [EOS]; documents shorter
-than `min_length` tokens are dropped. The documents form one token stream that is packed exactly
+Each record's `content_name` column (default "text") is one document. Text is tokenized in
+batches with `load_tokenizer(tokenizer_path)` and wrapped as [BOS] ids [EOS] (no BOS for a model
+without one); a conversation (a list of {role, content} messages) is rendered with the tokenizer's
+chat template, loss on the assistant's turns only (spindle.data.chat); any other value is refused.
+Documents shorter than `min_length` tokens are dropped. The documents form one token stream that is packed exactly
 like cut-mode packing (spindle.data.packing.assemble_pack: rows of seq_len, a segment per
 document fragment, positions restarting per fragment, labels the next token of the same document
 and -100 at its end), or concat mode with `pack_sample_into_one=True`. The tail of the stream that
@@ -30,6 +32,7 @@ A state holding only a position replays the stream from the start to that positi
 
 from __future__ import annotations
 
+import itertools
 import os
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -39,41 +42,56 @@ from typing import Iterator, Optional
 import numpy as np
 
 from spindle.config import DataConfig, parse_rampup
+from spindle.data.chat import conversation_tokens, text_or_conversation
+from spindle.data.files import check_fingerprints, fingerprint, walk_files
+from spindle.data.hub import builder_of, split_files
 from spindle.data.packing import Pack, assemble_pack, collate
 from spindle.data.sampler import micro_num_at
 from spindle.errors import SpindleError
 
-DATA_SUFFIXES = (".parquet", ".json", ".jsonl", ".arrow", ".csv", ".txt")
 TOKENIZE_BATCH = 256  # records per tokenizer call
 
 
-def open_stream(folder: str, subset_name: Optional[str] = None, split: str = "train"):
-    """The `datasets.IterableDataset` of a local dataset folder (repository layout or save_to_disk)."""
-    import datasets
+def _saved_to_disk(root: Path) -> bool:
+    return root.is_dir() and ((root / "state.json").is_file() or (root / "dataset_dict.json").is_file())
 
+
+def stream_files(folder: str, subset_name: Optional[str] = None, split: str = "train",
+                 folder_key: str = "data.train_folder") -> list[str]:
+    """The files one split of a local dataset folder is read from: a repository folder's split of
+    one config (spindle.data.hub: found by a loop-safe walk), every file of a save_to_disk folder,
+    or the single data file given."""
     root = Path(folder)
     if not root.exists():
-        raise SpindleError(f"data.train_folder: dataset folder not found: {folder}")
-    if root.is_dir() and ((root / "state.json").is_file() or (root / "dataset_dict.json").is_file()):
-        ds = datasets.load_from_disk(str(root))  # save_to_disk output: memory-mapped arrow
+        raise SpindleError(f"{folder_key}: dataset folder not found: {folder}")
+    if _saved_to_disk(root):
+        return walk_files(str(root))
+    if root.is_dir():
+        return split_files(str(root), split, subset_name, split_key="data.split", subset_key="data.subset_name")
+    return [str(root)]
+
+
+def open_stream(folder: str, subset_name: Optional[str] = None, split: str = "train",
+                folder_key: str = "data.train_folder"):
+    """The `datasets.IterableDataset` of one split of a local dataset folder (repository layout or
+    save_to_disk). A repository folder's files are handed to `datasets` as `data_files`, so neither
+    the card, nor another split or config, nor a symlink loop reaches it."""
+    import datasets
+
+    files = stream_files(folder, subset_name, split, folder_key)
+    if _saved_to_disk(Path(folder)):
+        ds = datasets.load_from_disk(str(folder))  # save_to_disk output: memory-mapped arrow
         if isinstance(ds, datasets.DatasetDict):
-            key = subset_name if subset_name in ds else split if split in ds else next(iter(ds))
+            key = subset_name if subset_name in ds else split
+            if key not in ds:
+                raise SpindleError(f"data.split: {folder} has no split {split!r}; its splits: {', '.join(ds)}")
             ds = ds[key]
         return ds.to_iterable_dataset()
-    if root.is_dir():
-        kwargs = {}
-        if subset_name:
-            # a sub-folder of the repository, or a config declared in its README
-            kwargs = {"data_dir": subset_name} if (root / subset_name).is_dir() else {"name": subset_name}
-        path = str(root)
-    else:  # a single data file
-        suffix = root.suffix.lstrip(".")
-        builder = {"jsonl": "json"}.get(suffix, suffix)
-        path, kwargs = builder, {"data_files": str(root)}
     try:
-        return datasets.load_dataset(path, split=split, streaming=True, **kwargs)
+        return datasets.load_dataset(builder_of(files, folder_key), data_files={split: files}, split=split,
+                                     streaming=True)
     except (FileNotFoundError, ValueError) as e:
-        raise SpindleError(f"data.train_folder: cannot read {folder} as a Hugging Face dataset ({e})") from None
+        raise SpindleError(f"{folder_key}: cannot read {folder} as a Hugging Face dataset ({e})") from None
 
 
 class StreamPacker:
@@ -87,34 +105,49 @@ class StreamPacker:
             raise SpindleError(f"data.tokenizer_path: the tokenizer has {tokenizer.vocab_size} ids but "
                                f"model.vocab_size is {vocab_size}")
 
-    def documents(self, start_record: int) -> Iterator[tuple[int, np.ndarray]]:
-        """(record index, [BOS] ids [EOS]) from record `start_record` on; short documents dropped."""
-        ds = open_stream(self.data.train_folder, self.data.subset_name)
+    def documents(self, start_record: int) -> Iterator[tuple[int, np.ndarray, Optional[np.ndarray]]]:
+        """(record index, ids, loss mask or None) from record `start_record` on; short documents
+        dropped. A text cell is `Tokenizer.document(ids)`; a conversation (a list of {role, content}
+        messages, smoltalk / ultrachat style) is rendered by spindle.data.chat with its mask. A whole
+        epoch in which `min_length` drops every document is an error naming it."""
+        data = self.data
+        ds = open_stream(data.train_folder, data.subset_name, data.split)
         if start_record:
             ds = ds.skip(start_record)
-        column, min_len = self.data.content_name, max(self.data.min_length, 1)
-        bos, eos = self.tok.bos_id, self.tok.eos_id
-        index = start_record
+        column, min_len = data.content_name, max(data.min_length, 1)
+        index, kept, longest = start_record, 0, 0
         for batch in ds.iter(batch_size=TOKENIZE_BATCH):
             if column not in batch:
-                raise SpindleError(f"data.content_name: the dataset {self.data.train_folder} has no column "
+                raise SpindleError(f"data.content_name: the dataset {data.train_folder} has no column "
                                    f"{column!r}; its columns are {sorted(batch)}")
-            texts = ["" if t is None else str(t) for t in batch[column]]
-            for ids in self.tok.encode_batch(texts):
-                doc = np.asarray([bos, *ids, eos], dtype=np.int64)
+            wheres = [f"data.content_name: column {column!r} of {data.train_folder}, record {index + k}"
+                      for k in range(len(batch[column]))]
+            cells = [text_or_conversation(v, w) for v, w in zip(batch[column], wheres)]
+            encoded = iter(self.tok.encode_batch([c or "" for c in cells if not isinstance(c, list)]))
+            for cell, where in zip(cells, wheres):
+                if isinstance(cell, list):
+                    ids, trained = conversation_tokens(self.tok, cell, where)
+                    doc, mask = np.asarray(ids, dtype=np.int64), np.asarray(trained, dtype=bool)
+                else:
+                    doc, mask = np.asarray(self.tok.document(next(encoded)), dtype=np.int64), None
+                longest = max(longest, len(doc))
                 if len(doc) >= min_len:
-                    yield index, doc
+                    kept += 1
+                    yield index, doc, mask
                 index += 1
+        if start_record == 0 and index and not kept:
+            raise SpindleError(f"data.min_length={data.min_length} drops every document of {data.train_folder} "
+                               f"(split {data.split!r}: {index} documents, the longest {longest} tokens)")
 
     def packs(self, start_record: int = 0, start_offset: int = 0) -> Iterator[tuple[Pack, tuple[int, int]]]:
         """(pack, cursor after it) for the rest of the epoch; the cursor is where the next pack starts."""
         p = self.packed_length
-        pending: deque = deque()  # [record, ids, offset] fragments not yet packed
+        pending: deque = deque()  # [record, ids, offset, mask] fragments not yet packed
         buffered = 0
         next_record = start_record
-        for record, ids in self.documents(start_record):
+        for record, ids, mask in self.documents(start_record):
             ids_off = start_offset if record == start_record else 0  # resume inside a document
-            pending.append([record, ids, ids_off])
+            pending.append([record, ids, ids_off, mask])
             buffered += len(ids) - ids_off
             next_record = record + 1
             while buffered >= p:
@@ -122,13 +155,15 @@ class StreamPacker:
                 need = p
                 while need:
                     frag = pending[0]
-                    rec, d, off = frag
+                    rec, d, off, m = frag
                     take = min(need, len(d) - off)
                     tokens.append(d[off : off + take])
                     nxt = np.full(take, -100, dtype=np.int64)
                     inner = min(off + take, len(d) - 1) - off  # next tokens exist up to the last token
                     if inner > 0:
                         nxt[:inner] = d[off + 1 : off + 1 + inner]
+                        if m is not None:  # a label carries loss only where the predicted token does
+                            nxt[:inner][~m[off + 1 : off + 1 + inner]] = -100
                     labels.append(nxt)
                     st = np.zeros(take, dtype=bool)
                     st[0] = True
@@ -165,6 +200,9 @@ class StreamingLoader:
         self.packer = StreamPacker(data, tokenizer, vocab_size)
         name = data.subset_name or Path(os.path.normpath(data.train_folder)).name or "streaming"
         self.source_names = [name.replace("/", "_")]
+        files = stream_files(data.train_folder, data.subset_name, data.split)
+        root = data.train_folder if os.path.isdir(data.train_folder) else os.path.dirname(data.train_folder)
+        self.fingerprint = [fingerprint(self.source_names[0], root, files, tokenizer.identity())]
         self.rampup = parse_rampup(data.rampup_batch_size)
         self.position = 0
         self._at: tuple[int, tuple[int, int]] = (0, (0, 0))  # (epoch, cursor) at `position`
@@ -176,9 +214,11 @@ class StreamingLoader:
     # -- state
     def state_dict(self) -> dict:
         epoch, (record, offset) = self._at
-        return {"position": self.position, "epoch": epoch, "record": record, "offset": offset}
+        return {"position": self.position, "epoch": epoch, "record": record, "offset": offset,
+                "fingerprint": self.fingerprint}
 
     def load_state_dict(self, state: dict) -> None:
+        check_fingerprints(state.get("fingerprint"), self.fingerprint)
         self._drop_pending()
         position = int(state["position"])
         if "record" in state:
@@ -249,3 +289,23 @@ class StreamingLoader:
         self._pending = None
         if self._pool is not None:
             self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+def streamed_valid_set(data: DataConfig, vocab_size: Optional[int]) -> tuple[str, list[dict]]:
+    """(name, micro-batches) of a validation split of a streamed dataset: `data.valid_split`
+    (default "validation") of `data.valid_folder` (default: the training dataset), its first
+    `valid_micro_num` packs in dataset order, packed like training."""
+    from spindle.data.tokenizer import load_tokenizer
+
+    if not data.tokenizer_path:
+        raise SpindleError("data.type='streaming' needs data.tokenizer_path")
+    split = data.valid_split or "validation"
+    folder = data.valid_folder or data.train_folder
+    valid = data.model_copy(update={"train_folder": folder, "split": split})
+    packer = StreamPacker(valid, load_tokenizer(data.tokenizer_path), vocab_size)
+    n = data.valid_micro_num or data.micro_num
+    packs = [pack for pack, _ in itertools.islice(packer.packs(), n)]
+    if len(packs) < n:
+        raise SpindleError(f"data.valid_split: split {split!r} of {folder} holds fewer tokens than "
+                           f"{n} pack(s) of micro_bsz * seq_len = {data.packed_length} (data.valid_micro_num)")
+    return split, collate(packs)

@@ -11,16 +11,15 @@ Contract shared by every implementation:
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import os
 import shutil
-import sys
 from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Iterable, Sequence
 
+from spindle.data.hub_tokenizer import UNSET, FolderConfig, is_tiktoken, read_folder_config, tiktoken_error
 from spindle.errors import SpindleError
 
 # The tokenizer shipped with the package (created by tools/make_default_tokenizer.py).
@@ -42,6 +41,7 @@ class Tokenizer(ABC):
 
     kind: str = ""
     path: str | None = None
+    chat_template: str | None = None  # the folder's Jinja chat template, if it ships one
 
     @property
     @abstractmethod
@@ -49,7 +49,8 @@ class Tokenizer(ABC):
 
     @property
     @abstractmethod
-    def bos_id(self) -> int: ...
+    def bos_id(self) -> int | None:
+        """The id that starts every document, or None when the model has no BOS (Qwen2)."""
 
     @property
     @abstractmethod
@@ -70,6 +71,20 @@ class Tokenizer(ABC):
     @abstractmethod
     def decode(self, ids: Iterable[int]) -> str: ...
 
+    @abstractmethod
+    def token_text(self, i: int) -> str:
+        """The text of one token (how a chat template writes it)."""
+
+    def special_tokens(self) -> dict[str, int]:
+        """Control tokens a chat template may write (text -> id); text that only *looks* like one
+        in data stays text."""
+        return {}
+
+    def document(self, ids: Sequence[int]) -> list[int]:
+        """A document as training sees it: [BOS] ids [EOS], without BOS when the model has none."""
+        head = [] if self.bos_id is None else [self.bos_id]
+        return head + list(ids) + [self.eos_id]
+
     def identity(self) -> dict:
         return {
             "kind": self.kind,
@@ -88,32 +103,63 @@ class Tokenizer(ABC):
         return f"{type(self).__name__}(path={self.path!r}, vocab_size={self.vocab_size})"
 
 
+def _pick_specials(cfg: FolderConfig, lookup, bos_fallback, eos_fallback, where: str) -> tuple[int | None, int]:
+    """(BOS or None, EOS) from what the folder declares; `lookup(text)` -> id or None. A declared
+    token must exist; an undeclared one falls back to the model's own (`*_fallback()`)."""
+    def named(key: str, text: str) -> int:
+        tid = lookup(text)
+        if tid is None:
+            raise SpindleError(f"{where}: {key} {text!r} of tokenizer_config.json is not in the vocabulary")
+        return tid
+
+    if cfg.bos is None or cfg.add_bos is False:
+        bos = None  # "bos_token": null, or "add_bos_token": false: documents start without one
+    else:
+        bos = named("bos_token", cfg.bos) if cfg.bos != UNSET else bos_fallback()
+    eos = named("eos_token", cfg.eos) if cfg.eos not in (UNSET, None) else eos_fallback()
+    if eos is None:
+        raise SpindleError(f"{where}: no EOS token (tried {', '.join(_EOS_CANDIDATES)}); name one as eos_token "
+                           f"in tokenizer_config.json")
+    return bos, eos
+
+
 class SentencePieceTokenizer(Tokenizer):
     kind = "sentencepiece"
 
-    def __init__(self, path: str | os.PathLike):
+    def __init__(self, path: str | os.PathLike, cfg: FolderConfig | None = None):
         import sentencepiece as spm
 
         self.path = str(path)
+        if is_tiktoken(self.path):
+            raise tiktoken_error(self.path)
         self._sp = spm.SentencePieceProcessor()
         try:
             self._sp.Load(self.path)
         except (OSError, RuntimeError) as e:
             raise SpindleError(f"{self.path}: not a readable sentencepiece model ({e})") from None
-        if self._sp.bos_id() < 0 or self._sp.eos_id() < 0:
-            raise SpindleError(f"{self.path}: sentencepiece model has no BOS/EOS pieces (train it with bos_id/eos_id >= 0)")
+        cfg = cfg or FolderConfig()
+        self.chat_template = cfg.chat_template
+        n = self._sp.GetPieceSize()
+        self._added = {t: i for t, i in cfg.added.items() if i < n and self._sp.IdToPiece(i) == t}
+        self._bos, self._eos = _pick_specials(
+            cfg, self._piece_id, lambda: self._sp.bos_id() if self._sp.bos_id() >= 0 else None,
+            lambda: self._sp.eos_id() if self._sp.eos_id() >= 0 else None, self.path)
+
+    def _piece_id(self, text: str) -> int | None:
+        i = self._sp.PieceToId(text)
+        return i if self._sp.IdToPiece(i) == text else None
 
     @property
     def vocab_size(self) -> int:
         return self._sp.GetPieceSize()
 
     @property
-    def bos_id(self) -> int:
-        return self._sp.bos_id()
+    def bos_id(self) -> int | None:
+        return self._bos
 
     @property
     def eos_id(self) -> int:
-        return self._sp.eos_id()
+        return self._eos
 
     @property
     def pad_id(self) -> int:
@@ -131,6 +177,13 @@ class SentencePieceTokenizer(Tokenizer):
     def decode(self, ids: Iterable[int]) -> str:
         return self._sp.decode([int(i) for i in ids])
 
+    def token_text(self, i: int) -> str:
+        return self._sp.IdToPiece(int(i))
+
+    def special_tokens(self) -> dict[str, int]:
+        control = {self._sp.IdToPiece(i): i for i in range(self.vocab_size) if self._sp.IsControl(i)}
+        return control | self._added
+
     def save(self, out_dir: str | os.PathLike) -> str:
         os.makedirs(out_dir, exist_ok=True)
         dst = os.path.join(out_dir, "tokenizer.model")
@@ -140,15 +193,16 @@ class SentencePieceTokenizer(Tokenizer):
 
 
 # Names under which BOS/EOS appear in common tokenizer.json files, tried in order when no
-# tokenizer_config.json says otherwise.
-_BOS_CANDIDATES = ("<s>", "<|begin_of_text|>", "<bos>", "<|startoftext|>", "<|im_start|>", "<|endoftext|>")
+# tokenizer_config.json names them. Chat markers (<|im_start|>) are not BOS: a model without a
+# BOS (Qwen2) gets none rather than a turn marker at the start of every document.
+_BOS_CANDIDATES = ("<s>", "<|begin_of_text|>", "<bos>", "<|startoftext|>")
 _EOS_CANDIDATES = ("</s>", "<|end_of_text|>", "<eos>", "<|endoftext|>", "<|im_end|>")
 
 
 class HFTokenizer(Tokenizer):
     kind = "hf"
 
-    def __init__(self, path: str | os.PathLike):
+    def __init__(self, path: str | os.PathLike, cfg: FolderConfig | None = None):
         from tokenizers import Tokenizer as _HFTok
 
         self.path = str(path)
@@ -158,39 +212,21 @@ class HFTokenizer(Tokenizer):
             raise SpindleError(f"{self.path}: not a readable tokenizer.json ({e})") from None
         # Special tokens in text are encoded as plain text (no injection from data).
         self._tok.encode_special_tokens = True
-        self._bos, self._eos = self._find_specials()
+        cfg = cfg if cfg is not None else read_folder_config(os.path.dirname(self.path))
+        self.chat_template = cfg.chat_template
 
-    def _find_specials(self) -> tuple[int, int]:
-        names: dict[str, str] = {}
-        cfg = os.path.join(os.path.dirname(self.path), "tokenizer_config.json")
-        if os.path.exists(cfg):
-            try:
-                with open(cfg, encoding="utf-8") as f:
-                    data = json.load(f)
-            except (OSError, ValueError) as e:
-                raise SpindleError(f"{cfg}: unreadable tokenizer config ({e})") from None
-            for key in ("bos_token", "eos_token"):
-                val = data.get(key)
-                if isinstance(val, dict):
-                    val = val.get("content")
-                if isinstance(val, str):
-                    names[key] = val
+        def first(names):
+            return next((i for i in map(self._tok.token_to_id, names) if i is not None), None)
 
-        def pick(key: str, candidates: tuple[str, ...]) -> int:
-            for name in ([names[key]] if key in names else []) + list(candidates):
-                tid = self._tok.token_to_id(name)
-                if tid is not None:
-                    return tid
-            raise SpindleError(f"{self.path}: cannot find a {key} (tried {', '.join(candidates)}); add it to tokenizer_config.json")
-
-        return pick("bos_token", _BOS_CANDIDATES), pick("eos_token", _EOS_CANDIDATES)
+        self._bos, self._eos = _pick_specials(cfg, self._tok.token_to_id, lambda: first(_BOS_CANDIDATES),
+                                              lambda: first(_EOS_CANDIDATES), self.path)
 
     @property
     def vocab_size(self) -> int:
         return self._tok.get_vocab_size(with_added_tokens=True)
 
     @property
-    def bos_id(self) -> int:
+    def bos_id(self) -> int | None:
         return self._bos
 
     @property
@@ -208,13 +244,21 @@ class HFTokenizer(Tokenizer):
     def decode(self, ids: Iterable[int]) -> str:
         return self._tok.decode([int(i) for i in ids], skip_special_tokens=False)
 
+    def token_text(self, i: int) -> str:
+        return self._tok.id_to_token(int(i))
+
+    def special_tokens(self) -> dict[str, int]:
+        return {t.content: i for i, t in self._tok.get_added_tokens_decoder().items() if t.special}
+
     def save(self, out_dir: str | os.PathLike) -> str:
         os.makedirs(out_dir, exist_ok=True)
         dst = os.path.join(out_dir, "tokenizer.json")
         if os.path.abspath(dst) != os.path.abspath(self.path):
             shutil.copyfile(self.path, dst)
+        bos = None if self._bos is None else self._tok.id_to_token(self._bos)
         with open(os.path.join(out_dir, "tokenizer_config.json"), "w", encoding="utf-8") as f:
-            json.dump({"bos_token": self._tok.id_to_token(self._bos), "eos_token": self._tok.id_to_token(self._eos)}, f)
+            json.dump({"bos_token": bos, "eos_token": self._tok.id_to_token(self._eos)}
+                      | ({"chat_template": self.chat_template} if self.chat_template else {}), f)
         return dst
 
 
@@ -242,6 +286,9 @@ class ByteTokenizer(Tokenizer):
     def decode(self, ids: Iterable[int]) -> str:
         return bytes(i for i in (int(x) for x in ids) if 0 <= i < 256).decode("utf-8", errors="replace")
 
+    def token_text(self, i: int) -> str:
+        return {256: "<s>", 257: "</s>"}.get(int(i)) or bytes([int(i)]).decode("latin-1")
+
     def save(self, out_dir: str | os.PathLike) -> str:
         os.makedirs(out_dir, exist_ok=True)
         dst = os.path.join(out_dir, BYTE_TOKENIZER_FILE)
@@ -250,10 +297,32 @@ class ByteTokenizer(Tokenizer):
         return dst
 
 
+def _load_folder(p: Path) -> Tokenizer:
+    """A tokenizer folder as the Hub ships it: a sentencepiece `tokenizer.model` wins (the original
+    of Llama-2-family folders that ship both), a tiktoken one does not (Llama 3's original/)."""
+    cfg = read_folder_config(str(p))
+    model, js = p / "tokenizer.model", p / "tokenizer.json"
+    if model.is_file() and not (is_tiktoken(str(model)) and js.is_file()):
+        return SentencePieceTokenizer(model, cfg)
+    if js.is_file():
+        return HFTokenizer(js, cfg)
+    if (p / BYTE_TOKENIZER_FILE).is_file():
+        return ByteTokenizer()
+    models = sorted(p.glob("*.model"))
+    if len(models) == 1:
+        return SentencePieceTokenizer(models[0], cfg)
+    hint = ""
+    if (p / "vocab.json").is_file() or (p / "merges.txt").is_file():
+        hint = " (vocab.json + merges.txt alone are the slow format: save the tokenizer with transformers to get tokenizer.json)"
+    elif (p / "original" / "tokenizer.model").is_file():
+        hint = f" ({p / 'original'} holds a tiktoken model, which Spindle does not read)"
+    raise SpindleError(f"{p}: folder holds no tokenizer.model, tokenizer.json or {BYTE_TOKENIZER_FILE}{hint}")
+
+
 def load_tokenizer(spec: str | os.PathLike) -> Tokenizer:
     """`spec`: "default" (the packaged sentencepiece model), "byte", a `.model` file, a
-    `tokenizer.json`, or a folder holding one of those (a sentencepiece `tokenizer.model` wins,
-    since it is the original of Llama-family HF folders that ship both)."""
+    `tokenizer.json`, or a folder holding one of those with its Hub config files
+    (spindle.data.hub_tokenizer). No code from the folder ever runs."""
     spec_s = str(spec)
     if spec_s == "byte":
         return ByteTokenizer()
@@ -263,15 +332,7 @@ def load_tokenizer(spec: str | os.PathLike) -> Tokenizer:
         return SentencePieceTokenizer(DEFAULT_TOKENIZER_PATH)
     p = Path(spec_s).expanduser()
     if p.is_dir():
-        for name, cls in (("tokenizer.model", SentencePieceTokenizer), ("tokenizer.json", HFTokenizer)):
-            if (p / name).is_file():
-                return cls(p / name)
-        if (p / BYTE_TOKENIZER_FILE).is_file():
-            return ByteTokenizer()
-        models = sorted(p.glob("*.model"))
-        if len(models) == 1:
-            return SentencePieceTokenizer(models[0])
-        raise SpindleError(f"{p}: folder holds no tokenizer.model, tokenizer.json or {BYTE_TOKENIZER_FILE}")
+        return _load_folder(p)
     if not p.exists():
         raise SpindleError(f"{p}: tokenizer not found (expected a path, 'default' or 'byte')")
     if not os.access(p, os.R_OK):
@@ -280,110 +341,40 @@ def load_tokenizer(spec: str | os.PathLike) -> Tokenizer:
         if p.name == BYTE_TOKENIZER_FILE:
             return ByteTokenizer()
         return HFTokenizer(p)
-    return SentencePieceTokenizer(p)
-
-
-def train_tokenizer(
-    files: Sequence[str | os.PathLike],
-    vocab_size: int,
-    out_dir: str | os.PathLike,
-    kind: str = "sentencepiece",
-    num_threads: int | None = None,
-) -> Tokenizer:
-    """Train a tokenizer on text files (one sentence per line for sentencepiece) into `out_dir`.
-
-    sentencepiece: BPE with byte fallback, identity normalisation and no dummy prefix, so any
-    text (code indentation, newlines via byte pieces) round-trips through encode/decode exactly.
-    bpe: Hugging Face byte-level BPE with <s>, </s>, <pad> specials.
-    """
-    files = [str(f) for f in files]
-    for f in files:
-        if not os.path.isfile(f) or not os.access(f, os.R_OK):
-            raise SpindleError(f"{f}: training file not found or not readable")
-    if not files:
-        raise SpindleError("train_tokenizer: no input files")
-    if vocab_size < 300:
-        raise SpindleError(f"vocab size {vocab_size} is too small (need >= 300 for byte fallback + specials)")
-    os.makedirs(out_dir, exist_ok=True)
-    threads = num_threads or os.cpu_count() or 1
-    if kind == "sentencepiece":
-        import sentencepiece as spm
-
-        try:
-            spm.SentencePieceTrainer.train(
-                input=files,
-                model_prefix=os.path.join(str(out_dir), "tokenizer"),
-                vocab_size=vocab_size,
-                model_type="bpe",
-                byte_fallback=True,
-                normalization_rule_name="identity",
-                remove_extra_whitespaces=False,
-                # No implicit leading space: encode(a) + encode(b) decodes to a + b exactly,
-                # which SFT prompt/answer segments and code rely on.
-                add_dummy_prefix=False,
-                allow_whitespace_only_pieces=True,
-                split_digits=True,
-                character_coverage=0.9995,
-                unk_id=0,
-                bos_id=1,
-                eos_id=2,
-                pad_id=3,
-                num_threads=threads,
-                max_sentence_length=1 << 16,
-                input_sentence_size=2_000_000,
-                shuffle_input_sentence=True,
-                minloglevel=2,
-            )
-        except RuntimeError as e:
-            raise SpindleError(f"sentencepiece training failed on {', '.join(files)}: {e}") from None
-        return SentencePieceTokenizer(os.path.join(str(out_dir), "tokenizer.model"))
-    if kind == "bpe":
-        from tokenizers import Tokenizer as _HFTok, decoders, models, pre_tokenizers, trainers
-
-        tok = _HFTok(models.BPE())
-        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-        tok.decoder = decoders.ByteLevel()
-        trainer = trainers.BpeTrainer(
-            vocab_size=vocab_size,
-            special_tokens=["<s>", "</s>", "<pad>"],
-            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-            show_progress=False,
-        )
-        try:
-            tok.train(files, trainer)
-        except Exception as e:
-            raise SpindleError(f"BPE training failed on {', '.join(files)}: {e}") from None
-        path = os.path.join(str(out_dir), "tokenizer.json")
-        tok.save(path)
-        with open(os.path.join(str(out_dir), "tokenizer_config.json"), "w", encoding="utf-8") as f:
-            json.dump({"bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>"}, f)
-        return HFTokenizer(path)
-    raise SpindleError(f"unknown tokenizer kind {kind!r} (expected 'sentencepiece' or 'bpe')")
+    return SentencePieceTokenizer(p, read_folder_config(str(p.parent)))
 
 
 def tokenizer_main(argv: Sequence[str] | None = None) -> int:
-    """`spindle tokenizer train FILES --vocab-size N --out DIR [--kind sentencepiece|bpe]`
+    """`spindle tokenizer train FILES --vocab-size N --out DIR [--kind sentencepiece|bpe] [--overwrite]`
     and `spindle tokenizer info SPEC`."""
-    ap = argparse.ArgumentParser(prog="spindle tokenizer", description="Train or inspect tokenizers.")
+    from spindle.data import options
+    from spindle.data.tokenizer_train import MAX_VOCAB, MIN_VOCAB, train_tokenizer
+
+    ap = options.OneLineParser(prog="spindle tokenizer", description="Train or inspect tokenizers.")
     ap.add_argument("--debug", action="store_true", help="show tracebacks")
     sub = ap.add_subparsers(dest="cmd", required=True)
     tr = sub.add_parser("train", help="train a tokenizer on text files")
-    tr.add_argument("files", nargs="+")
-    tr.add_argument("--vocab-size", type=int, required=True)
-    tr.add_argument("--out", required=True)
+    tr.add_argument("files", nargs="+", type=options.path)
+    tr.add_argument("--vocab-size", type=options.int_in(MIN_VOCAB, MAX_VOCAB), required=True)
+    tr.add_argument("--out", required=True, type=options.path)
     tr.add_argument("--kind", choices=["sentencepiece", "bpe"], default="sentencepiece")
+    tr.add_argument("--overwrite", action="store_true", help="replace the tokenizer files of an existing folder")
     info = sub.add_parser("info", help="print a tokenizer's identity")
-    info.add_argument("spec")
-    args = ap.parse_args(argv)
-    try:
+    info.add_argument("spec", type=options.path)
+
+    def run(args) -> int:
         if args.cmd == "train":
-            tok = train_tokenizer(args.files, args.vocab_size, args.out, kind=args.kind)
+            tok = train_tokenizer(args.files, args.vocab_size, args.out, kind=args.kind, overwrite=args.overwrite)
         else:
             tok = load_tokenizer(args.spec)
         print(json.dumps(tok.identity(), indent=2))
         return 0
-    except SpindleError as e:
-        if args.debug:
-            raise
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+
+    return options.run_command(run, ap, argv)
+
+
+def train_tokenizer(*args, **kwargs) -> Tokenizer:
+    """Moved to spindle.data.tokenizer_train (kept here for callers of the old place: bench/bench_data.py)."""
+    from spindle.data.tokenizer_train import train_tokenizer as train
+
+    return train(*args, **kwargs)

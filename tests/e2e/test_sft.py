@@ -12,7 +12,8 @@ import torch.nn.functional as F
 
 from spindle.config import DataConfig, validate_config
 from spindle.data.loader import build_train_loader
-from spindle.data.shards import ShardWriter, open_documents, write_manifest
+from spindle.data.shard_writers import ShardWriter, write_manifest
+from spindle.data.shards import open_documents
 from spindle.parallel.mesh import ParallelEnv
 from spindle.train.trainer import Trainer
 

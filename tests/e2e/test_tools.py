@@ -105,7 +105,7 @@ def test_alpaca_tool(tmp_path):
             seen.add(rec["instruction"])
     assert len(seen) == len(ALPACA)
     p = run(ALPACA_TOOL, src, out, "byte", cwd=tmp_path)
-    one_line_error(p, "dataset.bin", "--overwrite")
+    one_line_error(p, "output_path", str(out), "--overwrite")
 
 
 def test_alpaca_tool_chat_and_errors(tmp_path):
@@ -128,3 +128,54 @@ def test_alpaca_tool_chat_and_errors(tmp_path):
     broken = tmp_path / "broken.jsonl"
     broken.write_text('{"messages": []}\n{oops\n')
     one_line_error(run(ALPACA_TOOL, broken, tmp_path / "b", "byte", cwd=tmp_path), "broken.jsonl", "line 2")
+
+
+def test_tools_validate_options_and_never_write_into_their_inputs(tmp_path):
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    (raw / "a.txt").write_text("hello\n")
+    for args, needles in (
+        (["--workers", "0"], ["argument --workers: expected an integer in [1, 1024], got 0"]),
+        (["--text_key", ""], ["argument --text_key: expected a non-empty name"]),
+        (["--bin_output_path", raw / "x.bin"], [f"--bin_output_path {raw / 'x.bin'}: is inside the input folder"]),
+    ):
+        base = {"--text_input_path": raw, "--bin_output_path": tmp_path / "o.bin", "--tokenizer": "byte"}
+        base.update(dict(zip(args[::2], args[1::2])))
+        one_line_error(run(TOKENIZER_TOOL, *[x for kv in base.items() for x in kv], cwd=tmp_path), *needles)
+    assert sorted(p.name for p in raw.iterdir()) == ["a.txt"] and not (tmp_path / "o.bin").exists()
+    src = tmp_path / "alpaca.json"
+    src.write_text(json.dumps(ALPACA))
+    for extra, needles in ((["--split_ratio", "nan"], ["argument --split_ratio: expected a number in [0, 1), got nan"]),
+                           (["--split_ratio", "1"], ["argument --split_ratio"]),
+                           (["--max_length", "1"], ["argument --max_length: expected an integer in [2, "]),
+                           (["--seed", "-1"], ["argument --seed"])):
+        one_line_error(run(ALPACA_TOOL, src, tmp_path / "sft", "byte", *extra, cwd=tmp_path), *needles)
+    assert not (tmp_path / "sft").exists()
+    one_line_error(run(ALPACA_TOOL, src, tmp_path, "byte", "--overwrite", cwd=tmp_path), f"output_path {tmp_path}: holds the input")
+
+
+def test_alpaca_tool_renders_with_the_tokenizers_chat_template(tmp_path):
+    sys.path.insert(0, str(ROOT / "tests"))
+    import tokenizer_folders as hub
+
+    from spindle.data.tokenizer import load_tokenizer
+
+    folder = hub.qwen2(tmp_path / "qwen2")
+    tok = load_tokenizer(folder)
+    chat = tmp_path / "chat.jsonl"
+    chat.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"},
+                                             {"role": "user", "content": "more"},
+                                             {"role": "assistant", "content": "ok"}]}) + "\n")
+    alpaca = tmp_path / "alpaca.json"
+    alpaca.write_text(json.dumps([{"instruction": "Add", "input": "1 2", "output": "3"}]))
+    for src, trained_want, text_want in (
+        (chat, "yo<|im_end|>\nok<|im_end|>\n", "<|im_start|>user\nmore<|im_end|>\n<|im_start|>assistant\nok<|im_end|>\n"),
+        (alpaca, "3<|im_end|>\n", "<|im_start|>user\nAdd\n1 2<|im_end|>\n<|im_start|>assistant\n3<|im_end|>\n"),
+    ):
+        out = tmp_path / src.stem
+        p = run(ALPACA_TOOL, src, out, folder, "--split_ratio", "0", cwd=tmp_path)
+        assert p.returncode == 0, p.stderr
+        toks, mask = open_documents(str(out / "train" / "en" / "dataset.bin"))[0]
+        assert tok.decode(toks.tolist()).endswith(text_want)
+        assert tok.decode(toks.tolist()).startswith("<|im_start|>system\n")  # no BOS: Qwen2 has none
+        assert tok.decode([t for t, m in zip(toks.tolist(), mask.tolist()) if m]) == trained_want

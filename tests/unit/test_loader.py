@@ -8,7 +8,7 @@ import pytest
 
 from spindle.config import DataConfig, validate_config
 from spindle.data.loader import build_train_loader, build_valid_sets, discover_sources, leaf_sources
-from spindle.data.shards import JsonBinWriter
+from spindle.data.shard_writers import JsonBinWriter
 from spindle.errors import SpindleError
 from spindle.parallel.mesh import ParallelEnv
 from spindle.train.trainer import Trainer
@@ -124,3 +124,147 @@ def test_leaf_sets_with_the_same_folder_name_keep_apart(tmp_path):
         (tmp_path / "valid" / leaf).mkdir(parents=True)
         write_bin(tmp_path / "valid" / leaf / "v.bin", [rng.integers(0, VOCAB, size=20) for _ in range(3)])
     assert [s.name for s in leaf_sources(str(tmp_path / "valid"))] == ["a_en", "b_en", "cn"]
+
+
+# ------------------------------------------------------------------------------ data under a resume
+
+
+def shard_folder(folder, docs, tokenizer=None):
+    """A prepared folder (binary shard + manifest) of `docs`, as `spindle prepare` writes it."""
+    from spindle.data.shard_writers import ShardWriter, write_manifest
+
+    w = ShardWriter(str(folder), "shard-00000", VOCAB)
+    for d in docs:
+        w.add([int(t) for t in d])
+    write_manifest(str(folder), tokenizer, [w.close()])
+
+
+TOK_A = {"kind": "sentencepiece", "path": "/x/a.model", "sha256": "aa", "vocab_size": VOCAB}
+TOK_B = {"kind": "hf", "path": "/y/tokenizer.json", "sha256": "bb", "vocab_size": VOCAB}
+
+
+def test_loader_state_carries_a_data_fingerprint(tmp_path):
+    rng = np.random.default_rng(5)
+    for name in ("cn", "en"):
+        shard_folder(tmp_path / "train" / name, [rng.integers(0, VOCAB, 30) for _ in range(20)], TOK_A)
+    data = DataConfig(train_folder=str(tmp_path / "train"), seq_len=16, micro_bsz=1, micro_num=2)
+
+    def loader():
+        return build_train_loader(data, VOCAB, tmp_path / "cache", prefetch=False)
+
+    first = loader()
+    first.next_step(0)
+    state = json.loads(json.dumps(first.state_dict()))  # what trainer_state.json keeps
+    fp = {s["name"]: s for s in state["fingerprint"]}
+    assert sorted(fp) == ["cn", "en"] and fp["en"]["files"] == {"shard-00000.tokens": 30 * 20 * 2}
+    assert fp["en"]["tokenizer"] == {"kind": "sentencepiece", "sha256": "aa", "vocab_size": VOCAB}
+    assert set(fp["en"]["manifests"]) == {"manifest.json"}
+    second = loader()
+    second.load_state_dict(state)  # the same data: loads
+    assert second.position == 2
+    legacy = loader()
+    legacy.load_state_dict({"position": 2})  # a checkpoint from before fingerprints: no check
+    # the copied folder (another root, same content) resumes too
+    import shutil
+
+    shutil.copytree(tmp_path / "train", tmp_path / "copy")
+    build_train_loader(data.model_copy(update={"train_folder": str(tmp_path / "copy")}), VOCAB, tmp_path / "c",
+                       prefetch=False).load_state_dict(state)
+
+    def changed(match):
+        with pytest.raises(SpindleError, match=match):
+            loader().load_state_dict(state)
+
+    shard_folder(tmp_path / "train" / "en", [rng.integers(0, VOCAB, 31) for _ in range(20)], TOK_A)
+    changed(r"source 'en': file shard-00000.tokens changed size \(1200 -> 1240 bytes\)")
+    shutil.rmtree(tmp_path / "train" / "en")
+    shutil.copytree(tmp_path / "copy" / "en", tmp_path / "train" / "en")
+    shard_folder(tmp_path / "train" / "en" / "more", [rng.integers(0, VOCAB, 30)], TOK_A)
+    changed(r"source 'en': file more/shard-00000.tokens was added")
+    shutil.rmtree(tmp_path / "train" / "en" / "more")
+    man = tmp_path / "train" / "cn" / "manifest.json"
+    man.write_text(json.dumps(json.loads(man.read_text()) | {"min_length": 7}))  # prepared again, another way
+    changed(r"source 'cn': manifest manifest.json differs")
+    shutil.rmtree(tmp_path / "train" / "cn")
+    changed(r"sources \['cn', 'en'\] -> \['en'\]")
+
+
+def test_sources_prepared_with_different_tokenizers_are_refused(tmp_path):
+    rng = np.random.default_rng(6)
+    shard_folder(tmp_path / "train" / "cn", [rng.integers(0, VOCAB, 30) for _ in range(5)], TOK_A)
+    shard_folder(tmp_path / "train" / "en", [rng.integers(0, VOCAB, 30) for _ in range(5)], TOK_B)
+    with pytest.raises(SpindleError, match=r"data.train_folder: .*/train/cn and .*/train/en were prepared with "
+                                           r"different tokenizers"):
+        discover_sources(str(tmp_path / "train"), VOCAB)
+    # the same tokenizer found at another path is the same tokenizer
+    shard_folder(tmp_path / "train" / "en", [rng.integers(0, VOCAB, 30) for _ in range(5)], TOK_A | {"path": "/z"})
+    assert len(discover_sources(str(tmp_path / "train"), VOCAB)) == 2
+    shard_folder(tmp_path / "valid" / "a", [rng.integers(0, VOCAB, 30) for _ in range(5)], TOK_A)
+    shard_folder(tmp_path / "valid" / "b", [rng.integers(0, VOCAB, 30) for _ in range(5)], TOK_B)
+    with pytest.raises(SpindleError, match=r"data.valid_folder: .*/valid/a and .*/valid/b"):
+        leaf_sources(str(tmp_path / "valid"), VOCAB)
+
+
+def test_text_cache_is_keyed_by_content(tmp_path):
+    import os
+
+    from spindle.data.loader import text_cache
+
+    (tmp_path / "raw").mkdir()
+    doc = tmp_path / "raw" / "a.txt"
+    doc.write_text("first version of the text")
+    data = DataConfig(type="text", train_folder=str(tmp_path / "raw"), tokenizer_path="byte", text_glob="*.txt")
+    built = []
+    first = text_cache(data, tmp_path / "cache", log=built.append)
+    assert text_cache(data, tmp_path / "cache", log=built.append) == first and len(built) == 1  # reused
+    st = doc.stat()
+    doc.write_text("second version, same name")  # edited in place: same file name
+    os.utime(doc, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    second = text_cache(data, tmp_path / "cache", log=built.append)
+    assert second != first and len(built) == 2
+    from spindle.data.shards import open_documents
+
+    assert bytes(open_documents(second)[0][0].tolist()[1:-1]) == b"second version, same name"
+
+
+@pytest.mark.parametrize("data,expected", [
+    ({"seq_len": 2.5}, "data.seq_len: Input should be a valid integer (got 2.5)"),
+    ({"micro_num": True}, "data.micro_num: Input should be a valid integer (got True)"),
+    ({"micro_bsz": "4"}, "data.micro_bsz: Input should be a valid integer"),
+    ({"min_length_dict": {"en": 1.5}}, "data.min_length_dict.en: Input should be a valid integer"),
+    ({"min_length_dict": {"en": -1}}, "data.min_length_dict.en: Input should be greater than or equal to 0"),
+    ({"source_weights": {"en": 0}}, "data.source_weights: the weight of 'en' must be a finite number > 0"),
+    ({"source_weights": {"en": -2.0}}, "data.source_weights: the weight of 'en' must be a finite number > 0"),
+    ({"source_weights": {"en": float("nan")}}, "data.source_weights: the weight of 'en' must be a finite number > 0"),
+    ({"diag_outlier_ratio": float("inf")}, "data.diag_outlier_ratio: Input should be a finite number"),
+    ({"seed": -1}, "data.seed: Input should be greater than or equal to 0"),
+    ({"max_text_bytes": 0}, "data.max_text_bytes: Input should be greater than or equal to 1"),
+    ({"text_glob": "/data/*.txt"}, "data.text_glob: expected a non-empty pattern relative to train_folder"),
+    ({"text_glob": ""}, "data.text_glob: expected a non-empty pattern relative to train_folder"),
+    ({"text_glob": "../*.txt"}, "data.text_glob: expected a non-empty pattern relative to train_folder"),
+    ({"text_exclude": ("",)}, "data.text_exclude: expected non-empty folder or file names"),
+    ({"content_name": " "}, "data.content_name: expected a non-empty string"),
+    ({"split": "train_sft"}, "'split' selects a split of a streamed dataset and needs type='streaming'"),
+    ({"skip_batches": "9-3"}, "data.skip_batches: range '9-3' ends before it starts"),
+])
+def test_data_keys_are_validated(data, expected):
+    with pytest.raises(SpindleError) as e:
+        validate_config({"data": data})
+    assert expected in str(e.value) and "\n" not in str(e.value)
+
+
+def test_skip_batches_ranges_do_not_allocate():
+    from spindle.config import parse_skip_batches
+
+    skip = validate_config({"data": {"skip_batches": "0-99999999999,5"}}).data.skip_batches
+    ranges = parse_skip_batches(skip)  # one merged range, not 10^11 ints
+    assert 0 in ranges and 99_999_999_999 in ranges and 100_000_000_000 not in ranges and -1 not in ranges
+    assert len(ranges) == 100_000_000_000
+    assert parse_skip_batches("1-3,9, 2-4") == {1, 2, 3, 4, 9} and 5 not in parse_skip_batches("1-3,9")
+
+
+def test_min_length_that_drops_every_document_is_named(tmp_path):
+    make_tree(tmp_path / "train")
+    data = DataConfig(train_folder=str(tmp_path / "train"), seq_len=8, micro_bsz=1, min_length=100)
+    with pytest.raises(SpindleError, match=r"data.min_length=100 .* drops every document \(the longest has 39 tokens\)"):
+        build_train_loader(data, VOCAB, tmp_path / "cache", prefetch=False)

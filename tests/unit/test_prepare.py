@@ -61,9 +61,9 @@ def test_parquet(tmp_path):
 
 
 def test_parallel_equals_serial_and_shard_rolling(tmp_path, monkeypatch):
-    import spindle.data.prepare as prep
+    import spindle.data.documents as documents
 
-    monkeypatch.setattr(prep, "BATCH_BYTES", 2000)  # many small tasks through the pool
+    monkeypatch.setattr(documents, "BATCH_BYTES", 2000)  # many small tasks through the pool
     rng = np.random.default_rng(0)
     lines = ["".join(chr(c) for c in rng.integers(97, 123, rng.integers(1, 60))) for _ in range(3000)]
     (tmp_path / "big.txt").write_text("\n".join(lines) + "\n")
@@ -151,3 +151,180 @@ def test_render_json_lines_equals_json_dumps(vocab):
     lines = [(json.dumps({"tokens": d}) + "\n").encode() for d in docs]
     assert blob == b"".join(lines)
     assert line_bytes.tolist() == [len(x) for x in lines]
+
+
+def test_inputs_with_symlink_loops_are_read_once(tmp_path):
+    from spindle.data.documents import expand_inputs
+
+    d = tmp_path / "in"
+    (d / "sub").mkdir(parents=True)
+    (d / "a.txt").write_text("a\n")
+    (d / "sub" / "b.txt").write_text("b\n")
+    os.symlink(".", d / "loop")
+    os.symlink("..", d / "sub" / "back")
+    files = expand_inputs([str(d), str(d / "a.txt")])  # a folder and a file inside it
+    assert [os.path.relpath(f, d) for f in files] == ["a.txt", "sub/b.txt"]
+
+
+def snapshot(folder) -> dict:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def one_line(capsys, *needles):
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err, err
+    for n in needles:
+        assert n in err, (n, err)
+    return err
+
+
+def test_prepare_never_overwrites_nor_writes_into_its_inputs(inputs, tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")  # a non-empty folder that prepare did not write
+    argv = [str(inputs / "a.txt"), "--out", str(out), "--tokenizer", "byte", "--workers", "1"]
+    assert prepare_main(argv) == 2
+    one_line(capsys, f"--out {out}: already exists and is not empty", "--overwrite")
+    assert snapshot(out) == {"notes.txt": b"mine"}
+    # --overwrite: the token files are replaced (stale shards of a larger earlier output too), the rest kept
+    (out / "shard-00007.tokens").write_bytes(b"old")
+    assert prepare_main(argv + ["--overwrite", "--shard-size-mb", "1"]) == 0
+    assert sorted(snapshot(out)) == ["manifest.json", "notes.txt", "shard-00000.idx.npy", "shard-00000.tokens"]
+    assert (out / "notes.txt").read_text() == "mine"
+    before = snapshot(out)
+    # a failing run leaves the previous output byte-identical
+    assert prepare_main([str(tmp_path / "missing.txt"), "--out", str(out), "--tokenizer", "byte", "--overwrite"]) == 2
+    one_line(capsys, "missing.txt")
+    (inputs / "zz.jsonl").write_text('{"text": "x"}\n{"text": 5}\n')
+    assert prepare_main([str(inputs), "--out", str(out), "--tokenizer", "byte", "--overwrite", "--workers", "1"]) == 2
+    one_line(capsys, "zz.jsonl", "line 2")
+    assert snapshot(out) == before and not list(tmp_path.glob(".out.partial-*"))
+    (inputs / "zz.jsonl").unlink()
+    # never into (or above) an input folder, even with --overwrite
+    inside = inputs / "shards"
+    src = snapshot(inputs)
+    assert prepare_main([str(inputs), "--out", str(inside), "--tokenizer", "byte", "--overwrite"]) == 2
+    one_line(capsys, f"--out {inside}: is inside the input folder {inputs}")
+    assert prepare_main([str(inputs), "--out", str(inputs), "--tokenizer", "byte", "--overwrite"]) == 2
+    one_line(capsys, "is inside the input folder")
+    assert prepare_main([str(inputs / "a.txt"), "--out", str(tmp_path), "--tokenizer", "byte", "--overwrite"]) == 2
+    one_line(capsys, f"--out {tmp_path}: holds the input")
+    assert snapshot(inputs) == src and not inside.exists()
+
+
+@pytest.mark.parametrize("option,value,expected", [
+    ("--workers", "0", "argument --workers: expected an integer in [1, 1024], got 0"),
+    ("--workers", "two", "argument --workers: expected an integer in [1, 1024], got 'two'"),
+    ("--shard-size-mb", "0", "argument --shard-size-mb: expected a number in (0, 1048576]"),
+    ("--shard-size-mb", "nan", "argument --shard-size-mb: expected a number in (0, 1048576], got nan"),
+    ("--shard-size-mb", "inf", "got inf"),
+    ("--min-length", "-1", "argument --min-length: expected an integer in [0, 2147483647], got -1"),
+    ("--min-length", "1.5", "argument --min-length: expected an integer"),
+    ("--text-key", "", "argument --text-key: expected a non-empty name"),
+    ("--out", "", "argument --out: expected a path"),
+    ("--tokenizer", "/nowhere/tok.model", "/nowhere/tok.model"),
+    ("--bogus", "1", "unrecognized arguments: --bogus"),
+])
+def test_prepare_options_are_validated(inputs, tmp_path, capsys, option, value, expected):
+    argv = [str(inputs / "a.txt"), "--out", str(tmp_path / "o"), "--tokenizer", "byte", option, value]
+    assert prepare_main(argv) == 2
+    one_line(capsys, expected)
+    assert not (tmp_path / "o").exists()
+
+
+def test_prepare_requires_inputs_and_out(capsys, tmp_path):
+    assert prepare_main(["--out", str(tmp_path / "o")]) == 2
+    one_line(capsys, "the following arguments are required: inputs")
+    assert prepare_main([str(tmp_path)]) == 2
+    one_line(capsys, "--out")
+
+
+# ------------------------------------------------------------------------------ Hub dataset folders
+
+
+def jsonl(path, texts):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+
+
+def texts_of(out):
+    return [bytes(d.tolist()[1:-1]).decode() for d, _ in open_documents(str(out))]
+
+
+def hub_markers(root, card="---\nlicense: mit\n---\n# Card\nnot data\n"):
+    (root / "README.md").write_text(card)
+    (root / ".gitattributes").write_text("*.parquet filter=lfs diff=lfs merge=lfs -text\n")
+    (root / ".cache" / "huggingface" / "download").mkdir(parents=True)
+    (root / ".cache" / "huggingface" / "download" / "x.jsonl.lock").write_text("")
+    (root / ".cache" / "huggingface" / "download" / "x.jsonl").write_text('{"text": "cached"}\n')
+
+
+def test_hub_dataset_folder_takes_one_split(tmp_path, capsys):
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    repo = tmp_path / "repo"
+    (repo / "data").mkdir(parents=True)
+    pq.write_table(pa.table({"text": ["train a", "train b"]}), repo / "data" / "train-00000-of-00001.parquet")
+    pq.write_table(pa.table({"text": ["test a"]}), repo / "data" / "test-00000-of-00001.parquet")
+    hub_markers(repo)
+    assert prepare_main([str(repo), "--out", str(tmp_path / "o"), "--tokenizer", "byte", "--workers", "1"]) == 0
+    assert texts_of(tmp_path / "o") == ["train a", "train b"]  # no card, no cache, no test split
+    out = capsys.readouterr().out
+    assert f"{repo}: split 'train', 1 file(s): data/train-00000-of-00001.parquet" in out
+    s = prepare([str(repo)], str(tmp_path / "t"), "byte", workers=1, progress=False, split="test")
+    assert texts_of(tmp_path / "t") == ["test a"] and s["taken"] == {str(repo): ("test", [
+        str(repo / "data" / "test-00000-of-00001.parquet")])}
+    assert prepare_main([str(repo), "--out", str(tmp_path / "v"), "--tokenizer", "byte", "--split", "validation"]) == 2
+    one_line(capsys, "--split: ", "has no split 'validation'; its splits: train, test")
+
+
+def test_config_folders_and_split_files(tmp_path, capsys):
+    repo = tmp_path / "multi"
+    for cfg in ("en", "de"):
+        jsonl(repo / cfg / "train" / "part.jsonl", [f"{cfg} train"])
+        jsonl(repo / cfg / "test" / "part.jsonl", [f"{cfg} test"])
+    hub_markers(repo)
+    assert prepare_main([str(repo), "--out", str(tmp_path / "o"), "--tokenizer", "byte"]) == 2
+    one_line(capsys, f"{repo}: holds several configs (de, en)", "--subset")
+    prepare([str(repo)], str(tmp_path / "o"), "byte", workers=1, progress=False, subset="de")
+    assert texts_of(tmp_path / "o") == ["de train"]
+    flat = tmp_path / "flat"  # {split}-*.jsonl at the top, no card: a split layout given --split
+    jsonl(flat / "train-0.jsonl", ["t0"])
+    jsonl(flat / "validation-0.jsonl", ["v0"])
+    prepare([str(flat)], str(tmp_path / "f"), "byte", workers=1, progress=False, split="validation")
+    assert texts_of(tmp_path / "f") == ["v0"]
+    # without hub markers and without --split a folder is just files: every file is read
+    prepare([str(flat)], str(tmp_path / "g"), "byte", workers=1, progress=False)
+    assert texts_of(tmp_path / "g") == ["t0", "v0"]
+
+
+CARD_CONFIGS = """---
+configs:
+- config_name: default
+  data_files:
+  - split: train
+    path: "texts/a-*.jsonl"
+  - split: test
+    path: "texts/b-*.jsonl"
+- config_name: other
+  data_files: "other/*.jsonl"
+---
+# a card
+"""
+
+
+def test_readme_configs(tmp_path, capsys):
+    repo = tmp_path / "cards"
+    jsonl(repo / "texts" / "a-0.jsonl", ["default train"])
+    jsonl(repo / "texts" / "b-0.jsonl", ["default test"])
+    jsonl(repo / "other" / "x.jsonl", ["other train"])
+    hub_markers(repo, card=CARD_CONFIGS)
+    prepare([str(repo)], str(tmp_path / "d"), "byte", workers=1, progress=False)
+    assert texts_of(tmp_path / "d") == ["default train"]
+    prepare([str(repo)], str(tmp_path / "o"), "byte", workers=1, progress=False, subset="other")
+    assert texts_of(tmp_path / "o") == ["other train"]
+    assert prepare_main([str(repo), "--out", str(tmp_path / "x"), "--tokenizer", "byte", "--subset", "nope"]) == 2
+    one_line(capsys, "--subset: ", "has no config 'nope'; its configs: default, other")
+    assert prepare_main([str(repo), "--out", str(tmp_path / "x"), "--tokenizer", "byte", "--subset", "../up"]) == 2
+    one_line(capsys, "argument --subset: expected a name inside the dataset folder")

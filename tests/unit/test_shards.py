@@ -8,15 +8,8 @@ import os
 import numpy as np
 import pytest
 
-from spindle.data.shards import (
-    JsonBinWriter,
-    ShardWriter,
-    find_token_files,
-    json_line,
-    open_documents,
-    read_manifest,
-    write_manifest,
-)
+from spindle.data.shard_writers import JsonBinWriter, ShardWriter, json_line, write_manifest
+from spindle.data.shards import find_token_files, open_documents, read_manifest
 from spindle.errors import SpindleError
 
 DOCS = [[1, 333, 352, 2], [1, 5, 2], [1, 7, 8, 9, 10, 11, 12, 13, 14, 2]]
@@ -223,3 +216,62 @@ def test_binary_index_disagrees(tmp_path):
     write_manifest(str(tmp_path), None, [{"name": "s", "dtype": "<u4", "documents": 1, "tokens": 4}])
     with pytest.raises(SpindleError, match="manifest says <u4"):
         open_documents(str(tmp_path / "s.tokens"))
+
+
+# ------------------------------------------------------------------------------ files changing under a reader
+
+
+def _changes(path):
+    """Ways a file changes under a running job: truncated, rewritten in place (same size), replaced."""
+    data = path.read_bytes()
+
+    def truncate():
+        os.truncate(path, len(data) // 2)
+
+    def rewrite():
+        st = os.stat(path)
+        path.write_bytes(data[::-1])
+        os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # a rewrite within the clock tick still counts
+
+    def replace():
+        tmp = path.with_name(path.name + ".new")
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+
+    return {"truncated": truncate, "rewritten": rewrite, "replaced": replace}
+
+
+@pytest.mark.parametrize("how", ["truncated", "rewritten", "replaced"])
+@pytest.mark.parametrize("kind", ["tokens", "mask", "bin"])
+def test_a_file_changed_under_a_reader_is_an_error_naming_it(tmp_path, kind, how):
+    if kind == "bin":
+        write_seed_bin(tmp_path / "a.bin", DOCS, np.int64)
+        src, victim = open_documents(str(tmp_path / "a.bin")), tmp_path / "a.bin"
+    else:
+        w = ShardWriter(str(tmp_path), "s", 1000, with_loss_mask=True)
+        for d in DOCS:
+            w.add(d, np.arange(len(d)) % 2 == 0)
+        w.close()
+        src = open_documents(str(tmp_path / "s.tokens"))
+        victim = tmp_path / ("s.tokens" if kind == "tokens" else "s.mask")
+    assert src[2][0].tolist() == DOCS[2]
+    _changes(victim)[how]()
+    with pytest.raises(SpindleError, match=f"{victim.name}: token file (truncated|rewritten or replaced)") as e:
+        src[2]
+    assert str(victim) in str(e.value)
+    victim.unlink()
+    with pytest.raises(SpindleError, match=f"{victim.name}: token file disappeared"):
+        src[0]
+
+
+def test_symlink_loops_list_every_real_file_once(tmp_path):
+    (tmp_path / "en" / "b").mkdir(parents=True)
+    write_seed_bin(tmp_path / "en" / "b" / "x.bin", DOCS, np.int64)
+    write_seed_bin(tmp_path / "y.bin", DOCS[:1], np.int64)
+    os.symlink(".", tmp_path / "self")  # two loops: the folder into itself, a sub-folder back to the top
+    os.symlink("../..", tmp_path / "en" / "b" / "top")
+    os.symlink("b", tmp_path / "en" / "c")  # a second name for one folder
+    os.symlink("missing", tmp_path / "dangling.bin")
+    rel = [os.path.relpath(f, tmp_path) for f in find_token_files(str(tmp_path))]
+    assert rel == ["en/b/x.bin", "y.bin"]  # each real file once, under the first name a sorted walk meets
+    assert len(open_documents(str(tmp_path))) == len(DOCS) + 1

@@ -191,3 +191,94 @@ def test_training_steps_with_streaming_data_and_checkpoint_resume(folders, tmp_p
     assert resumed.state.step == 2 and resumed.loader.state_dict()["position"] == 4
     rest = resumed.fit()["history"]
     assert [h["loss"] for h in first + rest] == [h["loss"] for h in full]  # bit for bit
+
+
+def test_loops_in_the_dataset_folder_and_a_changed_dataset(folders, tmp_path):
+    import os
+    import shutil
+
+    shutil.copytree(folders / "repo", tmp_path / "repo")
+    os.symlink(".", tmp_path / "repo" / "data" / "again")  # a loop: data/again/again/... 
+    os.symlink("..", tmp_path / "repo" / "data" / "up")
+    want = packs(StreamingLoader(cfg(folders / "repo"), 258, prefetch=False), 3)
+    loader = StreamingLoader(cfg(tmp_path / "repo"), 258, prefetch=False)
+    assert packs(loader, 3) == want  # every record once, in order
+    state = loader.state_dict()
+    assert sorted(state["fingerprint"][0]["files"]) == ["data/train-00000-of-00002.parquet",
+                                                        "data/train-00001-of-00002.parquet"]
+    datasets.Dataset.from_dict({"text": ["new"] * 5}).to_parquet(str(tmp_path / "repo" / "data" / "train-00002-of-00002.parquet"))
+    with pytest.raises(SpindleError, match=r"data changed since the checkpoint: source 'repo': file "
+                                           r"data/train-00002-of-00002.parquet was added"):
+        StreamingLoader(cfg(tmp_path / "repo"), 258, prefetch=False).load_state_dict(state)
+
+
+def hub_repo(root, splits: dict, prefix="data"):
+    """A Hub-style dataset repository: {prefix}/{split}-00000-of-00001.parquet, a card, .gitattributes."""
+    (root / prefix).mkdir(parents=True)
+    for split, texts in splits.items():
+        datasets.Dataset.from_dict({"text": texts}).to_parquet(str(root / prefix / f"{split}-00000-of-00001.parquet"))
+    (root / "README.md").write_text("---\nlicense: mit\n---\n# A card, not data\n")
+    (root / ".gitattributes").write_text("*.parquet filter=lfs\n")
+    return root
+
+
+def test_split_selects_splits_not_named_train(tmp_path):
+    sft = [f"sft record {i} " * 3 for i in range(20)]
+    repo = hub_repo(tmp_path / "chat", {"train_sft": sft, "test_sft": ["held out"] * 20})
+    loader = StreamingLoader(cfg(repo, split="train_sft", micro_num=1), 258, prefetch=False)
+    first = bytes(t for t in loader.next_step(0)[0]["input_ids"].flatten().tolist() if t < 256)
+    assert first[:24] == sft[0].encode()[:24]
+    assert sorted(loader.state_dict()["fingerprint"][0]["files"]) == ["data/train_sft-00000-of-00001.parquet"]
+    with pytest.raises(SpindleError, match=r"data.split: .*chat has no split 'train'; its splits: (train_sft, test_sft|"
+                                           r"test_sft, train_sft)"):
+        StreamingLoader(cfg(repo), 258, prefetch=False)
+
+
+def test_validation_split_of_the_same_dataset(tmp_path):
+    from spindle.data.loader import build_valid_sets
+
+    train = [f"train text {i} " * 2 for i in range(30)]
+    valid = [f"VALID {i} " * 3 for i in range(30)]
+    repo = hub_repo(tmp_path / "ds", {"train": train, "validation": valid, "test": ["TEST"] * 30})
+    for keys in ({"valid_folder": str(repo)}, {"valid_split": "validation"}):
+        sets = build_valid_sets(cfg(repo, valid_every=1, valid_micro_num=2, **keys), 258)
+        assert list(sets) == ["validation"] and len(sets["validation"]) == 2
+        got = bytes(t for t in sets["validation"][0]["input_ids"].flatten().tolist() if t < 256)
+        assert got[:20] == valid[0].encode()[:20]  # the validation split, in dataset order
+    sets = build_valid_sets(cfg(repo, valid_every=1, valid_micro_num=1, valid_split="test"), 258)
+    assert bytes(sets["test"][0]["input_ids"][0, 1:5].tolist()) == b"TEST"
+    with pytest.raises(SpindleError, match="data.split: .* has no split 'dev'"):
+        build_valid_sets(cfg(repo, valid_every=1, valid_split="dev"), 258)
+    # training on the same folder reads the train split only: neither the card nor the other splits
+    loader = StreamingLoader(cfg(repo, micro_num=1), 258, prefetch=False)
+    assert sorted(loader.state_dict()["fingerprint"][0]["files"]) == ["data/train-00000-of-00001.parquet"]
+
+
+def test_a_filter_that_drops_everything_is_named_once(folders):
+    loader = StreamingLoader(cfg(folders / "repo", min_length=500), 258, prefetch=True)
+    with pytest.raises(SpindleError) as e:
+        loader.next_step(0)
+    msg = str(e.value)
+    assert msg.startswith("data.min_length=500 drops every document of") and "60 documents" in msg
+    assert msg.count("min_length") == 1
+    loader.close()
+
+
+def test_streaming_training_validates_on_its_validation_split(tmp_path):
+    from spindle.parallel.mesh import ParallelEnv
+    from spindle.train.trainer import Trainer
+
+    repo = hub_repo(tmp_path / "ds", {"train": [f"train {i} " * 4 for i in range(40)],
+                                      "validation": [f"valid {i} " * 4 for i in range(40)]})
+    c = validate_config({
+        "JOB_NAME": "sv",
+        "data": {"type": "streaming", "train_folder": str(repo), "tokenizer_path": "byte", "seq_len": 16,
+                 "micro_bsz": 2, "micro_num": 1, "total_steps": 2, "valid_every": 1, "valid_split": "validation",
+                 "valid_micro_num": 1},
+        "model": {"hidden_size": 32, "num_attention_heads": 4, "num_kv_attention_heads": 2, "num_layers": 1,
+                  "vocab_size": 258, "multiple_of": 16, "max_position_embeddings": 16},
+        "ckpt": {"enable_save_ckpt": False},
+        "trainer": {"run_folder": str(tmp_path / "run"), "tensorboard": False, "progress_bar": False},
+    })
+    hist = Trainer(c, ParallelEnv(), log=lambda *_: None).fit()["history"]
+    assert all(np.isfinite(h["val/validation_loss"]) for h in hist) and "tokens/ds" in hist[0]

@@ -6,9 +6,11 @@ import hashlib
 import json
 
 import pytest
+import tokenizer_folders as hub  # tests/ is on sys.path (conftest.py)
 
 from spindle.data import tokenizer as tkmod
-from spindle.data.tokenizer import ByteTokenizer, load_tokenizer, tokenizer_main, train_tokenizer
+from spindle.data.tokenizer import ByteTokenizer, load_tokenizer, tokenizer_main
+from spindle.data.tokenizer_train import train_tokenizer
 from spindle.errors import SpindleError
 
 TEXT = "\n".join(
@@ -110,3 +112,132 @@ def test_tokenizer_main(corpus, tmp_path, capsys):
     assert load_tokenizer(str(tmp_path / "t")).vocab_size == 320
     assert tokenizer_main(["info", str(tmp_path / "none")]) == 2
     assert "none" in capsys.readouterr().err
+
+
+def one_line(capsys, *needles):
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err, err
+    for n in needles:
+        assert n in err, (n, err)
+
+
+def test_tokenizer_train_never_overwrites(corpus, tmp_path, capsys):
+    out = tmp_path / "tok"
+    assert tokenizer_main(["train", str(corpus), "--vocab-size", "320", "--out", str(out)]) == 0
+    capsys.readouterr()
+    (out / "README.txt").write_text("my notes")
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert tokenizer_main(["train", str(corpus), "--vocab-size", "330", "--out", str(out)]) == 2
+    one_line(capsys, f"--out {out}: already exists and is not empty", "--overwrite")
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    # --overwrite with another kind: the old sentencepiece files go (they would win on load), notes stay
+    assert tokenizer_main(["train", str(corpus), "--vocab-size", "330", "--out", str(out), "--kind", "bpe",
+                           "--overwrite"]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["README.txt", "tokenizer.json", "tokenizer_config.json"]
+    assert load_tokenizer(str(out)).kind == "hf" and (out / "README.txt").read_text() == "my notes"
+    # never into the folder of its own input
+    assert tokenizer_main(["train", str(corpus), "--vocab-size", "320", "--out", str(corpus.parent),
+                           "--overwrite"]) == 2
+    one_line(capsys, f"--out {corpus.parent}: holds the input {corpus}")
+
+
+@pytest.mark.parametrize("args,expected", [
+    (["--vocab-size", "-5"], "argument --vocab-size: expected an integer in [300, 16777216], got -5"),
+    (["--vocab-size", str(10**12)], "argument --vocab-size: expected an integer in [300, 16777216], got 1000000000000"),
+    (["--vocab-size", "3e4"], "argument --vocab-size: expected an integer in [300, 16777216], got '3e4'"),
+    (["--vocab-size", "320", "--kind", "wordpiece"], "argument --kind: invalid choice: 'wordpiece'"),
+    (["--vocab-size", "320", "--out", ""], "argument --out: expected a path"),
+    ([], "the following arguments are required: --vocab-size"),
+])
+def test_tokenizer_train_options_are_validated(corpus, tmp_path, capsys, args, expected):
+    argv = ["train", str(corpus), "--out", str(tmp_path / "t")] + args
+    assert tokenizer_main(argv) == 2
+    one_line(capsys, expected)
+    assert not (tmp_path / "t").exists()
+
+
+def test_tokenizer_train_bad_inputs_are_one_line(tmp_path, capsys):
+    empty, noise = tmp_path / "empty.txt", tmp_path / "noise.txt"
+    empty.write_text("")
+    noise.write_bytes(bytes(range(256)) * 4)
+    for files, needle in (([tmp_path / "missing.txt"], "missing.txt: training file not found"),
+                          ([empty], "sentencepiece training failed on"), ([noise], "sentencepiece training failed on")):
+        assert tokenizer_main(["train", *map(str, files), "--vocab-size", "300", "--out", str(tmp_path / "t")]) == 2
+        one_line(capsys, needle)
+    assert not (tmp_path / "t").exists() and not list(tmp_path.glob(".t.partial-*"))
+    with pytest.raises(SpindleError, match="vocab"):
+        train_tokenizer([str(noise)], 10**12, tmp_path / "t")  # the API checks too, before sentencepiece
+
+
+# ------------------------------------------------------------------------------ folders as the Hub ships them
+
+def test_qwen2_folder_has_no_bos(tmp_path):
+    tok = load_tokenizer(hub.qwen2(tmp_path / "qwen2"))
+    assert tok.kind == "hf" and tok.bos_id is None  # not <|im_start|>: Qwen2 has no BOS
+    assert tok.eos_id == tok.special_tokens()["<|im_end|>"]
+    assert tok.chat_template == hub.QWEN2_TEMPLATE
+    ids = tok.encode("hello world")
+    assert tok.document(ids) == ids + [tok.eos_id]
+    assert tok.identity()["bos_id"] is None
+    assert set(tok.special_tokens()) == {"<|endoftext|>", "<|im_start|>", "<|im_end|>"}
+
+
+def test_llama3_folder_and_its_tiktoken_original(tmp_path):
+    folder = hub.llama3(tmp_path / "llama3")
+    tok = load_tokenizer(folder)
+    sp = tok.special_tokens()
+    assert tok.kind == "hf" and (tok.bos_id, tok.eos_id) == (sp["<|begin_of_text|>"], sp["<|eot_id|>"])
+    assert tok.chat_template == hub.LLAMA3_TEMPLATE  # from chat_template.jinja
+    for spec in (folder / "original", folder / "original" / "tokenizer.model"):
+        with pytest.raises(SpindleError, match=r"tokenizer.model: a tiktoken BPE file .* not read; point at the "
+                                               r"Hub folder that holds tokenizer.json"):
+            load_tokenizer(spec)
+    # a folder with both: the tiktoken tokenizer.model is not taken for sentencepiece
+    (folder / "original" / "tokenizer.model").rename(folder / "tokenizer.model")
+    assert load_tokenizer(folder).kind == "hf"
+
+
+def test_internlm2_folder_loads_without_remote_code(tmp_path):
+    folder = hub.internlm2(tmp_path / "internlm2")
+    tok = load_tokenizer(folder)
+    assert tok.kind == "sentencepiece" and (tok.bos_id, tok.eos_id) == (1, 2)
+    assert tok.chat_template == hub.INTERNLM2_TEMPLATE
+    sp = tok.special_tokens()
+    assert {"<s>", "</s>", "<|im_start|>", "<|im_end|>"} <= set(sp) and tok.token_text(sp["<|im_end|>"]) == "<|im_end|>"
+    assert not (folder / "REMOTE_CODE_RAN").exists()
+
+
+def test_declared_specials_win_and_must_exist(tmp_path):
+    folder = hub.qwen2(tmp_path / "q")
+    cfg = json.loads((folder / "tokenizer_config.json").read_text())
+    (folder / "tokenizer_config.json").write_text(json.dumps(cfg | {"bos_token": "<|endoftext|>"}))
+    tok = load_tokenizer(folder)
+    assert tok.bos_id == tok.special_tokens()["<|endoftext|>"]
+    (folder / "tokenizer_config.json").write_text(json.dumps(cfg | {"bos_token": "<|endoftext|>", "add_bos_token": False}))
+    assert load_tokenizer(folder).bos_id is None  # add_bos_token: false -> documents start without one
+    (folder / "tokenizer_config.json").write_text(json.dumps(cfg | {"eos_token": {"content": "<|nope|>"}}))
+    with pytest.raises(SpindleError, match=r"tokenizer.json: eos_token '<\|nope\|>' of tokenizer_config.json is not"):
+        load_tokenizer(folder)
+    # only special_tokens_map.json (older folders)
+    (folder / "tokenizer_config.json").unlink()
+    (folder / "special_tokens_map.json").write_text(json.dumps({"eos_token": "<|endoftext|>"}))
+    tok = load_tokenizer(folder)
+    assert tok.eos_id == tok.special_tokens()["<|endoftext|>"] and tok.bos_id is None and tok.chat_template is None
+    (tmp_path / "slow").mkdir()
+    (tmp_path / "slow" / "vocab.json").write_text("{}")
+    with pytest.raises(SpindleError, match="vocab.json \\+ merges.txt alone are the slow format"):
+        load_tokenizer(tmp_path / "slow")
+
+
+def test_prepare_wraps_documents_without_bos(tmp_path):
+    from spindle.data.prepare import prepare
+    from spindle.data.shards import open_documents
+
+    folder = hub.qwen2(tmp_path / "qwen2")
+    tok = load_tokenizer(folder)
+    (tmp_path / "in.txt").write_text("hello world\nthe answer is 4.\n")
+    for workers in (1, 2):
+        out = tmp_path / f"out{workers}"
+        prepare([str(tmp_path / "in.txt")], str(out), str(folder), workers=workers, progress=False, min_length=3)
+        docs = [d.tolist() for d, _ in open_documents(str(out))]
+        assert docs == [tok.encode("hello world") + [tok.eos_id], tok.encode("the answer is 4.") + [tok.eos_id]]

@@ -1,0 +1,101 @@
+"""Command-line options of the data commands (`spindle prepare`, `spindle tokenizer`, tools/*.py):
+every value checked for type and range by argparse, every mistake one line naming the option.
+
+argparse prints a usage block and exits on a bad option; here a bad option raises SpindleError,
+which the commands print as one `error: ...` line with exit code 2, like any other bad input.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+from typing import Callable, Optional, Sequence
+
+from spindle.errors import SpindleError
+
+MAX_WORKERS = 1024
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors are SpindleErrors (one line) instead of usage + SystemExit."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise SpindleError(f"{self.prog}: {message}")
+
+
+def int_in(lo: int, hi: int) -> Callable[[str], int]:
+    """argparse type: an integer in [lo, hi]."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer in [{lo}, {hi}], got {text!r}") from None
+        if not lo <= value <= hi:
+            raise argparse.ArgumentTypeError(f"expected an integer in [{lo}, {hi}], got {value}")
+        return value
+
+    return parse
+
+
+def float_in(lo: float, hi: float, lo_open: bool = False, hi_open: bool = False) -> Callable[[str], float]:
+    """argparse type: a finite number in the interval between lo and hi (open ends as asked)."""
+    span = f"{'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'}"
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number in {span}, got {text!r}") from None
+        ok = math.isfinite(value) and (lo < value if lo_open else lo <= value) and (value < hi if hi_open else value <= hi)
+        if not ok:
+            raise argparse.ArgumentTypeError(f"expected a number in {span}, got {text}")
+        return value
+
+    return parse
+
+
+def name(text: str) -> str:
+    """argparse type: a non-empty name (a column, a split, a config)."""
+    if not text.strip() or "\0" in text:
+        raise argparse.ArgumentTypeError(f"expected a non-empty name, got {text!r}")
+    return text
+
+
+def relative_name(text: str) -> str:
+    """argparse type: a non-empty name that stays inside a folder (no absolute path, no '..')."""
+    name(text)
+    if os.path.isabs(text) or ".." in text.replace("\\", "/").split("/"):
+        raise argparse.ArgumentTypeError(f"expected a name inside the dataset folder, got {text!r}")
+    return text
+
+
+def path(text: str) -> str:
+    """argparse type: a non-empty path."""
+    if not text or "\0" in text:
+        raise argparse.ArgumentTypeError(f"expected a path, got {text!r}")
+    return text
+
+
+def workers_option(ap: argparse.ArgumentParser, flag: str = "--workers") -> None:
+    ap.add_argument(flag, type=int_in(1, MAX_WORKERS), default=None,
+                    help=f"tokenizer processes, 1..{MAX_WORKERS} (default: all cores)")
+
+
+def run_command(main: Callable[[argparse.Namespace], int], ap: argparse.ArgumentParser,
+                argv: Optional[Sequence[str]]) -> int:
+    """Parse, run; a SpindleError (a bad option included) is one `error:` line and exit code 2,
+    a traceback only with --debug."""
+    debug = "--debug" in (sys.argv[1:] if argv is None else argv)
+    try:
+        return main(ap.parse_args(argv))
+    except SpindleError as e:
+        if debug:
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
