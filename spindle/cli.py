@@ -25,14 +25,21 @@ from spindle.errors import SpindleError
 DEMO_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.py"
 
 
+def launch_rank() -> int:
+    """This process's rank as the launcher set it (torchrun: RANK, Slurm: SLURM_PROCID), 0 alone."""
+    return int(os.environ.get("RANK") or os.environ.get("SLURM_PROCID") or 0)
+
+
 def guarded(fn: Callable[[], int], debug: bool) -> int:
-    """Run `fn`; a SpindleError becomes one line on stderr and exit code 2 (traceback with --debug)."""
+    """Run `fn`; a SpindleError becomes one line on stderr and exit code 2 (traceback with --debug).
+    Under a launcher every rank meets the same bad input, so rank 0 alone says it."""
     try:
         return fn()
     except SpindleError as exc:
         if debug:
             raise
-        print(f"spindle: error: {exc}", file=sys.stderr)
+        if launch_rank() == 0:
+            print(f"spindle: error: {exc}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         print("spindle: interrupted", file=sys.stderr)
@@ -106,8 +113,7 @@ def run_train(args: argparse.Namespace) -> int:
         return 0
     import torch
 
-    from spindle.parallel.mesh import init_distributed, shutdown
-    from spindle.train.trainer import Trainer
+    from spindle.parallel.mesh import init_distributed, leave_together, shutdown
 
     # Flush denormals before any parallel CPU work: OpenMP worker threads take the floating-point
     # mode of the thread that starts them, and `Trainer.fit()`'s own setting reaches only the main
@@ -116,25 +122,33 @@ def run_train(args: argparse.Namespace) -> int:
     torch.set_flush_denormal(True)
     env = init_distributed(args.launcher, args.backend, args.port, cfg.trainer.device)
     try:
-        log = functools.partial(print, flush=True) if env.is_main else (lambda *_: None)
-        log(f"spindle: job {cfg.JOB_NAME}, run folder {cfg.run_dir}, world size {env.world_size}, "
-            f"device {env.device}")
-        t0 = time.perf_counter()
-        trainer = Trainer(cfg, env, log=log)
-        log(f"model: {trainer.n_params:,} parameters; MFU peak {trainer.peak:.3g} TFLOP/s ({trainer.peak_source})")
-        result = trainer.fit()
-        hist = result["history"]
-        if env.is_main and hist:
-            tail = [h["loss"] for h in hist[-20:]]
-            log(f"done: {len(hist)} steps in {time.perf_counter() - t0:.1f} s; loss {hist[0]['loss']:.4f} at the first "
-                f"step, {hist[-1]['loss']:.4f} at the last, {sum(tail) / len(tail):.4f} averaged over the last "
-                f"{len(tail)}" + (f"; checkpoint saved at step {result['saved_at']} in {trainer.save_dir}"
-                                  if result["saved_at"] else ""))
-            if cfg.trainer.sample_prompt is not None and cfg.trainer.sample_tokens:
-                print_sample(trainer, cfg)
+        return _train(cfg, env, time.perf_counter())
+    except SpindleError:
+        leave_together()
+        raise
     finally:
         shutdown()
         torch.set_flush_denormal(False)
+
+
+def _train(cfg, env, t0: float) -> int:
+    from spindle.train.trainer import Trainer
+
+    log = functools.partial(print, flush=True) if env.is_main else (lambda *_: None)
+    log(f"spindle: job {cfg.JOB_NAME}, run folder {cfg.run_dir}, world size {env.world_size}, "
+        f"device {env.device}")
+    trainer = Trainer(cfg, env, log=log)
+    log(f"model: {trainer.n_params:,} parameters; MFU peak {trainer.peak:.3g} TFLOP/s ({trainer.peak_source})")
+    result = trainer.fit()
+    hist = result["history"]
+    if env.is_main and hist:
+        tail = [h["loss"] for h in hist[-20:]]
+        log(f"done: {len(hist)} steps in {time.perf_counter() - t0:.1f} s; loss {hist[0]['loss']:.4f} at the first "
+            f"step, {hist[-1]['loss']:.4f} at the last, {sum(tail) / len(tail):.4f} averaged over the last "
+            f"{len(tail)}" + (f"; checkpoint saved at step {result['saved_at']} in {trainer.save_dir}"
+                              if result["saved_at"] else ""))
+        if cfg.trainer.sample_prompt is not None and cfg.trainer.sample_tokens:
+            print_sample(trainer, cfg)
     return 0
 
 

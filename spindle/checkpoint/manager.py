@@ -162,7 +162,12 @@ class CheckpointManager:
 
     def open(self) -> FolderContents:
         """Before anything is written: refuse checkpoints Spindle did not write, take the lock, ping."""
-        if self.remote and self.is_writer:  # an endpoint that is down or mute fails fast, before any listing
+        self._on_writer(self._check_and_lock)
+        self.contents = inspect_folder(self.storage)  # under the lock: what no other run can change now
+        return self.contents
+
+    def _check_and_lock(self) -> None:
+        if self.remote:  # an endpoint that is down or mute fails fast, before any listing
             self.storage.ping()
         contents = inspect_folder(self.storage)
         if contents.foreign:
@@ -170,18 +175,31 @@ class CheckpointManager:
                 f"{self.storage.url}: holds checkpoints Spindle did not write ({contents.describe_foreign()}); "
                 "Spindle never writes into such a folder — set ckpt.save_ckpt_folder to a new folder (to start "
                 "from an InternEvo checkpoint: load_ckpt_info=dict(path=..., ckpt_type='internevo'))")
+        self.lock.acquire()
+        if not self.remote:
+            self.storage.ping()
+        if self.staging is not None:
+            self.staging.recover(self._commit_files)
+        if contents.other:
+            self.log(f"checkpoint: {self.storage.url} also holds {', '.join(contents.other[:5])}, not written "
+                     "by Spindle: left alone")
+
+    def _on_writer(self, step: Callable[[], None]) -> None:
+        """Run `step` on the writer; every rank learns whether it failed, so a refusal ends every rank the
+        same way (one message, from the writer) instead of leaving the others in a collective."""
+        error = None
         if self.is_writer:
-            self.lock.acquire()
-            if not self.remote:
-                self.storage.ping()
-            if self.staging is not None:
-                self.staging.recover(self._commit_files)
-            if contents.other:
-                self.log(f"checkpoint: {self.storage.url} also holds {', '.join(contents.other[:5])}, not written "
-                         "by Spindle: left alone")
-        self._barrier()
-        self.contents = inspect_folder(self.storage)  # under the lock: what no other run can change now
-        return self.contents
+            try:
+                step()
+            except SpindleError as exc:
+                error = exc
+        if self.distributed:
+            failed = torch.tensor([0 if error is None else 1], device=self.device)
+            dist.all_reduce(failed, group=self.process_group)
+            if error is None and int(failed.item()):
+                raise SpindleError("the checkpoint writer (rank 0) refused the save folder; see its message")
+        if error is not None:
+            raise error
 
     def adopt(self, plan: LoadPlan) -> str:
         """This run's lineage, after checking the folder holds nothing the run would overwrite or mix with.
@@ -211,15 +229,17 @@ class CheckpointManager:
         for ref in self.contents.completed:
             if ref.is_snapshot and ref.rel not in skipped:
                 self._slots[int(ref.rel.split("/")[1])] = ref.step
-        self._barrier()
-        if self.is_writer and same_folder:
+
+        def move_damaged() -> None:
             stamp = time.strftime("%Y%m%d-%H%M%S")
-            for ref, _ in plan.quarantine:
+            for ref, _ in plan.quarantine if same_folder else []:
                 dest = f"damaged/{ref.rel.replace('/', '-')}-{stamp}"
                 self.storage.move(ref.marker, f"{dest}.step")
                 self.storage.move(ref.rel, dest)
                 self.log(f"checkpoint: moved damaged checkpoint {ref.rel} to {self.storage.url}/{dest}")
-        self._barrier()
+
+        self._barrier()  # every rank has planned from the folder as it was
+        self._on_writer(move_damaged)
         return self.lineage
 
     # -- save

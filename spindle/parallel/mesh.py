@@ -143,7 +143,12 @@ def init_distributed(launcher: Optional[str] = None, backend: Optional[str] = No
     """Start the process group (when there is more than one process, or a launcher asked for it)."""
     variables = launcher_env(launcher, port) if launcher else (
         launcher_env("torch", port) if "RANK" in os.environ else {})
+    if device == "cuda" and not torch.cuda.is_available():
+        raise SpindleError(f"trainer.device='cuda' but this machine has no usable CUDA device (torch "
+                           f"{torch.__version__}); use trainer.device='auto' or 'cpu'")
     want_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
+    if backend == "nccl" and not want_cuda:
+        raise SpindleError("--backend nccl needs CUDA devices; on CPU use --backend gloo (the default there)")
     if not variables:
         dev = torch.device("cuda", 0) if want_cuda else torch.device("cpu")
         return ParallelEnv(device=dev)
@@ -158,6 +163,18 @@ def init_distributed(launcher: Optional[str] = None, backend: Optional[str] = No
         dist.init_process_group(backend=backend, rank=rank, world_size=world,
                                 timeout=datetime.timedelta(seconds=timeout_s))
     return ParallelEnv(rank=rank, world_size=world, local_rank=local, device=dev, dp_rank=rank, dp_size=world)
+
+
+def leave_together(timeout_s: float = 30.0) -> None:
+    """After an error every rank met (a refused folder, a layout error): wait, briefly, for the others, so
+    all exit with the same code instead of the launcher killing the slower ones. Returns after
+    `timeout_s` when a rank does not come (its error was its own)."""
+    if not dist.is_initialized():
+        return
+    try:
+        dist.barrier(async_op=True).wait(timeout=datetime.timedelta(seconds=timeout_s))
+    except Exception:  # noqa: BLE001 - a rank that does not come: we leave anyway
+        pass
 
 
 def shutdown() -> None:

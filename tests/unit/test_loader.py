@@ -229,13 +229,13 @@ def test_text_cache_is_keyed_by_content(tmp_path):
 
 @pytest.mark.parametrize("data,expected", [
     ({"seq_len": 2.5}, "data.seq_len: Input should be a valid integer (got 2.5)"),
-    ({"micro_num": True}, "data.micro_num: Input should be a valid integer (got True)"),
-    ({"micro_bsz": "4"}, "data.micro_bsz: Input should be a valid integer"),
+    ({"micro_num": True}, "data.micro_num: expected an integer, not a bool (got True)"),
+    ({"micro_bsz": "4"}, "data.micro_bsz: expected an integer, not a str"),
     ({"min_length_dict": {"en": 1.5}}, "data.min_length_dict.en: Input should be a valid integer"),
     ({"min_length_dict": {"en": -1}}, "data.min_length_dict.en: Input should be greater than or equal to 0"),
     ({"source_weights": {"en": 0}}, "data.source_weights: the weight of 'en' must be a finite number > 0"),
     ({"source_weights": {"en": -2.0}}, "data.source_weights: the weight of 'en' must be a finite number > 0"),
-    ({"source_weights": {"en": float("nan")}}, "data.source_weights: the weight of 'en' must be a finite number > 0"),
+    ({"source_weights": {"en": float("nan")}}, "data.source_weights.en: Input should be a finite number"),
     ({"diag_outlier_ratio": float("inf")}, "data.diag_outlier_ratio: Input should be a finite number"),
     ({"seed": -1}, "data.seed: Input should be greater than or equal to 0"),
     ({"max_text_bytes": 0}, "data.max_text_bytes: Input should be greater than or equal to 1"),

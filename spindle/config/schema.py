@@ -1,0 +1,250 @@
+"""The native schema: every section of a config file with its defaults and checks, and the whole file.
+
+The `data` and `model` sections live in spindle/config/data.py and model.py; InternEvo's module-level
+constants and aliases in spindle/config/internevo.py; loading (runpy, `--set`, error lines) in
+spindle/config/load.py.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+from pydantic import Field, field_validator, model_validator
+
+from spindle.config.base import MAX_SEED, Section, every_steps
+from spindle.config.data import DataConfig
+from spindle.config.model import ModelConfig
+
+# --------------------------------------------------------------------------- ckpt
+
+
+class LoadCkptInfo(Section):
+    path: Optional[str] = None
+    # which states to load: any of model / sampler / optimizer / scheduler, or "all"
+    content: tuple[Literal["model", "sampler", "optimizer", "scheduler", "all"], ...] = ("all",)
+    # "internevo" / "normal" / "spindle" all mean our own DCP format; "hf" (or InternEvo's "hf_llama")
+    # means a Hugging Face Llama folder (model weights only).
+    ckpt_type: Literal["internevo", "normal", "spindle", "hf", "hf_llama", "llama"] = "internevo"
+
+    @field_validator("content", mode="before")
+    @classmethod
+    def _content_as_tuple(cls, v: Any) -> Any:
+        return (v,) if isinstance(v, str) else v
+
+
+class CkptConfig(Section):
+    enable_save_ckpt: bool = False
+    save_ckpt_folder: Optional[str] = None
+    load_ckpt_folder: Optional[str] = None  # legacy InternEvo key: same as load_ckpt_info(path=..., content=all)
+    load_ckpt_info: Optional[LoadCkptInfo] = None
+    checkpoint_every: float = Field(default=math.inf, allow_inf_nan=True)  # steps; inf = only at the end
+    auto_resume: bool = True
+    async_upload: bool = False
+    async_upload_tmp_folder: str = "/dev/shm/spindle_tmp_ckpt/"
+    oss_snapshot_freq: float = Field(default=math.inf, allow_inf_nan=True)
+    snapshot_ckpt_folder: Optional[str] = None
+    stop_file_path: Optional[str] = None
+    keep_last_n: Optional[int] = Field(default=None, ge=1)
+    save_final: bool = True  # save when training ends (also when enable_save_ckpt is False: model weights only)
+    # object storage (boto3:) connection; credentials are better left to the environment
+    s3_endpoint_url: Optional[str] = None
+    s3_region: Optional[str] = None
+    # an endpoint that is down fails within the connect timeout; one that accepts connections but never
+    # answers, within the read timeout (each try; start-up makes two)
+    s3_connect_timeout_s: float = Field(default=5.0, gt=0, le=600)
+    s3_read_timeout_s: float = Field(default=60.0, gt=0, le=3600)
+
+    @field_validator("checkpoint_every", "oss_snapshot_freq")
+    @classmethod
+    def _interval(cls, v: float) -> float:
+        return every_steps(v)
+
+
+# --------------------------------------------------------------------------- optimisation
+
+
+class Fp16ScalerConfig(Section):
+    initial_scale: float = Field(default=2.0**16, gt=0, le=2.0**64)
+    min_scale: float = Field(default=1.0, gt=0, le=2.0**64)
+    growth_interval: int = Field(default=1000, ge=1)
+
+
+class GradScalerConfig(Section):
+    fp16: Fp16ScalerConfig = Field(default_factory=Fp16ScalerConfig)
+    growth_factor: float = Field(default=2.0, gt=1)
+    backoff_factor: float = Field(default=0.5, gt=0, lt=1)
+    max_scale: float = Field(default=2.0**24, gt=0, le=2.0**64)
+    hysteresis: int = Field(default=2, ge=1)
+
+
+class HybridZeroOptimizerConfig(Section):
+    overlap_sync_grad: bool = True
+    overlap_sync_param: bool = True
+    reduce_bucket_size: int = Field(default=512 * 1024 * 1024, ge=1)
+    clip_grad_norm: float = Field(default=1.0, ge=0)  # 0 = no clipping
+
+
+class LossConfig(Section):
+    label_smoothing: float = Field(default=0.0, ge=0, lt=1)
+    moe_loss_coeff: float = 0.0
+
+
+class AdamConfig(Section):
+    lr: float = Field(default=1e-4, ge=0, le=1e3)
+    adam_beta1: float = Field(default=0.9, ge=0, lt=1)
+    adam_beta2: float = Field(default=0.95, ge=0, lt=1)
+    adam_beta2_c: float = Field(default=0.0, ge=0)
+    adam_eps: float = Field(default=1e-8, gt=0, le=1.0)
+    weight_decay: float = Field(default=0.01, ge=0, le=1e3)
+    # InternEvo decays every parameter; the usual practice (and ours) exempts norms and biases.
+    decay_norm_and_bias: bool = False
+    fused: Optional[bool] = None  # None: fused AdamW on CPU and CUDA, foreach elsewhere
+
+
+class LrSchedulerConfig(Section):
+    total_steps: Optional[int] = Field(default=None, ge=1)  # defaults to data.total_steps
+    init_steps: int = Field(default=0, ge=0, le=10**12)
+    warmup_ratio: float = Field(default=0.01, ge=0, le=1)
+    eta_min: float = Field(default=1e-5, ge=0)
+    last_epoch: int = Field(default=-1, ge=-1, le=10**12)
+
+
+class Beta2SchedulerConfig(Section):
+    init_beta2: Optional[float] = Field(default=None, ge=0, lt=1)  # defaults to adam.adam_beta2
+    c: float = Field(default=0.0, ge=0)
+    cur_iter: int = Field(default=-1, ge=-1, le=10**12)
+
+
+# --------------------------------------------------------------------------- parallel
+
+
+class ZeroConfig(Section):
+    size: int = Field(default=-1, ge=-1, le=2**20)  # -1/0: whole data-parallel group; 1: no sharding; k: groups of k
+    fsdp: bool = False
+
+
+class TensorConfig(Section):
+    size: int = Field(default=1, ge=1, le=2**12)
+    mode: Literal["mtp", "msp", "fsp", "isp"] = "mtp"
+
+
+class PipelineConfig(Section):
+    size: int = Field(default=1, ge=1, le=2**12)
+    interleaved_overlap: bool = False
+    schedule: Literal["1f1b", "interleaved_1f1b", "gpipe", "zero_bubble"] = "1f1b"
+
+
+class ParallelConfig(Section):
+    zero1: ZeroConfig = Field(default_factory=ZeroConfig)
+    tensor: TensorConfig = Field(default_factory=TensorConfig)
+    pipeline: PipelineConfig = Field(default_factory=PipelineConfig)
+    sequence_parallel: bool = False
+    context: int = Field(default=1, ge=1, le=2**12)  # context-parallel size (ours)
+    fsdp: bool = False  # full sharding of parameters, gradients and optimizer state (FSDP2)
+
+    @field_validator("zero1", mode="before")
+    @classmethod
+    def _zero1_int(cls, v: Any) -> Any:
+        return {"size": v} if isinstance(v, int) and not isinstance(v, bool) else v
+
+    @field_validator("tensor", "pipeline", mode="before")
+    @classmethod
+    def _size_int(cls, v: Any) -> Any:
+        return {"size": v} if isinstance(v, int) and not isinstance(v, bool) else v
+
+
+# --------------------------------------------------------------------------- monitor
+
+
+class AlertConfig(Section):
+    enable_feishu_alert: bool = False
+    feishu_alert_address: Optional[str] = None
+    light_monitor_address: Optional[str] = None
+    alert_file_path: Optional[str] = None
+    webhook_format: Literal["feishu", "slack", "json"] = "feishu"
+    loss_spike_ratio: float = Field(default=1.5, gt=1, le=1e6)
+    stuck_timeout_s: float = Field(default=300.0, gt=0, le=7 * 86400)
+    heartbeat_every: int = Field(default=50, ge=1)
+
+
+class MonitorConfig(Section):
+    alert: AlertConfig = Field(default_factory=AlertConfig)
+
+
+# --------------------------------------------------------------------------- trainer (ours)
+
+
+class TrainerConfig(Section):
+    """Run-level settings that InternEvo keeps on the command line or hard-codes."""
+
+    run_folder: str = "runs"  # the run goes to {run_folder}/{JOB_NAME}
+    seed: int = Field(default=1024, ge=0, le=MAX_SEED)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    compile: bool = False
+    peak_tflops: Optional[float] = Field(default=None, gt=0, le=1e6)  # MFU denominator per device; None = table / measured
+    log_every: int = Field(default=1, ge=1, le=10**12)
+    progress_bar: Optional[bool] = None  # None: when stdout is a terminal
+    jsonl: bool = True
+    tensorboard: bool = True
+    sample_prompt: Optional[str] = None  # printed with a greedy continuation when training ends
+    sample_tokens: int = Field(default=48, ge=0, le=2**16)
+    num_threads: Optional[int] = Field(default=None, ge=1)  # torch intra-op threads on CPU
+
+    @field_validator("num_threads")
+    @classmethod
+    def _threads_here(cls, v: Optional[int]) -> Optional[int]:
+        cores = os.cpu_count() or 1
+        if v is not None and v > cores:
+            raise ValueError(f"this machine has {cores} cores; more threads than cores only slows training down")
+        return v
+
+
+# --------------------------------------------------------------------------- the whole file
+
+
+class SpindleConfig(Section):
+    JOB_NAME: str = "spindle"
+    DO_ALERT: bool = False
+    model_type: Literal["INTERNLM", "INTERNLM2_PUBLIC", "LLAMA2", "LLAMA"] = "INTERNLM"
+    ckpt: CkptConfig = Field(default_factory=CkptConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    grad_scaler: GradScalerConfig = Field(default_factory=GradScalerConfig)
+    hybrid_zero_optimizer: HybridZeroOptimizerConfig = Field(default_factory=HybridZeroOptimizerConfig)
+    loss: LossConfig = Field(default_factory=LossConfig)
+    adam: AdamConfig = Field(default_factory=AdamConfig)
+    lr_scheduler: LrSchedulerConfig = Field(default_factory=LrSchedulerConfig)
+    beta2_scheduler: Beta2SchedulerConfig = Field(default_factory=Beta2SchedulerConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    parallel: ParallelConfig = Field(default_factory=ParallelConfig)
+    monitor: MonitorConfig = Field(default_factory=MonitorConfig)
+    trainer: TrainerConfig = Field(default_factory=TrainerConfig)
+    cudnn_deterministic: bool = False
+    cudnn_benchmark: bool = False
+    use_fp32_norm: bool = False
+    metric_dtype: str = "fp32"
+    enable_tb: bool = True
+    tensorboard_folder: Optional[str] = None
+    resume_tb_folder: Optional[str] = None
+    # user constants (SEQ_LEN, TRAIN_FOLDER, ...): kept for reference, not interpreted
+    constants: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _derived_defaults(self) -> "SpindleConfig":
+        # Fill the keys whose defaults are other keys, as InternEvo's sanity check does.
+        if self.data.valid_micro_num is None:
+            self.data.valid_micro_num = self.data.micro_num
+        if self.lr_scheduler.total_steps is None:
+            self.lr_scheduler.total_steps = self.data.total_steps
+        if self.beta2_scheduler.init_beta2 is None:
+            self.beta2_scheduler.init_beta2 = self.adam.adam_beta2
+        return self
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.trainer.run_folder) / self.JOB_NAME
+
+    def to_dict(self) -> dict:
+        return self.model_dump(mode="json")
