@@ -76,12 +76,15 @@ TRAINER_STATE_KEYS = {
     "inf_nan_skip_batches": (_is_count, "a non-negative integer"),
     "loader": (lambda v: isinstance(v, dict) and _is_count(v.get("position")), "an object with a position"),
 }
+def _is_scaler(v) -> bool:
+    scale = v.get("scale") if isinstance(v, dict) else None
+    return (isinstance(scale, (int, float)) and not isinstance(scale, bool) and math.isfinite(scale) and scale > 0
+            and _is_count(v.get("growth_tracker")) and _is_count(v.get("hysteresis_tracker")))
+
+
 OPTIONAL_TRAINER_STATE_KEYS = {
-    "scaler": (lambda v: isinstance(v, dict) and all(isinstance(x, (int, float)) and not isinstance(x, bool)
-                                                       and math.isfinite(x) for x in v.values()),
-               "an object of finite numbers"),
+    "scaler": (_is_scaler, "an object with a finite scale > 0 and two counters"),
     "lineage": (lambda v: isinstance(v, str) and 0 < len(v) <= 128, "a string"),
-    "snapshots": (lambda v: _is_count(v), "a non-negative integer"),
 }
 
 

@@ -130,11 +130,25 @@ def _fingerprint_change(old: dict, new: dict) -> Optional[str]:
     return None
 
 
+def _well_formed(saved) -> bool:
+    def sizes(d, kind) -> bool:
+        return isinstance(d, dict) and all(isinstance(k, str) and isinstance(v, kind) and not isinstance(v, bool)
+                                           for k, v in d.items())
+
+    return isinstance(saved, list) and all(
+        isinstance(s, dict) and isinstance(s.get("name"), str) and sizes(s.get("files"), int)
+        and sizes(s.get("manifests"), str) for s in saved)
+
+
 def check_fingerprints(saved: Optional[list], current: list) -> None:
     """Refuse a loader state saved over other data. A state without a fingerprint (older
     checkpoints) loads with no check."""
     if saved is None:
         return
+    if not _well_formed(saved):
+        raise SpindleError("damaged loader state: its data fingerprint is malformed (expected a list of "
+                           "{name, files, manifests, tokenizer} objects)")
+    current = current or []
     hint = ("the saved data position would not continue the same data; restore the data, or resume "
             "without the sampler state (ckpt.load_ckpt_info content without 'sampler')")
     old_names, new_names = [s["name"] for s in saved], [s["name"] for s in current]

@@ -208,10 +208,14 @@ class BinaryShard(DocumentSource):
         if not os.path.exists(mpath):
             return None
         man = read_manifest(folder)
+        dtype = man.get("dtype")
         for shard in man.get("shards", []):
-            if shard.get("name") == name:
-                return shard.get("dtype", man.get("dtype"))
-        return man.get("dtype")
+            if isinstance(shard, dict) and shard.get("name") == name:
+                dtype = shard.get("dtype", dtype)
+                break
+        if dtype is not None and dtype not in ("<u2", "<u4", "uint16", "uint32"):
+            raise SpindleError(f"{mpath}: token dtype {dtype!r} is not one Spindle writes (<u2 or <u4)")
+        return dtype
 
     def __getitem__(self, i: int) -> tuple[np.ndarray, np.ndarray | None]:
         if self._index is not None:

@@ -10,13 +10,17 @@ working) and appends ours: mfu, acc, perplexity, data_wait. Formulas:
 
 from __future__ import annotations
 
+import errno
 import json
 import math
+import os
 import sys
 from pathlib import Path
 from typing import Any, Optional
 
 import torch
+
+from spindle.errors import SpindleError
 
 
 CONSOLE_KEYS = [
@@ -51,11 +55,40 @@ def batch_shape_stats(micro_batches: list[dict]) -> dict:
     }
 
 
+class RunFolderFull(SpindleError):
+    """A write into the run folder (metrics, logs) failed: the disk is full, or the folder went away."""
+
+
+class LineFile:
+    """An append-only text file written a whole line at a time: a line that cannot be written in full
+    (a full disk) is cut off again, so the file never holds half a record."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+
+    def write_line(self, line: str) -> None:
+        data = (line + "\n").encode()
+        end = os.lseek(self.fd, 0, os.SEEK_END)
+        try:
+            if os.write(self.fd, data) != len(data):
+                raise OSError(errno.ENOSPC, "No space left on device (short write)")
+        except OSError as exc:
+            try:
+                os.ftruncate(self.fd, end)
+            except OSError:
+                pass
+            raise RunFolderFull(f"{self.path}: {exc.strerror or exc} while writing it") from None
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
 class MetricSinks:
     """JSONL file and TensorBoard events in the run folder (rank 0 only)."""
 
     def __init__(self, run_dir: Path, jsonl: bool = True, tensorboard: bool = True, tb_dir: Optional[str] = None):
-        self.jsonl = open(run_dir / "metrics.jsonl", "a") if jsonl else None
+        self.jsonl = LineFile(run_dir / "metrics.jsonl") if jsonl else None
         self.tb = None
         if tensorboard:
             try:
@@ -67,8 +100,7 @@ class MetricSinks:
 
     def write(self, metrics: dict, step: int) -> None:
         if self.jsonl is not None:
-            self.jsonl.write(json.dumps(metrics, default=float) + "\n")
-            self.jsonl.flush()
+            self.jsonl.write_line(json.dumps(metrics, default=float))
         if self.tb is not None:
             for key, value in metrics.items():
                 if isinstance(value, (int, float)) and key != "step" and math.isfinite(float(value)):
@@ -78,7 +110,10 @@ class MetricSinks:
         if self.jsonl is not None:
             self.jsonl.close()
         if self.tb is not None:
-            self.tb.close()
+            try:
+                self.tb.close()
+            except OSError:  # its events could not be flushed (a full disk): metrics.jsonl has them
+                pass
 
 
 class Progress:

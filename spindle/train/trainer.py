@@ -34,8 +34,9 @@ from spindle.parallel.context import local_slice
 from spindle.parallel.mesh import ParallelEnv, build_mesh
 from spindle.parallel.parallelize import ModelView, apply_data_parallel, apply_model_parallel
 from spindle.parallel.pipeline import PipelineChunk, build_schedule, build_stage_model, stages_of_rank
+from spindle.errors import SpindleError
 from spindle.hardware import resolve_peak_tflops
-from spindle.train.metrics import MetricSinks, Progress, batch_shape_stats, format_line
+from spindle.train.metrics import LineFile, MetricSinks, Progress, RunFolderFull, batch_shape_stats, format_line
 from spindle.train.host import cpu_training_mode
 from spindle.train.monitor import build_monitor
 from spindle.train.optim import DynamicLossScaler, beta2_at, build_optimizer, lr_at, set_schedules
@@ -463,18 +464,33 @@ class Trainer:
         self.log(f"checkpoint saved: {where}")
         return where
 
-    def _read_stop_file(self) -> Optional[int]:
+    def _step_signals(self, write_failed: bool) -> tuple[Optional[int], bool]:
+        """What every rank must agree on after a step, in one collective: the stop file's value (rank 0
+        reads it) and whether a rank could not write its metrics or log."""
         path = self.cfg.ckpt.stop_file_path
-        value = torch.zeros(1, dtype=torch.int64)
+        value = torch.zeros(2, dtype=torch.int64, device=self.device)  # a collective's tensor lives on its device
         if path and self.env.is_main:
             try:
                 text = Path(path).read_text().strip()
                 value[0] = int(text) if text else 0
             except (OSError, ValueError):
                 value[0] = 0
-        if self.env.distributed and path:
-            dist.broadcast(value, 0)
-        return int(value[0]) or None
+        value[1] = int(write_failed)
+        if self.env.distributed:
+            dist.all_reduce(value, op=dist.ReduceOp.MAX)
+        stop, failed = (int(v) for v in value.tolist())
+        return stop or None, bool(failed)
+
+    def _stop_after_write_failure(self, failure: Optional[RunFolderFull]) -> None:
+        """The run folder cannot be written (a full disk): save what can be saved, then stop with one line."""
+        what = str(failure) if failure is not None else "another rank could not write its log"
+        saved = ""
+        if self.ckpt_manager is not None:
+            try:
+                saved = f"; checkpoint of step {self.state.step} saved to {self.save()}"
+            except SpindleError as exc:
+                saved = f"; the checkpoint of step {self.state.step} could not be saved either ({exc})"
+        raise SpindleError(f"{what}: training stopped after step {self.state.step}{saved}")
 
     # ------------------------------------------------------------------ loop
 
@@ -486,13 +502,12 @@ class Trainer:
         progress = Progress(total, state.step, cfg.trainer.progress_bar if env.is_main else False)
         # every rank keeps its own log in the run folder; rank 0 also prints to the console
         (self.run_dir / "logs").mkdir(parents=True, exist_ok=True)
-        rank_log = open(self.run_dir / "logs" / f"rank{env.rank}.log", "a")
+        rank_log = LineFile(self.run_dir / "logs" / f"rank{env.rank}.log")
 
         outer_log = self.log
 
         def printer(line: str) -> None:
-            rank_log.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} rank{env.rank} {line}\n")
-            rank_log.flush()
+            rank_log.write_line(f"{time.strftime('%Y-%m-%d %H:%M:%S')} rank{env.rank} {line}")
             if env.is_main:
                 progress.print(line)
 
@@ -539,12 +554,18 @@ class Trainer:
                 if self.valid_sets and cfg.data.valid_every and state.step % cfg.data.valid_every == 0:
                     record.update(self.validate())
                 history.append(record)
-                if step % cfg.trainer.log_every == 0 or state.step == total:
-                    printer(format_line(record))
-                if env.is_main:
-                    sinks.write(record, step)
-                    progress.update(state.step, f"loss {m['loss']:.3f}")
-                stop = self._read_stop_file()
+                failure = None
+                try:
+                    if step % cfg.trainer.log_every == 0 or state.step == total:
+                        printer(format_line(record))
+                    if env.is_main:
+                        sinks.write(record, step)
+                        progress.update(state.step, f"loss {m['loss']:.3f}")
+                except RunFolderFull as exc:
+                    failure = exc
+                stop, failed = self._step_signals(failure is not None)
+                if failed:
+                    self._stop_after_write_failure(failure)
                 quit_now = bool(stop and stop > 0 and state.step >= stop)
                 if self.ckpt_manager is not None:
                     due = state.step % every == 0 if math.isfinite(every) else False

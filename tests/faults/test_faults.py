@@ -402,6 +402,45 @@ def test_full_disk_clear_error_previous_checkpoint_intact(tmp_path, monkeypatch)
             subprocess.run(["umount", str(mnt)], capture_output=True)
 
 
+def test_full_run_folder_stops_with_one_line_and_saves_the_checkpoint(tmp_path):
+    """The run folder (metrics, logs) fills up while the checkpoint folder has room: one line, no torn
+    metrics line, and the state of the last finished step saved where it can be."""
+    runs = tmp_path / "runs_disk"
+    if not _try_tmpfs(runs, "1m"):
+        pytest.skip("needs root to mount a small tmpfs")
+    try:
+        cfg = _disk_cfg(runs, tmp_path / "ckpt", 40)
+        cfg.ckpt.checkpoint_every = math.inf
+        tr = Trainer(cfg, ParallelEnv(), log=lambda *_: None)
+        real_step = tr.train_step
+
+        def step(mbs):
+            if tr.state.step == 3:  # fill the run folder's disk before step 3's metrics are written
+                try:
+                    with open(runs / "filler", "wb") as f:
+                        while True:
+                            f.write(b"x" * 4096)
+                            f.flush()
+                except OSError:
+                    pass  # full; the logs' last pages still have some room
+            return real_step(mbs)
+
+        tr.train_step = step
+        with pytest.raises(SpindleError) as err:
+            tr.fit()
+        msg = str(err.value)
+        assert "\n" not in msg and "No space left on device" in msg, msg
+        lines = (runs / "disk" / "metrics.jsonl").read_text().splitlines()
+        steps = [json.loads(ln)["step"] for ln in lines]  # whole lines only: every one parses
+        stopped = len(steps) + 1  # the step whose record could not be written
+        assert steps == list(range(len(steps))) and 3 <= len(steps) < 40, steps
+        assert f"training stopped after step {stopped}" in msg and f"checkpoint of step {stopped} saved" in msg, msg
+        assert (tmp_path / "ckpt" / f"{stopped}.step").is_file()
+        print(f"\nFIGURES full_run_folder: error={msg!r}")
+    finally:
+        subprocess.run(["umount", str(runs)], capture_output=True)
+
+
 # =========================================================================== NaN, fp16
 
 

@@ -4,7 +4,8 @@ project's own `SpindleError` (one clear line). Anything else is a bug in the rea
 
 Targets: the config loader (dicts, `--set` overrides, Python config files), the tokenizer tool
 (tools/tokenizer.py on generated input files; tokenizer files), the `.bin`/`.bin.meta` and binary
-shard readers, the checkpoint loader (mutated DCP checkpoints).
+shard readers, the checkpoint loader (mutated DCP checkpoints), the trainer-state file (generated JSON
+read back into the loader and the loss scaler).
 
     .venv/bin/python -m pytest tests/fuzz -m fuzz -q          # FUZZ_EXAMPLES=1000 for a quick pass
 """
@@ -348,7 +349,9 @@ def test_fuzz_checkpoint_loader(work):
     model = build_model(cfg.model.to_args(), torch.device("cpu"), seed=1)
     opt = build_optimizer(model, cfg.adam, "cpu")
     good = work / "ckpt_good"
-    CheckpointManager(str(good), CkptConfig()).save(3, model, opt, {"step": 3, "updates": 3}, {})
+    CheckpointManager(str(good), CkptConfig()).save(3, model, opt, {
+        "step": 3, "updates": 3, "num_consumed_tokens": 96, "inf_nan_skip_batches": 0, "loader": {"position": 3},
+        "scaler": {"scale": 1.0, "growth_tracker": 0, "hysteresis_tracker": 2}}, {})
     originals = {f: (good / "3" / f).read_bytes() for f in os.listdir(good / "3")}
     case_dir = work / "ckpt_case"
     shutil.copytree(good, case_dir)
@@ -395,3 +398,58 @@ def test_fuzz_checkpoint_loader(work):
     fuzz()
     assert not (work / "PWNED").exists(), "a pickled payload was executed"
     check_count("checkpoint")
+
+
+# =========================================================================== trainer state
+
+JSON_LEAF = st.one_of(st.none(), st.booleans(), st.integers(min_value=-2**70, max_value=2**70),
+                      st.floats(allow_nan=True, allow_infinity=True), st.text(max_size=8))
+JSON_VALUE = st.recursive(JSON_LEAF, lambda inner: st.one_of(
+    st.lists(inner, max_size=3), st.dictionaries(st.text(max_size=6), inner, max_size=3)), max_leaves=6)
+STATE_KEYS = ["step", "updates", "num_consumed_tokens", "inf_nan_skip_batches", "loader", "scaler", "lineage"]
+GOOD_STATE = {"step": 4, "updates": 4, "num_consumed_tokens": 128, "inf_nan_skip_batches": 0,
+              "loader": {"position": 4}, "scaler": {"scale": 1.0, "growth_tracker": 0, "hysteresis_tracker": 2},
+              "lineage": "abc"}
+STATE_CASE = st.tuples(
+    st.dictionaries(st.sampled_from(STATE_KEYS + ["position", "fingerprint", "x"]), JSON_VALUE, max_size=5),
+    st.dictionaries(st.sampled_from(["position", "fingerprint", "cursor", "scale", "growth_tracker",
+                                     "hysteresis_tracker"]), JSON_VALUE, max_size=4),
+    st.sampled_from(["replace", "loader", "scaler", "drop", "text"]),
+    st.binary(max_size=24),
+)
+
+
+def test_fuzz_trainer_state(work):
+    """A trainer_state.json of any content: parsed (damaged -> one line), then read back into a real loader
+    and loss scaler, as a resume does."""
+    from spindle.checkpoint.records import parse_trainer_state
+    from spindle.config import validate_config
+    from spindle.data.loader import build_train_loader
+    from spindle.train.optim import DynamicLossScaler
+
+    cfg = validate_config({"data": {"seq_len": 8, "micro_bsz": 1}, "model": {"vocab_size": 32}})
+    loader = build_train_loader(cfg.data, 32, work / "cache", prefetch=False)
+    scaler = DynamicLossScaler.from_config(cfg.grad_scaler, enabled=True)
+
+    def one(top, inner, mode, blob):
+        state = dict(GOOD_STATE)
+        if mode == "replace":
+            state.update(top)
+        elif mode in ("loader", "scaler"):
+            state[mode] = inner
+        elif mode == "drop":
+            for key in top:
+                state.pop(key, None)
+        data = json.dumps(state, allow_nan=True).encode() if mode != "text" else blob
+        parsed = parse_trainer_state(data, "trainer_state.json")
+        loader.load_state_dict(parsed["loader"])
+        if "scaler" in parsed:
+            scaler.load_state_dict(parsed["scaler"])
+
+    @FUZZ
+    @given(STATE_CASE)
+    def fuzz(case):
+        run_target("trainer_state", one, *case)
+
+    fuzz()
+    check_count("trainer_state")
