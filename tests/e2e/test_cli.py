@@ -35,7 +35,7 @@ def test_dry_run_7b_prints_estimates_without_allocating():
 
 @pytest.mark.parametrize("cfg_text, expected", [
     ("model = dict(num_layerz=2)\n", "model.num_layerz: unknown key; did you mean 'model.num_layers'?"),
-    ("data = dict(micro_bsz='x')\n", "data.micro_bsz: Input should be a valid integer"),
+    ("data = dict(micro_bsz='x')\n", "data.micro_bsz: expected an integer, not a str"),
     ("adam = dict(lr=-1)\n", "adam.lr: Input should be greater than or equal to 0"),
     ("x = (\n", "config does not parse"),
 ])

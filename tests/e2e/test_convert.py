@@ -355,7 +355,8 @@ def test_to_hf_bad_checkpoint_config_is_one_line(tmp_path, capsys):
     save_spindle_checkpoint(ck, SMALL, {"tokenizer_path": "byte"})
     (ck / "1" / "config.json").write_text("{truncated")
     assert main(["convert", "to-hf", str(ck), str(tmp_path / "out")]) == 2
-    assert "config.json: not a readable JSON config" in capsys.readouterr().err
+    assert "config.json: 10 bytes, the completion record says" in capsys.readouterr().err  # verified first
+    (ck / "1.step").write_text("1\n")  # a first-wave record (no sizes): the config itself is checked
     (ck / "1" / "config.json").write_text(json.dumps({"model": {"hidden_size": "wide"}}))
     assert main(["convert", "to-hf", str(ck), str(tmp_path / "out")]) == 2
     assert "model.hidden_size" in capsys.readouterr().err
