@@ -40,19 +40,29 @@ def make_norm(cfg: ModelConfig) -> nn.Module:
 
 @dataclass
 class LayerCache:
-    """Keys and values of one layer for incremental decoding: (B, Hkv, T, D), T grows."""
+    """Keys and values of one layer for incremental decoding: (B, Hkv, T, D), T grows.
+
+    `k` and `v` are views of buffers that double when full, so filling a cache of T tokens chunk by
+    chunk copies O(T) bytes (concatenating at every chunk would copy O(T^2 / chunk)). Inference only:
+    the buffers are written in place."""
 
     k: Optional[torch.Tensor] = None
     v: Optional[torch.Tensor] = None
     positions: Optional[torch.Tensor] = None  # (B, T) absolute positions of the cached keys
+    buffers: Optional[tuple[torch.Tensor, torch.Tensor]] = field(default=None, repr=False)
 
     def extend(self, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor):
-        if self.k is None:
-            self.k, self.v, self.positions = k, v, positions
-        else:
-            self.k = torch.cat([self.k, k], dim=2)
-            self.v = torch.cat([self.v, v], dim=2)
-            self.positions = torch.cat([self.positions, positions], dim=1)
+        old = 0 if self.k is None else self.k.shape[2]
+        new = old + k.shape[2]
+        if self.buffers is None or new > self.buffers[0].shape[2]:
+            size = max(new, 2 * old)
+            grown = tuple(t.new_empty(*t.shape[:2], size, t.shape[3]) for t in (k, v))
+            if old:
+                grown[0][:, :, :old], grown[1][:, :, :old] = self.k, self.v
+            self.buffers = grown
+        self.buffers[0][:, :, old:new], self.buffers[1][:, :, old:new] = k, v
+        self.k, self.v = self.buffers[0][:, :, :new], self.buffers[1][:, :, :new]
+        self.positions = positions if self.positions is None else torch.cat([self.positions, positions], dim=1)
         return self.k, self.v, self.positions
 
 
