@@ -153,29 +153,33 @@ def variant_scaling(v: Variant, length: int, train_len: int) -> Optional[dict]:
 # --------------------------------------------------------------------------- data
 
 
+READ_AHEAD = 8  # how much more than the windows need is read, looking for whole documents that long
+
+
 def load_token_docs(paths: Sequence[str], tokenizer, glob: str = "*",
                     enough: Optional[tuple[int, int]] = None, option: str = "--data") -> list[list[int]]:
     """Documents from text files / folders (one document per file, BOS first) or token shard folders.
 
-    `enough` = (n, length): stop reading once `make_windows(docs, length, n)` can fill all n windows (n
-    documents of at least `length` tokens, or enough shorter ones to cut the rest from), so a large
-    folder is not read whole for a few windows."""
+    `enough` = (n, length): stop reading once n documents hold at least `length` tokens each, or once
+    READ_AHEAD x n x length tokens are read and the shorter documents can fill the remaining windows
+    (`make_windows` cuts them from those), so a large folder is not read whole for a few windows."""
     from spindle.data.shards import find_token_files, open_documents
 
     docs: list[list[int]] = []
-    long_docs = short_tokens = 0
+    long_docs = short_tokens = read = 0
 
     def add(ids: list[int]) -> bool:
-        nonlocal long_docs, short_tokens
+        nonlocal long_docs, short_tokens, read
         docs.append(ids)
         if enough is None:
             return False
         n, length = enough
+        read += len(ids)
         if len(ids) >= length:
             long_docs += 1
         else:
             short_tokens += len(ids)
-        return long_docs >= n or short_tokens >= (n - long_docs) * length
+        return long_docs >= n or (read >= READ_AHEAD * n * length and short_tokens >= (n - long_docs) * length)
 
     for p in map(Path, paths):
         if not p.exists():

@@ -254,16 +254,19 @@ def test_a_cache_larger_than_the_machine_is_refused_before_allocating():
 
 
 def test_loading_documents_stops_once_the_windows_can_be_filled(tmp_path):
-    from spindle.eval.perplexity import load_token_docs
+    from spindle.eval.perplexity import READ_AHEAD, load_token_docs
 
     tok = load_tokenizer("byte")
-    for i, n in enumerate([5, 50, 8, 60, 70]):
+    for i, n in enumerate([5, 50, 8, 60, 70, 3, 3]):
         (tmp_path / f"d{i}.txt").write_text("a" * n)
-    assert len(load_token_docs([str(tmp_path)], tok)) == 5
+    assert len(load_token_docs([str(tmp_path)], tok)) == 7
     docs = load_token_docs([str(tmp_path)], tok, enough=(2, 40))  # two documents of >= 40 tokens
     assert [len(d) for d in docs] == [6, 51, 9, 61]
-    docs = load_token_docs([str(tmp_path)], tok, enough=(3, 5))  # three documents of >= 5 tokens
-    assert [len(d) for d in docs] == [6, 51, 9]
+    # no document of 100: the short ones could fill a window after 6 + 51 tokens, but reading goes on
+    # to READ_AHEAD x 100 tokens (here: all) looking for a whole one
+    assert READ_AHEAD * 100 > 6 + 51 + 9 + 61 + 71 + 4 + 4
+    assert len(load_token_docs([str(tmp_path)], tok, enough=(1, 100))) == 7
+    assert len(load_token_docs([str(tmp_path)], tok, enough=(1, 15))) == 2  # d1 is long enough
 
 
 def test_passkey_table_lists_every_cell():
