@@ -38,7 +38,7 @@ def bench_main(argv: Optional[Sequence[str]] = None) -> int:
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in SCRIPTS:
         print("usage: spindle bench {" + ",".join(SCRIPTS) + "} [options]   (spindle bench NAME -h for options)")
         for k, (_, what) in SCRIPTS.items():
-            print(f"  {k:<7} {what}")
+            print(f"  {k:<9} {what}")
         if argv and argv[0] not in ("-h", "--help"):
             raise SpindleError(f"unknown benchmark {argv[0]!r}; choose one of {', '.join(SCRIPTS)}")
         return 0
