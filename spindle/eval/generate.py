@@ -1,19 +1,36 @@
 """Text generation with a KV cache: greedy, temperature, top-k, top-p, streaming, stop at EOS.
 
-The prompt is consumed in chunks (chunked prefill) so memory grows linearly with its length, then
-one token per forward. Positions are absolute, so RoPE scaling that depends on the context length
+The prompt is consumed in chunks (`spindle.eval.prefill`) so memory grows linearly with its length,
+then one token per forward. Positions are absolute, so RoPE scaling that depends on the context length
 (Dynamic NTK) follows the context as it grows: each forward passes `seq_len` = tokens so far.
 Keys already in the cache keep the rotation they were computed with, as transformers does.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Callable, Iterator, Optional, Sequence
 
 import torch
 
 from spindle.errors import SpindleError
+from spindle.eval.prefill import prefill
 from spindle.model.llama import KVCache, Transformer
+
+MAX_NEW_TOKENS = 1_000_000  # more is a typo: every new token is one forward through the whole cache
+
+
+def validate_generate_options(max_new_tokens: int, temperature: float, top_k: int, top_p: float) -> None:
+    """The sampling options of `spindle generate`, checked before a model is loaded: SpindleError naming the
+    option. Types come from argparse (int / float); this checks ranges."""
+    if not 1 <= max_new_tokens <= MAX_NEW_TOKENS:
+        raise SpindleError(f"--max-new-tokens {max_new_tokens}: expected 1 .. {MAX_NEW_TOKENS:,}")
+    if not math.isfinite(temperature) or temperature < 0:
+        raise SpindleError(f"--temperature {temperature}: expected a finite number >= 0 (0 = greedy)")
+    if top_k < 0:
+        raise SpindleError(f"--top-k {top_k}: expected >= 0 (0 = no top-k cut)")
+    if not 0 < top_p <= 1:
+        raise SpindleError(f"--top-p {top_p}: expected 0 < p <= 1 (1 = no nucleus cut)")
 
 
 def sample_next(logits: torch.Tensor, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
@@ -37,20 +54,6 @@ def sample_next(logits: torch.Tensor, temperature: float = 0.0, top_k: int = 0, 
 
 
 @torch.no_grad()
-def prefill(model: Transformer, ids: torch.Tensor, cache: KVCache, chunk: int = 1024) -> torch.Tensor:
-    """Feed (B, L) prompt ids through the cache in chunks; return the last position's logits (B, V)."""
-    logits = None
-    start = cache.length
-    for s in range(0, ids.shape[1], chunk):
-        piece = ids[:, s : s + chunk]
-        b, l = piece.shape
-        pos = torch.arange(start + s, start + s + l, device=ids.device).expand(b, l)
-        # one base for the whole prompt: with Dynamic NTK, per-chunk lengths would rotate its parts differently
-        logits = model(piece, pos, cache=cache, seq_len=start + ids.shape[1])[:, -1]
-    return logits
-
-
-@torch.no_grad()
 def generate_stream(
     model: Transformer,
     prompt_ids: Sequence[Sequence[int]],
@@ -60,14 +63,16 @@ def generate_stream(
     top_p: float = 1.0,
     eos_id: Optional[int] = None,
     seed: int = 0,
+    chunk: int = 1024,
 ) -> Iterator[torch.Tensor]:
-    """Yield the next token of every sequence, step by step. Prompts must have equal length."""
+    """Yield the next token of every sequence, step by step. Prompts must have equal length; they are
+    prefilled `chunk` tokens at a time."""
     model.eval()
     device = next(model.parameters()).device
     ids = torch.tensor(prompt_ids, dtype=torch.long, device=device)
     cache = KVCache()
     gen = torch.Generator(device=device).manual_seed(seed)
-    logits = prefill(model, ids, cache)
+    logits = prefill(model, ids, cache, chunk)
     done = torch.zeros(ids.shape[0], dtype=torch.bool, device=device)
     for _ in range(max_new_tokens):
         nxt = sample_next(logits, temperature, top_k, top_p, gen)

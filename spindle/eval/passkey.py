@@ -24,6 +24,8 @@ from typing import Optional, Sequence
 import torch
 
 from spindle.errors import SpindleError
+from spindle.eval.generate import generate
+from spindle.eval.prefill import check_cache_memory, prefill_chunks
 from spindle.model.llama import KVCache, Transformer
 
 INTRO = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize them. "
@@ -46,7 +48,7 @@ def make_sample(tokenizer, length: int, depth: float, seed: int = 0, index: int 
     question = enc(QUESTION)
     budget = length - len(head) - len(key_ids) - len(question)
     if budget < 0:
-        raise SpindleError(f"passkey length {length} is too short for the template ({length - budget} tokens)")
+        raise SpindleError(f"--lengths {length}: too short for the passkey template ({length - budget} tokens)")
     unit = enc(GARBAGE)
     filler = (unit * (budget // max(1, len(unit)) + 2))[:budget]
     cut = int(round(depth * budget))
@@ -56,48 +58,22 @@ def make_sample(tokenizer, length: int, depth: float, seed: int = 0, index: int 
 
 
 @torch.no_grad()
-def prefill_logits(model: Transformer, ids: torch.Tensor, cache: KVCache, chunk: int, seq_len: int) -> torch.Tensor:
-    """Chunked prefill of (B, L) ids; every chunk uses `seq_len` (one RoPE base for the whole prompt)."""
-    b, n = ids.shape
-    logits = None
-    for s in range(0, n, chunk):
-        piece = ids[:, s : s + chunk]
-        pos = torch.arange(s, s + piece.shape[1], device=ids.device).expand(b, -1)
-        logits = model(piece, pos, cache=cache, seq_len=seq_len)
-    return logits
-
-
-@torch.no_grad()
 def score_sample(model: Transformer, tokenizer, sample: dict, mode: str = "generate", chunk: int = 1024) -> dict:
     device = next(model.parameters()).device
     if mode == "teacher":
         inp = torch.tensor([sample["ids"] + sample["answer"][:-1]], device=device)
         n, a = inp.shape[1], len(sample["answer"])
-        cache = KVCache()
-        pieces = []
-        for s in range(0, n, chunk):
-            piece = inp[:, s : s + chunk]
-            pos = torch.arange(s, s + piece.shape[1], device=device)[None]
-            lg = model(piece, pos, cache=cache, seq_len=n)
+        pieces = []  # the logits that predict the answer: the last a positions, possibly across chunks
+        for s, logits in prefill_chunks(model, inp, KVCache(), chunk):
             lo = max(n - a - s, 0)
-            if lo < piece.shape[1]:
-                pieces.append(lg[:, lo:])
+            if lo < logits.shape[1]:
+                pieces.append(logits[:, lo:])
         ans_logits = torch.cat(pieces, 1)[0].float()
         target = torch.tensor(sample["answer"], device=device)
         ok = bool((ans_logits.argmax(-1) == target).all())
         logp = float(ans_logits.log_softmax(-1).gather(-1, target[:, None]).mean())
         return {"correct": ok, "logp": logp, "output": None}
-    ids = torch.tensor([sample["ids"]], device=device)
-    cache = KVCache()
-    logits = prefill_logits(model, ids, cache, chunk, ids.shape[1])[:, -1]
-    out: list[int] = []
-    for _ in range(len(sample["answer"]) + 2):
-        nxt = int(logits.argmax(-1))
-        out.append(nxt)
-        if tokenizer.eos_id is not None and nxt == tokenizer.eos_id:
-            break
-        pos = torch.tensor([[cache.length]], device=device)
-        logits = model(torch.tensor([[nxt]], device=device), pos, cache=cache, seq_len=cache.length + 1)[:, -1]
+    out = generate(model, [sample["ids"]], len(sample["answer"]) + 2, eos_id=tokenizer.eos_id, chunk=chunk)[0]
     text = tokenizer.decode(out)
     m = re.search(r"\d+", text)
     return {"correct": bool(m and int(m.group()) == sample["key"]), "logp": None, "output": text}
@@ -114,7 +90,9 @@ def run_passkey(ckpt: str, lengths: Optional[Sequence[int]], depths: Sequence[fl
     model, cfg = load_model_for_eval(ckpt, device=device)
     T = train_len or cfg.data.seq_len
     lengths = sorted(set(lengths or default_lengths(T, 16)))
+    check_cache_memory(model, lengths[-1])
     tok = load_tokenizer(tokenizer or cfg.data.tokenizer_path or "default")
+    make_sample(tok, lengths[0], 0.0)  # the shortest length must hold the template: fail before any work
     original = model.rotary
     res = {"ckpt": str(ckpt), "train_len": T, "lengths": lengths, "depths": list(depths), "samples": samples,
            "seed": seed, "mode": mode, "variants": {}}
@@ -134,6 +112,16 @@ def run_passkey(ckpt: str, lengths: Optional[Sequence[int]], depths: Sequence[fl
         res["variants"][spec] = {"accuracy": acc, "answer_logp": logps if mode == "teacher" else None,
                                  "mean": sum(map(sum, acc)) / (len(lengths) * len(depths))}
     return res
+
+
+def format_passkey_table(res: dict) -> str:
+    """Accuracy per length (rows) and depth (columns), one block per variant."""
+    head = f"{'length':>8}" + "".join(f"{d:>8g}" for d in res["depths"])
+    lines = [f"passkey accuracy ({res['mode']}, {res['samples']} samples per cell); columns: key depth"]
+    for name, r in res["variants"].items():
+        lines += [f"{name} (mean {r['mean']:.2f})", head]
+        lines += [f"{L:>8}" + "".join(f"{a:>8.2f}" for a in row) for L, row in zip(res["lengths"], r["accuracy"])]
+    return "\n".join(lines)
 
 
 def plot_passkey(res: dict, path: Path) -> None:
@@ -161,4 +149,4 @@ def plot_passkey(res: dict, path: Path) -> None:
     plt.close(fig)
 
 
-__all__ = ["make_sample", "score_sample", "run_passkey", "plot_passkey"]
+__all__ = ["make_sample", "score_sample", "run_passkey", "plot_passkey", "format_passkey_table"]

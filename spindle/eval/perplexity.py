@@ -1,8 +1,9 @@
 """Long-context language-modelling evaluation: per-position loss and perplexity per length.
 
-One pass per document window with the KV cache (chunked prefill): the window is fed `chunk` tokens at a
-time, each chunk attends to the cached keys through a (chunk x T) mask, so memory grows linearly with
-the length T (the cache is (B, Hkv, T, D) per layer; no T x T mask or score matrix is ever formed).
+One pass per document window with the KV cache (chunked prefill, `spindle.eval.prefill`): the window is
+fed `chunk` tokens at a time, each chunk attends causally to itself and fully to the cached keys, so
+memory grows linearly with the length T (the cache is (B, Hkv, T, D) per layer; no mask or score
+matrix over T is ever formed).
 The loss of every position comes out of that one pass; because attention is causal it is the loss
 "with context t" (rope.md §3.1, protocol 3).
 
@@ -24,8 +25,6 @@ separate pass at L would give.
 
 from __future__ import annotations
 
-import argparse
-import json
 import math
 import time
 from dataclasses import dataclass, field
@@ -36,6 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from spindle.errors import SpindleError
+from spindle.eval.prefill import check_cache_memory, prefill_chunks
 from spindle.model.llama import KVCache, Transformer
 from spindle.model.rope import RotaryEmbedding
 
@@ -53,16 +53,11 @@ def token_losses(model: Transformer, ids: torch.Tensor, chunk: int = 1024,
     if ids.dim() != 2 or ids.shape[1] < 2:
         raise SpindleError("token_losses needs ids of shape (B, L) with L >= 2")
     model.eval()
-    b, total = ids.shape
-    seq_len = total if seq_len is None else seq_len
-    cache = KVCache()
     inputs, labels = ids[:, :-1], ids[:, 1:]
     nll, correct = [], []
-    for s in range(0, inputs.shape[1], chunk):
-        piece = inputs[:, s : s + chunk]
-        pos = torch.arange(s, s + piece.shape[1], device=ids.device).expand(b, -1)
-        logits = model(piece, pos, cache=cache, seq_len=seq_len).float()
-        lab = labels[:, s : s + piece.shape[1]]
+    for s, logits in prefill_chunks(model, inputs, KVCache(), chunk, ids.shape[1] if seq_len is None else seq_len):
+        logits = logits.float()
+        lab = labels[:, s : s + logits.shape[1]]
         nll.append(F.cross_entropy(logits.transpose(1, 2), lab, reduction="none"))
         correct.append(logits.argmax(-1) == lab)
         del logits
@@ -158,31 +153,82 @@ def variant_scaling(v: Variant, length: int, train_len: int) -> Optional[dict]:
 # --------------------------------------------------------------------------- data
 
 
-def load_token_docs(paths: Sequence[str], tokenizer, glob: str = "*") -> list[list[int]]:
-    """Documents from text files / folders (one document per file, BOS first) or token shard folders."""
+READ_AHEAD = 8  # how much more than the windows need is read, looking for whole documents that long
+
+
+def load_token_docs(paths: Sequence[str], tokenizer, glob: str = "*",
+                    enough: Optional[tuple[int, int]] = None, option: str = "--data") -> list[list[int]]:
+    """Documents from text files / folders (one document per file, BOS first) or token shard folders.
+
+    `enough` = (n, length): stop reading once n documents hold at least `length` tokens each, or once
+    READ_AHEAD x n x length tokens are read and the shorter documents can fill the remaining windows
+    (`make_windows` cuts them from those), so a large folder is not read whole for a few windows."""
     from spindle.data.shards import find_token_files, open_documents
 
     docs: list[list[int]] = []
+    long_docs = short_tokens = read = 0
+
+    def add(ids: list[int]) -> bool:
+        nonlocal long_docs, short_tokens, read
+        docs.append(ids)
+        if enough is None:
+            return False
+        n, length = enough
+        read += len(ids)
+        if len(ids) >= length:
+            long_docs += 1
+        else:
+            short_tokens += len(ids)
+        return long_docs >= n or (read >= READ_AHEAD * n * length and short_tokens >= (n - long_docs) * length)
+
     for p in map(Path, paths):
         if not p.exists():
-            raise SpindleError(f"--data {p}: not found")
+            raise SpindleError(f"{option} {p}: not found")
         token_files = find_token_files(str(p)) if p.is_dir() else (
             [str(p)] if p.suffix in (".bin", ".npy") else [])
         if token_files:
             for f in token_files:
                 src = open_documents(f)
-                docs.extend(src[i][0].astype("int64").tolist() for i in range(len(src)))
+                for i in range(len(src)):
+                    if add(src[i][0].astype("int64").tolist()):
+                        return docs
             continue
         files = sorted(x for x in p.rglob(glob) if x.is_file()) if p.is_dir() else [p]
         for f in files:
-            text = f.read_text(encoding="utf-8", errors="replace")
-            ids = tokenizer.encode(text)
-            if tokenizer.bos_id is not None:
-                ids = [tokenizer.bos_id] + ids
-            docs.append(ids)
+            ids = tokenizer.encode(f.read_text(encoding="utf-8", errors="replace"))
+            if add(([tokenizer.bos_id] if tokenizer.bos_id is not None else []) + ids):
+                return docs
     if not docs:
-        raise SpindleError(f"--data {list(paths)}: no documents")
+        raise SpindleError(f"{option} {list(map(str, paths))}: no documents")
     return docs
+
+
+def checkpoint_data(cfg) -> tuple[list[str], str]:
+    """What `eval ppl` reads without --data: the checkpoint's validation folder, else its training files
+    (text folders: the files training read, by data.text_glob / text_exclude / max_text_bytes).
+    Returns (paths, a line saying what was chosen)."""
+    data = cfg.data
+    if data.valid_folder:
+        return [data.valid_folder], f"data.valid_folder {data.valid_folder}"
+    if not data.train_folder:
+        raise SpindleError("--data is required: the checkpoint's config names no data folder "
+                           "(data.train_folder is None: it trained on random tokens)")
+    root = Path(data.train_folder)
+    if not root.is_dir():
+        raise SpindleError(f"--data is required: the checkpoint's data.train_folder {root} is not on this machine")
+    if data.type != "text":
+        return [str(root)], f"data.train_folder {root} (training data: pass --data for held-out text)"
+    files, total = [], 0
+    for f in sorted(p for p in root.glob(data.text_glob)
+                    if p.is_file() and not any(part in data.text_exclude for part in p.relative_to(root).parts)):
+        total += f.stat().st_size
+        if data.max_text_bytes is not None and total > data.max_text_bytes:
+            break
+        files.append(str(f))
+    if not files:
+        raise SpindleError(f"--data is required: no files match {data.text_glob!r} under data.train_folder {root}")
+    return files, (f"{len(files)} files of data.train_folder {root} ({data.text_glob!r}; the training data: "
+                   "pass --data for held-out text)")
 
 
 def make_windows(docs: Sequence[Sequence[int]], length: int, n: int) -> tuple[torch.Tensor, int]:
@@ -295,7 +341,7 @@ def plot_ppl(result: dict, path: Path, title: str = "") -> None:
     plt.close(fig)
 
 
-def run_ppl(ckpt: str, data: Sequence[str], lengths: Optional[Sequence[int]] = None,
+def run_ppl(ckpt: str, data: Optional[Sequence[str]], lengths: Optional[Sequence[int]] = None,
             variants: Sequence[str] = ("plain", "dynamic", "yarn", "logn"), windows: int = 8, chunk: int = 1024,
             batch: int = 1, tokenizer: Optional[str] = None, glob: str = "*", train_len: Optional[int] = None,
             device: str = "cpu", log=print) -> dict:
@@ -305,8 +351,14 @@ def run_ppl(ckpt: str, data: Sequence[str], lengths: Optional[Sequence[int]] = N
     model, cfg = load_model_for_eval(ckpt, device=device)
     T = train_len or cfg.data.seq_len
     lengths = sorted(set(lengths or default_lengths(T)))
+    check_cache_memory(model, lengths[-1], batch)
     tok = load_tokenizer(tokenizer or cfg.data.tokenizer_path or "default")
-    docs = load_token_docs(data, tok, glob)
+    if data is None:
+        data, what = checkpoint_data(cfg)
+        log(f"eval ppl: no --data, reading {what}")
+        docs = load_token_docs(data, tok, "*", enough=(windows, lengths[-1]), option="the checkpoint's data")
+    else:
+        docs = load_token_docs(data, tok, glob, enough=(windows, lengths[-1]))
     wins, natural = make_windows(docs, lengths[-1], windows)
     wins = wins.to(device)
     log(f"eval ppl: {ckpt}: {wins.shape[0]} windows of {lengths[-1]} tokens ({natural} whole-document starts), "
@@ -326,70 +378,11 @@ def run_ppl(ckpt: str, data: Sequence[str], lengths: Optional[Sequence[int]] = N
 # --------------------------------------------------------------------------- CLI
 
 
-def _ints(text: str) -> list[int]:
-    try:
-        return [int(float(x)) for x in text.replace(" ", "").split(",") if x]
-    except ValueError:
-        raise SpindleError(f"expected comma-separated integers, got {text!r}") from None
-
-
-def _floats(text: str) -> list[float]:
-    try:
-        return [float(x) for x in text.replace(" ", "").split(",") if x]
-    except ValueError:
-        raise SpindleError(f"expected comma-separated numbers, got {text!r}") from None
-
-
 def eval_main(argv: Optional[Sequence[str]] = None) -> int:
-    """`spindle eval ppl ...` / `spindle eval passkey ...`."""
-    ap = argparse.ArgumentParser(prog="spindle eval", description="long-context evaluation of a checkpoint")
-    sub = ap.add_subparsers(dest="what", required=True)
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--ckpt", required=True, help="checkpoint folder (a step folder or a ckpt/ folder)")
-    common.add_argument("--variants", default="plain,dynamic,yarn,logn",
-                        help="comma list: plain, dynamic, yarn, yarn:F, ntk:F, linear:F, logn, a+b")
-    common.add_argument("--lengths", default=None, help="comma list of lengths (default: T_train x 1, 2, ... 64)")
-    common.add_argument("--train-len", type=int, default=None, help="default: data.seq_len of the checkpoint")
-    common.add_argument("--chunk", type=int, default=1024, help="prefill chunk (memory ~ chunk x length)")
-    common.add_argument("--tokenizer", default=None)
-    common.add_argument("--out", required=True, help="output folder (JSON + PNG)")
-    common.add_argument("--device", default="cpu")
-    common.add_argument("--threads", type=int, default=None)
-    common.add_argument("--debug", action="store_true")
-    p = sub.add_parser("ppl", parents=[common], help="per-position loss / perplexity per length")
-    p.add_argument("--data", nargs="+", required=True, help="text files or folders (one document per file), or token shards")
-    p.add_argument("--glob", default="*", help="file pattern inside --data folders")
-    p.add_argument("--windows", type=int, default=8, help="number of evaluation windows (documents)")
-    p.add_argument("--batch", type=int, default=1)
-    k = sub.add_parser("passkey", parents=[common], help="passkey retrieval over a length x depth grid")
-    k.add_argument("--depths", default="0,0.25,0.5,0.75,1")
-    k.add_argument("--samples", type=int, default=5, help="samples per (length, depth) cell")
-    k.add_argument("--seed", type=int, default=0)
-    k.add_argument("--mode", choices=["generate", "teacher"], default="generate",
-                   help="generate: greedy decoding, exact match; teacher: every key token is the argmax")
-    args = ap.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    variants = [v for v in args.variants.split(",") if v]
-    lengths = _ints(args.lengths) if args.lengths else None
-    if args.what == "ppl":
-        res = run_ppl(args.ckpt, args.data, lengths, variants, args.windows, args.chunk, args.batch, args.tokenizer,
-                      args.glob, args.train_len, args.device)
-        (out / "ppl.json").write_text(json.dumps(res, indent=1))
-        plot_ppl(res, out / "ppl.png")
-        print(format_table(res))
-        print(f"wrote {out / 'ppl.json'} and {out / 'ppl.png'}")
-        return 0
-    from spindle.eval.passkey import plot_passkey, run_passkey
+    """`spindle eval ...` (spindle/cli.py's table points here); the command is in spindle.eval.commands."""
+    from spindle.eval.commands import eval_main as main
 
-    res = run_passkey(args.ckpt, lengths, _floats(args.depths), args.samples, variants, args.seed, args.mode,
-                      args.chunk, args.tokenizer, args.train_len, args.device)
-    (out / "passkey.json").write_text(json.dumps(res, indent=1))
-    plot_passkey(res, out / "passkey.png")
-    print(f"wrote {out / 'passkey.json'} and {out / 'passkey.png'}")
-    return 0
+    return main(argv)
 
 
 def format_table(res: dict) -> str:

@@ -34,7 +34,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from spindle.errors import SpindleError
-from spindle.model.attention import attention, cached_causal_mask, is_dense, packed_causal_mask
+from spindle.model.attention import attention, cached_layout, dense_layout, document_layout
 from spindle.model.loss import TokenLosses, linear_cross_entropy
 from spindle.model.rope import RotaryEmbedding, apply_rotary
 
@@ -88,19 +88,29 @@ def check_within_window(position_ids: torch.Tensor, window: int) -> None:
 
 @dataclass
 class LayerCache:
-    """Keys and values of one layer for incremental decoding: (B, Hkv, T, D), T grows."""
+    """Keys and values of one layer for incremental decoding: (B, Hkv, T, D), T grows.
+
+    `k` and `v` are views of buffers that double when full, so filling a cache of T tokens chunk by
+    chunk copies O(T) bytes (concatenating at every chunk would copy O(T^2 / chunk)). Inference only:
+    the buffers are written in place."""
 
     k: Optional[torch.Tensor] = None
     v: Optional[torch.Tensor] = None
     positions: Optional[torch.Tensor] = None  # (B, T) absolute positions of the cached keys
+    buffers: Optional[tuple[torch.Tensor, torch.Tensor]] = field(default=None, repr=False)
 
     def extend(self, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor):
-        if self.k is None:
-            self.k, self.v, self.positions = k, v, positions
-        else:
-            self.k = torch.cat([self.k, k], dim=2)
-            self.v = torch.cat([self.v, v], dim=2)
-            self.positions = torch.cat([self.positions, positions], dim=1)
+        old = 0 if self.k is None else self.k.shape[2]
+        new = old + k.shape[2]
+        if self.buffers is None or new > self.buffers[0].shape[2]:
+            size = max(new, 2 * old)
+            grown = tuple(t.new_empty(*t.shape[:2], size, t.shape[3]) for t in (k, v))
+            if old:
+                grown[0][:, :, :old], grown[1][:, :, :old] = self.k, self.v
+            self.buffers = grown
+        self.buffers[0][:, :, old:new], self.buffers[1][:, :, old:new] = k, v
+        self.k, self.v = self.buffers[0][:, :, :new], self.buffers[1][:, :, :new]
+        self.positions = positions if self.positions is None else torch.cat([self.positions, positions], dim=1)
         return self.k, self.v, self.positions
 
 
@@ -134,7 +144,7 @@ class Attention(nn.Module):
         # the attention kernel; context parallelism swaps in one that gathers keys across ranks
         self.kernel = attention
 
-    def forward(self, x, cos, sin, q_scale, mask, cache: Optional[LayerCache] = None, positions=None):
+    def forward(self, x, cos, sin, q_scale, layout, cache: Optional[LayerCache] = None, positions=None):
         b, l, _ = x.shape
         # view(b, l, -1, hd): under tensor parallelism the local head count is smaller
         q = self.wq(x).view(b, l, -1, self.head_dim)
@@ -146,10 +156,9 @@ class Attention(nn.Module):
         if q_scale is not None:  # log-scaled attention: scaling q scales that query's logits
             q = q * q_scale[:, :, None, None].to(q.dtype)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, H, L, D)
-        if cache is not None:
-            k, v, k_pos = cache.extend(k, v, positions)
-            mask = cached_causal_mask(positions, k_pos)
-        out = self.kernel(q, k, v, mask, self.dropout if self.training else 0.0)
+        if cache is not None:  # the new keys go last: the kernel's causal mask is aligned to the lower right
+            k, v, _ = cache.extend(k, v, positions)
+        out = self.kernel(q, k, v, layout, self.dropout if self.training else 0.0)
         return self.wo(out.transpose(1, 2).reshape(b, l, -1))
 
 
@@ -180,11 +189,11 @@ class Block(nn.Module):
         self.post_norm = args.apply_post_layer_norm
         self.dropout = nn.Dropout(args.drop_rate)
 
-    def forward(self, x, cos, sin, q_scale, mask, cache=None, positions=None):
+    def forward(self, x, cos, sin, q_scale, layout, cache=None, positions=None):
         if self.post_norm:  # original-Transformer ordering, kept for InternEvo's apply_post_layer_norm
-            x = self.attention_norm(x + self.dropout(self.attention(x, cos, sin, q_scale, mask, cache, positions)))
+            x = self.attention_norm(x + self.dropout(self.attention(x, cos, sin, q_scale, layout, cache, positions)))
             return self.ffn_norm(x + self.dropout(self.feed_forward(x)))
-        x = x + self.dropout(self.attention(self.attention_norm(x), cos, sin, q_scale, mask, cache, positions))
+        x = x + self.dropout(self.attention(self.attention_norm(x), cos, sin, q_scale, layout, cache, positions))
         return x + self.dropout(self.feed_forward(self.ffn_norm(x)))
 
 
@@ -252,8 +261,10 @@ class Transformer(nn.Module):
         """input_ids (B, L) -> logits (B, L, V); with `labels` (B, L) -> TokenLosses instead.
 
         A pipeline stage without embeddings receives hidden states (B, L, H) in `input_ids`.
-        `position_ids` restart at every document of a pack; `cu_seqlens` are the document
-        boundaries of the flattened pack (int32). With a `cache`, `position_ids` are absolute and
+        `position_ids` restart at every document of a pack, and that is where attention finds the
+        documents (`spindle.model.attention.document_layout`: one host sync per forward, shared by
+        all layers). `cu_seqlens` is accepted and not read: the boundaries it would repeat come from
+        `position_ids`. With a `cache`, the input continues the cached tokens, `position_ids` are absolute and
         `seq_len` (the total context, for dynamic RoPE scaling) defaults to max position + 1.
         With `labels` (-100 where no loss) the head and the cross-entropy run fused over token
         chunks (`spindle.model.loss`): the summed loss (label-smoothed if asked), per-token plain
@@ -261,16 +272,21 @@ class Transformer(nn.Module):
         """
         h = self.tok_embeddings(input_ids) if self.tok_embeddings is not None else input_ids
         b, l = input_ids.shape[:2]  # not h's: under sequence parallelism h holds only this rank's slice
+        if cache is not None:
+            layout = cached_layout(b, l, h.device)
+        elif position_ids is None:
+            layout = dense_layout(b, l, h.device)
+        else:
+            layout = document_layout(position_ids)
         if position_ids is None:
             start = cache.length if cache is not None else 0
             position_ids = torch.arange(start, start + l, device=h.device).expand(b, l)
         if self.args.sliding_window is not None:
             check_within_window(position_ids, self.args.sliding_window)
         cos, sin, q_scale = self.rotary(position_ids, seq_len)
-        mask = None if cache is not None or is_dense(cu_seqlens, b, l) else packed_causal_mask(cu_seqlens, b, l)
         for name, layer in self.layers.items():
             layer_cache = cache.layer(name) if cache is not None else None
-            h = layer(h, cos, sin, q_scale, mask, layer_cache, position_ids if cache is not None else None)
+            h = layer(h, cos, sin, q_scale, layout, layer_cache, position_ids if cache is not None else None)
         if self.norm is not None:
             h = self.norm(h)
         if self.output is None:

@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from spindle.model.attention import attention, segment_ids
+from spindle.model.attention import attention, masked_attention, segment_ids
 
 
 class _GatherSequence(torch.autograd.Function):
@@ -59,16 +59,17 @@ class _SliceInfo:
 
 
 def make_cp_kernel(group, info: _SliceInfo):
-    def cp_attention(q, k, v, mask, dropout_p=0.0):
-        if mask is not None and info.q_index is None:  # cached decoding: not context-parallel
-            return attention(q, k, v, mask, dropout_p)
+    def cp_attention(q, k, v, layout, dropout_p=0.0):
+        # the model's layout describes only this rank's slice: the documents come from `info` instead
+        if layout.cached and info.q_index is None:  # cached decoding: not context-parallel
+            return attention(q, k, v, layout, dropout_p)
         k_full = _GatherSequence.apply(k, group)
         v_full = _GatherSequence.apply(v, group)
         length = k_full.shape[2]
         key_index = torch.arange(length, device=q.device)
         causal = key_index[None, :] <= info.q_index[:, None]  # (Lc, L)
         same_doc = info.segments[:, info.q_index][:, :, None] == info.segments[:, None, :]  # (B, Lc, L)
-        return attention(q, k_full, v_full, (same_doc & causal[None])[:, None], dropout_p)
+        return masked_attention(q, k_full, v_full, (same_doc & causal[None])[:, None], dropout_p)
 
     return cp_attention
 

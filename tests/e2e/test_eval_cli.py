@@ -35,7 +35,8 @@ def ckpt(tmp_path_factory):
         "data": {"type": "text", "train_folder": str(text), "text_glob": "*.txt", "tokenizer_path": "byte",
                  "seq_len": 32, "micro_bsz": 4, "total_steps": 4, "pack_sample_into_one": True},
         "model": {"hidden_size": 32, "num_attention_heads": 2, "num_kv_attention_heads": 2, "num_layers": 2,
-                  "vocab_size": 258, "multiple_of": 16, "max_position_embeddings": 32},
+                  "vocab_size": 258, "multiple_of": 16, "max_position_embeddings": 32,
+                  "init_std": 0.5},  # large weights: positions (and so RoPE options) change the outputs
         "trainer": {"run_folder": str(tmp / "runs"), "tensorboard": False, "progress_bar": False},
     })
     tr = Trainer(cfg, ParallelEnv(), log=lambda *_: None)
@@ -61,16 +62,65 @@ def test_eval_ppl_writes_json_and_png(ckpt):
     assert "perplexity over the first L tokens" in r.stdout
 
 
-def test_eval_passkey_writes_grid(ckpt):
+def test_eval_ppl_without_out_or_data_prints_the_checkpoints_own_data(ckpt):
+    from spindle.eval.perplexity import format_table, run_ppl
+
+    tmp, ck = ckpt
+    before = sorted(p.name for p in tmp.iterdir())
+    r = spindle("eval", "ppl", "--ckpt", str(ck), "--lengths", "32,64", "--variants", "plain", "--windows", "2")
+    assert r.returncode == 0, r.stderr
+    assert "no --data, reading 4 files of data.train_folder" in r.stdout and "wrote" not in r.stdout
+    want = format_table(run_ppl(str(ck), [str(tmp / "text")], [32, 64], ["plain"], windows=2, log=lambda *_: None))
+    assert want in r.stdout  # the same numbers as an explicit --data of the training folder
+    assert sorted(p.name for p in tmp.iterdir()) == before and not (ROOT / "ppl.json").exists()
+
+
+def test_eval_out_refuses_a_non_empty_folder_and_leaves_it_as_it_was(ckpt):
+    tmp, ck = ckpt
+    taken = tmp / "taken"
+    taken.mkdir()
+    (taken / "notes.txt").write_bytes(b"results I care about\n")
+    args = ["eval", "ppl", "--ckpt", str(ck), "--data", str(tmp / "text"), "--lengths", "32", "--variants", "plain",
+            "--windows", "1", "--out", str(taken)]
+    r = spindle(*args)
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "--overwrite" in r.stderr
+    assert [p.name for p in taken.iterdir()] == ["notes.txt"]
+    assert (taken / "notes.txt").read_bytes() == b"results I care about\n"
+    r = spindle(*args, "--overwrite")
+    assert r.returncode == 0, r.stderr
+    assert sorted(p.name for p in taken.iterdir()) == ["notes.txt", "ppl.json", "ppl.png"]
+    assert (taken / "notes.txt").read_bytes() == b"results I care about\n"
+
+
+def test_eval_passkey_grid_holds_the_teacher_forced_scores(ckpt):
+    import torch
+
+    from spindle.data.tokenizer import load_tokenizer
+    from spindle.eval.load import load_model_for_eval
+    from spindle.eval.passkey import make_sample
+
     tmp, ck = ckpt
     out = tmp / "pk"
     r = spindle("eval", "passkey", "--ckpt", str(ck), "--lengths", "256,512", "--depths", "0,0.5,1",
-                "--samples", "1", "--variants", "plain,dynamic", "--mode", "teacher", "--out", str(out))
+                "--samples", "1", "--variants", "plain,dynamic", "--mode", "teacher", "--chunk", "100",
+                "--out", str(out))
     assert r.returncode == 0, r.stderr
     res = json.loads((out / "passkey.json").read_text())
-    acc = res["variants"]["plain"]["accuracy"]
-    assert len(acc) == 2 and len(acc[0]) == 3 and all(0 <= a <= 1 for row in acc for a in row)
-    assert (out / "passkey.png").is_file()
+    assert (out / "passkey.png").is_file() and "passkey accuracy (teacher" in r.stdout
+    # the plain grid, recomputed by one full forward per sample (no cache, no chunks)
+    model, _ = load_model_for_eval(str(ck))
+    tok = load_tokenizer("byte")
+    for i, L in enumerate([256, 512]):
+        for j, d in enumerate([0, 0.5, 1]):
+            s = make_sample(tok, L, d, 0, 0)
+            with torch.no_grad():
+                logits = model(torch.tensor([s["ids"] + s["answer"][:-1]]))[0, -len(s["answer"]):]
+            target = torch.tensor(s["answer"])
+            assert res["variants"]["plain"]["accuracy"][i][j] == float(bool((logits.argmax(-1) == target).all()))
+            logp = float(logits.log_softmax(-1).gather(-1, target[:, None]).mean())
+            assert res["variants"]["plain"]["answer_logp"][i][j] == pytest.approx(logp, abs=1e-4)
+    # past the training length (32) Dynamic NTK rotates differently: its answer log-probs differ
+    assert res["variants"]["dynamic"]["answer_logp"] != res["variants"]["plain"]["answer_logp"]
 
 
 def test_eval_bad_input_is_one_line_exit_2(ckpt):
@@ -80,17 +130,38 @@ def test_eval_bad_input_is_one_line_exit_2(ckpt):
     r = spindle("eval", "ppl", "--ckpt", str(ck), "--data", str(tmp / "text"), "--variants", "warp",
                 "--out", str(tmp / "x"))
     assert r.returncode == 2 and "warp" in r.stderr
+    r = spindle("eval", "passkey", "--ckpt", str(ck), "--depths", "0,2")
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "--depths" in r.stderr
 
 
-def test_generate_streams_and_accepts_sampling_options(ckpt):
+def library_text(ck, prompt, n, rope_scaling=None, **sampling):
+    """What `spindle generate` should print after the prompt: the streamed pieces, as the CLI streams them."""
+    from spindle.data.tokenizer import load_tokenizer
+    from spindle.eval.generate import complete_text
+    from spindle.eval.load import load_model_for_eval
+
+    model, _ = load_model_for_eval(str(ck), rope_scaling=rope_scaling)
+    pieces = []
+    complete_text(model, load_tokenizer("byte"), prompt, n, stream=pieces.append, **sampling)
+    return "".join(pieces)
+
+
+def test_generate_streams_and_uses_the_sampling_options(ckpt):
     tmp, ck = ckpt
-    r = spindle("generate", "--ckpt", str(ck), "--prompt", "def f(", "--max-new-tokens", "12", "--temperature", "0.8",
-                "--top-k", "5", "--top-p", "0.9", "--seed", "3")
+    r = spindle("generate", "--ckpt", str(ck), "--prompt", "def f(", "--max-new-tokens", "24", "--temperature", "1.5",
+                "--top-k", "50", "--top-p", "0.95", "--seed", "3")
     assert r.returncode == 0, r.stderr
-    assert r.stdout.startswith("def f(") and len(r.stdout) > len("def f(\n")
+    sampled = library_text(ck, "def f(", 24, temperature=1.5, top_k=50, top_p=0.95, seed=3)
+    greedy = library_text(ck, "def f(", 24)
+    assert sampled != greedy  # the options matter for this model and prompt ...
+    assert r.stdout == "def f(" + sampled + "\n"  # ... and the command applied them
 
 
 def test_generate_with_dynamic_ntk(ckpt):
     tmp, ck = ckpt
-    r = spindle("generate", "--ckpt", str(ck), "--prompt", "x" * 40, "--max-new-tokens", "8", "--rope-scaling", "dynamic")
+    prompt = "def f(x):\n    return x + 1\n" * 3  # 78 bytes: past the training length 32
+    r = spindle("generate", "--ckpt", str(ck), "--prompt", prompt, "--max-new-tokens", "16", "--rope-scaling", "dynamic")
     assert r.returncode == 0, r.stderr
+    dynamic, plain = library_text(ck, prompt, 16, "dynamic"), library_text(ck, prompt, 16)
+    assert dynamic != plain
+    assert r.stdout == prompt + dynamic + "\n"

@@ -176,3 +176,104 @@ def test_continued_training_config_loads_weights_only_at_a_new_base(tmp_path):
     assert ct.state.step == 0  # fresh schedule and data position
     assert all(torch.equal(saved[k], v) for k, v in ct.raw_model.state_dict().items())
     assert ct.raw_model.rotary.base == 1e6
+
+
+# ----------------------------------------------------------------------------------- the eval command's options
+
+BAD_OPTIONS = [
+    (["ppl", "--lengths", "0"], "--lengths"),
+    (["ppl", "--lengths", "1024,abc"], "--lengths"),
+    (["ppl", "--lengths", "1e12"], "--lengths"),
+    (["ppl", "--lengths", "100.5"], "--lengths"),
+    (["ppl", "--windows", "0"], "--windows"),
+    (["ppl", "--batch", "-1"], "--batch"),
+    (["ppl", "--chunk", "0"], "--chunk"),
+    (["ppl", "--train-len", "x"], "--train-len"),
+    (["ppl", "--threads", "0"], "--threads"),
+    (["ppl", "--variants", "warp"], "warp"),
+    (["ppl", "--variants", ","], "--variants"),
+    (["ppl", "--device", "tpu"], "--device"),
+    (["ppl", "--glob", ""], "--glob"),
+    (["passkey", "--depths", "0,1.5"], "--depths"),
+    (["passkey", "--depths", "nan"], "--depths"),
+    (["passkey", "--depths", ""], "--depths"),
+    (["passkey", "--samples", "0"], "--samples"),
+    (["passkey", "--mode", "guess"], "--mode"),
+    (["passkey", "--seed", "x"], "--seed"),
+    (["passkey", "--lengths", "-5"], "--lengths"),
+]
+
+
+@pytest.mark.parametrize("argv,option", BAD_OPTIONS)
+def test_every_eval_option_is_checked_before_a_model_loads(argv, option):
+    from spindle.eval.commands import eval_main
+
+    with pytest.raises(SpindleError, match=option) as err:
+        eval_main([argv[0], "--ckpt", "/nonexistent/ckpt", *argv[1:]])
+    assert "\n" not in str(err.value) and "nonexistent" not in str(err.value)
+
+
+def test_out_refuses_a_file_or_a_non_empty_folder_unless_overwrite(tmp_path):
+    from spindle.eval.commands import check_out
+
+    check_out(None, False)
+    check_out(str(tmp_path / "new"), False)
+    (tmp_path / "empty").mkdir()
+    check_out(str(tmp_path / "empty"), False)
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "mine.txt").write_text("keep")
+    with pytest.raises(SpindleError, match="--out .*not empty.*--overwrite"):
+        check_out(str(tmp_path / "full"), False)
+    check_out(str(tmp_path / "full"), True)
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(SpindleError, match="not a folder"):
+        check_out(str(tmp_path / "file"), True)
+
+
+@pytest.mark.parametrize("options,option", [((0, 0.0, 0, 1.0), "--max-new-tokens"),
+                                            ((10**9, 0.0, 0, 1.0), "--max-new-tokens"),
+                                            ((8, -1.0, 0, 1.0), "--temperature"),
+                                            ((8, float("nan"), 0, 1.0), "--temperature"),
+                                            ((8, 1.0, -3, 1.0), "--top-k"),
+                                            ((8, 1.0, 0, 0.0), "--top-p"), ((8, 1.0, 0, 1.5), "--top-p")])
+def test_generate_options_are_validated(options, option):
+    from spindle.eval.generate import validate_generate_options
+
+    validate_generate_options(8, 0.8, 5, 0.9)
+    with pytest.raises(SpindleError, match=option):
+        validate_generate_options(*options)
+
+
+def test_a_cache_larger_than_the_machine_is_refused_before_allocating():
+    from spindle.eval.prefill import check_cache_memory
+
+    model = tiny()
+    check_cache_memory(model, 1 << 20)  # 4 MiB of cache: fine
+    with pytest.raises(SpindleError, match=r"--lengths 1,000,000,000,000: the KV cache alone would take"):
+        check_cache_memory(model, 10**12)
+
+
+def test_loading_documents_stops_once_the_windows_can_be_filled(tmp_path):
+    from spindle.eval.perplexity import READ_AHEAD, load_token_docs
+
+    tok = load_tokenizer("byte")
+    for i, n in enumerate([5, 50, 8, 60, 70, 3, 3]):
+        (tmp_path / f"d{i}.txt").write_text("a" * n)
+    assert len(load_token_docs([str(tmp_path)], tok)) == 7
+    docs = load_token_docs([str(tmp_path)], tok, enough=(2, 40))  # two documents of >= 40 tokens
+    assert [len(d) for d in docs] == [6, 51, 9, 61]
+    # no document of 100: the short ones could fill a window after 6 + 51 tokens, but reading goes on
+    # to READ_AHEAD x 100 tokens (here: all) looking for a whole one
+    assert READ_AHEAD * 100 > 6 + 51 + 9 + 61 + 71 + 4 + 4
+    assert len(load_token_docs([str(tmp_path)], tok, enough=(1, 100))) == 7
+    assert len(load_token_docs([str(tmp_path)], tok, enough=(1, 15))) == 2  # d1 is long enough
+
+
+def test_passkey_table_lists_every_cell():
+    from spindle.eval.passkey import format_passkey_table
+
+    res = {"mode": "teacher", "samples": 2, "lengths": [256, 512], "depths": [0, 0.5, 1],
+           "variants": {"plain": {"mean": 0.5, "accuracy": [[1.0, 0.5, 0.0], [0.5, 0.5, 0.5]]}}}
+    text = format_passkey_table(res)
+    assert "plain (mean 0.50)" in text
+    assert text.splitlines()[-2].split() == ["256", "1.00", "0.50", "0.00"]

@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from spindle.config import ModelConfig
-from spindle.eval.generate import generate, generate_stream, prefill, sample_next
+from spindle.eval.generate import generate, generate_stream, sample_next
+from spindle.eval.prefill import prefill
 from spindle.eval.perplexity import set_rope
 from spindle.model.llama import KVCache, build_model
 

@@ -71,8 +71,10 @@ def test_last_pipeline_stage_runs_the_fused_loss_when_given_labels():
     with torch.no_grad():
         h = whole.tok_embeddings(ids)
         cos, sin, q_scale = whole.rotary(pos, None)
+        from spindle.model.attention import dense_layout
+
         for k in ("0", "1"):
-            h = whole.layers[k](h, cos, sin, q_scale, None)
+            h = whole.layers[k](h, cos, sin, q_scale, dense_layout(2, 16, h.device))
         expected = whole(ids, pos, None, labels=labels)
         chunk.set_micro_batches([(pos, None, labels), (pos, None, None)], first_step=False)
         loss_sum, token_loss, correct = chunk(h)

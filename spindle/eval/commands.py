@@ -1,0 +1,176 @@
+"""`spindle eval ppl` and `spindle eval passkey`: the options, their checks, and where results go.
+
+Every option is checked before a model is loaded: a bad one is one line naming it (SpindleError, exit 2).
+Results are printed as a table; `--out DIR` also writes JSON + PNG there, and refuses a folder that
+already holds anything unless `--overwrite` (which replaces only the files this command writes).
+Without `--data`, `eval ppl` reads the checkpoint's own data: its validation folder, else the files it
+trained on (chosen by the training rules: `data.text_glob`, `data.text_exclude`, `data.max_text_bytes`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+from typing import Optional, Sequence
+
+from spindle.errors import SpindleError
+
+MAX_EVAL_LENGTH = 1 << 24  # 16M tokens: beyond any model this evaluates; memory is checked per model too
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse whose errors are one SpindleError line (the CLI prints it and exits 2)."""
+
+    def error(self, message):
+        raise SpindleError(f"{self.prog}: {message}")
+
+
+def _number(kind, low: float, high: float = math.inf, what: str = ""):
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}") from None
+        if not (low <= value <= high) or (kind is float and not math.isfinite(value)):
+            raise argparse.ArgumentTypeError(f"{text!r}: expected {what or f'>= {low}'}")
+        return value
+
+    return parse
+
+
+def _list(item):
+    def parse(text: str):
+        values = [item(x) for x in text.replace(" ", "").split(",") if x]
+        if not values:
+            raise argparse.ArgumentTypeError(f"{text!r}: expected a comma-separated list")
+        return values
+
+    return parse
+
+
+def _length(text: str) -> int:
+    try:  # 4096, 4e3 and 4096.0 are lengths; 4096.5 is not
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if not value.is_integer() or not 2 <= value <= MAX_EVAL_LENGTH:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected whole numbers of tokens in 2 .. {MAX_EVAL_LENGTH:,}")
+    return int(value)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = _Parser(prog="spindle eval", description="long-context evaluation of a checkpoint")
+    sub = ap.add_subparsers(dest="what", required=True)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--ckpt", required=True, help="checkpoint folder (a step folder or a ckpt/ folder)")
+    common.add_argument("--variants", default="plain,dynamic,yarn,logn",
+                        help="comma list: plain, dynamic, yarn, yarn:F, ntk:F, linear:F, logn, a+b")
+    common.add_argument("--lengths", type=_list(_length), default=None,
+                        help="comma list of lengths (default: T_train x 1, 2, ... 64; passkey x 1 ... 16)")
+    common.add_argument("--train-len", type=_number(int, 1), default=None,
+                        help="default: data.seq_len of the checkpoint")
+    common.add_argument("--chunk", type=_number(int, 1, MAX_EVAL_LENGTH, f"1 .. {MAX_EVAL_LENGTH:,}"), default=1024,
+                        help="prefill chunk: tokens per forward")
+    common.add_argument("--tokenizer", default=None)
+    common.add_argument("--out", default=None, help="also write JSON + PNG into this folder (new or empty)")
+    common.add_argument("--overwrite", action="store_true", help="let --out be a folder that holds files already")
+    common.add_argument("--device", default="cpu")
+    common.add_argument("--threads", type=_number(int, 1), default=None)
+    common.add_argument("--debug", action="store_true")
+    p = sub.add_parser("ppl", parents=[common], help="per-position loss / perplexity per length")
+    p.add_argument("--data", nargs="+", default=None,
+                   help="text files or folders (one document per file), or token shards "
+                        "(default: the checkpoint's validation data, else its training files)")
+    p.add_argument("--glob", default="*", help="file pattern inside --data folders")
+    p.add_argument("--windows", type=_number(int, 1), default=8, help="number of evaluation windows (documents)")
+    p.add_argument("--batch", type=_number(int, 1), default=1)
+    k = sub.add_parser("passkey", parents=[common], help="passkey retrieval over a length x depth grid")
+    k.add_argument("--depths", type=_list(_number(float, 0.0, 1.0, "depths in [0, 1]")), default=[0, 0.25, 0.5, 0.75, 1])
+    k.add_argument("--samples", type=_number(int, 1), default=5, help="samples per (length, depth) cell")
+    k.add_argument("--seed", type=int, default=0)
+    k.add_argument("--mode", choices=["generate", "teacher"], default="generate",
+                   help="generate: greedy decoding, exact match; teacher: every key token is the argmax")
+    return ap
+
+
+def check_args(args: argparse.Namespace) -> list[str]:
+    """What argparse cannot check: variants, device, glob, the output folder. Returns the variants."""
+    from spindle.eval.perplexity import parse_variant
+
+    variants = [v for v in args.variants.split(",") if v.strip()]
+    if not variants:
+        raise SpindleError("--variants: expected at least one variant")
+    for v in variants:
+        parse_variant(v, 1)  # raises naming the variant
+    check_device(args.device)
+    if args.what == "ppl" and not args.glob:
+        raise SpindleError("--glob: expected a file pattern such as '*.txt'")
+    check_out(args.out, args.overwrite)
+    return variants
+
+
+def check_device(device: str) -> None:
+    import torch
+
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise SpindleError(f"--device {device!r}: expected cpu, cuda or cuda:N") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise SpindleError(f"--device {device}: CUDA is not available on this machine")
+    if dev.type not in ("cpu", "cuda"):
+        raise SpindleError(f"--device {device!r}: expected cpu, cuda or cuda:N")
+
+
+def check_out(out: Optional[str], overwrite: bool) -> None:
+    """Refuse, before any work, an --out that is a file or a folder with something in it (unless --overwrite)."""
+    if out is None:
+        return
+    path = Path(out)
+    if path.exists() and not path.is_dir():
+        raise SpindleError(f"--out {path}: exists and is not a folder")
+    if path.is_dir() and any(path.iterdir()) and not overwrite:
+        raise SpindleError(f"--out {path}: the folder is not empty (pass --overwrite to replace this command's "
+                           "files in it; nothing else there is touched)")
+
+
+def write_outputs(out: Optional[str], name: str, result: dict, plot) -> list[Path]:
+    if out is None:
+        return []
+    folder = Path(out)
+    folder.mkdir(parents=True, exist_ok=True)
+    json_file, png_file = folder / f"{name}.json", folder / f"{name}.png"
+    tmp = json_file.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(result, indent=1))
+    tmp.replace(json_file)
+    plot(result, png_file)
+    return [json_file, png_file]
+
+
+def eval_main(argv: Optional[Sequence[str]] = None) -> int:
+    """`spindle eval ppl ...` / `spindle eval passkey ...`."""
+    args = build_parser().parse_args(argv)
+    variants = check_args(args)
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    if args.what == "ppl":
+        from spindle.eval.perplexity import format_table, plot_ppl, run_ppl
+
+        res = run_ppl(args.ckpt, args.data, args.lengths, variants, args.windows, args.chunk, args.batch,
+                      args.tokenizer, args.glob, args.train_len, args.device)
+        print(format_table(res))
+        written = write_outputs(args.out, "ppl", res, plot_ppl)
+    else:
+        from spindle.eval.passkey import format_passkey_table, plot_passkey, run_passkey
+
+        res = run_passkey(args.ckpt, args.lengths, args.depths, args.samples, variants, args.seed, args.mode,
+                          args.chunk, args.tokenizer, args.train_len, args.device)
+        print(format_passkey_table(res))
+        written = write_outputs(args.out, "passkey", res, plot_passkey)
+    if written:
+        print("wrote " + " and ".join(map(str, written)))
+    return 0
