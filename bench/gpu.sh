@@ -15,4 +15,4 @@ print("torch", torch.__version__, "cuda", torch.version.cuda,
       "device", torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none")
 PYEOF
 command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,power.limit,clocks.max.sm --format=csv || true
-"$PY" bench/gpu_train.py --preset 1b --steps 30 --warmup 5 --out "$OUT/gpu_train_$(date +%Y%m%d_%H%M%S).json" "$@"
+"$PY" -m spindle.benchmarks.gpu_train --preset 1b --steps 30 --warmup 5 --out "$OUT/gpu_train_$(date +%Y%m%d_%H%M%S).json" "$@"

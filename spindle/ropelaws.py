@@ -9,15 +9,12 @@ context, beta_pre = pre-training rotary base, beta = base used for continued tra
     tuned critical dim   d'_extra = 2 * ceil((d/2) * log_beta(T_tune / 2pi)), capped at d    (beta <= beta_0)
     small-base thresholds beta_1, beta_2, beta_3 = 2 T_tune/pi, T_tune/pi, T_tune/(2pi)
 
-Everything here is plain float/int math with no state; `rope_main` is the `spindle rope` command.
+Everything here is plain float/int math with no state; `spindle rope` (spindle/cli/rope.py) prints it.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import math
-import sys
 from typing import Any, Sequence
 
 from spindle.errors import SpindleError
@@ -33,7 +30,7 @@ __all__ = [
     "recommend_base",
     "rope_report",
     "format_rope_report",
-    "rope_main",
+    
 ]
 
 TWO_PI = 2.0 * math.pi
@@ -312,40 +309,3 @@ def format_rope_report(report: dict) -> str:
             f"logn_ref_len={_fmt_num(rec['logn_ref_len'])}: no sharp bound, gradual degradation"
         )
     return "\n".join(lines)
-
-
-class _Parser(argparse.ArgumentParser):
-    # Bad CLI arguments are user errors: report them as SpindleError (exit 2 in the CLI), not SystemExit.
-    def error(self, message: str) -> None:  # type: ignore[override]
-        raise SpindleError(f"spindle rope: {message}")
-
-
-def _build_parser() -> argparse.ArgumentParser:
-    p = _Parser(
-        prog="spindle rope",
-        description="Predicted RoPE extrapolation bounds (critical dimension, critical base, "
-        "small-base thresholds) from the scaling laws of Liu et al. (arXiv 2310.05209).",
-    )
-    p.add_argument("--head-dim", type=int, required=True, help="attention head dimension d")
-    p.add_argument("--train-len", type=int, required=True, help="pre-training context length T_train")
-    p.add_argument("--base-pre", type=float, default=10000.0, help="pre-training rotary base (default 10000)")
-    p.add_argument("--tune-len", type=int, default=None, help="continued-training length T_tune (default T_train)")
-    p.add_argument("--target-len", type=int, default=None, help="recommend the smallest base reaching this length")
-    p.add_argument("--base", type=float, nargs="+", action="extend", default=None, dest="bases",
-                   help="bases to tabulate (default: a sweep)")
-    p.add_argument("--json", action="store_true", help="print the report as JSON")
-    return p
-
-
-def rope_main(argv: list[str] | None = None) -> int:
-    """`spindle rope ...`: parse argv, print the report, return the exit code (0).
-
-    Raises SpindleError on bad arguments (the CLI prints it and exits 2).
-    """
-    args = _build_parser().parse_args(sys.argv[1:] if argv is None else list(argv))
-    report = rope_report(args.head_dim, args.train_len, args.base_pre, args.tune_len, args.target_len, args.bases)
-    if args.json:
-        print(json.dumps(report, indent=2))
-    else:
-        print(format_rope_report(report))
-    return 0

@@ -35,9 +35,9 @@ try:
 except ImportError:  # run by path from a checkout: make the repo importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from spindle.data import options  # noqa: E402
+from spindle.cli import guarded, options  # noqa: E402
 from spindle.data.chat import alpaca_messages, check_messages, conversation_tokens  # noqa: E402
-from spindle.data.files import check_output  # noqa: E402
+from spindle.outputs import check_output  # noqa: E402
 from spindle.data.prepare import MAX_TOKENS  # noqa: E402
 from spindle.data.shard_writers import JsonBinWriter  # noqa: E402
 from spindle.data.tokenizer import load_tokenizer  # noqa: E402
@@ -116,7 +116,7 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=options.int_in(0, 2**63 - 1), default=0)
     ap.add_argument("--overwrite", action="store_true", help="replace the .bin files of an existing output folder")
     ap.add_argument("--debug", action="store_true")
-    return options.run_command(run, ap, argv)
+    return guarded(lambda: run(ap.parse_args(argv)), "--debug" in (sys.argv[1:] if argv is None else argv))
 
 
 def run(args) -> int:

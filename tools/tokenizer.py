@@ -18,8 +18,8 @@ try:
 except ImportError:  # run by path from a checkout: make the repo importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from spindle.data import options  # noqa: E402
-from spindle.data.files import check_output  # noqa: E402
+from spindle.cli import guarded, options  # noqa: E402
+from spindle.outputs import check_output  # noqa: E402
 from spindle.data.prepare import write_json_bin  # noqa: E402
 from spindle.errors import SpindleError  # noqa: E402
 
@@ -48,7 +48,7 @@ def main(argv=None) -> int:
         print(f"{res['documents']:,} documents, {res['tokens']:,} tokens -> {out} (+ .meta) in {res['seconds']:.1f} s")
         return 0
 
-    return options.run_command(run, ap, argv)
+    return guarded(lambda: run(ap.parse_args(argv)), "--debug" in (sys.argv[1:] if argv is None else argv))
 
 
 if __name__ == "__main__":

@@ -163,10 +163,3 @@ def import_hf(hf_dir: str | Path, out: str | Path) -> Path:
     load_hf_weights(model, hf_dir)
     save_weights_checkpoint(str(out), 0, model, cfg.to_dict())
     return Path(str(out)) / "0"
-
-
-def convert_main(argv) -> int:
-    """cli.py's entry for `spindle convert`; the command lives in spindle.checkpoint.convert."""
-    from spindle.checkpoint.convert import convert_main as main
-
-    return main(argv)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 from typing import Callable, Optional
 
 from spindle.errors import SpindleError
@@ -158,65 +157,3 @@ def check_fingerprints(saved: Optional[list], current: list) -> None:
         change = _fingerprint_change(old, new)
         if change:
             raise SpindleError(f"data changed since the checkpoint: source {old['name']!r}: {change}; {hint}")
-
-
-# ------------------------------------------------------------------------------ output folders
-
-
-def _inside(path: str, folder: str) -> bool:
-    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
-
-
-def check_output(out: str, inputs, overwrite: bool, option: str) -> None:
-    """Refuse an output that would overwrite what a user saved or mix with what it reads: an
-    existing non-empty folder (or an existing file) without `overwrite`, a path inside one of the
-    input folders, or a folder holding one of the inputs."""
-    real_out = os.path.realpath(out)
-    for inp in inputs:
-        real_in = os.path.realpath(os.fspath(inp))
-        if os.path.isdir(real_in) and _inside(real_out, real_in):
-            raise SpindleError(f"{option} {out}: is inside the input folder {inp}; write the output elsewhere")
-        if _inside(real_in, real_out):
-            raise SpindleError(f"{option} {out}: holds the input {inp}; write the output elsewhere")
-    if os.path.isdir(out) and os.listdir(out) and not overwrite:
-        raise SpindleError(f"{option} {out}: already exists and is not empty; pass --overwrite to replace it")
-    if os.path.exists(out) and not os.path.isdir(out) and not overwrite:
-        raise SpindleError(f"{option} {out}: already exists; pass --overwrite to replace it")
-
-
-class StagedFolder:
-    """Write an output folder next to its target and publish it when complete, so a failed or
-    interrupted run leaves the previous output as it was:
-
-        with StagedFolder(out, replaces=lambda name: name.endswith(".tokens")) as tmp:
-            ... write into tmp ...
-
-    On success a missing target becomes the staged folder (one `os.replace`); an existing one
-    loses the files `replaces(name)` names (the previous output of the same tool) and receives the
-    new files; anything else a user keeps there stays. On failure the staged folder is removed."""
-
-    def __init__(self, out: str, replaces: Callable[[str], bool]):
-        self.out, self.replaces = os.path.abspath(out), replaces
-        parent, name = os.path.split(self.out)
-        self.tmp = os.path.join(parent, f".{name}.partial-{os.getpid()}")
-
-    def __enter__(self) -> str:
-        if os.path.exists(self.out) and not os.path.isdir(self.out):
-            raise SpindleError(f"{self.out}: exists and is not a folder")
-        shutil.rmtree(self.tmp, ignore_errors=True)  # left by an earlier process with this pid
-        os.makedirs(self.tmp)
-        return self.tmp
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        try:
-            if exc_type is None:
-                if not os.path.isdir(self.out):
-                    os.replace(self.tmp, self.out)
-                    return
-                for name in os.listdir(self.out):
-                    if self.replaces(name) and os.path.isfile(os.path.join(self.out, name)):
-                        os.remove(os.path.join(self.out, name))
-                for name in os.listdir(self.tmp):
-                    os.replace(os.path.join(self.tmp, name), os.path.join(self.out, name))
-        finally:
-            shutil.rmtree(self.tmp, ignore_errors=True)

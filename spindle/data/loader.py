@@ -23,7 +23,8 @@ from typing import Optional
 import numpy as np
 
 from spindle.config import DataConfig, parse_rampup
-from spindle.data.files import StagedFolder, check_fingerprints, fingerprint, relative_glob, tokenizer_key
+from spindle.data.files import check_fingerprints, fingerprint, relative_glob, tokenizer_key
+from spindle.outputs import StagedFolder
 from spindle.data.packing import PackedDocuments, RandomDocuments, collate
 from spindle.data.sampler import GlobalSampler, micro_num_at
 from spindle.errors import SpindleError

@@ -38,7 +38,7 @@ def train_tokenizer(
     """Train a tokenizer on text files into `out_dir` (see `_train_into`). An existing non-empty
     `out_dir` is refused without `overwrite`, and so is one that holds an input; the files are
     written next to it and moved in when training succeeded."""
-    from spindle.data.files import StagedFolder, check_output
+    from spindle.outputs import StagedFolder, check_output
 
     files = [str(f) for f in files]
     if not files:

@@ -378,13 +378,6 @@ def run_ppl(ckpt: str, data: Optional[Sequence[str]], lengths: Optional[Sequence
 # --------------------------------------------------------------------------- CLI
 
 
-def eval_main(argv: Optional[Sequence[str]] = None) -> int:
-    """`spindle eval ...` (spindle/cli.py's table points here); the command is in spindle.eval.commands."""
-    from spindle.eval.commands import eval_main as main
-
-    return main(argv)
-
-
 def format_table(res: dict) -> str:
     Ls = res["lengths"]
     lines = ["perplexity over the first L tokens", f"{'variant':<16}" + "".join(f"{L:>10}" for L in Ls)]

@@ -235,7 +235,7 @@ def test_the_layout_is_computed_once_per_forward(monkeypatch):
 
 
 def test_bench_attention_cases_run_their_kernels_and_agree():
-    from spindle.bench import load_script
+    from spindle.cli.bench import load_script
 
     bench = load_script("attention")
     rows = bench.run([2048], ["dense", "packed", "masked", "mix"], reps=1, device="cpu", threads=1, steps=1,

@@ -6,7 +6,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from spindle.bench import BENCH_DIR, bench_main, load_script
+from spindle.cli.bench import load_script
+from spindle.cli.bench import main as bench_main
 from spindle.cli import main as cli_main
 from spindle.errors import SpindleError
 
@@ -74,4 +75,4 @@ def test_cli_dispatch(capsys):
     assert cli_main(["bench", "nope"]) == 2
     with pytest.raises(SpindleError):
         bench_main(["nope"])
-    assert Path(BENCH_DIR / "gpu.sh").is_file()
+    assert (Path(__file__).resolve().parents[2] / "bench" / "gpu.sh").is_file()

@@ -206,28 +206,11 @@ BAD_OPTIONS = [
 
 @pytest.mark.parametrize("argv,option", BAD_OPTIONS)
 def test_every_eval_option_is_checked_before_a_model_loads(argv, option):
-    from spindle.eval.commands import eval_main
+    from spindle.cli.eval import main as eval_main
 
     with pytest.raises(SpindleError, match=option) as err:
         eval_main([argv[0], "--ckpt", "/nonexistent/ckpt", *argv[1:]])
     assert "\n" not in str(err.value) and "nonexistent" not in str(err.value)
-
-
-def test_out_refuses_a_file_or_a_non_empty_folder_unless_overwrite(tmp_path):
-    from spindle.eval.commands import check_out
-
-    check_out(None, False)
-    check_out(str(tmp_path / "new"), False)
-    (tmp_path / "empty").mkdir()
-    check_out(str(tmp_path / "empty"), False)
-    (tmp_path / "full").mkdir()
-    (tmp_path / "full" / "mine.txt").write_text("keep")
-    with pytest.raises(SpindleError, match="--out .*not empty.*--overwrite"):
-        check_out(str(tmp_path / "full"), False)
-    check_out(str(tmp_path / "full"), True)
-    (tmp_path / "file").write_text("x")
-    with pytest.raises(SpindleError, match="not a folder"):
-        check_out(str(tmp_path / "file"), True)
 
 
 @pytest.mark.parametrize("options,option", [((0, 0.0, 0, 1.0), "--max-new-tokens"),

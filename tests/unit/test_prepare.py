@@ -9,7 +9,9 @@ import os
 import numpy as np
 import pytest
 
-from spindle.data.prepare import prepare, prepare_main, write_json_bin
+from spindle.cli import main as cli_main
+
+from spindle.data.prepare import prepare, write_json_bin
 from spindle.data.shards import open_documents, read_manifest
 from spindle.errors import SpindleError
 
@@ -133,9 +135,9 @@ def test_write_json_bin_matches_shards_and_raw_mode(inputs, tmp_path):
 
 
 def test_prepare_main(inputs, tmp_path, capsys):
-    assert prepare_main([str(inputs / "a.txt"), "--out", str(tmp_path / "o"), "--tokenizer", "byte", "--workers", "1"]) == 0
+    assert cli_main(["prepare", str(inputs / "a.txt"), "--out", str(tmp_path / "o"), "--tokenizer", "byte", "--workers", "1"]) == 0
     assert "4 documents" in capsys.readouterr().out
-    assert prepare_main([str(inputs / "a.txt"), "--out", str(tmp_path / "o"), "--tokenizer", "byte"]) == 2
+    assert cli_main(["prepare", str(inputs / "a.txt"), "--out", str(tmp_path / "o"), "--tokenizer", "byte"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "--overwrite" in err and os.path.basename(str(tmp_path / "o")) in err
 
@@ -183,31 +185,31 @@ def test_prepare_never_overwrites_nor_writes_into_its_inputs(inputs, tmp_path, c
     out.mkdir()
     (out / "notes.txt").write_text("mine")  # a non-empty folder that prepare did not write
     argv = [str(inputs / "a.txt"), "--out", str(out), "--tokenizer", "byte", "--workers", "1"]
-    assert prepare_main(argv) == 2
+    assert cli_main(["prepare"] + argv) == 2
     one_line(capsys, f"--out {out}: already exists and is not empty", "--overwrite")
     assert snapshot(out) == {"notes.txt": b"mine"}
     # --overwrite: the token files are replaced (stale shards of a larger earlier output too), the rest kept
     (out / "shard-00007.tokens").write_bytes(b"old")
-    assert prepare_main(argv + ["--overwrite", "--shard-size-mb", "1"]) == 0
+    assert cli_main(["prepare"] + argv + ["--overwrite", "--shard-size-mb", "1"]) == 0
     assert sorted(snapshot(out)) == ["manifest.json", "notes.txt", "shard-00000.idx.npy", "shard-00000.tokens"]
     assert (out / "notes.txt").read_text() == "mine"
     before = snapshot(out)
     # a failing run leaves the previous output byte-identical
-    assert prepare_main([str(tmp_path / "missing.txt"), "--out", str(out), "--tokenizer", "byte", "--overwrite"]) == 2
+    assert cli_main(["prepare", str(tmp_path / "missing.txt"), "--out", str(out), "--tokenizer", "byte", "--overwrite"]) == 2
     one_line(capsys, "missing.txt")
     (inputs / "zz.jsonl").write_text('{"text": "x"}\n{"text": 5}\n')
-    assert prepare_main([str(inputs), "--out", str(out), "--tokenizer", "byte", "--overwrite", "--workers", "1"]) == 2
+    assert cli_main(["prepare", str(inputs), "--out", str(out), "--tokenizer", "byte", "--overwrite", "--workers", "1"]) == 2
     one_line(capsys, "zz.jsonl", "line 2")
     assert snapshot(out) == before and not list(tmp_path.glob(".out.partial-*"))
     (inputs / "zz.jsonl").unlink()
     # never into (or above) an input folder, even with --overwrite
     inside = inputs / "shards"
     src = snapshot(inputs)
-    assert prepare_main([str(inputs), "--out", str(inside), "--tokenizer", "byte", "--overwrite"]) == 2
+    assert cli_main(["prepare", str(inputs), "--out", str(inside), "--tokenizer", "byte", "--overwrite"]) == 2
     one_line(capsys, f"--out {inside}: is inside the input folder {inputs}")
-    assert prepare_main([str(inputs), "--out", str(inputs), "--tokenizer", "byte", "--overwrite"]) == 2
-    one_line(capsys, "is inside the input folder")
-    assert prepare_main([str(inputs / "a.txt"), "--out", str(tmp_path), "--tokenizer", "byte", "--overwrite"]) == 2
+    assert cli_main(["prepare", str(inputs), "--out", str(inputs), "--tokenizer", "byte", "--overwrite"]) == 2
+    one_line(capsys, "is the input", "itself")
+    assert cli_main(["prepare", str(inputs / "a.txt"), "--out", str(tmp_path), "--tokenizer", "byte", "--overwrite"]) == 2
     one_line(capsys, f"--out {tmp_path}: holds the input")
     assert snapshot(inputs) == src and not inside.exists()
 
@@ -227,15 +229,15 @@ def test_prepare_never_overwrites_nor_writes_into_its_inputs(inputs, tmp_path, c
 ])
 def test_prepare_options_are_validated(inputs, tmp_path, capsys, option, value, expected):
     argv = [str(inputs / "a.txt"), "--out", str(tmp_path / "o"), "--tokenizer", "byte", option, value]
-    assert prepare_main(argv) == 2
+    assert cli_main(["prepare"] + argv) == 2
     one_line(capsys, expected)
     assert not (tmp_path / "o").exists()
 
 
 def test_prepare_requires_inputs_and_out(capsys, tmp_path):
-    assert prepare_main(["--out", str(tmp_path / "o")]) == 2
+    assert cli_main(["prepare", "--out", str(tmp_path / "o")]) == 2
     one_line(capsys, "the following arguments are required: inputs")
-    assert prepare_main([str(tmp_path)]) == 2
+    assert cli_main(["prepare", str(tmp_path)]) == 2
     one_line(capsys, "--out")
 
 
@@ -268,14 +270,14 @@ def test_hub_dataset_folder_takes_one_split(tmp_path, capsys):
     pq.write_table(pa.table({"text": ["train a", "train b"]}), repo / "data" / "train-00000-of-00001.parquet")
     pq.write_table(pa.table({"text": ["test a"]}), repo / "data" / "test-00000-of-00001.parquet")
     hub_markers(repo)
-    assert prepare_main([str(repo), "--out", str(tmp_path / "o"), "--tokenizer", "byte", "--workers", "1"]) == 0
+    assert cli_main(["prepare", str(repo), "--out", str(tmp_path / "o"), "--tokenizer", "byte", "--workers", "1"]) == 0
     assert texts_of(tmp_path / "o") == ["train a", "train b"]  # no card, no cache, no test split
     out = capsys.readouterr().out
     assert f"{repo}: split 'train', 1 file(s): data/train-00000-of-00001.parquet" in out
     s = prepare([str(repo)], str(tmp_path / "t"), "byte", workers=1, progress=False, split="test")
     assert texts_of(tmp_path / "t") == ["test a"] and s["taken"] == {str(repo): ("test", [
         str(repo / "data" / "test-00000-of-00001.parquet")])}
-    assert prepare_main([str(repo), "--out", str(tmp_path / "v"), "--tokenizer", "byte", "--split", "validation"]) == 2
+    assert cli_main(["prepare", str(repo), "--out", str(tmp_path / "v"), "--tokenizer", "byte", "--split", "validation"]) == 2
     one_line(capsys, "--split: ", "has no split 'validation'; its splits: train, test")
 
 
@@ -285,7 +287,7 @@ def test_config_folders_and_split_files(tmp_path, capsys):
         jsonl(repo / cfg / "train" / "part.jsonl", [f"{cfg} train"])
         jsonl(repo / cfg / "test" / "part.jsonl", [f"{cfg} test"])
     hub_markers(repo)
-    assert prepare_main([str(repo), "--out", str(tmp_path / "o"), "--tokenizer", "byte"]) == 2
+    assert cli_main(["prepare", str(repo), "--out", str(tmp_path / "o"), "--tokenizer", "byte"]) == 2
     one_line(capsys, f"{repo}: holds several configs (de, en)", "--subset")
     prepare([str(repo)], str(tmp_path / "o"), "byte", workers=1, progress=False, subset="de")
     assert texts_of(tmp_path / "o") == ["de train"]
@@ -324,7 +326,7 @@ def test_readme_configs(tmp_path, capsys):
     assert texts_of(tmp_path / "d") == ["default train"]
     prepare([str(repo)], str(tmp_path / "o"), "byte", workers=1, progress=False, subset="other")
     assert texts_of(tmp_path / "o") == ["other train"]
-    assert prepare_main([str(repo), "--out", str(tmp_path / "x"), "--tokenizer", "byte", "--subset", "nope"]) == 2
+    assert cli_main(["prepare", str(repo), "--out", str(tmp_path / "x"), "--tokenizer", "byte", "--subset", "nope"]) == 2
     one_line(capsys, "--subset: ", "has no config 'nope'; its configs: default, other")
-    assert prepare_main([str(repo), "--out", str(tmp_path / "x"), "--tokenizer", "byte", "--subset", "../up"]) == 2
+    assert cli_main(["prepare", str(repo), "--out", str(tmp_path / "x"), "--tokenizer", "byte", "--subset", "../up"]) == 2
     one_line(capsys, "argument --subset: expected a name inside the dataset folder")

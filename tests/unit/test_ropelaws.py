@@ -6,6 +6,7 @@ import math
 import pytest
 
 from spindle.errors import SpindleError
+from spindle.cli.rope import main as rope_main
 from spindle.ropelaws import (
     bound_regime,
     critical_base,
@@ -14,7 +15,6 @@ from spindle.ropelaws import (
     extrapolation_bound,
     format_rope_report,
     recommend_base,
-    rope_main,
     rope_report,
     small_base_thresholds,
     tuned_critical_dim,

@@ -6,10 +6,12 @@ import hashlib
 import json
 
 import pytest
+
+from spindle.cli import main as cli_main
 import tokenizer_folders as hub  # tests/ is on sys.path (conftest.py)
 
 from spindle.data import tokenizer as tkmod
-from spindle.data.tokenizer import ByteTokenizer, load_tokenizer, tokenizer_main
+from spindle.data.tokenizer import ByteTokenizer, load_tokenizer
 from spindle.data.tokenizer_train import train_tokenizer
 from spindle.errors import SpindleError
 
@@ -106,11 +108,11 @@ def test_bad_paths(tmp_path):
 
 
 def test_tokenizer_main(corpus, tmp_path, capsys):
-    rc = tokenizer_main(["train", str(corpus), "--vocab-size", "320", "--out", str(tmp_path / "t")])
+    rc = cli_main(["tokenizer", "train", str(corpus), "--vocab-size", "320", "--out", str(tmp_path / "t")])
     assert rc == 0
     assert json.loads(capsys.readouterr().out)["vocab_size"] == 320
     assert load_tokenizer(str(tmp_path / "t")).vocab_size == 320
-    assert tokenizer_main(["info", str(tmp_path / "none")]) == 2
+    assert cli_main(["tokenizer", "info", str(tmp_path / "none")]) == 2
     assert "none" in capsys.readouterr().err
 
 
@@ -123,20 +125,20 @@ def one_line(capsys, *needles):
 
 def test_tokenizer_train_never_overwrites(corpus, tmp_path, capsys):
     out = tmp_path / "tok"
-    assert tokenizer_main(["train", str(corpus), "--vocab-size", "320", "--out", str(out)]) == 0
+    assert cli_main(["tokenizer", "train", str(corpus), "--vocab-size", "320", "--out", str(out)]) == 0
     capsys.readouterr()
     (out / "README.txt").write_text("my notes")
     before = {p.name: p.read_bytes() for p in out.iterdir()}
-    assert tokenizer_main(["train", str(corpus), "--vocab-size", "330", "--out", str(out)]) == 2
+    assert cli_main(["tokenizer", "train", str(corpus), "--vocab-size", "330", "--out", str(out)]) == 2
     one_line(capsys, f"--out {out}: already exists and is not empty", "--overwrite")
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
     # --overwrite with another kind: the old sentencepiece files go (they would win on load), notes stay
-    assert tokenizer_main(["train", str(corpus), "--vocab-size", "330", "--out", str(out), "--kind", "bpe",
+    assert cli_main(["tokenizer", "train", str(corpus), "--vocab-size", "330", "--out", str(out), "--kind", "bpe",
                            "--overwrite"]) == 0
     assert sorted(p.name for p in out.iterdir()) == ["README.txt", "tokenizer.json", "tokenizer_config.json"]
     assert load_tokenizer(str(out)).kind == "hf" and (out / "README.txt").read_text() == "my notes"
     # never into the folder of its own input
-    assert tokenizer_main(["train", str(corpus), "--vocab-size", "320", "--out", str(corpus.parent),
+    assert cli_main(["tokenizer", "train", str(corpus), "--vocab-size", "320", "--out", str(corpus.parent),
                            "--overwrite"]) == 2
     one_line(capsys, f"--out {corpus.parent}: holds the input {corpus}")
 
@@ -151,7 +153,7 @@ def test_tokenizer_train_never_overwrites(corpus, tmp_path, capsys):
 ])
 def test_tokenizer_train_options_are_validated(corpus, tmp_path, capsys, args, expected):
     argv = ["train", str(corpus), "--out", str(tmp_path / "t")] + args
-    assert tokenizer_main(argv) == 2
+    assert cli_main(["tokenizer"] + argv) == 2
     one_line(capsys, expected)
     assert not (tmp_path / "t").exists()
 
@@ -162,7 +164,7 @@ def test_tokenizer_train_bad_inputs_are_one_line(tmp_path, capsys):
     noise.write_bytes(bytes(range(256)) * 4)
     for files, needle in (([tmp_path / "missing.txt"], "missing.txt: training file not found"),
                           ([empty], "sentencepiece training failed on"), ([noise], "sentencepiece training failed on")):
-        assert tokenizer_main(["train", *map(str, files), "--vocab-size", "300", "--out", str(tmp_path / "t")]) == 2
+        assert cli_main(["tokenizer", "train", *map(str, files), "--vocab-size", "300", "--out", str(tmp_path / "t")]) == 2
         one_line(capsys, needle)
     assert not (tmp_path / "t").exists() and not list(tmp_path.glob(".t.partial-*"))
     with pytest.raises(SpindleError, match="vocab"):

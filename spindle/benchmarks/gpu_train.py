@@ -1,6 +1,6 @@
 """Single-GPU training throughput with Spindle's own Trainer: tokens/s and MFU against the declared peak.
 
-    .venv/bin/python bench/gpu_train.py [--preset 1b|tiny] [--steps 30] [--warmup 5] [--micro-bsz 4]
+    spindle bench gpu [--preset 1b|tiny] [--steps 30] [--warmup 5] [--micro-bsz 4]
         [--seq-len 2048] [--dtype bf16|fp32] [--no-compile] [--device auto|cuda|cpu] [--out FILE]
 
 Builds a `SpindleConfig` (dummy data: seeded random tokens, no checkpoints) and runs `Trainer.fit()`,
@@ -26,8 +26,6 @@ import statistics
 import sys
 import tempfile
 import time
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 PRESETS = {
     "1b": {"hidden_size": 2048, "num_layers": 16, "num_attention_heads": 32, "num_kv_attention_heads": 8,
@@ -105,16 +103,18 @@ def run(preset="tiny", steps=8, warmup=2, dtype="bf16", compile=True, device="au
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="gpu_train", description=__doc__.split("\n\n")[0])
+    from spindle.cli import options
+
+    ap = options.OneLineParser(prog="gpu_train", description=__doc__.split("\n\n")[0])
     ap.add_argument("--preset", choices=sorted(PRESETS), default="1b")
-    ap.add_argument("--steps", type=int, default=30)
-    ap.add_argument("--warmup", type=int, default=5)
-    ap.add_argument("--micro-bsz", type=int, default=None)
-    ap.add_argument("--seq-len", type=int, default=None)
+    ap.add_argument("--steps", type=options.int_in(1, 10**6), default=30)
+    ap.add_argument("--warmup", type=options.int_in(0, 10**6), default=5)
+    ap.add_argument("--micro-bsz", type=options.int_in(1, 1 << 16), default=None)
+    ap.add_argument("--seq-len", type=options.int_in(2, 1 << 24), default=None)
     ap.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
     ap.add_argument("--no-compile", action="store_true")
     ap.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto")
-    ap.add_argument("--peak-tflops", type=float, default=None, help="MFU denominator (default: the GPU table)")
+    ap.add_argument("--peak-tflops", type=options.float_in(0, 1e6, lo_open=True), default=None, help="MFU denominator (default: the GPU table)")
     ap.add_argument("--out", default=None, help="write the result JSON here")
     args = ap.parse_args(argv)
     out = run(args.preset, args.steps, args.warmup, args.dtype, not args.no_compile, args.device, args.micro_bsz,

@@ -1,6 +1,6 @@
 """Peak resident memory of a long-context evaluation against the length: it should grow linearly.
 
-    .venv/bin/python bench/bench_memory.py [--lengths 4096,16384,65536] [--quick] [--out runs/bench_memory.json]
+    spindle bench memory [--lengths 4096,16384,65536] [--quick] [--out runs/bench_memory.json]
     spindle bench memory [same flags]
 
 Each length runs in a fresh child process (so `ru_maxrss`, the peak resident set, belongs to that
@@ -24,7 +24,6 @@ import subprocess
 import sys
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def rss_bytes() -> int:
@@ -33,7 +32,6 @@ def rss_bytes() -> int:
 
 
 def child(length: int, layers: int, chunk: int, threads: int) -> dict:
-    sys.path.insert(0, ROOT)
     import torch
 
     from spindle.config import ModelConfig
@@ -59,7 +57,7 @@ def child(length: int, layers: int, chunk: int, threads: int) -> dict:
 def run(lengths, layers: int, chunk: int, threads: int, log=print) -> dict:
     rows = []
     for n in lengths:
-        cmd = [sys.executable, os.path.abspath(__file__), "--child", str(n), "--layers", str(layers),
+        cmd = [sys.executable, "-m", __spec__.name, "--child", str(n), "--layers", str(layers),
                "--chunk", str(chunk), "--threads", str(threads)]
         out = subprocess.run(cmd, capture_output=True, text=True, check=False)
         if out.returncode != 0:
@@ -93,12 +91,14 @@ def format_report(res: dict, meta: dict) -> str:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="spindle bench memory", description=__doc__.split("\n\n")[0])
+    from spindle.cli import options
+
+    ap = options.OneLineParser(prog="spindle bench memory", description=__doc__.split("\n\n")[0])
     ap.add_argument("--lengths", default=None, help="comma list of token counts (default 4096,16384,65536)")
     ap.add_argument("--quick", action="store_true", help="lengths 1024,4096,16384")
-    ap.add_argument("--layers", type=int, default=2)
-    ap.add_argument("--chunk", type=int, default=1024)
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--layers", type=options.int_in(1, 4096), default=2)
+    ap.add_argument("--chunk", type=options.int_in(1, 1 << 24), default=1024)
+    ap.add_argument("--threads", type=options.int_in(1, 4096), default=2)
     ap.add_argument("--out", default="runs/bench_memory.json")
     ap.add_argument("--child", type=int, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)

@@ -1,6 +1,6 @@
 """Attention over packed rows vs one dense document: time and peak memory of a training step.
 
-    .venv/bin/python bench/bench_attention.py [--quick] [--lengths 4096,16384,65536] [--cases ...]
+    spindle bench attention [--quick] [--lengths 4096,16384,65536] [--cases ...]
         [--reps 3] [--threads 1] [--device cpu|cuda] [--out runs/bench_attention.json]
     spindle bench attention [same flags]
 
@@ -38,7 +38,6 @@ import sysconfig
 import time
 from pathlib import Path
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DOC = 1024  # document length of the `packed` cases
 MASKED = ("masked", "mix_masked")
 CASES = ("dense", "packed", "masked", "mix", "mix_masked", "dense_repeat", "packed_repeat")
@@ -92,7 +91,6 @@ def make_row(case: str, length: int, vocab: int):
 
 
 def child(case: str, length: int, device: str, threads: int, steps: int, warmup: int) -> dict:
-    sys.path.insert(0, ROOT)
     import torch
 
     from spindle.config import ModelConfig
@@ -153,7 +151,7 @@ def run(lengths, cases, reps: int, device: str, threads: int, steps: int, warmup
             for case in cases:
                 if case in MASKED and n > max_masked:
                     continue
-                cmd = [sys.executable, os.path.abspath(__file__), "--child", case, "--lengths", str(n),
+                cmd = [sys.executable, "-m", __spec__.name, "--child", case, "--lengths", str(n),
                        "--device", device, "--threads", str(threads), "--steps", str(steps), "--warmup", str(warmup)]
                 out = subprocess.run(cmd, capture_output=True, text=True, check=False)
                 if out.returncode != 0:
@@ -200,16 +198,18 @@ def format_table(summary: dict) -> str:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="spindle bench attention", description=__doc__.split("\n\n")[0])
+    from spindle.cli import options
+
+    ap = options.OneLineParser(prog="spindle bench attention", description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="4K and 16K tokens; dense, packed, masked; one repetition")
     ap.add_argument("--lengths", default=None, help="comma list of row lengths (default 4096,16384,65536)")
     ap.add_argument("--cases", default=None, help=f"comma list of {', '.join(CASES)}")
-    ap.add_argument("--reps", type=int, default=None, help="interleaved repetitions (default 3; --quick 1)")
-    ap.add_argument("--steps", type=int, default=1, help="timed steps per child")
-    ap.add_argument("--warmup", type=int, default=1, help="untimed steps per child before the timed ones")
-    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--reps", type=options.int_in(1, 1000), default=None, help="interleaved repetitions (default 3; --quick 1)")
+    ap.add_argument("--steps", type=options.int_in(1, 10**6), default=1, help="timed steps per child")
+    ap.add_argument("--warmup", type=options.int_in(0, 10**6), default=1, help="untimed steps per child before the timed ones")
+    ap.add_argument("--threads", type=options.int_in(1, 4096), default=1)
     ap.add_argument("--device", default="cuda" if _cuda() else "cpu")
-    ap.add_argument("--max-masked", type=int, default=16384, help="longest row the masked cases run at")
+    ap.add_argument("--max-masked", type=options.int_in(2, 1 << 24), default=16384, help="longest row the masked cases run at")
     ap.add_argument("--out", default=None, help="write the rows and the summary as JSON")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)

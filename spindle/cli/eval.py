@@ -15,16 +15,11 @@ import math
 from pathlib import Path
 from typing import Optional, Sequence
 
+from spindle.cli.options import OneLineParser, number_list
 from spindle.errors import SpindleError
+from spindle.outputs import StagedFolder, check_output
 
 MAX_EVAL_LENGTH = 1 << 24  # 16M tokens: beyond any model this evaluates; memory is checked per model too
-
-
-class _Parser(argparse.ArgumentParser):
-    """argparse whose errors are one SpindleError line (the CLI prints it and exits 2)."""
-
-    def error(self, message):
-        raise SpindleError(f"{self.prog}: {message}")
 
 
 def _number(kind, low: float, high: float = math.inf, what: str = ""):
@@ -40,16 +35,6 @@ def _number(kind, low: float, high: float = math.inf, what: str = ""):
     return parse
 
 
-def _list(item):
-    def parse(text: str):
-        values = [item(x) for x in text.replace(" ", "").split(",") if x]
-        if not values:
-            raise argparse.ArgumentTypeError(f"{text!r}: expected a comma-separated list")
-        return values
-
-    return parse
-
-
 def _length(text: str) -> int:
     try:  # 4096, 4e3 and 4096.0 are lengths; 4096.5 is not
         value = float(text)
@@ -61,13 +46,13 @@ def _length(text: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = _Parser(prog="spindle eval", description="long-context evaluation of a checkpoint")
+    ap = OneLineParser(prog="spindle eval", description="long-context evaluation of a checkpoint")
     sub = ap.add_subparsers(dest="what", required=True)
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--ckpt", required=True, help="checkpoint folder (a step folder or a ckpt/ folder)")
     common.add_argument("--variants", default="plain,dynamic,yarn,logn",
                         help="comma list: plain, dynamic, yarn, yarn:F, ntk:F, linear:F, logn, a+b")
-    common.add_argument("--lengths", type=_list(_length), default=None,
+    common.add_argument("--lengths", type=number_list(_length), default=None,
                         help="comma list of lengths (default: T_train x 1, 2, ... 64; passkey x 1 ... 16)")
     common.add_argument("--train-len", type=_number(int, 1), default=None,
                         help="default: data.seq_len of the checkpoint")
@@ -87,7 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--windows", type=_number(int, 1), default=8, help="number of evaluation windows (documents)")
     p.add_argument("--batch", type=_number(int, 1), default=1)
     k = sub.add_parser("passkey", parents=[common], help="passkey retrieval over a length x depth grid")
-    k.add_argument("--depths", type=_list(_number(float, 0.0, 1.0, "depths in [0, 1]")), default=[0, 0.25, 0.5, 0.75, 1])
+    k.add_argument("--depths", type=number_list(_number(float, 0.0, 1.0, "depths in [0, 1]")), default=[0, 0.25, 0.5, 0.75, 1])
     k.add_argument("--samples", type=_number(int, 1), default=5, help="samples per (length, depth) cell")
     k.add_argument("--seed", type=int, default=0)
     k.add_argument("--mode", choices=["generate", "teacher"], default="generate",
@@ -107,7 +92,8 @@ def check_args(args: argparse.Namespace) -> list[str]:
     check_device(args.device)
     if args.what == "ppl" and not args.glob:
         raise SpindleError("--glob: expected a file pattern such as '*.txt'")
-    check_out(args.out, args.overwrite)
+    if args.out is not None:
+        check_output(args.out, [], args.overwrite, "--out")
     return variants
 
 
@@ -124,32 +110,18 @@ def check_device(device: str) -> None:
         raise SpindleError(f"--device {device!r}: expected cpu, cuda or cuda:N")
 
 
-def check_out(out: Optional[str], overwrite: bool) -> None:
-    """Refuse, before any work, an --out that is a file or a folder with something in it (unless --overwrite)."""
-    if out is None:
-        return
-    path = Path(out)
-    if path.exists() and not path.is_dir():
-        raise SpindleError(f"--out {path}: exists and is not a folder")
-    if path.is_dir() and any(path.iterdir()) and not overwrite:
-        raise SpindleError(f"--out {path}: the folder is not empty (pass --overwrite to replace this command's "
-                           "files in it; nothing else there is touched)")
-
-
 def write_outputs(out: Optional[str], name: str, result: dict, plot) -> list[Path]:
+    """`name`.json and `name`.png into --out, published together (spindle/outputs.py)."""
     if out is None:
         return []
-    folder = Path(out)
-    folder.mkdir(parents=True, exist_ok=True)
-    json_file, png_file = folder / f"{name}.json", folder / f"{name}.png"
-    tmp = json_file.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(result, indent=1))
-    tmp.replace(json_file)
-    plot(result, png_file)
-    return [json_file, png_file]
+    mine = {f"{name}.json", f"{name}.png"}
+    with StagedFolder(out, replaces=mine.__contains__) as stage:
+        Path(stage, f"{name}.json").write_text(json.dumps(result, indent=1))
+        plot(result, Path(stage, f"{name}.png"))
+    return [Path(out) / n for n in sorted(mine)]
 
 
-def eval_main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Optional[Sequence[str]] = None) -> int:
     """`spindle eval ppl ...` / `spindle eval passkey ...`."""
     args = build_parser().parse_args(argv)
     variants = check_args(args)

@@ -1,6 +1,6 @@
 """Training-step benchmark: Spindle against transformers' Llama and a hand-written PyTorch Llama.
 
-    .venv/bin/python bench/bench_train.py [--quick] [--sizes 10M,24M,10M-s2048] [--rounds N]
+    spindle bench train [--quick] [--sizes 10M,24M,10M-s2048] [--rounds N]
         [--variants spindle,spindle_c,hf,hf_c,hand,hand_c] [--out runs/bench_train.json]
     spindle bench train [same flags]
 
@@ -34,15 +34,12 @@ import argparse
 import contextlib
 import gc
 import json
-import math
 import os
 import platform
 import statistics
 import sys
 import tempfile
 import time
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
@@ -370,12 +367,14 @@ def format_report(results: list[dict], meta: dict) -> str:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="spindle bench train", description=__doc__.split("\n\n")[0])
+    from spindle.cli import options
+
+    ap = options.OneLineParser(prog="spindle bench train", description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="10M only, 3 rounds (about 2 minutes)")
     ap.add_argument("--sizes", default=None, help=f"comma list of {', '.join(SIZES)}")
     ap.add_argument("--variants", default=",".join(ALL_VARIANTS))
-    ap.add_argument("--rounds", type=int, default=None)
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--rounds", type=options.int_in(1, 1000), default=None)
+    ap.add_argument("--threads", type=options.int_in(1, 4096), default=2)
     ap.add_argument("--out", default="runs/bench_train.json")
     ap.add_argument("--md", default=None, help="also write the Markdown report here")
     args = ap.parse_args(argv)

@@ -1,6 +1,6 @@
 """Data-layer benchmark: tokenization docs/s and random-access reads, ours vs a seed-style tool.
 
-    .venv/bin/python bench/bench_data.py --out runs/bench_data.json [--mb 8] [--reps 3] [--tokenizer PATH]
+    spindle bench data --out runs/bench_data.json [--mb 8] [--reps 3] [--tokenizer PATH]
 
 Corpus: the Python standard library's own .py files (no test folders), one stripped non-empty line
 per document (the seed's .txt rule), cut to --mb megabytes. Tokenizer: the packaged default
@@ -31,11 +31,10 @@ import time
 
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from spindle.data.prepare import prepare  # noqa: E402
+from spindle.data.prepare import prepare, write_json_bin  # noqa: E402
 from spindle.data.shards import open_documents  # noqa: E402
-from spindle.data.tokenizer import DEFAULT_TOKENIZER_PATH, train_tokenizer  # noqa: E402
+from spindle.data.tokenizer import DEFAULT_TOKENIZER_PATH  # noqa: E402
+from spindle.data.tokenizer_train import train_tokenizer  # noqa: E402
 
 
 def build_corpus(path: str, max_bytes: int) -> int:
@@ -80,7 +79,7 @@ def seed_tool(sp, txt: str, bin_path: str) -> int:
 
 
 def seed_read(bin_path: str, idx: np.ndarray) -> float:
-    meta = np.load(bin_path + ".meta")
+    meta = np.load(bin_path + ".meta", allow_pickle=False)
     offsets = meta[:, 0].tolist()
     with open(bin_path, "rb") as f:
         mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
@@ -103,21 +102,18 @@ def summarize(xs: list[float]) -> dict:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser()
+    from spindle.cli import options
+
+    ap = options.OneLineParser(prog="spindle bench data")
     ap.add_argument("--out", default="runs/bench_data.json", help="results JSON path")
-    ap.add_argument("--mb", type=float, default=8.0, help="corpus size in MB")
-    ap.add_argument("--reps", type=int, default=3)
-    ap.add_argument("--reads", type=int, default=100_000)
+    ap.add_argument("--mb", type=options.float_in(0, 1 << 20, lo_open=True), default=8.0, help="corpus size in MB")
+    ap.add_argument("--reps", type=options.int_in(1, 1000), default=3)
+    ap.add_argument("--reads", type=options.int_in(1, 10**9), default=100_000)
     ap.add_argument("--tokenizer", default=None, help="sentencepiece .model (default: the packaged one)")
-    ap.add_argument("--workers", type=int, default=0)
+    ap.add_argument("--workers", type=options.int_in(0, options.MAX_WORKERS), default=0)
     args = ap.parse_args(argv)
     import sentencepiece as spm
 
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("tools_tokenizer", os.path.join(os.path.dirname(__file__), "..", "tools", "tokenizer.py"))
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
 
     with tempfile.TemporaryDirectory(prefix="bench_data_") as tmp:
         corpus = os.path.join(tmp, "corpus.txt")
@@ -136,9 +132,7 @@ def main(argv=None) -> int:
 
         def run_tool(r):
             p = os.path.join(tmp, f"tool{r}.bin")
-            rc = tool.main(["--text_input_path", corpus, "--bin_output_path", p, "--tokenizer", tok_path,
-                            "--workers", str(args.workers)])
-            assert rc == 0
+            write_json_bin([corpus], p, tok_path, workers=args.workers or None)  # what tools/tokenizer.py runs
             return ndocs
 
         def run_prepare(r):

@@ -1,8 +1,9 @@
-"""Command-line options of the data commands (`spindle prepare`, `spindle tokenizer`, tools/*.py):
-every value checked for type and range by argparse, every mistake one line naming the option.
+"""Command-line options of every command: values checked for type and range by argparse, every
+mistake one line naming the option.
 
 argparse prints a usage block and exits on a bad option; here a bad option raises SpindleError,
-which the commands print as one `error: ...` line with exit code 2, like any other bad input.
+which `spindle.cli.guarded` prints as one `spindle: error: ...` line with exit code 2, like any other
+bad input.
 """
 
 from __future__ import annotations
@@ -10,8 +11,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import sys
-from typing import Callable, Optional, Sequence
+from typing import Callable
 
 from spindle.errors import SpindleError
 
@@ -84,18 +84,13 @@ def workers_option(ap: argparse.ArgumentParser, flag: str = "--workers") -> None
                     help=f"tokenizer processes, 1..{MAX_WORKERS} (default: all cores)")
 
 
-def run_command(main: Callable[[argparse.Namespace], int], ap: argparse.ArgumentParser,
-                argv: Optional[Sequence[str]]) -> int:
-    """Parse, run; a SpindleError (a bad option included) is one `error:` line and exit code 2,
-    a traceback only with --debug."""
-    debug = "--debug" in (sys.argv[1:] if argv is None else argv)
-    try:
-        return main(ap.parse_args(argv))
-    except SpindleError as e:
-        if debug:
-            raise
-        print(f"error: {e}", file=sys.stderr)
-        return e.exit_code
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+def number_list(item: Callable[[str], object]) -> Callable[[str], list]:
+    """argparse type: a comma-separated list of `item`s."""
+
+    def parse(text: str) -> list:
+        values = [item(x) for x in text.replace(" ", "").split(",") if x]
+        if not values:
+            raise argparse.ArgumentTypeError(f"{text!r}: expected a comma-separated list")
+        return values
+
+    return parse

@@ -1,53 +1,20 @@
-"""`spindle` command line: one subcommand per job, each a thin call into the library.
-
-    spindle train [--config FILE] [--set KEY=VALUE ...] [--dry-run] [--launcher torch|slurm]
-    spindle prepare INPUTS... --out DIR [--tokenizer default|PATH]
-    spindle tokenizer train FILES... --vocab-size N --out DIR
-    spindle rope --head-dim 128 --train-len 4096 [--tune-len N] [--target-len N]
-    spindle generate --ckpt DIR --prompt TEXT [--max-new-tokens N] [--temperature T] [--top-k K] [--top-p P]
-
-Bad input prints one line naming what is wrong and exits with code 2; `--debug` shows the traceback.
-"""
+"""`spindle train` (and the seed's `python train.py`): load the config, start the process group, train,
+end with a sample."""
 
 from __future__ import annotations
 
 import argparse
 import functools
-import importlib
 import os
-import sys
 import time
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import Optional, Sequence
 
+from spindle.cli.options import OneLineParser
 from spindle.errors import SpindleError
 
+# the embedded default, shipped inside the package (configs/demo.py in a checkout links to it)
 DEMO_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.py"
-
-
-def launch_rank() -> int:
-    """This process's rank as the launcher set it (torchrun: RANK, Slurm: SLURM_PROCID), 0 alone."""
-    return int(os.environ.get("RANK") or os.environ.get("SLURM_PROCID") or 0)
-
-
-def guarded(fn: Callable[[], int], debug: bool) -> int:
-    """Run `fn`; a SpindleError becomes one line on stderr and exit code 2 (traceback with --debug).
-    Under a launcher every rank meets the same bad input, so rank 0 alone says it."""
-    try:
-        return fn()
-    except SpindleError as exc:
-        if debug:
-            raise
-        if launch_rank() == 0:
-            print(f"spindle: error: {exc}", file=sys.stderr)
-        return exc.exit_code
-    except KeyboardInterrupt:
-        print("spindle: interrupted", file=sys.stderr)
-        return 130
-
-
-# ----------------------------------------------------------------------------- train
-
 
 def add_train_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--config", default=None, help="Python config file (default: the embedded demo, configs/demo.py)")
@@ -164,77 +131,9 @@ def print_sample(trainer, cfg) -> None:
     print()
 
 
-# ----------------------------------------------------------------------------- generate
-
-
-def run_generate(args: argparse.Namespace) -> int:
-    from spindle.eval.load import load_model_for_eval
-    from spindle.data.tokenizer import load_tokenizer
-    from spindle.eval.generate import complete_text
-
-    model, cfg = load_model_for_eval(args.ckpt, rope_scaling=args.rope_scaling, device=args.device)
-    tok = load_tokenizer(args.tokenizer or cfg.data.tokenizer_path or "default")
-    print(args.prompt, end="", flush=True)
-    complete_text(model, tok, args.prompt, args.max_new_tokens, stream=lambda p: print(p, end="", flush=True),
-                  temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
-    print()
-    return 0
-
-
-# ----------------------------------------------------------------------------- main
-
-
-# subcommand -> (module, function(argv) -> exit code); imported only when used, so `spindle --help` is fast
-SUBCOMMANDS = {
-    "prepare": ("spindle.data.prepare", "prepare_main"),
-    "tokenizer": ("spindle.data.tokenizer", "tokenizer_main"),
-    "rope": ("spindle.ropelaws", "rope_main"),
-    "bench": ("spindle.bench", "bench_main"),
-    "convert": ("spindle.checkpoint.hf", "convert_main"),
-    "eval": ("spindle.eval.perplexity", "eval_main"),
-}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    debug = "--debug" in argv
-    # subcommands implemented with their own argparse live next to their code
-    if argv and argv[0] in SUBCOMMANDS:
-        module, function = SUBCOMMANDS[argv[0]]
-        entry = getattr(importlib.import_module(module), function)
-        return guarded(lambda: entry(argv[1:]), debug)
-
-    ap = argparse.ArgumentParser(prog="spindle", description="PyTorch-native LLM pre-training and fine-tuning.")
-    sub = ap.add_subparsers(dest="command")
-    add_train_args(sub.add_parser("train", help="train (default: the embedded demo)"))
-    sub.add_parser("prepare", help="tokenize raw text into binary shards (spindle prepare -h)")
-    sub.add_parser("tokenizer", help="train a tokenizer (spindle tokenizer train -h)")
-    sub.add_parser("rope", help="RoPE scaling-law calculator (spindle rope -h)")
-    sub.add_parser("bench", help="benchmarks: train, data, memory, gpu (spindle bench -h)")
-    sub.add_parser("convert", help="checkpoint <-> Hugging Face Llama (spindle convert -h)")
-    sub.add_parser("eval", help="long-context evaluation: ppl, passkey (spindle eval -h)")
-    g = sub.add_parser("generate", help="generate text from a checkpoint")
-    g.add_argument("--ckpt", required=True)
-    g.add_argument("--prompt", required=True)
-    g.add_argument("--max-new-tokens", type=int, default=64)
-    g.add_argument("--temperature", type=float, default=0.0)
-    g.add_argument("--top-k", type=int, default=0)
-    g.add_argument("--top-p", type=float, default=1.0)
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--rope-scaling", default=None, help="none | dynamic | ntk:FACTOR | linear:FACTOR | yarn:FACTOR")
-    g.add_argument("--tokenizer", default=None)
-    g.add_argument("--device", default="cpu")
-    g.add_argument("--debug", action="store_true")
-    if not argv:
-        argv = ["train"]
-    args = ap.parse_args(argv)
-    if args.command == "train":
-        return guarded(lambda: run_train(args), args.debug)
-    if args.command == "generate":
-        return guarded(lambda: run_generate(args), args.debug)
-    ap.print_help()
-    return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    ap = OneLineParser(prog="spindle train", description="Train (default: the embedded demo config).")
+    add_train_args(ap)
+    return run_train(ap.parse_args(argv))

@@ -1,0 +1,7 @@
+"""`python -m spindle.cli ...` is `spindle ...`."""
+
+import sys
+
+from spindle.cli import main
+
+sys.exit(main())

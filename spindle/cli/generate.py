@@ -1,0 +1,40 @@
+"""`spindle generate`: text from a checkpoint, streamed as it is produced."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Optional, Sequence
+
+from spindle.cli.options import OneLineParser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    g = OneLineParser(prog="spindle generate", description="Generate text from a checkpoint.")
+    g.add_argument("--ckpt", required=True, help="a Spindle checkpoint, or a Hugging Face / InternEvo folder")
+    g.add_argument("--prompt", required=True)
+    g.add_argument("--max-new-tokens", type=int, default=64)
+    g.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+    g.add_argument("--top-k", type=int, default=0)
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--rope-scaling", default=None, help="none | dynamic | ntk:FACTOR | linear:FACTOR | yarn:FACTOR")
+    g.add_argument("--tokenizer", default=None)
+    g.add_argument("--device", default="cpu")
+    g.add_argument("--debug", action="store_true")
+    return g
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    from spindle.data.tokenizer import load_tokenizer
+    from spindle.eval.generate import complete_text, validate_generate_options
+    from spindle.eval.load import load_model_for_eval
+
+    args = build_parser().parse_args(argv)
+    validate_generate_options(args.max_new_tokens, args.temperature, args.top_k, args.top_p)
+    model, cfg = load_model_for_eval(args.ckpt, rope_scaling=args.rope_scaling, device=args.device)
+    tok = load_tokenizer(args.tokenizer or cfg.data.tokenizer_path or "default")
+    print(args.prompt, end="", flush=True)
+    complete_text(model, tok, args.prompt, args.max_new_tokens, stream=lambda p: print(p, end="", flush=True),
+                  temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+    print()
+    return 0
