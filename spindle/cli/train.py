@@ -114,23 +114,27 @@ def _train(cfg, env, t0: float) -> int:
             f"step, {hist[-1]['loss']:.4f} at the last, {sum(tail) / len(tail):.4f} averaged over the last "
             f"{len(tail)}" + (f"; checkpoint saved at step {result['saved_at']} in {trainer.save_dir}"
                               if result["saved_at"] else ""))
-        if cfg.trainer.sample_prompt is not None and cfg.trainer.sample_tokens:
-            print_sample(trainer, cfg)
+    if cfg.trainer.sample_prompt is not None and cfg.trainer.sample_tokens:
+        from spindle.parallel.gather import whole_model
+
+        model = whole_model(trainer.raw_model, cfg.model.to_args(), env)  # collective under a layout
+        if model is not None:
+            print_sample(model.eval(), cfg)
     return 0
 
 
-def print_sample(trainer, cfg) -> None:
+def print_sample(model, cfg) -> None:
     from spindle.data.tokenizer import load_tokenizer
     from spindle.eval.generate import complete_text
 
+    t = cfg.trainer
     tok = load_tokenizer(cfg.data.tokenizer_path or "default")
-    print(f"sample (greedy, {cfg.trainer.sample_tokens} tokens):")
-    print(cfg.trainer.sample_prompt, end="", flush=True)
-    complete_text(trainer.raw_model, tok, cfg.trainer.sample_prompt, cfg.trainer.sample_tokens,
-                  stream=lambda piece: print(piece, end="", flush=True))
+    how = f"temperature {t.sample_temperature}, top-p {t.sample_top_p}" if t.sample_temperature > 0 else "greedy"
+    print(f"sample ({how}, {t.sample_tokens} tokens; trainer.sample_temperature / sample_top_p set it):")
+    print(t.sample_prompt, end="", flush=True)
+    complete_text(model, tok, t.sample_prompt, t.sample_tokens, stream=lambda piece: print(piece, end="", flush=True),
+                  temperature=t.sample_temperature, top_p=t.sample_top_p, seed=t.seed)
     print()
-
-
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -189,8 +189,10 @@ class TrainerConfig(Section):
     progress_bar: Optional[bool] = None  # None: when stdout is a terminal
     jsonl: bool = True
     tensorboard: bool = True
-    sample_prompt: Optional[str] = None  # printed with a greedy continuation when training ends
+    sample_prompt: Optional[str] = None  # printed with a sampled continuation when training ends
     sample_tokens: int = Field(default=48, ge=0, le=2**16)
+    sample_temperature: float = Field(default=0.8, ge=0, le=100)  # 0: greedy
+    sample_top_p: float = Field(default=0.95, gt=0, le=1)
     num_threads: Optional[int] = Field(default=None, ge=1)  # torch intra-op threads on CPU
 
     @field_validator("num_threads")

@@ -124,7 +124,7 @@ def build_stage_model(cfg: SpindleConfig, stage: int, num_stages: int, device: t
 
 
 def build_schedule(cfg: SpindleConfig, env: ParallelEnv, parts: list[nn.Module], stage_ids: list[int],
-                   loss_fn: Callable, n_microbatches: int):
+                   loss_fn: Callable, n_microbatches: int, log: Callable[[str], None] = print):
     from torch.distributed.pipelining import PipelineStage, schedules
 
     num_stages = env.pp_size * cfg.model.num_chunks
@@ -133,6 +133,12 @@ def build_schedule(cfg: SpindleConfig, env: ParallelEnv, parts: list[nn.Module],
     name = cfg.parallel.pipeline.schedule
     if cfg.model.num_chunks > 1 and name in ("1f1b", "gpipe"):
         name = "interleaved_1f1b"  # InternEvo: num_chunks > 1 means the interleaved schedule
+    if name == "1f1b" and n_microbatches < num_stages:
+        # 1F1B needs a micro-batch in flight per stage; GPipe computes the same step with any count
+        log(f"pipeline: {n_microbatches} micro-batch(es) per step < {num_stages} stages: 1F1B needs at least one per "
+            "stage, so this step count runs GPipe (all forwards, then all backwards: the same result, a longer "
+            "bubble); raise data.micro_num to use 1F1B")
+        name = "gpipe"
     cls = getattr(schedules, SCHEDULES[name])
     # our loss is already divided by the step's token count, so the schedule must not rescale it
     if name in ("1f1b", "gpipe"):

@@ -199,9 +199,11 @@ class Trainer:
                        for m in inner]
         parts = [apply_data_parallel(c, cfg, env) for c in self.chunks]
         self.is_first, self.is_last = 0 in self.stage_ids, num_stages - 1 in self.stage_ids
-        # the schedule re-runs each stage's shape-inference forward on micro-batch 0 at the first step
-        # and whenever it switches between training and evaluation (torch.distributed.pipelining)
-        self._pp_mode: Optional[str] = None  # "train" / "eval": the mode of the schedule's last step
+        # a schedule runs each stage's shape-inference forward on micro-batch 0 at its first step and
+        # whenever it switches between training and evaluation (torch.distributed.pipelining); one
+        # schedule per micro-batch count (rampup_batch_size changes it), built when first needed
+        self._pp_schedules: dict[int, object] = {}
+        self._pp_mode: dict[int, str] = {}  # micro-batch count -> "train" / "eval" of that schedule's last step
         self._pp_loss_factor = 1.0  # scale / denom while training, 1 for validation
         self._pp_stats: Optional[torch.Tensor] = None  # per-source sums the last stage adds to
 
@@ -222,8 +224,15 @@ class Trainer:
                 loss_sum = self._token_statistics(output, labels, types, stats)
             return loss_sum * self._pp_loss_factor
 
-        self.schedule, _ = build_schedule(cfg, env, parts, self.stage_ids, loss_fn, cfg.data.micro_num)
+        self._pp_parts, self._pp_loss_fn = parts, loss_fn
+        self.schedule = self._schedule_for(cfg.data.micro_num)
         self.model = parts[0]
+
+    def _schedule_for(self, n: int):
+        if n not in self._pp_schedules:
+            self._pp_schedules[n], _ = build_schedule(self.cfg, self.env, self._pp_parts, self.stage_ids,
+                                                      self._pp_loss_fn, n, log=self.log)
+        return self._pp_schedules[n]
 
     def _cross_entropy(self, logits, labels, label_smoothing: Optional[float] = None) -> torch.Tensor:
         """Sum of token losses (vocabulary-parallel inside `_loss_context` when the head is tensor-parallel);
@@ -362,14 +371,15 @@ class Trainer:
         for chunk in self.chunks:  # labels only where the fused head + loss runs inside the last stage
             fused = self._fused_loss and chunk.model.output is not None
             chunk.set_micro_batches([(mb["position_ids"], mb["cu_seqlens"], mb["labels"] if fused else None)
-                                     for mb in mbs], first_step=self._pp_mode != mode)
-        self._pp_mode = mode
+                                     for mb in mbs], first_step=self._pp_mode.get(len(mbs)) != mode)
+        self._pp_mode[len(mbs)] = mode
+        schedule = self._schedule_for(len(mbs))
         # this pass's sums go to a buffer of their own: reducing `stats` itself would count earlier passes again
         local = torch.zeros_like(stats)
         self._pp_loss_factor, self._pp_stats = loss_factor, local
         inputs = torch.cat([mb["input_ids"] for mb in mbs])
         target = torch.stack([torch.cat([mb[k] for mb in mbs]).long() for k in ("labels", "type_ids")], 1)
-        run = self.schedule.step if mode == "train" else self.schedule.eval
+        run = schedule.step if mode == "train" else schedule.eval
         try:
             with self.autocast(), self._loss_context():
                 if self.is_first and self.is_last:

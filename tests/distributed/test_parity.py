@@ -70,3 +70,14 @@ def test_layout_matches_single_process(tmp_path, reference, name):
     diffs = [abs(a - b) for a, b in zip(losses, reference)]
     assert max(diffs) < 1e-4, f"{name}: {losses} vs {reference}"
     assert reference[-1] < reference[0]
+
+
+@pytest.mark.parametrize("name, overrides", [
+    ("micro_num_1", ["data.micro_num=1"]),  # fewer micro-batches than stages: 1F1B runs as GPipe
+    ("rampup", ["data.micro_num=4", "data.rampup_batch_size=1 1 3"]),  # micro_num 1, 2, 3, 4 over the steps
+])
+def test_pipeline_takes_the_micro_batch_counts_internevo_accepts(tmp_path, name, overrides):
+    single = run(tmp_path, f"{name}_single", 1, overrides)
+    staged = run(tmp_path, f"{name}_pp2", 2, [*overrides, "parallel.pipeline.size=2"])
+    assert len(staged) == len(single) == 10
+    assert max(abs(a - b) for a, b in zip(staged, single)) < 1e-4, (staged, single)

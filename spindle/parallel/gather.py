@@ -1,0 +1,42 @@
+"""A whole, plain model on rank 0 from a sharded or staged one — for the closing sample of a run.
+
+FSDP and tensor-parallel parameters are DTensors: `get_model_state_dict(full_state_dict=True)`
+all-gathers them on every rank. Pipeline stages hold different layers: each rank's full stage weights
+are gathered to rank 0 as objects, where one plain `Transformer` is built from them. Every rank must
+call `whole_model` (it is collective); ranks other than 0 get None.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+from torch.distributed.tensor import DTensor
+
+from spindle.model.llama import Transformer, build_model
+from spindle.parallel.mesh import ParallelEnv
+
+
+def needs_gathering(raw_model: torch.nn.Module, env: ParallelEnv) -> bool:
+    """False when rank 0 already holds every weight as a plain tensor (one process, DDP)."""
+    return env.pp_size > 1 or any(isinstance(p, DTensor) for p in raw_model.parameters())
+
+
+def whole_model(raw_model: torch.nn.Module, args, env: ParallelEnv) -> Optional[Transformer]:
+    """rank 0: a plain model (on CPU) with the trained weights; other ranks: None."""
+    if not needs_gathering(raw_model, env):
+        return raw_model if env.is_main else None
+    state = get_model_state_dict(raw_model, options=StateDictOptions(full_state_dict=True))
+    state = {k: v.detach().to("cpu", copy=True) for k, v in state.items()}
+    if env.pp_size > 1:  # each rank has its stages' layers: rank 0 collects them all
+        parts = [None] * env.world_size if env.is_main else None
+        dist.gather_object(state, parts, dst=0)
+        if env.is_main:
+            state = {k: v for part in parts for k, v in part.items()}
+    if not env.is_main:
+        return None
+    model = build_model(args, "cpu")
+    model.load_state_dict(state, strict=True)
+    return model
