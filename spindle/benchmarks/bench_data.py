@@ -18,7 +18,6 @@ Reads: the same 100k random document indices from the binary shard and the JSON 
 
 from __future__ import annotations
 
-import argparse
 import json
 import mmap
 import os

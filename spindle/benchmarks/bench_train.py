@@ -30,7 +30,6 @@ paired ratios (same round, so host drift cancels). FLOPs/token = 6 N_matmul + 12
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import gc
 import json

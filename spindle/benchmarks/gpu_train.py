@@ -18,7 +18,6 @@ seq 32) runs the same code path on a CPU in seconds; it is what the unit test ru
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import platform

@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 from typing import Optional, Sequence
 
+from spindle.cli import options
 from spindle.cli.options import OneLineParser
 from spindle.errors import SpindleError
 
@@ -20,6 +21,8 @@ def add_train_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--config", default=None, help="Python config file (default: the embedded demo, configs/demo.py)")
     ap.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE", help="override keys, e.g. data.micro_bsz=4")
     ap.add_argument("--dry-run", action="store_true", help="print size, FLOPs and memory estimates, then exit")
+    ap.add_argument("--nproc", type=options.int_in(1, 1 << 20), default=None,
+                    help="with --dry-run: the number of processes to plan for (default: this launch's)")
     ap.add_argument("--launcher", choices=["torch", "slurm"], default=None)
     ap.add_argument("--port", type=int, default=None, help="rendezvous port (MASTER_PORT)")
     ap.add_argument("--seed", type=int, default=None, help="overrides trainer.seed")
@@ -42,19 +45,18 @@ def resolve_config(args: argparse.Namespace):
     return load_config(path, overrides)
 
 
-def dry_run_report(cfg) -> str:
+def dry_run_report(cfg, world: int) -> str:
+    """What a run of `cfg` on `world` processes would be; the layout errors of the real run."""
     from spindle.model.flops import internevo_flops_per_step, memory_estimate, model_flops_per_token, \
         parameter_counts
+    from spindle.parallel.dims import ParallelDims
 
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    dims = ParallelDims.plan(cfg.parallel, cfg.model, world)
     counts = parameter_counts(cfg.model)
-    d = cfg.data
+    d, m = cfg.data, cfg.model
     tokens_per_rank = d.micro_num * d.micro_bsz * d.seq_len
-    par = cfg.parallel
-    dp = max(1, world // (par.tensor.size * par.pipeline.size))
     mem = memory_estimate(cfg, world)
     gib = 1024**3
-    m = cfg.model
     lines = [
         f"config: {cfg.JOB_NAME} (model_type {cfg.model_type}, dtype {m.dtype})",
         f"model: {m.num_layers} layers, hidden {m.hidden_size}, heads {m.num_attention_heads} "
@@ -62,10 +64,12 @@ def dry_run_report(cfg) -> str:
         f"parameters: {counts['total']:,} ({counts['total'] / 1e9:.2f} B; non-embedding {counts['non_embedding']:,})",
         f"FLOPs per token: {model_flops_per_token(m, d.seq_len) / 1e9:.2f} GFLOP (model FLOPs, 6N + 12 L h s); "
         f"InternEvo formula: {internevo_flops_per_step(m, d.seq_len, 1) / d.seq_len / 1e9:.2f} GFLOP",
-        f"tokens per step: {tokens_per_rank:,} per data-parallel rank x {dp} = {tokens_per_rank * dp:,} "
+        f"layout for {world} process(es): data {dims.dp} x context {dims.cp} x pipeline {dims.pp} x tensor {dims.tp}; "
+        + (f"FSDP ({'full' if dims.fsdp else 'ZeRO-1/2-like'}) over groups of {dims.shard * dims.cp}"
+           if dims.shard * dims.cp > 1 else "no sharding"),
+        f"tokens per step: {tokens_per_rank:,} per data-parallel rank x {dims.dp} = {tokens_per_rank * dims.dp:,} "
         f"(micro_num {d.micro_num} x micro_bsz {d.micro_bsz} x seq_len {d.seq_len})",
-        f"memory estimate per device (world {world}, tp {par.tensor.size}, pp {par.pipeline.size}, "
-        f"zero1 {par.zero1.size}, fsdp {par.fsdp}): weights {mem['weights'] / gib:.1f} GiB, "
+        f"memory estimate per device: weights {mem['weights'] / gib:.1f} GiB, "
         f"grads {mem['grads'] / gib:.1f} GiB, optimizer {mem['optimizer'] / gib:.1f} GiB, "
         f"activations {mem['activations'] / gib:.1f} GiB, logits {mem['logits'] / gib:.1f} GiB, "
         f"total {mem['total'] / gib:.1f} GiB",
@@ -73,10 +77,22 @@ def dry_run_report(cfg) -> str:
     return "\n".join(lines)
 
 
+def compat_line(cfg) -> Optional[str]:
+    notes = cfg._compat_notes
+    return ("config: accepted for compatibility, no effect here or mapped: " + "; ".join(notes)) if notes else None
+
+
 def run_train(args: argparse.Namespace) -> int:
     cfg = resolve_config(args)
     if args.dry_run:
-        print(dry_run_report(cfg))
+        world = args.nproc or int(os.environ.get("WORLD_SIZE", "1"))
+        if compat_line(cfg):
+            print(compat_line(cfg))
+        try:
+            report = dry_run_report(cfg, world)
+        except SpindleError as exc:
+            raise SpindleError(f"{exc} (--dry-run --nproc N plans for N processes)") from None
+        print(report)
         return 0
     import torch
 
@@ -104,6 +120,8 @@ def _train(cfg, env, t0: float) -> int:
     log = functools.partial(print, flush=True) if env.is_main else (lambda *_: None)
     log(f"spindle: job {cfg.JOB_NAME}, run folder {cfg.run_dir}, world size {env.world_size}, "
         f"device {env.device}")
+    if compat_line(cfg):
+        log(compat_line(cfg))
     trainer = Trainer(cfg, env, log=log)
     log(f"model: {trainer.n_params:,} parameters; MFU peak {trainer.peak:.3g} TFLOP/s ({trainer.peak_source})")
     result = trainer.fit()

@@ -20,7 +20,7 @@ from typing import Any, Optional
 
 from pydantic import BaseModel, ValidationError
 
-from spindle.config.internevo import _split_constants
+from spindle.config.internevo import _split_constants, compatibility_notes, translate_parallel
 from spindle.config.schema import SpindleConfig
 from spindle.errors import SpindleError
 
@@ -70,16 +70,19 @@ def _format_error(err: dict) -> str:
 
 
 def validate_config(raw: dict, source: str = "<config>") -> SpindleConfig:
-    keys, constants = _split_constants(raw)
+    keys, constants = _split_constants(_copy_tree(raw))
+    translated = translate_parallel(keys)
     if isinstance(keys.get("constants", {}), dict):  # else the schema reports `constants` (fuzz: constants=None)
         keys.setdefault("constants", {}).update(constants)
     try:
-        return SpindleConfig.model_validate(keys)
+        cfg = SpindleConfig.model_validate(keys)
     except ValidationError as exc:
         errors = exc.errors()
         first = _format_error(errors[0])
         more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
         raise SpindleError(f"{source}: {first}{more}") from None
+    cfg._compat_notes = translated + compatibility_notes(keys, source)
+    return cfg
 
 
 def parse_override(item: str) -> tuple[list[str], Any]:
@@ -99,6 +102,7 @@ def parse_override(item: str) -> tuple[list[str], Any]:
 # source, the derived key follows, as it would had the file been edited
 DERIVED_KEYS = ((("lr_scheduler", "total_steps"), ("data", "total_steps")),
                 (("beta2_scheduler", "init_beta2"), ("adam", "adam_beta2")),
+                (("beta2_scheduler", "c"), ("adam", "adam_beta2_c")),
                 (("data", "valid_micro_num"), ("data", "micro_num")))
 
 

@@ -80,6 +80,7 @@ class ModelConfig(Section):
     attn_drop_rate: float = Field(default=0.0, ge=0, lt=1)
     rope_base: float = Field(default=10000.0, gt=1, le=1e15)
     rope_scaling: Optional[RopeScalingConfig] = None
+    qk_interleaved: bool = False  # InternEvo's RoPE column layout; Spindle rotates (i, i + d/2) pairs
     use_dynamic_ntk_rope: bool = False  # the seed's switch: means rope_scaling={"type": "dynamic"}
     max_position_embeddings: int = Field(default=2048, ge=1, le=2**26)
     logn_attn: bool = False  # log-scaled attention: q *= max(1, log_{logn_ref_len}(pos + 1))

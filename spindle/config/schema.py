@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 from typing import Any, Literal, Optional
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, PrivateAttr, field_validator, model_validator
 
 from spindle.config.base import MAX_SEED, Section, every_steps
 from spindle.config.data import DataConfig
@@ -114,7 +114,7 @@ class LrSchedulerConfig(Section):
 
 class Beta2SchedulerConfig(Section):
     init_beta2: Optional[float] = Field(default=None, ge=0, lt=1)  # defaults to adam.adam_beta2
-    c: float = Field(default=0.0, ge=0)
+    c: Optional[float] = Field(default=None, ge=0)  # defaults to adam.adam_beta2_c
     cur_iter: int = Field(default=-1, ge=-1, le=10**12)
 
 
@@ -137,12 +137,21 @@ class PipelineConfig(Section):
     schedule: Literal["1f1b", "interleaved_1f1b", "gpipe", "zero_bubble"] = "1f1b"
 
 
+class WeightConfig(Section):
+    """InternEvo's weight parallel (with tensor mode "isp"): translated to FSDP sharding (config/internevo.py)."""
+
+    size: int = Field(default=1, ge=1, le=2**12)
+    overlap: bool = False
+    memory_pool: bool = False
+
+
 class ParallelConfig(Section):
     zero1: ZeroConfig = Field(default_factory=ZeroConfig)
     tensor: TensorConfig = Field(default_factory=TensorConfig)
     pipeline: PipelineConfig = Field(default_factory=PipelineConfig)
     sequence_parallel: bool = False
     context: int = Field(default=1, ge=1, le=2**12)  # context-parallel size (ours)
+    weight: WeightConfig = Field(default_factory=WeightConfig)
     fsdp: bool = False  # full sharding of parameters, gradients and optimizer state (FSDP2)
 
     @field_validator("zero1", mode="before")
@@ -172,6 +181,7 @@ class AlertConfig(Section):
 
 class MonitorConfig(Section):
     alert: AlertConfig = Field(default_factory=AlertConfig)
+    tensorboard: Optional[dict] = None  # InternEvo's writer queue (queue_max_length): no effect here
 
 
 # --------------------------------------------------------------------------- trainer (ours)
@@ -209,7 +219,6 @@ class TrainerConfig(Section):
 
 class SpindleConfig(Section):
     JOB_NAME: str = "spindle"
-    DO_ALERT: bool = False
     model_type: Literal["INTERNLM", "INTERNLM2_PUBLIC", "LLAMA2", "LLAMA"] = "INTERNLM"
     ckpt: CkptConfig = Field(default_factory=CkptConfig)
     data: DataConfig = Field(default_factory=DataConfig)
@@ -230,8 +239,11 @@ class SpindleConfig(Section):
     enable_tb: bool = True
     tensorboard_folder: Optional[str] = None
     resume_tb_folder: Optional[str] = None
+    generation: Optional[dict] = None  # InternEvo's generation tool settings: no effect here (spindle generate)
     # user constants (SEQ_LEN, TRAIN_FOLDER, ...): kept for reference, not interpreted
     constants: dict[str, Any] = Field(default_factory=dict)
+    # keys the file gave that are accepted for compatibility and do nothing here (config/internevo.py)
+    _compat_notes: list[str] = PrivateAttr(default_factory=list)
 
     @model_validator(mode="after")
     def _derived_defaults(self) -> "SpindleConfig":
@@ -242,6 +254,8 @@ class SpindleConfig(Section):
             self.lr_scheduler.total_steps = self.data.total_steps
         if self.beta2_scheduler.init_beta2 is None:
             self.beta2_scheduler.init_beta2 = self.adam.adam_beta2
+        if self.beta2_scheduler.c is None:
+            self.beta2_scheduler.c = self.adam.adam_beta2_c
         return self
 
     @property

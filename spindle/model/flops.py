@@ -57,26 +57,29 @@ def memory_estimate(cfg: SpindleConfig, world_size: int = 1) -> dict[str, float]
     Korthikanti et al. (2022): s b h (34 + 5 a s / h) bytes per layer for 16-bit activations
     (doubled for fp32); a recomputed layer keeps only its input.
     """
+    from spindle.parallel.dims import ParallelDims
+
     m, par, data = cfg.model, cfg.parallel, cfg.data
     n = parameter_counts(m)["total"]
-    tp, pp = par.tensor.size, par.pipeline.size
-    dp = max(1, world_size // (tp * pp))
-    zero = dp if par.zero1.size <= 0 else min(par.zero1.size, dp)
+    dims = ParallelDims.plan(par, m, world_size)
+    tp, pp = dims.tp, dims.pp
     half = m.dtype in ("torch.bfloat16", "torch.float16", "torch.half")
     model_split = tp * pp
+    shard = dims.shard * dims.cp  # FSDP shards over data x context ranks (they sum the same gradients)
     weights = n * (4 + (2 if half else 0)) / model_split
     grads = n * 4 / model_split
-    optim = n * 8 / model_split / zero
-    if par.fsdp:
-        weights, grads, optim = weights / dp, grads / dp, n * 8 / model_split / dp
+    optim = n * 8 / model_split / shard
+    if dims.fsdp:
+        weights, grads = weights / shard, grads / shard
     s, b, h, a = data.seq_len, data.micro_bsz, m.hidden_size, m.num_attention_heads
     act_bytes = 2 if half else 4
     per_layer_full = s * b * h * (34 + 5 * a * s / h) * act_bytes / 2  # the formula is in 2-byte units
     per_layer_ckpt = s * b * h * act_bytes  # only the layer input is kept
     layers_local = m.num_layers / pp
     n_ckpt = m.num_checkpointed_layers / pp
-    activations = ((layers_local - n_ckpt) * per_layer_full + n_ckpt * per_layer_ckpt) / tp
-    logits = s * b * m.vocab_size * 4 * 2 / tp  # fp32 logits and their gradient
+    # context parallelism holds 1/cp of every sequence (keys and values of attention are gathered in full)
+    activations = ((layers_local - n_ckpt) * per_layer_full + n_ckpt * per_layer_ckpt) / tp / dims.cp
+    logits = s * b * m.vocab_size * 4 * 2 / tp / dims.cp  # fp32 logits and their gradient
     total = weights + grads + optim + activations + logits
     return {"weights": weights, "grads": grads, "optimizer": optim, "activations": activations,
             "logits": logits, "total": total}

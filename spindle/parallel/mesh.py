@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 
 from spindle.errors import SpindleError
+from spindle.parallel.dims import ParallelDims
 
 
 @dataclass
@@ -87,39 +88,17 @@ def launcher_env(launcher: str, port: Optional[int]) -> dict[str, str]:
     return {}
 
 
-def check_layout(parallel, model, world_size: int) -> tuple[int, int, int]:
-    """(dp, pp, tp) sizes, or a SpindleError naming the keys that do not fit — before any work."""
-    tp, pp, cp = parallel.tensor.size, parallel.pipeline.size, parallel.context
-    if world_size % (tp * pp * cp):
-        raise SpindleError(f"parallel: world size {world_size} is not divisible by tensor ({tp}) x pipeline ({pp})"
-                           + (f" x context ({cp})" if cp > 1 else ""))
-    dp = world_size // (tp * pp * cp)
-    if model.num_attention_heads % tp or model.kv_heads % tp:
-        raise SpindleError(f"parallel.tensor.size={tp} must divide model.num_attention_heads "
-                           f"({model.num_attention_heads}) and the KV heads ({model.kv_heads})")
-    stages = pp * model.num_chunks
-    if model.num_layers % stages:
-        raise SpindleError(f"model.num_layers ({model.num_layers}) is not divisible by pipeline.size ({pp}) x "
-                           f"model.num_chunks ({model.num_chunks})")
-    zero = parallel.zero1.size
-    if zero > 1 and dp % zero:
-        raise SpindleError(f"parallel.zero1={zero} does not divide the data-parallel size {dp}")
-    return dp, pp, tp
-
-
 def build_mesh(env: "ParallelEnv", parallel, model) -> "ParallelEnv":
     """DeviceMesh ("dp_replicate", "dp_shard", "cp", "pp", "tp"): tp ranks adjacent (fastest links), then pp,
     then context, then data parallel. dp_shard is the zero1 group size (the whole dp group for zero1 <= 0
     or fsdp). Context ranks read the same batch (each its own slice of the sequence)."""
-    dp, pp, tp = check_layout(parallel, model, env.world_size)
-    cp = parallel.context
+    dims = ParallelDims.plan(parallel, model, env.world_size)
+    dp, pp, tp, cp, shard = dims.dp, dims.pp, dims.tp, dims.cp, dims.shard
     env.dp_size, env.pp_size, env.tp_size, env.cp_size = dp, pp, tp, cp
     if env.world_size == 1:
         return env
     from torch.distributed.device_mesh import init_device_mesh
 
-    zero = parallel.zero1.size
-    shard = dp if (parallel.fsdp or zero <= 0 or zero > dp) else zero
     mesh = init_device_mesh(env.device.type, (dp // shard, shard, cp, pp, tp),
                             mesh_dim_names=("dp_replicate", "dp_shard", "cp", "pp", "tp"))
     dp_mesh = mesh["dp_replicate", "dp_shard"]._flatten("dp")

@@ -491,6 +491,20 @@ class Trainer:
         stop, failed = (int(v) for v in value.tolist())
         return stop or None, bool(failed)
 
+    def _acted_on_stop_file(self, stop: int, say) -> None:
+        """After "save and quit at step N": reset the file to 0, as InternEvo does, so a restart trains on
+        to total_steps instead of quitting again after one step."""
+        path = self.cfg.ckpt.stop_file_path
+        saved = f"checkpoint saved at step {self.state.step}" if self.ckpt_manager is not None else \
+            "saving is off (ckpt.enable_save_ckpt=False), so nothing was saved"
+        say(f"stop file {path}: asked to stop at step {stop}; stopping at step {self.state.step} ({saved})")
+        if self.env.is_main:
+            try:
+                Path(path).write_text("0\n")
+                say(f"stop file {path}: reset to 0, a restart continues to data.total_steps")
+            except OSError as exc:
+                say(f"stop file {path}: could not reset it to 0 ({exc.strerror}); a restart would stop again")
+
     def _stop_after_write_failure(self, failure: Optional[RunFolderFull]) -> None:
         """The run folder cannot be written (a full disk): save what can be saved, then stop with one line."""
         what = str(failure) if failure is not None else "another rank could not write its log"
@@ -529,6 +543,9 @@ class Trainer:
         # CPU: flush denormals, keep freed memory for reuse (spindle/train/host.py); undone at the end
         host_mode = contextlib.ExitStack()
         host_mode.enter_context(cpu_training_mode(self.device.type == "cpu"))
+        if state.step >= total:
+            self.log(f"already at data.total_steps={total} (the run resumed at step {state.step}): nothing to train; "
+                     "raise data.total_steps to train further")
         try:
             while state.step < total:
                 step = state.step
@@ -562,7 +579,11 @@ class Trainer:
                     **{k: v for k, v in m.items() if "/" in k},
                 }
                 if self.valid_sets and cfg.data.valid_every and state.step % cfg.data.valid_every == 0:
-                    record.update(self.validate())
+                    results = self.validate()
+                    record.update(results)
+                    printer(f"validation after step {step}: " + ", ".join(
+                        f"{k[4:-5]} loss {v:.4f} (perplexity {results[k[:-5] + '_plex']:.4g})"
+                        for k, v in results.items() if k.endswith("_loss")))
                 history.append(record)
                 failure = None
                 try:
@@ -587,7 +608,7 @@ class Trainer:
                         self.save(snapshot=True)  # the manager alternates the two slots
                 self.monitor.step_finished(record)
                 if quit_now:
-                    printer(f"stop file {cfg.ckpt.stop_file_path}: stopping at step {state.step}")
+                    self._acted_on_stop_file(stop, printer)
                     break
             self.close()  # background uploads confirmed (and marked) before we return; locks released
         except BaseException as exc:

@@ -21,12 +21,16 @@ def spindle(*args, cwd=ROOT, timeout=300):
 
 def test_dry_run_7b_prints_estimates_without_allocating():
     before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    r = spindle("train", "--config", "configs/7B_sft.py", "--dry-run")
+    alone = spindle("train", "--config", "configs/7B_sft.py", "--dry-run")  # the seed's zero1=8 on 1 process
+    assert alone.returncode == 2 and "parallel.zero1=8 does not divide the data-parallel size 1" in alone.stderr
+    assert "--nproc N" in alone.stderr
+    r = spindle("train", "--config", "configs/7B_sft.py", "--dry-run", "--nproc", "8")  # planned for 8 GPUs
     assert r.returncode == 0, r.stderr
     out = r.stdout
+    assert "layout for 8 process(es): data 8 x context 1 x pipeline 1 x tensor 1" in out
     assert "parameters: 7,321,423,872 (7.32 B" in out
     assert "FLOPs per token" in out and "InternEvo formula: 44.41 GFLOP" in out
-    assert "tokens per step: 16,384 per data-parallel rank" in out
+    assert "tokens per step: 16,384 per data-parallel rank x 8 = 131,072" in out
     assert "memory estimate per device" in out
     # a 7B fp32 model would need ~29 GB; the dry run stays small
     peak_kb = max(before, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)
@@ -70,7 +74,7 @@ def test_demo_few_steps_end_to_end(tmp_path):
     assert json.loads((run / "config.json").read_text())["JOB_NAME"] == "demo"
     assert (run / "ckpt" / "4.step").is_file() and (run / "ckpt" / "4" / ".metadata").is_file()
     assert list((run / "tensorboard").glob("events.out.tfevents.*"))
-    assert "sample (greedy, 8 tokens):" in r.stdout
+    assert "sample (temperature 0.8, top-p 0.95, 8 tokens;" in r.stdout
 
 
 def test_torchrun_single_process_runs_the_same_job(tmp_path):

@@ -2,6 +2,8 @@
 
 import pytest
 
+from spindle.errors import SpindleError
+
 from spindle.config import load_config
 from spindle.model.flops import internevo_flops_per_step, memory_estimate, model_flops_per_token, parameter_counts
 
@@ -40,7 +42,12 @@ def test_model_flops_matches_cpu_baseline_convention():
 
 def test_memory_estimate_shards():
     cfg = load_config("configs/7B_sft.py")
-    one = memory_estimate(cfg, 1)
+    with pytest.raises(SpindleError, match="zero1=8 does not divide the data-parallel size 1"):
+        memory_estimate(cfg, 1)  # the seed's zero1=8 needs 8 data-parallel ranks, as the real run does
+    one = memory_estimate(load_config("configs/7B_sft.py", ["parallel.zero1=1"]), 8)
     eight = memory_estimate(cfg, 8)
     assert eight["optimizer"] == pytest.approx(one["optimizer"] / 8)  # zero1=8 over dp 8
     assert eight["weights"] == one["weights"]
+    cp = memory_estimate(load_config("configs/7B_sft.py", ["parallel.context=2", "parallel.zero1=4"]), 8)
+    assert cp["activations"] == pytest.approx(eight["activations"] / 2)  # half of every sequence per rank
+    assert cp["optimizer"] == pytest.approx(eight["optimizer"])  # sharded over 4 data x 2 context ranks

@@ -4,7 +4,8 @@ import pytest
 
 from spindle.config import validate_config
 from spindle.errors import SpindleError
-from spindle.parallel.mesh import check_layout, first_slurm_host, launcher_env
+from spindle.parallel.dims import ParallelDims
+from spindle.parallel.mesh import first_slurm_host, launcher_env
 from spindle.parallel.pipeline import split_layers, stages_of_rank
 
 
@@ -41,13 +42,14 @@ def test_slurm_env(monkeypatch):
 def test_layout_errors(world, parallel, message):
     c = cfg(**parallel)
     with pytest.raises(SpindleError) as e:
-        check_layout(c.parallel, c.model, world)
+        ParallelDims.plan(c.parallel, c.model, world)
     assert message in str(e.value)
 
 
 def test_layout_sizes_and_stages():
     c = cfg(tensor=2, pipeline=2, zero1=2)
-    assert check_layout(c.parallel, c.model, 8) == (2, 2, 2)
+    d = ParallelDims.plan(c.parallel, c.model, 8)
+    assert (d.dp, d.pp, d.tp) == (2, 2, 2)
     assert split_layers(8, 4) == [[0, 1], [2, 3], [4, 5], [6, 7]]
     assert stages_of_rank(1, 2, 2) == [1, 3]  # looped placement for the interleaved schedule
 

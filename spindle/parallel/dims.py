@@ -1,0 +1,51 @@
+"""The sizes of a parallel layout, decided once from the world size and the config.
+
+`ParallelDims` is what the device mesh is built from, what `--dry-run` plans with (`--nproc N`) and
+what the memory estimate divides by: one place for the data-parallel size (which excludes context
+ranks: they read the same batch) and the FSDP shard group, and one place for the layout errors, so a
+dry run refuses exactly what the real run would.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from spindle.errors import SpindleError
+
+
+@dataclass(frozen=True)
+class ParallelDims:
+    world: int
+    dp: int  # data-parallel ranks: each reads its own batch
+    tp: int
+    pp: int
+    cp: int  # context-parallel ranks: one batch, each its slice of the sequence
+    shard: int  # ranks of one FSDP / ZeRO shard group (1: no sharding, dp: the whole data-parallel group)
+    fsdp: bool  # parameters re-gathered in backward too (ZeRO-3), not only optimizer state + gradients
+
+    @property
+    def replicate(self) -> int:
+        return self.dp // self.shard
+
+    @classmethod
+    def plan(cls, parallel, model, world: int) -> "ParallelDims":
+        """The layout for `world` processes, or a SpindleError naming the keys that do not fit."""
+        tp, pp, cp = parallel.tensor.size, parallel.pipeline.size, parallel.context
+        if world % (tp * pp * cp):
+            raise SpindleError(f"parallel: world size {world} is not divisible by tensor ({tp}) x pipeline ({pp})"
+                               + (f" x context ({cp})" if cp > 1 else ""))
+        dp = world // (tp * pp * cp)
+        if model.num_attention_heads % tp or model.kv_heads % tp:
+            raise SpindleError(f"parallel.tensor.size={tp} must divide model.num_attention_heads "
+                               f"({model.num_attention_heads}) and the KV heads ({model.kv_heads})")
+        stages = pp * model.num_chunks
+        if model.num_layers % stages:
+            raise SpindleError(f"model.num_layers ({model.num_layers}) is not divisible by pipeline.size ({pp}) x "
+                               f"model.num_chunks ({model.num_chunks})")
+        zero = parallel.zero1.size
+        if zero > 1 and dp % zero:
+            raise SpindleError(f"parallel.zero1={zero} does not divide the data-parallel size {dp} (world {world} "
+                               f"/ tensor {tp} / pipeline {pp}" + (f" / context {cp}" if cp > 1 else "") + ")")
+        full = bool(parallel.fsdp or getattr(parallel.zero1, "fsdp", False))
+        shard = dp if (full or zero <= 0) else zero
+        return cls(world, dp, tp, pp, cp, shard, full)
