@@ -5,7 +5,7 @@ from __future__ import annotations
 import bisect
 import collections.abc
 import math
-from typing import Annotated, Literal, Optional
+from typing import Annotated, Any, Literal, Optional
 
 from pydantic import Field, field_validator, model_validator
 
@@ -44,6 +44,12 @@ class DataConfig(Section):
     max_text_bytes: Optional[int] = _count(default=None, ge=1)
     # per-source sampling weights by folder name, e.g. {"en": 1.0, "code": 0.5}
     source_weights: dict[str, float] = Field(default_factory=dict)
+
+    @field_validator("skip_batches", mode="before")
+    @classmethod
+    def _one_batch(cls, v: Any) -> Any:
+        # `--set data.skip_batches=3` (a literal 3, not "3") as the seed writes the key
+        return str(v) if isinstance(v, int) and not isinstance(v, bool) else v
 
     @field_validator("skip_batches")
     @classmethod

@@ -54,7 +54,7 @@ class ModelConfig(Section):
     num_kv_attention_heads: Optional[int] = Field(default=None, ge=1, le=2**12)  # None = num_attention_heads
     embed_split_hidden: bool = True
     vocab_size: int = Field(default=103168, ge=2, le=2**24)
-    embed_grad_scale: float = 1.0
+    embed_grad_scale: float = Field(default=1.0, gt=0, le=1)  # the embedding gradient's scale (InternEvo)
     parallel_output: bool = True
     hidden_size: int = Field(default=4096, ge=1, le=2**17)
     num_layers: int = Field(default=32, ge=1, le=2**12)
@@ -163,5 +163,5 @@ class ModelConfig(Section):
             attn_drop_rate=self.attn_drop_rate, rope_base=self.rope_base, rope_scaling=self.effective_rope_scaling(),
             max_position_embeddings=self.max_position_embeddings,
             logn_ref_len=(self.logn_ref_len or self.max_position_embeddings) if self.logn_attn else None,
-            sliding_window=self.sliding_window, init_std=self.init_std,
+            sliding_window=self.sliding_window, init_std=self.init_std, embed_grad_scale=self.embed_grad_scale,
         )

@@ -48,7 +48,7 @@ class CkptConfig(Section):
     snapshot_ckpt_folder: Optional[str] = None
     stop_file_path: Optional[str] = None
     keep_last_n: Optional[int] = Field(default=None, ge=1)
-    save_final: bool = True  # save when training ends (also when enable_save_ckpt is False: model weights only)
+    save_final: bool = True  # with saving on: also save at data.total_steps when it is not a checkpoint_every step
     # object storage (boto3:) connection; credentials are better left to the environment
     s3_endpoint_url: Optional[str] = None
     s3_region: Optional[str] = None

@@ -253,7 +253,8 @@ def build_train_loader(data: DataConfig, vocab_size: int, cache_root: Path, dp_r
 
         return StreamingLoader(data, vocab_size, dp_rank, dp_size, prefetch)
     if data.train_folder is None or data.type == "dummy":
-        sources = [Source("random", 0, RandomDocuments(vocab_size, seed=data.seed))]
+        fixed = data.seq_len if data.fixed_random_dataset_seqlen else None
+        sources = [Source("random", 0, RandomDocuments(vocab_size, seed=data.seed, fixed_len=fixed))]
     elif data.type == "text":
         sources = discover_sources(text_cache(data, cache_root), vocab_size)
     else:

@@ -140,13 +140,17 @@ def assemble_pack(tokens: np.ndarray, labels: np.ndarray, starts: np.ndarray, se
 class RandomDocuments:
     """Seeded synthetic documents for `train_folder=None`, as InternEvo's RandomDataset.
 
-    Each document repeats a short random pattern, so a model can learn it and the loss falls.
+    Each document repeats a short random pattern, so a model can learn it and the loss falls. With
+    `fixed_len` (InternEvo's `data.fixed_random_dataset_seqlen=True`, the seq_len) every document has
+    that length; otherwise lengths are drawn from [16, max_len].
     """
 
-    def __init__(self, vocab_size: int, num_docs: int = 100_000, seed: int = 1024, max_len: int = 512):
+    def __init__(self, vocab_size: int, num_docs: int = 100_000, seed: int = 1024, max_len: int = 512,
+                 fixed_len: Optional[int] = None):
         rng = np.random.default_rng(seed)
         self.vocab_size, self.seed = vocab_size, seed
-        self.lengths = rng.integers(16, max_len + 1, size=num_docs).astype(np.int64)
+        self.lengths = np.full(num_docs, fixed_len, dtype=np.int64) if fixed_len else \
+            rng.integers(16, max_len + 1, size=num_docs).astype(np.int64)
 
     def __len__(self) -> int:
         return len(self.lengths)

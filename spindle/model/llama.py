@@ -68,6 +68,7 @@ class ModelArgs:
     logn_ref_len: Optional[int] = None  # log-scaled attention with this reference length; None = off
     sliding_window: Optional[int] = None  # keys further back than this are invisible (Mistral)
     init_std: float = 0.02
+    embed_grad_scale: float = 1.0  # InternEvo's: the embedding's gradient is scaled by this (values unchanged)
 
 
 def make_norm(args: ModelArgs, dim: Optional[int] = None) -> nn.Module:
@@ -270,7 +271,13 @@ class Transformer(nn.Module):
         chunks (`spindle.model.loss`): the summed loss (label-smoothed if asked), per-token plain
         cross-entropy and argmax hits, no logits.
         """
-        h = self.tok_embeddings(input_ids) if self.tok_embeddings is not None else input_ids
+        if self.tok_embeddings is not None:
+            h = self.tok_embeddings(input_ids)
+            if self.args.embed_grad_scale != 1:  # same values forward, gradient times the scale (GLM-130B's trick)
+                g = self.args.embed_grad_scale
+                h = g * h + (1 - g) * h.detach()
+        else:
+            h = input_ids
         b, l = input_ids.shape[:2]  # not h's: under sequence parallelism h holds only this rank's slice
         if cache is not None:
             layout = cached_layout(b, l, h.device)

@@ -84,6 +84,26 @@ class LineFile:
         os.close(self.fd)
 
 
+def continue_tensorboard(previous: Optional[str], tb_dir: Path, log) -> None:
+    """InternEvo's resume_tb_folder: the earlier run's event files are copied into this run's TensorBoard
+    folder (once, when it has none), so the curves go on where they stopped."""
+    if not previous:
+        return
+    src = Path(previous)
+    if not src.is_dir():
+        raise SpindleError(f"resume_tb_folder {previous}: not a folder")
+    tb_dir.mkdir(parents=True, exist_ok=True)
+    if any(tb_dir.glob("events.out.tfevents.*")):
+        return
+    copied = 0
+    for f in src.rglob("events.out.tfevents.*"):
+        dest = tb_dir / f.relative_to(src)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        dest.write_bytes(f.read_bytes())
+        copied += 1
+    log(f"tensorboard: {copied} event file(s) of {previous} copied into {tb_dir} (resume_tb_folder)")
+
+
 class MetricSinks:
     """JSONL file and TensorBoard events in the run folder (rank 0 only)."""
 

@@ -36,7 +36,9 @@ from spindle.parallel.parallelize import ModelView, apply_data_parallel, apply_m
 from spindle.parallel.pipeline import PipelineChunk, build_schedule, build_stage_model, stages_of_rank
 from spindle.errors import SpindleError
 from spindle.hardware import resolve_peak_tflops
-from spindle.train.metrics import LineFile, MetricSinks, Progress, RunFolderFull, batch_shape_stats, format_line
+from spindle.train.metrics import (
+    LineFile, MetricSinks, Progress, RunFolderFull, batch_shape_stats, continue_tensorboard, format_line,
+)
 from spindle.train.host import cpu_training_mode
 from spindle.train.monitor import build_monitor
 from spindle.train.optim import DynamicLossScaler, beta2_at, build_optimizer, lr_at, set_schedules
@@ -521,8 +523,12 @@ class Trainer:
     def fit(self) -> dict:
         cfg, env, state = self.cfg, self.env, self.state
         total = cfg.data.total_steps
-        sinks = MetricSinks(self.run_dir, cfg.trainer.jsonl, cfg.trainer.tensorboard and cfg.enable_tb,
-                            cfg.tensorboard_folder) if env.is_main else None
+        tensorboard = cfg.trainer.tensorboard and cfg.enable_tb
+        if env.is_main and tensorboard:
+            continue_tensorboard(cfg.resume_tb_folder, Path(cfg.tensorboard_folder or self.run_dir / "tensorboard"),
+                                 self.log)
+        sinks = MetricSinks(self.run_dir, cfg.trainer.jsonl, tensorboard, cfg.tensorboard_folder) \
+            if env.is_main else None
         progress = Progress(total, state.step, cfg.trainer.progress_bar if env.is_main else False)
         # every rank keeps its own log in the run folder; rank 0 also prints to the console
         (self.run_dir / "logs").mkdir(parents=True, exist_ok=True)
@@ -601,7 +607,8 @@ class Trainer:
                 if self.ckpt_manager is not None:
                     due = state.step % every == 0 if math.isfinite(every) else False
                     snap = cfg.ckpt.oss_snapshot_freq
-                    if due or state.step == total or quit_now or (stop and state.step == abs(stop)):
+                    final = state.step == total and cfg.ckpt.save_final
+                    if due or final or quit_now or (stop and state.step == abs(stop)):
                         self.save()
                         saved_at = state.step
                     elif math.isfinite(snap) and state.step % int(snap) == 0:

@@ -1,6 +1,7 @@
 """Config loading: the seed's file loads unchanged; each kind of bad input is one clear error."""
 
 import math
+from pathlib import Path
 
 import pytest
 
@@ -132,3 +133,52 @@ def test_use_dynamic_ntk_rope_means_dynamic():
                                                   "original_max_position_embeddings": 4096}
     cfg = validate_config({"model": {"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}})
     assert cfg.model.effective_rope_scaling()["type"] == "yarn"
+
+
+# ----------------------------------------------------------------------------- InternEvo's keys
+
+FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
+
+
+def test_internevo_7b_internlm2_config_loads_with_its_modes_mapped_and_the_rest_reported():
+    from spindle.cli.train import dry_run_report
+
+    cfg = load_config(FIXTURES / "internevo_7B_internlm2.py")
+    assert cfg.parallel.context == 2 and cfg.parallel.tensor.size == 1 and cfg.parallel.fsdp  # isp + weight
+    notes = " ".join(cfg._compat_notes)
+    for key in ("parallel.tensor mode='isp'", "parallel.weight size 2", "model.use_flash_attn",
+                "hybrid_zero_optimizer.overlap_sync_grad", "generation", "monitor.tensorboard"):
+        assert key in notes, key
+    assert cfg.beta2_scheduler.c == cfg.adam.adam_beta2_c
+    report = dry_run_report(cfg, 8)
+    assert "data 4 x context 2 x pipeline 1 x tensor 1" in report and "7,737,708,544" in report
+    with pytest.raises(SpindleError, match="world size 1 is not divisible"):
+        dry_run_report(cfg, 1)
+
+
+@pytest.mark.parametrize("mode, tp, sp", [("mtp", 2, False), ("msp", 2, True), ("fsp", 2, True)])
+def test_tensor_modes_map_to_tensor_and_sequence_parallel(mode, tp, sp):
+    cfg = validate_config({"parallel": {"tensor": {"size": 2, "mode": mode}}})
+    assert cfg.parallel.tensor.size == tp and cfg.parallel.sequence_parallel is sp and cfg.parallel.context == 1
+
+
+@pytest.mark.parametrize("raw, key", [
+    ({"data": {"use_packed_dataset": False}}, "data.use_packed_dataset=False"),
+    ({"ckpt": {"snapshot_ckpt_folder": "local:/elsewhere"}}, "ckpt.snapshot_ckpt_folder"),
+    ({"lr_scheduler": {"last_epoch": 10}}, "lr_scheduler.last_epoch=10"),
+    ({"beta2_scheduler": {"cur_iter": 3}}, "beta2_scheduler.cur_iter=3"),
+])
+def test_keys_that_would_need_a_missing_mode_are_refused(raw, key):
+    with pytest.raises(SpindleError, match=key):
+        validate_config(raw)
+
+
+def test_keys_without_effect_are_reported_only_when_given():
+    assert validate_config({})._compat_notes == []
+    cfg = validate_config({"data": {"num_worker": 4}, "metric_dtype": "fp32"})
+    assert [n.split(" ")[0] for n in cfg._compat_notes] == ["data.num_worker", "metric_dtype"]
+
+
+def test_skip_batches_as_the_seed_writes_it_on_the_command_line():
+    cfg = load_config(Path(__file__).resolve().parents[2] / "configs" / "7B_sft.py", ["data.skip_batches=3"])
+    assert cfg.data.skip_batches == "3"

@@ -253,3 +253,24 @@ def test_config_refuses_contradicting_switches():
     with pytest.raises(ValidationError, match="or give head_dim"):
         tiny(hidden_size=60, num_attention_heads=8)
     assert tiny(hidden_size=60, num_attention_heads=8, num_kv_attention_heads=4, head_dim=16).head_dim == 16
+
+
+def test_embed_grad_scale_scales_the_embedding_gradient_only():
+    import torch
+
+    from spindle.config import ModelConfig
+    from spindle.model.llama import build_model
+
+    base = dict(hidden_size=32, num_attention_heads=4, num_layers=1, vocab_size=64, multiple_of=16)
+    ids = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(0))
+    grads, outs = {}, {}
+    for scale in (1.0, 0.1):
+        model = build_model(ModelConfig(**base, embed_grad_scale=scale).to_args(), seed=3)
+        out = model(ids)
+        out.square().mean().backward()
+        grads[scale], outs[scale] = model.tok_embeddings.weight.grad, out.detach()
+        other = model.layers["0"].attention.wq.weight.grad
+        grads[(scale, "wq")] = other
+    torch.testing.assert_close(outs[0.1], outs[1.0])  # the forward is unchanged
+    torch.testing.assert_close(grads[0.1], grads[1.0] * 0.1)
+    torch.testing.assert_close(grads[(0.1, "wq")], grads[(1.0, "wq")])
