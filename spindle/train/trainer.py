@@ -38,7 +38,8 @@ from spindle.hardware import resolve_peak_tflops
 from spindle.train.metrics import MetricSinks, Progress, batch_shape_stats, format_line
 from spindle.train.host import cpu_training_mode
 from spindle.train.monitor import build_monitor
-from spindle.train.optim import DynamicLossScaler, beta2_at, build_optimizer, lr_at, set_schedules
+from spindle.train.optim import (DynamicLossScaler, beta2_at, build_optimizer, clip_gradients, lr_at, set_schedules,
+                                 unscale_gradients)
 
 COMPUTE_DTYPES = {
     "torch.float32": torch.float32, "torch.tf32": torch.float32, "torch.bfloat16": torch.bfloat16,
@@ -328,9 +329,10 @@ class Trainer:
         self._all_reduce(stats, group=self.env.grad_group)
 
         params = [p for p in self.raw_model.parameters() if p.grad is not None]
-        if self.scaler.enabled:
-            torch._foreach_mul_([p.grad for p in params], 1.0 / scale)
-        grad_norm = self._clip_gradients(params, cfg.hybrid_zero_optimizer.clip_grad_norm)
+        if self.scaler.enabled:  # [gpu] grouped by tensor kind: TP mixes DTensor and plain gradients
+            unscale_gradients(params, 1.0 / scale)
+        grad_norm = clip_gradients(params, cfg.hybrid_zero_optimizer.clip_grad_norm, self.device,
+                                   self.env.pp_group if self.env.pp_size > 1 else None)
         loss = (stats[0, -1] / stats[1, -1].clamp(min=1)).item()
         finite = math.isfinite(loss) and bool(torch.isfinite(grad_norm))
         lr = lr_at(self.state.updates, cfg.adam.lr, cfg.lr_scheduler)
@@ -386,32 +388,6 @@ class Trainer:
         if self.env.pp_group is not None:  # the last stage's sums, to every stage (then dp reduces)
             dist.all_reduce(local, group=self.env.pp_group)
         stats += local
-
-    def _clip_gradients(self, params: list[torch.Tensor], max_norm: float) -> torch.Tensor:
-        """Global gradient norm over every stage, tensor and data shard; clip to max_norm (0 = no clip).
-
-        Gradients are grouped by kind (plain tensors; DTensors per mesh and placement) because the
-        foreach kernels refuse to mix them under tensor parallelism.
-        """
-        groups: dict[tuple, list[torch.Tensor]] = {}
-        for p in params:
-            g = p.grad
-            key = (id(g.device_mesh), g.placements) if isinstance(g, DTensor) else ("plain",)
-            groups.setdefault(key, []).append(g)
-        sq = torch.zeros((), dtype=torch.float64, device=self.device)
-        for grads in groups.values():
-            n = torch.nn.utils.get_total_norm(grads, foreach=True)
-            if isinstance(n, DTensor):
-                n = n.full_tensor()
-            sq += n.double() ** 2
-        if self.env.pp_size > 1:
-            dist.all_reduce(sq, group=self.env.pp_group)
-        norm = sq.sqrt().float()
-        if max_norm > 0 and params:
-            coef = (max_norm / (norm + 1e-6)).clamp(max=1.0)
-            for grads in groups.values():
-                torch._foreach_mul_(grads, coef.item())
-        return norm
 
     # ------------------------------------------------------------------ validation
 
