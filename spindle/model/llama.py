@@ -70,10 +70,26 @@ class ModelArgs:
     init_std: float = 0.02
 
 
+class RMSNorm(nn.RMSNorm):
+    """nn.RMSNorm computed in fp32 under mixed precision, returned in its input's dtype (so are the norms
+    of every layout: docs/parallelism.md, "Mixed precision")."""
+
+    def forward(self, x):
+        return F.rms_norm(x.float(), self.normalized_shape, self.weight.float(), self.eps).to(x.dtype)
+
+
+class LayerNorm(nn.LayerNorm):
+    """nn.LayerNorm computed in fp32 under mixed precision, returned in its input's dtype."""
+
+    def forward(self, x):
+        bias = self.bias.float() if self.bias is not None else None
+        return F.layer_norm(x.float(), self.normalized_shape, self.weight.float(), bias, self.eps).to(x.dtype)
+
+
 def make_norm(args: ModelArgs, dim: Optional[int] = None) -> nn.Module:
     if args.norm_type == "rmsnorm":
-        return nn.RMSNorm(dim or args.hidden_size, eps=args.layer_norm_epsilon)
-    return nn.LayerNorm(dim or args.hidden_size, eps=args.layer_norm_epsilon, bias=args.norm_bias)
+        return RMSNorm(dim or args.hidden_size, eps=args.layer_norm_epsilon)
+    return LayerNorm(dim or args.hidden_size, eps=args.layer_norm_epsilon, bias=args.norm_bias)
 
 
 def check_within_window(position_ids: torch.Tensor, window: int) -> None:
@@ -143,8 +159,8 @@ class Attention(nn.Module):
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        if q_scale is not None:  # log-scaled attention: scaling q scales that query's logits
-            q = q * q_scale[:, :, None, None].to(q.dtype)
+        if q_scale is not None:  # log-scaled attention: scaling q scales that query's logits (in fp32)
+            q = (q.float() * q_scale[:, :, None, None]).to(q.dtype)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, H, L, D)
         if cache is not None:
             k, v, k_pos = cache.extend(k, v, positions)

@@ -79,19 +79,41 @@ def apply_compile(model: nn.Module) -> None:
         model.layers[name] = torch.compile(block, dynamic=False)
 
 
-def apply_fsdp(root: nn.Module, blocks, env: ParallelEnv, reshard_after_forward: bool,
+def apply_fsdp(root: nn.Module, model: nn.Module, env: ParallelEnv, reshard_after_forward: bool,
                mixed_precision: torch.dtype | None) -> None:
-    """FSDP2 over the data-parallel mesh: each block, then the root. A 2-D (replicate, shard) mesh
-    gives hybrid sharding: parameters, gradients and optimizer state sharded within groups of
-    `zero1` ranks and replicated across the groups."""
+    """FSDP2 over the data-parallel mesh: each block of `model` (the Transformer or stage inside `root`),
+    then `root`. A 2-D (replicate, shard) mesh gives hybrid sharding: parameters, gradients and optimizer
+    state sharded within groups of `zero1` ranks and replicated across the groups.
+
+    Precision is the one policy of every layout (docs/parallelism.md, "Mixed precision"). With a half
+    compute dtype, what only feeds matmuls (the projections, an untied output head) is gathered in that
+    dtype: the rounding autocast applies to it under DDP. The norms (one group per block, one for the
+    final norm) and the embedding (its own group; the root's when tied to the head) stay fp32, and no
+    forward input is cast, so RoPE cos/sin, log-n scales and the residual stream stay fp32. Gradients
+    are reduced in fp32."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-    mp = MixedPrecisionPolicy(param_dtype=mixed_precision, reduce_dtype=torch.float32) if mixed_precision else \
-        MixedPrecisionPolicy()
-    mesh = env.fsdp_mesh
-    for block in blocks:
-        fully_shard(block, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward)
-    fully_shard(root, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward)
+    fp32 = MixedPrecisionPolicy(cast_forward_inputs=False)
+    compute = MixedPrecisionPolicy(param_dtype=mixed_precision, reduce_dtype=torch.float32,
+                                   cast_forward_inputs=False) if mixed_precision else fp32
+    shard = dict(mesh=env.fsdp_mesh, reshard_after_forward=reshard_after_forward)
+
+    def keep_fp32(modules: list[nn.Module]) -> None:  # one group, gathered in fp32 (a no-op for fp32 runs)
+        if mixed_precision and modules:
+            fully_shard(modules, mp_policy=fp32, **shard)
+
+    for block in model.layers.values():
+        keep_fp32([m for m in block.modules() if isinstance(m, (nn.RMSNorm, nn.LayerNorm))])
+        fully_shard(block, mp_policy=compute, **shard)
+    embedding, head = model.tok_embeddings, model.output
+    tied = embedding is not None and head is not None and head.weight is embedding.weight
+    if embedding is not None and not tied:
+        keep_fp32([embedding])
+    if model.norm is not None:
+        keep_fp32([model.norm])
+    # the fused loss reads output.weight directly (the head module is never called), so the head stays
+    # in the root's group, which its forward gathers
+    fully_shard(root, mp_policy=fp32 if tied else compute, **shard)
 
 
 class ModelView(nn.Module):
@@ -141,7 +163,7 @@ def apply_data_parallel(module: nn.Module, cfg: SpindleConfig, env: ParallelEnv)
         inner = module
         while not hasattr(inner, "layers"):  # PipelineChunk / ContextParallel hold the model in .model
             inner = inner.model
-        apply_fsdp(module, list(inner.layers.values()), env, reshard_after_forward=par.fsdp, mixed_precision=half)
+        apply_fsdp(module, inner, env, reshard_after_forward=par.fsdp, mixed_precision=half)
         return module
     from torch.nn.parallel import DistributedDataParallel as DDP
 
