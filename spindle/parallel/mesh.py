@@ -87,6 +87,11 @@ def launcher_env(launcher: str, port: Optional[int]) -> dict[str, str]:
     return {}
 
 
+def full_sharding(parallel) -> bool:
+    """ZeRO-3: `parallel.fsdp=True`, or InternEvo's way to ask for it, `parallel.zero1=dict(fsdp=True)`."""
+    return parallel.fsdp or parallel.zero1.fsdp
+
+
 def check_layout(parallel, model, world_size: int) -> tuple[int, int, int]:
     """(dp, pp, tp) sizes, or a SpindleError naming the keys that do not fit — before any work."""
     tp, pp, cp = parallel.tensor.size, parallel.pipeline.size, parallel.context
@@ -119,7 +124,7 @@ def build_mesh(env: "ParallelEnv", parallel, model) -> "ParallelEnv":
     from torch.distributed.device_mesh import init_device_mesh
 
     zero = parallel.zero1.size
-    shard = dp if (parallel.fsdp or zero <= 0 or zero > dp) else zero
+    shard = dp if (full_sharding(parallel) or zero <= 0 or zero > dp) else zero
     mesh = init_device_mesh(env.device.type, (dp // shard, shard, cp, pp, tp),
                             mesh_dim_names=("dp_replicate", "dp_shard", "cp", "pp", "tp"))
     dp_mesh = mesh["dp_replicate", "dp_shard"]._flatten("dp")

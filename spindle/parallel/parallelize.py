@@ -8,12 +8,14 @@ data parallel (DDP, ZeRO-1 in the optimizer, or FSDP2). Each step is a function 
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn as nn
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 
 from spindle.config import SpindleConfig
-from spindle.parallel.mesh import ParallelEnv
+from spindle.parallel.mesh import ParallelEnv, full_sharding
 
 
 def apply_tensor_parallel(model: nn.Module, env: ParallelEnv, sequence_parallel: bool) -> None:
@@ -158,17 +160,45 @@ def apply_data_parallel(module: nn.Module, cfg: SpindleConfig, env: ParallelEnv)
     if env.dp_size * env.cp_size == 1:
         return module
     par = cfg.parallel
-    if par.fsdp or par.zero1.size != 1 or env.tp_size > 1:
+    if full_sharding(par) or par.zero1.size != 1 or env.tp_size > 1:
         half = {"torch.bfloat16": torch.bfloat16, "torch.float16": torch.float16}.get(cfg.model.dtype)
         inner = module
         while not hasattr(inner, "layers"):  # PipelineChunk / ContextParallel hold the model in .model
             inner = inner.model
-        apply_fsdp(module, inner, env, reshard_after_forward=par.fsdp, mixed_precision=half)
+        apply_fsdp(module, inner, env, reshard_after_forward=full_sharding(par), mixed_precision=half)
         return module
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     return DDP(module, device_ids=[env.device.index] if env.device.type == "cuda" else None,
                process_group=env.grad_group)
+
+
+def gradient_sync(model: nn.Module, micro_index: int, micro_count: int, full_shard: bool):
+    """The context for the backward of micro-batch `micro_index` of `micro_count` in one step, so that
+    gradients cross the network once per step, after the last micro-batch:
+
+    - DDP: `no_sync()` before the last micro-batch;
+    - FSDP2 keeping parameters gathered between forward and backward (`zero1`, ZeRO-1/2-like): no
+      gradient reduction and no resharding after backward before the last micro-batch, so a step does
+      one all-gather and one reduce-scatter (+ one all-reduce across replicas under HSDP) per FSDP group;
+      the unsharded gradients accumulate in fp32 meanwhile, as DDP's do;
+    - FSDP2 with full sharding (`full_shard`, ZeRO-3): every micro-batch reduce-scatters its gradients.
+      Deferring would hold the whole model's unsharded fp32 gradients (4 bytes per parameter) on every
+      rank, the memory ZeRO-3 was chosen to save; its re-gathering in backward costs more traffic than
+      the reduce-scatters anyway.
+    Pipeline schedules run their micro-batches themselves (and handle FSDP / DDP stages likewise)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    last = micro_index == micro_count - 1
+    if isinstance(model, FSDPModule):
+        if not full_shard:
+            model.set_requires_gradient_sync(last)
+            model.set_reshard_after_backward(last)
+            model.set_is_last_backward(last)
+        return contextlib.nullcontext()
+    if not last and hasattr(model, "no_sync"):
+        return model.no_sync()
+    return contextlib.nullcontext()
 
 
 def parallelize(model: nn.Module, cfg: SpindleConfig, env: ParallelEnv) -> nn.Module:

@@ -31,8 +31,8 @@ from spindle.data.loader import build_train_loader, build_valid_sets
 from spindle.model.flops import internevo_flops_per_step, model_flops_per_token, parameter_counts
 from spindle.model.llama import Transformer, build_model
 from spindle.parallel.context import local_slice
-from spindle.parallel.mesh import ParallelEnv, build_mesh
-from spindle.parallel.parallelize import ModelView, apply_data_parallel, apply_model_parallel
+from spindle.parallel.mesh import ParallelEnv, build_mesh, full_sharding
+from spindle.parallel.parallelize import ModelView, apply_data_parallel, apply_model_parallel, gradient_sync
 from spindle.parallel.pipeline import PipelineChunk, build_schedule, build_stage_model, stages_of_rank
 from spindle.hardware import resolve_peak_tflops
 from spindle.train.metrics import MetricSinks, Progress, batch_shape_stats, format_line
@@ -306,9 +306,8 @@ class Trainer:
         if self.schedule is not None:
             self._pipeline_run(mbs, "train", scale / denom, stats)
         for i, mb in enumerate(mbs if self.schedule is None else []):
-            sync = contextlib.nullcontext()
-            if i < len(mbs) - 1 and hasattr(model, "no_sync"):
-                sync = model.no_sync()  # DDP: reduce gradients once, after the last micro-batch
+            # [gpu] gradients reduced once per step, after the last micro-batch (DDP and FSDP2)
+            sync = gradient_sync(model, i, len(mbs), full_sharding(cfg.parallel))
             with sync, self._loss_context():
                 if self._fused_loss:  # head + loss over token chunks: no (N, V) logits (spindle/model/loss.py)
                     with self.autocast():

@@ -15,6 +15,7 @@ from spindle.config import validate_config
 from spindle.model.llama import build_model
 from spindle.parallel.mesh import build_mesh, init_distributed
 from spindle.parallel.parallelize import apply_data_parallel
+from torchrun_io import finish  # this folder is on sys.path when run as a script
 
 MODEL = dict(hidden_size=32, num_attention_heads=4, num_kv_attention_heads=2, num_layers=2, vocab_size=64,
              multiple_of=16, qk_norm=True, dtype="torch.bfloat16", max_position_embeddings=32768, logn_attn=True,
@@ -71,10 +72,7 @@ def main(out: str) -> None:
         gathered = [torch.zeros_like(losses) for _ in range(env.world_size)]
         dist.all_gather(gathered, losses)
         results[name] = {"losses": torch.cat(gathered), "grads": grads, "dtypes": sorted(seen)}
-    if env.rank == 0:
-        torch.save(results, out)
-    dist.barrier()
-    dist.destroy_process_group()
+    finish(env.rank, results, out)
 
 
 if __name__ == "__main__":
