@@ -32,6 +32,7 @@ from typing import Optional
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.distributed.tensor import DTensor, distribute_tensor
 
 from spindle.errors import SpindleError
 from spindle.model.attention import attention, cached_causal_mask, is_dense, packed_causal_mask
@@ -234,11 +235,15 @@ class Transformer(nn.Module):
 
         Each tensor draws from its own generator seeded by (seed, parameter name), so a parameter
         gets the same values whatever the layout: a pipeline stage holding only layers 8..15
-        initialises them exactly as the full model would.
+        initialises them exactly as the full model would, and a parameter sharded by tensor
+        parallelism or FSDP (a DTensor) draws its whole tensor on the CPU and keeps its own shard.
+        Names are the plain model's: activation checkpointing and compile wrap blocks under extra
+        name segments, which are skipped.
         """
         self.rotary.reset_parameters()
         n_layers = self.args.num_layers
         for name, p in self.named_parameters():
+            name = name.replace("_checkpoint_wrapped_module.", "").replace("_orig_mod.", "")
             if name.endswith("bias"):
                 p.zero_()
             elif "norm" in name:
@@ -251,7 +256,7 @@ class Transformer(nn.Module):
                     std /= math.sqrt(2 * n_layers)
                 gen = torch.Generator(device="cpu").manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
                 values = torch.empty(p.shape, dtype=torch.float32).normal_(0.0, std, generator=gen)
-                p.copy_(values.to(dtype=p.dtype))
+                copy_whole(values.to(dtype=p.dtype), p)
 
     # ------------------------------------------------------------------ forward
 
@@ -296,13 +301,34 @@ class Transformer(nn.Module):
         return self.output(h)
 
 
-def build_model(args: ModelArgs, device: torch.device | str = "cpu", seed: int = 0) -> Transformer:
-    """Construct on the meta device (no memory touched), then materialise and init on `device`."""
-    with torch.device("meta"):
-        model = Transformer(args)
-    model.to_empty(device=device)
+def copy_whole(whole: torch.Tensor, param: torch.Tensor) -> None:
+    """Copy the whole tensor's values into `param`: all of them, or, into a DTensor (a tensor-parallel or
+    FSDP shard), the part its rank holds, cut locally (no communication; the whole tensor passes through
+    the device, one parameter at a time)."""
+    if isinstance(param, DTensor):
+        mine = distribute_tensor(whole, param.device_mesh, param.placements, src_data_rank=None)
+        param.to_local().copy_(mine.to_local())
+    else:
+        param.copy_(whole)
+
+
+def materialize(model: Transformer, device: torch.device | str, seed: int, root: Optional[nn.Module] = None) -> None:
+    """Allocate a model built on the meta device on `device` and initialise it; when it was sharded on
+    meta first, each rank allocates and initialises only its shards. `root`: the module wrapping it
+    (FSDP's root must see the move itself)."""
+    (root or model).to_empty(device=device)
     model.tie_weights()
     model.init_weights(seed)
+
+
+def build_model(args: ModelArgs, device: torch.device | str = "cpu", seed: int = 0) -> Transformer:
+    """Construct on the meta device (no memory touched), then materialise and init on `device`; with
+    device "meta" the model stays there, to be sharded first and materialised after
+    (`spindle.parallel.parallelize.apply_data_parallel`)."""
+    with torch.device("meta"):
+        model = Transformer(args)
+    if torch.device(device).type != "meta":
+        materialize(model, device, seed)
     return model
 
 

@@ -15,6 +15,7 @@ import torch.nn as nn
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 
 from spindle.config import SpindleConfig
+from spindle.model.llama import materialize
 from spindle.parallel.mesh import ParallelEnv, full_sharding
 
 
@@ -44,6 +45,9 @@ def apply_tensor_parallel(model: nn.Module, env: ParallelEnv, sequence_parallel:
     if model.output is not None:
         top_plan["output"] = ColwiseParallel(input_layouts=residual, output_layouts=Shard(-1), use_local_output=False)
     parallelize_module(model, tp_mesh, {k: v for k, v in top_plan.items() if v is not None})
+    # each plan entry distributes its own module's weight: a head tied to the embedding would train as a
+    # separate copy; both shard the (vocab, hidden) matrix along the vocabulary, so one tensor serves both
+    model.tie_weights()
     # Block.forward(x, cos, sin, q_scale, mask, cache, positions): PrepareModuleInput counts positional
     # arguments, so every one gets a layout (None = leave it alone).
     others = (None,) * 6
@@ -150,22 +154,31 @@ def apply_data_parallel(module: nn.Module, cfg: SpindleConfig, env: ParallelEnv)
       within groups of k ranks. Parameters stay gathered between forward and backward
       (reshard_after_forward=False), so communication is ZeRO-1/2-like: one all-gather per step,
       one reduce-scatter; the optimizer state is sharded as in ZeRO-1;
-    - parallel.fsdp: full FSDP (ZeRO-3), re-gathering parameters in backward to save memory.
+    - parallel.fsdp (or zero1.fsdp): full FSDP (ZeRO-3), re-gathering parameters in backward to save memory.
     Tensor-parallel (DTensor) parameters compose with FSDP2 on a 2-D mesh, not with DDP.
+
+    A model still on the meta device (as the trainer builds it) is allocated and initialised here,
+    between sharding and replication: tensor parallelism and FSDP2 shard it on meta, so each rank
+    allocates and initialises only its own shards (with the values of the whole model's init); DDP
+    needs it whole.
     """
+    inner = module
+    while not hasattr(inner, "layers"):  # PipelineChunk / ContextParallel hold the model in .model
+        inner = inner.model
     if env.cp_size > 1 and hasattr(module, "layers"):  # a pipeline stage slices in PipelineChunk instead
         from spindle.parallel.context import ContextParallel
 
         module = ContextParallel(module, env.cp_group)
-    if env.dp_size * env.cp_size == 1:
-        return module
     par = cfg.parallel
-    if full_sharding(par) or par.zero1.size != 1 or env.tp_size > 1:
-        half = {"torch.bfloat16": torch.bfloat16, "torch.float16": torch.float16}.get(cfg.model.dtype)
-        inner = module
-        while not hasattr(inner, "layers"):  # PipelineChunk / ContextParallel hold the model in .model
-            inner = inner.model
+    data_parallel = env.dp_size * env.cp_size > 1
+    sharded = data_parallel and (full_sharding(par) or par.zero1.size != 1 or env.tp_size > 1)
+    if sharded:
+        half = {"torch.bfloat16": torch.bfloat16, "torch.float16": torch.float16,
+                "torch.half": torch.float16}.get(cfg.model.dtype)
         apply_fsdp(module, inner, env, reshard_after_forward=full_sharding(par), mixed_precision=half)
+    if any(p.is_meta for p in inner.parameters()):
+        materialize(inner, env.device, cfg.trainer.seed, root=module)
+    if sharded or not data_parallel:
         return module
     from torch.nn.parallel import DistributedDataParallel as DDP
 

@@ -121,7 +121,8 @@ class Trainer:
         if env.pp_size > 1:
             self._build_pipeline()
         else:
-            model: Transformer = build_model(cfg.model.to_args(), self.device, seed=cfg.trainer.seed)
+            # [gpu] built on meta: sharded first, then each rank allocates and initialises its shards
+            model: Transformer = build_model(cfg.model.to_args(), "meta")
             self.raw_model = model  # parameter names of the plain model, for checkpoints and the optimizer
             self.model = apply_data_parallel(apply_model_parallel(model, cfg, env), cfg, env)
         self.optimizer = build_optimizer(self.raw_model, cfg.adam, self.device.type)
@@ -192,7 +193,7 @@ class Trainer:
         cfg, env = self.cfg, self.env
         num_stages = env.pp_size * cfg.model.num_chunks
         self.stage_ids = stages_of_rank(env.pp_rank, env.pp_size, cfg.model.num_chunks)
-        inner = [build_stage_model(cfg, sid, num_stages, self.device) for sid in self.stage_ids]
+        inner = [build_stage_model(cfg, sid, num_stages, torch.device("meta")) for sid in self.stage_ids]  # [gpu]
         self.raw_model = ModelView(inner)
         cp_group = env.cp_group if env.cp_size > 1 else None
         self.chunks = [PipelineChunk(apply_model_parallel(m, cfg, env), cfg.loss.label_smoothing, cp_group)
