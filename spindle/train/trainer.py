@@ -34,8 +34,9 @@ from spindle.parallel.context import local_slice
 from spindle.parallel.mesh import ParallelEnv, build_mesh, full_sharding
 from spindle.parallel.parallelize import ModelView, apply_data_parallel, apply_model_parallel, gradient_sync
 from spindle.parallel.pipeline import PipelineChunk, build_schedule, build_stage_model, stages_of_rank
-from spindle.hardware import resolve_peak_tflops
-from spindle.train.metrics import MetricSinks, Progress, batch_shape_stats, format_line
+from spindle.hardware import cuda_backend_mode, resolve_peak_tflops
+from spindle.train.metrics import (MetricSinks, Progress, batch_shape_stats, format_line, memory_metrics,
+                                   synchronize)
 from spindle.train.host import cpu_training_mode
 from spindle.train.monitor import build_monitor
 from spindle.train.optim import (DynamicLossScaler, beta2_at, build_optimizer, clip_gradients, lr_at, set_schedules,
@@ -95,11 +96,6 @@ class Trainer:
         torch.manual_seed(cfg.trainer.seed)
         if cfg.trainer.num_threads and self.device.type == "cpu":
             torch.set_num_threads(cfg.trainer.num_threads)
-        if cfg.model.dtype == "torch.tf32":
-            torch.backends.cuda.matmul.allow_tf32 = True
-            torch.backends.cudnn.allow_tf32 = True
-        torch.backends.cudnn.deterministic = cfg.cudnn_deterministic
-        torch.backends.cudnn.benchmark = cfg.cudnn_benchmark
 
         if env.mesh is None:
             env = self.env = build_mesh(env, cfg.parallel, cfg.model)  # layout errors before any work
@@ -324,6 +320,7 @@ class Trainer:
                         logits = model(mb["input_ids"], mb["position_ids"], mb["cu_seqlens"])
                     loss_sum = self._token_statistics(logits, mb["labels"], mb["type_ids"], stats)
                     (loss_sum * (scale / denom)).backward()
+        synchronize(self.device)  # [gpu] the kernels, not their enqueueing
         fwd_bwd = time.perf_counter() - t0
         stats[:, -1] = stats[:, :-1].sum(1)
         self._all_reduce(stats, group=self.env.grad_group)
@@ -480,6 +477,9 @@ class Trainer:
         # CPU: flush denormals, keep freed memory for reuse (spindle/train/host.py); undone at the end
         host_mode = contextlib.ExitStack()
         host_mode.enter_context(cpu_training_mode(self.device.type == "cpu"))
+        # [gpu] TF32 for torch.tf32 and the cudnn keys, for this fit only (were process-wide, set in __init__)
+        host_mode.enter_context(cuda_backend_mode(self.device, cfg.model.dtype, cfg.cudnn_deterministic,
+                                                  cfg.cudnn_benchmark))
         try:
             while state.step < total:
                 step = state.step
@@ -492,6 +492,7 @@ class Trainer:
                     continue
                 m = self.train_step(batch)
                 state.step += 1
+                synchronize(self.device)  # [gpu] the optimizer's kernels too
                 elapsed = time.perf_counter() - t_start
                 tokens_local = sum(mb["labels"].numel() for mb in batch)
                 tokens_global = tokens_local * env.dp_size
@@ -509,7 +510,7 @@ class Trainer:
                     "adam_beta2": m["adam_beta2"], "fwd_bwd_time": m["fwd_bwd_time"],
                     "mfu": (self.flops_per_token * tgs / 1e12 / self.peak) if self.peak else 0.0,
                     "acc": m["acc"], "perplexity": math.exp(min(m["loss"], 50.0)),
-                    "data_wait": data_wait / elapsed,
+                    "data_wait": data_wait / elapsed, **memory_metrics(self.device),  # [gpu] {} on CPU
                     **{k: v for k, v in m.items() if "/" in k},
                 }
                 if self.valid_sets and cfg.data.valid_every and state.step % cfg.data.valid_every == 0:
