@@ -92,8 +92,48 @@ def full_sharding(parallel) -> bool:
     return parallel.fsdp or parallel.zero1.fsdp
 
 
+def shard_size(parallel, dp: int) -> int:
+    """Ranks of one FSDP shard group: the whole data-parallel group for full sharding or zero1 <= 0,
+    else zero1 (hybrid sharding: replicated across the dp / zero1 groups)."""
+    zero = parallel.zero1.size
+    return dp if (full_sharding(parallel) or zero <= 0 or zero > dp) else zero
+
+
+def uses_sequence_parallel(parallel) -> bool:
+    """Megatron sequence parallelism on the tensor-parallel ranks: InternEvo's tensor.mode='msp', or the
+    older switch `parallel.sequence_parallel` next to mode 'mtp' (what a config written before the
+    modes means by it)."""
+    return parallel.tensor.mode == "msp" or parallel.sequence_parallel
+
+
+def refuse_unsupported_modes(parallel) -> None:
+    """One line, before any work, for InternEvo's parallel modes Spindle does not have (doc/en/parallel,
+    internlm/core/parallel): 'mtp' is Spindle's tensor parallelism and 'msp' its tensor + sequence
+    parallelism, the same communication (all-gather before the column-parallel layers, reduce-scatter
+    after the row-parallel ones, norms on sequence shards). 'fsp' computes what 'msp' does but keeps only
+    the sequence shard of each gathered input and gathers it again in backward (less memory, one more
+    all-gather); 'isp' shards the sequence over the whole layer with all-to-all around attention and is
+    the only mode that takes weight parallelism (`parallel.weight.size` > 1)."""
+    mode = parallel.tensor.mode
+    if mode == "fsp":
+        raise SpindleError("parallel.tensor.mode='fsp' (gather the input again in backward) is not implemented: "
+                           "use mode='msp', the same numbers with the gathered input kept for backward, and "
+                           "model.checkpoint to save activation memory")
+    if mode == "isp":
+        raise SpindleError("parallel.tensor.mode='isp' (InternEvo's sequence parallelism with weight parallelism) is "
+                           "not implemented: shard long sequences with parallel.context=n and weights with "
+                           "parallel.zero1 / parallel.fsdp, or use mode='msp'")
+    weight = getattr(parallel, "weight", None)
+    size = weight.get("size", 1) if isinstance(weight, dict) else getattr(weight, "size", 1)
+    if size > 1:
+        raise SpindleError(f"parallel.weight.size={size}: weight parallelism exists only with InternEvo's "
+                           "tensor.mode='isp', which Spindle does not implement; shard weights with "
+                           "parallel.zero1 / parallel.fsdp (FSDP2) instead")
+
+
 def check_layout(parallel, model, world_size: int) -> tuple[int, int, int]:
     """(dp, pp, tp) sizes, or a SpindleError naming the keys that do not fit — before any work."""
+    refuse_unsupported_modes(parallel)
     tp, pp, cp = parallel.tensor.size, parallel.pipeline.size, parallel.context
     if world_size % (tp * pp * cp):
         raise SpindleError(f"parallel: world size {world_size} is not divisible by tensor ({tp}) x pipeline ({pp})"
@@ -107,7 +147,7 @@ def check_layout(parallel, model, world_size: int) -> tuple[int, int, int]:
         raise SpindleError(f"model.num_layers ({model.num_layers}) is not divisible by pipeline.size ({pp}) x "
                            f"model.num_chunks ({model.num_chunks})")
     zero = parallel.zero1.size
-    if zero > 1 and dp % zero:
+    if zero > 1 and dp % zero and not full_sharding(parallel):  # full sharding spans all of dp whatever the size
         raise SpindleError(f"parallel.zero1={zero} does not divide the data-parallel size {dp}")
     return dp, pp, tp
 
@@ -123,8 +163,7 @@ def build_mesh(env: "ParallelEnv", parallel, model) -> "ParallelEnv":
         return env
     from torch.distributed.device_mesh import init_device_mesh
 
-    zero = parallel.zero1.size
-    shard = dp if (full_sharding(parallel) or zero <= 0 or zero > dp) else zero
+    shard = shard_size(parallel, dp)
     mesh = init_device_mesh(env.device.type, (dp // shard, shard, cp, pp, tp),
                             mesh_dim_names=("dp_replicate", "dp_shard", "cp", "pp", "tp"))
     dp_mesh = mesh["dp_replicate", "dp_shard"]._flatten("dp")

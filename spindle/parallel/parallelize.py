@@ -16,7 +16,7 @@ from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoi
 
 from spindle.config import SpindleConfig
 from spindle.model.llama import materialize
-from spindle.parallel.mesh import ParallelEnv, full_sharding
+from spindle.parallel.mesh import ParallelEnv, full_sharding, uses_sequence_parallel
 
 
 def apply_tensor_parallel(model: nn.Module, env: ParallelEnv, sequence_parallel: bool) -> None:
@@ -137,7 +137,7 @@ class ModelView(nn.Module):
 def apply_model_parallel(model: nn.Module, cfg: SpindleConfig, env: ParallelEnv) -> nn.Module:
     """Tensor/sequence parallel, activation checkpointing, compile: in place on the plain model."""
     if env.tp_size > 1:
-        apply_tensor_parallel(model, env, cfg.parallel.sequence_parallel)
+        apply_tensor_parallel(model, env, uses_sequence_parallel(cfg.parallel))
     n_ckpt = cfg.model.num_checkpointed_layers
     if n_ckpt:
         apply_activation_checkpointing(model, min(n_ckpt, len(model.layers)))

@@ -157,3 +157,35 @@ def test_slurm_task_with_one_visible_device_uses_cuda_0(gpus, monkeypatch):
     env = mesh.init_distributed("slurm", port=29999)
     assert env.device == calls["device"] == torch.device("cuda", 0)
     assert (env.rank, env.world_size, env.local_rank, calls["pg"]["backend"]) == (7, 8, 3, "nccl")
+
+
+# ----------------------------------------------------------------------------- InternEvo's parallel keys
+
+
+def test_zero1_fsdp_asks_for_full_sharding():
+    from spindle.parallel.mesh import full_sharding, shard_size
+
+    assert full_sharding(cfg(zero1=dict(fsdp=True)).parallel) and full_sharding(cfg(fsdp=True).parallel)
+    assert not full_sharding(cfg(zero1=8).parallel)
+    assert shard_size(cfg(zero1=dict(size=2, fsdp=True)).parallel, dp=4) == 4  # ZeRO-3 over all of dp
+    assert shard_size(cfg(zero1=2).parallel, dp=4) == 2  # hybrid: shards of 2, replicated twice
+    assert shard_size(cfg(zero1=-1).parallel, dp=4) == 4
+
+
+def test_tensor_modes_map_or_are_refused_before_any_work():
+    from types import SimpleNamespace
+
+    from spindle.parallel.mesh import refuse_unsupported_modes, uses_sequence_parallel
+
+    assert uses_sequence_parallel(cfg(tensor=dict(size=2, mode="msp")).parallel)
+    assert uses_sequence_parallel(cfg(tensor=2, sequence_parallel=True).parallel)  # pre-mode configs
+    assert not uses_sequence_parallel(cfg(tensor=dict(size=2, mode="mtp")).parallel)
+    for mode, message in [("fsp", "mode='fsp' .* is not implemented: use mode='msp'"),
+                          ("isp", "mode='isp' .* not implemented: shard long sequences with parallel.context")]:
+        c = cfg(tensor=dict(size=2, mode=mode))
+        with pytest.raises(SpindleError, match=message):
+            check_layout(c.parallel, c.model, 2)
+    with_weight = SimpleNamespace(tensor=SimpleNamespace(mode="mtp"), weight={"size": 2, "overlap": True})
+    with pytest.raises(SpindleError, match="parallel.weight.size=2: weight parallelism exists only with"):
+        refuse_unsupported_modes(with_weight)
+    refuse_unsupported_modes(SimpleNamespace(tensor=SimpleNamespace(mode="mtp"), weight={"size": 1}))
