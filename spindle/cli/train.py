@@ -117,9 +117,14 @@ def run_train(args: argparse.Namespace) -> int:
 def _train(cfg, env, t0: float) -> int:
     from spindle.train.trainer import Trainer
 
+    from spindle.hardware import resolve_model_dtype
+
     log = functools.partial(print, flush=True) if env.is_main else (lambda *_: None)
     log(f"spindle: job {cfg.JOB_NAME}, run folder {cfg.run_dir}, world size {env.world_size}, "
         f"device {env.device}")
+    cfg.model.dtype, note = resolve_model_dtype(cfg.model.dtype, "dtype" in cfg.model.model_fields_set, env.device)
+    if note:
+        log(f"config: {note}")
     if compat_line(cfg):
         log(compat_line(cfg))
     trainer = Trainer(cfg, env, log=log)

@@ -116,7 +116,8 @@ def translate_parallel(raw: dict) -> list[str]:
             if size != 1:
                 par["sequence_parallel"] = True
                 notes.append(f"parallel.tensor mode={mode!r} size {size}: runs as tensor parallelism with sequence "
-                             "parallelism (the same numbers)")
+                             "parallelism (the same numbers" + ("; the gathered input is kept for backward instead "
+                                                                 "of gathered again" if mode == "fsp" else "") + ")")
     weight = par.get("weight")
     if isinstance(weight, dict) and isinstance(weight.get("size"), int) and weight["size"] > 1:
         par["fsdp"] = True

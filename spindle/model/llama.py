@@ -32,6 +32,7 @@ from typing import Optional
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.distributed.tensor import DTensor, distribute_tensor
 
 from spindle.errors import SpindleError
 from spindle.model.attention import attention, cached_layout, dense_layout, document_layout
@@ -71,10 +72,26 @@ class ModelArgs:
     embed_grad_scale: float = 1.0  # InternEvo's: the embedding's gradient is scaled by this (values unchanged)
 
 
+class RMSNorm(nn.RMSNorm):
+    """nn.RMSNorm computed in fp32 under mixed precision, returned in its input's dtype (so are the norms
+    of every layout: docs/parallelism.md, "Mixed precision")."""
+
+    def forward(self, x):
+        return F.rms_norm(x.float(), self.normalized_shape, self.weight.float(), self.eps).to(x.dtype)
+
+
+class LayerNorm(nn.LayerNorm):
+    """nn.LayerNorm computed in fp32 under mixed precision, returned in its input's dtype."""
+
+    def forward(self, x):
+        bias = self.bias.float() if self.bias is not None else None
+        return F.layer_norm(x.float(), self.normalized_shape, self.weight.float(), bias, self.eps).to(x.dtype)
+
+
 def make_norm(args: ModelArgs, dim: Optional[int] = None) -> nn.Module:
     if args.norm_type == "rmsnorm":
-        return nn.RMSNorm(dim or args.hidden_size, eps=args.layer_norm_epsilon)
-    return nn.LayerNorm(dim or args.hidden_size, eps=args.layer_norm_epsilon, bias=args.norm_bias)
+        return RMSNorm(dim or args.hidden_size, eps=args.layer_norm_epsilon)
+    return LayerNorm(dim or args.hidden_size, eps=args.layer_norm_epsilon, bias=args.norm_bias)
 
 
 def check_within_window(position_ids: torch.Tensor, window: int) -> None:
@@ -154,8 +171,8 @@ class Attention(nn.Module):
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        if q_scale is not None:  # log-scaled attention: scaling q scales that query's logits
-            q = q * q_scale[:, :, None, None].to(q.dtype)
+        if q_scale is not None:  # log-scaled attention: scaling q scales that query's logits (in fp32)
+            q = (q.float() * q_scale[:, :, None, None]).to(q.dtype)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, H, L, D)
         if cache is not None:  # the new keys go last: the kernel's causal mask is aligned to the lower right
             k, v, _ = cache.extend(k, v, positions)
@@ -228,11 +245,15 @@ class Transformer(nn.Module):
 
         Each tensor draws from its own generator seeded by (seed, parameter name), so a parameter
         gets the same values whatever the layout: a pipeline stage holding only layers 8..15
-        initialises them exactly as the full model would.
+        initialises them exactly as the full model would, and a parameter sharded by tensor
+        parallelism or FSDP (a DTensor) draws its whole tensor on the CPU and keeps its own shard.
+        Names are the plain model's: activation checkpointing and compile wrap blocks under extra
+        name segments, which are skipped.
         """
         self.rotary.reset_parameters()
         n_layers = self.args.num_layers
         for name, p in self.named_parameters():
+            name = name.replace("_checkpoint_wrapped_module.", "").replace("_orig_mod.", "")
             if name.endswith("bias"):
                 p.zero_()
             elif "norm" in name:
@@ -245,7 +266,7 @@ class Transformer(nn.Module):
                     std /= math.sqrt(2 * n_layers)
                 gen = torch.Generator(device="cpu").manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
                 values = torch.empty(p.shape, dtype=torch.float32).normal_(0.0, std, generator=gen)
-                p.copy_(values.to(dtype=p.dtype))
+                copy_whole(values.to(dtype=p.dtype), p)
 
     # ------------------------------------------------------------------ forward
 
@@ -303,13 +324,34 @@ class Transformer(nn.Module):
         return self.output(h)
 
 
-def build_model(args: ModelArgs, device: torch.device | str = "cpu", seed: int = 0) -> Transformer:
-    """Construct on the meta device (no memory touched), then materialise and init on `device`."""
-    with torch.device("meta"):
-        model = Transformer(args)
-    model.to_empty(device=device)
+def copy_whole(whole: torch.Tensor, param: torch.Tensor) -> None:
+    """Copy the whole tensor's values into `param`: all of them, or, into a DTensor (a tensor-parallel or
+    FSDP shard), the part its rank holds, cut locally (no communication; the whole tensor passes through
+    the device, one parameter at a time)."""
+    if isinstance(param, DTensor):
+        mine = distribute_tensor(whole, param.device_mesh, param.placements, src_data_rank=None)
+        param.to_local().copy_(mine.to_local())
+    else:
+        param.copy_(whole)
+
+
+def materialize(model: Transformer, device: torch.device | str, seed: int, root: Optional[nn.Module] = None) -> None:
+    """Allocate a model built on the meta device on `device` and initialise it; when it was sharded on
+    meta first, each rank allocates and initialises only its shards. `root`: the module wrapping it
+    (FSDP's root must see the move itself)."""
+    (root or model).to_empty(device=device)
     model.tie_weights()
     model.init_weights(seed)
+
+
+def build_model(args: ModelArgs, device: torch.device | str = "cpu", seed: int = 0) -> Transformer:
+    """Construct on the meta device (no memory touched), then materialise and init on `device`; with
+    device "meta" the model stays there, to be sharded first and materialised after
+    (`spindle.parallel.parallelize.apply_data_parallel`)."""
+    with torch.device("meta"):
+        model = Transformer(args)
+    if torch.device(device).type != "meta":
+        materialize(model, device, seed)
     return model
 
 

@@ -13,6 +13,11 @@ from dataclasses import dataclass
 from spindle.errors import SpindleError
 
 
+def full_sharding(parallel) -> bool:
+    """ZeRO-3: `parallel.fsdp=True`, or InternEvo's way to ask for it, `parallel.zero1=dict(fsdp=True)`."""
+    return bool(parallel.fsdp or parallel.zero1.fsdp)
+
+
 @dataclass(frozen=True)
 class ParallelDims:
     world: int
@@ -42,10 +47,9 @@ class ParallelDims:
         if model.num_layers % stages:
             raise SpindleError(f"model.num_layers ({model.num_layers}) is not divisible by pipeline.size ({pp}) x "
                                f"model.num_chunks ({model.num_chunks})")
-        zero = parallel.zero1.size
-        if zero > 1 and dp % zero:
+        zero, full = parallel.zero1.size, full_sharding(parallel)
+        if zero > 1 and dp % zero and not full:  # full sharding spans all of dp whatever zero1 says
             raise SpindleError(f"parallel.zero1={zero} does not divide the data-parallel size {dp} (world {world} "
                                f"/ tensor {tp} / pipeline {pp}" + (f" / context {cp}" if cp > 1 else "") + ")")
-        full = bool(parallel.fsdp or getattr(parallel.zero1, "fsdp", False))
         shard = dp if (full or zero <= 0) else zero
         return cls(world, dp, tp, pp, cp, shard, full)

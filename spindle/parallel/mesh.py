@@ -117,6 +117,34 @@ def build_mesh(env: "ParallelEnv", parallel, model) -> "ParallelEnv":
     return env
 
 
+def cuda_device(local_rank: int) -> torch.device:
+    """The CUDA device of the process with this local rank, among the devices it can see.
+
+    A launcher that gives each task its own devices (srun --gpus-per-task, --gpu-bind; it sets
+    CUDA_VISIBLE_DEVICES per task) leaves a task one visible device, cuda:0, whatever its local rank:
+    so a local rank past the visible count maps modulo the count when CUDA_VISIBLE_DEVICES is set.
+    Without it, or under torchrun (which starts LOCAL_WORLD_SIZE processes that all see the same
+    devices), more processes than devices on a node is an error here, not an invalid device ordinal
+    later. Two tasks handed the same CUDA_VISIBLE_DEVICES by hand cannot be told apart from here;
+    NCCL refuses them at the first collective ("Duplicate GPU detected")."""
+    environ = os.environ
+    count = torch.cuda.device_count()
+    if count == 0:
+        raise SpindleError("CUDA is available but no CUDA device is visible (CUDA_VISIBLE_DEVICES="
+                           f"{environ.get('CUDA_VISIBLE_DEVICES')!r}); use trainer.device='cpu'")
+    local_world = int(environ.get("LOCAL_WORLD_SIZE", 0) or 0)
+    if local_world > count:
+        raise SpindleError(f"{local_world} processes on this node (LOCAL_WORLD_SIZE) but {count} visible CUDA "
+                           f"device(s): start at most {count} per node (torchrun --nproc_per_node={count})")
+    if local_rank < count:
+        return torch.device("cuda", local_rank)
+    if environ.get("CUDA_VISIBLE_DEVICES"):
+        return torch.device("cuda", local_rank % count)
+    raise SpindleError(f"local rank {local_rank} but this process sees {count} CUDA device(s) and "
+                       "CUDA_VISIBLE_DEVICES is not set: start at most one process per device on a node, or have "
+                       "the launcher give each task its own devices (srun --gpus-per-task=1)")
+
+
 def init_distributed(launcher: Optional[str] = None, backend: Optional[str] = None, port: Optional[int] = None,
                      device: str = "auto", timeout_s: float = 600.0) -> ParallelEnv:
     """Start the process group (when there is more than one process, or a launcher asked for it)."""
@@ -129,13 +157,13 @@ def init_distributed(launcher: Optional[str] = None, backend: Optional[str] = No
     if backend == "nccl" and not want_cuda:
         raise SpindleError("--backend nccl needs CUDA devices; on CPU use --backend gloo (the default there)")
     if not variables:
-        dev = torch.device("cuda", 0) if want_cuda else torch.device("cpu")
+        dev = cuda_device(0) if want_cuda else torch.device("cpu")
         return ParallelEnv(device=dev)
     os.environ.update(variables)
     rank, world = int(variables["RANK"]), int(variables["WORLD_SIZE"])
     local = int(variables.get("LOCAL_RANK", 0))
     backend = backend or ("nccl" if want_cuda else "gloo")
-    dev = torch.device("cuda", local) if want_cuda else torch.device("cpu")
+    dev = cuda_device(local) if want_cuda else torch.device("cpu")
     if want_cuda:
         torch.cuda.set_device(dev)
     if not dist.is_initialized():

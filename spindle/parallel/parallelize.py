@@ -8,11 +8,15 @@ data parallel (DDP, ZeRO-1 in the optimizer, or FSDP2). Each step is a function 
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn as nn
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 
 from spindle.config import SpindleConfig
+from spindle.model.llama import materialize
+from spindle.parallel.dims import full_sharding
 from spindle.parallel.mesh import ParallelEnv
 
 
@@ -42,6 +46,9 @@ def apply_tensor_parallel(model: nn.Module, env: ParallelEnv, sequence_parallel:
     if model.output is not None:
         top_plan["output"] = ColwiseParallel(input_layouts=residual, output_layouts=Shard(-1), use_local_output=False)
     parallelize_module(model, tp_mesh, {k: v for k, v in top_plan.items() if v is not None})
+    # each plan entry distributes its own module's weight: a head tied to the embedding would train as a
+    # separate copy; both shard the (vocab, hidden) matrix along the vocabulary, so one tensor serves both
+    model.tie_weights()
     # Block.forward(x, cos, sin, q_scale, mask, cache, positions): PrepareModuleInput counts positional
     # arguments, so every one gets a layout (None = leave it alone).
     others = (None,) * 6
@@ -79,19 +86,41 @@ def apply_compile(model: nn.Module) -> None:
         model.layers[name] = torch.compile(block, dynamic=False)
 
 
-def apply_fsdp(root: nn.Module, blocks, env: ParallelEnv, reshard_after_forward: bool,
+def apply_fsdp(root: nn.Module, model: nn.Module, env: ParallelEnv, reshard_after_forward: bool,
                mixed_precision: torch.dtype | None) -> None:
-    """FSDP2 over the data-parallel mesh: each block, then the root. A 2-D (replicate, shard) mesh
-    gives hybrid sharding: parameters, gradients and optimizer state sharded within groups of
-    `zero1` ranks and replicated across the groups."""
+    """FSDP2 over the data-parallel mesh: each block of `model` (the Transformer or stage inside `root`),
+    then `root`. A 2-D (replicate, shard) mesh gives hybrid sharding: parameters, gradients and optimizer
+    state sharded within groups of `zero1` ranks and replicated across the groups.
+
+    Precision is the one policy of every layout (docs/parallelism.md, "Mixed precision"). With a half
+    compute dtype, what only feeds matmuls (the projections, an untied output head) is gathered in that
+    dtype: the rounding autocast applies to it under DDP. The norms (one group per block, one for the
+    final norm) and the embedding (its own group; the root's when tied to the head) stay fp32, and no
+    forward input is cast, so RoPE cos/sin, log-n scales and the residual stream stay fp32. Gradients
+    are reduced in fp32."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-    mp = MixedPrecisionPolicy(param_dtype=mixed_precision, reduce_dtype=torch.float32) if mixed_precision else \
-        MixedPrecisionPolicy()
-    mesh = env.fsdp_mesh
-    for block in blocks:
-        fully_shard(block, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward)
-    fully_shard(root, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward)
+    fp32 = MixedPrecisionPolicy(cast_forward_inputs=False)
+    compute = MixedPrecisionPolicy(param_dtype=mixed_precision, reduce_dtype=torch.float32,
+                                   cast_forward_inputs=False) if mixed_precision else fp32
+    shard = dict(mesh=env.fsdp_mesh, reshard_after_forward=reshard_after_forward)
+
+    def keep_fp32(modules: list[nn.Module]) -> None:  # one group, gathered in fp32 (a no-op for fp32 runs)
+        if mixed_precision and modules:
+            fully_shard(modules, mp_policy=fp32, **shard)
+
+    for block in model.layers.values():
+        keep_fp32([m for m in block.modules() if isinstance(m, (nn.RMSNorm, nn.LayerNorm))])
+        fully_shard(block, mp_policy=compute, **shard)
+    embedding, head = model.tok_embeddings, model.output
+    tied = embedding is not None and head is not None and head.weight is embedding.weight
+    if embedding is not None and not tied:
+        keep_fp32([embedding])
+    if model.norm is not None:
+        keep_fp32([model.norm])
+    # the fused loss reads output.weight directly (the head module is never called), so the head stays
+    # in the root's group, which its forward gathers
+    fully_shard(root, mp_policy=fp32 if tied else compute, **shard)
 
 
 class ModelView(nn.Module):
@@ -126,27 +155,64 @@ def apply_data_parallel(module: nn.Module, cfg: SpindleConfig, env: ParallelEnv)
       within groups of k ranks. Parameters stay gathered between forward and backward
       (reshard_after_forward=False), so communication is ZeRO-1/2-like: one all-gather per step,
       one reduce-scatter; the optimizer state is sharded as in ZeRO-1;
-    - parallel.fsdp: full FSDP (ZeRO-3), re-gathering parameters in backward to save memory.
+    - parallel.fsdp (or zero1.fsdp): full FSDP (ZeRO-3), re-gathering parameters in backward to save memory.
     Tensor-parallel (DTensor) parameters compose with FSDP2 on a 2-D mesh, not with DDP.
+
+    A model still on the meta device (as the trainer builds it) is allocated and initialised here,
+    between sharding and replication: tensor parallelism and FSDP2 shard it on meta, so each rank
+    allocates and initialises only its own shards (with the values of the whole model's init); DDP
+    needs it whole.
     """
+    inner = module
+    while not hasattr(inner, "layers"):  # PipelineChunk / ContextParallel hold the model in .model
+        inner = inner.model
     if env.cp_size > 1 and hasattr(module, "layers"):  # a pipeline stage slices in PipelineChunk instead
         from spindle.parallel.context import ContextParallel
 
         module = ContextParallel(module, env.cp_group)
-    if env.dp_size * env.cp_size == 1:
-        return module
     par = cfg.parallel
-    if par.fsdp or par.zero1.size != 1 or env.tp_size > 1:
-        half = {"torch.bfloat16": torch.bfloat16, "torch.float16": torch.float16}.get(cfg.model.dtype)
-        inner = module
-        while not hasattr(inner, "layers"):  # PipelineChunk / ContextParallel hold the model in .model
-            inner = inner.model
-        apply_fsdp(module, list(inner.layers.values()), env, reshard_after_forward=par.fsdp, mixed_precision=half)
+    data_parallel = env.dp_size * env.cp_size > 1
+    sharded = data_parallel and (full_sharding(par) or par.zero1.size != 1 or env.tp_size > 1)
+    if sharded:
+        half = {"torch.bfloat16": torch.bfloat16, "torch.float16": torch.float16,
+                "torch.half": torch.float16}.get(cfg.model.dtype)
+        apply_fsdp(module, inner, env, reshard_after_forward=full_sharding(par), mixed_precision=half)
+    if any(p.is_meta for p in inner.parameters()):
+        materialize(inner, env.device, cfg.trainer.seed, root=module)
+    if sharded or not data_parallel:
         return module
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     return DDP(module, device_ids=[env.device.index] if env.device.type == "cuda" else None,
                process_group=env.grad_group)
+
+
+def gradient_sync(model: nn.Module, micro_index: int, micro_count: int, full_shard: bool):
+    """The context for the backward of micro-batch `micro_index` of `micro_count` in one step, so that
+    gradients cross the network once per step, after the last micro-batch:
+
+    - DDP: `no_sync()` before the last micro-batch;
+    - FSDP2 keeping parameters gathered between forward and backward (`zero1`, ZeRO-1/2-like): no
+      gradient reduction and no resharding after backward before the last micro-batch, so a step does
+      one all-gather and one reduce-scatter (+ one all-reduce across replicas under HSDP) per FSDP group;
+      the unsharded gradients accumulate in fp32 meanwhile, as DDP's do;
+    - FSDP2 with full sharding (`full_shard`, ZeRO-3): every micro-batch reduce-scatters its gradients.
+      Deferring would hold the whole model's unsharded fp32 gradients (4 bytes per parameter) on every
+      rank, the memory ZeRO-3 was chosen to save; its re-gathering in backward costs more traffic than
+      the reduce-scatters anyway.
+    Pipeline schedules run their micro-batches themselves (and handle FSDP / DDP stages likewise)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    last = micro_index == micro_count - 1
+    if isinstance(model, FSDPModule):
+        if not full_shard:
+            model.set_requires_gradient_sync(last)
+            model.set_reshard_after_backward(last)
+            model.set_is_last_backward(last)
+        return contextlib.nullcontext()
+    if not last and hasattr(model, "no_sync"):
+        return model.no_sync()
+    return contextlib.nullcontext()
 
 
 def parallelize(model: nn.Module, cfg: SpindleConfig, env: ParallelEnv) -> nn.Module:

@@ -3,7 +3,8 @@
 Stages are built from the same plain model: every stage constructs the full module tree on the
 meta device, keeps only its own layers (index keys preserved, so `layers.12...` keeps its name and
 checkpoints stay layout-independent), drops the embeddings / head it does not own, and is then
-materialised and initialised with the same per-name seeding as the whole model.
+materialised and initialised with the same per-name seeding as the whole model (by the trainer after
+tensor parallelism and FSDP have sharded it on meta).
 
 With `model.num_chunks` > 1 each rank holds several stages in the looped layout (stage s lives on
 rank s mod pp) and an interleaved schedule runs them.
@@ -26,7 +27,7 @@ import torch.nn as nn
 
 from spindle.config import SpindleConfig
 from spindle.errors import SpindleError
-from spindle.model.llama import Transformer
+from spindle.model.llama import Transformer, materialize
 from spindle.parallel.mesh import ParallelEnv
 
 SCHEDULES = {
@@ -118,8 +119,8 @@ def build_stage_model(cfg: SpindleConfig, stage: int, num_stages: int, device: t
     if stage != num_stages - 1:
         model.norm = None
         model.output = None
-    model.to_empty(device=device)
-    model.init_weights(cfg.trainer.seed)
+    if device.type != "meta":  # on meta it is sharded first, materialised after (apply_data_parallel)
+        materialize(model, device, cfg.trainer.seed)
     return model
 
 

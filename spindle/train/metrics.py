@@ -5,7 +5,10 @@ working) and appends ours: mfu, acc, perplexity, data_wait. Formulas:
 - tgs = tokens of the step over all data-parallel ranks / world size / step time (padding and
   masked tokens included, as InternEvo counts);
 - tflops = InternEvo's get_megatron_flops (see spindle.model.flops) / step time / world size;
-- mfu = model FLOPs per token (6 N_matmul + 12 L h s) * tokens / step time / world size / peak.
+- mfu = model FLOPs per token (6 N_matmul + 12 L h s) * tokens / step time / world size / peak
+  (conventions: docs/benchmarks.md, "MFU conventions");
+- on CUDA, step and fwd_bwd times end with a device synchronisation, and mem_allocated_gib /
+  mem_reserved_gib / mem_peak_allocated_gib give this rank's memory per step.
 """
 
 from __future__ import annotations
@@ -27,7 +30,28 @@ CONSOLE_KEYS = [
     "tflops", "step", "loss", "tgs (tokens/gpu/second)", "lr", "loss_scale", "grad_norm", "micro_num",
     "num_consumed_tokens", "inf_nan_skip_batches", "num_samples_in_batch", "largest_length", "largest_batch",
     "smallest_batch", "adam_beta2", "fwd_bwd_time", "mfu", "acc", "perplexity", "data_wait",
+    "mem_peak_allocated_gib",  # CUDA only
 ]
+GIB = 2**30
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued kernels, so that a host clock read after it times them (CUDA runs
+    asynchronously: without it a step's time is the time to enqueue it). Nothing to wait for on CPU."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def memory_metrics(device: torch.device) -> dict:
+    """This rank's CUDA memory for the step just done: allocated and reserved now, the peak allocated
+    since the previous call (whose counter it restarts), in GiB; {} on CPU."""
+    if device.type != "cuda":
+        return {}
+    out = {"mem_allocated_gib": torch.cuda.memory_allocated(device) / GIB,
+           "mem_reserved_gib": torch.cuda.memory_reserved(device) / GIB,
+           "mem_peak_allocated_gib": torch.cuda.max_memory_allocated(device) / GIB}
+    torch.cuda.reset_peak_memory_stats(device)
+    return {k: round(v, 3) for k, v in out.items()}
 
 
 def format_value(v: Any) -> str:

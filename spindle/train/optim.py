@@ -1,12 +1,16 @@
-"""AdamW parameter groups, the LR and beta2 schedules (pure functions), and the fp16 loss scaler."""
+"""AdamW parameter groups, the LR and beta2 schedules (pure functions), the fp16 loss scaler, and the
+gradient passes between backward and the optimizer step (unscale, global norm, clip)."""
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
+from torch.distributed.tensor import DTensor
 
 from spindle.config import AdamConfig, Beta2SchedulerConfig, GradScalerConfig, LrSchedulerConfig
 
@@ -74,6 +78,54 @@ def set_schedules(opt: torch.optim.Optimizer, lr: float, beta2: float) -> None:
     for group in opt.param_groups:
         group["lr"] = lr
         group["betas"] = (group["betas"][0], beta2)
+
+
+# ----------------------------------------------------------------------------- gradients
+
+
+def gradient_groups(params: list[torch.Tensor]) -> list[list[torch.Tensor]]:
+    """The gradients of `params` grouped by kind: plain tensors together, DTensors per (mesh, placements).
+
+    The foreach kernels refuse a list that mixes tensors and DTensors, or DTensors on different meshes
+    or placements: tensor parallelism without FSDP (or without sequence parallelism) leaves the norms
+    plain tensors next to the sharded projections. Every pass over all gradients goes group by group."""
+    groups: dict[tuple, list[torch.Tensor]] = {}
+    for p in params:
+        g = p.grad
+        if g is None:
+            continue
+        key = (id(g.device_mesh), g.placements) if isinstance(g, DTensor) else ("plain",)
+        groups.setdefault(key, []).append(g)
+    return list(groups.values())
+
+
+def unscale_gradients(params: list[torch.Tensor], inv_scale: float) -> None:
+    """Multiply every gradient by 1 / loss scale (fp16), in place."""
+    for grads in gradient_groups(params):
+        torch._foreach_mul_(grads, inv_scale)
+
+
+def clip_gradients(params: list[torch.Tensor], max_norm: float, device: torch.device,
+                   pp_group: Optional[object] = None) -> torch.Tensor:
+    """Global gradient norm over every stage, tensor and data shard; clip to max_norm (0 = no clip).
+
+    Each group's norm is a DTensor's full norm (its shards reduced over its mesh) or a plain tensor's;
+    pipeline stages hold different parameters, so their squared norms add up over `pp_group`."""
+    groups = gradient_groups(params)
+    sq = torch.zeros((), dtype=torch.float64, device=device)
+    for grads in groups:
+        n = torch.nn.utils.get_total_norm(grads, foreach=True)
+        if isinstance(n, DTensor):
+            n = n.full_tensor()
+        sq += n.double() ** 2
+    if pp_group is not None:
+        dist.all_reduce(sq, group=pp_group)
+    norm = sq.sqrt().float()
+    if max_norm > 0 and groups:
+        coef = (max_norm / (norm + 1e-6)).clamp(max=1.0)
+        for grads in groups:
+            torch._foreach_mul_(grads, coef.item())
+    return norm
 
 
 # ----------------------------------------------------------------------------- loss scaling

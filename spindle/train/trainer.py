@@ -31,17 +31,20 @@ from spindle.data.loader import build_train_loader, build_valid_sets
 from spindle.model.flops import internevo_flops_per_step, model_flops_per_token, parameter_counts
 from spindle.model.llama import Transformer, build_model
 from spindle.parallel.context import local_slice
+from spindle.parallel.dims import full_sharding
 from spindle.parallel.mesh import ParallelEnv, build_mesh
-from spindle.parallel.parallelize import ModelView, apply_data_parallel, apply_model_parallel
+from spindle.parallel.parallelize import ModelView, apply_data_parallel, apply_model_parallel, gradient_sync
 from spindle.parallel.pipeline import PipelineChunk, build_schedule, build_stage_model, stages_of_rank
 from spindle.errors import SpindleError
-from spindle.hardware import resolve_peak_tflops
+from spindle.hardware import cuda_backend_mode, resolve_peak_tflops
 from spindle.train.metrics import (
     LineFile, MetricSinks, Progress, RunFolderFull, batch_shape_stats, continue_tensorboard, format_line,
+    memory_metrics, synchronize,
 )
 from spindle.train.host import cpu_training_mode
 from spindle.train.monitor import build_monitor
-from spindle.train.optim import DynamicLossScaler, beta2_at, build_optimizer, lr_at, set_schedules
+from spindle.train.optim import (DynamicLossScaler, beta2_at, build_optimizer, clip_gradients, lr_at, set_schedules,
+                                 unscale_gradients)
 
 COMPUTE_DTYPES = {
     "torch.float32": torch.float32, "torch.tf32": torch.float32, "torch.bfloat16": torch.bfloat16,
@@ -97,11 +100,6 @@ class Trainer:
         torch.manual_seed(cfg.trainer.seed)
         if cfg.trainer.num_threads and self.device.type == "cpu":
             torch.set_num_threads(cfg.trainer.num_threads)
-        if cfg.model.dtype == "torch.tf32":
-            torch.backends.cuda.matmul.allow_tf32 = True
-            torch.backends.cudnn.allow_tf32 = True
-        torch.backends.cudnn.deterministic = cfg.cudnn_deterministic
-        torch.backends.cudnn.benchmark = cfg.cudnn_benchmark
 
         if env.mesh is None:
             env = self.env = build_mesh(env, cfg.parallel, cfg.model)  # layout errors before any work
@@ -123,7 +121,8 @@ class Trainer:
         if env.pp_size > 1:
             self._build_pipeline()
         else:
-            model: Transformer = build_model(cfg.model.to_args(), self.device, seed=cfg.trainer.seed)
+            # [gpu] built on meta: sharded first, then each rank allocates and initialises its shards
+            model: Transformer = build_model(cfg.model.to_args(), "meta")
             self.raw_model = model  # parameter names of the plain model, for checkpoints and the optimizer
             self.model = apply_data_parallel(apply_model_parallel(model, cfg, env), cfg, env)
         self.optimizer = build_optimizer(self.raw_model, cfg.adam, self.device.type)
@@ -194,7 +193,7 @@ class Trainer:
         cfg, env = self.cfg, self.env
         num_stages = env.pp_size * cfg.model.num_chunks
         self.stage_ids = stages_of_rank(env.pp_rank, env.pp_size, cfg.model.num_chunks)
-        inner = [build_stage_model(cfg, sid, num_stages, self.device) for sid in self.stage_ids]
+        inner = [build_stage_model(cfg, sid, num_stages, torch.device("meta")) for sid in self.stage_ids]  # [gpu]
         self.raw_model = ModelView(inner)
         cp_group = env.cp_group if env.cp_size > 1 else None
         self.chunks = [PipelineChunk(apply_model_parallel(m, cfg, env), cfg.loss.label_smoothing, cp_group)
@@ -317,9 +316,8 @@ class Trainer:
         if self.schedule is not None:
             self._pipeline_run(mbs, "train", scale / denom, stats)
         for i, mb in enumerate(mbs if self.schedule is None else []):
-            sync = contextlib.nullcontext()
-            if i < len(mbs) - 1 and hasattr(model, "no_sync"):
-                sync = model.no_sync()  # DDP: reduce gradients once, after the last micro-batch
+            # [gpu] gradients reduced once per step, after the last micro-batch (DDP and FSDP2)
+            sync = gradient_sync(model, i, len(mbs), full_sharding(cfg.parallel))
             with sync, self._loss_context():
                 if self._fused_loss:  # head + loss over token chunks: no (N, V) logits (spindle/model/loss.py)
                     with self.autocast():
@@ -335,14 +333,16 @@ class Trainer:
                         logits = model(mb["input_ids"], mb["position_ids"], mb["cu_seqlens"])
                     loss_sum = self._token_statistics(logits, mb["labels"], mb["type_ids"], stats)
                     (loss_sum * (scale / denom)).backward()
+        synchronize(self.device)  # [gpu] the kernels, not their enqueueing
         fwd_bwd = time.perf_counter() - t0
         stats[:, -1] = stats[:, :-1].sum(1)
         self._all_reduce(stats, group=self.env.grad_group)
 
         params = [p for p in self.raw_model.parameters() if p.grad is not None]
-        if self.scaler.enabled:
-            torch._foreach_mul_([p.grad for p in params], 1.0 / scale)
-        grad_norm = self._clip_gradients(params, cfg.hybrid_zero_optimizer.clip_grad_norm)
+        if self.scaler.enabled:  # [gpu] grouped by tensor kind: TP mixes DTensor and plain gradients
+            unscale_gradients(params, 1.0 / scale)
+        grad_norm = clip_gradients(params, cfg.hybrid_zero_optimizer.clip_grad_norm, self.device,
+                                   self.env.pp_group if self.env.pp_size > 1 else None)
         loss = (stats[0, -1] / stats[1, -1].clamp(min=1)).item()
         finite = math.isfinite(loss) and bool(torch.isfinite(grad_norm))
         lr = lr_at(self.state.updates, cfg.adam.lr, cfg.lr_scheduler)
@@ -399,32 +399,6 @@ class Trainer:
         if self.env.pp_group is not None:  # the last stage's sums, to every stage (then dp reduces)
             dist.all_reduce(local, group=self.env.pp_group)
         stats += local
-
-    def _clip_gradients(self, params: list[torch.Tensor], max_norm: float) -> torch.Tensor:
-        """Global gradient norm over every stage, tensor and data shard; clip to max_norm (0 = no clip).
-
-        Gradients are grouped by kind (plain tensors; DTensors per mesh and placement) because the
-        foreach kernels refuse to mix them under tensor parallelism.
-        """
-        groups: dict[tuple, list[torch.Tensor]] = {}
-        for p in params:
-            g = p.grad
-            key = (id(g.device_mesh), g.placements) if isinstance(g, DTensor) else ("plain",)
-            groups.setdefault(key, []).append(g)
-        sq = torch.zeros((), dtype=torch.float64, device=self.device)
-        for grads in groups.values():
-            n = torch.nn.utils.get_total_norm(grads, foreach=True)
-            if isinstance(n, DTensor):
-                n = n.full_tensor()
-            sq += n.double() ** 2
-        if self.env.pp_size > 1:
-            dist.all_reduce(sq, group=self.env.pp_group)
-        norm = sq.sqrt().float()
-        if max_norm > 0 and params:
-            coef = (max_norm / (norm + 1e-6)).clamp(max=1.0)
-            for grads in groups.values():
-                torch._foreach_mul_(grads, coef.item())
-        return norm
 
     # ------------------------------------------------------------------ validation
 
@@ -549,6 +523,9 @@ class Trainer:
         # CPU: flush denormals, keep freed memory for reuse (spindle/train/host.py); undone at the end
         host_mode = contextlib.ExitStack()
         host_mode.enter_context(cpu_training_mode(self.device.type == "cpu"))
+        # [gpu] TF32 for torch.tf32 and the cudnn keys, for this fit only (were process-wide, set in __init__)
+        host_mode.enter_context(cuda_backend_mode(self.device, cfg.model.dtype, cfg.cudnn_deterministic,
+                                                  cfg.cudnn_benchmark))
         if state.step >= total:
             self.log(f"already at data.total_steps={total} (the run resumed at step {state.step}): nothing to train; "
                      "raise data.total_steps to train further")
@@ -564,6 +541,7 @@ class Trainer:
                     continue
                 m = self.train_step(batch)
                 state.step += 1
+                synchronize(self.device)  # [gpu] the optimizer's kernels too
                 elapsed = time.perf_counter() - t_start
                 tokens_local = sum(mb["labels"].numel() for mb in batch)
                 tokens_global = tokens_local * env.dp_size
@@ -581,7 +559,7 @@ class Trainer:
                     "adam_beta2": m["adam_beta2"], "fwd_bwd_time": m["fwd_bwd_time"],
                     "mfu": (self.flops_per_token * tgs / 1e12 / self.peak) if self.peak else 0.0,
                     "acc": m["acc"], "perplexity": math.exp(min(m["loss"], 50.0)),
-                    "data_wait": data_wait / elapsed,
+                    "data_wait": data_wait / elapsed, **memory_metrics(self.device),  # [gpu] {} on CPU
                     **{k: v for k, v in m.items() if "/" in k},
                 }
                 if self.valid_sets and cfg.data.valid_every and state.step % cfg.data.valid_every == 0:

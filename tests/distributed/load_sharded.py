@@ -43,7 +43,7 @@ def main(layout: str, out: str, sources: list[str]) -> None:
             from torch.distributed.device_mesh import init_device_mesh
 
             env.fsdp_mesh = init_device_mesh("cpu", (env.world_size,), mesh_dim_names=("dp_shard",))
-            apply_fsdp(model, list(model.layers.values()), env, reshard_after_forward=True, mixed_precision=None)
+            apply_fsdp(model, model, env, reshard_after_forward=True, mixed_precision=None)
         loader = load_hf_weights if kind == "hf" else load_internevo_weights
         loader(model, folder)
         kinds = {type(p).__name__ for p in model.parameters()}

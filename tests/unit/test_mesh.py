@@ -88,3 +88,94 @@ def test_last_pipeline_stage_runs_the_fused_loss_when_given_labels():
     chunk.check_consumed()
     with pytest.raises(RuntimeError, match="called 3 times for 2 micro-batches"):
         chunk(h)
+
+
+# ----------------------------------------------------------------------------- CUDA device per local rank
+
+
+@pytest.fixture
+def gpus(monkeypatch):
+    """A node whose processes each see `n` CUDA devices (monkeypatched; no CUDA needed)."""
+    import torch
+
+    for var in ("CUDA_VISIBLE_DEVICES", "LOCAL_WORLD_SIZE", "RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
+                "MASTER_PORT"):  # set first so that monkeypatch restores them (init_distributed exports them)
+        monkeypatch.setenv(var, "")
+        monkeypatch.delenv(var)
+
+    def visible(n: int):
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+        monkeypatch.setattr(torch.cuda, "device_count", lambda: n)
+    return visible
+
+
+@pytest.mark.parametrize("count, local, visible, expected", [
+    (8, 3, None, 3),  # one node, every process sees all 8 devices
+    (1, 3, "5", 0),  # srun --gpus-per-task=1: task 3 sees only its own device
+    (2, 3, "6,7", 1),  # srun --gpus-per-task=2: its own pair
+    (4, 2, "0,1,2,3", 2),
+])
+def test_cuda_device_of_a_local_rank(gpus, monkeypatch, count, local, visible, expected):
+    import torch
+
+    from spindle.parallel.mesh import cuda_device
+
+    gpus(count)
+    if visible:
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", visible)
+    assert cuda_device(local) == torch.device("cuda", expected)
+
+
+def test_more_local_ranks_than_devices_is_one_clear_error(gpus, monkeypatch):
+    from spindle.parallel.mesh import cuda_device
+
+    gpus(1)
+    with pytest.raises(SpindleError, match="local rank 1 but this process sees 1 CUDA device.*CUDA_VISIBLE_DEVICES is "
+                                           "not set"):
+        cuda_device(1)
+    gpus(2)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")  # torchrun: all its processes see the same devices
+    with pytest.raises(SpindleError, match="4 processes on this node .* 2 visible CUDA device"):
+        cuda_device(0)
+    gpus(0)
+    with pytest.raises(SpindleError, match="no CUDA device is visible"):
+        cuda_device(0)
+
+
+def test_slurm_task_with_one_visible_device_uses_cuda_0(gpus, monkeypatch):
+    """srun with 4 tasks per node, each bound to one GPU: SLURM_LOCALID=3 used to become cuda:3."""
+    import torch
+    import torch.distributed as dist
+
+    from spindle.parallel import mesh
+
+    gpus(1)
+    for k, v in {"SLURM_PROCID": "7", "SLURM_NTASKS": "8", "SLURM_LOCALID": "3", "SLURM_JOB_NODELIST": "n[1-2]",
+                 "CUDA_VISIBLE_DEVICES": "3"}.items():
+        monkeypatch.setenv(k, v)
+    calls = {}
+    monkeypatch.setattr(torch.cuda, "set_device", lambda d: calls.setdefault("device", d))
+    monkeypatch.setattr(dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(dist, "init_process_group", lambda **kw: calls.setdefault("pg", kw))
+    env = mesh.init_distributed("slurm", port=29999)
+    assert env.device == calls["device"] == torch.device("cuda", 0)
+    assert (env.rank, env.world_size, env.local_rank, calls["pg"]["backend"]) == (7, 8, 3, "nccl")
+
+
+# ----------------------------------------------------------------------------- InternEvo's parallel keys
+
+
+def test_zero1_fsdp_asks_for_full_sharding():
+    from spindle.parallel.dims import ParallelDims, full_sharding
+
+    assert full_sharding(cfg(zero1=dict(fsdp=True)).parallel) and full_sharding(cfg(fsdp=True).parallel)
+    assert not full_sharding(cfg(zero1=8).parallel)
+
+    def shard(**kw):
+        c = cfg(**kw)
+        return ParallelDims.plan(c.parallel, c.model, 4).shard
+
+    assert shard(zero1=dict(size=2, fsdp=True)) == 4  # ZeRO-3 over all of dp
+    assert shard(zero1=2) == 2  # hybrid: shards of 2, replicated twice
+    assert shard(zero1=-1) == 4

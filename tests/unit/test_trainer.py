@@ -141,3 +141,26 @@ def test_label_smoothing_trains_on_the_smoothed_loss_and_reports_the_plain_one(t
     assert abs(smooth.item() - plain.item()) > 1e-4  # the two losses are distinguishable here
     for p, g in zip(model.parameters(), expected):  # the update follows the smoothed loss
         assert torch.allclose(p.grad, g, atol=1e-6)
+
+
+def test_step_times_wait_for_the_device_and_memory_is_logged(tmp_path, monkeypatch):
+    """Twice per step (after forward/backward, after the optimizer) the trainer synchronises its device before
+    reading the clock, and every record carries the device's memory metrics (CUDA's calls monkeypatched)."""
+    import spindle.train.trainer as trainer_module
+
+    waited = []
+    monkeypatch.setattr(trainer_module, "synchronize", lambda device: waited.append(device))
+    monkeypatch.setattr(trainer_module, "memory_metrics", lambda device: {"mem_peak_allocated_gib": 1.5})
+    hist = Trainer(tiny_cfg(tmp_path, data={"total_steps": 2}), ParallelEnv(), log=lambda *_: None).fit()["history"]
+    assert waited == [torch.device("cpu")] * 4
+    assert [h["mem_peak_allocated_gib"] for h in hist] == [1.5, 1.5]
+
+
+def test_backend_flags_are_not_left_behind(tmp_path):
+    """cudnn_benchmark / cudnn_deterministic / torch.tf32 hold during fit() only (they were process-wide)."""
+    before = (torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic, torch.get_float32_matmul_precision())
+    cfg = tiny_cfg(tmp_path, data={"total_steps": 1}, cudnn_benchmark=True, cudnn_deterministic=True,
+                   model={"dtype": "torch.tf32"})
+    Trainer(cfg, ParallelEnv(), log=lambda *_: None).fit()
+    assert (torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic,
+            torch.get_float32_matmul_precision()) == before

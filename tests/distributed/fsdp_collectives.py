@@ -1,0 +1,70 @@
+"""Run under torchrun (2 ranks, gloo): count FSDP2's all-gathers and reduce-scatters in one step of 4
+micro-batches, with the trainer's `gradient_sync` and without it (every micro-batch synchronised, as
+before), for zero1=-1 (parameters kept gathered through backward) and fsdp=True (ZeRO-3). Rank 0 writes
+the counts, the FSDP group count and the gradients of both loops.
+
+    torchrun --nproc_per_node=2 tests/distributed/fsdp_collectives.py OUT.pt
+"""
+
+import sys
+from collections import Counter
+
+import torch
+import torch.distributed as dist
+
+from spindle.config import validate_config
+from spindle.model.llama import build_model
+from spindle.parallel.dims import full_sharding
+from spindle.parallel.mesh import build_mesh, init_distributed
+from spindle.parallel.parallelize import apply_data_parallel, gradient_sync
+from torchrun_io import finish  # this folder is on sys.path when run as a script
+
+MODEL = dict(hidden_size=32, num_attention_heads=4, num_kv_attention_heads=2, num_layers=2, vocab_size=64,
+             multiple_of=16, max_position_embeddings=16)
+MICRO = 4
+calls: Counter = Counter()
+
+
+def spy(name: str) -> None:
+    real = getattr(dist, name)
+
+    def counted(*args, **kwargs):
+        calls[name] += 1
+        return real(*args, **kwargs)
+
+    setattr(dist, name, counted)
+
+
+def one_step(model, batches, full_shard: bool, use_gradient_sync: bool) -> Counter:
+    calls.clear()
+    for i, ids in enumerate(batches):
+        sync = gradient_sync(model, i, len(batches), full_shard) if use_gradient_sync else None
+        with sync or torch.enable_grad():
+            model(ids, labels=torch.roll(ids, -1, 1)).loss_sum.backward()
+    return Counter(calls)
+
+
+def main(out: str) -> None:
+    spy("all_gather_single")
+    spy("reduce_scatter_single")
+    env = init_distributed("torch", backend="gloo")
+    gen = torch.Generator().manual_seed(10 + env.rank)
+    batches = [torch.randint(0, 64, (2, 16), generator=gen) for _ in range(MICRO)]
+    results = {}
+    for name, parallel in {"zero1": {"zero1": -1}, "fsdp": {"zero1": dict(size=-1, fsdp=True)}}.items():
+        cfg = validate_config({"model": MODEL, "parallel": parallel})
+        env = build_mesh(env, cfg.parallel, cfg.model)
+        model = apply_data_parallel(build_model(cfg.model.to_args(), seed=0), cfg, env)
+        groups = sum(1 for m in model.modules() if hasattr(m, "set_requires_gradient_sync"))
+        per_step, grads = {}, {}
+        for use in (False, True, True):  # the second deferred step checks the state was restored
+            key = "gradient_sync" if use else "every_micro_batch"
+            model.zero_grad(set_to_none=True)
+            per_step.setdefault(key, []).append(dict(one_step(model, batches, full_sharding(cfg.parallel), use)))
+            grads[key] = {n: p.grad.full_tensor() for n, p in model.named_parameters()}
+        results[name] = {"groups": groups, "calls": per_step, "grads": grads}
+    finish(env.rank, results, out)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
