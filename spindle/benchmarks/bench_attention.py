@@ -72,22 +72,30 @@ class LengthDocs:
 
 def make_row(case: str, length: int, vocab: int):
     """(input_ids, position_ids, labels, cu_seqlens) of one row for `case`, as torch tensors (1, L)."""
-    import numpy as np
     import torch
 
     from spindle.data.packing import PackedDocuments
 
     if case.startswith("mix"):
         pack = PackedDocuments(LengthDocs(stdlib_lengths(), vocab), length, 1, seed=0)[0]
-        return tuple(torch.from_numpy(x) for x in (pack.input_ids, pack.position_ids, pack.labels, pack.cu_seqlens))
+        ids, pos, labels = (torch.from_numpy(x) for x in (pack.input_ids, pack.position_ids, pack.labels))
+        return ids, pos, labels, document_boundaries(pos)
     doc = length if case.startswith("dense") else min(DOC, length)
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, vocab, (1, length + 1), generator=g)
     pos = torch.arange(length).remainder(doc)[None]
     labels = ids[:, 1:].clone()
     labels[pos.roll(-1, 1) == 0] = -100  # no loss across a document's end
-    cu = torch.from_numpy(np.arange(0, length + 1, doc, dtype=np.int32))
-    return ids[:, :-1].contiguous(), pos, labels, cu
+    return ids[:, :-1].contiguous(), pos, labels, document_boundaries(pos)
+
+
+def document_boundaries(position_ids):
+    """The flat (int32) offsets where the row's documents start, and its end: the masked path's input."""
+    import torch
+
+    flat = position_ids.reshape(-1)
+    starts = torch.nonzero(flat == 0).flatten()
+    return torch.cat([starts, torch.tensor([flat.numel()])]).to(torch.int32)
 
 
 def child(case: str, length: int, device: str, threads: int, steps: int, warmup: int) -> dict:

@@ -154,14 +154,14 @@ def spindle_config(size: str, compile: bool, run_folder: str):
     return validate_config(raw)
 
 
-def make_batch(size: str, seed: int = 0) -> dict:
+def make_batch(size: str, seed: int = 0):
+    from spindle.data.batch import Batch
+
     d, layers, heads, vocab, seq, batch = SIZES[size]
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, vocab, (batch, seq + 1), generator=g)
     x, y = ids[:, :-1].contiguous(), ids[:, 1:].contiguous()
-    return {"input_ids": x, "labels": y, "position_ids": torch.arange(seq).expand(batch, seq).contiguous(),
-            "cu_seqlens": torch.arange(0, batch * seq + 1, seq, dtype=torch.int32),
-            "type_ids": torch.zeros(batch, seq, dtype=torch.long)}
+    return Batch(x, y, torch.arange(seq).expand(batch, seq).contiguous(), torch.zeros(batch, seq, dtype=torch.long))
 
 
 class Variant:
@@ -179,7 +179,7 @@ def build_variants(size: str, names, run_folder: str) -> tuple[list[Variant], di
     from spindle.train.trainer import Trainer
 
     batch = make_batch(size)
-    x, y = batch["input_ids"], batch["labels"]
+    x, y = batch.input_ids, batch.labels
     quiet = lambda *_: None  # noqa: E731
     ref = Trainer(spindle_config(size, False, run_folder), ParallelEnv(), log=quiet)
     ref_state = ref.raw_model.state_dict()
@@ -199,7 +199,7 @@ def build_variants(size: str, names, run_folder: str) -> tuple[list[Variant], di
                 return tr.train_step([batch])["loss"]
 
             def logits(tr=tr):
-                return tr.model(x, batch["position_ids"], batch["cu_seqlens"])
+                return tr.model(x, batch.position_ids)
 
             out.append(Variant(name, step, tr.raw_model, logits))
         elif name in ("hf", "hf_c"):

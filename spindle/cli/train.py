@@ -51,7 +51,7 @@ def dry_run_report(cfg, world: int) -> str:
         parameter_counts
     from spindle.parallel.dims import ParallelDims
 
-    dims = ParallelDims.plan(cfg.parallel, cfg.model, world)
+    dims = ParallelDims.plan(cfg.parallel, cfg.model, world, cfg.data.seq_len)
     counts = parameter_counts(cfg.model)
     d, m = cfg.data, cfg.model
     tokens_per_rank = d.micro_num * d.micro_bsz * d.seq_len

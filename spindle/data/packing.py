@@ -4,9 +4,9 @@ A pack is `micro_bsz` rows of `seq_len` tokens (InternEvo's packed_length = micr
 
 Cut mode (`pack_sample_into_one=False`): the documents, shuffled once by seed, form one virtual
 token stream that is cut every `micro_bsz * seq_len` tokens. Every document fragment becomes its
-own attention segment (`cu_seqlens` boundary, `position_ids` restarting at 0). Rows are segment
-boundaries too: a fragment never straddles two rows, so attention is a per-row block-diagonal
-mask and costs no more than dense causal attention (InternEvo lets a fragment run across the
+own attention segment (`position_ids` restarting at 0: that is what marks it, spindle/data/batch.py).
+Rows are segment boundaries too: a fragment never straddles two rows, so attention works per row,
+within documents, and costs what its documents cost (InternEvo lets a fragment run across the
 row edge of its flat pack; we cut it there, which at most adds `micro_bsz` cuts per pack).
 A document longer than `seq_len` therefore ends up in `seq_len` pieces. Labels are the next
 token of the same document, -100 at a document's end (and where a loss mask says no loss).
@@ -36,12 +36,11 @@ class Documents(Protocol):
 
 @dataclass
 class Pack:
-    """One micro-batch as numpy arrays, shapes (B, L) except cu_seqlens (segments + 1,)."""
+    """One micro-batch as numpy arrays, all (B, L); `collate` makes `Batch`es of them."""
 
     input_ids: np.ndarray
     labels: np.ndarray
     position_ids: np.ndarray
-    cu_seqlens: np.ndarray
     type_ids: np.ndarray
 
 
@@ -119,12 +118,10 @@ def assemble_pack(tokens: np.ndarray, labels: np.ndarray, starts: np.ndarray, se
     p, b, l = seq_len * micro_bsz, micro_bsz, seq_len
     if pack_into_one:
         positions = np.tile(np.arange(l, dtype=np.int64), b)
-        cu = np.arange(0, p + 1, l, dtype=np.int32)
     else:
         starts = starts.copy()
         starts[::l] = True  # every row starts a segment
         seg_starts = np.nonzero(starts)[0]
-        cu = np.append(seg_starts, p).astype(np.int32)
         # positions restart at each segment: index minus the start of its segment
         seg_of = np.cumsum(starts) - 1
         positions = np.arange(p, dtype=np.int64) - seg_starts[seg_of]
@@ -132,7 +129,6 @@ def assemble_pack(tokens: np.ndarray, labels: np.ndarray, starts: np.ndarray, se
         input_ids=tokens.reshape(b, l),
         labels=labels.reshape(b, l),
         position_ids=positions.reshape(b, l),
-        cu_seqlens=cu,
         type_ids=np.full((b, l), type_id, dtype=np.int64),
     )
 
@@ -162,17 +158,11 @@ class RandomDocuments:
         return np.resize(pattern, int(self.lengths[i])).astype(np.int64), None
 
 
-def collate(packs: Sequence[Pack]):
-    """Stack packs into torch tensors of one micro-batch each (list of dicts)."""
+def collate(packs: Sequence[Pack]) -> list:
+    """The packs as `Batch`es (one micro-batch each), sharing the numpy memory."""
     import torch
 
-    return [
-        {
-            "input_ids": torch.from_numpy(p.input_ids),
-            "labels": torch.from_numpy(p.labels),
-            "position_ids": torch.from_numpy(p.position_ids),
-            "cu_seqlens": torch.from_numpy(p.cu_seqlens),
-            "type_ids": torch.from_numpy(p.type_ids),
-        }
-        for p in packs
-    ]
+    from spindle.data.batch import Batch
+
+    return [Batch(torch.from_numpy(p.input_ids), torch.from_numpy(p.labels), torch.from_numpy(p.position_ids),
+                  torch.from_numpy(p.type_ids)) for p in packs]

@@ -274,7 +274,6 @@ class Transformer(nn.Module):
         self,
         input_ids: torch.Tensor,
         position_ids: Optional[torch.Tensor] = None,
-        cu_seqlens: Optional[torch.Tensor] = None,
         cache: Optional[KVCache] = None,
         seq_len: Optional[int] = None,
         labels: Optional[torch.Tensor] = None,
@@ -285,8 +284,7 @@ class Transformer(nn.Module):
         A pipeline stage without embeddings receives hidden states (B, L, H) in `input_ids`.
         `position_ids` restart at every document of a pack, and that is where attention finds the
         documents (`spindle.model.attention.document_layout`: one host sync per forward, shared by
-        all layers). `cu_seqlens` is accepted and not read: the boundaries it would repeat come from
-        `position_ids`. With a `cache`, the input continues the cached tokens, `position_ids` are absolute and
+        all layers). With a `cache`, the input continues the cached tokens, `position_ids` are absolute and
         `seq_len` (the total context, for dynamic RoPE scaling) defaults to max position + 1.
         With `labels` (-100 where no loss) the head and the cross-entropy run fused over token
         chunks (`spindle.model.loss`): the summed loss (label-smoothed if asked), per-token plain

@@ -32,7 +32,7 @@ IGNORE_INDEX = -100
 class TokenLosses(NamedTuple):
     loss_sum: torch.Tensor  # () fp32, differentiable: the (label-smoothed) loss summed over valid tokens
     token_loss: torch.Tensor  # (N,) fp32 plain cross-entropy, 0 where the label is ignored; no gradient
-    correct: torch.Tensor  # (N,) bool: argmax == label (False where ignored); no gradient
+    correct: torch.Tensor  # (N,) bool: the label has the top logit, a tie counts (False where ignored); no gradient
 
 
 def chunk_rows(vocab: int, device_type: str) -> int:
@@ -107,3 +107,62 @@ def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, labels: torch.Te
     loss_sum, token_loss, correct = _LinearCrossEntropy.apply(h2, weight, labels.reshape(-1), rows,
                                                               float(label_smoothing))
     return TokenLosses(loss_sum, token_loss, correct)
+
+
+def token_statistics(output, labels: torch.Tensor, label_smoothing: float = 0.0) -> TokenLosses:
+    """The loss statistics of every head, with one meaning: the training loss summed over valid tokens
+    (label-smoothed if asked, with gradient), every token's plain cross-entropy, and whether the label
+    has the top logit (a tie for the top counts; False where the label is ignored).
+
+    `output` is what the model returned: `TokenLosses` (the fused head ran), logits (..., V), or logits
+    sharded over the vocabulary (a DTensor of a tensor-parallel head; call inside `loss_parallel()`,
+    which computes the summed loss from the shards) — then the per-token statistics come from the
+    shards too, without gathering them."""
+    if isinstance(output, TokenLosses):
+        return output
+    import torch.nn.functional as F
+    from torch.distributed.tensor import DTensor
+
+    labels = labels.reshape(-1)
+    flat = output.flatten(0, -2)
+    if isinstance(output, DTensor):
+        loss_sum = F.cross_entropy(flat.float(), labels, ignore_index=IGNORE_INDEX, reduction="sum",
+                                   label_smoothing=label_smoothing)
+        with torch.no_grad():
+            token_loss, correct = _sharded_token_losses(output, labels)
+        return TokenLosses(loss_sum, token_loss, correct)
+    logp = torch.log_softmax(flat.float(), dim=-1)
+    valid = labels != IGNORE_INDEX
+    picked = logp.gather(1, labels.clamp(min=0)[:, None]).squeeze(1)
+    token_loss = torch.where(valid, -picked, 0.0)
+    if label_smoothing:
+        loss_sum = torch.where(valid, (1.0 - label_smoothing) * -picked - label_smoothing * logp.mean(-1), 0.0).sum()
+    else:
+        loss_sum = token_loss.sum()
+    with torch.no_grad():
+        correct = (picked >= logp.amax(-1)) & valid
+    return TokenLosses(loss_sum, token_loss.detach(), correct)
+
+
+def _sharded_token_losses(logits, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token cross-entropy and "the label has the top logit" for logits sharded over the vocabulary
+    (`Shard(-1)` on the tensor-parallel mesh): each rank reduces its slice (max, sum of exp, the label's
+    logit where the label falls in its slice) and three all-reduces over the (N,) rows combine them.
+    PyTorch's `loss_parallel` gives the summed loss only, hence our own."""
+    import torch.distributed as dist
+
+    local = logits.to_local().float().flatten(0, -2)
+    mesh = logits.device_mesh
+    group = mesh.get_group() if mesh.ndim == 1 else mesh.get_group(mesh.ndim - 1)
+    vocab, rank = logits.shape[-1], dist.get_rank(group)
+    start = rank * -(-vocab // mesh.size(-1))  # Shard splits like torch.chunk: ceil(V / n) per rank
+    row_max = local.amax(-1)
+    dist.all_reduce(row_max, op=dist.ReduceOp.MAX, group=group)
+    sum_exp = (local - row_max[:, None]).clamp_(min=-87.0).exp_().sum(-1)
+    dist.all_reduce(sum_exp, group=group)
+    ours = (labels >= start) & (labels < start + local.shape[-1])
+    index = torch.where(ours, labels - start, 0)
+    picked = torch.where(ours, local.gather(1, index[:, None]).squeeze(1), 0.0)
+    dist.all_reduce(picked, group=group)
+    valid = labels != IGNORE_INDEX
+    return torch.where(valid, row_max + sum_exp.log() - picked, 0.0), (picked >= row_max) & valid

@@ -4,11 +4,14 @@ PyTorch's own `context_parallel` only shards the CUDA flash / efficient / cuDNN 
 no CPU path (reference/cpu-gloo-facts.md), so this is a small wrapper of ours that works on every
 backend:
 
-- rank c of the context group holds tokens [c * Lc, (c + 1) * Lc) of every row (Lc = L / cp):
+- the rows of a batch are cut into 2 x cp chunks along the sequence and rank c holds chunks c and
+  2 cp - 1 - c ("head-tail" balancing: under causal attention the late tokens attend to many keys,
+  the early ones to few, so pairing the c-th chunk from each end gives every rank the same work);
   embeddings, MLPs, norms, the head and the loss all run on that slice only;
 - in attention each rank all-gathers keys and values (autograd-aware: the backward reduce-scatters
-  their gradients) and its queries attend to the full sequence under a causal, same-document mask
-  built from global token indices and the full pack's `cu_seqlens`.
+  their gradients) and its queries attend under a causal, same-document mask built from the global
+  token indices and the full rows' `position_ids`, so packed documents that cross a rank boundary
+  attend exactly as on one rank.
 
 Activations and the mask are per-slice (Lc x L), so a sequence longer than one rank's memory for
 L x L attention trains; keys and values are held in full, which is the all-gather trade-off (a ring
@@ -17,14 +20,14 @@ would pass them in pieces).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from spindle.model.attention import attention, masked_attention, segment_ids
+from spindle.model.attention import attention, masked_attention
 
 
 class _GatherSequence(torch.autograd.Function):
@@ -49,13 +52,26 @@ class _GatherSequence(torch.autograd.Function):
         return out.transpose(0, 2), None
 
 
+def balanced_indices(rank: int, size: int, length: int, device=None) -> torch.Tensor:
+    """The global token indices rank `rank` of `size` holds: chunks rank and 2 size - 1 - rank of 2 size."""
+    chunk = length // (2 * size)
+    first = torch.arange(rank * chunk, (rank + 1) * chunk, device=device)
+    last = torch.arange((2 * size - 1 - rank) * chunk, (2 * size - rank) * chunk, device=device)
+    return torch.cat([first, last])
+
+
+def document_ids(position_ids: torch.Tensor) -> torch.Tensor:
+    """(B, L) index of the document every token belongs to: a new one starts where the position is 0."""
+    return torch.cumsum((position_ids == 0).to(torch.int32), dim=1)
+
+
 @dataclass
 class _SliceInfo:
-    """Set per forward by ContextParallel: which global tokens this rank's queries are, and the documents."""
+    """Set per forward by SequenceSlices.begin: this rank's queries, every rank's keys, the documents."""
 
-    q_index: Optional[torch.Tensor] = None  # (Lc,) global token indices of the local slice
-    segments: Optional[torch.Tensor] = None  # (B, L) document index of every token of the full rows
-    extra: dict = field(default_factory=dict)
+    q_index: Optional[torch.Tensor] = None  # (Lc,) global indices of this rank's tokens
+    k_index: Optional[torch.Tensor] = None  # (L,) global indices of the all-gathered keys, in gathered order
+    documents: Optional[torch.Tensor] = None  # (B, L) document index of every token of the full rows
 
 
 def make_cp_kernel(group, info: _SliceInfo):
@@ -65,51 +81,56 @@ def make_cp_kernel(group, info: _SliceInfo):
             return attention(q, k, v, layout, dropout_p)
         k_full = _GatherSequence.apply(k, group)
         v_full = _GatherSequence.apply(v, group)
-        length = k_full.shape[2]
-        key_index = torch.arange(length, device=q.device)
-        causal = key_index[None, :] <= info.q_index[:, None]  # (Lc, L)
-        same_doc = info.segments[:, info.q_index][:, :, None] == info.segments[:, None, :]  # (B, Lc, L)
+        causal = info.k_index[None, :] <= info.q_index[:, None]  # (Lc, L)
+        docs = info.documents
+        same_doc = docs[:, info.q_index][:, :, None] == docs[:, info.k_index][:, None, :]  # (B, Lc, L)
         return masked_attention(q, k_full, v_full, (same_doc & causal[None])[:, None], dropout_p)
 
     return cp_attention
 
 
-class ContextSlices:
-    """Gives every block of `model` the all-gathering attention kernel; `begin` tells the kernels, before
-    each forward, which global tokens this rank's slice holds and where the full pack's documents are."""
+class SequenceSlices:
+    """This rank's part of every (B, L) tensor of a batch, and the attention kernels that see the rest.
+
+    Gives every block of `model` the all-gathering kernel; `begin(position_ids)` tells the kernels,
+    before each forward, the full rows' documents and which global tokens this rank holds."""
 
     def __init__(self, model: nn.Module, group):
+        self.group = group
         self.rank, self.size = dist.get_rank(group), dist.get_world_size(group)
         self.info = _SliceInfo()
         kernel = make_cp_kernel(group, self.info)
         for block in model.layers.values():
             inner = getattr(block, "_checkpoint_wrapped_module", block)
+            inner = getattr(inner, "_orig_mod", inner)
             inner.attention.kernel = kernel
 
-    def begin(self, batch: int, local_len: int, cu_seqlens: Optional[torch.Tensor], device) -> None:
-        length = local_len * self.size
-        self.info.q_index = torch.arange(self.rank * local_len, (self.rank + 1) * local_len, device=device)
-        if cu_seqlens is None:
-            cu_seqlens = torch.arange(0, batch * length + 1, length, device=device, dtype=torch.int32)
-        self.info.segments = segment_ids(cu_seqlens, batch, length)
+    def indices(self, length: int, device) -> torch.Tensor:
+        return balanced_indices(self.rank, self.size, length, device)
+
+    def local(self, t: torch.Tensor) -> torch.Tensor:
+        """This rank's tokens of a (B, L, ...) tensor of full rows."""
+        return t.index_select(1, self.indices(t.shape[1], t.device))
+
+    def begin(self, position_ids: torch.Tensor) -> None:
+        """Before a forward: the full rows' positions (B, L)."""
+        length, device = position_ids.shape[1], position_ids.device
+        self.info.q_index = self.indices(length, device)
+        self.info.k_index = torch.cat([balanced_indices(r, self.size, length, device) for r in range(self.size)])
+        self.info.documents = document_ids(position_ids)
 
 
 class ContextParallel(nn.Module):
-    """Wraps the plain model: takes this rank's slice of (B, L) inputs plus the full pack's cu_seqlens.
-    (Pipeline stages use `ContextSlices` directly, through `PipelineChunk`.)"""
+    """Wraps the plain model: takes full rows, runs this rank's slice of them (`slices.local`), returns the
+    model's output for that slice. (Pipeline stages use `SequenceSlices` directly.)"""
 
     def __init__(self, model: nn.Module, group):
         super().__init__()
         self.model = model
-        self.slices = ContextSlices(model, group)
+        self.slices = SequenceSlices(model, group)
 
-    def forward(self, input_ids, position_ids, cu_seqlens, labels=None, label_smoothing=0.0):
-        self.slices.begin(input_ids.shape[0], input_ids.shape[1], cu_seqlens, input_ids.device)
-        # no cu_seqlens below: the mask is the kernel's business (built from the full rows above)
-        return self.model(input_ids, position_ids, None, labels=labels, label_smoothing=label_smoothing)
-
-
-def local_slice(t: torch.Tensor, rank: int, size: int) -> torch.Tensor:
-    """This rank's contiguous part of dim 1 (the sequence)."""
-    lc = t.shape[1] // size
-    return t[:, rank * lc:(rank + 1) * lc]
+    def forward(self, input_ids, position_ids, labels=None, label_smoothing=0.0):
+        self.slices.begin(position_ids)
+        local = self.slices.local
+        return self.model(local(input_ids), local(position_ids),
+                          labels=None if labels is None else local(labels), label_smoothing=label_smoothing)

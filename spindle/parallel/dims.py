@@ -9,6 +9,7 @@ dry run refuses exactly what the real run would.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 from spindle.errors import SpindleError
 
@@ -33,9 +34,13 @@ class ParallelDims:
         return self.dp // self.shard
 
     @classmethod
-    def plan(cls, parallel, model, world: int) -> "ParallelDims":
-        """The layout for `world` processes, or a SpindleError naming the keys that do not fit."""
+    def plan(cls, parallel, model, world: int, seq_len: Optional[int] = None) -> "ParallelDims":
+        """The layout for `world` processes (and rows of `seq_len` tokens), or a SpindleError naming the
+        keys that do not fit."""
         tp, pp, cp = parallel.tensor.size, parallel.pipeline.size, parallel.context
+        if cp > 1 and seq_len is not None and seq_len % (2 * cp):
+            raise SpindleError(f"data.seq_len ({seq_len}) must be divisible by 2 x parallel.context ({2 * cp}): "
+                               "context parallelism gives every rank two chunks of each row (head and tail)")
         if world % (tp * pp * cp):
             raise SpindleError(f"parallel: world size {world} is not divisible by tensor ({tp}) x pipeline ({pp})"
                                + (f" x context ({cp})" if cp > 1 else ""))

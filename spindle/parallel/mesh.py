@@ -88,11 +88,11 @@ def launcher_env(launcher: str, port: Optional[int]) -> dict[str, str]:
     return {}
 
 
-def build_mesh(env: "ParallelEnv", parallel, model) -> "ParallelEnv":
+def build_mesh(env: "ParallelEnv", parallel, model, seq_len: Optional[int] = None) -> "ParallelEnv":
     """DeviceMesh ("dp_replicate", "dp_shard", "cp", "pp", "tp"): tp ranks adjacent (fastest links), then pp,
     then context, then data parallel. dp_shard is the zero1 group size (the whole dp group for zero1 <= 0
     or fsdp). Context ranks read the same batch (each its own slice of the sequence)."""
-    dims = ParallelDims.plan(parallel, model, env.world_size)
+    dims = ParallelDims.plan(parallel, model, env.world_size, seq_len)
     dp, pp, tp, cp, shard = dims.dp, dims.pp, dims.tp, dims.cp, dims.shard
     env.dp_size, env.pp_size, env.tp_size, env.cp_size = dp, pp, tp, cp
     if env.world_size == 1:

@@ -1,33 +1,36 @@
-"""Pipeline parallelism with `torch.distributed.pipelining`: split the model into stages, pick a schedule.
+"""Pipeline parallelism with `torch.distributed.pipelining`: split the model into stages, run a schedule.
 
 Stages are built from the same plain model: every stage constructs the full module tree on the
 meta device, keeps only its own layers (index keys preserved, so `layers.12...` keeps its name and
 checkpoints stay layout-independent), drops the embeddings / head it does not own, and is then
-materialised and initialised with the same per-name seeding as the whole model (by the trainer after
-tensor parallelism and FSDP have sharded it on meta).
+sharded, materialised and initialised with the same per-name seeding as the whole model.
 
 With `model.num_chunks` > 1 each rank holds several stages in the looped layout (stage s lives on
 rank s mod pp) and an interleaved schedule runs them.
 
-Only the first stage receives the batch from the schedule; later stages receive hidden states.
-Position ids and document boundaries, which every stage needs for RoPE and the packed mask, are
-handed to each stage before the step (`PipelineChunk.set_micro_batches`) and consumed in
-micro-batch order, which is the order every schedule runs a stage's forwards in (preceded, on the
-first step and on every switch between training and the forward-only validation pass, by the
-stage's shape-inference forward on micro-batch 0). The trainer checks after each step that every
-listed entry was consumed exactly once.
+What a stage needs besides hidden states — the positions (RoPE, documents) and, at the last stage,
+the labels — travels with them through the schedule itself: the first stage takes the full rows'
+(input_ids, position_ids, labels) as its arguments, every stage hands (hidden, position_ids, labels)
+on to the next, and the last returns its losses. So each stage reads its micro-batch's positions
+from its own arguments, whatever order and however many forwards (shape inference included) the
+schedule runs. Per-token statistics come from the schedule's returned outputs (real micro-batches
+only), never from the loss function's calls.
 """
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Callable
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 
 from spindle.config import SpindleConfig
+from spindle.data.batch import Batch
 from spindle.errors import SpindleError
 from spindle.model.llama import Transformer, materialize
+from spindle.model.loss import IGNORE_INDEX, TokenLosses, token_statistics
+from spindle.parallel.executor import add_source_stats, autocast, loss_context
 from spindle.parallel.mesh import ParallelEnv
 
 SCHEDULES = {
@@ -49,61 +52,100 @@ def stages_of_rank(pp_rank: int, pp_size: int, num_chunks: int) -> list[int]:
     return [pp_rank + k * pp_size for k in range(num_chunks)]
 
 
-MicroBatchInfo = tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]  # positions, cu_seqlens, labels
+class PipelineStageModel(nn.Module):
+    """One pipeline stage: a Transformer holding a slice of the layers (see the module docstring for
+    what flows between stages). Under context parallelism the stage keeps this rank's slice of the full
+    rows it is handed (`slices`). The last stage runs the fused head + cross-entropy itself when the
+    vocabulary is not sharded (returning loss_sum (1,), token_loss, correct), else it returns the
+    vocabulary-sharded logits."""
 
-
-class PipelineChunk(nn.Module):
-    """One stage: a Transformer holding a slice of the layers, fed position info per micro-batch.
-
-    Given labels, the last stage runs the fused head + cross-entropy (spindle/model/loss.py) itself and
-    returns (loss_sum as shape (1,), token_loss, correct) instead of (N, V) logits; the schedule's loss
-    function then only scales the summed loss."""
-
-    def __init__(self, model: Transformer, label_smoothing: float = 0.0, context_group=None):
+    def __init__(self, model: Transformer, label_smoothing: float = 0.0, fused: bool = True, slices=None):
         super().__init__()
-        self.model = model
-        self.label_smoothing = label_smoothing
-        # context parallelism: inputs are this rank's sequence slice, cu_seqlens the full pack's
-        self.context = None
-        if context_group is not None:
-            from spindle.parallel.context import ContextSlices
+        self.model, self.label_smoothing, self.fused, self.slices = model, label_smoothing, fused, slices
 
-            self.context = ContextSlices(model, context_group)
-        self._meta: list[MicroBatchInfo] = []
-        self._calls = 0
-        self._inference_calls = 0
-
-    def set_micro_batches(self, meta: list[MicroBatchInfo], first_step: bool) -> None:
-        """(position_ids, cu_seqlens, labels or None) of this step's micro-batches, in order. On the first
-        step the stage runs one extra forward on micro-batch 0 to infer its shapes, so that one is listed twice."""
-        self._meta, self._calls = ([meta[0]] + meta) if first_step else meta, 0
-        self._inference_calls = 1 if first_step else 0
-
-    @property
-    def last_forward_was_shape_inference(self) -> bool:
-        """The latest forward ran on the schedule's placeholder inputs (whose outputs, and any loss
-        the schedule computes from them for its backward metadata, are not real numbers)."""
-        return 0 < self._calls <= self._inference_calls
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self._calls >= len(self._meta):
-            raise RuntimeError(f"pipeline stage called {self._calls + 1} times for {len(self._meta)} micro-batches")
-        position_ids, cu_seqlens, labels = self._meta[self._calls]
-        self._calls += 1
-        if self.context is not None:  # the attention kernels build the mask from the full pack
-            self.context.begin(x.shape[0], x.shape[1], cu_seqlens, x.device)
-            cu_seqlens = None
-        if labels is not None and self.model.output is not None:
-            out = self.model(x, position_ids, cu_seqlens, labels=labels, label_smoothing=self.label_smoothing)
+    def forward(self, x: torch.Tensor, position_ids: torch.Tensor, labels: torch.Tensor):
+        # The schedule's first forward of a stage infers its shapes from buffers it has not filled
+        # (torch.empty): bound positions and labels to the ranges real ones always lie in (positions
+        # restart within a row; labels are ids or IGNORE_INDEX), a no-op on every real micro-batch.
+        position_ids = position_ids.clamp(0, position_ids.shape[1] - 1)
+        vocab = self.model.args.vocab_size
+        labels = torch.where((labels >= 0) & (labels < vocab), labels, IGNORE_INDEX)
+        local = (lambda t: t) if self.slices is None else self.slices.local
+        if self.slices is not None:
+            self.slices.begin(position_ids)
+        if self.model.tok_embeddings is not None:  # the first stage: token ids of the full rows
+            x = local(x)
+        positions = local(position_ids)
+        if self.model.output is None:
+            return self.model(x, positions), position_ids, labels
+        if self.fused:
+            out = self.model(x, positions, labels=local(labels), label_smoothing=self.label_smoothing)
             # (1,), not (): the schedule concatenates the last stage's outputs over micro-batches
             return out.loss_sum.reshape(1), out.token_loss, out.correct
-        return self.model(x, position_ids, cu_seqlens)
+        return self.model(x, positions)
 
-    def check_consumed(self) -> None:
-        """After a schedule step: every listed micro-batch was run once, in order (else the schedule's
-        forward count differs from what set_micro_batches assumed and positions would be misassigned)."""
-        if self._calls != len(self._meta):
-            raise RuntimeError(f"pipeline stage ran {self._calls} forwards for {len(self._meta)} micro-batches")
+
+class PipelineExecutor:
+    """`forward_backward` / `evaluate` (spindle.parallel.executor's interface) through a pipeline schedule;
+    one schedule per micro-batch count (rampup_batch_size changes it), built when first needed."""
+
+    def __init__(self, cfg: SpindleConfig, env: ParallelEnv, stage_models: list[PipelineStageModel],
+                 parts: list[nn.Module], stage_ids: list[int], *, compute_dtype: torch.dtype, n_sources: int,
+                 log: Callable[[str], None] = print):
+        self.cfg, self.env, self.parts, self.stage_ids, self.log = cfg, env, parts, stage_ids, log
+        self.compute_dtype, self.n_sources = compute_dtype, n_sources
+        num_stages = env.pp_size * cfg.model.num_chunks
+        self.is_first, self.is_last = 0 in stage_ids, num_stages - 1 in stage_ids
+        self.tensor_parallel = env.tp_size > 1
+        slices = stage_models[0].slices
+        self.local = (lambda t: t) if slices is None else slices.local
+        self.label_smoothing = cfg.loss.label_smoothing
+        self.loss_scale = 1.0  # of the summed loss, for backward: set before each training pass
+        self._schedules: dict[int, object] = {}
+
+    def _loss(self, output, target: torch.Tensor) -> torch.Tensor:
+        """The schedule's loss of one micro-batch: the summed loss times the step's scale."""
+        if isinstance(output, tuple):  # the stage ran the fused head + loss
+            return output[0].sum() * self.loss_scale
+        labels = self.local(target[:, 0])
+        return token_statistics(output, labels, self.label_smoothing).loss_sum * self.loss_scale
+
+    def _schedule(self, n: int):
+        if n not in self._schedules:
+            self._schedules[n], _ = build_schedule(self.cfg, self.env, self.parts, self.stage_ids, self._loss, n,
+                                                   log=self.log)
+        return self._schedules[n]
+
+    def _run(self, batches: list[Batch], train: bool) -> torch.Tensor:
+        for part in self.parts:
+            part.train(train)
+        batch = Batch.stack(batches)
+        target = torch.stack([batch.labels, batch.type_ids], 1)
+        schedule = self._schedule(len(batches))
+        run = schedule.step if train else schedule.eval
+        args = (batch.input_ids, batch.position_ids, batch.labels) if self.is_first else ()
+        kwargs = {"target": target} if self.is_last else {}
+        with autocast(self.env.device, self.compute_dtype), loss_context(self.tensor_parallel):
+            outputs = run(*args, **kwargs)
+        stats = torch.zeros(3, self.n_sources + 1, dtype=torch.float64, device=self.env.device)
+        if self.is_last:  # this pass's statistics, from the outputs of its real micro-batches
+            labels = self.local(batch.labels)
+            with torch.no_grad(), loss_context(self.tensor_parallel):
+                losses = TokenLosses(None, outputs[1], outputs[2]) if isinstance(outputs, tuple) else \
+                    token_statistics(outputs, labels)
+            add_source_stats(stats, self.local(batch.type_ids), losses, labels)
+        if self.env.pp_group is not None:  # the last stage's sums, to every stage (then dp reduces)
+            dist.all_reduce(stats, group=self.env.pp_group)
+        return stats
+
+    def forward_backward(self, batches: list[Batch], loss_scale: float) -> torch.Tensor:
+        self.loss_scale = loss_scale
+        return self._run(batches, train=True)
+
+    @torch.no_grad()
+    def evaluate(self, batches: list[Batch]) -> torch.Tensor:
+        self.loss_scale = 1.0
+        return self._run(batches, train=False)
 
 
 def build_stage_model(cfg: SpindleConfig, stage: int, num_stages: int, device: torch.device) -> Transformer:

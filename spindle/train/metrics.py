@@ -67,13 +67,14 @@ def format_line(metrics: dict) -> str:
     return ",".join(f"{k}={format_value(metrics[k])}" for k in CONSOLE_KEYS if k in metrics)
 
 
-def batch_shape_stats(micro_batches: list[dict]) -> dict:
-    """InternEvo's num_samples_in_batch, largest_length, largest_batch, smallest_batch."""
-    segs = [torch.diff(mb["cu_seqlens"].long()) for mb in micro_batches]
-    per_pack = [int(s.numel()) for s in segs]
+def batch_shape_stats(micro_batches) -> dict:
+    """InternEvo's num_samples_in_batch, largest_length, largest_batch, smallest_batch: documents (segments)
+    per micro-batch and the longest, from where the positions restart (host tensors: no device sync)."""
+    lengths = [[n for row in b.document_lengths() for n in row] for b in micro_batches]
+    per_pack = [len(x) for x in lengths]
     return {
         "num_samples_in_batch": sum(per_pack),
-        "largest_length": max(int(s.max()) for s in segs),
+        "largest_length": max(max(x) for x in lengths),
         "largest_batch": max(per_pack),
         "smallest_batch": min(per_pack),
     }

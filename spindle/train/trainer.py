@@ -22,57 +22,26 @@ from typing import Optional
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
-from torch.distributed.tensor import DTensor
 
 from spindle.checkpoint.manager import CheckpointManager, LoadPlan, plan_load, restore
 from spindle.config import SpindleConfig, parse_skip_batches, save_resolved_config
+from spindle.data.batch import Batch
 from spindle.data.loader import build_train_loader, build_valid_sets
-from spindle.model.flops import internevo_flops_per_step, model_flops_per_token, parameter_counts
-from spindle.model.llama import Transformer, build_model
-from spindle.parallel.context import local_slice
-from spindle.parallel.dims import full_sharding
-from spindle.parallel.mesh import ParallelEnv, build_mesh
-from spindle.parallel.parallelize import ModelView, apply_data_parallel, apply_model_parallel, gradient_sync
-from spindle.parallel.pipeline import PipelineChunk, build_schedule, build_stage_model, stages_of_rank
 from spindle.errors import SpindleError
 from spindle.hardware import cuda_backend_mode, resolve_peak_tflops
+from spindle.model.flops import internevo_flops_per_step, model_flops_per_token, parameter_counts
+from spindle.parallel.executor import COMPUTE_DTYPES
+from spindle.parallel.mesh import ParallelEnv, build_mesh
+from spindle.parallel.setup import build_training
+from spindle.train.host import cpu_training_mode
 from spindle.train.metrics import (
     LineFile, MetricSinks, Progress, RunFolderFull, batch_shape_stats, continue_tensorboard, format_line,
     memory_metrics, synchronize,
 )
-from spindle.train.host import cpu_training_mode
 from spindle.train.monitor import build_monitor
-from spindle.train.optim import (DynamicLossScaler, beta2_at, build_optimizer, clip_gradients, lr_at, set_schedules,
-                                 unscale_gradients)
-
-COMPUTE_DTYPES = {
-    "torch.float32": torch.float32, "torch.tf32": torch.float32, "torch.bfloat16": torch.bfloat16,
-    "torch.float16": torch.float16, "torch.half": torch.float16,
-}
-
-
-def sharded_token_statistics(logits: DTensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-token plain cross-entropy and "the label has the top logit" for logits sharded over the
-    vocabulary (`Shard(-1)` on the tensor-parallel mesh), without gathering them: each rank reduces its
-    slice (max, sum of exp, the label's logit where the label falls in its slice), and three all-reduces
-    over the (N,) rows combine them. `loss_parallel` gives the summed loss only, hence our own."""
-    local = logits.to_local().float().flatten(0, -2)
-    mesh = logits.device_mesh
-    group = mesh.get_group() if mesh.ndim == 1 else mesh.get_group(mesh.ndim - 1)
-    vocab, rank = logits.shape[-1], dist.get_rank(group)
-    start = rank * -(-vocab // mesh.size(-1))  # Shard splits like torch.chunk: ceil(V / n) per rank
-    row_max = local.amax(-1)
-    dist.all_reduce(row_max, op=dist.ReduceOp.MAX, group=group)
-    sum_exp = (local - row_max[:, None]).clamp_(min=-87.0).exp_().sum(-1)
-    dist.all_reduce(sum_exp, group=group)
-    ours = (labels >= start) & (labels < start + local.shape[-1])
-    index = torch.where(ours, labels - start, 0)
-    picked = torch.where(ours, local.gather(1, index[:, None]).squeeze(1), 0.0)
-    dist.all_reduce(picked, group=group)
-    valid = labels != -100
-    token_loss = torch.where(valid, row_max + sum_exp.log() - picked, 0.0)
-    return token_loss, (picked >= row_max) & valid
+from spindle.train.optim import (
+    DynamicLossScaler, beta2_at, build_optimizer, clip_gradients, lr_at, set_schedules, unscale_gradients,
+)
 
 
 def compute_dtype_key(dtype: str) -> str:
@@ -102,7 +71,7 @@ class Trainer:
             torch.set_num_threads(cfg.trainer.num_threads)
 
         if env.mesh is None:
-            env = self.env = build_mesh(env, cfg.parallel, cfg.model)  # layout errors before any work
+            env = self.env = build_mesh(env, cfg.parallel, cfg.model, cfg.data.seq_len)  # layout errors first
         try:
             self._build(cfg, env)
         except BaseException:
@@ -115,24 +84,17 @@ class Trainer:
         if env.is_main:
             save_resolved_config(cfg, self.run_dir)
         self.n_params = parameter_counts(cfg.model)["total"]
-        self.schedule = None
-        # the fused head + cross-entropy needs the whole vocabulary on this rank
-        self._fused_loss = env.tp_size == 1
-        if env.pp_size > 1:
-            self._build_pipeline()
-        else:
-            # [gpu] built on meta: sharded first, then each rank allocates and initialises its shards
-            model: Transformer = build_model(cfg.model.to_args(), "meta")
-            self.raw_model = model  # parameter names of the plain model, for checkpoints and the optimizer
-            self.model = apply_data_parallel(apply_model_parallel(model, cfg, env), cfg, env)
-        self.optimizer = build_optimizer(self.raw_model, cfg.adam, self.device.type)
-        self.compute_dtype = COMPUTE_DTYPES[cfg.model.dtype]
-        self.scaler = DynamicLossScaler.from_config(cfg.grad_scaler, enabled=self.compute_dtype == torch.float16)
-        self.state = TrainState()
         self.skip = parse_skip_batches(cfg.data.skip_batches)
         self.loader = build_train_loader(cfg.data, cfg.model.vocab_size, self.run_dir / "data_cache",
                                          env.dp_rank, env.dp_size)
         self.valid_sets = build_valid_sets(cfg.data, cfg.model.vocab_size)
+        # the layout lives here and in nothing else the loop touches: parallel/setup.py, parallel/executor.py
+        self.raw_model, self.model, self.executor = build_training(
+            cfg, env, n_sources=max(1, len(self.loader.source_names)), log=self.log)
+        self.optimizer = build_optimizer(self.raw_model, cfg.adam, self.device.type)
+        self.scaler = DynamicLossScaler.from_config(cfg.grad_scaler,
+                                                    enabled=COMPUTE_DTYPES[cfg.model.dtype] == torch.float16)
+        self.state = TrainState()
         self.peak, self.peak_source = resolve_peak_tflops(cfg.trainer.peak_tflops, self.device,
                                                           compute_dtype_key(cfg.model.dtype))
         self._restore()  # last: nothing may draw from the global RNG between the restore and the first step
@@ -183,163 +145,31 @@ class Trainer:
         if getattr(self, "ckpt_manager", None) is not None:
             self.ckpt_manager.close()
 
-    def autocast(self):
-        if self.compute_dtype == torch.float32:
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=self.compute_dtype)
-
-    def _build_pipeline(self) -> None:
-        """This rank's stages, parallelized like a whole model, and the pipeline schedule."""
-        cfg, env = self.cfg, self.env
-        num_stages = env.pp_size * cfg.model.num_chunks
-        self.stage_ids = stages_of_rank(env.pp_rank, env.pp_size, cfg.model.num_chunks)
-        inner = [build_stage_model(cfg, sid, num_stages, torch.device("meta")) for sid in self.stage_ids]  # [gpu]
-        self.raw_model = ModelView(inner)
-        cp_group = env.cp_group if env.cp_size > 1 else None
-        self.chunks = [PipelineChunk(apply_model_parallel(m, cfg, env), cfg.loss.label_smoothing, cp_group)
-                       for m in inner]
-        parts = [apply_data_parallel(c, cfg, env) for c in self.chunks]
-        self.is_first, self.is_last = 0 in self.stage_ids, num_stages - 1 in self.stage_ids
-        # a schedule runs each stage's shape-inference forward on micro-batch 0 at its first step and
-        # whenever it switches between training and evaluation (torch.distributed.pipelining); one
-        # schedule per micro-batch count (rampup_batch_size changes it), built when first needed
-        self._pp_schedules: dict[int, object] = {}
-        self._pp_mode: dict[int, str] = {}  # micro-batch count -> "train" / "eval" of that schedule's last step
-        self._pp_loss_factor = 1.0  # scale / denom while training, 1 for validation
-        self._pp_stats: Optional[torch.Tensor] = None  # per-source sums the last stage adds to
-
-        last_chunk = self.chunks[self.stage_ids.index(num_stages - 1)] if self.is_last else None
-
-        def loss_fn(output, target):
-            # target rows are (labels, type_ids) of one micro-batch, so per-source statistics survive
-            # the schedule's micro-batch split; the loss of the schedule's shape-inference pass is not counted
-            labels, types = target[:, 0], target[:, 1]
-            stats = None if last_chunk.last_forward_was_shape_inference else self._pp_stats
-            if isinstance(output, tuple):  # the stage ran the fused head + loss (PipelineChunk)
-                loss_sum, token_loss, correct = output
-                loss_sum = loss_sum.sum()  # shape (1,) -> ()
-                if stats is not None:
-                    with torch.no_grad():
-                        self._add_source_stats(stats, types, token_loss, labels.flatten() != -100, correct)
-            else:  # vocabulary-sharded logits (tensor-parallel head)
-                loss_sum = self._token_statistics(output, labels, types, stats)
-            return loss_sum * self._pp_loss_factor
-
-        self._pp_parts, self._pp_loss_fn = parts, loss_fn
-        self.schedule = self._schedule_for(cfg.data.micro_num)
-        self.model = parts[0]
-
-    def _schedule_for(self, n: int):
-        if n not in self._pp_schedules:
-            self._pp_schedules[n], _ = build_schedule(self.cfg, self.env, self._pp_parts, self.stage_ids,
-                                                      self._pp_loss_fn, n, log=self.log)
-        return self._pp_schedules[n]
-
-    def _cross_entropy(self, logits, labels, label_smoothing: Optional[float] = None) -> torch.Tensor:
-        """Sum of token losses (vocabulary-parallel inside `_loss_context` when the head is tensor-parallel);
-        `label_smoothing` defaults to the configured one (the training loss)."""
-        smoothing = self.cfg.loss.label_smoothing if label_smoothing is None else label_smoothing
-        return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100, reduction="sum",
-                               label_smoothing=smoothing)
-
-    def _token_statistics(self, logits, labels, types, stats: Optional[torch.Tensor]) -> torch.Tensor:
-        """The training loss (summed, with grad) of unfused logits; adds each source's summed plain
-        cross-entropy, valid tokens and argmax hits to `stats` (3, sources + 1) when given. Logits may be
-        vocabulary-sharded DTensors (tensor-parallel head): the statistics then come from the shards."""
-        if isinstance(logits, DTensor):
-            loss_sum = self._cross_entropy(logits, labels)
-            if stats is not None:
-                with torch.no_grad():
-                    token_loss, correct = sharded_token_statistics(logits, labels.flatten())
-                    self._add_source_stats(stats, types, token_loss, labels.flatten() != -100, correct)
-            return loss_sum
-        flat = logits.float().flatten(0, -2)
-        labels = labels.flatten()
-        token_loss = F.cross_entropy(flat, labels, ignore_index=-100, reduction="none")
-        smoothing = self.cfg.loss.label_smoothing
-        loss_sum = token_loss.sum() if smoothing == 0 else \
-            F.cross_entropy(flat, labels, ignore_index=-100, reduction="sum", label_smoothing=smoothing)
-        if stats is not None:
-            with torch.no_grad():
-                valid = labels != -100
-                correct = (flat.argmax(-1) == labels) & valid
-                self._add_source_stats(stats, types, token_loss.detach(), valid, correct)
-        return loss_sum
-
-    @staticmethod
-    def _add_source_stats(stats: torch.Tensor, types, token_loss, valid, correct) -> None:
-        """Per-source sums of token loss, valid tokens and hits into columns 0..sources-1 of `stats`."""
-        types = types.reshape(-1).clamp(max=stats.shape[1] - 2)
-        for row, values in enumerate((token_loss, valid, correct)):
-            stats[row].index_add_(0, types, values.to(torch.float64))
-
-    def _loss_context(self):
-        """loss_parallel: cross-entropy on vocabulary-sharded logits, forward and backward, no gather."""
-        if self.env.tp_size > 1:
-            from torch.distributed.tensor.parallel import loss_parallel
-
-            return loss_parallel()
-        return contextlib.nullcontext()
-
-    def _all_reduce(self, t: torch.Tensor, op=dist.ReduceOp.SUM, group=None) -> torch.Tensor:
+    def _all_reduce(self, t: torch.Tensor, group=None) -> torch.Tensor:
         """Sum over the data-parallel group (default), or over `group`."""
         if self.env.distributed:
-            dist.all_reduce(t, op=op, group=group or self.env.dp_group)
+            dist.all_reduce(t, group=group or self.env.dp_group)
         return t
 
     # ------------------------------------------------------------------ one step
 
-    def _to_device(self, mb: dict) -> dict:
-        return {k: v.to(self.device, non_blocking=True) for k, v in mb.items()}
-
-    def _context_slices(self, mbs: list[dict]) -> list[dict]:
-        """Under context parallelism each rank keeps its slice of the sequence (cu_seqlens stay whole)."""
-        if self.env.cp_size == 1:
-            return mbs
-        return [{k: v if k == "cu_seqlens" else local_slice(v, self.env.cp_rank, self.env.cp_size).contiguous()
-                 for k, v in mb.items()} for mb in mbs]
-
-    def train_step(self, micro_batches: list[dict]) -> dict:
-        model, cfg = self.model, self.cfg
-        model.train()
-        mbs = [self._to_device(mb) for mb in micro_batches]
-        n_sources = max(1, len(self.loader.source_names))
-        # loss sum, valid tokens, correct predictions per source; [-1] slot is the total
-        stats = torch.zeros(3, n_sources + 1, dtype=torch.float64, device=self.device)
-        n_valid = sum((mb["labels"] != -100).sum() for mb in mbs).to(torch.float64)
-        n_valid = self._all_reduce(n_valid.clone())
+    def train_step(self, micro_batches: list[Batch]) -> dict:
+        cfg = self.cfg
+        batches = [b.to(self.device) for b in micro_batches]
+        # the valid labels of the whole step, over all micro-batches and data-parallel ranks
+        n_valid = self._all_reduce(sum(b.num_labels() for b in batches).to(torch.float64))
         # gradients are averaged over data x context ranks: scale the loss up by their number
         denom = n_valid.clamp(min=1).item() / (self.env.dp_size * self.env.cp_size)
-        mbs = self._context_slices(mbs)
         scale = self.scaler.scale
         t0 = time.perf_counter()
-        if self.schedule is not None:
-            self._pipeline_run(mbs, "train", scale / denom, stats)
-        for i, mb in enumerate(mbs if self.schedule is None else []):
-            # [gpu] gradients reduced once per step, after the last micro-batch (DDP and FSDP2)
-            sync = gradient_sync(model, i, len(mbs), full_sharding(cfg.parallel))
-            with sync, self._loss_context():
-                if self._fused_loss:  # head + loss over token chunks: no (N, V) logits (spindle/model/loss.py)
-                    with self.autocast():
-                        out = model(mb["input_ids"], mb["position_ids"], mb["cu_seqlens"], labels=mb["labels"],
-                                    label_smoothing=cfg.loss.label_smoothing)
-                    (out.loss_sum * (scale / denom)).backward()
-                    token_loss, correct = out.token_loss, out.correct
-                    with torch.no_grad():
-                        self._add_source_stats(stats, mb["type_ids"], token_loss.detach(),
-                                               mb["labels"].view(-1) != -100, correct)
-                else:  # tensor-parallel head: vocabulary-sharded (N, V) logits
-                    with self.autocast():
-                        logits = model(mb["input_ids"], mb["position_ids"], mb["cu_seqlens"])
-                    loss_sum = self._token_statistics(logits, mb["labels"], mb["type_ids"], stats)
-                    (loss_sum * (scale / denom)).backward()
-        synchronize(self.device)  # [gpu] the kernels, not their enqueueing
+        stats = self.executor.forward_backward(batches, scale / denom)
+        synchronize(self.device)  # the kernels, not their enqueueing
         fwd_bwd = time.perf_counter() - t0
         stats[:, -1] = stats[:, :-1].sum(1)
         self._all_reduce(stats, group=self.env.grad_group)
 
         params = [p for p in self.raw_model.parameters() if p.grad is not None]
-        if self.scaler.enabled:  # [gpu] grouped by tensor kind: TP mixes DTensor and plain gradients
+        if self.scaler.enabled:  # grouped by tensor kind: TP mixes DTensor and plain gradients
             unscale_gradients(params, 1.0 / scale)
         grad_norm = clip_gradients(params, cfg.hybrid_zero_optimizer.clip_grad_norm, self.device,
                                    self.env.pp_group if self.env.pp_size > 1 else None)
@@ -366,80 +196,19 @@ class Trainer:
                 out[f"tokens/{name}"] = int(stats[1, k])
         return out
 
-    def _pipeline_run(self, mbs: list[dict], mode: str, loss_factor: float, stats: torch.Tensor) -> None:
-        """One pass of the schedule over `micro_num` micro-batches (stacked as rows of one batch):
-        forward + backward (`mode="train"`) or forward only ("eval"). The last stage adds the loss
-        statistics to `stats`, which then reach every stage of the pipeline."""
-        for chunk in self.chunks:  # labels only where the fused head + loss runs inside the last stage
-            fused = self._fused_loss and chunk.model.output is not None
-            chunk.set_micro_batches([(mb["position_ids"], mb["cu_seqlens"], mb["labels"] if fused else None)
-                                     for mb in mbs], first_step=self._pp_mode.get(len(mbs)) != mode)
-        self._pp_mode[len(mbs)] = mode
-        schedule = self._schedule_for(len(mbs))
-        # this pass's sums go to a buffer of their own: reducing `stats` itself would count earlier passes again
-        local = torch.zeros_like(stats)
-        self._pp_loss_factor, self._pp_stats = loss_factor, local
-        inputs = torch.cat([mb["input_ids"] for mb in mbs])
-        target = torch.stack([torch.cat([mb[k] for mb in mbs]).long() for k in ("labels", "type_ids")], 1)
-        run = schedule.step if mode == "train" else schedule.eval
-        try:
-            with self.autocast(), self._loss_context():
-                if self.is_first and self.is_last:
-                    run(inputs, target=target)
-                elif self.is_first:
-                    run(inputs)
-                elif self.is_last:
-                    run(target=target)
-                else:
-                    run()
-        finally:
-            self._pp_stats = None
-        for chunk in self.chunks:  # the position side channel must have been consumed exactly
-            chunk.check_consumed()
-        if self.env.pp_group is not None:  # the last stage's sums, to every stage (then dp reduces)
-            dist.all_reduce(local, group=self.env.pp_group)
-        stats += local
-
     # ------------------------------------------------------------------ validation
 
     @torch.no_grad()
     def validate(self) -> dict:
         """val/{set}_loss (plain cross-entropy per valid token) and val/{set}_plex for every validation set."""
-        self.model.eval()
         out = {}
-        for name, mbs in self.valid_sets.items():
-            total = torch.zeros(2, dtype=torch.float64, device=self.device)
-            mbs = [self._to_device(mb) for mb in mbs]
-            total[1] = sum((mb["labels"] != -100).sum() for mb in mbs)  # of the whole rows, on every rank
-            mbs = self._context_slices(mbs)
-            if self.schedule is not None:
-                total[0] = self._pipeline_validate(mbs)
-            for mb in mbs if self.schedule is None else []:
-                with self.autocast(), self._loss_context():
-                    if self._fused_loss:
-                        loss_sum = self.model(mb["input_ids"], mb["position_ids"], mb["cu_seqlens"],
-                                              labels=mb["labels"]).loss_sum.detach()
-                    else:  # the plain cross-entropy, as the fused path reports (no label smoothing)
-                        logits = self.model(mb["input_ids"], mb["position_ids"], mb["cu_seqlens"])
-                        loss_sum = self._cross_entropy(logits, mb["labels"], label_smoothing=0.0).detach()
-                total[0] += (loss_sum.full_tensor() if isinstance(loss_sum, DTensor) else loss_sum).double()
-            total[0:1] = self._all_reduce(total[0:1].clone(), group=self.env.grad_group)
-            total[1:2] = self._all_reduce(total[1:2].clone())
-            loss = (total[0] / total[1].clamp(min=1)).item()
+        for name, batches in self.valid_sets.items():
+            stats = self.executor.evaluate([b.to(self.device) for b in batches])
+            self._all_reduce(stats, group=self.env.grad_group)
+            loss = (stats[0].sum() / stats[1].sum().clamp(min=1)).item()
             out[f"val/{name}_loss"] = loss
             out[f"val/{name}_plex"] = math.exp(min(loss, 50.0))
         return out
-
-    def _pipeline_validate(self, mbs: list[dict]) -> torch.Tensor:
-        """Summed loss of a validation set through the schedule's forward-only pass, in groups of
-        `micro_num` micro-batches; a short last group is padded with copies that carry no labels."""
-        n = self.cfg.data.micro_num
-        stats = torch.zeros(3, 2, dtype=torch.float64, device=self.device)
-        for start in range(0, len(mbs), n):
-            group = mbs[start:start + n]
-            filler = {**group[-1], "labels": torch.full_like(group[-1]["labels"], -100)}
-            self._pipeline_run(group + [filler] * (n - len(group)), "eval", 1.0, stats)
-        return stats[0].sum()
 
     # ------------------------------------------------------------------ checkpoint
 
@@ -543,11 +312,11 @@ class Trainer:
                 state.step += 1
                 synchronize(self.device)  # [gpu] the optimizer's kernels too
                 elapsed = time.perf_counter() - t_start
-                tokens_local = sum(mb["labels"].numel() for mb in batch)
+                tokens_local = sum(b.tokens for b in batch)
                 tokens_global = tokens_local * env.dp_size
                 if m.pop("finite"):
                     state.num_consumed_tokens += tokens_global
-                sequences = sum(mb["input_ids"].shape[0] for mb in batch) * env.dp_size
+                sequences = sum(b.rows for b in batch) * env.dp_size
                 flops = internevo_flops_per_step(cfg.model, cfg.data.seq_len, sequences)
                 tgs = tokens_global / env.world_size / elapsed
                 record = {

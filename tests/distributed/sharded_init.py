@@ -17,7 +17,7 @@ import spindle.parallel.parallelize as parallelize
 from spindle.config import validate_config
 from spindle.model.llama import build_model
 from spindle.parallel.mesh import build_mesh, init_distributed
-from spindle.parallel.pipeline import PipelineChunk, build_stage_model
+from spindle.parallel.pipeline import PipelineStageModel, build_stage_model
 from torchrun_io import finish  # this folder is on sys.path when run as a script
 
 MODEL = dict(hidden_size=32, num_attention_heads=4, num_kv_attention_heads=2, num_layers=2, vocab_size=66,
@@ -57,7 +57,7 @@ def main(out: str) -> None:
         allocations.clear()
         if env.pp_size > 1:
             model = build_stage_model(cfg, env.pp_rank, env.pp_size, torch.device("meta"))
-            parallelize.apply_data_parallel(PipelineChunk(parallelize.apply_model_parallel(model, cfg, env)), cfg, env)
+            parallelize.apply_data_parallel(PipelineStageModel(parallelize.apply_model_parallel(model, cfg, env)), cfg, env)
         else:
             model = build_model(cfg.model.to_args(), "meta")
             parallelize.apply_data_parallel(parallelize.apply_model_parallel(model, cfg, env), cfg, env)

@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -107,13 +108,13 @@ def tiny_trainer(tmp_path):
 
 def step_loss(tmp_path, batch):
     """The loss train_step reports (computed before its update) of a freshly initialised model."""
-    return tiny_trainer(tmp_path).train_step([{k: v.clone() for k, v in mb.items()} for mb in batch])["loss"]
+    return tiny_trainer(tmp_path).train_step([mb.map(torch.clone) for mb in batch])["loss"]
 
 
 def test_loss_depends_on_response_tokens_not_prompt_labels(sft_dir, tmp_path):
     loader = build_train_loader(data_cfg(sft_dir / "train"), 258, sft_dir / "cache", prefetch=False)
     batch = loader.next_step(0)
-    prompt = [mb["labels"] == -100 for mb in batch]
+    prompt = [mb.labels == -100 for mb in batch]
     assert all(p.any() and (~p).any() for p in prompt)
     base = step_loss(tmp_path, batch)
 
@@ -122,9 +123,9 @@ def test_loss_depends_on_response_tokens_not_prompt_labels(sft_dir, tmp_path):
     with torch.no_grad():
         tot, cnt = 0.0, 0
         for mb in batch:
-            logits = model(mb["input_ids"], mb["position_ids"], mb["cu_seqlens"]).float()
-            keep = mb["labels"] != -100
-            tot += F.cross_entropy(logits[keep], mb["labels"][keep], reduction="sum").item()
+            logits = model(mb.input_ids, mb.position_ids).float()
+            keep = mb.labels != -100
+            tot += F.cross_entropy(logits[keep], mb.labels[keep], reduction="sum").item()
             cnt += int(keep.sum())
     assert base == pytest.approx(tot / cnt, rel=1e-5)
 
@@ -132,18 +133,18 @@ def test_loss_depends_on_response_tokens_not_prompt_labels(sft_dir, tmp_path):
     # the loss: the mask turns every one of them into -100, whatever the values were
     gen = torch.Generator().manual_seed(0)
     for _ in range(1):
-        other = [torch.where(p, torch.randint(0, 258, p.shape, generator=gen), mb["labels"]) for p, mb in zip(prompt, batch)]
-        remasked = [dict(mb, labels=torch.where(p, torch.full_like(o, -100), o)) for p, mb, o in zip(prompt, batch, other)]
+        other = [torch.where(p, torch.randint(0, 258, p.shape, generator=gen), mb.labels) for p, mb in zip(prompt, batch)]
+        remasked = [replace(mb, labels=torch.where(p, torch.full_like(o, -100), o)) for p, mb, o in zip(prompt, batch, other)]
         assert step_loss(tmp_path, remasked) == base
         # had they been trained (no mask), the loss would change
-        assert step_loss(tmp_path, [dict(mb, labels=o) for mb, o in zip(batch, other)]) != pytest.approx(base, rel=1e-4)
+        assert step_loss(tmp_path, [replace(mb, labels=o) for mb, o in zip(batch, other)]) != pytest.approx(base, rel=1e-4)
 
     # changing response tokens changes the loss
-    changed = [dict(mb) for mb in batch]
-    lab = changed[0]["labels"].clone()
+    changed = list(batch)
+    lab = changed[0].labels.clone()
     j = int(torch.nonzero(lab.view(-1) != -100)[0])
     lab.view(-1)[j] = (lab.view(-1)[j] + 1) % 256
-    changed[0]["labels"] = lab
+    changed[0] = replace(changed[0], labels=lab)
     assert step_loss(tmp_path, changed) != pytest.approx(base, rel=1e-6)
 
 
@@ -159,5 +160,5 @@ def test_explicit_mask_shard_equals_negative_id_file(sft_dir, tmp_path):
     a = build_train_loader(data_cfg(sft_dir / "train"), 258, tmp_path / "c1", prefetch=False).next_step(0)
     b = build_train_loader(data_cfg(tmp_path / "shards"), 258, tmp_path / "c2", prefetch=False).next_step(0)
     for x, y in zip(a, b):
-        assert all(torch.equal(x[k], y[k]) for k in x)
+        assert all(torch.equal(getattr(x, k), getattr(y, k)) for k in ("input_ids", "labels", "position_ids", "type_ids"))
     assert step_loss(tmp_path, a) == step_loss(tmp_path, b)

@@ -48,14 +48,18 @@ def mask_of(layout):
 
 
 @pytest.mark.parametrize("micro_bsz,seq_len", [(1, 64), (3, 32), (2, 7)])
-def test_layout_from_position_ids_equals_the_one_from_cu_seqlens(micro_bsz, seq_len):
+def test_layout_from_position_ids_equals_the_packers_documents(micro_bsz, seq_len):
     docs = Docs(np.random.default_rng(1).integers(1, 50, 60))
     packs = PackedDocuments(docs, seq_len, micro_bsz, seed=3)
     for i in range(min(len(packs), 6)):
         p = packs[i]
         layout = A.document_layout(torch.from_numpy(p.position_ids))
-        assert list(layout.lengths) == np.diff(p.cu_seqlens).tolist()
-        assert layout.cu_seqlens.tolist() == p.cu_seqlens.tolist()
+        # the packer's own boundaries: where its stream starts a document, and every row start
+        _, _, _, starts = packs._stream(i * packs.packed_length, (i + 1) * packs.packed_length)
+        starts[::seq_len] = True
+        want = np.append(np.nonzero(starts)[0], starts.size)
+        assert list(layout.lengths) == np.diff(want).tolist()
+        assert layout.cu_seqlens.tolist() == want.tolist()
 
 
 def test_concat_packs_and_missing_positions_are_dense():
@@ -201,7 +205,7 @@ def test_model_logits_and_gradients_equal_the_masked_path():
     docs = Docs(np.random.default_rng(5).integers(1, 40, 40), vocab=97)
     p = PackedDocuments(docs, 48, 2, seed=1)[0]
     ids, pos, labels = (torch.from_numpy(x) for x in (p.input_ids, p.position_ids, p.labels))
-    cu = torch.from_numpy(p.cu_seqlens)
+    cu = A.document_layout(pos).cu_seqlens
     assert len(cu) > 4  # several documents per row
 
     def run(model):

@@ -39,7 +39,7 @@ def test_hand_model_matches_spindle_model_numerically(tmp_path):
     d, layers, heads, vocab, seq, _ = bt.SIZES["tiny"]
     hand = bt.HandLlama(d, layers, heads, tr.cfg.model.ffn_hidden_size, vocab, seq)
     bt.load_hand_from_spindle(hand, tr.raw_model)
-    x = bt.make_batch("tiny")["input_ids"]
+    x = bt.make_batch("tiny").input_ids
     with torch.no_grad():
         assert torch.allclose(hand(x), tr.raw_model(x), atol=1e-5)
 

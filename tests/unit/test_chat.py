@@ -119,8 +119,8 @@ def test_streaming_messages_column(tmp_path):
     mb = loader.next_step(0)[0]
     first, mask = conversation_tokens(tok, rows[0], "x")
     n = len(first)
-    assert mb["input_ids"][0, :n].tolist() == first
-    labels = mb["labels"][0, : n - 1].numpy()
+    assert mb.input_ids[0, :n].tolist() == first
+    labels = mb.labels[0, : n - 1].numpy()
     want = np.where(np.array(mask[1:]), np.array(first[1:]), -100)
     assert labels.tolist() == want.tolist()  # loss only where the assistant's tokens are predicted
     assert tok.decode([t for t in labels.tolist() if t >= 0]) == "0.<|im_end|>\n"

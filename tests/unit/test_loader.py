@@ -48,10 +48,10 @@ def test_type_ids_by_sorted_folder_name(tmp_path):
     seen = set()
     for step in range(10):
         for mb in loader.next_step(step):
-            t = int(mb["type_ids"][0, 0])
-            assert (mb["type_ids"] == t).all()  # a pack comes from one source
+            t = int(mb.type_ids[0, 0])
+            assert (mb.type_ids == t).all()  # a pack comes from one source
             lo, hi = ranges[loader.source_names[t]]
-            assert int(mb["input_ids"].min()) >= lo and int(mb["input_ids"].max()) < hi
+            assert int(mb.input_ids.min()) >= lo and int(mb.input_ids.max()) < hi
             seen.add(t)
     assert seen == {0, 1, 2}
 
@@ -62,7 +62,7 @@ def test_source_weights_and_min_length_dict(tmp_path):
                       source_weights={"cn": 3.0, "en": 1.0}, min_length_dict={"code": 1000})
     loader = build_train_loader(data, VOCAB, tmp_path / "cache", prefetch=False)
     assert [len(p) for p in loader.packed][1] == 0  # every code document is shorter than 1000
-    types = np.array([int(mb["type_ids"][0, 0]) for s in range(100) for mb in loader.next_step(s)])
+    types = np.array([int(mb.type_ids[0, 0]) for s in range(100) for mb in loader.next_step(s)])
     frac = np.bincount(types, minlength=3) / len(types)
     assert frac[1] == 0 and frac[0] == pytest.approx(0.75, abs=0.05) and frac[2] == pytest.approx(0.25, abs=0.05)
     with pytest.raises(SpindleError, match="no source named"):
@@ -80,7 +80,7 @@ def test_leaf_validation_sets_are_named_by_folder(tmp_path):
                       valid_micro_num=2)
     sets = build_valid_sets(data, VOCAB)
     assert sorted(sets) == ["sub", "zhihu"] and all(len(v) == 2 for v in sets.values())
-    assert sets["zhihu"][0]["input_ids"].shape == (2, 16)
+    assert sets["zhihu"][0].input_ids.shape == (2, 16)
 
 
 def test_per_source_metrics_and_validation_in_metrics_jsonl(tmp_path):

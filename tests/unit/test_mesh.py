@@ -54,43 +54,33 @@ def test_layout_sizes_and_stages():
     assert stages_of_rank(1, 2, 2) == [1, 3]  # looped placement for the interleaved schedule
 
 
-def test_last_pipeline_stage_runs_the_fused_loss_when_given_labels():
-    """No (N, V) logits on the last stage: with labels it returns (loss_sum (1,), token_loss, correct),
-    the same numbers as the whole model's fused loss; position info is consumed once per forward."""
+def test_pipeline_stages_hand_positions_and_labels_on_and_the_last_runs_the_fused_loss():
+    """What a stage needs travels through its own arguments: a middle stage returns (hidden, positions,
+    labels) for the next; the last runs the fused head + loss (no (N, V) logits): (loss_sum (1,),
+    token_loss, correct), the whole model's numbers; with a sharded vocabulary it returns logits."""
     import torch
 
     from spindle.model.llama import build_model
-    from spindle.parallel.pipeline import PipelineChunk, build_stage_model
+    from spindle.parallel.pipeline import PipelineStageModel, build_stage_model
 
     c = cfg()
     c.model.vocab_size = 96
     whole = build_model(c.model.to_args(), seed=c.trainer.seed)
-    last = build_stage_model(c, stage=1, num_stages=2, device=torch.device("cpu"))
-    chunk = PipelineChunk(last, label_smoothing=0.0)
+    first = PipelineStageModel(build_stage_model(c, stage=0, num_stages=2, device=torch.device("cpu")))
+    last = PipelineStageModel(build_stage_model(c, stage=1, num_stages=2, device=torch.device("cpu")))
     ids = torch.randint(0, 96, (2, 16), generator=torch.Generator().manual_seed(0))
     labels = torch.roll(ids, -1, 1)
-    pos = torch.arange(16).expand(2, 16)
+    pos = torch.cat([torch.arange(10), torch.arange(6)]).expand(2, 16)  # two documents per row
     with torch.no_grad():
-        h = whole.tok_embeddings(ids)
-        cos, sin, q_scale = whole.rotary(pos, None)
-        from spindle.model.attention import dense_layout
-
-        for k in ("0", "1"):
-            h = whole.layers[k](h, cos, sin, q_scale, dense_layout(2, 16, h.device))
-        expected = whole(ids, pos, None, labels=labels)
-        chunk.set_micro_batches([(pos, None, labels), (pos, None, None)], first_step=False)
-        loss_sum, token_loss, correct = chunk(h)
-        logits = chunk(h)  # no labels listed for this micro-batch: logits as before
+        expected = whole(ids, pos, labels=labels)
+        h, pos_on, labels_on = first(ids, pos, labels)
+        assert torch.equal(pos_on, pos) and torch.equal(labels_on, labels)
+        loss_sum, token_loss, correct = last(h, pos_on, labels_on)
+        logits = PipelineStageModel(last.model, fused=False)(h, pos_on, labels_on)
     assert loss_sum.shape == (1,) and token_loss.shape == (32,) and correct.dtype == torch.bool
     torch.testing.assert_close(loss_sum[0], expected.loss_sum, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(token_loss, expected.token_loss, rtol=1e-5, atol=1e-5)
-    assert logits.shape == (2, 16, 96)
-    chunk.check_consumed()
-    with pytest.raises(RuntimeError, match="called 3 times for 2 micro-batches"):
-        chunk(h)
-
-
-# ----------------------------------------------------------------------------- CUDA device per local rank
+    assert torch.equal(correct, expected.correct) and logits.shape == (2, 16, 96)
 
 
 @pytest.fixture

@@ -44,8 +44,8 @@ def test_changing_one_document_leaves_the_others_unchanged():
     changed[1] = torch.randint(0, 97, (12,))  # the second document only
     ids2, pos2, cu2 = pack(changed, 32)
     with torch.no_grad():
-        a = model(ids, pos, cu)
-        b = model(ids2, pos2, cu2)
+        a = model(ids, pos)
+        b = model(ids2, pos2)
     spans = [(0, 7), (7, 19), (19, 24), (24, 32)]
     for k, (s, e) in enumerate(spans):
         same = torch.allclose(a[0, s:e], b[0, s:e], atol=1e-6)
@@ -65,7 +65,7 @@ def test_packed_rows_in_a_batch():
     assert mask.shape == (2, 1, 16, 16)
     assert not mask[0, 0, 12, 5] and mask[0, 0, 12, 11] and mask[1, 0, 9, 0] and not mask[1, 0, 3, 4]
     with torch.no_grad():
-        out = model(ids, pos, cu)
+        out = model(ids, pos)
         first = model(ids[1:, 10:])
     assert torch.allclose(out[1, 10:], first[0], atol=1e-5)
 
@@ -234,7 +234,7 @@ def test_sliding_window_is_exact_within_the_window_and_refused_beyond():
         assert torch.equal(windowed(ids), plain(ids))
         # packed rows: only the longest document counts (each attends within itself)
         pos = torch.cat([torch.arange(12), torch.arange(12)])[None]
-        windowed(torch.randint(0, 97, (1, 24)), pos, torch.tensor([0, 12, 24], dtype=torch.int32))
+        windowed(torch.randint(0, 97, (1, 24)), pos)
         with pytest.raises(SpindleError, match="17 positions exceeds model.sliding_window=16"):
             windowed(torch.randint(0, 97, (1, 17)))
         cache = KVCache()

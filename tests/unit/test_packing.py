@@ -1,8 +1,10 @@
-"""Packing rules: cu_seqlens, position ids, labels, long documents, concat windows, min_length, seeds."""
+"""Packing rules: document segments (where positions restart), position ids, labels, long documents, concat
+windows, min_length, seeds."""
 
 import numpy as np
 import pytest
 
+from spindle.data.batch import Batch
 from spindle.data.packing import PackedDocuments, collate
 
 
@@ -24,6 +26,12 @@ class ListDocs:
 A, B, C = [1, 2, 3], [4, 5, 6, 7, 8], [9, 10]
 
 
+
+def bounds(pack) -> list[int]:
+    """Where the pack's segments start in its flattened tokens (positions restart at 0), and its end."""
+    flat = np.asarray(pack.position_ids).reshape(-1)
+    return [int(i) for i in np.nonzero(flat == 0)[0]] + [flat.size]
+
 def test_cut_mode_hand_example():
     # stream 1 2 3 | 4 5 6 7 8 | 9 10, packs of micro_bsz * seq_len = 2 * 4 = 8 tokens
     packed = PackedDocuments(ListDocs([A, B, C]), seq_len=4, micro_bsz=2, type_id=3, shuffle=False)
@@ -31,7 +39,7 @@ def test_cut_mode_hand_example():
     p = packed[0]
     assert p.input_ids.tolist() == [[1, 2, 3, 4], [5, 6, 7, 8]]
     # segments: A (3 tokens), the head of B (1 token, cut at the row edge), the rest of B (4 tokens)
-    assert p.cu_seqlens.tolist() == [0, 3, 4, 8] and p.cu_seqlens.dtype == np.int32
+    assert bounds(p) == [0, 3, 4, 8]
     assert p.position_ids.tolist() == [[0, 1, 2, 0], [0, 1, 2, 3]]
     # next token of the same document; -100 at a document's end; a row edge inside B keeps B's next token
     assert p.labels.tolist() == [[2, 3, -100, 5], [6, 7, 8, -100]]
@@ -44,10 +52,10 @@ def test_document_longer_than_seq_len_is_split_into_seq_len_pieces():
     d, e = list(range(1, 11)), [11, 12]
     p = PackedDocuments(ListDocs([d, e]), seq_len=4, micro_bsz=3, shuffle=False)[0]
     assert p.input_ids.tolist() == [[1, 2, 3, 4], [5, 6, 7, 8], [9, 10, 11, 12]]
-    assert p.cu_seqlens.tolist() == [0, 4, 8, 10, 12]
+    assert bounds(p) == [0, 4, 8, 10, 12]
     assert p.position_ids.tolist() == [[0, 1, 2, 3], [0, 1, 2, 3], [0, 1, 0, 1]]
     assert p.labels.tolist() == [[2, 3, 4, 5], [6, 7, 8, 9], [10, -100, 12, -100]]
-    assert max(np.diff(p.cu_seqlens)) <= 4
+    assert max(np.diff(bounds(p))) <= 4
 
 
 def test_document_continues_into_the_next_pack_with_positions_restarting():
@@ -56,13 +64,13 @@ def test_document_continues_into_the_next_pack_with_positions_restarting():
     p0, p1 = packed[0], packed[1]
     assert p0.input_ids.tolist() == [[1, 2], [3, 4]] and p0.labels.tolist() == [[2, 3], [4, 5]]
     assert p1.input_ids.tolist() == [[5, 6], [7, 8]] and p1.labels.tolist() == [[6, -100], [8, -100]]
-    assert p1.position_ids.tolist() == [[0, 1], [0, 1]] and p1.cu_seqlens.tolist() == [0, 2, 4]
+    assert p1.position_ids.tolist() == [[0, 1], [0, 1]] and bounds(p1) == [0, 2, 4]
 
 
 def test_concat_mode_fixed_windows_and_labels():
     p = PackedDocuments(ListDocs([A, B, C]), seq_len=4, micro_bsz=2, shuffle=False, pack_into_one=True)[0]
     assert p.input_ids.tolist() == [[1, 2, 3, 4], [5, 6, 7, 8]]
-    assert p.cu_seqlens.tolist() == [0, 4, 8]  # attention crosses documents inside a window
+    assert bounds(p) == [0, 4, 8]  # attention crosses documents inside a window
     assert p.position_ids.tolist() == [[0, 1, 2, 3], [0, 1, 2, 3]]
     assert p.labels.tolist() == [[2, 3, -100, 5], [6, 7, 8, -100]]  # still -100 at document ends
 
@@ -105,6 +113,6 @@ def test_collate_gives_the_batch_contract():
 
     packed = PackedDocuments(ListDocs([A, B, C]), seq_len=4, micro_bsz=2, shuffle=False)
     (mb,) = collate([packed[0]])
-    assert set(mb) == {"input_ids", "labels", "position_ids", "cu_seqlens", "type_ids"}
-    assert mb["input_ids"].dtype == torch.int64 and mb["input_ids"].shape == (2, 4)
-    assert mb["cu_seqlens"].dtype == torch.int32 and mb["labels"].dtype == torch.int64
+    assert isinstance(mb, Batch)
+    assert mb.input_ids.dtype == torch.int64 and mb.input_ids.shape == (2, 4)
+    assert mb.position_ids.dtype == torch.int64 and mb.labels.dtype == torch.int64

@@ -56,7 +56,7 @@ def make_loader(micro_num, dp_rank=0, dp_size=1, rampup="", weights=None):
 
 
 def ids(batch):
-    return [tuple(mb["input_ids"].flatten().tolist()) for mb in batch]
+    return [tuple(mb.input_ids.flatten().tolist()) for mb in batch]
 
 
 def test_resume_from_a_saved_position_gives_the_same_sequence():

@@ -5,6 +5,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 
 datasets = pytest.importorskip("datasets")
 
@@ -57,7 +58,7 @@ def cfg(folder, **over):
 
 
 def ids(batch):
-    return [tuple(mb["input_ids"].flatten().tolist()) for mb in batch]
+    return [tuple(mb.input_ids.flatten().tolist()) for mb in batch]
 
 
 def packs(loader, steps, start=0):
@@ -73,15 +74,15 @@ def test_packs_equal_cut_mode_packing_of_the_same_documents(folders):
     for i, mb in enumerate(got):
         want = ref[i % n]  # after the epoch the stream starts over (the tail is dropped)
         for key in ("input_ids", "labels", "position_ids", "type_ids"):
-            assert mb[key].tolist() == getattr(want, key).tolist(), (i, key)
-        assert mb["cu_seqlens"].tolist() == want.cu_seqlens.tolist()
+            assert getattr(mb, key).tolist() == getattr(want, key).tolist(), (i, key)
+        assert mb.position_ids.tolist() == want.position_ids.tolist()
     loader.close()
     # the first pack by hand: "doc 0: " is 7 bytes -> [BOS] 7 bytes [EOS] = 9 tokens, then doc 1 starts
     first = got[0]
-    assert first["input_ids"][0, :9].tolist() == [BOS, *b"doc 0: ", EOS]
-    assert first["labels"][0, :9].tolist() == [*b"doc 0: ", EOS, -100]
-    assert first["position_ids"][0].tolist() == list(range(9)) + list(range(7))
-    assert first["cu_seqlens"].tolist()[:3] == [0, 9, 16]
+    assert first.input_ids[0, :9].tolist() == [BOS, *b"doc 0: ", EOS]
+    assert first.labels[0, :9].tolist() == [*b"doc 0: ", EOS, -100]
+    assert first.position_ids[0].tolist() == list(range(9)) + list(range(7))
+    assert torch.nonzero(first.position_ids.flatten() == 0).flatten().tolist()[:3] == [0, 9, 16]
 
 
 @pytest.mark.parametrize("variant,column", [("jsonl", "content"), ("disk", "text"), ("diskdict", "text")])
@@ -96,8 +97,8 @@ def test_concat_mode_and_min_length(folders):
     kept = [d for d in encoded() if len(d) >= 14]
     ref = PackedDocuments(ListDocs(kept), 16, 2, shuffle=False, pack_into_one=True)
     (mb0, mb1) = loader.next_step(0)
-    assert mb0["labels"].tolist() == ref[0].labels.tolist() and mb1["input_ids"].tolist() == ref[1].input_ids.tolist()
-    assert mb0["cu_seqlens"].tolist() == [0, 16, 32] and mb0["position_ids"].tolist() == [list(range(16))] * 2
+    assert mb0.labels.tolist() == ref[0].labels.tolist() and mb1.input_ids.tolist() == ref[1].input_ids.tolist()
+    assert mb0.position_ids.tolist() == [list(range(16))] * 2
 
 
 def test_ranks_split_the_global_stream(folders):
@@ -159,7 +160,7 @@ def test_subset_name_selects_a_subfolder(tmp_path):
         datasets.Dataset.from_dict({"text": texts}).to_parquet(str(tmp_path / "ds" / sub / "train.parquet"))
     loader = StreamingLoader(cfg(tmp_path / "ds", subset_name="de", micro_num=1), 258, prefetch=False)
     assert loader.source_names == ["de"]
-    assert bytes(loader.next_step(0)[0]["input_ids"][0, 1:12].tolist()) == b"hallo welt!"
+    assert bytes(loader.next_step(0)[0].input_ids[0, 1:12].tolist()) == b"hallo welt!"
 
 
 def test_training_steps_with_streaming_data_and_checkpoint_resume(folders, tmp_path):
@@ -226,7 +227,7 @@ def test_split_selects_splits_not_named_train(tmp_path):
     sft = [f"sft record {i} " * 3 for i in range(20)]
     repo = hub_repo(tmp_path / "chat", {"train_sft": sft, "test_sft": ["held out"] * 20})
     loader = StreamingLoader(cfg(repo, split="train_sft", micro_num=1), 258, prefetch=False)
-    first = bytes(t for t in loader.next_step(0)[0]["input_ids"].flatten().tolist() if t < 256)
+    first = bytes(t for t in loader.next_step(0)[0].input_ids.flatten().tolist() if t < 256)
     assert first[:24] == sft[0].encode()[:24]
     assert sorted(loader.state_dict()["fingerprint"][0]["files"]) == ["data/train_sft-00000-of-00001.parquet"]
     with pytest.raises(SpindleError, match=r"data.split: .*chat has no split 'train'; its splits: (train_sft, test_sft|"
@@ -243,10 +244,10 @@ def test_validation_split_of_the_same_dataset(tmp_path):
     for keys in ({"valid_folder": str(repo)}, {"valid_split": "validation"}):
         sets = build_valid_sets(cfg(repo, valid_every=1, valid_micro_num=2, **keys), 258)
         assert list(sets) == ["validation"] and len(sets["validation"]) == 2
-        got = bytes(t for t in sets["validation"][0]["input_ids"].flatten().tolist() if t < 256)
+        got = bytes(t for t in sets["validation"][0].input_ids.flatten().tolist() if t < 256)
         assert got[:20] == valid[0].encode()[:20]  # the validation split, in dataset order
     sets = build_valid_sets(cfg(repo, valid_every=1, valid_micro_num=1, valid_split="test"), 258)
-    assert bytes(sets["test"][0]["input_ids"][0, 1:5].tolist()) == b"TEST"
+    assert bytes(sets["test"][0].input_ids[0, 1:5].tolist()) == b"TEST"
     with pytest.raises(SpindleError, match="data.split: .* has no split 'dev'"):
         build_valid_sets(cfg(repo, valid_every=1, valid_split="dev"), 258)
     # training on the same folder reads the train split only: neither the card nor the other splits

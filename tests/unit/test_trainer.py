@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 
+from spindle.data.batch import Batch
 from spindle.config import validate_config
 from spindle.parallel.mesh import ParallelEnv
 from spindle.train.trainer import Trainer
@@ -27,9 +28,7 @@ def tiny_cfg(tmp_path, **over):
 
 def micro_batch(ids, labels):
     b, l = ids.shape
-    return {"input_ids": ids, "labels": labels, "position_ids": torch.arange(l).expand(b, l).contiguous(),
-            "cu_seqlens": torch.arange(0, b * l + 1, l, dtype=torch.int32),
-            "type_ids": torch.zeros(b, l, dtype=torch.long)}
+    return Batch(ids, labels, torch.arange(l).expand(b, l).contiguous(), torch.zeros(b, l, dtype=torch.long))
 
 
 def grads_after(trainer, mbs):
@@ -125,7 +124,7 @@ def test_label_smoothing_trains_on_the_smoothed_loss_and_reports_the_plain_one(t
     labels[0, :4] = 1  # source-free data: every token is type 0
     tr = Trainer(tiny_cfg(tmp_path, loss={"label_smoothing": 0.1}, hybrid_zero_optimizer={"clip_grad_norm": 0.0}),
                  ParallelEnv(), log=lambda *_: None)
-    assert tr._fused_loss  # label smoothing runs through the fused head + loss
+    assert tr.executor.fused  # label smoothing runs through the fused head + loss
     model = tr.raw_model
     with torch.enable_grad():
         logits = model(ids).float().view(-1, 64)
