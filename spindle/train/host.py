@@ -17,7 +17,9 @@ Two things made CPU steps much slower than their matmuls, both measured here (do
   which is what a caching allocator does on GPUs. The resident size stays at its peak; it is
   returned with `malloc_trim` when the run ends.
 
-Both are process-wide state, hence a context manager around `Trainer.fit` and the benchmarks.
+Both are process-wide state, hence a context manager around `Trainer.fit` and the benchmarks. So
+are torch's thread count and its random generators: `torch_threads` and `RunRNG` below keep a run's
+settings to the run (a script that builds a Trainer finds its own afterwards).
 """
 
 from __future__ import annotations
@@ -62,3 +64,45 @@ def cpu_training_mode(enabled: bool = True) -> Iterator[bool]:
             libc.mallopt(M_MMAP_MAX, DEFAULT_MMAP_MAX)
             libc.mallopt(M_TRIM_THRESHOLD, DEFAULT_TRIM_THRESHOLD)
             libc.malloc_trim(0)
+
+
+@contextlib.contextmanager
+def torch_threads(n: Optional[int]) -> Iterator[None]:
+    """torch's intra-op thread count (`trainer.num_threads`) for the block, the previous one after it."""
+    if not n:
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+class RunRNG:
+    """The generators a run draws from (dropout), kept apart from the process's: `with rng:` puts the
+    run's states in place (CPU and the CUDA device's), and when the block ends saves them and gives the
+    process its own back. Seeded from `trainer.seed`; a resume restores it from the checkpoint inside
+    the block, and a checkpoint saved inside it records it."""
+
+    def __init__(self, seed: int, device: torch.device):
+        self.cuda = [device] if device.type == "cuda" else []
+        with torch.random.fork_rng(devices=self.cuda):
+            torch.manual_seed(seed)
+            self._save()
+
+    def _save(self) -> None:
+        self.cpu = torch.get_rng_state()
+        self.device_states = [torch.cuda.get_rng_state(d) for d in self.cuda]
+
+    @contextlib.contextmanager
+    def active(self) -> Iterator[None]:
+        with torch.random.fork_rng(devices=self.cuda):
+            torch.set_rng_state(self.cpu)
+            for d, state in zip(self.cuda, self.device_states):
+                torch.cuda.set_rng_state(state, d)
+            try:
+                yield
+            finally:
+                self._save()

@@ -80,6 +80,29 @@ def batch_shape_stats(micro_batches) -> dict:
     }
 
 
+def step_record(m: dict, step: int, batch, elapsed: float, data_wait: float, state, env, cfg,
+                flops_per_token: float, peak: float) -> dict:
+    """The metrics of one step, InternEvo's keys first (see the module docstring for the formulas)."""
+    from spindle.model.flops import internevo_flops_per_step
+
+    tokens_global = sum(b.tokens for b in batch) * env.dp_size
+    sequences = sum(b.rows for b in batch) * env.dp_size
+    flops = internevo_flops_per_step(cfg.model, cfg.data.seq_len, sequences)
+    tgs = tokens_global / env.world_size / elapsed
+    return {
+        "tflops": flops / elapsed / env.world_size / 1e12, "step": step, "loss": m["loss"],
+        "tgs (tokens/gpu/second)": round(tgs, 2), "lr": m["lr"], "loss_scale": m["loss_scale"],
+        "grad_norm": m["grad_norm"], "micro_num": len(batch),
+        "num_consumed_tokens": state.num_consumed_tokens,
+        "inf_nan_skip_batches": state.inf_nan_skip_batches, **batch_shape_stats(batch),
+        "adam_beta2": m["adam_beta2"], "fwd_bwd_time": m["fwd_bwd_time"],
+        "mfu": (flops_per_token * tgs / 1e12 / peak) if peak else 0.0,
+        "acc": m["acc"], "perplexity": math.exp(min(m["loss"], 50.0)),
+        "data_wait": data_wait / elapsed, **memory_metrics(env.device),  # {} on CPU
+        **{k: v for k, v in m.items() if "/" in k},
+    }
+
+
 class RunFolderFull(SpindleError):
     """A write into the run folder (metrics, logs) failed: the disk is full, or the folder went away."""
 

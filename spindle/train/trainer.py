@@ -29,14 +29,14 @@ from spindle.data.batch import Batch
 from spindle.data.loader import build_train_loader, build_valid_sets
 from spindle.errors import SpindleError
 from spindle.hardware import cuda_backend_mode, resolve_peak_tflops
-from spindle.model.flops import internevo_flops_per_step, model_flops_per_token, parameter_counts
+from spindle.model.flops import model_flops_per_token, parameter_counts
 from spindle.parallel.executor import COMPUTE_DTYPES
 from spindle.parallel.mesh import ParallelEnv, build_mesh
 from spindle.parallel.setup import build_training
-from spindle.train.host import cpu_training_mode
+from spindle.train.controls import acted_on_stop_file, step_signals
+from spindle.train.host import RunRNG, cpu_training_mode, torch_threads
 from spindle.train.metrics import (
-    LineFile, MetricSinks, Progress, RunFolderFull, batch_shape_stats, continue_tensorboard, format_line,
-    memory_metrics, synchronize,
+    LineFile, MetricSinks, Progress, RunFolderFull, continue_tensorboard, format_line, step_record, synchronize,
 )
 from spindle.train.monitor import build_monitor
 from spindle.train.optim import (
@@ -66,14 +66,14 @@ class Trainer:
         self.cfg, self.env, self.log = cfg, env, log
         self.run_dir = cfg.run_dir
         self.device = env.device
-        torch.manual_seed(cfg.trainer.seed)
-        if cfg.trainer.num_threads and self.device.type == "cpu":
-            torch.set_num_threads(cfg.trainer.num_threads)
-
+        # the run's thread count and random generators, in force while it builds and while it fits only
+        self.threads = cfg.trainer.num_threads if self.device.type == "cpu" else None
+        self.rng = RunRNG(cfg.trainer.seed, self.device)
         if env.mesh is None:
             env = self.env = build_mesh(env, cfg.parallel, cfg.model, cfg.data.seq_len)  # layout errors first
         try:
-            self._build(cfg, env)
+            with torch_threads(self.threads), self.rng.active():
+                self._build(cfg, env)
         except BaseException:
             self.close()
             raise
@@ -219,37 +219,6 @@ class Trainer:
         self.log(f"checkpoint saved: {where}")
         return where
 
-    def _step_signals(self, write_failed: bool) -> tuple[Optional[int], bool]:
-        """What every rank must agree on after a step, in one collective: the stop file's value (rank 0
-        reads it) and whether a rank could not write its metrics or log."""
-        path = self.cfg.ckpt.stop_file_path
-        value = torch.zeros(2, dtype=torch.int64, device=self.device)  # a collective's tensor lives on its device
-        if path and self.env.is_main:
-            try:
-                text = Path(path).read_text().strip()
-                value[0] = int(text) if text else 0
-            except (OSError, ValueError):
-                value[0] = 0
-        value[1] = int(write_failed)
-        if self.env.distributed:
-            dist.all_reduce(value, op=dist.ReduceOp.MAX)
-        stop, failed = (int(v) for v in value.tolist())
-        return stop or None, bool(failed)
-
-    def _acted_on_stop_file(self, stop: int, say) -> None:
-        """After "save and quit at step N": reset the file to 0, as InternEvo does, so a restart trains on
-        to total_steps instead of quitting again after one step."""
-        path = self.cfg.ckpt.stop_file_path
-        saved = f"checkpoint saved at step {self.state.step}" if self.ckpt_manager is not None else \
-            "saving is off (ckpt.enable_save_ckpt=False), so nothing was saved"
-        say(f"stop file {path}: asked to stop at step {stop}; stopping at step {self.state.step} ({saved})")
-        if self.env.is_main:
-            try:
-                Path(path).write_text("0\n")
-                say(f"stop file {path}: reset to 0, a restart continues to data.total_steps")
-            except OSError as exc:
-                say(f"stop file {path}: could not reset it to 0 ({exc.strerror}); a restart would stop again")
-
     def _stop_after_write_failure(self, failure: Optional[RunFolderFull]) -> None:
         """The run folder cannot be written (a full disk): save what can be saved, then stop with one line."""
         what = str(failure) if failure is not None else "another rank could not write its log"
@@ -292,6 +261,8 @@ class Trainer:
         # CPU: flush denormals, keep freed memory for reuse (spindle/train/host.py); undone at the end
         host_mode = contextlib.ExitStack()
         host_mode.enter_context(cpu_training_mode(self.device.type == "cpu"))
+        host_mode.enter_context(torch_threads(self.threads))
+        host_mode.enter_context(self.rng.active())
         # [gpu] TF32 for torch.tf32 and the cudnn keys, for this fit only (were process-wide, set in __init__)
         host_mode.enter_context(cuda_backend_mode(self.device, cfg.model.dtype, cfg.cudnn_deterministic,
                                                   cfg.cudnn_benchmark))
@@ -312,25 +283,11 @@ class Trainer:
                 state.step += 1
                 synchronize(self.device)  # [gpu] the optimizer's kernels too
                 elapsed = time.perf_counter() - t_start
-                tokens_local = sum(b.tokens for b in batch)
-                tokens_global = tokens_local * env.dp_size
+                tokens_global = sum(b.tokens for b in batch) * env.dp_size
                 if m.pop("finite"):
                     state.num_consumed_tokens += tokens_global
-                sequences = sum(b.rows for b in batch) * env.dp_size
-                flops = internevo_flops_per_step(cfg.model, cfg.data.seq_len, sequences)
-                tgs = tokens_global / env.world_size / elapsed
-                record = {
-                    "tflops": flops / elapsed / env.world_size / 1e12, "step": step, "loss": m["loss"],
-                    "tgs (tokens/gpu/second)": round(tgs, 2), "lr": m["lr"], "loss_scale": m["loss_scale"],
-                    "grad_norm": m["grad_norm"], "micro_num": len(batch),
-                    "num_consumed_tokens": state.num_consumed_tokens,
-                    "inf_nan_skip_batches": state.inf_nan_skip_batches, **batch_shape_stats(batch),
-                    "adam_beta2": m["adam_beta2"], "fwd_bwd_time": m["fwd_bwd_time"],
-                    "mfu": (self.flops_per_token * tgs / 1e12 / self.peak) if self.peak else 0.0,
-                    "acc": m["acc"], "perplexity": math.exp(min(m["loss"], 50.0)),
-                    "data_wait": data_wait / elapsed, **memory_metrics(self.device),  # [gpu] {} on CPU
-                    **{k: v for k, v in m.items() if "/" in k},
-                }
+                record = step_record(m, step, batch, elapsed, data_wait, state, env, cfg, self.flops_per_token,
+                                     self.peak)
                 if self.valid_sets and cfg.data.valid_every and state.step % cfg.data.valid_every == 0:
                     results = self.validate()
                     record.update(results)
@@ -347,7 +304,7 @@ class Trainer:
                         progress.update(state.step, f"loss {m['loss']:.3f}")
                 except RunFolderFull as exc:
                     failure = exc
-                stop, failed = self._step_signals(failure is not None)
+                stop, failed = step_signals(cfg.ckpt.stop_file_path, env, failure is not None)
                 if failed:
                     self._stop_after_write_failure(failure)
                 quit_now = bool(stop and stop > 0 and state.step >= stop)
@@ -362,7 +319,8 @@ class Trainer:
                         self.save(snapshot=True)  # the manager alternates the two slots
                 self.monitor.step_finished(record)
                 if quit_now:
-                    self._acted_on_stop_file(stop, printer)
+                    acted_on_stop_file(cfg.ckpt.stop_file_path, stop, state.step, self.ckpt_manager is not None,
+                                       env.is_main, printer)
                     break
             self.close()  # background uploads confirmed (and marked) before we return; locks released
         except BaseException as exc:

@@ -145,11 +145,12 @@ def test_label_smoothing_trains_on_the_smoothed_loss_and_reports_the_plain_one(t
 def test_step_times_wait_for_the_device_and_memory_is_logged(tmp_path, monkeypatch):
     """Twice per step (after forward/backward, after the optimizer) the trainer synchronises its device before
     reading the clock, and every record carries the device's memory metrics (CUDA's calls monkeypatched)."""
+    import spindle.train.metrics as metrics_module
     import spindle.train.trainer as trainer_module
 
     waited = []
     monkeypatch.setattr(trainer_module, "synchronize", lambda device: waited.append(device))
-    monkeypatch.setattr(trainer_module, "memory_metrics", lambda device: {"mem_peak_allocated_gib": 1.5})
+    monkeypatch.setattr(metrics_module, "memory_metrics", lambda device: {"mem_peak_allocated_gib": 1.5})
     hist = Trainer(tiny_cfg(tmp_path, data={"total_steps": 2}), ParallelEnv(), log=lambda *_: None).fit()["history"]
     assert waited == [torch.device("cpu")] * 4
     assert [h["mem_peak_allocated_gib"] for h in hist] == [1.5, 1.5]

@@ -1,0 +1,45 @@
+"""What a run must agree on between steps, across ranks: the stop file, and writes that failed.
+
+InternEvo's `ckpt.stop_file_path` holds a step number N: at step N the run saves and quits (0, or a
+missing file, means go on; -N saves at step N and goes on, a Spindle extension). After acting on it
+the file is reset to 0, as InternEvo does, so a restart trains on to total_steps.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+import torch.distributed as dist
+
+
+def step_signals(stop_file: Optional[str], env, write_failed: bool) -> tuple[Optional[int], bool]:
+    """In one collective (a MAX all-reduce on the run's device): the stop file's value, read by rank 0,
+    and whether any rank could not write its metrics or log."""
+    value = torch.zeros(2, dtype=torch.int64, device=env.device)  # a collective's tensor lives on its device
+    if stop_file and env.is_main:
+        try:
+            text = Path(stop_file).read_text().strip()
+            value[0] = int(text) if text else 0
+        except (OSError, ValueError):
+            value[0] = 0
+    value[1] = int(write_failed)
+    if env.distributed:
+        dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    stop, failed = (int(v) for v in value.tolist())
+    return stop or None, bool(failed)
+
+
+def acted_on_stop_file(stop_file: str, stop: int, step: int, saving: bool, is_main: bool,
+                       say: Callable[[str], None]) -> None:
+    """After "save and quit at step N": say so, and reset the file to 0 (rank 0)."""
+    saved = f"checkpoint saved at step {step}" if saving else \
+        "saving is off (ckpt.enable_save_ckpt=False), so nothing was saved"
+    say(f"stop file {stop_file}: asked to stop at step {stop}; stopping at step {step} ({saved})")
+    if is_main:
+        try:
+            Path(stop_file).write_text("0\n")
+            say(f"stop file {stop_file}: reset to 0, a restart continues to data.total_steps")
+        except OSError as exc:
+            say(f"stop file {stop_file}: could not reset it to 0 ({exc.strerror}); a restart would stop again")
