@@ -28,6 +28,7 @@ from typing import Optional, Union
 
 import torch
 
+from spindle.config.rope_types import ROPE_TYPES
 from spindle.errors import SpindleError
 
 BiasSpec = Union[str, bool]  # a config.json key that switches the bias, or the family's fixed value
@@ -288,14 +289,9 @@ def export_family(a) -> Family:
                        f"mlp_bias={a.mlp_bias}, qk_norm={a.qk_norm}, sliding_window={a.sliding_window}")
 
 
-_HF_ROPE_KEYS = {
-    "linear": ("factor",),
-    "dynamic": ("factor",),  # the original length is max_position_embeddings (below)
-    "yarn": ("factor", "original_max_position_embeddings", "beta_fast", "beta_slow", "attention_factor",
-             "mscale", "mscale_all_dim", "truncate"),
-    "llama3": ("factor", "original_max_position_embeddings", "low_freq_factor", "high_freq_factor"),
-    "longrope": ("factor", "original_max_position_embeddings", "attention_factor", "short_factor", "long_factor"),
-}
+# the registry's parameters under transformers' names; dynamic's original length is max_position_embeddings there
+_HF_ROPE_KEYS = {name: (("factor",) if name == "dynamic" else t.params) for name, t in ROPE_TYPES.items()
+                 if t.in_transformers and name != "default"}
 
 
 def hf_config(a, bos_id: Optional[int] = None, eos_id: Optional[int] = None) -> dict:

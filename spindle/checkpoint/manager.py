@@ -1,19 +1,11 @@
-"""The checkpoint manager: what to load at start, where and when to save, what may be pruned.
-
-Load precedence (printed at start, see docs/checkpoints.md):
-  1. `auto_resume=True` and a completed checkpoint (normal or snapshot) in `save_ckpt_folder`: the
-     newest *intact* one is loaded with all content (the same run continuing); newer damaged ones are
-     moved to `damaged/` and named; when none is intact the run is refused. `load_ckpt_info` is then
-     ignored (and the log says so).
-  2. otherwise `load_ckpt_info` (or the legacy `load_ckpt_folder`): the listed `content` from that
-     path; a damaged checkpoint is refused. `ckpt_type="hf"`: weights of a Hugging Face folder.
-  3. otherwise fresh weights.
+"""The checkpoint manager: where and when to save, what may be pruned, whose checkpoints a folder holds.
 
 Before anything is written into the save folder (`CheckpointManager.open`): a folder holding
 checkpoints Spindle did not write (an InternEvo `20/model_tp0_pp0.pt`, ...) is refused, the folder
 lock is taken (one writer, spindle.checkpoint.lock), and `adopt` refuses a folder holding checkpoints
 of another run, or of this run newer than the step it continues from — so pruning and re-saving only
-ever touch checkpoints of this run's lineage, and never the one just saved.
+ever touch checkpoints of this run's lineage, and never the one just saved. What to load at start is
+decided by spindle.checkpoint.loading.
 """
 
 from __future__ import annotations
@@ -23,111 +15,22 @@ import os
 import socket
 import time
 import uuid
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 
 import torch
 import torch.distributed as dist
 
-from spindle.checkpoint.dcp_io import load_tensors, write_tensors
+from spindle.checkpoint.dcp_io import write_tensors
 from spindle.checkpoint.discovery import (
-    CkptRef, FolderContents, Location, Verified, inspect_folder, local_copy, newest_intact, open_ckpt_storage,
-    record_lineage, resolve, scan_completed, verify,
+    CkptRef, FolderContents, Location, inspect_folder, open_ckpt_storage, record_lineage, scan_completed,
 )
+from spindle.checkpoint.loading import LoadPlan
 from spindle.checkpoint.lock import FolderLock
 from spindle.checkpoint.records import HASHED_FILES, completion_record, sha256
 from spindle.checkpoint.staging import Staging
-from spindle.checkpoint.storage import Storage
-from spindle.config import CkptConfig, LoadCkptInfo
+from spindle.config import CkptConfig
 from spindle.errors import SpindleError
-
-CONTENTS = ("model", "optimizer", "scheduler", "sampler")
-HF_TYPES = ("hf", "hf_llama")
-
-
-# --------------------------------------------------------------------------- load plan
-
-
-@dataclass
-class LoadPlan:
-    kind: str  # "fresh", "spindle" (a DCP checkpoint), "hf"
-    content: tuple[str, ...]
-    reason: str
-    url: Optional[str] = None
-    storage: Optional[Storage] = None
-    verified: Optional[Verified] = None
-    quarantine: list[tuple[CkptRef, str]] = field(default_factory=list)  # damaged newer ones to move aside
-
-    @property
-    def ref(self) -> Optional[CkptRef]:
-        return self.verified.ref if self.verified is not None else None
-
-    @property
-    def continues_run(self) -> bool:
-        """True when the trainer state is restored: the run lineage (and its counters) go on."""
-        return self.verified is not None and "sampler" in self.content
-
-    @property
-    def path(self):  # display / local path
-        if self.storage is not None and self.ref is not None:
-            local = self.storage.local_path(self.ref.rel)
-            return Path(local) if local else Location(self.storage.url) / self.ref.rel
-        return self.url
-
-
-def plan_load(ckpt: CkptConfig, save_storage: Optional[Storage]) -> LoadPlan:
-    """Decide what to load at start (the module docstring gives the precedence). Reads only."""
-    info: Optional[LoadCkptInfo] = ckpt.load_ckpt_info
-    if info is None and ckpt.load_ckpt_folder:
-        info = LoadCkptInfo(path=ckpt.load_ckpt_folder, content=("all",))
-    has_info = info is not None and bool(info.path)
-    if ckpt.auto_resume and save_storage is not None:
-        refs = scan_completed(save_storage)
-        if refs:
-            verified, damaged = newest_intact(save_storage, refs)
-            if verified is None:
-                reasons = "; ".join(reason for _, reason in damaged[:3])
-                raise SpindleError(f"auto_resume: no intact checkpoint in {save_storage.url} ({reasons}); "
-                                   "refusing to start over in a folder of saved checkpoints")
-            note = f"; load_ckpt_info ({info.path}) is ignored" if has_info else ""
-            fallback = "".join(f"; checkpoint {ref.step} is damaged ({reason}) and is moved to damaged/"
-                               for ref, reason in damaged)
-            return LoadPlan("spindle", CONTENTS, f"auto_resume: continuing from {save_storage.url}/"
-                            f"{verified.ref.rel} (step {verified.ref.step}, all state){fallback}{note}",
-                            storage=save_storage, verified=verified, quarantine=damaged)
-    if has_info:
-        if info.ckpt_type in HF_TYPES:
-            return LoadPlan("hf", ("hf",), f"load_ckpt_info: Hugging Face weights from {info.path}", url=info.path)
-        content = CONTENTS if "all" in info.content else tuple(info.content)
-        storage, ref = resolve(info.path, ckpt)
-        verified = verify(storage, ref, need_state=any(c in content for c in ("sampler", "scheduler")))
-        why = " (auto_resume found no completed checkpoint in save_ckpt_folder)" if ckpt.auto_resume else ""
-        return LoadPlan("spindle", content, f"load_ckpt_info: loading {', '.join(content)} from "
-                        f"{storage.url}/{ref.rel}{why}", url=info.path, storage=storage, verified=verified)
-    return LoadPlan("fresh", (), "no checkpoint to load: starting from freshly initialised weights")
-
-
-def restore(plan: LoadPlan, model, optimizer, process_group=None, partial: bool = False,
-            log: Callable[[str], None] = print) -> dict:
-    """Load the plan's tensors into model / optimizer; returns its verified trainer state."""
-    with local_copy(plan.storage, plan.ref) as path:
-        load_tensors(path, model, optimizer, plan.content, process_group, partial, log)
-    return plan.verified.trainer_state
-
-
-def load_checkpoint(path: Path, model, optimizer, content: tuple[str, ...], process_group=None,
-                    partial: bool = False, log: Callable[[str], None] = print) -> dict:
-    """Verify the completed checkpoint folder `path` and load `content` from it; returns its trainer
-    state ({} when only weights were asked for)."""
-    path = Path(path)
-    storage = open_ckpt_storage(str(path.parent))
-    if not path.name.isdigit():
-        raise SpindleError(f"{path}: checkpoint folder name must be its step number")
-    need_state = any(c in content for c in ("sampler", "scheduler"))
-    verified = verify(storage, CkptRef(int(path.name), path.name), need_state=need_state)
-    load_tensors(path, model, optimizer, content, process_group, partial, log)
-    return verified.trainer_state
 
 
 # --------------------------------------------------------------------------- the manager
@@ -427,4 +330,4 @@ def _fsync_dir(path: Path) -> None:
         pass
 
 
-__all__ = ["CONTENTS", "CheckpointManager", "CkptRef", "LoadPlan", "load_checkpoint", "plan_load", "restore"]
+__all__ = ["CheckpointManager", "save_weights_checkpoint"]

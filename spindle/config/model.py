@@ -7,12 +7,13 @@ from typing import Any, Literal, Optional, Union
 from pydantic import Field, field_validator, model_validator
 
 from spindle.config.base import Section
+from spindle.config.rope_types import ROPE_TYPES
 
 DTYPES = ("torch.float32", "torch.tf32", "torch.bfloat16", "torch.float16", "torch.half")
 
 
 class RopeScalingConfig(Section):
-    type: Literal["default", "linear", "dynamic", "ntk", "yarn", "llama3", "longrope"] = "default"
+    type: Literal[tuple(ROPE_TYPES)] = "default"  # the registry: spindle/config/rope_types.py
     factor: float = Field(default=1.0, gt=0, le=1e6)
     original_max_position_embeddings: Optional[int] = Field(default=None, ge=1, le=2**26)
     # yarn

@@ -13,25 +13,14 @@ import torch
 from spindle.checkpoint.dcp_io import load_tensors
 from spindle.checkpoint.discovery import open_checkpoint
 from spindle.config import SpindleConfig, validate_config
+from spindle.config.rope_types import parse_rope_spec
 from spindle.errors import SpindleError
 from spindle.model.llama import Transformer, build_model
 
 
 def parse_rope_override(spec: Optional[str], original_len: int) -> Optional[dict]:
-    """'dynamic' | 'ntk:8' | 'linear:4' | 'yarn:16' | 'none' -> a rope_scaling dict (None = keep)."""
-    if spec is None:
-        return None
-    kind, _, factor = spec.partition(":")
-    kind = kind.strip().lower()
-    if kind in ("none", "plain", "default"):
-        return {"type": "default"}
-    if kind not in ("dynamic", "ntk", "linear", "yarn", "llama3"):
-        raise SpindleError(f"--rope-scaling {spec!r}: expected none, dynamic, ntk:F, linear:F, yarn:F or llama3:F")
-    try:
-        f = float(factor) if factor else 1.0
-    except ValueError:
-        raise SpindleError(f"--rope-scaling {spec!r}: the factor after ':' must be a number") from None
-    return {"type": kind, "factor": f, "original_max_position_embeddings": original_len}
+    """--rope-scaling SPEC (spindle.config.rope_types.parse_rope_spec) -> a rope_scaling dict (None = keep)."""
+    return None if spec is None else parse_rope_spec(spec, original_len)
 
 
 def checkpoint_config(path: Path) -> SpindleConfig:

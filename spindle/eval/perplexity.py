@@ -34,10 +34,11 @@ from typing import Optional, Sequence
 import torch
 import torch.nn.functional as F
 
+from spindle.config.rope_types import parse_rope_spec
 from spindle.errors import SpindleError
 from spindle.eval.prefill import check_cache_memory, prefill_chunks
 from spindle.model.llama import KVCache, Transformer
-from spindle.model.rope import RotaryEmbedding
+from spindle.model.rotary import RotaryEmbedding
 
 # --------------------------------------------------------------------------- per-position loss
 
@@ -116,17 +117,14 @@ def parse_variant(spec: str, train_len: int) -> Variant:
             continue
         if kind == "logn":
             v.logn = True
-        elif kind == "dynamic":
-            v.scaling = {"type": "dynamic", "factor": factor or 1.0, "original_max_position_embeddings": train_len}
         elif kind == "yarn" and factor is None:
             v.per_length_yarn = True
-        elif kind in ("yarn", "ntk", "linear"):
-            v.scaling = {"type": kind, "factor": factor}
-            if kind == "yarn":
-                v.scaling["original_max_position_embeddings"] = train_len
         else:
-            raise SpindleError(f"variant {spec!r}: unknown part {part!r} "
-                               "(expected plain, dynamic, yarn, yarn:F, ntk:F, linear:F, logn, joined by '+')")
+            try:
+                v.scaling = parse_rope_spec(part, train_len, "--variants")
+            except SpindleError:
+                raise SpindleError(f"variant {spec!r}: unknown part {part!r} (expected plain, dynamic, yarn, yarn:F, "
+                                   "ntk:F, linear:F, llama3:F, logn, joined by '+')") from None
     return v
 
 

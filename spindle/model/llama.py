@@ -37,7 +37,7 @@ from torch.distributed.tensor import DTensor, distribute_tensor
 from spindle.errors import SpindleError
 from spindle.model.attention import attention, cached_layout, dense_layout, document_layout
 from spindle.model.loss import TokenLosses, linear_cross_entropy
-from spindle.model.rope import RotaryEmbedding, apply_rotary
+from spindle.model.rotary import RotaryEmbedding, apply_rotary
 
 
 @dataclass

@@ -23,7 +23,8 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from spindle.checkpoint.manager import CheckpointManager, LoadPlan, plan_load, restore
+from spindle.checkpoint.loading import LoadPlan, plan_load, restore
+from spindle.checkpoint.manager import CheckpointManager
 from spindle.config import SpindleConfig, parse_skip_batches, save_resolved_config
 from spindle.data.batch import Batch
 from spindle.data.loader import build_train_loader, build_valid_sets
@@ -59,6 +60,15 @@ class TrainState:
 
     def state_dict(self) -> dict:
         return dict(self.__dict__)
+
+    def load_state_dict(self, state: dict, content: tuple[str, ...]) -> None:
+        """The counters a checkpoint's content restores: the schedule position with "scheduler", the data
+        position and consumed tokens with "sampler" (a verified trainer_state.json: every key present)."""
+        if "scheduler" in content:
+            self.updates = state["updates"]
+        if "sampler" in content:
+            self.step, self.num_consumed_tokens = state["step"], state["num_consumed_tokens"]
+            self.inf_nan_skip_batches = state["inf_nan_skip_batches"]
 
 
 class Trainer:
@@ -130,14 +140,10 @@ class Trainer:
         if plan.ref is None:
             return
         ts = restore(plan, self.raw_model, self.optimizer, partial=self.env.pp_size > 1, log=self.log)
-        if "scheduler" in plan.content:
-            self.state.updates = ts["updates"]
-            if "scaler" in ts and self.scaler.enabled:
-                self.scaler.load_state_dict(ts["scaler"])
+        self.state.load_state_dict(ts, plan.content)
+        if "scheduler" in plan.content and "scaler" in ts and self.scaler.enabled:
+            self.scaler.load_state_dict(ts["scaler"])
         if "sampler" in plan.content:
-            self.state.step = ts["step"]
-            self.state.num_consumed_tokens = ts["num_consumed_tokens"]
-            self.state.inf_nan_skip_batches = ts["inf_nan_skip_batches"]
             self.loader.load_state_dict(ts["loader"])
 
     def close(self) -> None:

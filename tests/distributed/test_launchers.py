@@ -1,7 +1,6 @@
 """Launchers: Slurm environment variables and torchrun give the same job; per-rank logs in the run folder."""
 
 import json
-import os
 import socket
 import subprocess
 import sys

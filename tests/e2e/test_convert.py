@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from spindle.checkpoint.discovery import resolve
-from spindle.checkpoint.manager import load_checkpoint
+from spindle.checkpoint.loading import load_checkpoint
 from spindle.cli import main
 from spindle.config import validate_config
 from spindle.model.llama import build_model

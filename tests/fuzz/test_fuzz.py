@@ -216,7 +216,7 @@ def test_fuzz_tokenizer_tool(work):
             rc = tool.main(argv)
         assert rc in (0, 2), rc
         if rc == 2:
-            assert sink.getvalue().startswith("error: "), sink.getvalue()
+            assert sink.getvalue().startswith("spindle: error: "), sink.getvalue()
         else:  # what it wrote reads back
             from spindle.data.shards import open_documents
 
@@ -337,7 +337,8 @@ def test_fuzz_checkpoint_loader(work):
     import torch
 
     from spindle.checkpoint.discovery import resolve
-    from spindle.checkpoint.manager import CONTENTS, CheckpointManager, load_checkpoint
+    from spindle.checkpoint.loading import CONTENTS, load_checkpoint
+    from spindle.checkpoint.manager import CheckpointManager
     from spindle.config import CkptConfig, validate_config
     from spindle.model.llama import build_model
     from spindle.train.optim import build_optimizer

@@ -8,7 +8,8 @@ import torch
 
 from spindle.checkpoint.dcp_io import read_metadata
 from spindle.checkpoint.discovery import resolve, scan_completed
-from spindle.checkpoint.manager import CheckpointManager, load_checkpoint, plan_load
+from spindle.checkpoint.loading import load_checkpoint, plan_load
+from spindle.checkpoint.manager import CheckpointManager
 from spindle.config import validate_config
 from spindle.errors import SpindleError
 from spindle.model.llama import build_model

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from spindle.checkpoint.internevo import is_internevo_folder, load_internevo_weights, read_internevo
-from spindle.checkpoint.manager import load_checkpoint
+from spindle.checkpoint.loading import load_checkpoint
 from spindle.cli import main
 from spindle.config import ModelConfig, validate_config
 from spindle.model.llama import build_model

@@ -14,7 +14,6 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
-import torch
 
 from spindle.config import AlertConfig, validate_config
 from spindle.parallel.mesh import ParallelEnv

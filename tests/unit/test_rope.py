@@ -7,13 +7,8 @@ import pytest
 import torch
 
 from spindle.errors import SpindleError
-from spindle.model.rope import (
-    RotaryEmbedding,
-    apply_rotary,
-    logn_scale,
-    rope_cos_sin,
-    rope_inv_freq,
-)
+from spindle.model.rope import rope_cos_sin, rope_inv_freq
+from spindle.model.rotary import RotaryEmbedding, apply_rotary, logn_scale
 
 D = 64
 BASE = 10000.0

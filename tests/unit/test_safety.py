@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from spindle.checkpoint.manager import CONTENTS, CheckpointManager, load_checkpoint
+from spindle.checkpoint.loading import CONTENTS, load_checkpoint
+from spindle.checkpoint.manager import CheckpointManager
 from spindle.config import CkptConfig, validate_config
 from spindle.errors import SpindleError
 
