@@ -14,7 +14,7 @@ from spindle.errors import SpindleError
 
 def test_train_bench_variants_start_from_the_same_model(tmp_path):
     bt = load_script("train")
-    res = bt.run_size("tiny", ["spindle", "hf", "hand"], rounds=2, run_folder=str(tmp_path), log=lambda *_: None)
+    res = bt.run_size("tiny", ["spindle", "hf", "hand"], rounds=3, run_folder=str(tmp_path), log=lambda *_: None)
     assert set(res["variants"]) == {"spindle", "hf", "hand"}
     # the weights were copied: same logits before training (fp32 rounding only)
     assert all(d < 1e-4 for d in res["logit_max_abs_diff"].values()), res["logit_max_abs_diff"]
@@ -22,9 +22,23 @@ def test_train_bench_variants_start_from_the_same_model(tmp_path):
     # spindle and hand predict all S positions, HF S-1 (it shifts labels itself): close, not equal
     assert first["spindle"] == pytest.approx(first["hand"], rel=1e-5)
     assert first["hf"] == pytest.approx(first["hand"], rel=0.05)
-    for v in res["variants"].values():
-        assert v["tokens_per_s"]["median"] > 0 and math.isfinite(v["mfu_vs_best_matmul"]["median"])
-    assert "spindle/hf" in res["ratios"] and "spindle/hand" in res["ratios"]
+    # FLOPs per token: 6 x the matmul weights (every Linear, the head included) + 12 L d S for attention
+    from spindle.model.llama import build_model
+
+    d, layers, _, _, seq, batch = bt.SIZES["tiny"]
+    model = build_model(bt.spindle_config("tiny", False, str(tmp_path)).model.to_args())
+    n_matmul = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
+    assert res["flops_per_token"] == 6 * n_matmul + 12 * layers * d * seq
+    for v in res["variants"].values():  # the figures follow from the measured step times
+        step = v["step_s"]["median"]
+        assert v["tokens_per_s"]["median"] == pytest.approx(batch * seq / step, rel=1e-9)
+        assert v["gflops_median"] == pytest.approx(batch * seq / step * res["flops_per_token"] / 1e9, rel=1e-9)
+        assert v["mfu_vs_best_matmul"]["median"] == pytest.approx(
+            v["gflops_median"] / res["matmul_gflops"]["max"], rel=1e-9)
+        assert math.isfinite(v["losses_first_last"][1]) and v["losses_first_last"][1] != v["losses_first_last"][0]
+    ratio = res["ratios"]["spindle/hand"]
+    assert ratio["n"] == 3 and ratio["min"] <= ratio["median"] <= ratio["max"]
+    assert "spindle/hf" in res["ratios"]
     text = bt.format_report([res], {"date": "d", "machine": "m", "torch": "t", "transformers": "x", "threads": 2,
                                     "rounds": 2, "load_before": [0], "load_after": [0]})
     assert "| spindle |" in text
@@ -50,7 +64,10 @@ def test_gpu_driver_runs_the_trainer_on_cpu(tmp_path, dtype):
     out = gt.run(preset="tiny", steps=3, warmup=1, dtype=dtype, compile=False, device="cpu",
                  run_folder=str(tmp_path), log=lambda *_: None)
     assert out["dtype"] == gt.DTYPES[dtype] and out["params"] > 0
-    assert out["tokens_per_s"]["median"] > 0 and out["mfu"]["median"] > 0
+    # MFU is tokens/s x FLOPs per token over the declared peak, step by step
+    assert out["mfu"]["median"] == pytest.approx(
+        out["tokens_per_s"]["median"] * out["flops_per_token"] / (out["peak_tflops"] * 1e12), rel=1e-4)  # logged to 6 digits
+    assert out["tokens_per_s"]["median"] > 0
     assert all(math.isfinite(x) for x in out["loss_first_last"])
     cfg = gt.build_config("1b", 10, "bf16", True, "cuda", str(tmp_path))
     from spindle.model.flops import parameter_counts

@@ -40,7 +40,7 @@ def losses(result):
     return [h["loss"] for h in result["history"]]
 
 
-def test_save_resume_is_exact_and_marker_is_written_last(tmp_path):
+def test_save_resume_is_exact(tmp_path):
     full = losses(Trainer(tiny_cfg(tmp_path / "a", {"auto_resume": False}), ParallelEnv(), **QUIET).fit())
     b = tmp_path / "b"
     part = Trainer(tiny_cfg(b, {"checkpoint_every": 2}, data={"total_steps": 4}), ParallelEnv(), **QUIET)
@@ -54,6 +54,46 @@ def test_save_resume_is_exact_and_marker_is_written_last(tmp_path):
     assert resumed.state.step == 2
     rest = losses(resumed.fit())
     assert first + rest == full  # bit for bit
+
+
+def test_every_file_is_durable_before_the_completion_marker(tmp_path, monkeypatch):
+    """The order of the real system calls of one save: each file of the step folder (DCP's shards and
+    .metadata, the trainer state, config, owner) is fsynced, under its own name or a temp name renamed
+    to it, before the `.step` record is renamed into place; nothing is written into the folder after."""
+    import os
+
+    events = []
+    real_fsync, real_replace, real_rename = os.fsync, os.replace, os.rename
+
+    def fsync(fd):
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        return real_fsync(fd)
+
+    def moved(real):
+        def move(src, dst, *a, **k):
+            events.append(("move", os.path.abspath(src), os.path.abspath(dst)))
+            return real(src, dst, *a, **k)
+        return move
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", moved(real_replace))
+    monkeypatch.setattr(os, "rename", moved(real_rename))
+    Trainer(tiny_cfg(tmp_path, {"checkpoint_every": 2}, data={"total_steps": 2}), ParallelEnv(), **QUIET).fit()
+    monkeypatch.undo()
+
+    folder, marker = (tmp_path / "ckpt" / "2").resolve(), str((tmp_path / "ckpt" / "2.step").resolve())
+    at = next(i for i, e in enumerate(events) if e[0] == "move" and e[2] == marker)
+    durable = set()
+    for e in events[:at]:
+        if e[0] == "fsync":
+            durable.add(e[1])
+        elif e[1] in durable:  # a synced temp file renamed to its name
+            durable.add(e[2])
+    files = {str(f) for f in folder.rglob("*") if f.is_file()}
+    assert {".metadata", "trainer_state.json", "config.json", ".owner.json"} <= {os.path.basename(f) for f in files}
+    assert files <= durable, sorted(files - durable)
+    assert str(folder) in durable  # the folder's entries too
+    assert not [e for e in events[at + 1:] if str(folder) in e[-1]], events[at + 1:]
 
 
 def test_negative_stop_file_saves_and_goes_on(tmp_path):

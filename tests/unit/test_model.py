@@ -106,11 +106,31 @@ def test_gqa_shapes_and_parameter_count():
     assert tied.output.weight is tied.tok_embeddings.weight
 
 
-def test_layernorm_and_post_norm_run():
-    model = build_model(tiny(norm_type="layernorm", no_bias=False, apply_post_layer_norm=True).to_args())
-    assert isinstance(model.norm, torch.nn.LayerNorm)
-    out = model(torch.randint(0, 97, (1, 8)))
-    assert out.shape == (1, 8, 97) and torch.isfinite(out).all()
+def test_layernorm_and_post_norm_change_the_computation():
+    """apply_post_layer_norm puts each block's norms after the residual adds: a block's output is then
+    LayerNorm's (zero mean, unit variance per token at init), which the pre-norm block's is not; and
+    LayerNorm with a bias is F.layer_norm."""
+    post = build_model(tiny(norm_type="layernorm", no_bias=False, apply_post_layer_norm=True).to_args(), seed=3)
+    pre = build_model(tiny(norm_type="layernorm", no_bias=False).to_args(), seed=3)
+    assert isinstance(post.norm, torch.nn.LayerNorm) and isinstance(post.layers["0"].ffn_norm, torch.nn.LayerNorm)
+    seen = {}
+    for name, m in (("post", post), ("pre", pre)):
+        m.layers["0"].register_forward_hook(lambda mod, args, out, name=name: seen.__setitem__(name, out))
+    ids = torch.randint(0, 97, (1, 8))
+    with torch.no_grad():
+        out_post, out_pre = post(ids), pre(ids)
+    assert out_post.shape == (1, 8, 97) and torch.isfinite(out_post).all()
+    assert not torch.allclose(out_post, out_pre, atol=1e-3)  # same weights, other ordering
+    h = seen["post"]
+    assert h.mean(-1).abs().max() < 1e-5 and (h.var(-1, unbiased=False) - 1).abs().max() < 1e-3
+    h = seen["pre"]
+    assert (h.var(-1, unbiased=False) - 1).abs().max() > 0.1
+    norm = post.norm
+    with torch.no_grad():
+        norm.bias.normal_()
+        norm.weight.normal_()
+    x = torch.randn(3, 64)
+    torch.testing.assert_close(norm(x), torch.nn.functional.layer_norm(x, (64,), norm.weight, norm.bias, 1e-5))
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -125,19 +145,26 @@ def test_low_precision_autocast_is_close_to_fp32(dtype):
     assert (low.float() - ref).abs().max() < 0.05
 
 
-def test_activation_checkpointing_gives_same_gradients():
+def test_activation_checkpointing_recomputes_the_chosen_blocks_with_the_same_gradients():
+    """checkpoint=0.5 recomputes the first half of the blocks in backward, True all of them (each
+    recomputed block runs its attention twice per step), and the gradients do not change."""
     from spindle.config import validate_config
     from spindle.parallel.mesh import ParallelEnv
     from spindle.parallel.parallelize import parallelize
 
     ids = torch.randint(0, 97, (2, 12))
-    grads = []
+    grads, calls = [], []
     for ck in (False, 0.5, True):
         cfg = validate_config({"model": tiny(checkpoint=ck).model_dump()})
         model = build_model(cfg.model.to_args(), seed=5)
+        count = {"0": 0, "1": 0}
+        for name, block in model.layers.items():
+            block.attention.register_forward_hook(lambda *_, name=name: count.__setitem__(name, count[name] + 1))
         wrapped = parallelize(model, cfg, ParallelEnv())
         wrapped(ids).float().pow(2).mean().backward()
         grads.append(model.tok_embeddings.weight.grad.clone())
+        calls.append(count)
+    assert calls == [{"0": 1, "1": 1}, {"0": 2, "1": 1}, {"0": 2, "1": 2}]
     assert torch.allclose(grads[0], grads[1], atol=1e-6) and torch.allclose(grads[0], grads[2], atol=1e-6)
 
 
