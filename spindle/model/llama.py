@@ -345,7 +345,7 @@ def materialize(model: Transformer, device: torch.device | str, seed: int, root:
 def build_model(args: ModelArgs, device: torch.device | str = "cpu", seed: int = 0) -> Transformer:
     """Construct on the meta device (no memory touched), then materialise and init on `device`; with
     device "meta" the model stays there, to be sharded first and materialised after
-    (`spindle.parallel.parallelize.apply_data_parallel`)."""
+    (`spindle.parallel.parallelize.apply_data_and_context_parallel`)."""
     with torch.device("meta"):
         model = Transformer(args)
     if torch.device(device).type != "meta":

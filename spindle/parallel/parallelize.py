@@ -123,7 +123,7 @@ def apply_fsdp(root: nn.Module, model: nn.Module, env: ParallelEnv, reshard_afte
     fully_shard(root, mp_policy=fp32 if tied else compute, **shard)
 
 
-class ModelView(nn.Module):
+class LocalStages(nn.Module):
     """The pipeline stages held by this rank, seen as one model with the whole model's parameter names
     (layers.N..., tok_embeddings on the first stage, norm/output on the last): what the optimizer and
     checkpoints use, so a checkpoint does not depend on how the layers were split."""
@@ -147,7 +147,7 @@ def apply_model_parallel(model: nn.Module, cfg: SpindleConfig, env: ParallelEnv)
     return model
 
 
-def apply_data_parallel(module: nn.Module, cfg: SpindleConfig, env: ParallelEnv) -> nn.Module:
+def apply_data_and_context_parallel(module: nn.Module, cfg: SpindleConfig, env: ParallelEnv) -> nn.Module:
     """The seed's zero1 / our fsdp switch on top of the model-parallel module.
 
     - zero1 == 1 (no sharding), no tensor parallelism: DDP, gradients all-reduced once per step;
@@ -164,9 +164,9 @@ def apply_data_parallel(module: nn.Module, cfg: SpindleConfig, env: ParallelEnv)
     needs it whole.
     """
     inner = module
-    while not hasattr(inner, "layers"):  # PipelineChunk / ContextParallel hold the model in .model
+    while not hasattr(inner, "layers"):  # PipelineStageModel / ContextParallel hold the model in .model
         inner = inner.model
-    if env.cp_size > 1 and hasattr(module, "layers"):  # a pipeline stage slices in PipelineChunk instead
+    if env.cp_size > 1 and hasattr(module, "layers"):  # a pipeline stage slices in PipelineStageModel instead
         from spindle.parallel.context import ContextParallel
 
         module = ContextParallel(module, env.cp_group)
@@ -217,4 +217,4 @@ def gradient_sync(model: nn.Module, micro_index: int, micro_count: int, full_sha
 
 def parallelize(model: nn.Module, cfg: SpindleConfig, env: ParallelEnv) -> nn.Module:
     """The whole recipe for a single-stage model."""
-    return apply_data_parallel(apply_model_parallel(model, cfg, env), cfg, env)
+    return apply_data_and_context_parallel(apply_model_parallel(model, cfg, env), cfg, env)

@@ -161,7 +161,7 @@ def build_stage_model(cfg: SpindleConfig, stage: int, num_stages: int, device: t
     if stage != num_stages - 1:
         model.norm = None
         model.output = None
-    if device.type != "meta":  # on meta it is sharded first, materialised after (apply_data_parallel)
+    if device.type != "meta":  # on meta it is sharded first, materialised after (apply_data_and_context_parallel)
         materialize(model, device, cfg.trainer.seed)
     return model
 

@@ -3,9 +3,9 @@
     raw_model, model, executor = build_training(cfg, env)
 
 `raw_model` has the plain model's parameter names (what the optimizer and checkpoints use: the whole
-model, or a `ModelView` of this rank's pipeline stages); `model` is what runs (wrapped by DDP / FSDP /
+model, or a `LocalStages` of this rank's pipeline stages); `model` is what runs (wrapped by DDP / FSDP /
 context parallelism); `executor` takes `Batch`es (spindle.parallel.executor). Models are built on
-meta, sharded, then each rank allocates and initialises its own shards (apply_data_parallel).
+meta, sharded, then each rank allocates and initialises its own shards (apply_data_and_context_parallel).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from spindle.parallel.context import SequenceSlices
 from spindle.parallel.dims import full_sharding
 from spindle.parallel.executor import COMPUTE_DTYPES, StepExecutor, slices_of
 from spindle.parallel.mesh import ParallelEnv
-from spindle.parallel.parallelize import ModelView, apply_data_parallel, apply_model_parallel
+from spindle.parallel.parallelize import LocalStages, apply_data_and_context_parallel, apply_model_parallel
 from spindle.parallel.pipeline import PipelineExecutor, PipelineStageModel, build_stage_model, stages_of_rank
 
 
@@ -28,7 +28,7 @@ def build_training(cfg: SpindleConfig, env: ParallelEnv, n_sources: int, log: Ca
     dtype = COMPUTE_DTYPES[cfg.model.dtype]
     if env.pp_size == 1:
         raw = build_model(cfg.model.to_args(), "meta")
-        model = apply_data_parallel(apply_model_parallel(raw, cfg, env), cfg, env)
+        model = apply_data_and_context_parallel(apply_model_parallel(raw, cfg, env), cfg, env)
         executor = StepExecutor(model, device=env.device, compute_dtype=dtype, label_smoothing=cfg.loss.label_smoothing,
                                 n_sources=n_sources, tensor_parallel=env.tp_size > 1,
                                 full_shard=full_sharding(cfg.parallel), slices=slices_of(model))
@@ -41,6 +41,6 @@ def build_training(cfg: SpindleConfig, env: ParallelEnv, n_sources: int, log: Ca
         m = apply_model_parallel(m, cfg, env)
         slices = SequenceSlices(m, env.cp_group) if env.cp_size > 1 else None
         stages.append(PipelineStageModel(m, cfg.loss.label_smoothing, fused=env.tp_size == 1, slices=slices))
-    parts = [apply_data_parallel(s, cfg, env) for s in stages]
+    parts = [apply_data_and_context_parallel(s, cfg, env) for s in stages]
     executor = PipelineExecutor(cfg, env, stages, parts, stage_ids, compute_dtype=dtype, n_sources=n_sources, log=log)
-    return ModelView(inner), parts[0], executor
+    return LocalStages(inner), parts[0], executor

@@ -16,7 +16,7 @@ from spindle.config import validate_config
 from spindle.model.llama import build_model
 from spindle.parallel.dims import full_sharding
 from spindle.parallel.mesh import build_mesh, init_distributed
-from spindle.parallel.parallelize import apply_data_parallel, gradient_sync
+from spindle.parallel.parallelize import apply_data_and_context_parallel, gradient_sync
 from torchrun_io import finish  # this folder is on sys.path when run as a script
 
 MODEL = dict(hidden_size=32, num_attention_heads=4, num_kv_attention_heads=2, num_layers=2, vocab_size=64,
@@ -54,7 +54,7 @@ def main(out: str) -> None:
     for name, parallel in {"zero1": {"zero1": -1}, "fsdp": {"zero1": dict(size=-1, fsdp=True)}}.items():
         cfg = validate_config({"model": MODEL, "parallel": parallel})
         env = build_mesh(env, cfg.parallel, cfg.model)
-        model = apply_data_parallel(build_model(cfg.model.to_args(), seed=0), cfg, env)
+        model = apply_data_and_context_parallel(build_model(cfg.model.to_args(), seed=0), cfg, env)
         groups = sum(1 for m in model.modules() if hasattr(m, "set_requires_gradient_sync"))
         per_step, grads = {}, {}
         for use in (False, True, True):  # the second deferred step checks the state was restored

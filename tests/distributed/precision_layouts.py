@@ -14,7 +14,7 @@ import torch.distributed as dist
 from spindle.config import validate_config
 from spindle.model.llama import build_model
 from spindle.parallel.mesh import build_mesh, init_distributed
-from spindle.parallel.parallelize import apply_data_parallel
+from spindle.parallel.parallelize import apply_data_and_context_parallel
 from torchrun_io import finish  # this folder is on sys.path when run as a script
 
 MODEL = dict(hidden_size=32, num_attention_heads=4, num_kv_attention_heads=2, num_layers=2, vocab_size=64,
@@ -62,7 +62,7 @@ def main(out: str) -> None:
         seen: set = set()
         record_dtypes(model, seen)
         wrapped = torch_default_fsdp(model, env) if name == "fsdp_torch_default" else \
-            apply_data_parallel(model, cfg, env)
+            apply_data_and_context_parallel(model, cfg, env)
         with torch.autocast("cpu", dtype=torch.bfloat16):
             loss = wrapped(ids, positions, None, labels=torch.roll(ids, -1, 1)).loss_sum / ids.numel()
         loss.backward()

@@ -57,10 +57,10 @@ def main(out: str) -> None:
         allocations.clear()
         if env.pp_size > 1:
             model = build_stage_model(cfg, env.pp_rank, env.pp_size, torch.device("meta"))
-            parallelize.apply_data_parallel(PipelineStageModel(parallelize.apply_model_parallel(model, cfg, env)), cfg, env)
+            parallelize.apply_data_and_context_parallel(PipelineStageModel(parallelize.apply_model_parallel(model, cfg, env)), cfg, env)
         else:
             model = build_model(cfg.model.to_args(), "meta")
-            parallelize.apply_data_parallel(parallelize.apply_model_parallel(model, cfg, env), cfg, env)
+            parallelize.apply_data_and_context_parallel(parallelize.apply_model_parallel(model, cfg, env), cfg, env)
         counts = [None] * env.world_size
         dist.all_gather_object(counts, allocations)
         stages = [None] * env.world_size
