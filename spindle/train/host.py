@@ -6,7 +6,7 @@ Two things made CPU steps much slower than their matmuls, both measured here (do
   a microcode slow path on x86: the demo's step went from 0.27 s to 0.47 s after ~60 steps.
   `torch.set_flush_denormal(True)` flushes them to zero — but only on the calling thread and on
   threads started after it: OpenMP's worker threads copy the mode of the thread that creates them.
-  `spindle train` therefore sets it first thing (spindle/cli.py), before any parallel CPU work; a
+  `spindle train` therefore sets it first thing (spindle/cli/train.py), before any parallel CPU work; a
   script that builds a `Trainer` itself should call `torch.set_flush_denormal(True)` before its
   first torch operation to get the same speed.
 - glibc serves every allocation above its mmap threshold (at most 32 MB) with a fresh `mmap` and
