@@ -31,6 +31,7 @@ from spindle.checkpoint.records import HASHED_FILES, completion_record, sha256
 from spindle.checkpoint.staging import Staging
 from spindle.config import CkptConfig
 from spindle.errors import SpindleError
+from spindle.parallel.comm import comm_tensor
 
 
 # --------------------------------------------------------------------------- the manager
@@ -45,10 +46,10 @@ class CheckpointManager:
     """
 
     def __init__(self, url: str, ckpt: CkptConfig, *, job: str = "spindle", is_writer: bool = True,
-                 process_group=None, distributed: bool = False, device: torch.device = torch.device("cpu"),
+                 process_group=None, distributed: bool = False,
                  log: Callable[[str], None] = print, alert: Optional[Callable[[str, str], None]] = None):
         self.url, self.ckpt, self.log, self.alert = url, ckpt, log, alert or (lambda kind, msg: None)
-        self.is_writer, self.process_group, self.distributed, self.device = is_writer, process_group, distributed, device
+        self.is_writer, self.process_group, self.distributed = is_writer, process_group, distributed
         self.storage = open_ckpt_storage(url, ckpt)
         self.remote = self.storage.local_path("") is None
         self.location = Location(self.storage.url) if self.remote else Path(self.storage.local_path(""))
@@ -97,7 +98,7 @@ class CheckpointManager:
             except SpindleError as exc:
                 error = exc
         if self.distributed:
-            failed = torch.tensor([0 if error is None else 1], device=self.device)
+            failed = comm_tensor([0 if error is None else 1], torch.int64, self.process_group)
             dist.all_reduce(failed, group=self.process_group)
             if error is None and int(failed.item()):
                 raise SpindleError("the checkpoint writer (rank 0) refused the save folder; see its message")
@@ -230,7 +231,7 @@ class CheckpointManager:
             return
         failed = self.staging.settle()  # {rel: reason} of this rank's uploads
         if self.distributed:  # a checkpoint is complete when every rank's files landed
-            ok = torch.tensor([0 if failed else 1], device=self.device)
+            ok = comm_tensor([0 if failed else 1], torch.int64, self.process_group)
             dist.all_reduce(ok, op=dist.ReduceOp.MIN, group=self.process_group)
             if int(ok.item()) == 0 and not failed:
                 failed = {r.rel: "another rank's upload failed" for r in self._pending}

@@ -121,7 +121,7 @@ class Trainer:
             return None
         folder = ck.save_ckpt_folder or str(self.run_dir / "ckpt")
         manager = CheckpointManager(folder, ck, job=self.cfg.JOB_NAME, is_writer=self.env.is_main,
-                                    distributed=self.env.distributed, device=self.device, log=self.log,
+                                    distributed=self.env.distributed, log=self.log,
                                     alert=lambda kind, msg: self.monitor.alert(kind, msg))
         self.ckpt_manager = manager  # close() releases what open() took, also when open() fails half-way
         manager.open()
