@@ -1,18 +1,73 @@
 #!/usr/bin/env bash
-# Train a ~1B-parameter Llama in bf16 on one GPU with Spindle's Trainer (SDPA flash attention, fused
-# AdamW, per-block torch.compile) and report tokens/s and MFU against the declared peak (989 TFLOP/s
-# bf16 dense on H100/H200). Usage: bench/gpu.sh [extra gpu_train.py flags, e.g. --micro-bsz 8]
-# CPU smoke test of the same code path: bench/gpu.sh --preset tiny --device cpu --steps 4 --warmup 1
+# The GPU check, on a fresh machine, in minutes: installs what is missing (the CUDA wheel of the pinned
+# torch, a C compiler for Inductor), refuses a machine without a CUDA device at once (one line, exit 2),
+# then runs with a timeout each:
+#   1. a bf16 ~1B training step, dense rows and packed documents: tokens/s, MFU, peak memory, the
+#      attention kernel (spindle.benchmarks.gpu_train; JSON under $OUT);
+#   2. the save / resume round trip, bit for bit;
+#   3. with two or more GPUs: the layout parity tests on 2 ranks (NCCL: the backend on CUDA);
+#   4. `spindle bench attention --quick --device cuda` (packed vs dense attention).
+# Usage: bench/gpu.sh [--preset 1b|tiny] [--device cuda|cpu] [extra gpu_train.py flags]
+# CPU smoke run of the same stages (what tests/e2e/test_gpu_sh.py runs): bench/gpu.sh --preset tiny --device cpu
 set -euo pipefail
 cd "$(dirname "$0")/.."
+PRESET=1b DEVICE=cuda EXTRA=()
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --preset) PRESET=$2; shift 2 ;;
+    --device) DEVICE=$2; shift 2 ;;
+    *) EXTRA+=("$1"); shift ;;
+  esac
+done
 PY=${PY:-.venv/bin/python}
 [ -x "$PY" ] || PY=python3
 OUT=${OUT:-runs/bench_gpu}
+TORCH_VERSION=2.13.0  # the pinned version (pyproject.toml)
+has_cuda() { "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; }
+
+if [ "$DEVICE" = cuda ] && ! has_cuda; then
+  if ! command -v nvidia-smi >/dev/null 2>&1 || ! nvidia-smi -L >/dev/null 2>&1; then
+    echo "bench/gpu.sh: no CUDA device on this machine (no working nvidia-smi); for the CPU smoke run use --preset tiny --device cpu" >&2
+    exit 2
+  fi
+  # a GPU but a CPU-only (or no) torch: the CUDA wheel of the pinned version, first index that has it
+  for tag in cu128 cu130 cu126; do
+    "$PY" -m pip install -q "torch==$TORCH_VERSION" --index-url "https://download.pytorch.org/whl/$tag" && has_cuda && break
+  done
+  has_cuda || { echo "bench/gpu.sh: torch $TORCH_VERSION with CUDA could not be installed or sees no device" >&2; exit 2; }
+  "$PY" -m pip install -q --no-deps -e . >/dev/null 2>&1 || true  # spindle itself, without touching torch
+fi
+if [ "$DEVICE" = cuda ] && ! command -v cc >/dev/null 2>&1 && ! command -v gcc >/dev/null 2>&1; then
+  # Inductor / Triton compile their launchers with the system C compiler
+  if command -v apt-get >/dev/null 2>&1; then
+    (apt-get install -y -q build-essential || sudo apt-get install -y -q build-essential) >/dev/null 2>&1 || true
+  fi
+  command -v cc >/dev/null 2>&1 || echo "bench/gpu.sh: no C compiler found; torch.compile will fail (install gcc)" >&2
+fi
 mkdir -p "$OUT"
-"$PY" - <<'PYEOF'
-import torch
-print("torch", torch.__version__, "cuda", torch.version.cuda,
-      "device", torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none")
-PYEOF
+STAMP=$(date +%Y%m%d_%H%M%S)
+"$PY" -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'devices', torch.cuda.device_count(), torch.cuda.get_device_name(0) if torch.cuda.is_available() else '')"
 command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,power.limit,clocks.max.sm --format=csv || true
-"$PY" -m spindle.benchmarks.gpu_train --preset 1b --steps 30 --warmup 5 --out "$OUT/gpu_train_$(date +%Y%m%d_%H%M%S).json" "$@"
+
+if [ "$PRESET" = tiny ]; then STEPS=(--steps 3 --warmup 1 --no-compile); LIMIT=300; else STEPS=(--steps 12 --warmup 4); LIMIT=150; fi
+FAILED=0
+stage() {  # name, seconds, command...
+  local name=$1 limit=$2; shift 2
+  echo "== $name"
+  if ! timeout "$limit" "$@"; then echo "== $name: FAILED or timed out (${limit}s)"; FAILED=1; fi
+}
+for layout in dense packed; do
+  flag=(); [ $layout = packed ] && flag=(--packed)
+  stage "train step, $layout" "$LIMIT" "$PY" -m spindle.benchmarks.gpu_train --preset "$PRESET" --device "$DEVICE" \
+    "${STEPS[@]}" "${flag[@]}" --out "$OUT/gpu_train_${layout}_$STAMP.json" "${EXTRA[@]}"
+done
+stage "resume round trip" 120 "$PY" -m spindle.benchmarks.gpu_train --resume-check --preset tiny --device "$DEVICE"
+GPUS=$("$PY" -c "import torch; print(torch.cuda.device_count())")
+if [ "$DEVICE" = cuda ] && [ "$GPUS" -ge 2 ]; then
+  stage "2-rank layout parity (NCCL)" 240 "$PY" -m pytest -q -x -m dist tests/distributed/test_parity.py
+fi
+if [ "$DEVICE" = cuda ]; then
+  stage "attention kernels" 120 "$PY" -m spindle.cli bench attention --quick --device cuda
+fi
+echo "bench/gpu.sh: done ($( [ $FAILED = 0 ] && echo 'all stages passed' || echo 'some stages FAILED' )); JSON in $OUT"
+exit $FAILED

@@ -26,6 +26,8 @@ import sys
 import tempfile
 import time
 
+import torch
+
 PRESETS = {
     "1b": {"hidden_size": 2048, "num_layers": 16, "num_attention_heads": 32, "num_kv_attention_heads": 8,
            "mlp_ratio": 4.0, "multiple_of": 256, "vocab_size": 32000, "seq_len": 2048, "micro_bsz": 4},
@@ -36,7 +38,7 @@ DTYPES = {"bf16": "torch.bfloat16", "fp32": "torch.float32", "fp16": "torch.floa
 
 
 def build_config(preset: str, steps: int, dtype: str, compile: bool, device: str, run_folder: str,
-                 micro_bsz=None, seq_len=None, peak_tflops=None, fused=None):
+                 micro_bsz=None, seq_len=None, peak_tflops=None, fused=None, packed=False):
     from spindle.config import validate_config
 
     p = dict(PRESETS[preset])
@@ -46,7 +48,9 @@ def build_config(preset: str, steps: int, dtype: str, compile: bool, device: str
     p.pop("micro_bsz", None)
     raw = {
         "JOB_NAME": f"gpu_bench_{preset}",
-        "data": {"type": "dummy", "seq_len": seq, "micro_bsz": bsz, "micro_num": 1, "total_steps": steps},
+        # packed: random-length documents packed into the rows (the varlen / segment kernels)
+        "data": {"type": "dummy", "seq_len": seq, "micro_bsz": bsz, "micro_num": 1, "total_steps": steps,
+                 "fixed_random_dataset_seqlen": not packed},
         "model": {**p, "max_position_embeddings": seq, "dtype": DTYPES[dtype], "checkpoint": False},
         "adam": {"lr": 3e-4, "weight_decay": 0.1, "fused": fused},
         "lr_scheduler": {"total_steps": steps, "warmup_ratio": 0.0},
@@ -57,10 +61,22 @@ def build_config(preset: str, steps: int, dtype: str, compile: bool, device: str
     return validate_config(raw)
 
 
-def run(preset="tiny", steps=8, warmup=2, dtype="bf16", compile=True, device="auto", micro_bsz=None, seq_len=None,
-        peak_tflops=None, fused=None, run_folder=None, log=print) -> dict:
-    import torch
+def attention_kernel(device: torch.device, dtype: str, packed: bool, seq_len: int) -> str:
+    """The kernel spindle.model.attention picks for this run's batches (packed: two documents a row)."""
+    from spindle.model.attention import DocumentLayout, choose_kernel
+    from spindle.parallel.executor import COMPUTE_DTYPES
 
+    layout = DocumentLayout(1, seq_len, (0, seq_len // 2) if packed else None, device=device)
+    name = choose_kernel(device.type, COMPUTE_DTYPES[dtype], layout).name
+    if device.type == "cuda" and name == "sdpa_causal":  # which SDPA backends PyTorch may pick from
+        b = torch.backends.cuda
+        name += f" (flash {b.flash_sdp_enabled()}, mem_efficient {b.mem_efficient_sdp_enabled()}, " \
+                f"cudnn {b.cudnn_sdp_enabled()})"
+    return name
+
+
+def run(preset="tiny", steps=8, warmup=2, dtype="bf16", compile=True, device="auto", micro_bsz=None, seq_len=None,
+        peak_tflops=None, fused=None, run_folder=None, log=print, packed=False) -> dict:
     from spindle.parallel.mesh import init_distributed
     from spindle.train.trainer import Trainer
 
@@ -69,7 +85,7 @@ def run(preset="tiny", steps=8, warmup=2, dtype="bf16", compile=True, device="au
     env = init_distributed(None, None, None, device)
     with tempfile.TemporaryDirectory() as tmp:
         cfg = build_config(preset, steps, dtype, compile, device, run_folder or tmp, micro_bsz, seq_len,
-                           peak_tflops, fused)
+                           peak_tflops, fused, packed)
         t0 = time.perf_counter()
         tr = Trainer(cfg, env, log=lambda *_: None)
         opt_defaults = tr.optimizer.defaults
@@ -80,7 +96,8 @@ def run(preset="tiny", steps=8, warmup=2, dtype="bf16", compile=True, device="au
     mfu = [h["mfu"] for h in hist]
     dev = tr.device
     out = {
-        "preset": preset, "device": str(dev),
+        "preset": preset, "device": str(dev), "packed": packed,
+        "attention_kernel": attention_kernel(dev, cfg.model.dtype, packed, cfg.data.seq_len),
         "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else platform.processor() or "cpu",
         "dtype": cfg.model.dtype, "compile": compile, "fused_adamw": bool(opt_defaults.get("fused")),
         "params": tr.n_params, "seq_len": cfg.data.seq_len, "micro_bsz": cfg.data.micro_bsz,
@@ -93,12 +110,37 @@ def run(preset="tiny", steps=8, warmup=2, dtype="bf16", compile=True, device="au
         "max_memory_gib": torch.cuda.max_memory_allocated(dev) / 2**30 if dev.type == "cuda" else None,
         "torch": torch.__version__, "date": time.strftime("%Y-%m-%d %H:%M"),
     }
-    log(f"{preset} on {out['device_name']} ({out['dtype']}, compile {compile}, fused AdamW {out['fused_adamw']}): "
+    log(f"{preset}{' packed' if packed else ''} on {out['device_name']} ({out['dtype']}, {out['attention_kernel']}, "
+        f"compile {compile}, fused AdamW {out['fused_adamw']}): "
         f"{out['params']:,} params, {tgs and out['tokens_per_s']['median']:,.0f} tokens/s median "
         f"({out['tokens_per_s']['best']:,.0f} best), MFU {out['mfu']['median']:.1%} median "
         f"({out['mfu']['best']:.1%} best) of {out['peak_tflops']:.3g} TFLOP/s ({out['peak_source']}); "
         f"loss {out['loss_first_last'][0]:.3f} -> {out['loss_first_last'][1]:.3f}")
     return out
+
+
+def resume_round_trip(preset="tiny", dtype="bf16", device="auto", seq_len=None, log=print) -> dict:
+    """4 steps straight, against 2 steps, a checkpoint (the stop file), and 2 resumed: the same losses
+    bit for bit (no compile: the check is of the state saved, not of kernels)."""
+    from spindle.parallel.mesh import init_distributed
+    from spindle.train.trainer import Trainer
+
+    env = init_distributed(None, None, None, device)
+    runs = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in ("straight", "stopped", "resumed"):
+            cfg = build_config(preset, 4, dtype, False, device, f"{tmp}/{'straight' if name == 'straight' else 'b'}",
+                               seq_len=seq_len)
+            cfg.ckpt.enable_save_ckpt, cfg.ckpt.checkpoint_every = True, 2
+            if name == "stopped":
+                cfg.ckpt.stop_file_path = f"{tmp}/stop"
+                with open(cfg.ckpt.stop_file_path, "w") as f:
+                    f.write("2")
+            runs[name] = [h["loss"] for h in Trainer(cfg, env, log=lambda *_: None).fit()["history"]]
+    same = runs["stopped"] + runs["resumed"] == runs["straight"]
+    log(f"resume round trip ({preset}, {dtype}, {env.device}): {'bit-exact' if same else 'DIFFERENT'} "
+        f"losses {runs['straight']} vs {runs['stopped']} + {runs['resumed']}")
+    return {"resume_bit_exact": same, **runs}
 
 
 def main(argv=None) -> int:
@@ -112,12 +154,18 @@ def main(argv=None) -> int:
     ap.add_argument("--seq-len", type=options.int_in(2, 1 << 24), default=None)
     ap.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
     ap.add_argument("--no-compile", action="store_true")
+    ap.add_argument("--packed", action="store_true", help="random-length documents packed into the rows")
+    ap.add_argument("--resume-check", action="store_true", help="only the save/resume round trip (4 steps)")
     ap.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto")
     ap.add_argument("--peak-tflops", type=options.float_in(0, 1e6, lo_open=True), default=None, help="MFU denominator (default: the GPU table)")
     ap.add_argument("--out", default=None, help="write the result JSON here")
     args = ap.parse_args(argv)
+    if args.resume_check:
+        out = resume_round_trip(args.preset, args.dtype, args.device, args.seq_len)
+        print(json.dumps(out))
+        return 0 if out["resume_bit_exact"] else 1
     out = run(args.preset, args.steps, args.warmup, args.dtype, not args.no_compile, args.device, args.micro_bsz,
-              args.seq_len, args.peak_tflops)
+              args.seq_len, args.peak_tflops, packed=args.packed)
     if args.out:
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
         with open(args.out, "w") as f:

@@ -17,6 +17,7 @@ import io
 import pickle
 import re
 import warnings
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -139,8 +140,12 @@ def _rng_to_load(saved_keys: set[str], log: Callable[[str], None]) -> dict:
 
 
 def write_tensors(path: Path, model: torch.nn.Module, optimizer: Optional[torch.optim.Optimizer],
-                  process_group=None) -> None:
-    """Write the DCP files of one checkpoint (every rank calls this; DCP coordinates)."""
+                  process_group=None, asynchronous: bool = False) -> Optional[Future]:
+    """Write the DCP files of one checkpoint (every rank calls this; DCP coordinates).
+
+    `asynchronous`: `dcp.async_save` — the tensors are copied to host memory before it returns (training
+    may change them right after), the files are written in a background thread; the returned future
+    resolves when they are (pass it to `finish_write`)."""
     state = {"model": get_model_state_dict(model), "rng": rng_state()}
     if optimizer is not None:
         state["optimizer"] = get_optimizer_state_dict(model, optimizer, options=OPTIM_OPTIONS)
@@ -148,8 +153,21 @@ def write_tensors(path: Path, model: torch.nn.Module, optimizer: Optional[torch.
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # "no process group, assuming single process" is expected on 1 rank
-            dcp.save(state, storage_writer=dcp.FileSystemWriter(str(path)), process_group=process_group)
+            save = dcp.async_save if asynchronous else dcp.save
+            result = save(state, storage_writer=dcp.FileSystemWriter(str(path)), process_group=process_group)
     except CheckpointException as exc:  # e.g. a full disk: one line, not DCP's rank tracebacks
+        raise OSError(describe_load_error(exc)) from None
+    return result if asynchronous else None
+
+
+def finish_write(future: Optional[Future]) -> None:
+    """Wait for an asynchronous write (nothing to wait for after a synchronous one); its failure as one
+    OSError, as `write_tensors` reports a synchronous one."""
+    if future is None:
+        return
+    try:
+        future.result()
+    except CheckpointException as exc:
         raise OSError(describe_load_error(exc)) from None
 
 

@@ -21,7 +21,7 @@ from typing import Callable, Optional
 import torch
 import torch.distributed as dist
 
-from spindle.checkpoint.dcp_io import write_tensors
+from spindle.checkpoint.dcp_io import finish_write, write_tensors
 from spindle.checkpoint.discovery import (
     CkptRef, FolderContents, Location, inspect_folder, open_ckpt_storage, record_lineage, scan_completed,
 )
@@ -31,6 +31,7 @@ from spindle.checkpoint.records import HASHED_FILES, completion_record, sha256
 from spindle.checkpoint.staging import Staging
 from spindle.config import CkptConfig
 from spindle.errors import SpindleError
+from spindle.parallel.comm import comm_tensor
 
 
 # --------------------------------------------------------------------------- the manager
@@ -45,10 +46,10 @@ class CheckpointManager:
     """
 
     def __init__(self, url: str, ckpt: CkptConfig, *, job: str = "spindle", is_writer: bool = True,
-                 process_group=None, distributed: bool = False, device: torch.device = torch.device("cpu"),
+                 process_group=None, distributed: bool = False,
                  log: Callable[[str], None] = print, alert: Optional[Callable[[str, str], None]] = None):
         self.url, self.ckpt, self.log, self.alert = url, ckpt, log, alert or (lambda kind, msg: None)
-        self.is_writer, self.process_group, self.distributed, self.device = is_writer, process_group, distributed, device
+        self.is_writer, self.process_group, self.distributed = is_writer, process_group, distributed
         self.storage = open_ckpt_storage(url, ckpt)
         self.remote = self.storage.local_path("") is None
         self.location = Location(self.storage.url) if self.remote else Path(self.storage.local_path(""))
@@ -58,6 +59,7 @@ class CheckpointManager:
         self.contents = FolderContents()
         self._slots: dict[int, int] = {}  # snapshot slot -> step of this lineage's snapshot in it
         self._pending: list[CkptRef] = []  # staged checkpoints whose upload has not been confirmed
+        self._writing: Optional[tuple] = None  # the last save's (ref, folder, files, slot, DCP future)
         self.closed = False
         self.upload_seconds: list[float] = []
 
@@ -97,7 +99,7 @@ class CheckpointManager:
             except SpindleError as exc:
                 error = exc
         if self.distributed:
-            failed = torch.tensor([0 if error is None else 1], device=self.device)
+            failed = comm_tensor([0 if error is None else 1], torch.int64, self.process_group)
             dist.all_reduce(failed, group=self.process_group)
             if error is None and int(failed.item()):
                 raise SpindleError("the checkpoint writer (rank 0) refused the save folder; see its message")
@@ -153,6 +155,8 @@ class CheckpointManager:
         if self.lineage is None:  # used without a training run: a new lineage in a folder of no checkpoints
             self.open()
             self.adopt(LoadPlan("fresh", (), "save"))
+        if self._writing is not None:  # the previous asynchronous save: written, then recorded
+            self._complete_write()
         self.wait()  # uploads of earlier saves are confirmed (or kept staged for a retry) first
         slot = None
         if snapshot:  # write into the slot that does not hold the newest snapshot: one always survives
@@ -169,16 +173,35 @@ class CheckpointManager:
         target = Path(self.storage.local_path(ref.rel)) if not self.remote else \
             self.staging.folder(ref.rel, _state_bytes(model, optimizer))
         try:
-            write_tensors(target, model, optimizer, self.process_group)
+            future = write_tensors(target, model, optimizer, self.process_group, asynchronous=self.ckpt.async_save)
+        except OSError as exc:
+            raise self._not_written(target, exc) from None
+        self._writing = (ref, target, files, slot, future)
+        if future is not None:  # completed (files, record) at the next save or at close()
+            return str(self.location / ref.rel) + " (tensors being written in the background)"
+        return self._complete_write()
+
+    @staticmethod
+    def _not_written(target: Path, exc: OSError) -> SpindleError:
+        # e.g. a full disk: one line; no completion record, the previous stays latest
+        return SpindleError(f"{target}: checkpoint could not be written ({exc}); it is not marked complete, "
+                            "the previous checkpoint stays the latest")
+
+    def _complete_write(self) -> str:
+        """After the tensors of the last save are on disk (an asynchronous write waited for here): the JSON
+        files, fsynced, then the completion record (after every rank's files) or the upload. The record
+        never names a checkpoint whose tensors are still being written."""
+        (ref, target, files, slot, future), self._writing = self._writing, None
+        try:
+            finish_write(future)
             if self.is_writer:
                 for name, data in files.items():
                     _write_durable(target / name, data)
                 _fsync_dir(target)
-        except OSError as exc:  # e.g. a full disk: one line; no completion record, the previous stays latest
-            raise SpindleError(f"{target}: checkpoint could not be written ({exc}); it is not marked complete, "
-                               "the previous checkpoint stays the latest") from None
+        except OSError as exc:
+            raise self._not_written(target, exc) from None
         if slot is not None:
-            self._slots[slot] = step
+            self._slots[slot] = ref.step
         if not self.remote:
             self._barrier()
             self._commit(ref)
@@ -189,7 +212,7 @@ class CheckpointManager:
         try:
             self.staging.upload_now(ref)
         except SpindleError as exc:
-            raise SpindleError(f"checkpoint step {step} was not uploaded to {self.location / ref.rel} and is "
+            raise SpindleError(f"checkpoint step {ref.step} was not uploaded to {self.location / ref.rel} and is "
                                f"not marked complete: {exc}") from None
         self._barrier()
         self._commit(ref)
@@ -230,7 +253,7 @@ class CheckpointManager:
             return
         failed = self.staging.settle()  # {rel: reason} of this rank's uploads
         if self.distributed:  # a checkpoint is complete when every rank's files landed
-            ok = torch.tensor([0 if failed else 1], device=self.device)
+            ok = comm_tensor([0 if failed else 1], torch.int64, self.process_group)
             dist.all_reduce(ok, op=dist.ReduceOp.MIN, group=self.process_group)
             if int(ok.item()) == 0 and not failed:
                 failed = {r.rel: "another rank's upload failed" for r in self._pending}
@@ -260,6 +283,8 @@ class CheckpointManager:
             return
         self.closed = True
         try:
+            if self._writing is not None:
+                self._complete_write()
             if self._pending:
                 self.wait()
             if self._pending:

@@ -43,6 +43,9 @@ class CkptConfig(Section):
     checkpoint_every: float = Field(default=math.inf, allow_inf_nan=True)  # steps; inf = only at the end
     auto_resume: bool = True
     async_upload: bool = False
+    # dcp.async_save: tensors copied to host memory, written in a thread while training goes on; the
+    # checkpoint is marked complete once written, at the next save or at the end of the run
+    async_save: bool = False
     async_upload_tmp_folder: str = "/dev/shm/spindle_tmp_ckpt/"
     oss_snapshot_freq: float = Field(default=math.inf, allow_inf_nan=True)
     snapshot_ckpt_folder: Optional[str] = None

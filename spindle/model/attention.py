@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from functools import cached_property
 from typing import NamedTuple, Optional
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -46,6 +47,7 @@ class DocumentLayout:
     starts: Optional[tuple[int, ...]] = None
     cached: bool = False
     device: torch.device = torch.device("cpu")
+    span: Optional[int] = None  # max position + 1 when known on the host (dynamic RoPE, sliding window)
 
     def __post_init__(self):
         # what the kernel choice reads; a compiled block guards on this string only, not on the starts
@@ -91,16 +93,21 @@ class DocumentLayout:
 
 
 def document_layout(position_ids: torch.Tensor) -> DocumentLayout:
-    """The layout of a (B, L) batch from its positions: one host sync (the documents' starts)."""
+    """The layout of a (B, L) batch from its positions: one host sync for the documents' starts and the
+    largest position together (the forward's only one: RoPE scaling and the window check read `span`)."""
     b, l = position_ids.shape
     starts = position_ids == 0
     starts[:, 0] = True  # a row starts a document whatever its first position (rows never share one)
-    flat = starts.flatten().nonzero().flatten().tolist()
-    return DocumentLayout(b, l, None if len(flat) == b else tuple(flat), device=position_ids.device)
+    # one copy to the host, the start flags and the max together; the starts are then found there
+    host = torch.cat([starts.flatten().to(torch.int32), position_ids.max().to(torch.int32).reshape(1)]).cpu().numpy()
+    flat = np.flatnonzero(host[:-1]).tolist()
+    return DocumentLayout(b, l, None if len(flat) == b else tuple(flat), device=position_ids.device,
+                          span=int(host[-1]) + 1)
 
 
 def dense_layout(batch: int, length: int, device) -> DocumentLayout:
-    return DocumentLayout(batch, length, device=torch.device(device))
+    """Rows of positions 0..length-1 (no position_ids given, no cache)."""
+    return DocumentLayout(batch, length, device=torch.device(device), span=length)
 
 
 def cached_layout(batch: int, length: int, device) -> DocumentLayout:

@@ -24,6 +24,7 @@ the Hugging Face mapping in `spindle.checkpoint.families` one line per tensor.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import zlib
 from dataclasses import dataclass, field
@@ -94,10 +95,11 @@ def make_norm(args: ModelArgs, dim: Optional[int] = None) -> nn.Module:
     return LayerNorm(dim or args.hidden_size, eps=args.layer_norm_epsilon, bias=args.norm_bias)
 
 
-def check_within_window(position_ids: torch.Tensor, window: int) -> None:
+def check_within_window(position_ids: torch.Tensor, window: int, span: Optional[int] = None) -> None:
     """Refuse attention spans longer than the sliding window (positions count from each document's
-    start, or from the cache's, so max + 1 is the longest span any query attends over)."""
-    span = int(position_ids.max().item()) + 1
+    start, or from the cache's, so max + 1 is the longest span any query attends over). `span`: that
+    max + 1 when the layout already read it (no second host sync)."""
+    span = int(position_ids.max().item()) + 1 if span is None else span
     if span > window:
         raise SpindleError(f"sequence of {span} positions exceeds model.sliding_window={window}: sliding-window "
                            "attention is not implemented (it equals causal attention only within the window); "
@@ -284,8 +286,9 @@ class Transformer(nn.Module):
         A pipeline stage without embeddings receives hidden states (B, L, H) in `input_ids`.
         `position_ids` restart at every document of a pack, and that is where attention finds the
         documents (`spindle.model.attention.document_layout`: one host sync per forward, shared by
-        all layers). With a `cache`, the input continues the cached tokens, `position_ids` are absolute and
-        `seq_len` (the total context, for dynamic RoPE scaling) defaults to max position + 1.
+        all layers and the RoPE scaling). With a `cache`, the input continues the cached tokens,
+        `position_ids` are absolute and `seq_len` (the total context, for dynamic RoPE scaling)
+        defaults to max position + 1.
         With `labels` (-100 where no loss) the head and the cross-entropy run fused over token
         chunks (`spindle.model.loss`): the summed loss (label-smoothed if asked), per-token plain
         cross-entropy and argmax hits, no logits.
@@ -308,11 +311,14 @@ class Transformer(nn.Module):
             start = cache.length if cache is not None else 0
             position_ids = torch.arange(start, start + l, device=h.device).expand(b, l)
         if self.args.sliding_window is not None:
-            check_within_window(position_ids, self.args.sliding_window)
-        cos, sin, q_scale = self.rotary(position_ids, seq_len)
-        for name, layer in self.layers.items():
-            layer_cache = cache.layer(name) if cache is not None else None
-            h = layer(h, cos, sin, q_scale, layout, layer_cache, position_ids if cache is not None else None)
+            check_within_window(position_ids, self.args.sliding_window, layout.span)
+        cos, sin, q_scale = self.rotary(position_ids, seq_len if seq_len is not None else layout.span)
+        # decoding with a cache runs compiled blocks eagerly: every new cache length is a new shape, which
+        # would compile the block again (up to the recompile limit) for one token each
+        with torch.compiler.set_stance("force_eager") if cache is not None else contextlib.nullcontext():
+            for name, layer in self.layers.items():
+                layer_cache = cache.layer(name) if cache is not None else None
+                h = layer(h, cos, sin, q_scale, layout, layer_cache, position_ids if cache is not None else None)
         if self.norm is not None:
             h = self.norm(h)
         if self.output is None:

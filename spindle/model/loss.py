@@ -78,14 +78,15 @@ class _LinearCrossEntropy(torch.autograd.Function):
             probs.scatter_add_(1, lc[:, None], torch.full_like(picked, -(1.0 - smoothing))[:, None])
             if smoothing:
                 probs.sub_(smoothing / probs.shape[1])
-            if not bool(vc.all()):
-                probs.mul_(vc[:, None])
+            # rows without a label get no gradient: zero them in the (rows, d) inputs and outputs rather
+            # than in the (rows, V) probabilities, and always, so no host sync asks whether any is ignored
             g = probs.to(hc.dtype)
-            grad_h[s:e] = torch.mm(g, weight.to(g.dtype) if weight.dtype != g.dtype else weight)
+            hv = hc * vc[:, None].to(hc.dtype)
+            grad_h[s:e] = torch.mm(g, weight.to(g.dtype) if weight.dtype != g.dtype else weight) * vc[:, None]
             if not autocast and g.dtype == grad_w.dtype and hc.dtype == grad_w.dtype:
-                grad_w.addmm_(g.t(), hc)
+                grad_w.addmm_(g.t(), hv)
             else:
-                grad_w.add_(torch.mm(g.t(), hc))
+                grad_w.add_(torch.mm(g.t(), hv))
         if want_grad:
             ctx.save_for_backward(grad_h, grad_w)
             ctx.weight_dtype = weight.dtype

@@ -75,7 +75,7 @@ class StepExecutor:
                              label_smoothing=smoothing)
         return token_statistics(out, self.local(batch.labels), smoothing)
 
-    def forward_backward(self, batches: list[Batch], loss_scale: float) -> torch.Tensor:
+    def forward_backward(self, batches: list[Batch], loss_scale: torch.Tensor) -> torch.Tensor:
         """Forward and backward of every micro-batch; the summed loss times `loss_scale` is what backward
         sees, so the step's gradient is that of the mean token loss (the trainer picks the scale)."""
         self.model.train()

@@ -80,10 +80,11 @@ def apply_activation_checkpointing(model: nn.Module, num_layers: int) -> None:
         model.layers[name] = checkpoint_wrapper(model.layers[name], preserve_rng_state=True)
 
 
-def apply_compile(model: nn.Module) -> None:
-    """Compile each block separately: one graph per block compiles fast and is reused by all blocks."""
+def apply_compile(model: nn.Module, backend: str = "inductor") -> None:
+    """Compile each block separately: one graph per block compiles fast and is reused by all blocks.
+    (KV-cache decoding runs them eagerly: spindle.model.llama.Transformer.forward.)"""
     for name, block in model.layers.items():
-        model.layers[name] = torch.compile(block, dynamic=False)
+        model.layers[name] = torch.compile(block, dynamic=False, backend=backend)
 
 
 def apply_fsdp(root: nn.Module, model: nn.Module, env: ParallelEnv, reshard_after_forward: bool,

@@ -138,7 +138,7 @@ class PipelineExecutor:
             dist.all_reduce(stats, group=self.env.pp_group)
         return stats
 
-    def forward_backward(self, batches: list[Batch], loss_scale: float) -> torch.Tensor:
+    def forward_backward(self, batches: list[Batch], loss_scale: torch.Tensor) -> torch.Tensor:
         self.loss_scale = loss_scale
         return self._run(batches, train=True)
 

@@ -13,11 +13,13 @@ from typing import Callable, Optional
 import torch
 import torch.distributed as dist
 
+from spindle.parallel.comm import comm_tensor
+
 
 def step_signals(stop_file: Optional[str], env, write_failed: bool) -> tuple[Optional[int], bool]:
-    """In one collective (a MAX all-reduce on the run's device): the stop file's value, read by rank 0,
+    """In one collective (a MAX all-reduce on the world group's device): the stop file's value, read by rank 0,
     and whether any rank could not write its metrics or log."""
-    value = torch.zeros(2, dtype=torch.int64, device=env.device)  # a collective's tensor lives on its device
+    value = comm_tensor((2,), torch.int64)  # on the backend's device: a CPU tensor breaks under NCCL
     if stop_file and env.is_main:
         try:
             text = Path(stop_file).read_text().strip()

@@ -35,6 +35,22 @@ CONSOLE_KEYS = [
 GIB = 2**30
 
 
+def step_statistics(stats: torch.Tensor, grad_norm: torch.Tensor, source_names: list[str]) -> dict:
+    """The step's loss, accuracy and gradient norm, overall and per source, from the device in one read
+    (after the update: the step itself waits for no statistic but whether to update).
+
+    `stats` is the executors' (3, sources + 1) float64 tensor (summed loss, labelled tokens, hits;
+    the last column the total); float64 on the host divides exactly as it would on the device."""
+    values = torch.cat([stats.flatten(), grad_norm.detach().double().reshape(1)]).tolist()
+    (loss, count, hits), norm = [values[i * stats.shape[1]:(i + 1) * stats.shape[1]] for i in range(3)], values[-1]
+    out = {"loss": loss[-1] / max(count[-1], 1.0), "grad_norm": norm, "acc": hits[-1] / max(count[-1], 1.0)}
+    for k, name in enumerate(source_names):
+        if count[k] > 0:
+            out[f"loss/{name}"], out[f"acc/{name}"] = loss[k] / count[k], hits[k] / count[k]
+            out[f"tokens/{name}"] = int(count[k])
+    return out
+
+
 def synchronize(device: torch.device) -> None:
     """Wait for the device's queued kernels, so that a host clock read after it times them (CUDA runs
     asynchronously: without it a step's time is the time to enqueue it). Nothing to wait for on CPU."""

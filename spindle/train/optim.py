@@ -11,6 +11,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 from torch.distributed.tensor import DTensor
+from torch.distributed.tensor.experimental import implicit_replication
 
 from spindle.config import AdamConfig, Beta2SchedulerConfig, GradScalerConfig, LrSchedulerConfig
 
@@ -122,9 +123,12 @@ def clip_gradients(params: list[torch.Tensor], max_norm: float, device: torch.de
         dist.all_reduce(sq, group=pp_group)
     norm = sq.sqrt().float()
     if max_norm > 0 and groups:
+        # the coefficient stays on the device (no host sync); the same values as a Python scalar for
+        # the fp32 gradients of fp32 master weights. DTensor gradients take it as replicated.
         coef = (max_norm / (norm + 1e-6)).clamp(max=1.0)
-        for grads in groups:
-            torch._foreach_mul_(grads, coef.item())
+        with implicit_replication():
+            for grads in groups:
+                torch._foreach_mul_(grads, coef)
     return norm
 
 

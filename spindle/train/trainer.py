@@ -37,7 +37,8 @@ from spindle.parallel.setup import build_training
 from spindle.train.controls import acted_on_stop_file, step_signals
 from spindle.train.host import RunRNG, cpu_training_mode, torch_threads
 from spindle.train.metrics import (
-    LineFile, MetricSinks, Progress, RunFolderFull, continue_tensorboard, format_line, step_record, synchronize,
+    LineFile, MetricSinks, Progress, RunFolderFull, continue_tensorboard, format_line, step_record, step_statistics,
+    synchronize,
 )
 from spindle.train.monitor import build_monitor
 from spindle.train.optim import (
@@ -121,7 +122,7 @@ class Trainer:
             return None
         folder = ck.save_ckpt_folder or str(self.run_dir / "ckpt")
         manager = CheckpointManager(folder, ck, job=self.cfg.JOB_NAME, is_writer=self.env.is_main,
-                                    distributed=self.env.distributed, device=self.device, log=self.log,
+                                    distributed=self.env.distributed, log=self.log,
                                     alert=lambda kind, msg: self.monitor.alert(kind, msg))
         self.ckpt_manager = manager  # close() releases what open() took, also when open() fails half-way
         manager.open()
@@ -164,11 +165,12 @@ class Trainer:
         batches = [b.to(self.device) for b in micro_batches]
         # the valid labels of the whole step, over all micro-batches and data-parallel ranks
         n_valid = self._all_reduce(sum(b.num_labels() for b in batches).to(torch.float64))
-        # gradients are averaged over data x context ranks: scale the loss up by their number
-        denom = n_valid.clamp(min=1).item() / (self.env.dp_size * self.env.cp_size)
+        # gradients are averaged over data x context ranks: scale the loss up by their number. The scale
+        # stays on the device (fp32, as a Python float would be rounded in the fp32 loss product)
         scale = self.scaler.scale
+        loss_scale = (scale / (n_valid.clamp(min=1) / (self.env.dp_size * self.env.cp_size))).float()
         t0 = time.perf_counter()
-        stats = self.executor.forward_backward(batches, scale / denom)
+        stats = self.executor.forward_backward(batches, loss_scale)
         synchronize(self.device)  # the kernels, not their enqueueing
         fwd_bwd = time.perf_counter() - t0
         stats[:, -1] = stats[:, :-1].sum(1)
@@ -179,8 +181,9 @@ class Trainer:
             unscale_gradients(params, 1.0 / scale)
         grad_norm = clip_gradients(params, cfg.hybrid_zero_optimizer.clip_grad_norm, self.device,
                                    self.env.pp_group if self.env.pp_size > 1 else None)
-        loss = (stats[0, -1] / stats[1, -1].clamp(min=1)).item()
-        finite = math.isfinite(loss) and bool(torch.isfinite(grad_norm))
+        # the step's one host sync before the update: update or skip (a non-finite loss or norm);
+        # the loss is finite exactly when its sum is (the token count is at least 1)
+        finite = bool(torch.isfinite(stats[0, -1]) & torch.isfinite(grad_norm))
         lr = lr_at(self.state.updates, cfg.adam.lr, cfg.lr_scheduler)
         beta2 = beta2_at(self.state.updates, cfg.beta2_scheduler)
         if finite:
@@ -191,16 +194,8 @@ class Trainer:
             self.state.inf_nan_skip_batches += 1
         self.scaler.update(found_inf=not finite)
         self.optimizer.zero_grad(set_to_none=True)
-
-        out = {"loss": loss, "grad_norm": float(grad_norm), "lr": lr, "adam_beta2": beta2,
-               "loss_scale": scale, "fwd_bwd_time": round(fwd_bwd, 3), "finite": finite,
-               "acc": (stats[2, -1] / stats[1, -1].clamp(min=1)).item()}
-        for k, name in enumerate(self.loader.source_names):
-            if stats[1, k] > 0:
-                out[f"loss/{name}"] = (stats[0, k] / stats[1, k]).item()
-                out[f"acc/{name}"] = (stats[2, k] / stats[1, k]).item()
-                out[f"tokens/{name}"] = int(stats[1, k])
-        return out
+        return step_statistics(stats, grad_norm, self.loader.source_names) | {
+            "lr": lr, "adam_beta2": beta2, "loss_scale": scale, "fwd_bwd_time": round(fwd_bwd, 3), "finite": finite}
 
     # ------------------------------------------------------------------ validation
 

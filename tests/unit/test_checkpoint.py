@@ -221,3 +221,95 @@ def test_first_wave_checkpoint_still_loads(tmp_path):
     record = json.loads((ckpt / "4.step").read_text())
     assert record["lineage"] == "first-wave" and record["step"] == 4 and "trainer_state.json" in record["files"]
     assert {p.name: p.read_bytes() for p in (ckpt / "2").iterdir()} == old
+
+
+def test_async_save_resumes_bit_exact(tmp_path):
+    """ckpt.async_save: the stop-file run saves at step 2 in the background, is marked complete when it
+    ends, and resuming from it gives the uninterrupted run's losses bit for bit."""
+    full = losses(Trainer(tiny_cfg(tmp_path / "a", {"auto_resume": False}), ParallelEnv(), **QUIET).fit())
+    b = tmp_path / "b"
+    part = Trainer(tiny_cfg(b, {"checkpoint_every": 2, "async_save": True, "stop_file_path": str(b / "stop")}),
+                   ParallelEnv(), **QUIET)
+    (b / "stop").write_text("2")
+    first = losses(part.fit())
+    assert (b / "ckpt" / "2.step").is_file()
+    resumed = Trainer(tiny_cfg(b, {"checkpoint_every": 2, "async_save": True}), ParallelEnv(), **QUIET)
+    assert resumed.state.step == 2
+    assert first + losses(resumed.fit()) == full
+
+
+def test_async_save_marks_complete_only_after_the_write(tmp_path, monkeypatch):
+    """On a 1-rank gloo group: the save returns while DCP still writes (held here); the record appears
+    only after the write finished, and holds the tensors as they were at save(), not as training left them."""
+    import threading
+    from concurrent.futures import Future
+
+    import torch.distributed as dist
+
+    from spindle.checkpoint import manager as manager_module
+    from spindle.config import CkptConfig
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    gate, order = threading.Event(), []
+    real = manager_module.write_tensors
+
+    def held_write(*args, **kwargs):
+        inner, held = real(*args, **kwargs), Future()
+        assert isinstance(inner, Future)  # DCP's own asynchronous save ran
+
+        def release():
+            gate.wait()
+            inner.result()
+            order.append("tensors written")
+            held.set_result(None)
+
+        threading.Thread(target=release, daemon=True).start()
+        return held
+
+    commit = CheckpointManager._commit_files
+    monkeypatch.setattr(manager_module, "write_tensors", held_write)
+    monkeypatch.setattr(CheckpointManager, "_commit_files", lambda self, ref: (order.append("record"),
+                                                                              commit(self, ref)))
+    try:
+        model = build_model(tiny_cfg(tmp_path).model.to_args(), seed=1)
+        saved = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        mgr = CheckpointManager(str(tmp_path / "ck"), CkptConfig(async_save=True), distributed=True, **QUIET)
+        where = mgr.save(1, model, None, {"step": 1}, {})
+        assert "background" in where and not (tmp_path / "ck" / "1.step").exists()
+        with torch.no_grad():  # training goes on while the tensors are written
+            for p in model.parameters():
+                p.add_(1.0)
+        gate.set()
+        mgr.close()
+        assert order == ["tensors written", "record"] and (tmp_path / "ck" / "1.step").is_file()
+    finally:
+        dist.destroy_process_group()
+    fresh = build_model(tiny_cfg(tmp_path).model.to_args(), seed=2)
+    load_checkpoint(tmp_path / "ck" / "1", fresh, None, ("model",), log=lambda *_: None)
+    for k, v in fresh.state_dict().items():
+        assert torch.equal(v, saved[k]), k
+
+
+def test_staging_folder_is_checked_for_space(tmp_path, monkeypatch):
+    """The staging folder (/dev/shm by default) is refused with one line when it lacks the room for this
+    rank's checkpoint (weights + two AdamW moments), before anything is written into it."""
+    from collections import namedtuple
+
+    from spindle.checkpoint import staging as staging_module
+    from spindle.checkpoint.manager import _state_bytes
+    from spindle.checkpoint.staging import Staging
+    from spindle.checkpoint.storage import open_storage
+    from spindle.config import CkptConfig
+
+    model = build_model(tiny_cfg(tmp_path).model.to_args(), seed=1)
+    opt = torch.optim.AdamW(model.parameters())
+    need = _state_bytes(model, opt)
+    assert need == 3 * 4 * sum(p.numel() for p in model.parameters())  # fp32 weights and two moments
+    stage = Staging(open_storage(str(tmp_path / "remote")), CkptConfig(async_upload_tmp_folder=str(tmp_path / "shm")))
+    Usage = namedtuple("Usage", "total used free")
+    monkeypatch.setattr(staging_module.shutil, "disk_usage", lambda p: Usage(2**30, 2**30 - need + 1, need - 1))
+    with pytest.raises(SpindleError, match="free for staging a checkpoint.*async_upload_tmp_folder"):
+        stage.folder("3", need)
+    assert not (stage.root / "3").exists()
+    monkeypatch.setattr(staging_module.shutil, "disk_usage", lambda p: Usage(2**30, 0, need))
+    assert stage.folder("3", need).is_dir() and not any((stage.root / "3").iterdir())

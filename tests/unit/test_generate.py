@@ -111,3 +111,26 @@ def test_complete_text_streams_and_rejects_a_tokenizer_larger_than_the_vocab():
     pieces = []
     text = complete_text(model, tok, "ab", 6, stream=pieces.append)
     assert "".join(pieces) == text
+
+
+def test_compiled_blocks_decode_eagerly_without_recompiling():
+    """trainer.compile wraps every block in torch.compile (static shapes): decoding through them would
+    compile again at every cache length. The forward with a cache runs them eagerly instead: no graph is
+    compiled while generating, and the tokens are the eager model's."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    from spindle.parallel.parallelize import apply_compile
+
+    model, eager = tiny(max_pos=32), tiny(max_pos=32)
+    apply_compile(model, backend="eager")  # dynamo's capture and guards without Inductor's codegen
+    torch._dynamo.reset()
+    counters.clear()
+    ids = torch.randint(0, V, (2, 16))
+    with torch.no_grad():
+        assert torch.equal(model(ids), eager(ids))
+    graphs = counters["stats"]["unique_graphs"]
+    assert graphs >= 1  # the training-shaped forward went through the compiled blocks
+    prompt = [3, 14, 15, 9, 2, 6, 5]
+    assert generate(model, [prompt], 12) == generate(eager, [prompt], 12)
+    assert counters["stats"]["unique_graphs"] == graphs
