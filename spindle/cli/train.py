@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import math
 import os
 import time
 from pathlib import Path
@@ -132,11 +133,9 @@ def _train(cfg, env, t0: float) -> int:
     result = trainer.fit()
     hist = result["history"]
     if env.is_main and hist:
-        tail = [h["loss"] for h in hist[-20:]]
-        log(f"done: {len(hist)} steps in {time.perf_counter() - t0:.1f} s; loss {hist[0]['loss']:.4f} at the first "
-            f"step, {hist[-1]['loss']:.4f} at the last, {sum(tail) / len(tail):.4f} averaged over the last "
-            f"{len(tail)}" + (f"; checkpoint saved at step {result['saved_at']} in {trainer.save_dir}"
-                              if result["saved_at"] else ""))
+        log(f"done: {len(hist)} steps in {time.perf_counter() - t0:.1f} s; "
+            + loss_summary(hist, byte_level=cfg.data.tokenizer_path == "byte")
+            + (f"; checkpoint saved at step {result['saved_at']} in {trainer.save_dir}" if result["saved_at"] else ""))
     if cfg.trainer.sample_prompt is not None and cfg.trainer.sample_tokens:
         from spindle.parallel.gather import whole_model
 
@@ -144,6 +143,22 @@ def _train(cfg, env, t0: float) -> int:
         if model is not None:
             print_sample(model.eval(), cfg)
     return 0
+
+
+def loss_summary(history: list[dict], byte_level: bool) -> str:
+    """The run's losses in nats per token (first step, last, mean of the last 20) and the last held-out
+    validation losses; with the byte-level tokenizer a token is a byte, so bits per byte too."""
+    def both(nats: float) -> str:
+        return f"{nats:.4f} nats ({nats / math.log(2):.3f} bits/byte)" if byte_level else f"{nats:.4f}"
+
+    tail = [h["loss"] for h in history[-20:]]
+    text = (f"training loss {history[0]['loss']:.4f} at the first step, {history[-1]['loss']:.4f} at the last, "
+            f"{both(sum(tail) / len(tail))} averaged over the last {len(tail)}")
+    last_valid = next((h for h in reversed(history) if any(k.startswith("val/") for k in h)), None)
+    if last_valid is not None:
+        text += "; held-out loss after step {} ".format(last_valid["step"]) + ", ".join(
+            f"{k[4:-5]} {both(v)}" for k, v in last_valid.items() if k.startswith("val/") and k.endswith("_loss"))
+    return text
 
 
 def print_sample(model, cfg) -> None:

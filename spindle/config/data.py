@@ -42,6 +42,9 @@ class DataConfig(Section):
     text_glob: str = "**/*.txt"
     text_exclude: tuple[str, ...] = ()
     max_text_bytes: Optional[int] = _count(default=None, ge=1)
+    # the last matching files, up to this many bytes, are held out of training and validated on
+    # (with valid_every), named "held_out"
+    text_valid_bytes: int = _count(default=0, ge=0)
     # per-source sampling weights by folder name, e.g. {"en": 1.0, "code": 0.5}
     source_weights: dict[str, float] = Field(default_factory=dict)
 
@@ -101,6 +104,10 @@ class DataConfig(Section):
                 raise ValueError("'split' selects a split of a streamed dataset and needs type='streaming'")
             if self.valid_split is not None:
                 raise ValueError("'valid_split' selects a split of a streamed dataset and needs type='streaming'")
+        if self.text_valid_bytes and self.type != "text":
+            raise ValueError("'text_valid_bytes' holds out files of a raw-text folder and needs type='text'")
+        if self.text_valid_bytes and self.valid_folder:
+            raise ValueError("give one validation set: 'valid_folder' or 'text_valid_bytes', not both")
         return self
 
     @property

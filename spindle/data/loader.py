@@ -111,13 +111,24 @@ def leaf_sources(folder: str, vocab_size: Optional[int] = None) -> list[Source]:
     return [_open_source(name, 0, d, by_dir[d], vocab_size) for name, d in zip(names, dirs)]
 
 
-def text_files(data: DataConfig) -> list[str]:
-    """The raw-text files of a `type="text"` folder: `text_glob` minus `text_exclude`, up to `max_text_bytes`."""
+def _text_split(data: DataConfig) -> tuple[list[str], list[str]]:
+    """(training files, held-out files) of a `type="text"` folder: `text_glob` minus `text_exclude`; the
+    last files up to `text_valid_bytes` are held out (never trained on), the rest are trained on up to
+    `max_text_bytes`."""
     root = Path(data.train_folder)
     if not root.is_dir():
         raise SpindleError(f"data.train_folder: text folder not found: {root}")
     files = [f for f in relative_glob(str(root), data.text_glob)
              if not any(part in data.text_exclude for part in Path(f).relative_to(root).parts)]
+    held: list[str] = []
+    if data.text_valid_bytes:
+        total = 0
+        while files and total + os.path.getsize(files[-1]) <= data.text_valid_bytes:
+            total += os.path.getsize(files[-1])
+            held.insert(0, files.pop())
+        if not held:
+            raise SpindleError(f"data.text_valid_bytes={data.text_valid_bytes}: the last file under {root} is "
+                               f"larger ({os.path.getsize(files[-1]) if files else 0} bytes); raise it")
     if data.max_text_bytes is not None:
         kept, total = [], 0
         for f in files:
@@ -128,11 +139,17 @@ def text_files(data: DataConfig) -> list[str]:
             total += size
         files = kept
     if not files:
-        raise SpindleError(f"data.train_folder: no files match {data.text_glob!r} under {root}")
-    return files
+        raise SpindleError(f"data.train_folder: no files match {data.text_glob!r} under {root}"
+                           + (" besides the held-out ones (data.text_valid_bytes)" if held else ""))
+    return files, held
 
 
-def text_cache(data: DataConfig, cache_root: Path, log=None) -> str:
+def text_files(data: DataConfig) -> list[str]:
+    """The raw-text files trained on (`_text_split`)."""
+    return _text_split(data)[0]
+
+
+def text_cache(data: DataConfig, cache_root: Path, log=None, held_out: bool = False) -> str:
     """Tokenize a raw-text folder once into binary shards under `cache_root`; return the shard folder.
 
     The cache is keyed by the content of the files (path, size, mtime_ns of each) and the
@@ -145,13 +162,14 @@ def text_cache(data: DataConfig, cache_root: Path, log=None) -> str:
     from spindle.data.shards import MANIFEST
     from spindle.data.tokenizer import load_tokenizer
 
-    files = text_files(data)
+    files = _text_split(data)[1 if held_out else 0]
     identity = load_tokenizer(data.tokenizer_path or "default").identity()
     content = [(f, st.st_size, st.st_mtime_ns) for f, st in ((f, os.stat(f)) for f in files)]
     key = hashlib.sha256(json.dumps([content, tokenizer_key(identity), identity.get("bos_id"),
                                      identity.get("eos_id")]).encode()).hexdigest()[:16]
     out = Path(cache_root) / f"text-{key}"
-    source_dir = out / "text"  # one source, named "text"
+    name = "held_out" if held_out else "text"
+    source_dir = out / name  # one source
     if (source_dir / MANIFEST).is_file():
         return str(out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -162,7 +180,7 @@ def text_cache(data: DataConfig, cache_root: Path, log=None) -> str:
                 log(f"data: tokenizing {len(files)} text file(s) into {out}")
             shutil.rmtree(out, ignore_errors=True)  # a cache folder without a manifest: an older crashed build
             with StagedFolder(str(out), replaces=lambda name: True) as tmp:
-                prepare(files, os.path.join(tmp, "text"), data.tokenizer_path or "default", doc_per_file=True,
+                prepare(files, os.path.join(tmp, name), data.tokenizer_path or "default", doc_per_file=True,
                         progress=False)
     return str(out)
 
@@ -268,23 +286,27 @@ def _holds_token_files(folder: Optional[str]) -> bool:
     return bool(folder) and os.path.isdir(folder) and bool(find_token_files(folder))
 
 
-def build_valid_sets(data: DataConfig, vocab_size: int) -> dict[str, list[dict]]:
+def build_valid_sets(data: DataConfig, vocab_size: int, cache_root: Optional[Path] = None) -> dict[str, list[dict]]:
     """name -> the first `valid_micro_num` micro-batches of that validation set (unshuffled packs).
     Token folders: one set per leaf folder of `valid_folder`. Streaming: a split of a dataset folder
-    (`valid_split`, default "validation", of `valid_folder`, default the training dataset)."""
-    if not data.valid_every or not (data.valid_folder or data.valid_split):
+    (`valid_split`, default "validation", of `valid_folder`, default the training dataset). Raw text:
+    the held-out files (`text_valid_bytes`), tokenized into the cache under `cache_root`."""
+    if not data.valid_every or not (data.valid_folder or data.valid_split or data.text_valid_bytes):
         return {}
     if data.type == "streaming" and not _holds_token_files(data.valid_folder):
         from spindle.data.streaming import streamed_valid_set
 
         name, batches = streamed_valid_set(data, vocab_size)
         return {name: batches}
+    folder = data.valid_folder
+    if data.text_valid_bytes:
+        folder = text_cache(data, Path(cache_root), held_out=True)
     out = {}
-    for src in leaf_sources(data.valid_folder, vocab_size):
+    for src in leaf_sources(folder, vocab_size):
         packed = PackedDocuments(src.docs, data.seq_len, data.micro_bsz, shuffle=False,
                                  pack_into_one=data.pack_sample_into_one)
         n = min(len(packed), data.valid_micro_num or data.micro_num)
         if n == 0:
-            raise SpindleError(f"validation set {src.name!r} in {data.valid_folder} holds fewer tokens than one pack")
+            raise SpindleError(f"validation set {src.name!r} in {folder} holds fewer tokens than one pack")
         out[src.name] = collate([packed[i] for i in range(n)])
     return out

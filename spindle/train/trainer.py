@@ -96,9 +96,9 @@ class Trainer:
             save_resolved_config(cfg, self.run_dir)
         self.n_params = parameter_counts(cfg.model)["total"]
         self.skip = parse_skip_batches(cfg.data.skip_batches)
-        self.loader = build_train_loader(cfg.data, cfg.model.vocab_size, self.run_dir / "data_cache",
-                                         env.dp_rank, env.dp_size)
-        self.valid_sets = build_valid_sets(cfg.data, cfg.model.vocab_size)
+        cache = self.run_dir / "data_cache"
+        self.loader = build_train_loader(cfg.data, cfg.model.vocab_size, cache, env.dp_rank, env.dp_size)
+        self.valid_sets = build_valid_sets(cfg.data, cfg.model.vocab_size, cache)
         # the layout lives here and in nothing else the loop touches: parallel/setup.py, parallel/executor.py
         self.raw_model, self.model, self.executor = build_training(
             cfg, env, n_sources=max(1, len(self.loader.source_names)), log=self.log)

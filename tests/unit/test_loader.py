@@ -227,6 +227,39 @@ def test_text_cache_is_keyed_by_content(tmp_path):
     assert bytes(open_documents(second)[0][0].tolist()[1:-1]) == b"second version, same name"
 
 
+def test_text_valid_bytes_holds_the_last_files_out_of_training(tmp_path):
+    from spindle.data.loader import text_files
+    from spindle.data.shards import open_documents
+
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    for name, size in (("a", 300), ("b", 300), ("c", 120), ("d", 100)):
+        (raw / f"{name}.txt").write_bytes(name.encode() * size)
+    data = DataConfig(type="text", train_folder=str(raw), tokenizer_path="byte", text_glob="*.txt",
+                      text_valid_bytes=250, valid_every=1, seq_len=16, micro_bsz=2)
+    assert [p.rsplit("/", 1)[1] for p in text_files(data)] == ["a.txt", "b.txt"]  # c + d (220 B) held out
+    sets = build_valid_sets(data, 258, tmp_path / "cache")
+    assert list(sets) == ["held_out"]
+    docs = open_documents(str(next((tmp_path / "cache").glob("text-*/held_out"))))
+    held = b"".join(bytes(t for t in docs[i][0].tolist() if t < 256) for i in range(len(docs)))
+    assert held == b"c" * 120 + b"d" * 100
+    seen = set()
+    for b in sets["held_out"]:
+        seen |= set(b.input_ids.flatten().tolist())
+    assert ord("c") in seen and ord("a") not in seen
+    trained = set()
+    loader = build_train_loader(data, 258, tmp_path / "cache", prefetch=False)
+    for step in range(8):
+        for b in loader.next_step(step):
+            trained |= set(b.input_ids.flatten().tolist())
+    assert ord("a") in trained and not trained & {ord("c"), ord("d")}
+    with pytest.raises(SpindleError, match="the last file .* is larger"):
+        text_files(data.model_copy(update={"text_valid_bytes": 50}))
+    for bad, msg in (({"type": "tokenized"}, "needs type='text'"), ({"valid_folder": str(raw)}, "not both")):
+        with pytest.raises(SpindleError, match=msg):
+            validate_config({"data": {**data.model_dump(), **bad}})
+
+
 @pytest.mark.parametrize("data,expected", [
     ({"seq_len": 2.5}, "data.seq_len: Input should be a valid integer (got 2.5)"),
     ({"micro_num": True}, "data.micro_num: expected an integer, not a bool (got True)"),
