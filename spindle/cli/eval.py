@@ -1,4 +1,4 @@
-"""`spindle eval ppl` and `spindle eval passkey`: the options, their checks, and where results go.
+"""`spindle eval ppl`, `spindle eval passkey`, `spindle eval plot`: the options, their checks, where results go.
 
 Every option is checked before a model is loaded: a bad one is one line naming it (SpindleError, exit 2).
 Results are printed as a table; `--out DIR` also writes JSON + PNG there, and refuses a folder that
@@ -77,6 +77,10 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--seed", type=int, default=0)
     k.add_argument("--mode", choices=["generate", "teacher"], default="generate",
                    help="generate: greedy decoding, exact match; teacher: every key token is the argmax")
+    pl = sub.add_parser("plot", help="the long-context metrics of a training run (long_eval keys) by step, as a PNG")
+    pl.add_argument("run", metavar="RUN", help="the run folder (holding metrics.jsonl), or the metrics.jsonl file")
+    pl.add_argument("--out", default=None, help="the PNG to write (default: RUN/long_context.png)")
+    pl.add_argument("--debug", action="store_true")
     return ap
 
 
@@ -121,9 +125,28 @@ def write_outputs(out: Optional[str], name: str, result: dict, plot) -> list[Pat
     return [Path(out) / n for n in sorted(mine)]
 
 
+def plot_run(run: str, out: Optional[str]) -> int:
+    """`spindle eval plot RUN`: val/ppl@L and val/passkey@L of metrics.jsonl, one curve per step and variant."""
+    from spindle.eval.curves import plot_curves, read_curves
+
+    curves = read_curves(run)
+    folder = Path(run) if Path(run).is_dir() else Path(run).parent
+    path = Path(out) if out else folder / "long_context.png"
+    if path.suffix.lower() != ".png":
+        raise SpindleError(f"--out {out}: expected a .png file name")
+    if not path.parent.is_dir():
+        raise SpindleError(f"--out {out}: the folder {path.parent} does not exist")
+    plot_curves(curves, path, title=f"{folder}: long-context metrics by training step")
+    steps = sorted({s for kind in curves.values() for v in kind.values() for s in v})
+    print(f"wrote {path} ({', '.join(k for k, v in curves.items() if v)} at steps {', '.join(map(str, steps))})")
+    return 0
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """`spindle eval ppl ...` / `spindle eval passkey ...`."""
+    """`spindle eval ppl ...` / `spindle eval passkey ...` / `spindle eval plot RUN`."""
     args = build_parser().parse_args(argv)
+    if args.what == "plot":
+        return plot_run(args.run, args.out)
     variants = check_args(args)
     if args.threads:
         import torch

@@ -66,6 +66,8 @@ def _format_error(err: dict) -> str:
         return f"{key}: unknown key{hint}"
     given = err.get("input")
     msg = err["msg"].removeprefix("Value error, ")
+    if not clean:  # a check across sections names its keys itself; the input is the whole file
+        return msg
     return f"{key}: {msg} (got {given!r})"
 
 

@@ -16,6 +16,7 @@ from pydantic import Field, PrivateAttr, field_validator, model_validator
 
 from spindle.config.base import MAX_SEED, Section, every_steps
 from spindle.config.data import DataConfig
+from spindle.config.long_eval import LongEvalConfig
 from spindle.config.model import ModelConfig
 
 # --------------------------------------------------------------------------- ckpt
@@ -235,6 +236,7 @@ class SpindleConfig(Section):
     parallel: ParallelConfig = Field(default_factory=ParallelConfig)
     monitor: MonitorConfig = Field(default_factory=MonitorConfig)
     trainer: TrainerConfig = Field(default_factory=TrainerConfig)
+    long_eval: LongEvalConfig = Field(default_factory=LongEvalConfig)
     cudnn_deterministic: bool = False
     cudnn_benchmark: bool = False
     use_fp32_norm: bool = False
@@ -259,6 +261,9 @@ class SpindleConfig(Section):
             self.beta2_scheduler.init_beta2 = self.adam.adam_beta2
         if self.beta2_scheduler.c is None:
             self.beta2_scheduler.c = self.adam.adam_beta2_c
+        if self.long_eval.enabled and not self.data.valid_every:
+            raise ValueError("long_eval.lengths / passkey_lengths: they run every data.valid_every steps; "
+                             "set data.valid_every >= 1")
         return self
 
     @property

@@ -79,13 +79,42 @@ def score_sample(model: Transformer, tokenizer, sample: dict, mode: str = "gener
     return {"correct": bool(m and int(m.group()) == sample["key"]), "logp": None, "output": text}
 
 
+@torch.no_grad()
+def passkey_grid(model: Transformer, tokenizer, lengths: Sequence[int], depths: Sequence[float], samples: int,
+                 spec: str, train_len: int, seed: int = 0, mode: str = "generate", chunk: int = 1024,
+                 log=None) -> dict:
+    """One RoPE variant over the (length x depth) grid: accuracy per cell, and in teacher mode the answer's
+    mean log-probability per cell. The model's own rotary module is put back afterwards."""
+    from spindle.eval.perplexity import parse_variant, set_rope, variant_scaling
+
+    v = parse_variant(spec, train_len)
+    acc = [[0.0] * len(depths) for _ in lengths]
+    logps: list[list[Optional[float]]] = [[None] * len(depths) for _ in lengths]
+    original = model.rotary
+    try:
+        for i, L in enumerate(lengths):
+            set_rope(model, variant_scaling(v, L, train_len), train_len if v.logn else None)
+            for j, d in enumerate(depths):
+                scores = [score_sample(model, tokenizer, make_sample(tokenizer, L, d, seed, n), mode, chunk)
+                          for n in range(samples)]
+                acc[i][j] = sum(s["correct"] for s in scores) / samples
+                if mode == "teacher":
+                    logps[i][j] = sum(s["logp"] for s in scores) / samples
+            if log:
+                log(f"  passkey {spec} L={L}: " + " ".join(f"{a:.2f}" for a in acc[i]))
+    finally:
+        model.rotary = original
+    return {"accuracy": acc, "answer_logp": logps if mode == "teacher" else None,
+            "mean": sum(map(sum, acc)) / (len(lengths) * len(depths))}
+
+
 def run_passkey(ckpt: str, lengths: Optional[Sequence[int]], depths: Sequence[float], samples: int = 5,
                 variants: Sequence[str] = ("plain",), seed: int = 0, mode: str = "generate", chunk: int = 1024,
                 tokenizer: Optional[str] = None, train_len: Optional[int] = None, device: str = "cpu",
                 log=print) -> dict:
     from spindle.data.tokenizer import load_tokenizer
     from spindle.eval.load import load_model_for_eval
-    from spindle.eval.perplexity import default_lengths, parse_variant, set_rope, variant_scaling
+    from spindle.eval.perplexity import default_lengths
 
     model, cfg = load_model_for_eval(ckpt, device=device)
     T = train_len or cfg.data.seq_len
@@ -93,24 +122,10 @@ def run_passkey(ckpt: str, lengths: Optional[Sequence[int]], depths: Sequence[fl
     check_cache_memory(model, lengths[-1])
     tok = load_tokenizer(tokenizer or cfg.data.tokenizer_path or "default")
     make_sample(tok, lengths[0], 0.0)  # the shortest length must hold the template: fail before any work
-    original = model.rotary
     res = {"ckpt": str(ckpt), "train_len": T, "lengths": lengths, "depths": list(depths), "samples": samples,
            "seed": seed, "mode": mode, "variants": {}}
     for spec in variants:
-        v = parse_variant(spec, T)
-        acc = [[0.0] * len(depths) for _ in lengths]
-        logps: list[list[Optional[float]]] = [[None] * len(depths) for _ in lengths]
-        for i, L in enumerate(lengths):
-            set_rope(model, variant_scaling(v, L, T), T if v.logn else None)
-            for j, d in enumerate(depths):
-                scores = [score_sample(model, tok, make_sample(tok, L, d, seed, n), mode, chunk) for n in range(samples)]
-                acc[i][j] = sum(s["correct"] for s in scores) / samples
-                if mode == "teacher":
-                    logps[i][j] = sum(s["logp"] for s in scores) / samples
-            log(f"  passkey {spec} L={L}: " + " ".join(f"{a:.2f}" for a in acc[i]))
-        model.rotary = original
-        res["variants"][spec] = {"accuracy": acc, "answer_logp": logps if mode == "teacher" else None,
-                                 "mean": sum(map(sum, acc)) / (len(lengths) * len(depths))}
+        res["variants"][spec] = passkey_grid(model, tok, lengths, depths, samples, spec, T, seed, mode, chunk, log)
     return res
 
 
@@ -149,4 +164,4 @@ def plot_passkey(res: dict, path: Path) -> None:
     plt.close(fig)
 
 
-__all__ = ["make_sample", "score_sample", "run_passkey", "plot_passkey", "format_passkey_table"]
+__all__ = ["make_sample", "score_sample", "passkey_grid", "run_passkey", "plot_passkey", "format_passkey_table"]

@@ -201,21 +201,21 @@ def load_token_docs(paths: Sequence[str], tokenizer, glob: str = "*",
     return docs
 
 
-def checkpoint_data(cfg) -> tuple[list[str], str]:
-    """What `eval ppl` reads without --data: the checkpoint's validation folder, else its training files
-    (text folders: the files training read, by data.text_glob / text_exclude / max_text_bytes).
-    Returns (paths, a line saying what was chosen)."""
+def checkpoint_data(cfg, option: str = "--data", whose: str = "the checkpoint's") -> tuple[list[str], str]:
+    """What `eval ppl` reads without --data (and long_eval without long_eval.data): the config's validation
+    folder, else its training files (text folders: the files training read, by data.text_glob /
+    text_exclude / max_text_bytes). Returns (paths, a line saying what was chosen)."""
     data = cfg.data
     if data.valid_folder:
         return [data.valid_folder], f"data.valid_folder {data.valid_folder}"
     if not data.train_folder:
-        raise SpindleError("--data is required: the checkpoint's config names no data folder "
+        raise SpindleError(f"{option} is required: {whose} config names no data folder "
                            "(data.train_folder is None: it trained on random tokens)")
     root = Path(data.train_folder)
     if not root.is_dir():
-        raise SpindleError(f"--data is required: the checkpoint's data.train_folder {root} is not on this machine")
+        raise SpindleError(f"{option} is required: {whose} data.train_folder {root} is not on this machine")
     if data.type != "text":
-        return [str(root)], f"data.train_folder {root} (training data: pass --data for held-out text)"
+        return [str(root)], f"data.train_folder {root} (training data: pass {option} for held-out text)"
     files, total = [], 0
     for f in sorted(p for p in root.glob(data.text_glob)
                     if p.is_file() and not any(part in data.text_exclude for part in p.relative_to(root).parts)):
@@ -224,9 +224,9 @@ def checkpoint_data(cfg) -> tuple[list[str], str]:
             break
         files.append(str(f))
     if not files:
-        raise SpindleError(f"--data is required: no files match {data.text_glob!r} under data.train_folder {root}")
+        raise SpindleError(f"{option} is required: no files match {data.text_glob!r} under data.train_folder {root}")
     return files, (f"{len(files)} files of data.train_folder {root} ({data.text_glob!r}; the training data: "
-                   "pass --data for held-out text)")
+                   f"pass {option} for held-out text)")
 
 
 def make_windows(docs: Sequence[Sequence[int]], length: int, n: int) -> tuple[torch.Tensor, int]:

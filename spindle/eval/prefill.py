@@ -40,13 +40,14 @@ def prefill(model: Transformer, ids: torch.Tensor, cache: KVCache, chunk: int = 
     return logits[:, -1]
 
 
-def check_cache_memory(model: Transformer, length: int, batch: int = 1) -> None:
-    """Refuse, before allocating, a prefill whose KV cache alone exceeds the memory of this machine (or GPU)."""
+def check_cache_memory(model: Transformer, length: int, batch: int = 1, args=None) -> None:
+    """Refuse, before allocating, a prefill whose KV cache alone exceeds the memory of this machine (or GPU).
+    `args`: the model's ModelArgs, for a module that does not carry them (a pipeline rank's stages)."""
     import os
 
     from spindle.errors import SpindleError
 
-    args, p = model.args, next(model.parameters())
+    args, p = args or model.args, next(model.parameters())
     per_token = args.num_layers * 2 * args.num_kv_heads * args.head_dim * p.element_size()
     need = per_token * length * batch
     if p.device.type == "cuda":

@@ -20,8 +20,10 @@ from spindle.parallel.mesh import ParallelEnv
 
 
 def needs_gathering(raw_model: torch.nn.Module, env: ParallelEnv) -> bool:
-    """False when rank 0 already holds every weight as a plain tensor (one process, DDP)."""
-    return env.pp_size > 1 or any(isinstance(p, DTensor) for p in raw_model.parameters())
+    """False when rank 0 already holds every weight as a plain tensor in a plain model (one process, DDP).
+    Context parallelism keeps plain weights but gives attention a kernel that all-gathers over the context
+    group, also for cached decoding after training: rank 0 alone would wait on it, so it gets a copy."""
+    return env.pp_size > 1 or env.cp_size > 1 or any(isinstance(p, DTensor) for p in raw_model.parameters())
 
 
 def whole_model(raw_model: torch.nn.Module, args, env: ParallelEnv) -> Optional[Transformer]:

@@ -36,6 +36,7 @@ from spindle.parallel.mesh import ParallelEnv, build_mesh
 from spindle.parallel.setup import build_training
 from spindle.train.controls import acted_on_stop_file, step_signals
 from spindle.train.host import RunRNG, cpu_training_mode, torch_threads
+from spindle.train.long_eval import LongEval
 from spindle.train.metrics import (
     LineFile, MetricSinks, Progress, RunFolderFull, continue_tensorboard, format_line, step_record, step_statistics,
     synchronize,
@@ -108,6 +109,7 @@ class Trainer:
         self.state = TrainState()
         self.peak, self.peak_source = resolve_peak_tflops(cfg.trainer.peak_tflops, self.device,
                                                           compute_dtype_key(cfg.model.dtype))
+        self.long_eval = LongEval(cfg, env, self.raw_model, self.log)  # its data and keys checked now
         self._restore()  # last: nothing may draw from the global RNG between the restore and the first step
         self.flops_per_token = model_flops_per_token(cfg.model, cfg.data.seq_len)
         self.monitor = build_monitor(cfg, self.run_dir, env.rank, env.is_main, log=lambda m: self.log(m))
@@ -295,6 +297,7 @@ class Trainer:
                     printer(f"validation after step {step}: " + ", ".join(
                         f"{k[4:-5]} loss {v:.4f} (perplexity {results[k[:-5] + '_plex']:.4g})"
                         for k, v in results.items() if k.endswith("_loss")))
+                record.update(self.long_eval(state.step, printer))  # {} unless due (spindle/train/long_eval.py)
                 history.append(record)
                 failure = None
                 try:

@@ -113,6 +113,10 @@ FEATURES = {
     "rampup": {"data": {"micro_num": 3, "rampup_batch_size": "1 1 2"}},
     "validation": {"data": {"valid_every": 1, "valid_micro_num": 1}, "model": {"drop_rate": 0.2}},
     "text_data": {"data": {"type": "text", "tokenizer_path": "byte"}, "model": {"drop_rate": 0.2}},
+    # long-context metrics every step, between dropout steps: they must not move the training RNG
+    "long_eval": {"data": {"type": "text", "tokenizer_path": "byte", "valid_every": 1}, "model": {"drop_rate": 0.2},
+                  "long_eval": {"lengths": [16, 48], "variants": ["plain", "yarn"], "passkey_lengths": [256],
+                                "passkey_depths": [0.5], "passkey_samples": 1}},
 }
 
 
@@ -137,7 +141,7 @@ def _feature_cfg(tmp: Path, name: str, feature: str, total: int):
         (tmp / "valid.txt").write_text(TEXT)
         prepare([str(tmp / "valid.txt")], str(tmp / "valid" / "en"), "byte", overwrite=True, progress=False)
         data["valid_folder"] = str(tmp / "valid")
-    if feature == "text_data":
+    if feature in ("text_data", "long_eval"):
         (tmp / "text").mkdir(exist_ok=True)
         for i in range(3):
             (tmp / "text" / f"f{i}.txt").write_text(TEXT[i * 3000:(i + 1) * 3000])
@@ -173,5 +177,6 @@ def test_resume_is_bit_exact_with(feature, tmp_path, monkeypatch):
     assert second.state.step == 3
     rest = second.fit()["history"]
     assert torch.equal(restored["rng"], restored["first_step"])
-    keys = ["loss", "grad_norm"] + (["val/en_loss"] if feature == "validation" else [])
+    keys = ["loss", "grad_norm"] + {"validation": ["val/en_loss"], "long_eval": ["val/ppl@48/yarn", "val/passkey@256"]
+                                    }.get(feature, [])
     assert [[h[k] for k in keys] for h in first + rest] == [[h[k] for k in keys] for h in full]
