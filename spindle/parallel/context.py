@@ -9,25 +9,30 @@ backend:
   the early ones to few, so pairing the c-th chunk from each end gives every rank the same work);
   embeddings, MLPs, norms, the head and the loss all run on that slice only;
 - in attention each rank all-gathers keys and values (autograd-aware: the backward reduce-scatters
-  their gradients) and its queries attend under a causal, same-document mask built from the global
-  token indices and the full rows' `position_ids`, so packed documents that cross a rank boundary
-  attend exactly as on one rank.
+  their gradients); its queries attend within their documents, causally, using the global token
+  indices and the full rows' `position_ids`, so packed documents that cross a rank boundary attend
+  exactly as on one rank. On CPU each document's piece of a chunk runs as flash kernels with no mask
+  (its earlier keys in full, its own causally, merged by log-sum-exp: spindle/parallel/blockwise.py);
+  elsewhere one (B, Lc, L) causal same-document mask.
 
-Activations and the mask are per-slice (Lc x L), so a sequence longer than one rank's memory for
-L x L attention trains; keys and values are held in full, which is the all-gather trade-off (a ring
-would pass them in pieces).
+Keys and values are held in full, which is the all-gather trade-off (a ring would pass them in
+pieces).
 """
 
 from __future__ import annotations
 
+import bisect
 from dataclasses import dataclass
 from typing import Optional
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
+import torch.nn.functional as F
 
-from spindle.model.attention import attention, masked_attention
+from spindle.model.attention import attention, masked_attention, repeat_kv
+from spindle.parallel import blockwise
+from spindle.parallel.blockwise import past_and_own
 
 
 class _GatherSequence(torch.autograd.Function):
@@ -39,7 +44,7 @@ class _GatherSequence(torch.autograd.Function):
         world = dist.get_world_size(group)
         x = x.transpose(0, 2).contiguous()  # (Lc, H, B, D): gather along dim 0
         out = torch.empty((world * x.shape[0], *x.shape[1:]), dtype=x.dtype, device=x.device)
-        dist.all_gather_into_tensor(out, x, group=group)
+        dist.all_gather_single(out, x, group=group)
         return out.transpose(0, 2)
 
     @staticmethod
@@ -48,7 +53,7 @@ class _GatherSequence(torch.autograd.Function):
         g = grad.transpose(0, 2).contiguous()
         out = torch.empty((g.shape[0] // world, *g.shape[1:]), dtype=g.dtype, device=g.device)
         # every rank's queries used this rank's keys: their gradients add up here
-        dist.reduce_scatter_tensor(out, g, op=dist.ReduceOp.SUM, group=ctx.group)
+        dist.reduce_scatter_single(out, g, op=dist.ReduceOp.SUM, group=ctx.group)
         return out.transpose(0, 2), None
 
 
@@ -71,7 +76,42 @@ class _SliceInfo:
 
     q_index: Optional[torch.Tensor] = None  # (Lc,) global indices of this rank's tokens
     k_index: Optional[torch.Tensor] = None  # (L,) global indices of the all-gathered keys, in gathered order
+    k_order: Optional[torch.Tensor] = None  # (L,) gathered position of each global index (k_index's inverse)
     documents: Optional[torch.Tensor] = None  # (B, L) document index of every token of the full rows
+    starts: Optional[list] = None  # per row, the global indices where documents start (host)
+    chunks: Optional[list] = None  # this rank's (first global index, local offset, length) chunks
+
+
+def _pieces(starts: list, first: int, length: int):
+    """The (document start, piece start, piece end) of a chunk of global indices [first, first + length)
+    cut at the document starts inside it."""
+    i = bisect.bisect_right(starts, first) - 1
+    begin, end = first, first + length
+    while begin < end:
+        nxt = starts[i + 1] if i + 1 < len(starts) else end
+        stop = min(nxt, end)
+        yield starts[i], begin, stop
+        begin, i = stop, i + 1
+
+
+def _blockwise(q, k_glob, v_glob, info: _SliceInfo):
+    """Each query piece (one document's part of one chunk) attends to its document's earlier keys in full
+    and to its own keys causally: no mask anywhere (spindle/parallel/blockwise.py)."""
+    rep = q.shape[1] // k_glob.shape[1]
+    rows = []
+    for b, starts in enumerate(info.starts):
+        parts = []
+        for first, offset, length in info.chunks:
+            for doc, s, e in _pieces(starts, first, length):
+                qp = q[b:b + 1, :, offset + s - first: offset + e - first]
+                ko, vo = k_glob[b:b + 1, :, s:e], v_glob[b:b + 1, :, s:e]
+                if doc == s:  # the piece starts its document: plain causal attention
+                    parts.append(F.scaled_dot_product_attention(qp, ko, vo, is_causal=True, enable_gqa=rep > 1))
+                    continue
+                kp, vp = k_glob[b:b + 1, :, doc:s], v_glob[b:b + 1, :, doc:s]
+                parts.append(past_and_own(qp, *(repeat_kv(t, rep) for t in (kp, vp, ko, vo))))
+        rows.append(torch.cat(parts, dim=2))
+    return torch.cat(rows, dim=0)
 
 
 def make_cp_kernel(group, info: _SliceInfo):
@@ -81,6 +121,10 @@ def make_cp_kernel(group, info: _SliceInfo):
             return attention(q, k, v, layout, dropout_p)
         k_full = _GatherSequence.apply(k, group)
         v_full = _GatherSequence.apply(v, group)
+        if blockwise.available(q, dropout_p):
+            order = info.k_order
+            return _blockwise(q, k_full.index_select(2, order), v_full.index_select(2, order), info)
+        # elsewhere (CUDA, dropout): one causal, same-document (B, Lc, L) mask
         causal = info.k_index[None, :] <= info.q_index[:, None]  # (Lc, L)
         docs = info.documents
         same_doc = docs[:, info.q_index][:, :, None] == docs[:, info.k_index][:, None, :]  # (B, Lc, L)
@@ -117,7 +161,18 @@ class SequenceSlices:
         length, device = position_ids.shape[1], position_ids.device
         self.info.q_index = self.indices(length, device)
         self.info.k_index = torch.cat([balanced_indices(r, self.size, length, device) for r in range(self.size)])
+        self.info.k_order = torch.argsort(self.info.k_index)
         self.info.documents = document_ids(position_ids)
+        chunk = length // (2 * self.size)
+        self.info.chunks = [(self.rank * chunk, 0, chunk), ((2 * self.size - 1 - self.rank) * chunk, chunk, chunk)]
+        # one host copy per forward (shared by every layer): where the documents start in each row
+        # (a row always starts a document, as in document_layout: also the pipeline schedule's shape
+        # inference, whose positions are arbitrary)
+        flat = (position_ids == 0).nonzero().tolist()
+        self.info.starts = [[0] for _ in range(position_ids.shape[0])]
+        for row, col in flat:
+            if col:
+                self.info.starts[row].append(col)
 
 
 class ContextParallel(nn.Module):

@@ -1,0 +1,7 @@
+"""`python -m spindle ...` is the `spindle` command."""
+
+import sys
+
+from spindle.cli import main
+
+sys.exit(main())
