@@ -23,6 +23,8 @@ def test_seed_launch_line_in_every_layout(tmp_path, layout):
     r = ok(seed_launch(user_folder(tmp_path), "data.total_steps=2", *LAYOUTS[layout]))
     assert steps(r.stdout) == [0, 1], r.stdout  # rank 0 alone prints the step lines
     assert "world size 2" in r.stdout
+    if "pipeline" in layout:  # the seed's micro_num=1 under 2 stages runs (not only micro_num >= stages)
+        assert all(",micro_num=1," in l for l in r.stdout.splitlines() if l.startswith("tflops="))
     closing_sample(r.stdout)
     assert (tmp_path / "runs" / "demo" / "ckpt" / "2.step").is_file()
 
