@@ -3,7 +3,7 @@ with the micro-batch counts and rampup the seed uses, and with a typo in it."""
 
 import pytest
 
-from tests.journeys.shell import closing_sample, ok, seed_launch, steps, user_folder
+from tests.journeys.shell import closing_sample, ok, seed_launch, sh, steps, user_folder
 
 pytestmark = [pytest.mark.journeys, pytest.mark.dist]
 
@@ -48,3 +48,10 @@ def test_a_typo_in_the_launch_line_is_one_line_from_one_rank(tmp_path):
     # torchrun prints its own traceback of the launch; none comes from spindle
     assert "/spindle/" not in r.out and 'File "' + str(tmp_path / "train.py") not in r.out
     assert not (tmp_path / "runs").exists()  # nothing was started
+
+
+def test_a_bad_value_on_the_one_process_line_is_one_line_exit_2(tmp_path):
+    r = sh("python train.py --config ./configs/demo.py --set data.micro_bsz=x", user_folder(tmp_path))
+    assert r.returncode == 2 and r.stdout == "" and "Traceback" not in r.stderr
+    assert r.stderr.splitlines() == ["spindle: error: ./configs/demo.py (with --set overrides): data.micro_bsz: "
+                                     "expected an integer, not a str (got 'x')"]

@@ -26,3 +26,14 @@ def test_stop_file_once_then_restart_to_total_steps_then_already_there(tmp_path)
     assert steps(done.stdout) == []
     assert ("already at data.total_steps=6 (the run resumed at step 6): nothing to train; raise "
             "data.total_steps to train further") in done.stdout
+
+
+def test_stop_file_with_saving_off_says_nothing_was_saved(tmp_path):
+    folder = user_folder(tmp_path)
+    (folder / "stop").write_text("2\n")
+    r = ok(sh("python train.py --config ./configs/demo.py --set data.total_steps=4 ckpt.stop_file_path=stop "
+              "ckpt.enable_save_ckpt=False " + " ".join(SMALL), folder))
+    assert steps(r.stdout) == [0, 1]
+    assert ("stop file stop: asked to stop at step 2; stopping at step 2 (saving is off "
+            "(ckpt.enable_save_ckpt=False), so nothing was saved)") in r.out
+    assert not (folder / "runs/demo/ckpt").exists()
