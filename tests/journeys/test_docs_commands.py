@@ -114,7 +114,7 @@ RUNS = {
     "spindle prepare data/raw/ --out data/train/en/ --tokenizer default": Run(("documents,", "tokens in 1 shard(s) -> data/train/en/")),
     "spindle tokenizer train corpus.txt --vocab-size 8000 --out my_tokenizer/": Run(('"vocab_size": 8000',)),
     "spindle generate --ckpt runs/demo/ckpt --prompt 'import ' --max-new-tokens 40 --temperature 0.8 --top-p 0.9":
-        Run(("import ",)),
+        Run(("import ",), ("--max-new-tokens", "8")),
     "spindle eval ppl --ckpt runs/demo/ckpt --lengths 256,1024,4096,16384 --variants plain,dynamic,yarn,logn": Run(
         ("eval ppl: no --data, reading", "perplexity over the first L tokens", "logn"), EVAL_SMALL),
     "spindle eval passkey --ckpt runs/demo/ckpt --lengths 256,1024 --depths 0,0.5,1": Run(
