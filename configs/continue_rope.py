@@ -6,7 +6,7 @@ rotary base (or add rope_scaling), optionally lengthen the training context, and
 constant learning rate. The paper tunes LLaMA2 for 1K steps at 4K (or 16K) tokens; the extrapolation bound
 after tuning at the original length is 2*pi*beta^(d_extra/d) (`spindle rope --head-dim D --train-len T`).
 
-As written it continues the embedded demo (`spindle train` with no arguments writes runs/demo/ckpt/420):
+As written it continues the embedded demo (`spindle train` with no arguments writes runs/demo/ckpt/560):
 
     spindle train                                          # the demo: base 10^4, 256 tokens
     spindle train --config configs/continue_rope.py        # base 10^6, 256 tokens, 200 steps
@@ -29,7 +29,7 @@ the same way instead of, or on top of, a new base.
 import sysconfig
 
 JOB_NAME = "continue_rope"
-INIT_CKPT = "runs/demo/ckpt/420"  # a step folder written by spindle train
+INIT_CKPT = "runs/demo/ckpt"  # the newest complete step of the demo (or a step folder, e.g. runs/demo/ckpt/560)
 NEW_ROPE_BASE = 1_000_000  # the paper's larger-base regime; try 500 (< T/(2*pi) ... smaller-base regime) too
 SEQ_LEN = 256  # tuning length: = the pre-training length for the paper's 4K setting; longer for its 16K setting
 TOTAL_STEPS = 200
@@ -46,7 +46,8 @@ data = dict(
     train_folder=sysconfig.get_paths()["stdlib"],
     text_glob="*.py",
     text_exclude=("test", "tests", "idle_test", "site-packages"),
-    tokenizer_path="default",
+    max_text_bytes=3_000_000,  # the demo's files
+    tokenizer_path="byte",  # the demo's tokenizer: the checkpoint's embedding has its 258 rows
     seq_len=SEQ_LEN,
     micro_num=1,
     micro_bsz=8,
@@ -68,7 +69,7 @@ model = dict(
     num_layers=4,
     mlp_ratio=8 / 3,
     multiple_of=64,
-    vocab_size=1024,
+    vocab_size=258,  # 256 bytes + BOS + EOS, as the demo
     dtype="torch.float32",
     norm_type="rmsnorm",
     rope_base=NEW_ROPE_BASE,
