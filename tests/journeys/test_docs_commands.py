@@ -139,6 +139,13 @@ RUNS = {
     "spindle eval passkey --ckpt runs/demo/ckpt --lengths 256,1024,4096 --depths 0,0.25,0.5,0.75,1 --samples 5 "
     "--variants plain,dynamic --mode generate --out eval/passkey": Run(
         ("plain (mean", "dynamic (mean"), ("--lengths", "256", "--depths", "0,1", "--samples", "1")),
+    # docs/long-context.md: long-context metrics while training, then their plot (4 steps, metrics at 2 and 4)
+    "spindle train --set trainer.run_folder=runs/lc data.total_steps=40 data.valid_every=20 "
+    "'long_eval={'\"'\"'lengths'\"'\"': [256, 1024, 4096], '\"'\"'variants'\"'\"': ['\"'\"'plain'\"'\"', "
+    "'\"'\"'yarn'\"'\"'], '\"'\"'passkey_lengths'\"'\"': [512]}'": Run(
+        ("long-context eval after step 1: ppl@256", "long-context eval after step 3:"),
+        ("data.total_steps=4", "data.valid_every=2", *SMALL)),
+    "spindle eval plot runs/lc/demo": Run(("wrote runs/lc/demo/long_context.png (ppl, passkey at steps 1, 3)",)),
 }
 SLOW_BENCH = "timing runs of minutes to hours on this 2-core machine; tests/unit/test_bench.py runs their code small"
 TEMPLATE = "a synopsis: its capitals (HF_DIR, SRC, CKPT, OUT) stand for the user's folders; the concrete forms run"
@@ -159,6 +166,9 @@ SKIPS = {
     ".venv/bin/python -m spindle.cli bench train --quick": SLOW_BENCH,
     ".venv/bin/spindle bench attention --out runs/bench_attention_full.json": SLOW_BENCH,
     "spindle bench attention --quick": SLOW_BENCH + " (--quick alone is 2 minutes here)",
+    "python -m spindle.benchmarks.bench_cp_memory --lengths 16384 --steps 2": SLOW_BENCH,
+    "python -m spindle.benchmarks.bench_cp_memory --lengths 32768 --contexts 1 --steps 1": SLOW_BENCH,
+    "python -m spindle.benchmarks.bench_cp_memory --lengths 16384,32768 --contexts 2 --steps 2": SLOW_BENCH,
     "bench/gpu.sh": "needs a CUDA GPU (its CPU form, `spindle bench gpu --device cpu`, is run)",
     "bench/gpu.sh --micro-bsz 8": "needs a CUDA GPU",
     "spindle eval ppl --ckpt /tmp/attn/demo/demo/ckpt --lengths L --variants plain --windows 1 --threads 2":
