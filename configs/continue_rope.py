@@ -6,7 +6,7 @@ rotary base (or add rope_scaling), optionally lengthen the training context, and
 constant learning rate. The paper tunes LLaMA2 for 1K steps at 4K (or 16K) tokens; the extrapolation bound
 after tuning at the original length is 2*pi*beta^(d_extra/d) (`spindle rope --head-dim D --train-len T`).
 
-As written it continues the embedded demo (`spindle train` with no arguments writes runs/demo/ckpt/560):
+As written it continues the embedded demo (`spindle train` with no arguments writes runs/demo/ckpt/800):
 
     spindle train                                          # the demo: base 10^4, 256 tokens
     spindle train --config configs/continue_rope.py        # base 10^6, 256 tokens, 200 steps
@@ -26,10 +26,10 @@ of this job from overriding load_ckpt_info. The model shape keys must match the 
 the same way instead of, or on top of, a new base.
 """
 
-import sysconfig
+from spindle.configs import demo  # the demo's model shape and data, in one place
 
 JOB_NAME = "continue_rope"
-INIT_CKPT = "runs/demo/ckpt"  # the newest complete step of the demo (or a step folder, e.g. runs/demo/ckpt/560)
+INIT_CKPT = "runs/demo/ckpt"  # the newest complete step of the demo (or a step folder, e.g. runs/demo/ckpt/800)
 NEW_ROPE_BASE = 1_000_000  # the paper's larger-base regime; try 500 (< T/(2*pi) ... smaller-base regime) too
 SEQ_LEN = 256  # tuning length: = the pre-training length for the paper's 4K setting; longer for its 16K setting
 TOTAL_STEPS = 200
@@ -42,16 +42,10 @@ ckpt = dict(
 )
 
 data = dict(
-    type="text",
-    train_folder=sysconfig.get_paths()["stdlib"],
-    text_glob="*.py",
-    text_exclude=("test", "tests", "idle_test", "site-packages"),
-    max_text_bytes=3_000_000,  # the demo's files
-    tokenizer_path="byte",  # the demo's tokenizer: the checkpoint's embedding has its 258 rows
+    demo.data,  # the demo's files and byte tokenizer (the checkpoint's embedding has its 258 rows), held-out set
     seq_len=SEQ_LEN,
-    micro_num=1,
-    micro_bsz=8,
     total_steps=TOTAL_STEPS,
+    valid_every=TOTAL_STEPS // 2,
     pack_sample_into_one=True,  # full windows of SEQ_LEN positions: every position up to SEQ_LEN is trained
     seed=4321,  # a different data order than the pre-training
 )
@@ -62,20 +56,7 @@ lr_scheduler = dict(warmup_ratio=0.1, eta_min=3e-4)
 hybrid_zero_optimizer = dict(clip_grad_norm=1.0)
 
 # the demo model's shape (must match the checkpoint), with the new base
-model = dict(
-    num_attention_heads=4,
-    num_kv_attention_heads=2,
-    hidden_size=256,
-    num_layers=4,
-    mlp_ratio=8 / 3,
-    multiple_of=64,
-    vocab_size=258,  # 256 bytes + BOS + EOS, as the demo
-    dtype="torch.float32",
-    norm_type="rmsnorm",
-    rope_base=NEW_ROPE_BASE,
-    max_position_embeddings=SEQ_LEN,
-    checkpoint=False,
-)
+model = dict(demo.model, rope_base=NEW_ROPE_BASE, max_position_embeddings=SEQ_LEN)
 
 parallel = dict(zero1=1, tensor=1, pipeline=dict(size=1), sequence_parallel=False)
 
