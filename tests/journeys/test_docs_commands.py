@@ -180,7 +180,8 @@ def setup_folder(folder: Path) -> None:
     """The files the commands name that a user would have made themselves."""
     user_folder(folder)
     demo = (ROOT / "configs/demo.py").read_text()
-    (folder / "my.py").write_text(demo.replace('JOB_NAME = "demo"', 'JOB_NAME = "my"').replace("TOTAL_STEPS = 560", "TOTAL_STEPS = 3")
+    assert "TOTAL_STEPS = 800" in demo, "the demo's TOTAL_STEPS changed: update my.py's replacement below"
+    (folder / "my.py").write_text(demo.replace('JOB_NAME = "demo"', 'JOB_NAME = "my"').replace("TOTAL_STEPS = 800", "TOTAL_STEPS = 3")
                                   .replace("max_text_bytes=3_000_000", "max_text_bytes=200_000"))
     raw = folder / "data/raw"
     raw.mkdir(parents=True)
