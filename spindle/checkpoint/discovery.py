@@ -318,3 +318,20 @@ def open_checkpoint(url: str, ckpt: Optional[CkptConfig] = None, need_state: boo
     verify(storage, ref, need_state=need_state)
     with local_copy(storage, ref) as path:
         yield path
+
+
+def checkpoint_config(path: Path):
+    """The validated SpindleConfig a Spindle checkpoint folder was written with (its config.json)."""
+    from spindle.config import validate_config
+
+    cfg_file = path / "config.json"
+    if not cfg_file.is_file():
+        raise SpindleError(f"{path}: no config.json beside the checkpoint")
+    try:
+        raw = json.loads(cfg_file.read_text())
+    except (ValueError, OSError) as exc:
+        raise SpindleError(f"{cfg_file}: not a readable JSON config ({exc})") from None
+    if not isinstance(raw, dict):
+        raise SpindleError(f"{cfg_file}: expected a JSON object (the run's config), found {type(raw).__name__}")
+    raw.pop("constants", None)
+    return validate_config(raw, str(cfg_file))

@@ -120,9 +120,8 @@ def export_hf(ckpt: str, out: str | Path) -> list[str]:
     from safetensors.torch import save_file
 
     from spindle.checkpoint.dcp_io import load_tensors
-    from spindle.checkpoint.discovery import open_checkpoint
+    from spindle.checkpoint.discovery import checkpoint_config, open_checkpoint
     from spindle.checkpoint.hf_tokenizer import write_tokenizer
-    from spindle.eval.load import checkpoint_config
     from spindle.model.llama import build_model
 
     out = Path(out)

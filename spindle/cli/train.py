@@ -48,9 +48,8 @@ def resolve_config(args: argparse.Namespace):
 
 def dry_run_report(cfg, world: int) -> str:
     """What a run of `cfg` on `world` processes would be; the layout errors of the real run."""
-    from spindle.model.flops import internevo_flops_per_step, memory_estimate, model_flops_per_token, \
-        parameter_counts
-    from spindle.parallel.dims import ParallelDims
+    from spindle.model.flops import internevo_flops_per_step, model_flops_per_token, parameter_counts
+    from spindle.parallel.dims import ParallelDims, memory_estimate
 
     dims = ParallelDims.plan(cfg.parallel, cfg.model, world, cfg.data.seq_len)
     counts = parameter_counts(cfg.model)

@@ -44,7 +44,7 @@ class LongEvalConfig(Section):
     @classmethod
     def _variants(cls, v: tuple[str, ...]) -> tuple[str, ...]:
         from spindle.errors import SpindleError
-        from spindle.eval.perplexity import parse_variant
+        from spindle.config.rope_types import parse_variant
 
         if not v:
             raise ValueError("expected at least one variant, e.g. ['plain']")

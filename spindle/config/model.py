@@ -147,7 +147,7 @@ class ModelConfig(Section):
 
     def to_args(self):
         """The model's plain `ModelArgs`: every size resolved, every bias switch explicit."""
-        from spindle.model.llama import ModelArgs
+        from spindle.config.model_args import ModelArgs
 
         def bias(key: str) -> bool:
             value = getattr(self, key)

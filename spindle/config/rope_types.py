@@ -6,7 +6,7 @@ length, how a command line names one. Used by the config (`model.rope_scaling`),
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
 from spindle.errors import SpindleError
@@ -64,3 +64,43 @@ def rope_type(name: Optional[str]) -> RopeType:
     if name not in ROPE_TYPES:
         raise SpindleError(f"rope_scaling type {name!r}: expected one of {', '.join(ROPE_TYPES)}")
     return ROPE_TYPES[name]
+
+
+# --------------------------------------------------------------------------- evaluation variants
+
+
+@dataclass
+class Variant:
+    name: str
+    scaling: Optional[dict] = None  # rope_scaling dict; None = the checkpoint's own
+    per_length_yarn: bool = False  # yarn with factor L / T_train, one pass per length
+    logn: bool = False
+    overrides: dict = field(default_factory=dict)
+
+    @property
+    def per_length(self) -> bool:
+        return self.per_length_yarn or (self.scaling or {}).get("type") in ("dynamic", "longrope")
+
+
+def parse_variant(spec: str, train_len: int) -> Variant:
+    """'plain' | 'dynamic' | 'yarn' | 'yarn:F' | 'ntk:F' | 'linear:F' | 'logn' and '+' combinations."""
+    v = Variant(name=spec)
+    for part in spec.split("+"):
+        kind, _, arg = part.strip().lower().partition(":")
+        try:
+            factor = float(arg) if arg else None
+        except ValueError:
+            raise SpindleError(f"variant {spec!r}: the factor after ':' must be a number") from None
+        if kind in ("plain", "none", "default", "base"):
+            continue
+        if kind == "logn":
+            v.logn = True
+        elif kind == "yarn" and factor is None:
+            v.per_length_yarn = True
+        else:
+            try:
+                v.scaling = parse_rope_spec(part, train_len, "--variants")
+            except SpindleError:
+                raise SpindleError(f"variant {spec!r}: unknown part {part!r} (expected plain, dynamic, yarn, yarn:F, "
+                                   "ntk:F, linear:F, llama3:F, logn, joined by '+')") from None
+    return v

@@ -4,14 +4,12 @@
 from __future__ import annotations
 
 import contextlib
-import json
-from pathlib import Path
 from typing import Callable, Optional
 
 import torch
 
 from spindle.checkpoint.dcp_io import load_tensors
-from spindle.checkpoint.discovery import open_checkpoint
+from spindle.checkpoint.discovery import checkpoint_config, open_checkpoint
 from spindle.config import SpindleConfig, validate_config
 from spindle.config.rope_types import parse_rope_spec
 from spindle.errors import SpindleError
@@ -21,20 +19,6 @@ from spindle.model.llama import Transformer, build_model
 def parse_rope_override(spec: Optional[str], original_len: int) -> Optional[dict]:
     """--rope-scaling SPEC (spindle.config.rope_types.parse_rope_spec) -> a rope_scaling dict (None = keep)."""
     return None if spec is None else parse_rope_spec(spec, original_len)
-
-
-def checkpoint_config(path: Path) -> SpindleConfig:
-    cfg_file = path / "config.json"
-    if not cfg_file.is_file():
-        raise SpindleError(f"{path}: no config.json beside the checkpoint")
-    try:
-        raw = json.loads(cfg_file.read_text())
-    except (ValueError, OSError) as exc:
-        raise SpindleError(f"{cfg_file}: not a readable JSON config ({exc})") from None
-    if not isinstance(raw, dict):
-        raise SpindleError(f"{cfg_file}: expected a JSON object (the run's config), found {type(raw).__name__}")
-    raw.pop("constants", None)
-    return validate_config(raw, str(cfg_file))
 
 
 def foreign_kind(path: str) -> Optional[str]:

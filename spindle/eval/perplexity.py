@@ -27,14 +27,13 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 
-from spindle.config.rope_types import parse_rope_spec
+from spindle.config.rope_types import Variant, parse_variant  # noqa: F401 (the variant syntax: one registry)
 from spindle.errors import SpindleError
 from spindle.eval.prefill import check_cache_memory, prefill_chunks
 from spindle.model.llama import KVCache, Transformer
@@ -89,43 +88,6 @@ def bucket_means(values: torch.Tensor, edges: Sequence[int]) -> list[Optional[fl
 
 
 # --------------------------------------------------------------------------- variants
-
-
-@dataclass
-class Variant:
-    name: str
-    scaling: Optional[dict] = None  # rope_scaling dict; None = the checkpoint's own
-    per_length_yarn: bool = False  # yarn with factor L / T_train, one pass per length
-    logn: bool = False
-    overrides: dict = field(default_factory=dict)
-
-    @property
-    def per_length(self) -> bool:
-        return self.per_length_yarn or (self.scaling or {}).get("type") in ("dynamic", "longrope")
-
-
-def parse_variant(spec: str, train_len: int) -> Variant:
-    """'plain' | 'dynamic' | 'yarn' | 'yarn:F' | 'ntk:F' | 'linear:F' | 'logn' and '+' combinations."""
-    v = Variant(name=spec)
-    for part in spec.split("+"):
-        kind, _, arg = part.strip().lower().partition(":")
-        try:
-            factor = float(arg) if arg else None
-        except ValueError:
-            raise SpindleError(f"variant {spec!r}: the factor after ':' must be a number") from None
-        if kind in ("plain", "none", "default", "base"):
-            continue
-        if kind == "logn":
-            v.logn = True
-        elif kind == "yarn" and factor is None:
-            v.per_length_yarn = True
-        else:
-            try:
-                v.scaling = parse_rope_spec(part, train_len, "--variants")
-            except SpindleError:
-                raise SpindleError(f"variant {spec!r}: unknown part {part!r} (expected plain, dynamic, yarn, yarn:F, "
-                                   "ntk:F, linear:F, llama3:F, logn, joined by '+')") from None
-    return v
 
 
 def set_rope(model: Transformer, scaling: Optional[dict], logn_ref_len: Optional[int]) -> Transformer:

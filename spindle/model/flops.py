@@ -13,7 +13,7 @@ Two FLOP counts, because they answer different questions:
 
 from __future__ import annotations
 
-from spindle.config import ModelConfig, SpindleConfig
+from spindle.config import ModelConfig
 
 
 def parameter_counts(cfg: ModelConfig) -> dict[str, int]:
@@ -46,40 +46,3 @@ def internevo_flops_per_step(cfg: ModelConfig, seq_len: int, sequences: int) -> 
     r = cfg.mlp_ratio * 3 / 2 if cfg.use_swiglu else cfg.mlp_ratio
     b, s, h, layers, v = sequences, seq_len, cfg.hidden_size, cfg.num_layers, cfg.vocab_size
     return f * ((8 + 4 * r) * b * s * h**2 + 4 * b * s**2 * h) * layers + 6 * b * s * h * v
-
-
-def memory_estimate(cfg: SpindleConfig, world_size: int = 1) -> dict[str, float]:
-    """Bytes per device, roughly: weights, gradients, AdamW state, activations of one micro-batch.
-
-    Weights and gradients are fp32 masters (+ a 2-byte copy for bf16/fp16 compute), AdamW keeps
-    two fp32 moments. Sharding: tensor and pipeline split everything; zero1 splits optimizer state
-    over its group; FSDP splits weights, grads and state over data parallel. Activations follow
-    Korthikanti et al. (2022): s b h (34 + 5 a s / h) bytes per layer for 16-bit activations
-    (doubled for fp32); a recomputed layer keeps only its input.
-    """
-    from spindle.parallel.dims import ParallelDims
-
-    m, par, data = cfg.model, cfg.parallel, cfg.data
-    n = parameter_counts(m)["total"]
-    dims = ParallelDims.plan(par, m, world_size)
-    tp, pp = dims.tp, dims.pp
-    half = m.dtype in ("torch.bfloat16", "torch.float16", "torch.half")
-    model_split = tp * pp
-    shard = dims.shard * dims.cp  # FSDP shards over data x context ranks (they sum the same gradients)
-    weights = n * (4 + (2 if half else 0)) / model_split
-    grads = n * 4 / model_split
-    optim = n * 8 / model_split / shard
-    if dims.fsdp:
-        weights, grads = weights / shard, grads / shard
-    s, b, h, a = data.seq_len, data.micro_bsz, m.hidden_size, m.num_attention_heads
-    act_bytes = 2 if half else 4
-    per_layer_full = s * b * h * (34 + 5 * a * s / h) * act_bytes / 2  # the formula is in 2-byte units
-    per_layer_ckpt = s * b * h * act_bytes  # only the layer input is kept
-    layers_local = m.num_layers / pp
-    n_ckpt = m.num_checkpointed_layers / pp
-    # context parallelism holds 1/cp of every sequence (keys and values of attention are gathered in full)
-    activations = ((layers_local - n_ckpt) * per_layer_full + n_ckpt * per_layer_ckpt) / tp / dims.cp
-    logits = s * b * m.vocab_size * 4 * 2 / tp / dims.cp  # fp32 logits and their gradient
-    total = weights + grads + optim + activations + logits
-    return {"weights": weights, "grads": grads, "optimizer": optim, "activations": activations,
-            "logits": logits, "total": total}

@@ -5,7 +5,8 @@ import pytest
 from spindle.errors import SpindleError
 
 from spindle.config import load_config
-from spindle.model.flops import internevo_flops_per_step, memory_estimate, model_flops_per_token, parameter_counts
+from spindle.model.flops import internevo_flops_per_step, model_flops_per_token, parameter_counts
+from spindle.parallel.dims import memory_estimate
 
 
 def test_internevo_7b_flops_per_token():
