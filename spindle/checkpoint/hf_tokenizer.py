@@ -48,7 +48,10 @@ def write_tokenizer(spec: Optional[str], vocab_size: int, out: Path) -> Tokenize
 
     spec = spec or "default"
     if spec == "byte":
-        return TokenizerExport(notes=["note: no tokenizer written: the byte tokenizer has no Hugging Face form"])
+        byte_level_tokenizer().save(str(out / "tokenizer.json"))
+        (out / "tokenizer_config.json").write_text(json.dumps(
+            {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<s>", "eos_token": "</s>"}, indent=1))
+        return TokenizerExport(256, 257, None, ["tokenizer: byte (written as a byte-level tokenizer.json)"])
     try:
         tok = load_tokenizer(spec)
     except SpindleError as exc:
@@ -82,3 +85,34 @@ def write_tokenizer(spec: Optional[str], vocab_size: int, out: Path) -> Tokenize
                   "eos_token": hf_tok.id_to_token(tok.eos_id)}
     (out / "tokenizer_config.json").write_text(json.dumps(config, indent=1))
     return result
+
+
+def _byte_chars() -> list[str]:
+    """The printable character that stands for each byte in a byte-level tokenizer.json (the mapping GPT-2
+    introduced and `tokenizers`' ByteLevel pre-tokenizer applies): printable Latin-1 bytes stand for
+    themselves, the others for 256, 257, ... in byte order."""
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("\u00a1"), ord("\u00ac") + 1), *range(ord("\u00ae"), 256)]
+    chars, extra = {}, 0
+    for b in range(256):
+        if b in keep:
+            chars[b] = chr(b)
+        else:
+            chars[b] = chr(256 + extra)
+            extra += 1
+    return [chars[b] for b in range(256)]
+
+
+def byte_level_tokenizer():
+    """Spindle's byte tokenizer (ids 0..255 = the UTF-8 bytes, BOS 256, EOS 257) as a `tokenizers` Tokenizer:
+    byte-level pre-tokenization without splitting, a BPE model of the 256 byte characters and no merges
+    (so every byte is its own token, its id its value), BOS prepended as Spindle's generation does."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+
+    vocab = {c: b for b, c in enumerate(_byte_chars())}
+    vocab.update({"<s>": 256, "</s>": 257})
+    tk = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tk.decoder = decoders.ByteLevel()
+    tk.add_special_tokens(["<s>", "</s>"])
+    tk.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", 256)])
+    return tk

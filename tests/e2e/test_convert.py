@@ -204,6 +204,28 @@ def test_to_hf_writes_the_data_tools_default_tokenizer_and_generates(tmp_path):
     assert out_ids[0].tolist() == greedy(model, prompt.input_ids[0].tolist(), 6)
 
 
+def test_to_hf_writes_the_byte_tokenizer_and_generates(tmp_path):
+    """The demo's byte tokenizer leaves as a byte-level tokenizer.json: transformers gives Spindle's ids
+    (BOS, then the UTF-8 bytes) and decodes them back, and generates what Spindle generates."""
+    section = {"hidden_size": 32, "num_attention_heads": 4, "num_layers": 2, "vocab_size": 258, "multiple_of": 16,
+               "max_position_embeddings": 64}
+    model = save_spindle_checkpoint(tmp_path / "ck", section, {"tokenizer_path": "byte"})
+    out = tmp_path / "hf"
+    assert main(["convert", "to-hf", str(tmp_path / "ck"), str(out)]) == 0
+    conf = json.loads((out / "config.json").read_text())
+    assert (conf["bos_token_id"], conf["eos_token_id"]) == (256, 257)
+    tok = transformers.AutoTokenizer.from_pretrained(str(out))
+    for text in ("import os\n", "  two  spaces\tand a tab", "ünïcödé → ✓"):
+        ids = tok(text).input_ids
+        assert ids == [256] + list(text.encode("utf-8")), text
+        assert tok.decode(ids, skip_special_tokens=True) == text
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32).eval()
+    prompt = tok("def f(", return_tensors="pt")
+    with torch.no_grad():
+        out_ids = hf.generate(**prompt, max_new_tokens=6, do_sample=False)
+    assert out_ids[0].tolist() == greedy(model, prompt.input_ids[0].tolist(), 6)
+
+
 def write_hf_tokenizer_folder(folder):
     """A BPE tokenizer.json trained here, with the config files an HF folder carries."""
     import tokenizers

@@ -162,6 +162,7 @@ SKIPS = {
     ".venv/bin/python -m pytest tests/fuzz -m fuzz -s -q": "part of the test suite itself",
     ".venv/bin/python -m pytest tests/unit/test_monitor.py tests/unit/test_safety.py -q": "part of the test suite",
     "spindle bench train --quick": SLOW_BENCH,
+    "spindle bench train --quick --variants spindle,hand --rounds 5": SLOW_BENCH,
     ".venv/bin/python -m spindle.cli bench train": SLOW_BENCH,
     ".venv/bin/python -m spindle.cli bench train --quick": SLOW_BENCH,
     ".venv/bin/spindle bench attention --out runs/bench_attention_full.json": SLOW_BENCH,
