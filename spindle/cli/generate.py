@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Optional, Sequence
 
-from spindle.cli.options import OneLineParser
+from spindle.cli.options import OneLineParser, int_in
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -14,9 +14,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--prompt", required=True)
     g.add_argument("--max-new-tokens", type=int, default=64)
     g.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
-    g.add_argument("--top-k", type=int, default=0)
+    g.add_argument("--top-k", type=int_in(0, 10**7), default=0)
     g.add_argument("--top-p", type=float, default=1.0)
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--seed", type=int_in(0, 2**32 - 1), default=0)
     g.add_argument("--rope-scaling", default=None, help="none | dynamic | ntk:FACTOR | linear:FACTOR | yarn:FACTOR")
     g.add_argument("--tokenizer", default=None)
     g.add_argument("--device", default="cpu")

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from spindle.cli import options
-from spindle.cli.options import OneLineParser
+from spindle.cli.options import OneLineParser, int_in
 from spindle.errors import SpindleError
 
 # the embedded default, shipped inside the package (configs/demo.py in a checkout links to it)
@@ -25,8 +25,8 @@ def add_train_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--nproc", type=options.int_in(1, 1 << 20), default=None,
                     help="with --dry-run: the number of processes to plan for (default: this launch's)")
     ap.add_argument("--launcher", choices=["torch", "slurm"], default=None)
-    ap.add_argument("--port", type=int, default=None, help="rendezvous port (MASTER_PORT)")
-    ap.add_argument("--seed", type=int, default=None, help="overrides trainer.seed")
+    ap.add_argument("--port", type=int_in(1, 65535), default=None, help="rendezvous port (MASTER_PORT)")
+    ap.add_argument("--seed", type=int_in(0, 2**32 - 1), default=None, help="overrides trainer.seed")
     ap.add_argument("--backend", choices=["nccl", "gloo"], default=None, help="default: nccl on GPUs, gloo on CPU")
     ap.add_argument("--profiling", action="store_true", help="accepted for InternEvo compatibility (no effect yet)")
     ap.add_argument("--debug", action="store_true", help="show tracebacks")

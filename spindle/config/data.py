@@ -104,9 +104,8 @@ class DataConfig(Section):
                 raise ValueError("'split' selects a split of a streamed dataset and needs type='streaming'")
             if self.valid_split is not None:
                 raise ValueError("'valid_split' selects a split of a streamed dataset and needs type='streaming'")
-        if self.text_valid_bytes and self.type != "text":
-            raise ValueError("'text_valid_bytes' holds out files of a raw-text folder and needs type='text'")
-        if self.text_valid_bytes and self.valid_folder:
+        # (text_valid_bytes with another type does nothing and is reported at start: config/load.py)
+        if self.text_valid_bytes and self.type == "text" and self.valid_folder:
             raise ValueError("give one validation set: 'valid_folder' or 'text_valid_bytes', not both")
         return self
 

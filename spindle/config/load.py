@@ -84,6 +84,9 @@ def validate_config(raw: dict, source: str = "<config>") -> SpindleConfig:
         more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
         raise SpindleError(f"{source}: {first}{more}") from None
     cfg._compat_notes = translated + compatibility_notes(keys, source)
+    if cfg.data.text_valid_bytes and cfg.data.type != "text":  # e.g. the demo switched to token files
+        cfg._compat_notes.append(f"data.text_valid_bytes (holds out raw-text files; data.type is "
+                                 f"{cfg.data.type!r}: validate with data.valid_folder)")
     return cfg
 
 

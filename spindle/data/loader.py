@@ -291,7 +291,8 @@ def build_valid_sets(data: DataConfig, vocab_size: int, cache_root: Optional[Pat
     Token folders: one set per leaf folder of `valid_folder`. Streaming: a split of a dataset folder
     (`valid_split`, default "validation", of `valid_folder`, default the training dataset). Raw text:
     the held-out files (`text_valid_bytes`), tokenized into the cache under `cache_root`."""
-    if not data.valid_every or not (data.valid_folder or data.valid_split or data.text_valid_bytes):
+    held_out = bool(data.text_valid_bytes) and data.type == "text"
+    if not data.valid_every or not (data.valid_folder or data.valid_split or held_out):
         return {}
     if data.type == "streaming" and not _holds_token_files(data.valid_folder):
         from spindle.data.streaming import streamed_valid_set
@@ -299,7 +300,7 @@ def build_valid_sets(data: DataConfig, vocab_size: int, cache_root: Optional[Pat
         name, batches = streamed_valid_set(data, vocab_size)
         return {name: batches}
     folder = data.valid_folder
-    if data.text_valid_bytes:
+    if held_out:
         folder = text_cache(data, Path(cache_root), held_out=True)
     out = {}
     for src in leaf_sources(folder, vocab_size):

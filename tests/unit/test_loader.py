@@ -255,9 +255,17 @@ def test_text_valid_bytes_holds_the_last_files_out_of_training(tmp_path):
     assert ord("a") in trained and not trained & {ord("c"), ord("d")}
     with pytest.raises(SpindleError, match="the last file .* is larger"):
         text_files(data.model_copy(update={"text_valid_bytes": 50}))
-    for bad, msg in (({"type": "tokenized"}, "needs type='text'"), ({"valid_folder": str(raw)}, "not both")):
-        with pytest.raises(SpindleError, match=msg):
-            validate_config({"data": {**data.model_dump(), **bad}})
+    with pytest.raises(SpindleError, match="not both"):
+        validate_config({"data": {**data.model_dump(), "valid_folder": str(raw)}})
+    # another data type: no held-out files, and the start-up report says the key does nothing
+    from spindle.config.load import load_config
+
+    cfg_file = tmp_path / "c.py"
+    cfg_file.write_text(f"data = dict(type='tokenized', train_folder={str(raw)!r}, text_valid_bytes=250, valid_every=1)\n")
+    cfg = load_config(str(cfg_file), [])
+    assert build_valid_sets(cfg.data, 258, tmp_path / "cache2") == {}
+    assert any(n.startswith("data.text_valid_bytes (holds out raw-text files; data.type is 'tokenized'")
+               for n in cfg._compat_notes)
 
 
 @pytest.mark.parametrize("data,expected", [
