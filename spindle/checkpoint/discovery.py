@@ -44,8 +44,11 @@ from spindle.config import CkptConfig
 from spindle.errors import SpindleError
 
 MARKER_RE = re.compile(r"^(?:(snapshot/[01])/)?(\d+)\.step$")
-# the files a Spindle checkpoint folder holds; anything else in a step folder was written by someone else
-SPINDLE_FILE_RE = re.compile(r"^(\.metadata|__\d+_\d+\.distcp|trainer_state\.json|config\.json|\.owner\.json)$")
+# the files a Spindle checkpoint folder holds; anything else in a step folder was written by someone else.
+# `.metadata.tmp`: DCP writes the metadata under that name and renames it, so a save killed between the
+# two leaves it (an unfinished save of ours, not a foreign file)
+SPINDLE_FILE_RE = re.compile(
+    r"^(\.metadata|\.metadata\.tmp|__\d+_\d+\.distcp|trainer_state\.json|config\.json|\.owner\.json)$")
 OURS_AT_TOP = ("pings", "damaged", ".spindle.lock")
 
 

@@ -313,3 +313,24 @@ def test_staging_folder_is_checked_for_space(tmp_path, monkeypatch):
     assert not (stage.root / "3").exists()
     monkeypatch.setattr(staging_module.shutil, "disk_usage", lambda p: Usage(2**30, 0, need))
     assert stage.folder("3", need).is_dir() and not any((stage.root / "3").iterdir())
+
+
+def test_a_save_killed_before_dcp_renamed_its_metadata_is_an_unfinished_save_of_ours(tmp_path):
+    """DCP writes `.metadata.tmp` and renames it: a SIGKILL between the two leaves a step folder with the
+    shards and `.metadata.tmp` and no record. That is Spindle's own unfinished save (auto-resume goes on
+    from the last complete step, and the folder is rewritten), never a folder someone else wrote."""
+    from spindle.checkpoint.discovery import inspect_folder
+    from spindle.checkpoint.storage.local import LocalStorage
+
+    Trainer(tiny_cfg(tmp_path, {"checkpoint_every": 2}), ParallelEnv(), **QUIET).fit()
+    ckpt = tmp_path / "ckpt"
+    (ckpt / "4.step").unlink()
+    (ckpt / "4" / ".metadata").rename(ckpt / "4" / ".metadata.tmp")
+    for name in ("trainer_state.json", "config.json", ".owner.json"):
+        (ckpt / "4" / name).unlink()
+    contents = inspect_folder(LocalStorage(str(ckpt)))
+    assert contents.foreign == [] and "4" in contents.incomplete
+    again = Trainer(tiny_cfg(tmp_path, {"checkpoint_every": 2}), ParallelEnv(), **QUIET)
+    assert again.state.step == 2
+    again.fit()
+    assert (ckpt / "4.step").is_file() and not (ckpt / "4" / ".metadata.tmp").exists()
