@@ -259,7 +259,9 @@ class TrainLoader:
 
     def close(self) -> None:
         if self._pool is not None:
-            self._pool.shutdown(wait=False, cancel_futures=True)
+            # wait for a batch being built (milliseconds): no torch work left in a thread while the
+            # process group and the interpreter are torn down (a C++ abort at exit was seen once, dp2_cp2)
+            self._pool.shutdown(wait=True, cancel_futures=True)
 
 
 def build_train_loader(data: DataConfig, vocab_size: int, cache_root: Path, dp_rank: int = 0, dp_size: int = 1,

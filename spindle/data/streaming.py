@@ -288,7 +288,9 @@ class StreamingLoader:
     def close(self) -> None:
         self._pending = None
         if self._pool is not None:
-            self._pool.shutdown(wait=False, cancel_futures=True)
+            # wait for a batch being built (milliseconds): no torch work left in a thread while the
+            # process group and the interpreter are torn down (a C++ abort at exit was seen once, dp2_cp2)
+            self._pool.shutdown(wait=True, cancel_futures=True)
 
 
 def streamed_valid_set(data: DataConfig, vocab_size: Optional[int]) -> tuple[str, list[dict]]:
