@@ -34,3 +34,10 @@ def comm_tensor(values, dtype: torch.dtype, group: Optional[object] = None) -> t
     if isinstance(values, tuple):
         return torch.zeros(values, dtype=dtype, device=device)
     return torch.tensor(values, dtype=dtype, device=device)
+
+
+# torch 2.13 renamed all_gather_into_tensor / reduce_scatter_tensor to *_single and deprecated the old
+# names; the CUDA images GPU machines come with can be older (2.11 on the lent H200s) and have only the old
+# ones. Same semantics, one flat tensor each side: take whichever this torch has.
+all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor

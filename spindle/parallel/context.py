@@ -31,7 +31,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from spindle.model.attention import attention, masked_attention, repeat_kv
-from spindle.parallel import blockwise
+from spindle.parallel import blockwise, comm
 from spindle.parallel.blockwise import past_and_own
 
 
@@ -44,7 +44,7 @@ class _GatherSequence(torch.autograd.Function):
         world = dist.get_world_size(group)
         x = x.transpose(0, 2).contiguous()  # (Lc, H, B, D): gather along dim 0
         out = torch.empty((world * x.shape[0], *x.shape[1:]), dtype=x.dtype, device=x.device)
-        dist.all_gather_single(out, x, group=group)
+        comm.all_gather_single(out, x, group=group)
         return out.transpose(0, 2)
 
     @staticmethod
@@ -53,7 +53,7 @@ class _GatherSequence(torch.autograd.Function):
         g = grad.transpose(0, 2).contiguous()
         out = torch.empty((g.shape[0] // world, *g.shape[1:]), dtype=g.dtype, device=g.device)
         # every rank's queries used this rank's keys: their gradients add up here
-        dist.reduce_scatter_single(out, g, op=dist.ReduceOp.SUM, group=ctx.group)
+        comm.reduce_scatter_single(out, g, op=dist.ReduceOp.SUM, group=ctx.group)
         return out.transpose(0, 2), None
 
 

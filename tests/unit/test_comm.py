@@ -42,7 +42,7 @@ def collective_calls():
                 continue
             for call in ast.walk(fn):
                 if not (isinstance(call, ast.Call) and isinstance(call.func, ast.Attribute)
-                        and isinstance(call.func.value, ast.Name) and call.func.value.id == "dist"
+                        and isinstance(call.func.value, ast.Name) and call.func.value.id in ("dist", "comm")
                         and call.func.attr in COLLECTIVES):
                     continue
                 arg = call.args[0]
