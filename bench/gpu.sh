@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
 # The GPU check, on a fresh machine, in minutes: installs what is missing (the CUDA wheel of the pinned
-# torch, a C compiler for Inductor), refuses a machine without a CUDA device at once (one line, exit 2),
-# then runs with a timeout each:
+# torch where no CUDA torch is there, pydantic / numpy from .whl/ or PyPI, a C compiler for Inductor),
+# refuses a machine without a CUDA device at once (one line, exit 2), then runs with a timeout each:
 #   1. a bf16 ~1B training step, dense rows and packed documents: tokens/s, MFU, peak memory, the
 #      attention kernel (spindle.benchmarks.gpu_train; JSON under $OUT);
 #   2. the save / resume round trip, bit for bit;
 #   3. with two or more GPUs: the layout parity tests on 2 ranks (NCCL: the backend on CUDA);
 #   4. `spindle bench attention --quick --device cuda` (packed vs dense attention).
 # Usage: bench/gpu.sh [--preset 1b|tiny] [--device cuda|cpu] [extra gpu_train.py flags]
-# CPU smoke run of the same stages (what tests/e2e/test_gpu_sh.py runs): bench/gpu.sh --preset tiny --device cpu
+# A machine that reaches no package index (the lent H200s): bench/gpu_wheels.sh first where pip works, and
+# bring .whl/ along. CPU smoke run of the same stages (what tests/e2e/test_gpu_sh.py runs): bench/gpu.sh --preset tiny --device cpu
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PRESET=1b DEVICE=cuda EXTRA=()
@@ -19,6 +20,7 @@ while [ $# -gt 0 ]; do
     *) EXTRA+=("$1"); shift ;;
   esac
 done
+# the Python that holds a CUDA torch: $PY, else the project's .venv, else python3 (what CUDA images ship)
 PY=${PY:-.venv/bin/python}
 [ -x "$PY" ] || PY=python3
 OUT=${OUT:-runs/bench_gpu}
@@ -32,11 +34,26 @@ if [ "$DEVICE" = cuda ] && ! has_cuda; then
   fi
   # a GPU but a CPU-only (or no) torch: the CUDA wheel of the pinned version, first index that has it
   for tag in cu128 cu130 cu126; do
-    "$PY" -m pip install -q "torch==$TORCH_VERSION" --index-url "https://download.pytorch.org/whl/$tag" && has_cuda && break
+    "$PY" -m pip install -q --timeout 20 --retries 1 "torch==$TORCH_VERSION" --index-url "https://download.pytorch.org/whl/$tag" \
+      && has_cuda && break
   done
   has_cuda || { echo "bench/gpu.sh: torch $TORCH_VERSION with CUDA could not be installed or sees no device" >&2; exit 2; }
-  "$PY" -m pip install -q --no-deps -e . >/dev/null 2>&1 || true  # spindle itself, without touching torch
 fi
+# a CUDA torch already there is used as it is (CUDA images ship their own build; Spindle's unit suite also
+# passes on torch 2.11, docs/benchmarks.md); the rest Spindle imports, where missing, goes into a folder of
+# its own on PYTHONPATH, never touching torch: from .whl/ (bench/gpu_wheels.sh, for machines without an
+# index) or PyPI. Spindle itself runs from this checkout (python -m, from the repository root).
+MISSING=$("$PY" bench/gpu_deps.py)
+if [ -n "$MISSING" ]; then
+  SITE=${TMPDIR:-/tmp}/spindle-gpu-site
+  FROM=(); compgen -G ".whl/*.whl" >/dev/null && FROM=(--no-index --find-links .whl)
+  # shellcheck disable=SC2086  # the requirements are words
+  "$PY" -m pip install -q --timeout 20 --retries 1 "${FROM[@]}" --target "$SITE" $MISSING >&2 || {
+    echo "bench/gpu.sh: could not install $MISSING (without a package index: run bench/gpu_wheels.sh where pip works, bring .whl/)" >&2
+    exit 2; }
+  export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
+fi
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # the torchrun workers of the parity stage import spindle too
 if [ "$DEVICE" = cuda ] && ! command -v cc >/dev/null 2>&1 && ! command -v gcc >/dev/null 2>&1; then
   # Inductor / Triton compile their launchers with the system C compiler
   if command -v apt-get >/dev/null 2>&1; then

@@ -23,6 +23,7 @@ reference the tests and the benchmark compare with.
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 from functools import cached_property
 from typing import NamedTuple, Optional
@@ -187,8 +188,14 @@ def _varlen(q, k, v, layout: DocumentLayout, dropout_p):
     from torch.nn.attention.varlen import varlen_attn
 
     cu, longest = layout.cu_seqlens, max(layout.lengths)
-    out = varlen_attn(_flat(q), _flat(k), _flat(v), cu, cu, longest, longest, window_size=(-1, 0),
-                      enable_gqa=k.shape[1] != q.shape[1])
+    grouped = {}
+    if k.shape[1] != q.shape[1]:
+        if "enable_gqa" in inspect.signature(varlen_attn).parameters:
+            grouped = {"enable_gqa": True}
+        else:  # torch < 2.13 (2.11 is the CUDA image of the lent H200s): no GQA in varlen_attn
+            n_rep = q.shape[1] // k.shape[1]
+            k, v = repeat_kv(k, n_rep), repeat_kv(v, n_rep)
+    out = varlen_attn(_flat(q), _flat(k), _flat(v), cu, cu, longest, longest, window_size=(-1, 0), **grouped)
     return _unflat(out, q.shape[0])
 
 

@@ -11,9 +11,18 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
+from torch.torch_version import TorchVersion, __version__ as TORCH_VERSION
+
 from spindle.config import SpindleConfig
 from spindle.errors import SpindleError
 from spindle.model.flops import parameter_counts
+
+
+# torch.distributed.pipelining before 2.13 asks for a gradient of every tensor a stage receives (2.11, what
+# the lent H200s' CUDA image has, fails with "only Tensors of floating point dtype can require gradients"),
+# and Spindle's stages hand on the integer positions and labels with the hidden states (parallel/pipeline.py).
+# 2.13 is the first release checked to work (2.12 was not tried).
+PIPELINE_MIN_TORCH = (2, 13)
 
 
 def full_sharding(parallel) -> bool:
@@ -36,10 +45,15 @@ class ParallelDims:
         return self.dp // self.shard
 
     @classmethod
-    def plan(cls, parallel, model, world: int, seq_len: Optional[int] = None) -> "ParallelDims":
+    def plan(cls, parallel, model, world: int, seq_len: Optional[int] = None,
+             torch_version: str = TORCH_VERSION) -> "ParallelDims":
         """The layout for `world` processes (and rows of `seq_len` tokens), or a SpindleError naming the
-        keys that do not fit."""
+        keys that do not fit (or the torch that cannot run them)."""
         tp, pp, cp = parallel.tensor.size, parallel.pipeline.size, parallel.context
+        if pp > 1 and TorchVersion(torch_version) < PIPELINE_MIN_TORCH:
+            raise SpindleError(f"parallel.pipeline.size={pp} needs torch >= 2.13 (this is torch {torch_version}, "
+                               "whose pipelining wants a gradient for the positions and labels the stages hand on): "
+                               "install the pinned torch==2.13.0, or use pipeline.size=1")
         if cp > 1 and seq_len is not None and seq_len % (2 * cp):
             raise SpindleError(f"data.seq_len ({seq_len}) must be divisible by 2 x parallel.context ({2 * cp}): "
                                "context parallelism gives every rank two chunks of each row (head and tail)")

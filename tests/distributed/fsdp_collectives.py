@@ -14,6 +14,7 @@ import torch.distributed as dist
 
 from spindle.config import validate_config
 from spindle.model.llama import build_model
+from spindle.parallel import comm
 from spindle.parallel.dims import full_sharding
 from spindle.parallel.mesh import build_mesh, init_distributed
 from spindle.parallel.parallelize import apply_data_and_context_parallel, gradient_sync
@@ -25,11 +26,11 @@ MICRO = 4
 calls: Counter = Counter()
 
 
-def spy(name: str) -> None:
+def spy(name: str, key: str) -> None:
     real = getattr(dist, name)
 
     def counted(*args, **kwargs):
-        calls[name] += 1
+        calls[key] += 1
         return real(*args, **kwargs)
 
     setattr(dist, name, counted)
@@ -45,8 +46,9 @@ def one_step(model, batches, full_shard: bool, use_gradient_sync: bool) -> Count
 
 
 def main(out: str) -> None:
-    spy("all_gather_single")
-    spy("reduce_scatter_single")
+    # FSDP2 calls whichever names this torch has (2.13: *_single; 2.11: all_gather_into_tensor, ...)
+    spy(comm.all_gather_single.__name__, "all_gather")
+    spy(comm.reduce_scatter_single.__name__, "reduce_scatter")
     env = init_distributed("torch", backend="gloo")
     gen = torch.Generator().manual_seed(10 + env.rank)
     batches = [torch.randint(0, 64, (2, 16), generator=gen) for _ in range(MICRO)]

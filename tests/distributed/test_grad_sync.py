@@ -26,13 +26,13 @@ def test_zero1_step_gathers_and_reduces_once_per_group(counts):
     z = counts["zero1"]
     groups = z["groups"]
     assert groups == 3  # two blocks and the root
-    assert z["calls"]["every_micro_batch"] == [{"all_gather_single": MICRO * groups,
-                                               "reduce_scatter_single": MICRO * groups}]
-    assert z["calls"]["gradient_sync"] == [{"all_gather_single": groups, "reduce_scatter_single": groups}] * 2
+    assert z["calls"]["every_micro_batch"] == [{"all_gather": MICRO * groups,
+                                               "reduce_scatter": MICRO * groups}]
+    assert z["calls"]["gradient_sync"] == [{"all_gather": groups, "reduce_scatter": groups}] * 2
     same_gradients(z)
 
 
 def test_zero3_keeps_reducing_every_micro_batch(counts):
     f = counts["fsdp"]
-    assert [c["reduce_scatter_single"] for c in f["calls"]["gradient_sync"]] == [MICRO * f["groups"]] * 2
+    assert [c["reduce_scatter"] for c in f["calls"]["gradient_sync"]] == [MICRO * f["groups"]] * 2
     same_gradients(f)

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from distributed.marks import layouts
+
 ROOT = Path(__file__).resolve().parents[2]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
 pytestmark = pytest.mark.dist
@@ -62,12 +64,12 @@ def reference(config, tmp_path_factory):
     return run(config, tmp_path_factory.mktemp("single"), 1, [])
 
 
-@pytest.mark.parametrize("name,overrides", [
+@pytest.mark.parametrize("name,overrides", layouts([
     ("pp2_1f1b", ["parallel.pipeline.size=2"]),
     ("pp2_interleaved", ["parallel.pipeline.size=2", "model.num_chunks=2"]),
     ("tp2_sp", ["parallel.tensor=2", "parallel.sequence_parallel=True"]),
     ("pp2_cp2", ["parallel.pipeline.size=2", "parallel.context=2"]),  # 4 processes
-])
+]))
 def test_layout_reports_sources_and_validation(config, reference, tmp_path, name, overrides):
     records = run(config, tmp_path / name, 4 if "cp2" in name else 2, overrides)
     assert [r["step"] for r in records] == [r["step"] for r in reference] == [0, 1, 2, 3]

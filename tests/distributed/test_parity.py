@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from distributed.marks import layouts, needs_pipeline_torch
+
 ROOT = Path(__file__).resolve().parents[2]
 CONFIG = str(Path(__file__).with_name("tiny.py"))
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
@@ -67,7 +69,7 @@ LAYOUTS = {
 }
 
 
-@pytest.mark.parametrize("name", list(LAYOUTS))
+@pytest.mark.parametrize("name", layouts(LAYOUTS))
 def test_layout_matches_single_process(tmp_path, reference, name):
     nproc, overrides = LAYOUTS[name]
     losses = run(tmp_path, name, nproc, overrides)
@@ -81,6 +83,7 @@ def test_layout_matches_single_process(tmp_path, reference, name):
     ("micro_num_1", ["data.micro_num=1"]),  # fewer micro-batches than stages: 1F1B runs as GPipe
     ("rampup", ["data.micro_num=4", "data.rampup_batch_size=1 1 3"]),  # micro_num 1, 2, 3, 4 over the steps
 ])
+@needs_pipeline_torch
 def test_pipeline_takes_the_micro_batch_counts_internevo_accepts(tmp_path, name, overrides):
     single = run(tmp_path, f"{name}_single", 1, overrides)
     staged = run(tmp_path, f"{name}_pp2", 2, [*overrides, "parallel.pipeline.size=2"])

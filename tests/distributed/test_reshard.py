@@ -9,6 +9,7 @@ import shutil
 
 import pytest
 
+from distributed.marks import needs_pipeline_torch
 from tests.distributed.test_parity import run
 
 pytestmark = pytest.mark.dist
@@ -16,6 +17,7 @@ pytestmark = pytest.mark.dist
 LR = "lr_scheduler.total_steps=10"
 
 
+@needs_pipeline_torch
 def test_dp2_tp2_checkpoint_resumes_under_one_process_and_pp2(tmp_path):
     reference = run(tmp_path, "reference", 1, [LR])
     ckpt = tmp_path / "ckpt"

@@ -158,10 +158,18 @@ def fake_varlen_attn(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, win
     return torch.cat(outs)
 
 
-def test_varlen_plumbing_against_its_documented_contract(monkeypatch):
+def fake_varlen_attn_2_11(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, return_aux=None, scale=None,
+                          window_size=(-1, -1)):
+    """torch 2.11's signature (the CUDA image of the lent H200s): no enable_gqa, so equal head counts."""
+    assert key.shape[1] == query.shape[1], "2.11's varlen_attn has no GQA: the KV heads come repeated"
+    return fake_varlen_attn(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, window_size=window_size)
+
+
+@pytest.mark.parametrize("fake", [fake_varlen_attn, fake_varlen_attn_2_11], ids=["torch2.13", "torch2.11"])
+def test_varlen_plumbing_against_its_documented_contract(monkeypatch, fake):
     import torch.nn.attention.varlen as varlen
 
-    monkeypatch.setattr(varlen, "varlen_attn", fake_varlen_attn)
+    monkeypatch.setattr(varlen, "varlen_attn", fake)
     layout = layout_of([[3, 5, 8], [10, 6]])
     tensors = qkv(2, 4, 2, 16)
     out, grads = grads_of(lambda q, k, v: A.KERNELS["varlen"](q, k, v, layout, 0.0), tensors)

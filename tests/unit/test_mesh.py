@@ -42,13 +42,22 @@ def test_slurm_env(monkeypatch):
 def test_layout_errors(world, parallel, message):
     c = cfg(**parallel)
     with pytest.raises(SpindleError) as e:
-        ParallelDims.plan(c.parallel, c.model, world)
+        ParallelDims.plan(c.parallel, c.model, world, torch_version="2.13.0")  # layout arithmetic, any torch
     assert message in str(e.value)
+
+
+def test_pipeline_refused_on_a_torch_whose_pipelining_cannot_run_spindles_stages():
+    c = cfg(pipeline=2)
+    with pytest.raises(SpindleError) as e:
+        ParallelDims.plan(c.parallel, c.model, 2, torch_version="2.11.0+cu130")  # the lent H200s' image
+    assert str(e.value).startswith("parallel.pipeline.size=2 needs torch >= 2.13 (this is torch 2.11.0+cu130")
+    assert ParallelDims.plan(c.parallel, c.model, 2, torch_version="2.13.0+cpu").pp == 2
+    assert ParallelDims.plan(cfg(tensor=2).parallel, c.model, 2, torch_version="2.11.0").tp == 2  # only pipelines
 
 
 def test_layout_sizes_and_stages():
     c = cfg(tensor=2, pipeline=2, zero1=2)
-    d = ParallelDims.plan(c.parallel, c.model, 8)
+    d = ParallelDims.plan(c.parallel, c.model, 8, torch_version="2.13.0")
     assert (d.dp, d.pp, d.tp) == (2, 2, 2)
     assert split_layers(8, 4) == [[0, 1], [2, 3], [4, 5], [6, 7]]
     assert stages_of_rank(1, 2, 2) == [1, 3]  # looped placement for the interleaved schedule
