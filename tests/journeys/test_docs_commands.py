@@ -172,6 +172,8 @@ SKIPS = {
     "python -m spindle.benchmarks.bench_cp_memory --lengths 16384,32768 --contexts 2 --steps 2": SLOW_BENCH,
     "bench/gpu.sh": "needs a CUDA GPU (its CPU form, `spindle bench gpu --device cpu`, is run)",
     "bench/gpu.sh --micro-bsz 8": "needs a CUDA GPU",
+    "bench/gpu.sh --preset tiny --device cpu": "run by tests/e2e/test_gpu_sh.py (every stage, its JSON checked)",
+    "bench/gpu_wheels.sh": "downloads from PyPI; tests/unit/test_gpu_deps.py checks what it asks for",
     "spindle eval ppl --ckpt /tmp/attn/demo/demo/ckpt --lengths L --variants plain --windows 1 --threads 2":
         "a template: L stands for each length of the benchmark, the folder is that benchmark's own run",
 }
