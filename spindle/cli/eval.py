@@ -68,7 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("ppl", parents=[common], help="per-position loss / perplexity per length")
     p.add_argument("--data", nargs="+", default=None,
                    help="text files or folders (one document per file), or token shards "
-                        "(default: the checkpoint's validation data, else its training files)")
+                        "(default: the checkpoint's validation data or held-out files, else its training files)")
     p.add_argument("--glob", default="*", help="file pattern inside --data folders")
     p.add_argument("--windows", type=_number(int, 1, 100_000, "1 .. 100,000"), default=8, help="number of evaluation windows (documents)")
     p.add_argument("--batch", type=_number(int, 1, 1024, "1 .. 1,024"), default=1)

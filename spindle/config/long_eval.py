@@ -24,7 +24,7 @@ class LongEvalConfig(Section):
     variants: tuple[str, ...] = ("plain",)  # RoPE variants as `spindle eval --variants`: plain, dynamic, yarn, ...
     windows: int = _count(default=2, ge=1, le=4096)  # evaluation windows (documents) of max(lengths) tokens
     chunk: int = _count(default=1024, ge=1, le=MAX_LONG_EVAL_LENGTH)  # prefill chunk: tokens per forward
-    data: tuple[str, ...] = ()  # text files / folders or token shards; () = data.valid_folder, else the train files
+    data: tuple[str, ...] = ()  # text files / folders or token shards; () = as `eval ppl` without --data
     passkey_lengths: tuple[_Length, ...] = ()  # val/passkey@L: accuracy over passkey_depths x passkey_samples
     passkey_depths: tuple[_Depth, ...] = (0.0, 0.5, 1.0)
     passkey_samples: int = _count(default=2, ge=1, le=4096)

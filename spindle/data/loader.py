@@ -111,7 +111,7 @@ def leaf_sources(folder: str, vocab_size: Optional[int] = None) -> list[Source]:
     return [_open_source(name, 0, d, by_dir[d], vocab_size) for name, d in zip(names, dirs)]
 
 
-def _text_split(data: DataConfig) -> tuple[list[str], list[str]]:
+def text_split(data: DataConfig) -> tuple[list[str], list[str]]:
     """(training files, held-out files) of a `type="text"` folder: `text_glob` minus `text_exclude`; the
     last files up to `text_valid_bytes` are held out (never trained on), the rest are trained on up to
     `max_text_bytes`."""
@@ -145,8 +145,8 @@ def _text_split(data: DataConfig) -> tuple[list[str], list[str]]:
 
 
 def text_files(data: DataConfig) -> list[str]:
-    """The raw-text files trained on (`_text_split`)."""
-    return _text_split(data)[0]
+    """The raw-text files trained on (`text_split`)."""
+    return text_split(data)[0]
 
 
 def text_cache(data: DataConfig, cache_root: Path, log=None, held_out: bool = False) -> str:
@@ -162,7 +162,7 @@ def text_cache(data: DataConfig, cache_root: Path, log=None, held_out: bool = Fa
     from spindle.data.shards import MANIFEST
     from spindle.data.tokenizer import load_tokenizer
 
-    files = _text_split(data)[1 if held_out else 0]
+    files = text_split(data)[1 if held_out else 0]
     identity = load_tokenizer(data.tokenizer_path or "default").identity()
     content = [(f, st.st_size, st.st_mtime_ns) for f, st in ((f, os.stat(f)) for f in files)]
     key = hashlib.sha256(json.dumps([content, tokenizer_key(identity), identity.get("bos_id"),

@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from spindle.config.rope_types import Variant, parse_variant  # noqa: F401 (the variant syntax: one registry)
+from spindle.data.loader import text_split
 from spindle.errors import SpindleError
 from spindle.eval.prefill import check_cache_memory, prefill_chunks
 from spindle.model.llama import KVCache, Transformer
@@ -165,8 +166,8 @@ def load_token_docs(paths: Sequence[str], tokenizer, glob: str = "*",
 
 def checkpoint_data(cfg, option: str = "--data", whose: str = "the checkpoint's") -> tuple[list[str], str]:
     """What `eval ppl` reads without --data (and long_eval without long_eval.data): the config's validation
-    folder, else its training files (text folders: the files training read, by data.text_glob /
-    text_exclude / max_text_bytes). Returns (paths, a line saying what was chosen)."""
+    folder; for a text folder with data.text_valid_bytes, its held-out files; else the files training read
+    (data.text_glob / text_exclude / max_text_bytes). Returns (paths, a line saying what was chosen)."""
     data = cfg.data
     if data.valid_folder:
         return [data.valid_folder], f"data.valid_folder {data.valid_folder}"
@@ -178,15 +179,13 @@ def checkpoint_data(cfg, option: str = "--data", whose: str = "the checkpoint's"
         raise SpindleError(f"{option} is required: {whose} data.train_folder {root} is not on this machine")
     if data.type != "text":
         return [str(root)], f"data.train_folder {root} (training data: pass {option} for held-out text)"
-    files, total = [], 0
-    for f in sorted(p for p in root.glob(data.text_glob)
-                    if p.is_file() and not any(part in data.text_exclude for part in p.relative_to(root).parts)):
-        total += f.stat().st_size
-        if data.max_text_bytes is not None and total > data.max_text_bytes:
-            break
-        files.append(str(f))
-    if not files:
-        raise SpindleError(f"{option} is required: no files match {data.text_glob!r} under data.train_folder {root}")
+    try:
+        files, held = text_split(data)
+    except SpindleError as exc:
+        raise SpindleError(f"{option} is required: {exc}") from None
+    if held:
+        return held, (f"the {len(held)} held-out files of data.train_folder {root} (data.text_valid_bytes: "
+                      "never trained on)")
     return files, (f"{len(files)} files of data.train_folder {root} ({data.text_glob!r}; the training data: "
                    f"pass {option} for held-out text)")
 

@@ -223,6 +223,45 @@ def test_first_wave_checkpoint_still_loads(tmp_path):
     assert {p.name: p.read_bytes() for p in (ckpt / "2").iterdir()} == old
 
 
+@pytest.mark.parametrize("written_on, resumed_on", [("gpu", "cpu"), ("cpu", "gpu"), ("gpu", "gpu")])
+def test_a_checkpoint_moves_between_cpu_and_gpu_machines(tmp_path, monkeypatch, written_on, resumed_on):
+    """A "GPU machine" here is one whose RNG states include a CUDA generator's (a ByteTensor) and whose
+    torch.cuda.set_rng_state records what it is given. Written on one kind and resumed on the other, the
+    CPU generator comes back bit for bit and the CUDA state is skipped with a note (it was once a missing
+    `rng.cuda` key reported as a damaged checkpoint); GPU to GPU restores it."""
+    from spindle.checkpoint import dcp_io
+
+    cpu_only, cuda_state, restored = dcp_io.rng_state, torch.arange(16, dtype=torch.uint8), []
+
+    def machine(kind):
+        if kind == "gpu":
+            monkeypatch.setattr(dcp_io, "rng_state", lambda: {**cpu_only(), "cuda": cuda_state.clone()})
+            monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, *a: restored.append(state.clone()))
+        else:
+            monkeypatch.setattr(dcp_io, "rng_state", cpu_only)
+
+    full = losses(Trainer(tiny_cfg(tmp_path / "a", {"auto_resume": False}), ParallelEnv(), **QUIET).fit())
+    b = tmp_path / "b"
+    machine(written_on)
+    part = Trainer(tiny_cfg(b, {"checkpoint_every": 2, "stop_file_path": str(b / "stop")}), ParallelEnv(), **QUIET)
+    (b / "stop").write_text("2")
+    first = losses(part.fit())
+    saved = {k for k in read_metadata(b / "ckpt" / "2").state_dict_metadata if k.startswith("rng.")}
+    assert saved == ({"rng.cpu", "rng.cuda"} if written_on == "gpu" else {"rng.cpu"})
+    machine(resumed_on)
+    lines = []
+    resumed = Trainer(tiny_cfg(b, {"checkpoint_every": 2}), ParallelEnv(), log=lines.append)
+    assert resumed.state.step == 2 and first + losses(resumed.fit()) == full
+    notes = [line for line in lines if "RNG state" in line]
+    if (written_on, resumed_on) == ("gpu", "cpu"):
+        assert notes == ["checkpoint: the checkpoint's cuda RNG state is not restored (no cuda device here)"]
+    elif (written_on, resumed_on) == ("cpu", "gpu"):
+        assert notes == ["checkpoint: no cuda RNG state in the checkpoint (written on a machine without one); "
+                         "the cuda generator keeps its seed"] and restored == []
+    else:
+        assert notes == [] and len(restored) == 1 and torch.equal(restored[0], cuda_state)
+
+
 def test_async_save_resumes_bit_exact(tmp_path):
     """ckpt.async_save: the stop-file run saves at step 2 in the background, is marked complete when it
     ends, and resuming from it gives the uninterrupted run's losses bit for bit."""

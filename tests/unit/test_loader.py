@@ -255,6 +255,13 @@ def test_text_valid_bytes_holds_the_last_files_out_of_training(tmp_path):
     assert ord("a") in trained and not trained & {ord("c"), ord("d")}
     with pytest.raises(SpindleError, match="the last file .* is larger"):
         text_files(data.model_copy(update={"text_valid_bytes": 50}))
+    # `eval ppl` without --data and long_eval without long_eval.data read the held-out files, not the trained
+    from spindle.eval.perplexity import checkpoint_data
+
+    paths, what = checkpoint_data(validate_config({"data": data.model_dump()}))
+    assert [p.rsplit("/", 1)[1] for p in paths] == ["c.txt", "d.txt"] and "never trained on" in what
+    paths, what = checkpoint_data(validate_config({"data": {**data.model_dump(), "text_valid_bytes": 0}}))
+    assert [p.rsplit("/", 1)[1] for p in paths] == ["a.txt", "b.txt", "c.txt", "d.txt"] and "the training data" in what
     with pytest.raises(SpindleError, match="not both"):
         validate_config({"data": {**data.model_dump(), "valid_folder": str(raw)}})
     # another data type: no held-out files, and the start-up report says the key does nothing
