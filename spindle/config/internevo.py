@@ -12,6 +12,8 @@ from __future__ import annotations
 from spindle.config.schema import SpindleConfig
 from spindle.errors import SpindleError
 
+FP32_NORMS = ("norms always run in fp32 with fp32 weights (docs/parallelism.md): True is what happens anyway; "
+              "InternEvo's False, norms in the compute dtype, is not offered")
 NO_EFFECT = {
     "data.num_worker": "batches are built by one prefetch thread, not DataLoader workers",
     "data.empty_cache_and_diag_interval": "InternEvo's straggler diagnosis and CUDA cache emptying; "
@@ -32,6 +34,8 @@ NO_EFFECT = {
                             "layout they were saved in",
     "parallel.pipeline.interleaved_overlap": "torch.distributed.pipelining schedules its own communication",
     "metric_dtype": "metrics are accumulated in float64",
+    "use_fp32_norm": FP32_NORMS,
+    "model.use_fp32_norm": FP32_NORMS,
     "monitor.tensorboard": "TensorBoard events are written directly, not through a queue",
     "generation": "settings of InternEvo's generation tools; use `spindle generate` and its options",
 }

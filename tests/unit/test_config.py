@@ -177,6 +177,10 @@ def test_keys_without_effect_are_reported_only_when_given():
     assert validate_config({})._compat_notes == []
     cfg = validate_config({"data": {"num_worker": 4}, "metric_dtype": "fp32"})
     assert [n.split(" ")[0] for n in cfg._compat_notes] == ["data.num_worker", "metric_dtype"]
+    # norms run in fp32 whatever use_fp32_norm says: given anywhere, the key says so
+    for raw in ({"use_fp32_norm": False}, {"model": {"use_fp32_norm": True}}):
+        notes = validate_config(raw)._compat_notes
+        assert len(notes) == 1 and "norms always run in fp32" in notes[0] and "use_fp32_norm" in notes[0]
 
 
 def test_skip_batches_as_the_seed_writes_it_on_the_command_line():
