@@ -18,6 +18,7 @@ seq 32) runs the same code path on a CPU in seconds; it is what the unit test ru
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
@@ -119,15 +120,33 @@ def run(preset="tiny", steps=8, warmup=2, dtype="bf16", compile=True, device="au
     return out
 
 
+@contextlib.contextmanager
+def deterministic_kernels(device: torch.device):
+    """On CUDA, the kernels that give the same bits on every run where PyTorch has them (backward kernels
+    that would add with atomics in a varying order, cuBLAS with a fixed workspace: CUBLAS_WORKSPACE_CONFIG,
+    which bench/gpu.sh sets before CUDA starts); an op without one runs anyway and warns, naming itself.
+    Restored after.
+    Off CUDA nothing changes: the CPU kernels Spindle uses are deterministic already."""
+    if device.type != "cuda":
+        yield
+        return
+    saved = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(saved[0], warn_only=saved[1])
+
+
 def resume_round_trip(preset="tiny", dtype="bf16", device="auto", seq_len=None, log=print) -> dict:
     """4 steps straight, against 2 steps, a checkpoint (the stop file), and 2 resumed: the same losses
-    bit for bit (no compile: the check is of the state saved, not of kernels)."""
+    bit for bit (no compile, deterministic kernels: the check is of the state saved, not of kernels)."""
     from spindle.parallel.mesh import init_distributed
     from spindle.train.trainer import Trainer
 
     env = init_distributed(None, None, None, device)
     runs = {}
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, deterministic_kernels(env.device):
         for name in ("straight", "stopped", "resumed"):
             cfg = build_config(preset, 4, dtype, False, device, f"{tmp}/{'straight' if name == 'straight' else 'b'}",
                                seq_len=seq_len)

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from distributed.marks import layouts, needs_pipeline_torch
 
@@ -26,6 +27,8 @@ def run(tmp_path: Path, name: str, nproc: int, overrides: list[str], timeout: in
 
 def records(tmp_path: Path, name: str, nproc: int, overrides: list[str], timeout: int = 240) -> tuple[list, str]:
     """The run's metrics.jsonl records and its console output."""
+    if torch.cuda.is_available() and nproc > torch.cuda.device_count():  # bench/gpu.sh: NCCL, a GPU per rank
+        pytest.skip(f"{name}: {nproc} processes, {torch.cuda.device_count()} GPUs")
     folder = tmp_path / name
     args = ["train.py", "--config", CONFIG, "--launcher", "torch", "--set", f"trainer.run_folder={folder}",
             *overrides]

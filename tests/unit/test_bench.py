@@ -76,6 +76,20 @@ def test_gpu_driver_runs_the_trainer_on_cpu(tmp_path, dtype):
     assert cfg.trainer.compile and cfg.model.dtype == "torch.bfloat16" and cfg.adam.fused is None  # fused on CUDA
 
 
+def test_resume_check_runs_deterministic_kernels_on_cuda_only():
+    """The GPU resume round trip compares losses bit for bit, so on CUDA it asks PyTorch for deterministic
+    kernels (warn-only: an op without one names itself) and gives the setting back after."""
+    gt = load_script("gpu")
+    assert not torch.are_deterministic_algorithms_enabled()
+    with gt.deterministic_kernels(torch.device("cpu")):
+        assert not torch.are_deterministic_algorithms_enabled()  # nothing to change on a CPU
+    with gt.deterministic_kernels(torch.device("cuda", 0)):
+        assert torch.are_deterministic_algorithms_enabled() and torch.is_deterministic_algorithms_warn_only_enabled()
+    assert not torch.are_deterministic_algorithms_enabled() and not torch.is_deterministic_algorithms_warn_only_enabled()
+    gpu_sh = Path(__file__).resolve().parents[2] / "bench" / "gpu.sh"
+    assert "CUBLAS_WORKSPACE_CONFIG=:4096:8" in gpu_sh.read_text()  # set before CUDA starts
+
+
 def test_memory_bench_small_lengths(tmp_path):
     out = tmp_path / "mem.json"
     assert bench_main(["memory", "--lengths", "64,256", "--layers", "1", "--out", str(out)]) == 0
