@@ -1,0 +1,116 @@
+"""The one place for how Spindle writes and names files it is handed a path for.
+
+- `write_atomic`: a whole file via a private sibling (created with O_EXCL | O_NOFOLLOW), fsync, one
+  `os.replace`. The rename replaces a symbolic link at `path` instead of writing through it, so a
+  planted link never redirects a write into a user's file, and a kill leaves the old or the new
+  content, never a mix.
+- `open_nofollow`: an `os.open` that refuses to follow a symbolic link in the last component (locks,
+  append-only logs), with one line naming the path.
+- `safe_relpath` / `safe_join`: a name read from a file, a bucket listing or a config (an S3 key, a
+  step folder, `JOB_NAME`) is a relative path of plain components, checked before it is joined to
+  the folder it must stay in.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import uuid
+from pathlib import Path
+from typing import Union
+
+from spindle.errors import SpindleError
+
+PathLike = Union[str, os.PathLike]
+
+
+def check_path_text(value: str, what: str) -> str:
+    """A path-like value a user or a file gave: refused (one line naming `what`) when it holds a NUL
+    byte or a line break, which no file system name should and which break logs and launch lines."""
+    if "\x00" in value:
+        raise SpindleError(f"{what}: {value!r} holds a NUL byte; expected a path")
+    if "\n" in value or "\r" in value:
+        raise SpindleError(f"{what}: {value!r} holds a line break; expected a path on one line")
+    return value
+
+
+def safe_relpath(rel: str, what: str) -> str:
+    """`rel` as a relative path of plain components ('a/b/c'), or one line naming `what`: no absolute
+    path, no '..' or '.', no empty component, no NUL, no line break, no backslash."""
+    check_path_text(rel, what)
+    if rel.startswith("/") or "\\" in rel:
+        raise SpindleError(f"{what}: {rel!r} is not a relative path inside its folder")
+    parts = rel.split("/")
+    if not rel or any(p in ("", ".", "..") for p in parts):
+        raise SpindleError(f"{what}: {rel!r} must be a relative path of plain names (no '..', '.', or empty part)")
+    return rel
+
+
+def safe_join(root: PathLike, rel: str, what: str) -> Path:
+    """`root / rel` after `safe_relpath`, and checked once more after resolving: a component of the
+    folder that is a symbolic link pointing outside `root` is refused too."""
+    safe_relpath(rel, what)
+    base = Path(os.path.realpath(os.fspath(root)))
+    target = Path(os.path.realpath(os.path.join(base, rel)))
+    if target != base and base not in target.parents:
+        raise SpindleError(f"{what}: {rel!r} would land outside {root}")
+    return Path(os.fspath(root)) / rel
+
+
+def open_nofollow(path: PathLike, flags: int, mode: int = 0o644) -> int:
+    """`os.open` that never follows a symbolic link at `path` itself (one line when one is there)."""
+    try:
+        return os.open(path, flags | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise SpindleError(f"{path}: is a symbolic link; Spindle does not write through links "
+                               "(remove it or point the folder elsewhere)") from None
+        raise
+
+
+def _fsync_dir(folder: PathLike) -> None:
+    # the rename lives in the directory entry; without this a power loss can forget it
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return  # some file systems do not open directories
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def disk_error(action: str, path: PathLike, exc: OSError) -> SpindleError:
+    """One line for an OSError while writing: full disk and quota named as such."""
+    if exc.errno == errno.ENOSPC:
+        return SpindleError(f"no space left on device while {action} {path}; what was there before is intact. "
+                            "Free some space or write elsewhere")
+    if exc.errno == errno.EDQUOT:
+        return SpindleError(f"disk quota exceeded while {action} {path}; what was there before is intact")
+    return SpindleError(f"{action} {path} failed: {exc.strerror or exc}")
+
+
+def write_atomic(path: PathLike, data: bytes, durable: bool = True, mode: int = 0o644) -> None:
+    """Write `data` to `path` through a private sibling and one rename (module docstring). On failure the
+    sibling is removed and `path` keeps what it held; a full disk is one line."""
+    path = os.fspath(path)
+    folder = os.path.dirname(path) or "."
+    tmp = os.path.join(folder, f".{os.path.basename(path)}.tmp-{uuid.uuid4().hex[:12]}")
+    try:
+        fd = open_nofollow(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            if durable:
+                os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as exc:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise disk_error("writing", path, exc) from None
+    if durable:
+        _fsync_dir(folder)
