@@ -23,6 +23,7 @@ from pydantic import BaseModel, ValidationError
 from spindle.config.internevo import _split_constants, compatibility_notes, translate_parallel
 from spindle.config.schema import SpindleConfig
 from spindle.errors import SpindleError
+from spindle.fileio import write_atomic
 
 def _collect_globals(namespace: dict) -> dict:
     """InternEvo's rule: every global that is not a dunder, module, class or function is a key."""
@@ -240,5 +241,5 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
 def save_resolved_config(cfg: SpindleConfig, run_dir: Path) -> Path:
     run_dir.mkdir(parents=True, exist_ok=True)
     out = run_dir / "config.json"
-    out.write_text(json.dumps(cfg.to_dict(), indent=2, default=_jsonable) + "\n")
+    write_atomic(out, (json.dumps(cfg.to_dict(), indent=2, default=_jsonable) + "\n").encode())
     return out
