@@ -15,9 +15,10 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import uuid
 from pathlib import Path
-from typing import Union
+from typing import Optional, Union
 
 from spindle.errors import SpindleError
 
@@ -89,7 +90,21 @@ def disk_error(action: str, path: PathLike, exc: OSError) -> SpindleError:
                             "Free some space or write elsewhere")
     if exc.errno == errno.EDQUOT:
         return SpindleError(f"disk quota exceeded while {action} {path}; what was there before is intact")
+    if exc.errno == errno.EFBIG:
+        return SpindleError(f"file too large for this file system or the file size limit (ulimit -f) while {action} "
+                            f"{path}; what was there before is intact")
     return SpindleError(f"{action} {path} failed: {exc.strerror or exc}")
+
+
+def disk_full_errno(exc: BaseException) -> Optional[int]:
+    """ENOSPC / EDQUOT / EFBIG when `exc` is a full disk, a quota or a file size limit: an OSError's errno,
+    or the '(os error N)' that Rust-backed writers (safetensors, tokenizers) put in their message; else None."""
+    if isinstance(exc, OSError):
+        code = exc.errno
+    else:
+        found = re.search(r"\(os error (\d+)\)", str(exc))
+        code = int(found.group(1)) if found else None
+    return code if code in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG) else None
 
 
 def write_atomic(path: PathLike, data: bytes, durable: bool = True, mode: int = 0o644) -> None:
