@@ -3,10 +3,17 @@
     {step}/.metadata, {step}/__{rank}_0.distcp   model, optimizer and RNG tensors under their
                                                  fully-qualified names (sharded, topology-independent)
 
-No pickled code is ever executed on load: DCP's `.metadata` is read with an unpickler that admits
-only DCP's own metadata classes, torch dtypes/sizes and plain containers; tensor payloads are read
-by DCP with `torch.load(weights_only=True)`. The JSON files beside the tensors (trainer state,
-config) and the completion record are written by the manager (spindle.checkpoint.manager).
+No pickled code is ever executed on load:
+- DCP's `.metadata` is read with an unpickler that admits only DCP's own metadata classes, torch
+  dtypes/sizes and plain containers;
+- tensor payloads are read by DCP with `torch.load(weights_only=True)`;
+- entries the metadata declares as bytes (DCP pickles every non-tensor value it saves: the optimizer's
+  param_groups numbers) go through `SafeLoadPlanner`: refused where the state dict expects a tensor,
+  otherwise read with `torch.load(weights_only=True)` and kept only when plain data of the expected
+  type. DCP's default planner would `torch.load(weights_only=False)` them: any code a crafted
+  checkpoint holds would run.
+The JSON files beside the tensors (trainer state, config) and the completion record are written by the
+manager (spindle.checkpoint.manager).
 """
 
 from __future__ import annotations
@@ -24,6 +31,8 @@ from typing import Callable, Optional
 import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+from torch.distributed.checkpoint.metadata import BytesStorageMetadata
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -104,6 +113,65 @@ class SafeFileSystemReader(dcp.FileSystemReader):
 
 def read_metadata(path: Path):
     return SafeFileSystemReader(str(path)).read_metadata()
+
+
+def _pickled_entry(key: str, where: str) -> SpindleError:
+    return SpindleError(f"{where}: entry {key} is declared as pickled bytes where a tensor is expected (a crafted or "
+                        "foreign checkpoint); Spindle never unpickles objects from a checkpoint, refusing it")
+
+
+_PLAIN = (bool, int, float, str, type(None))
+
+
+def _is_plain(value) -> bool:
+    if isinstance(value, _PLAIN):
+        return True
+    if isinstance(value, (tuple, list)):
+        return all(_is_plain(v) for v in value)
+    if isinstance(value, dict):
+        return all(isinstance(k, str) and _is_plain(v) for k, v in value.items())
+    return False
+
+
+class SafeLoadPlanner(DefaultLoadPlanner):
+    """DCP's default planner, with the bytes entries read as data (module docstring)."""
+
+    def __init__(self, where: str):
+        super().__init__()
+        self.where = where
+
+    def create_local_plan(self):
+        entries = self.metadata.state_dict_metadata
+        for key, value in self.state_dict.items():
+            if isinstance(value, torch.Tensor) and isinstance(entries.get(key), BytesStorageMetadata):
+                raise _pickled_entry(key, self.where)
+        return super().create_local_plan()
+
+    def load_bytes(self, read_item, value: io.BytesIO) -> None:
+        key = read_item.dest_index.fqn
+        expected = self.state_dict.get(key)
+        try:
+            loaded = torch.load(value, map_location="cpu", weights_only=True)
+        except Exception as exc:  # noqa: BLE001 - an object weights_only refuses: pickled code, or damage
+            raise SpindleError(f"{self.where}: entry {key} holds pickled objects that are not plain data "
+                               f"({type(exc).__name__}); Spindle never unpickles code from a checkpoint, "
+                               "refusing it") from None
+        numbers = (int, float)
+        same_kind = type(loaded) is type(expected) or (
+            isinstance(loaded, numbers) and isinstance(expected, numbers) and not isinstance(loaded, bool))
+        if not _is_plain(loaded) or (expected is not None and not same_kind):
+            raise SpindleError(f"{self.where}: entry {key} holds a {type(loaded).__name__} where a "
+                               f"{type(expected).__name__} is expected (a crafted or damaged checkpoint)")
+        super().load_bytes(read_item, _as_stream(loaded))
+
+
+def _as_stream(value) -> io.BytesIO:
+    # DefaultLoadPlanner.load_bytes places what it unpickles (with weights_only=False) into the state dict;
+    # hand it the checked value re-serialized, which holds plain data only
+    buffer = io.BytesIO()
+    torch.save(value, buffer)
+    buffer.seek(0)
+    return buffer
 
 
 # --------------------------------------------------------------------------- RNG
@@ -189,6 +257,8 @@ def check_model_shapes(path: Path, model_sd: dict, prefix: str = "model.", parti
                            + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
                            + " — a checkpoint of a different model?")
     for name, t in model_sd.items():
+        if isinstance(saved[name], BytesStorageMetadata):
+            raise _pickled_entry(prefix + name, str(path))
         want, got = tuple(t.shape), _shape(saved[name])
         if got is not None and got != want:
             raise SpindleError(f"{path}: parameter {name} has shape {list(got)} in the checkpoint but "
@@ -227,10 +297,14 @@ def load_tensors(
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                dcp.load(state, storage_reader=SafeFileSystemReader(str(path)), process_group=process_group)
+                dcp.load(state, storage_reader=SafeFileSystemReader(str(path)), planner=SafeLoadPlanner(str(path)),
+                         process_group=process_group)
         except SpindleError:
             raise
         except (Exception, CheckpointException) as exc:  # noqa: BLE001 - one line naming the checkpoint
+            refused = _refusal_inside(exc)
+            if refused is not None:  # SafeLoadPlanner's, raised on some rank inside DCP
+                raise refused from None
             raise SpindleError(f"{path}: cannot load checkpoint (truncated or damaged?): "
                                f"{describe_load_error(exc)}") from None
     if "model" in state:
@@ -242,6 +316,16 @@ def load_tensors(
             torch.set_rng_state(state["rng"]["cpu"])
         if "cuda" in state["rng"]:
             torch.cuda.set_rng_state(state["rng"]["cuda"])
+
+
+def _refusal_inside(exc: BaseException) -> Optional[SpindleError]:
+    """The SpindleError a rank raised inside DCP (which wraps every rank's failure), if any."""
+    failures = exc.failures if isinstance(exc, CheckpointException) else {}
+    for failure in failures.values():
+        inner = failure[0] if isinstance(failure, tuple) else failure
+        if isinstance(inner, SpindleError):
+            return inner
+    return None
 
 
 def describe_load_error(exc: BaseException) -> str:
