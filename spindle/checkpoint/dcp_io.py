@@ -10,7 +10,7 @@ No pickled code is ever executed on load:
 - entries the metadata declares as bytes (DCP pickles every non-tensor value it saves: the optimizer's
   param_groups numbers) go through `SafeLoadPlanner`: refused where the state dict expects a tensor,
   otherwise read with `torch.load(weights_only=True)` and kept only when plain data of the expected
-  type. DCP's default planner would `torch.load(weights_only=False)` them: any code a crafted
+  type. DCP's default planner would unpickle them with weights_only off: any code a crafted
   checkpoint holds would run.
 The JSON files beside the tensors (trainer state, config) and the completion record are written by the
 manager (spindle.checkpoint.manager).

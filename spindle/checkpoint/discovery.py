@@ -13,8 +13,9 @@ holds one checkpoint per saved step:
     .spindle.lock                                held by the one run writing here (spindle.checkpoint.lock)
 
 The completion record is JSON: the step, the run lineage, and every file of the checkpoint with its
-size (and the SHA-256 of the small JSON / metadata files). It is written only after every file it
-lists is durable, and `verify` checks it on load: a checkpoint whose record does not match its files,
+size and SHA-256. It is written only after every file it lists is durable, and `verify` checks it on
+load (every hash by default; sizes and the small files' hashes only with `ckpt.verify="size"`; the
+shards of a remote checkpoint are hashed once downloaded): a checkpoint whose record does not match its files,
 whose trainer state is missing or malformed, or whose metadata is unreadable is *damaged* — refused,
 never taken for "nothing to restore". First-wave checkpoints carry a record holding just the step
 number; they are checked for the files every checkpoint has.
@@ -37,7 +38,7 @@ from typing import Iterator, Optional
 
 from spindle.checkpoint.dcp_io import parse_metadata
 from spindle.checkpoint.records import (
-    HASHED_FILES, LEGACY_LINEAGE, DamagedCheckpoint, parse_record, parse_trainer_state, sha256,
+    HASHED_FILES, LEGACY_LINEAGE, DamagedCheckpoint, check_file_hashes, parse_record, parse_trainer_state, sha256,
 )
 from spindle.checkpoint.storage import Storage, StorageNotFound, open_storage
 from spindle.config import CkptConfig
@@ -94,10 +95,14 @@ class Verified:
     ref: CkptRef
     lineage: str
     trainer_state: dict
+    # record entries of the files whose hashes are still to check once the checkpoint is local (a remote one)
+    unhashed: Optional[dict] = None
 
 
-def verify(storage: Storage, ref: CkptRef, *, need_state: bool = True) -> Verified:
-    """Check a checkpoint against its completion record; DamagedCheckpoint names the first problem."""
+def verify(storage: Storage, ref: CkptRef, *, need_state: bool = True, content: str = "hash") -> Verified:
+    """Check a checkpoint against its completion record; DamagedCheckpoint names the first problem.
+    `content` is ckpt.verify: "hash" checks every recorded SHA-256 (of a remote checkpoint's shards when
+    `local_copy` has downloaded them), "size" only the sizes and the small files' hashes."""
     where = f"{storage.url.rstrip('/')}/{ref.rel}"
     try:
         record = parse_record(storage.read_bytes(ref.marker), f"{storage.url.rstrip('/')}/{ref.marker}")
@@ -131,15 +136,20 @@ def verify(storage: Storage, ref: CkptRef, *, need_state: bool = True) -> Verifi
         raise DamagedCheckpoint(f"{where}/trainer_state.json: holds step {state['step']}, the folder is step "
                                 f"{ref.step}")
     lineage = record.lineage if record.files is not None else state.get("lineage", LEGACY_LINEAGE)
-    return Verified(ref, lineage, state)
+    shards = {n: m for n, m in expected.items() if n not in contents} if content == "hash" else {}
+    local = storage.local_path(ref.rel)
+    if shards and local is not None:
+        check_file_hashes(Path(local), shards, where)
+    return Verified(ref, lineage, state, unhashed=shards if local is None else None)
 
 
-def newest_intact(storage: Storage, refs: list[CkptRef]) -> tuple[Optional[Verified], list[tuple[CkptRef, str]]]:
+def newest_intact(storage: Storage, refs: list[CkptRef],
+                  content: str = "hash") -> tuple[Optional[Verified], list[tuple[CkptRef, str]]]:
     """The newest checkpoint of `refs` that verifies, and the (ref, reason) of every newer damaged one."""
     damaged = []
     for ref in reversed(refs):
         try:
-            return verify(storage, ref), damaged
+            return verify(storage, ref, content=content), damaged
         except DamagedCheckpoint as exc:
             damaged.append((ref, str(exc)))
     return None, damaged
@@ -300,8 +310,9 @@ def resolve(url: str, ckpt: Optional[CkptConfig] = None) -> tuple[Storage, CkptR
 
 
 @contextlib.contextmanager
-def local_copy(storage: Storage, ref: CkptRef) -> Iterator[Path]:
-    """The checkpoint as a local folder: in place for local storage, else downloaded to a temp dir."""
+def local_copy(storage: Storage, ref: CkptRef, verified: Optional[Verified] = None) -> Iterator[Path]:
+    """The checkpoint as a local folder: in place for local storage, else downloaded to a temp dir (and
+    the hashes `verify` left for it checked there)."""
     path = storage.local_path(ref.rel)
     if path is not None:
         yield Path(path)
@@ -309,6 +320,8 @@ def local_copy(storage: Storage, ref: CkptRef) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=f"spindle-ckpt-{ref.step}-"))
     try:
         storage.download_dir(ref.rel, str(tmp))
+        if verified is not None and verified.unhashed:
+            check_file_hashes(tmp, verified.unhashed, f"{storage.url.rstrip('/')}/{ref.rel}")
         yield tmp
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -318,8 +331,8 @@ def local_copy(storage: Storage, ref: CkptRef) -> Iterator[Path]:
 def open_checkpoint(url: str, ckpt: Optional[CkptConfig] = None, need_state: bool = False) -> Iterator[Path]:
     """Resolve `url`, verify it, and yield a local folder holding that completed checkpoint."""
     storage, ref = resolve(url, ckpt)
-    verify(storage, ref, need_state=need_state)
-    with local_copy(storage, ref) as path:
+    verified = verify(storage, ref, need_state=need_state, content=ckpt.verify if ckpt is not None else "hash")
+    with local_copy(storage, ref, verified) as path:
         yield path
 
 

@@ -64,7 +64,7 @@ def plan_load(ckpt: CkptConfig, save_storage: Optional[Storage]) -> LoadPlan:
     if ckpt.auto_resume and save_storage is not None:
         refs = scan_completed(save_storage)
         if refs:
-            verified, damaged = newest_intact(save_storage, refs)
+            verified, damaged = newest_intact(save_storage, refs, ckpt.verify)
             if verified is None:
                 reasons = "; ".join(reason for _, reason in damaged[:3])
                 raise SpindleError(f"auto_resume: no intact checkpoint in {save_storage.url} ({reasons}); "
@@ -73,24 +73,32 @@ def plan_load(ckpt: CkptConfig, save_storage: Optional[Storage]) -> LoadPlan:
             fallback = "".join(f"; checkpoint {ref.step} is damaged ({reason}) and is moved to damaged/"
                                for ref, reason in damaged)
             return LoadPlan("spindle", CONTENTS, f"auto_resume: continuing from {save_storage.url}/"
-                            f"{verified.ref.rel} (step {verified.ref.step}, all state){fallback}{note}",
+                            f"{verified.ref.rel} (step {verified.ref.step}, all state){fallback}{note}"
+                            f"{_size_only(ckpt)}",
                             storage=save_storage, verified=verified, quarantine=damaged)
     if has_info:
         if info.ckpt_type in HF_TYPES:
             return LoadPlan("hf", ("hf",), f"load_ckpt_info: Hugging Face weights from {info.path}", url=info.path)
         content = CONTENTS if "all" in info.content else tuple(info.content)
         storage, ref = resolve(info.path, ckpt)
-        verified = verify(storage, ref, need_state=any(c in content for c in ("sampler", "scheduler")))
+        verified = verify(storage, ref, need_state=any(c in content for c in ("sampler", "scheduler")),
+                          content=ckpt.verify)
         why = " (auto_resume found no completed checkpoint in save_ckpt_folder)" if ckpt.auto_resume else ""
         return LoadPlan("spindle", content, f"load_ckpt_info: loading {', '.join(content)} from "
-                        f"{storage.url}/{ref.rel}{why}", url=info.path, storage=storage, verified=verified)
+                        f"{storage.url}/{ref.rel}{why}{_size_only(ckpt)}", url=info.path, storage=storage,
+                        verified=verified)
     return LoadPlan("fresh", (), "no checkpoint to load: starting from freshly initialised weights")
+
+
+def _size_only(ckpt: CkptConfig) -> str:
+    return ("; its tensor files were checked by size only, not hashed (ckpt.verify='size')"
+            if ckpt.verify == "size" else "")
 
 
 def restore(plan: LoadPlan, model, optimizer, process_group=None, partial: bool = False,
             log: Callable[[str], None] = print) -> dict:
     """Load the plan's tensors into model / optimizer; returns its verified trainer state."""
-    with local_copy(plan.storage, plan.ref) as path:
+    with local_copy(plan.storage, plan.ref, plan.verified) as path:
         load_tensors(path, model, optimizer, plan.content, process_group, partial, log)
     return plan.verified.trainer_state
 

@@ -27,11 +27,12 @@ from spindle.checkpoint.discovery import (
 )
 from spindle.checkpoint.loading import LoadPlan
 from spindle.checkpoint.lock import FolderLock
-from spindle.checkpoint.records import HASHED_FILES, completion_record, sha256
+from spindle.checkpoint.records import HASHED_FILES, completion_record, hash_file, sha256
 from spindle.checkpoint.staging import Staging
 from spindle.config import CkptConfig
 from spindle.errors import SpindleError
-from spindle.parallel.comm import comm_tensor
+from spindle.fileio import _fsync_dir, open_nofollow
+from spindle.parallel.comm import all_gather_single, comm_tensor
 
 
 # --------------------------------------------------------------------------- the manager
@@ -60,6 +61,7 @@ class CheckpointManager:
         self._slots: dict[int, int] = {}  # snapshot slot -> step of this lineage's snapshot in it
         self._pending: list[CkptRef] = []  # staged checkpoints whose upload has not been confirmed
         self._writing: Optional[tuple] = None  # the last save's (ref, folder, files, slot, DCP future)
+        self._digests: dict[str, dict[str, str]] = {}  # rel -> SHA-256 of staged shards, for the record
         self.closed = False
         self.upload_seconds: list[float] = []
 
@@ -200,6 +202,8 @@ class CheckpointManager:
                 _fsync_dir(target)
         except OSError as exc:
             raise self._not_written(target, exc) from None
+        if self.remote:
+            self._digests[ref.rel] = self._staged_digests(target)
         if slot is not None:
             self._slots[slot] = ref.step
         if not self.remote:
@@ -231,16 +235,39 @@ class CheckpointManager:
         if self.storage.exists(rel):
             self.storage.delete_prefix(rel)
 
+    def _staged_digests(self, target: Path) -> dict[str, str]:
+        """SHA-256 of the DCP shards just staged for a remote folder, hashed here before the upload so that
+        the record needs no download. With several ranks each hashes its own shard (DCP names it
+        `__{group rank}_0.distcp`) and the writer gathers the digests."""
+        if not self.distributed:
+            return {p.name: hash_file(p) for p in target.iterdir() if p.name.endswith(".distcp")}
+        rank, world = dist.get_rank(self.process_group), dist.get_world_size(self.process_group)
+        mine = target / f"__{rank}_0.distcp"
+        digest = bytes.fromhex(hash_file(mine)) if mine.is_file() else bytes(32)  # zeros: unknown here
+        gathered = comm_tensor((world * 32,), torch.uint8, self.process_group)
+        all_gather_single(gathered, comm_tensor(list(digest), torch.uint8, self.process_group),
+                          group=self.process_group)
+        rows = gathered.cpu().view(world, 32)
+        return {f"__{r}_0.distcp": bytes(rows[r].tolist()).hex() for r in range(world) if rows[r].any()}
+
     def _commit_files(self, ref: CkptRef) -> None:
-        """Write the completion record of `ref` from the files the storage holds now."""
+        """Write the completion record of `ref` from the files the storage holds now: the size and SHA-256
+        of each (shards hashed from the local folder, or the digests taken when they were staged)."""
+        digests = self._digests.pop(ref.rel, {})
         sizes = self.storage.file_sizes(ref.rel)
-        hashes = {name: sha256(self.storage.read_bytes(f"{ref.rel}/{name}")) for name in HASHED_FILES
-                  if name in sizes}
+        local = self.storage.local_path(ref.rel)
+        hashes = {}
+        for name in sizes:
+            if name in HASHED_FILES or (local is None and name not in digests):
+                hashes[name] = sha256(self.storage.read_bytes(f"{ref.rel}/{name}"))
+            else:
+                hashes[name] = digests[name] if local is None else hash_file(Path(local) / name)
         lineage = json.loads(self.storage.read_bytes(f"{ref.rel}/.owner.json"))["lineage"]
         self.storage.write_bytes(ref.marker, completion_record(ref.step, lineage, sizes, hashes))
 
     def _commit(self, ref: CkptRef) -> None:
         if not self.is_writer:
+            self._digests.pop(ref.rel, None)
             return
         self._commit_files(ref)
         self.prune(keep=ref)
@@ -338,21 +365,11 @@ def _state_bytes(model, optimizer) -> int:
 
 
 def _write_durable(path: Path, data: bytes) -> None:
-    with open(path, "wb") as f:
+    # O_NOFOLLOW: a link planted in the step folder never redirects the write into someone's file
+    with os.fdopen(open_nofollow(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC), "wb") as f:
         f.write(data)
         f.flush()
         os.fsync(f.fileno())
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    except OSError:
-        pass
 
 
 __all__ = ["CheckpointManager", "save_weights_checkpoint"]

@@ -1,8 +1,9 @@
 """The JSON files of a checkpoint: the completion record (`{step}.step`) and `trainer_state.json`.
 
 The completion record is written last, after every file it lists is durable: the step, the run
-lineage, and every file of the checkpoint with its size (and the SHA-256 of the small JSON / metadata
-files). First-wave records hold just the step number.
+lineage, and every file of the checkpoint with its size and SHA-256 (tensor shards included: a flipped
+byte that keeps the size is found). Records of the second wave hashed only the small JSON / metadata
+files; first-wave records hold just the step number.
 """
 
 from __future__ import annotations
@@ -11,13 +12,19 @@ import hashlib
 import json
 import math
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Optional
 
 from spindle.errors import SpindleError
 
 RECORD_FORMAT = "spindle-checkpoint-2"
 LEGACY_LINEAGE = "first-wave"  # checkpoints written before lineages existed form one lineage per folder
+# the small files verification reads whole (and parses); every other file of a checkpoint is hashed as a stream
 HASHED_FILES = (".metadata", "trainer_state.json", "config.json", ".owner.json")
+# ckpt.verify: "hash" checks every recorded SHA-256 on load; "size" (for very large checkpoints) re-checks
+# sizes and the small files' hashes only, and the run says so
+VERIFY_MODES = ("hash", "size")
+_CHUNK = 1 << 22
 
 
 class DamagedCheckpoint(SpindleError):
@@ -29,6 +36,23 @@ class DamagedCheckpoint(SpindleError):
 
 def sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
+
+
+def hash_file(path: Path) -> str:
+    """SHA-256 of a file read in 4 MiB pieces (tensor shards can be many GB)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def check_file_hashes(folder: Path, files: dict, where: str) -> None:
+    """Each file of `files` ({name: record entry}) that the record hashes, against its content in `folder`."""
+    for name, meta in sorted(files.items()):
+        if meta is not None and "sha256" in meta and hash_file(Path(folder) / name) != meta["sha256"]:
+            raise DamagedCheckpoint(f"{where}/{name}: content differs from the completion record (same size, "
+                                    "other bytes: corrupted or rewritten)")
 
 
 def completion_record(step: int, lineage: str, sizes: dict[str, int], hashes: dict[str, str]) -> bytes:

@@ -53,6 +53,9 @@ class CkptConfig(Section):
     stop_file_path: Optional[str] = None
     keep_last_n: Optional[int] = Field(default=None, ge=1)
     save_final: bool = True  # with saving on: also save at data.total_steps when it is not a checkpoint_every step
+    # on load, "hash" checks the SHA-256 of every file the completion record lists; "size" (for checkpoints
+    # too large to read twice) checks sizes and the small files' hashes only, and says so
+    verify: Literal["hash", "size"] = "hash"
     # object storage (boto3:) connection; credentials are better left to the environment
     s3_endpoint_url: Optional[str] = None
     s3_region: Optional[str] = None
