@@ -118,14 +118,32 @@ def generate(model: Transformer, prompt_ids: Sequence[Sequence[int]], max_new_to
     return outs
 
 
+def tokenizer_source(tokenizer) -> str:
+    """How a vocabulary error names a tokenizer: its file (or kind) and its size."""
+    return f"the tokenizer {tokenizer.path or tokenizer.kind} (a vocabulary of {tokenizer.vocab_size:,})"
+
+
+def check_ids_in_vocab(ids, vocab: int, source: str,
+                       remedy: str = "the checkpoint was trained with another tokenizer: pass that one (--tokenizer)"
+                       ) -> None:
+    """Token ids a model is about to read (a list, a tensor or an array) must lie in 0 .. vocab - 1: past
+    that the embedding fails with an IndexError traceback. One line naming `source` (where the ids came
+    from, with its own size) and the model's vocabulary: the two figures a user compares."""
+    if len(ids) == 0:
+        return
+    top, low = (int(ids.max()), int(ids.min())) if hasattr(ids, "max") else (max(ids), min(ids))  # tensor / array
+    if 0 <= low and top < vocab:
+        return
+    bad = top if top >= vocab else low
+    raise SpindleError(f"{source} gives token id {bad:,}, outside the checkpoint's vocabulary of {vocab:,} entries "
+                       f"(ids 0 .. {vocab - 1:,}): {remedy}")
+
+
 def complete_text(model: Transformer, tokenizer, prompt: str, max_new_tokens: int = 48, stream=None,
                   **kw) -> str:
     """Encode `prompt` (with BOS), generate, decode; `stream(text_piece)` receives text as it comes."""
     ids = [tokenizer.bos_id] + tokenizer.encode(prompt) if tokenizer.bos_id is not None else tokenizer.encode(prompt)
-    vocab = model.args.vocab_size
-    if ids and max(ids) >= vocab:
-        raise SpindleError(f"the tokenizer produced id {max(ids)} but the model's vocabulary has {vocab} entries: "
-                           "the checkpoint was trained with another tokenizer (pass --tokenizer)")
+    check_ids_in_vocab(ids, model.args.vocab_size, tokenizer_source(tokenizer))
     produced: list[int] = []
     shown = ""
 

@@ -24,7 +24,7 @@ from typing import Optional, Sequence
 import torch
 
 from spindle.errors import SpindleError
-from spindle.eval.generate import generate
+from spindle.eval.generate import check_ids_in_vocab, generate, tokenizer_source
 from spindle.eval.prefill import check_cache_memory, prefill_chunks
 from spindle.model.llama import KVCache, Transformer
 
@@ -60,6 +60,7 @@ def make_sample(tokenizer, length: int, depth: float, seed: int = 0, index: int 
 @torch.no_grad()
 def score_sample(model: Transformer, tokenizer, sample: dict, mode: str = "generate", chunk: int = 1024) -> dict:
     device = next(model.parameters()).device
+    check_ids_in_vocab(sample["ids"] + sample["answer"], model.args.vocab_size, tokenizer_source(tokenizer))
     if mode == "teacher":
         inp = torch.tensor([sample["ids"] + sample["answer"][:-1]], device=device)
         n, a = inp.shape[1], len(sample["answer"])

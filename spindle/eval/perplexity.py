@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from spindle.config.rope_types import Variant, parse_variant  # noqa: F401 (the variant syntax: one registry)
 from spindle.data.loader import text_split
 from spindle.errors import SpindleError
+from spindle.eval.generate import check_ids_in_vocab, tokenizer_source
 from spindle.eval.prefill import check_cache_memory, prefill_chunks
 from spindle.model.llama import KVCache, Transformer
 from spindle.model.rotary import RotaryEmbedding
@@ -118,8 +119,10 @@ READ_AHEAD = 8  # how much more than the windows need is read, looking for whole
 
 
 def load_token_docs(paths: Sequence[str], tokenizer, glob: str = "*",
-                    enough: Optional[tuple[int, int]] = None, option: str = "--data") -> list[list[int]]:
+                    enough: Optional[tuple[int, int]] = None, option: str = "--data",
+                    vocab: Optional[int] = None) -> list[list[int]]:
     """Documents from text files / folders (one document per file, BOS first) or token shard folders.
+    `vocab`: the model's vocabulary, which every id read must fit (one line naming the file or tokenizer).
 
     `enough` = (n, length): stop reading once n documents hold at least `length` tokens each, or once
     READ_AHEAD x n x length tokens are read and the shorter documents can fill the remaining windows
@@ -151,12 +154,19 @@ def load_token_docs(paths: Sequence[str], tokenizer, glob: str = "*",
             for f in token_files:
                 src = open_documents(f)
                 for i in range(len(src)):
-                    if add(src[i][0].astype("int64").tolist()):
+                    ids = src[i][0]
+                    if vocab is not None:
+                        check_ids_in_vocab(ids, vocab, f"{option} {f} (token file)",
+                                           "it was tokenized with another tokenizer than the checkpoint's: "
+                                           "prepare the data again with the checkpoint's tokenizer")
+                    if add(ids.astype("int64").tolist()):
                         return docs
             continue
         files = sorted(x for x in p.rglob(glob) if x.is_file()) if p.is_dir() else [p]
         for f in files:
             ids = tokenizer.encode(f.read_text(encoding="utf-8", errors="replace"))
+            if vocab is not None:
+                check_ids_in_vocab(ids, vocab, tokenizer_source(tokenizer))
             if add(([tokenizer.bos_id] if tokenizer.bos_id is not None else []) + ids):
                 return docs
     if not docs:
@@ -315,9 +325,10 @@ def run_ppl(ckpt: str, data: Optional[Sequence[str]], lengths: Optional[Sequence
     if data is None:
         data, what = checkpoint_data(cfg)
         log(f"eval ppl: no --data, reading {what}")
-        docs = load_token_docs(data, tok, "*", enough=(windows, lengths[-1]), option="the checkpoint's data")
+        docs = load_token_docs(data, tok, "*", enough=(windows, lengths[-1]), option="the checkpoint's data",
+                               vocab=model.args.vocab_size)
     else:
-        docs = load_token_docs(data, tok, glob, enough=(windows, lengths[-1]))
+        docs = load_token_docs(data, tok, glob, enough=(windows, lengths[-1]), vocab=model.args.vocab_size)
     wins, natural = make_windows(docs, lengths[-1], windows)
     wins = wins.to(device)
     log(f"eval ppl: {ckpt}: {wins.shape[0]} windows of {lengths[-1]} tokens ({natural} whole-document starts), "

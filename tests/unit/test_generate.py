@@ -103,7 +103,7 @@ def test_complete_text_streams_and_rejects_a_tokenizer_larger_than_the_vocab():
     from spindle.eval.generate import complete_text
 
     tok = load_tokenizer("byte")
-    with pytest.raises(SpindleError, match="vocabulary has 50"):
+    with pytest.raises(SpindleError, match="vocabulary of 50 entries"):
         complete_text(tiny(), tok, "hello", 4)
     cfg = ModelConfig(hidden_size=32, num_attention_heads=2, num_layers=1, vocab_size=258, multiple_of=16,
                       max_position_embeddings=16, init_std=0.2)
