@@ -18,7 +18,7 @@ import os
 import re
 import uuid
 from pathlib import Path
-from typing import Optional, Union
+from typing import BinaryIO, Callable, Optional, Union
 
 from spindle.errors import SpindleError
 
@@ -107,16 +107,27 @@ def disk_full_errno(exc: BaseException) -> Optional[int]:
     return code if code in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG) else None
 
 
+# in the name of every sibling `write_atomic` writes, so listings (checkpoint storage) can hide a write in
+# flight and a killed writer's leftovers are recognisable
+TMP_MARK = ".spindle-tmp-"
+
+
 def write_atomic(path: PathLike, data: bytes, durable: bool = True, mode: int = 0o644) -> None:
     """Write `data` to `path` through a private sibling and one rename (module docstring). On failure the
     sibling is removed and `path` keeps what it held; a full disk is one line."""
+    write_atomic_stream(path, lambda f: f.write(data), durable, mode)
+
+
+def write_atomic_stream(path: PathLike, fill: Callable[[BinaryIO], object], durable: bool = True,
+                        mode: int = 0o644) -> None:
+    """`write_atomic` of what `fill(file)` writes: a copy streamed from another file never sits in memory."""
     path = os.fspath(path)
     folder = os.path.dirname(path) or "."
-    tmp = os.path.join(folder, f".{os.path.basename(path)}.tmp-{uuid.uuid4().hex[:12]}")
+    tmp = os.path.join(folder, f".{os.path.basename(path)}{TMP_MARK}{uuid.uuid4().hex[:12]}")
     try:
         fd = open_nofollow(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            fill(f)
             f.flush()
             if durable:
                 os.fsync(f.fileno())

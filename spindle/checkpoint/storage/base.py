@@ -14,11 +14,7 @@ import time
 from typing import Iterator
 
 from spindle.errors import SpindleError
-
-
-# Temp files of in-flight atomic writes carry this marker so listings can hide them and a crashed
-# writer's leftovers are recognisable.
-_TMP_MARK = ".spindle-tmp-"
+from spindle.fileio import TMP_MARK  # in the names of in-flight atomic writes: listings hide them
 
 
 class StorageNotFound(SpindleError, FileNotFoundError):
@@ -50,7 +46,7 @@ def _walk_files(local_dir: str) -> Iterator[tuple[str, str]]:
     for dirpath, dirnames, filenames in os.walk(local_dir):
         dirnames.sort()
         for name in sorted(filenames):
-            if _TMP_MARK in name:
+            if TMP_MARK in name:
                 continue
             full = os.path.join(dirpath, name)
             yield full, os.path.relpath(full, local_dir).replace(os.sep, "/")

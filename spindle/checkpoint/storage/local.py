@@ -1,63 +1,21 @@
-"""A checkpoint folder on a local or network filesystem: atomic writes (temp file, fsync, rename)."""
+"""A checkpoint folder on a local or network filesystem: every file written whole through
+`spindle.fileio` (private sibling, fsync, rename; never through a planted symbolic link)."""
 
 from __future__ import annotations
 
-import errno
 import os
 import shutil
-import uuid
-from typing import Callable
 
-from spindle.checkpoint.storage.base import _TMP_MARK, Storage, StorageNotFound, _clean_rel, _walk_files
+from spindle.checkpoint.storage.base import Storage, StorageNotFound, _clean_rel, _walk_files
 from spindle.errors import SpindleError
+from spindle.fileio import TMP_MARK, _fsync_dir, disk_error, safe_join, write_atomic, write_atomic_stream
 
-def _fsync_dir(path: str) -> None:
-    # The rename itself lives in the directory entry; without this a power loss can forget it.
+
+def _make_parent(path: str) -> None:
     try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return  # some filesystems (and platforms) do not allow opening directories
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _os_error(action: str, path: str, exc: OSError) -> SpindleError:
-    if exc.errno == errno.ENOSPC:
-        return SpindleError(
-            f"no space left on device while {action} {path}; the previous version of the file "
-            "(if any) is intact. Free some space or point the checkpoint folder elsewhere."
-        )
-    if exc.errno == errno.EDQUOT:
-        return SpindleError(f"disk quota exceeded while {action} {path}; previous files are intact")
-    return SpindleError(f"{action} {path} failed: {exc.strerror or exc}")
-
-
-def _atomic_write(dest: str, fill: Callable[[object], None]) -> None:
-    """Write `dest` via a temp file in the same folder + fsync + os.replace.
-
-    Same folder because os.replace is only atomic within one filesystem. On any failure the temp
-    file is removed and `dest` keeps its previous content.
-    """
-    folder = os.path.dirname(dest) or "."
-    tmp = os.path.join(folder, f".{os.path.basename(dest)}{_TMP_MARK}{uuid.uuid4().hex[:12]}")
-    try:
-        os.makedirs(folder, exist_ok=True)
-        with open(tmp, "wb") as f:
-            fill(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, dest)
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     except OSError as exc:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise _os_error("writing", dest, exc) from exc
-    _fsync_dir(folder)
+        raise disk_error("writing", path, exc) from None
 
 
 class LocalStorage(Storage):
@@ -75,7 +33,9 @@ class LocalStorage(Storage):
         return self._path(rel)
 
     def write_bytes(self, rel: str, data: bytes) -> None:
-        _atomic_write(self._path(rel), lambda f: f.write(data))
+        path = self._path(rel)
+        _make_parent(path)
+        write_atomic(path, data)
 
     def read_bytes(self, rel: str) -> bytes:
         path = self._path(rel)
@@ -85,13 +45,13 @@ class LocalStorage(Storage):
         except FileNotFoundError:
             raise StorageNotFound(f"{path} does not exist") from None
         except OSError as exc:
-            raise _os_error("reading", path, exc) from exc
+            raise disk_error("reading", path, exc) from exc
 
     def exists(self, rel: str) -> bool:
         path = self._path(rel)
         if os.path.isdir(path):
             return True
-        return os.path.isfile(path) and _TMP_MARK not in os.path.basename(path)
+        return os.path.isfile(path) and TMP_MARK not in os.path.basename(path)
 
     def list_dirs(self, rel_prefix: str = "") -> list[str]:
         path = self._path(rel_prefix)
@@ -101,7 +61,7 @@ class LocalStorage(Storage):
         except (FileNotFoundError, NotADirectoryError):
             return []
         except OSError as exc:
-            raise _os_error("listing", path, exc) from exc
+            raise disk_error("listing", path, exc) from exc
 
     def list_files(self, rel_prefix: str = "") -> list[str]:
         path = self._path(rel_prefix)
@@ -123,7 +83,7 @@ class LocalStorage(Storage):
             os.makedirs(os.path.dirname(dest_path), exist_ok=True)
             os.rename(src_path, dest_path)
         except OSError as exc:
-            raise _os_error("moving", src_path, exc) from exc
+            raise disk_error("moving", src_path, exc) from exc
         _fsync_dir(os.path.dirname(src_path))
         _fsync_dir(os.path.dirname(dest_path))
 
@@ -143,19 +103,22 @@ class LocalStorage(Storage):
             raise StorageNotFound(f"nothing to download: {src_root} has no files")
         if os.path.realpath(local_dir) == os.path.realpath(src_root):
             return
-        for rel in files:
-            self._copy_in(os.path.join(src_root, *rel.split("/")),
-                          os.path.join(local_dir, *rel.split("/")))
+        # the names come from a listing: checked before anything is copied (none may leave local_dir)
+        pairs = [(os.path.join(src_root, *rel.split("/")), str(safe_join(local_dir, rel, f"file in {src_root}")))
+                 for rel in files]
+        for src, dest in pairs:
+            self._copy_in(src, dest)
 
     @staticmethod
     def _copy_in(src: str, dest: str) -> None:
         try:
             with open(src, "rb") as fsrc:
-                _atomic_write(dest, lambda f: shutil.copyfileobj(fsrc, f, 16 << 20))
+                _make_parent(dest)
+                write_atomic_stream(dest, lambda f: shutil.copyfileobj(fsrc, f, 16 << 20))
         except FileNotFoundError:
             raise StorageNotFound(f"{src} disappeared while copying it") from None
         except OSError as exc:  # errors opening the source; write errors are already converted
-            raise _os_error("reading", src, exc) from exc
+            raise disk_error("reading", src, exc) from exc
 
     def delete_prefix(self, rel_prefix: str) -> None:
         if not _clean_rel(rel_prefix):
@@ -169,7 +132,7 @@ class LocalStorage(Storage):
         except FileNotFoundError:
             pass  # a concurrent delete got there first: the outcome is the same
         except OSError as exc:
-            raise _os_error("deleting", path, exc) from exc
+            raise disk_error("deleting", path, exc) from exc
 
     def _ping_ops(self, rel: str, payload: bytes) -> None:
         super()._ping_ops(rel, payload)

@@ -19,6 +19,7 @@ from spindle.checkpoint.storage.s3_address import (
     S3Location, _client_error_info, _exception_chain, _is_not_found, _is_transient,
 )
 from spindle.errors import SpindleError
+from spindle.fileio import safe_join
 
 logger = logging.getLogger(__name__)
 
@@ -311,11 +312,11 @@ class S3Storage(Storage):
         if not files:
             raise StorageNotFound(f"nothing to download: {self._where(self._dir_key(rel_prefix))} has no files")
         base = self._key(rel_prefix)
-        self._run_all([
-            (lambda k=_join_rel(base, rel), d=os.path.join(local_dir, *rel.split("/")):
-                self._download_file(k, d))
-            for rel in files
-        ])
+        # a bucket lists whatever keys were put in it: each is checked to stay inside local_dir before any
+        # download starts, and downloaded under its own name (never a normalised one)
+        where = f"key in {self._where(self._dir_key(rel_prefix))}"
+        targets = [(f"{base}/{rel}" if base else rel, str(safe_join(local_dir, rel, where))) for rel in files]
+        self._run_all([(lambda k=key, d=dest: self._download_file(k, d)) for key, dest in targets])
 
     def delete_prefix(self, rel_prefix: str) -> None:
         key = self._key(rel_prefix)
