@@ -250,3 +250,26 @@ def test_each_rank_hashes_its_staged_shard_and_the_writer_gathers_them(tmp_path)
     finally:
         dist.destroy_process_group()
     assert digests == {"__0_0.distcp": hashlib.sha256(b"shard of rank 0").hexdigest()}
+
+
+FOREIGN_LOADERS = {  # loader -> (file it reads, the command), each given a pickle that would run code
+    "hf .bin": ("pytorch_model.bin", ["convert", "from-hf"]),
+    "internevo .pt": ("model_tp0_pp0.pt", ["convert", "from-internevo"]),
+}
+
+
+@pytest.mark.parametrize("loader", sorted(FOREIGN_LOADERS))
+def test_foreign_weight_files_never_run_code(tmp_path, loader, capsys):
+    name, command = FOREIGN_LOADERS[loader]
+    marker = tmp_path / "PWNED"
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "config.json").write_text(json.dumps({
+        "model_type": "llama", "architectures": ["LlamaForCausalLM"], "hidden_size": 16, "intermediate_size": 32,
+        "num_attention_heads": 2, "num_key_value_heads": 2, "num_hidden_layers": 1, "vocab_size": 32,
+        "max_position_embeddings": 16, "rms_norm_eps": 1e-6, "rope_theta": 10000.0}))
+    torch.save({"model.embed_tokens.weight": Payload(str(marker))}, src / name)
+    code = spindle_main([*command, str(src), str(tmp_path / "out")])
+    err = capsys.readouterr().err.strip()
+    assert not marker.exists(), f"{loader}: the file's code ran"
+    assert code == 2 and "\n" not in err and name in err, err
