@@ -66,6 +66,12 @@ def apply_tensor_parallel(model: nn.Module, env: ParallelEnv, sequence_parallel:
         }
         if block.feed_forward.w3 is not None:
             plan["feed_forward.w3"] = ColwiseParallel()
+        if block.attention.q_norm is not None:
+            # per-head norms (Qwen3) see only this rank's heads, dim 2 of (B, L, heads, head_dim): as
+            # replicated DTensors over input sharded on that dim their gradients are partial sums that
+            # DTensor reduces over the TP group. As plain parameters each rank kept its part (issue 24).
+            plan["attention.q_norm"] = SequenceParallel(sequence_dim=2, use_local_output=True)
+            plan["attention.k_norm"] = SequenceParallel(sequence_dim=2, use_local_output=True)
         if sequence_parallel:
             plan["attention_norm"] = SequenceParallel()
             plan["ffn_norm"] = SequenceParallel()
