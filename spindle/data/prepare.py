@@ -214,7 +214,8 @@ def prepare(
     check_output(out_dir, inputs, overwrite, "--out")
     tok = load_tokenizer(tokenizer_spec)
     workers = default_workers() if not workers else workers
-    with StagedFolder(out_dir, replaces=is_prepare_output) as staging:
+    with StagedFolder(out_dir, replaces=is_prepare_output, overwrite=overwrite, option="--out",
+                      command="spindle prepare") as staging:
         summary = _prepare_into(staging, files, tok, str(tokenizer_spec), text_key, workers, shard_size_mb,
                                 min_length, doc_per_file, raw_json_line, progress, inputs)
     secs = time.perf_counter() - t0

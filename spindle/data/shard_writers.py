@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from typing import Iterable, Sequence
@@ -11,6 +12,18 @@ import numpy as np
 
 from spindle.data.shards import FORMAT_NAME, FORMAT_VERSION, IDX_EXT, MANIFEST, MASK_EXT, TOKENS_EXT, token_dtype
 from spindle.errors import SpindleError
+
+
+def save_npy(file, array: np.ndarray) -> None:
+    """`np.save(file, array)`, byte for byte, through Python's own file writes: numpy's `tofile` reports a
+    full disk as an OSError without an errno ("N requested and M written"), which reads as a bug instead
+    of the one line a full disk gets (spindle.outputs)."""
+    array = np.ascontiguousarray(array)
+    fmt = np.lib.format
+    with open(file, "wb") if isinstance(file, (str, os.PathLike)) else contextlib.nullcontext(file) as f:
+        fmt.write_array_header_1_0(f, fmt.header_data_from_array_1_0(array))
+        if array.size:  # (a view of no bytes cannot be cast)
+            f.write(memoryview(array.reshape(-1)).cast("B"))
 
 
 class ShardWriter:
@@ -61,7 +74,7 @@ class ShardWriter:
         np.cumsum(lengths, out=offsets[1:])
         if int(offsets[-1]) != self.num_tokens:
             raise AssertionError("document lengths disagree with tokens written")
-        np.save(self.base + IDX_EXT, offsets)
+        save_npy(self.base + IDX_EXT, offsets)
         if self._masks is not None:
             mask = np.concatenate(self._masks) if self._masks else np.zeros(0, bool)
             with open(self.base + MASK_EXT, "wb") as f:
@@ -137,7 +150,7 @@ class JsonBinWriter:
         self._f.close()
         meta = np.concatenate(self._rows) if self._rows else np.zeros((0, 2), dtype=np.int64)
         with open(self.path + ".meta.tmp", "wb") as f:
-            np.save(f, meta)
+            save_npy(f, meta)
         os.replace(self.path + ".tmp", self.path)
         os.replace(self.path + ".meta.tmp", self.path + ".meta")
         return {"path": self.path, "documents": len(meta), "tokens": int(meta[:, 1].sum()) if len(meta) else 0}

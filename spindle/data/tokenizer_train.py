@@ -50,7 +50,8 @@ def train_tokenizer(
         raise SpindleError(f"unknown tokenizer kind {kind!r} (expected 'sentencepiece' or 'bpe')")
     check_vocab_size(vocab_size, "--vocab-size")
     check_output(str(out_dir), files, overwrite, "--out")
-    with StagedFolder(str(out_dir), replaces=TOKENIZER_FILES.__contains__) as staging:
+    with StagedFolder(str(out_dir), replaces=TOKENIZER_FILES.__contains__, overwrite=overwrite, option="--out",
+                      command="spindle tokenizer train") as staging:
         _train_into(files, vocab_size, staging, kind, num_threads)
     return load_tokenizer(out_dir)
 

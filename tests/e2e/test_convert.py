@@ -293,7 +293,7 @@ def test_convert_never_writes_into_or_around_its_source(tmp_path, capsys, target
     assert tree_bytes(tmp_path) == before
 
 
-def test_existing_target_needs_overwrite_and_is_replaced_whole(tmp_path, capsys):
+def test_existing_target_needs_overwrite_which_keeps_unrelated_files(tmp_path, capsys):
     ck = tmp_path / "ck"
     save_spindle_checkpoint(ck, SMALL, {"tokenizer_path": "byte"})
     out = tmp_path / "out"
@@ -303,8 +303,8 @@ def test_existing_target_needs_overwrite_and_is_replaced_whole(tmp_path, capsys)
     assert "exists and is not empty; pass --overwrite" in capsys.readouterr().err
     assert (out / "keep.txt").read_text() == "user data"
     assert main(["convert", "to-hf", str(ck), str(out), "--overwrite"]) == 0
-    assert (out / "model.safetensors").is_file() and not (out / "keep.txt").exists()
-    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging folder left
+    assert (out / "model.safetensors").is_file() and (out / "keep.txt").read_text() == "user data"  # issue 22
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging folder or lock left
     (tmp_path / "empty").mkdir()
     assert main(["convert", "to-hf", str(ck), str(tmp_path / "empty")]) == 0  # an empty folder is fine
 

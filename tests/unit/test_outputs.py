@@ -29,14 +29,17 @@ def test_staged_folder_publishes_only_when_complete_and_keeps_other_files(tmp_pa
     (out / "mine.txt").write_text("keep")
     (out / "ppl.json").write_text("old")
     with pytest.raises(RuntimeError):
-        with StagedFolder(str(out), replaces={"ppl.json"}.__contains__) as stage:
+        with StagedFolder(str(out), replaces={"ppl.json"}.__contains__, overwrite=True) as stage:
             (tmp_path / stage / "ppl.json").write_text("half")
             raise RuntimeError("interrupted")
     assert (out / "ppl.json").read_text() == "old"  # the failed run changed nothing
-    with StagedFolder(str(out), replaces={"ppl.json", "ppl.png"}.__contains__) as stage:
+    with StagedFolder(str(out), replaces={"ppl.json", "ppl.png"}.__contains__, overwrite=True) as stage:
         (tmp_path / stage / "ppl.json").write_text("new")
         (tmp_path / stage / "sub").mkdir()
         (tmp_path / stage / "sub" / "x").write_text("1")
     assert (out / "ppl.json").read_text() == "new" and (out / "mine.txt").read_text() == "keep"
     assert (out / "sub" / "x").read_text() == "1"
-    assert not list(tmp_path.glob(".out.partial-*"))
+    assert not list(tmp_path.glob(".out.*"))  # no staging folder, old folder or lock left
+    with pytest.raises(SpindleError, match="not empty; pass --overwrite"):  # re-checked under the lock
+        with StagedFolder(str(out), replaces={"ppl.json"}.__contains__):
+            pass
