@@ -5,14 +5,18 @@
     spindle convert from-internevo SRC OUT [--overwrite]
 
 Nothing is written over what a user saved (spindle/outputs.py): OUT must not exist or be an empty
-folder (`--overwrite` replaces a non-empty one), and never, not even with `--overwrite`, may OUT be the
-source, lie inside it or contain it. The result is written into a hidden sibling folder first and
-moved to OUT only when it is complete, so a failed conversion leaves OUT as it was.
+folder, and never, not even with `--overwrite`, may OUT be the source, lie inside it or contain it, or
+be or lie inside a checkpoint. `--overwrite` lets OUT be a non-empty folder and replaces only what the
+conversion writes (to-hf: the weights, index and shards, config.json, generation_config.json and the
+tokenizer files; from-*: the entries named like the new checkpoint's); a README, another model's folder
+or anything else there is kept. The result is written into a hidden sibling folder first and swapped
+with OUT in one rename when it is complete, so a failed or killed conversion leaves OUT as it was.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -20,6 +24,16 @@ from spindle.checkpoint.discovery import is_remote, strip_prefix
 from spindle.cli.options import OneLineParser
 from spindle.errors import SpindleError
 from spindle.outputs import StagedFolder, check_output
+
+
+def hf_folder_entry(name: str) -> bool:
+    """What `convert to-hf` writes, and the weight and tokenizer files of an earlier Hugging Face folder
+    there: a stale index, shard or tokenizer.json left beside the new files would be read instead of them."""
+    from spindle.checkpoint.hf_tokenizer import HF_TOKENIZER_FILES
+
+    return (name in ("model.safetensors", "model.safetensors.index.json", "config.json", "generation_config.json",
+                     *HF_TOKENIZER_FILES)
+            or re.fullmatch(r"model-[0-9]{5}-of-[0-9]{5}\.safetensors", name) is not None)
 
 
 def _print_training_hint(path: Path, out: Path) -> None:
@@ -61,7 +75,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.direction == "to-hf":
         from spindle.checkpoint.hf import export_hf
 
-        with StagedFolder(str(target), replaces=lambda name: True) as stage:
+        with StagedFolder(str(target), replaces=hf_folder_entry, overwrite=args.overwrite, option="OUT",
+                          command="spindle convert to-hf") as stage:
             notes = export_hf(source, Path(stage))
         print("\n".join(n.replace(str(stage), str(target)) for n in notes))
         return 0
@@ -69,7 +84,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         from spindle.checkpoint.hf import import_hf as write
     else:
         from spindle.checkpoint.internevo import import_internevo as write
-    with StagedFolder(str(target), replaces=lambda name: True) as stage:
+    with StagedFolder(str(target), overwrite=args.overwrite, option="OUT",
+                      command=f"spindle convert {args.direction}") as stage:
         path = write(source, Path(stage))
     _print_training_hint(target / path.name, target)
     return 0

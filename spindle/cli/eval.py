@@ -18,7 +18,7 @@ from typing import Optional, Sequence
 
 from spindle.cli.options import OneLineParser, number_list
 from spindle.errors import SpindleError
-from spindle.outputs import StagedFolder, check_output
+from spindle.outputs import StagedFolder, check_output, refuse_checkpoint
 
 MAX_EVAL_LENGTH = 1 << 24  # 16M tokens: beyond any model this evaluates; memory is checked per model too
 
@@ -115,12 +115,14 @@ def check_device(device: str) -> None:
         raise SpindleError(f"--device {device!r}: expected cpu, cuda or cuda:N")
 
 
-def write_outputs(out: Optional[str], name: str, result: dict, plot) -> list[Path]:
-    """`name`.json and `name`.png into --out, published together (spindle/outputs.py)."""
+def write_outputs(out: Optional[str], name: str, result: dict, plot, overwrite: bool = False) -> list[Path]:
+    """`name`.json and `name`.png into --out, published together (spindle/outputs.py): `--overwrite`
+    replaces those two, every other file there is kept."""
     if out is None:
         return []
     mine = {f"{name}.json", f"{name}.png"}
-    with StagedFolder(out, replaces=mine.__contains__) as stage:
+    with StagedFolder(out, replaces=mine.__contains__, overwrite=overwrite, option="--out",
+                      command=f"spindle eval {name}") as stage:
         Path(stage, f"{name}.json").write_text(json.dumps(result, indent=1))
         plot(result, Path(stage, f"{name}.png"))
     return [Path(out) / n for n in sorted(mine)]
@@ -130,13 +132,14 @@ def plot_run(run: str, out: Optional[str]) -> int:
     """`spindle eval plot RUN`: val/ppl@L and val/passkey@L of metrics.jsonl, one curve per step and variant."""
     from spindle.eval.curves import plot_curves, read_curves
 
-    curves = read_curves(run)
     folder = Path(run) if Path(run).is_dir() else Path(run).parent
     path = Path(out) if out else folder / "long_context.png"
     if path.suffix.lower() != ".png":
         raise SpindleError(f"--out {out}: expected a .png file name")
     if not path.parent.is_dir():
         raise SpindleError(f"--out {out}: the folder {path.parent} does not exist")
+    refuse_checkpoint(str(path.parent), "--out")
+    curves = read_curves(run)
     plot_curves(curves, path, title=f"{folder}: long-context metrics by training step")
     steps = sorted({s for kind in curves.values() for v in kind.values() for s in v})
     print(f"wrote {path} ({', '.join(k for k, v in curves.items() if v)} at steps {', '.join(map(str, steps))})")
@@ -159,14 +162,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         res = run_ppl(args.ckpt, args.data, args.lengths, variants, args.windows, args.chunk, args.batch,
                       args.tokenizer, args.glob, args.train_len, args.device)
         print(format_table(res))
-        written = write_outputs(args.out, "ppl", res, plot_ppl)
+        written = write_outputs(args.out, "ppl", res, plot_ppl, args.overwrite)
     else:
         from spindle.eval.passkey import format_passkey_table, plot_passkey, run_passkey
 
         res = run_passkey(args.ckpt, args.lengths, args.depths, args.samples, variants, args.seed, args.mode,
                           args.chunk, args.tokenizer, args.train_len, args.device)
         print(format_passkey_table(res))
-        written = write_outputs(args.out, "passkey", res, plot_passkey)
+        written = write_outputs(args.out, "passkey", res, plot_passkey, args.overwrite)
     if written:
         print("wrote " + " and ".join(map(str, written)))
     return 0
