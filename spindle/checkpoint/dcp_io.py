@@ -287,6 +287,10 @@ def load_tensors(
         state["model"] = get_model_state_dict(model)
         check_model_shapes(path, state["model"], partial=partial)
     if "optimizer" in content and optimizer is not None:
+        if not any(k.startswith("optimizer.") for k in read_metadata(path).state_dict_metadata):
+            raise SpindleError(f"{path}: holds no optimizer state (weights and counters only, as `spindle convert` "
+                               "writes them); to start with a fresh AdamW, load it with load_ckpt_info "
+                               "content=('model', 'scheduler', 'sampler') instead of 'all'")
         state["optimizer"] = get_optimizer_state_dict(model, optimizer, options=OPTIM_OPTIONS)
     if "sampler" in content:
         saved_rng = {k for k in read_metadata(path).state_dict_metadata if k.startswith("rng.")}

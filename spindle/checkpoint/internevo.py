@@ -65,6 +65,11 @@ class InternEvoCheckpoint:
     optimizer: Optional[dict] = None  # AdamW moments under our names, where the layout allows
     notes: list[str] = field(default_factory=list)
 
+    def trainer_state(self) -> dict:
+        """The counters in the form of Spindle's trainer_state.json (TrainState restores what content asks)."""
+        return {"step": self.step, "updates": self.updates or 0, "num_consumed_tokens": self.num_consumed_tokens,
+                "inf_nan_skip_batches": self.inf_nan_skip_batches}
+
 
 def is_internevo_folder(path: str | Path) -> bool:
     p = Path(path)
@@ -365,9 +370,14 @@ def _validated_model(ck: InternEvoCheckpoint, folder: Path):
 def load_internevo_weights(model: torch.nn.Module, path: str | Path, args=None) -> list[str]:
     """Like load_hf_weights: an InternEvo folder's weights into `model` (plain, FSDP2, TP, a pipeline
     view with `args`); returns the notes to print."""
+    return load_internevo(model, path, args).notes
+
+
+def load_internevo(model: torch.nn.Module, path: str | Path, args=None) -> InternEvoCheckpoint:
+    """An InternEvo folder's weights into `model` (any layout); the checkpoint, for its counters and notes."""
     ck = read_internevo(path)
     assign_weights(model, ck.state_dict, str(path), args=args)
-    return ck.notes
+    return ck
 
 
 def import_internevo(src: str | Path, out: str | Path) -> Path:

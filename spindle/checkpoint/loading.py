@@ -18,8 +18,10 @@ from typing import Callable, Optional
 
 from spindle.checkpoint.dcp_io import load_tensors
 from spindle.checkpoint.discovery import (
-    CkptRef, Location, Verified, local_copy, newest_intact, open_ckpt_storage, resolve, scan_completed, verify,
+    CkptRef, Location, Verified, is_remote, local_copy, newest_intact, open_ckpt_storage, resolve, scan_completed,
+    strip_prefix, verify,
 )
+from spindle.checkpoint.internevo import is_internevo_folder
 from spindle.checkpoint.storage import Storage
 from spindle.config import CkptConfig, LoadCkptInfo
 from spindle.errors import SpindleError
@@ -30,7 +32,7 @@ HF_TYPES = ("hf", "hf_llama")
 
 @dataclass
 class LoadPlan:
-    kind: str  # "fresh", "spindle" (a DCP checkpoint), "hf"
+    kind: str  # "fresh", "spindle" (a DCP checkpoint), "hf", "internevo" (a model_tp*_pp*.pt folder)
     content: tuple[str, ...]
     reason: str
     url: Optional[str] = None
@@ -80,6 +82,8 @@ def plan_load(ckpt: CkptConfig, save_storage: Optional[Storage]) -> LoadPlan:
         if info.ckpt_type in HF_TYPES:
             return LoadPlan("hf", ("hf",), f"load_ckpt_info: Hugging Face weights from {info.path}", url=info.path)
         content = CONTENTS if "all" in info.content else tuple(info.content)
+        if not is_remote(info.path) and is_internevo_folder(strip_prefix(info.path)):
+            return LoadPlan("internevo", content, _internevo_reason(info.path, content), url=info.path)
         storage, ref = resolve(info.path, ckpt)
         verified = verify(storage, ref, need_state=any(c in content for c in ("sampler", "scheduler")),
                           content=ckpt.verify)
@@ -88,6 +92,16 @@ def plan_load(ckpt: CkptConfig, save_storage: Optional[Storage]) -> LoadPlan:
                         f"{storage.url}/{ref.rel}{why}{_size_only(ckpt)}", url=info.path, storage=storage,
                         verified=verified)
     return LoadPlan("fresh", (), "no checkpoint to load: starting from freshly initialised weights")
+
+
+def _internevo_reason(path: str, content: tuple[str, ...]) -> str:
+    carried = ["weights"] if "model" in content else []
+    carried += ["the step and token counters"] if "sampler" in content else []
+    carried += ["the schedule position"] if "scheduler" in content else []
+    moments = ("; its AdamW moments are not mapped: the optimizer starts from zero moments"
+               if "optimizer" in content else "")
+    return (f"load_ckpt_info: InternEvo checkpoint {path}: loading {', '.join(carried) or 'nothing'}{moments}; "
+            "InternEvo's sampler position is not Spindle's, the data starts at the beginning of its order")
 
 
 def _size_only(ckpt: CkptConfig) -> str:

@@ -135,10 +135,19 @@ class Trainer:
         self.log(f"checkpoint: {plan.reason}")
         if self.ckpt_manager is not None:
             self.lineage = self.ckpt_manager.adopt(plan)
+        args = self.cfg.model.to_args()  # a pipeline rank's view of its stages carries none
         if plan.kind == "hf":
             from spindle.checkpoint.hf import load_hf_weights
 
-            load_hf_weights(self.raw_model, plan.url)
+            load_hf_weights(self.raw_model, plan.url, args)
+            return
+        if plan.kind == "internevo":
+            from spindle.checkpoint.internevo import load_internevo
+
+            ck = load_internevo(self.raw_model, plan.url, args)
+            for note in ck.notes:
+                self.log(f"checkpoint: {note}")
+            self.state.load_state_dict(ck.trainer_state(), plan.content)
             return
         if plan.ref is None:
             return
