@@ -6,6 +6,10 @@ the background with `async_upload=True`. A staged checkpoint leaves the staging 
 upload is confirmed; a failed upload stays staged and is retried. When the run ends with an upload
 still failing, the staged folder is kept and the next run on the same save folder uploads it
 (`recover`); staging folders of runs that are gone are never left to fill `/dev/shm`.
+
+The staging disk is shared (`/dev/shm` is writable by every user), so anyone can plant a folder named like
+a run's: staging folders are made mode 0700, and one that is not this user's own private folder (another
+owner, a symbolic link, writable by others) is never written into, uploaded or resumed, and never deleted.
 """
 
 from __future__ import annotations
@@ -13,9 +17,10 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+import stat
 import tempfile
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Optional
 
 from spindle.checkpoint.dcp_io import read_metadata
 from spindle.checkpoint.discovery import MARKER_RE, CkptRef
@@ -36,6 +41,24 @@ def _complete(folder: Path) -> bool:
     return all((folder / n).is_file() for n in names if n)
 
 
+def _not_private(folder: Path) -> Optional[str]:
+    """Why `folder` is not this user's own private staging folder (None when it is): its entry itself, as
+    lstat sees it, so a planted link is not followed to a folder that would pass."""
+    try:
+        info = os.lstat(folder)
+    except OSError as exc:
+        return f"cannot be inspected ({exc.strerror})"
+    if stat.S_ISLNK(info.st_mode):
+        return "is a symbolic link"
+    if not stat.S_ISDIR(info.st_mode):
+        return "is not a folder"
+    if info.st_uid != os.getuid():
+        return f"belongs to uid {info.st_uid}, not to this user (uid {os.getuid()})"
+    if info.st_mode & 0o022:
+        return f"can be written by other users (mode {stat.S_IMODE(info.st_mode):o})"
+    return None
+
+
 class Staging:
     def __init__(self, storage: Storage, ckpt: CkptConfig, log: Callable[[str], None] = print):
         self.storage, self.log = storage, log
@@ -46,7 +69,7 @@ class Staging:
 
     def folder(self, rel: str, need_bytes: int = 0) -> Path:
         """An empty staging folder for `rel`; refused (one line) when the staging disk lacks the space."""
-        self.root.mkdir(parents=True, exist_ok=True)
+        self._make_root()
         free = shutil.disk_usage(self.root).free
         if need_bytes and free < need_bytes:
             raise SpindleError(f"{self.base}: {free / 2**20:.0f} MiB free for staging a checkpoint of about "
@@ -56,6 +79,21 @@ class Staging:
         shutil.rmtree(path, ignore_errors=True)
         path.mkdir(parents=True)
         return path
+
+    def _make_root(self) -> None:
+        """This process's staging folder, private (0700), or one line when its name is taken by a folder
+        that is not ours (planted before this pid came up: never written into)."""
+        try:
+            self.base.mkdir(parents=True, exist_ok=True)
+            self.root.mkdir(mode=0o700, exist_ok=True)
+        except OSError as exc:
+            raise SpindleError(f"cannot create the staging folder {self.root}: {exc.strerror}; set "
+                               "ckpt.async_upload_tmp_folder to a folder of yours") from None
+        why = _not_private(self.root)
+        if why is not None:
+            raise SpindleError(f"staging folder {self.root} {why}: not used (it may have been planted); remove "
+                               "it or set ckpt.async_upload_tmp_folder to a folder of yours")
+        os.chmod(self.root, 0o700)  # mkdir's mode is cut by the umask, and an older run's folder may be 0755
 
     def submit(self, ref: CkptRef, on_done: Callable[[], None] | None = None) -> None:
         """Upload in the background; `on_done` runs in the upload thread once every file landed."""
@@ -79,7 +117,7 @@ class Staging:
         if self.uploader is not None:
             self.uploader.settle()
             self.uploader.close()
-        if self.root.is_dir() and not any(p.is_file() for p in self.root.rglob("*")):
+        if _not_private(self.root) is None and not any(p.is_file() for p in self.root.rglob("*")):
             shutil.rmtree(self.root, ignore_errors=True)
 
     def recover(self, commit: Callable[[CkptRef], None]) -> None:
@@ -88,6 +126,10 @@ class Staging:
         for root in sorted(self.base.glob(f"spindle-{self.key}-*")) if self.base.is_dir() else []:
             pid = root.name.rsplit("-", 1)[-1]
             if not pid.isdigit() or int(pid) == os.getpid() or _alive(int(pid), None):
+                continue
+            why = _not_private(root)
+            if why is not None:  # someone else's (or planted): neither trusted nor deleted
+                self.log(f"checkpoint: staging folder {root} {why}; not uploaded or resumed, left alone")
                 continue
             for folder in sorted(p for p in root.rglob("*") if p.is_dir() and (p / ".metadata").exists()):
                 rel = folder.relative_to(root).as_posix()

@@ -25,15 +25,16 @@ class StorageNotFound(SpindleError, FileNotFoundError):
 
 
 def _clean_rel(rel: str) -> str:
-    """Normalise a storage-relative path; refuse anything that would escape the storage root."""
+    """Normalise a storage-relative path; refuse anything that would escape the storage root, and any '..'
+    at all: a name from a listing ('snapshot/0/x/../../2.step') must never reach another entry."""
     rel = (rel or "").replace("\\", "/")
     if rel.startswith("/"):
         raise SpindleError(f"storage path {rel!r} must be relative to the checkpoint folder")
+    if ".." in rel.split("/"):
+        raise SpindleError(f"storage path {rel!r} points outside the checkpoint folder or its place in it ('..')")
     norm = posixpath.normpath(rel) if rel else ""
     if norm in (".", ""):
         return ""
-    if norm == ".." or norm.startswith("../"):
-        raise SpindleError(f"storage path {rel!r} points outside the checkpoint folder")
     return norm
 
 

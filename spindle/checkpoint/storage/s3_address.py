@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import Iterator
 
 from spindle.errors import SpindleError
+from spindle.fileio import safe_relpath
 
 # "bucket.10.1.2.3", "bucket.10.1.2.3:9000", "bucket.localhost:5000", "bucket.s3.lan:9000":
 # an endpoint embedded after the first dot. A dotted name without a port that is not an IPv4
@@ -46,7 +47,10 @@ def parse_s3_url(url: str) -> S3Location:
         endpoint = f"http://{match.group('host')}"
         if match.group("port"):
             endpoint += f":{match.group('port')}"
-    return S3Location(bucket=head, prefix=prefix.strip("/"), endpoint_url=endpoint)
+    prefix = prefix.strip("/")
+    if prefix:  # keys are names, not paths: 'a/../b' would be read as 'b' but listed as 'a/../b'
+        safe_relpath(prefix, f"{url}: the key prefix")
+    return S3Location(bucket=head, prefix=prefix, endpoint_url=endpoint)
 
 
 # Error codes S3 and S3-compatible stores (Ceph, MinIO, OSS gateways) use for "try again later".
