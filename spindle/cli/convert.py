@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from spindle.checkpoint.discovery import is_remote, strip_prefix
+from spindle.cli import options
 from spindle.cli.options import OneLineParser
 from spindle.errors import SpindleError
 from spindle.outputs import StagedFolder, check_output
@@ -62,8 +63,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     }
     for name, (help_text, source, source_help) in commands.items():
         p = sub.add_parser(name, help=help_text)
-        p.add_argument(source, help=source_help)
-        p.add_argument("out", help="a new (or empty) local folder")
+        p.add_argument(source, type=options.path, help=source_help)
+        p.add_argument("out", type=options.path, help="a new (or empty) local folder")
         p.add_argument("--overwrite", action="store_true", help="replace OUT when it is a non-empty folder")
         p.add_argument("--debug", action="store_true")
     args = ap.parse_args(argv)

@@ -5,12 +5,13 @@ from __future__ import annotations
 import argparse
 from typing import Optional, Sequence
 
+from spindle.cli import options
 from spindle.cli.options import OneLineParser, int_in
 
 
 def build_parser() -> argparse.ArgumentParser:
     g = OneLineParser(prog="spindle generate", description="Generate text from a checkpoint.")
-    g.add_argument("--ckpt", required=True, help="a Spindle checkpoint, or a Hugging Face / InternEvo folder")
+    g.add_argument("--ckpt", required=True, type=options.path, help="a Spindle checkpoint, or a Hugging Face / InternEvo folder")
     g.add_argument("--prompt", required=True)
     g.add_argument("--max-new-tokens", type=int, default=64)
     g.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
@@ -18,7 +19,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--top-p", type=float, default=1.0)
     g.add_argument("--seed", type=int_in(0, 2**32 - 1), default=0)
     g.add_argument("--rope-scaling", default=None, help="none | dynamic | ntk:FACTOR | linear:FACTOR | yarn:FACTOR")
-    g.add_argument("--tokenizer", default=None)
+    g.add_argument("--tokenizer", default=None, type=options.path)
     g.add_argument("--device", default="cpu")
     g.add_argument("--debug", action="store_true")
     return g

@@ -14,6 +14,7 @@ import os
 from typing import Callable
 
 from spindle.errors import SpindleError
+from spindle.fileio import check_path_text
 
 MAX_WORKERS = 1024
 
@@ -73,10 +74,14 @@ def relative_name(text: str) -> str:
 
 
 def path(text: str) -> str:
-    """argparse type: a non-empty path."""
-    if not text or "\0" in text:
-        raise argparse.ArgumentTypeError(f"expected a path, got {text!r}")
-    return text
+    """argparse type of every path option (a file, a folder, a checkpoint or bucket URL, a glob): not empty,
+    no NUL byte (which the OS refuses later with a traceback) and no line break (spindle.fileio)."""
+    if not text:
+        raise argparse.ArgumentTypeError("expected a path, got ''")
+    try:
+        return check_path_text(text, "path")
+    except SpindleError as exc:  # argparse names the option
+        raise argparse.ArgumentTypeError(str(exc).removeprefix("path: ")) from None
 
 
 def workers_option(ap: argparse.ArgumentParser, flag: str = "--workers") -> None:

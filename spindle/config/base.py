@@ -8,6 +8,9 @@ from typing import Any, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from spindle.errors import SpindleError
+from spindle.fileio import check_path_text, safe_relpath
+
 MAX_SEED = 2**32 - 1  # numpy's and torch's generators both take it; per-name init seeds stay below 2**64
 _NUMBER_TYPES = (int, float, Optional[int], Optional[float])
 _TEXT_TYPES = (str, Optional[str])
@@ -41,4 +44,31 @@ def every_steps(v: float) -> float:
     """An interval in steps: a whole number >= 1, or inf for never."""
     if not (v == math.inf or (v >= 1 and float(v).is_integer())):
         raise ValueError("must be a whole number of steps >= 1 (or float('inf') for never)")
+    return v
+
+
+def path_value(v: Optional[str], info) -> Optional[str]:
+    """A path a config gives (a folder, a file, a save folder URL): not empty, on one line, no NUL byte.
+    '..' and absolute paths are fine: the place is the user's own choice (names that must stay inside a
+    folder, like JOB_NAME, are checked as names)."""
+    if v is None:
+        return v
+    if not v.strip():
+        raise ValueError("expected a path, not an empty string (leave the key out for the default)")
+    try:
+        check_path_text(v, info.field_name)
+    except SpindleError as exc:  # the key and the value are named by the error line itself
+        raise ValueError(str(exc).removeprefix(f"{info.field_name}: {v!r} ")) from None
+    return v
+
+
+def folder_name(v: str) -> str:
+    """One folder name (JOB_NAME: the run goes to {trainer.run_folder}/{JOB_NAME}), never a path out of it."""
+    try:
+        plain = "/" not in safe_relpath(v, "JOB_NAME") and bool(v.strip())
+    except SpindleError:
+        plain = False
+    if not plain:
+        raise ValueError("expected one folder name inside trainer.run_folder: not empty, no '/' or '\\', "
+                         "not '.' or '..', no NUL byte or line break")
     return v

@@ -9,7 +9,7 @@ from typing import Annotated, Any, Literal, Optional
 
 from pydantic import Field, field_validator, model_validator
 
-from spindle.config.base import Section, _count
+from spindle.config.base import Section, _count, path_value
 
 class DataConfig(Section):
     type: Literal["tokenized", "streaming", "text", "dummy"] = "tokenized"
@@ -81,6 +81,8 @@ class DataConfig(Section):
         if not v.strip() or v.startswith(("/", "\\")) or ".." in v.replace("\\", "/").split("/"):
             raise ValueError("expected a non-empty pattern relative to train_folder, like '**/*.txt'")
         return v
+
+    _paths = field_validator("tokenizer_path", "train_folder", "valid_folder")(path_value)
 
     @field_validator("content_name", "split", "valid_split", "subset_name", "tokenizer_path", "train_folder",
                      "valid_folder")

@@ -14,7 +14,7 @@ from typing import Any, Literal, Optional
 
 from pydantic import Field, PrivateAttr, field_validator, model_validator
 
-from spindle.config.base import MAX_SEED, Section, every_steps
+from spindle.config.base import MAX_SEED, Section, every_steps, folder_name, path_value
 from spindle.config.data import DataConfig
 from spindle.config.long_eval import LongEvalConfig
 from spindle.config.model import ModelConfig
@@ -29,6 +29,8 @@ class LoadCkptInfo(Section):
     # "internevo" / "normal" / "spindle" all mean our own DCP format; "hf" (or InternEvo's "hf_llama")
     # means a Hugging Face Llama folder (model weights only).
     ckpt_type: Literal["internevo", "normal", "spindle", "hf", "hf_llama", "llama"] = "internevo"
+
+    _path = field_validator("path")(path_value)
 
     @field_validator("content", mode="before")
     @classmethod
@@ -68,6 +70,9 @@ class CkptConfig(Section):
     @classmethod
     def _interval(cls, v: float) -> float:
         return every_steps(v)
+
+    _paths = field_validator("save_ckpt_folder", "load_ckpt_folder", "async_upload_tmp_folder", "snapshot_ckpt_folder",
+                             "stop_file_path")(path_value)
 
 
 # --------------------------------------------------------------------------- optimisation
@@ -185,6 +190,8 @@ class AlertConfig(Section):
     stuck_timeout_s: float = Field(default=300.0, gt=0, le=7 * 86400)
     heartbeat_every: int = Field(default=50, ge=1)
 
+    _paths = field_validator("alert_file_path")(path_value)
+
 
 class MonitorConfig(Section):
     alert: AlertConfig = Field(default_factory=AlertConfig)
@@ -211,6 +218,8 @@ class TrainerConfig(Section):
     sample_temperature: float = Field(default=0.8, ge=0, le=100)  # 0: greedy
     sample_top_p: float = Field(default=0.95, gt=0, le=1)
     num_threads: Optional[int] = Field(default=None, ge=1)  # torch intra-op threads on CPU
+
+    _paths = field_validator("run_folder")(path_value)
 
     @field_validator("num_threads")
     @classmethod
@@ -252,6 +261,9 @@ class SpindleConfig(Section):
     constants: dict[str, Any] = Field(default_factory=dict)
     # keys the file gave that are accepted for compatibility and do nothing here (config/internevo.py)
     _compat_notes: list[str] = PrivateAttr(default_factory=list)
+
+    _job_name = field_validator("JOB_NAME")(folder_name)
+    _paths = field_validator("tensorboard_folder", "resume_tb_folder")(path_value)
 
     @model_validator(mode="after")
     def _derived_defaults(self) -> "SpindleConfig":
