@@ -4,7 +4,6 @@ end with a sample."""
 from __future__ import annotations
 
 import argparse
-import functools
 import math
 import os
 import time
@@ -119,7 +118,7 @@ def _train(cfg, env, t0: float) -> int:
 
     from spindle.hardware import resolve_model_dtype
 
-    log = functools.partial(print, flush=True) if env.is_main else (lambda *_: None)
+    log = _console if env.is_main else (lambda *_: None)
     log(f"spindle: job {cfg.JOB_NAME}, run folder {cfg.run_dir}, world size {env.world_size}, "
         f"device {env.device}")
     cfg.model.dtype, note = resolve_model_dtype(cfg.model.dtype, "dtype" in cfg.model.model_fields_set, env.device)
@@ -142,6 +141,13 @@ def _train(cfg, env, t0: float) -> int:
         if model is not None:
             print_sample(model.eval(), cfg)
     return 0
+
+
+def _console(line: str) -> None:
+    """Rank 0's start-up and progress lines (a batch job keeps them in a file): no secret in them."""
+    from spindle.config.redact import redact_text
+
+    print(redact_text(line), flush=True)
 
 
 def loss_summary(history: list[dict], byte_level: bool) -> str:

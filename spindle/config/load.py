@@ -21,6 +21,7 @@ from typing import Any, Optional
 from pydantic import BaseModel, ValidationError
 
 from spindle.config.internevo import _split_constants, compatibility_notes, translate_parallel
+from spindle.config.redact import redact
 from spindle.config.schema import SpindleConfig
 from spindle.errors import SpindleError
 from spindle.fileio import write_atomic
@@ -241,5 +242,5 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
 def save_resolved_config(cfg: SpindleConfig, run_dir: Path) -> Path:
     run_dir.mkdir(parents=True, exist_ok=True)
     out = run_dir / "config.json"
-    write_atomic(out, (json.dumps(cfg.to_dict(), indent=2, default=_jsonable) + "\n").encode())
+    write_atomic(out, (json.dumps(redact(cfg.to_dict()), indent=2, default=_jsonable) + "\n").encode())
     return out

@@ -23,6 +23,7 @@ from typing import Any, Optional
 
 import torch
 
+from spindle.config.redact import redact_text
 from spindle.errors import SpindleError
 
 
@@ -125,14 +126,16 @@ class RunFolderFull(SpindleError):
 
 class LineFile:
     """An append-only text file written a whole line at a time: a line that cannot be written in full
-    (a full disk) is cut off again, so the file never holds half a record."""
+    (a full disk) is cut off again, so the file never holds half a record. Every line goes through
+    redact_text first: what lands in a run folder (rank logs, metrics.jsonl) holds no secret (a JSON line
+    stays JSON)."""
 
     def __init__(self, path: Path):
         self.path = path
         self.fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
 
     def write_line(self, line: str) -> None:
-        data = (line + "\n").encode()
+        data = (redact_text(line) + "\n").encode()
         end = os.lseek(self.fd, 0, os.SEEK_END)
         try:
             if os.write(self.fd, data) != len(data):
@@ -220,6 +223,7 @@ class Progress:
             self.bar.update(self.task, completed=step, info=info)
 
     def print(self, line: str) -> None:
+        line = redact_text(line)  # the console is often kept in a file too (a batch job's output)
         if self.bar is not None:
             self.bar.console.print(line, markup=False, highlight=False, soft_wrap=True)
         else:

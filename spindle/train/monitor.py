@@ -15,8 +15,9 @@ stuck steps. Alerts are POSTed with urllib (no extra dependency) and a short tim
 absent endpoint is logged once and never raises into training. In-loop alerts go through a
 background sender thread, so a slow webhook cannot slow a step; fatal alerts (exception, SIGTERM)
 are sent synchronously before the process goes on dying. Webhook URLs carry tokens: they are never
-printed (only scheme and host), and values of secret-looking environment variables are masked in
-alert texts.
+printed (only scheme, host and port), and every alert text is logged, written and sent with its secrets
+hidden (spindle.config.redact: URLs' tokens, credential-named pairs, and the values of credential-named
+environment variables).
 """
 
 from __future__ import annotations
@@ -32,33 +33,20 @@ import sys
 import threading
 import time
 import traceback
-import urllib.parse
 import urllib.request
 from pathlib import Path
 from typing import Callable, Optional
 
+from spindle.config.redact import is_credential_name, redact_destination, redact_text
+
 SEND_TIMEOUT_S = 3.0
-SECRET_WORDS = ("SECRET", "TOKEN", "PASSWORD", "PASSWD", "ACCESS_KEY", "PRIVATE", "CREDENTIAL", "API_KEY")
-
-
-def redact_url(url: str) -> str:
-    """'https://open.feishu.cn/open-apis/bot/v2/hook/abc' -> 'https://open.feishu.cn/...'."""
-    try:
-        p = urllib.parse.urlsplit(url)
-        host = p.hostname or "?"
-        port = f":{p.port}" if p.port else ""
-        return f"{p.scheme}://{host}{port}/..."
-    except ValueError:
-        return "<webhook>"
 
 
 def mask_secrets(text: str, environ=None) -> str:
-    """Replace the values of secret-looking environment variables (8+ characters) by '***'."""
+    """Hide the values of credential-named environment variables (8+ characters: S3_SECRET_ACCESS_KEY, HF_TOKEN)
+    and every secret redact_text finds by itself."""
     environ = os.environ if environ is None else environ
-    for name, value in environ.items():
-        if len(value) >= 8 and any(w in name.upper() for w in SECRET_WORDS) and value in text:
-            text = text.replace(value, "***")
-    return text
+    return redact_text(text, [value for name, value in environ.items() if len(value) >= 8 and is_credential_name(name)])
 
 
 def _normalise_address(addr: str) -> str:
@@ -98,6 +86,9 @@ class Monitor:
         self.heartbeat_url = (_normalise_address(alert_cfg.light_monitor_address)
                               if alert_cfg.light_monitor_address and is_main else None)
         self.alert_file = Path(alert_cfg.alert_file_path) if alert_cfg.alert_file_path else None
+        # the addresses as configured and as used, longest first: a message naming one shows its host only
+        self._addresses = sorted({a for a in (alert_cfg.feishu_alert_address, alert_cfg.light_monitor_address,
+                                              self.webhook, self.heartbeat_url) if a}, key=len, reverse=True)
         self.sent: list[dict] = []  # every alert raised (for tests and the end-of-run summary)
         self.failures = 0
         self._warned: set[str] = set()
@@ -188,7 +179,7 @@ class Monitor:
     def alert(self, kind: str, message: str, step: Optional[int] = None, sync: bool = False) -> dict:
         """Record, log, append to alert_file_path and POST (queued, or now when `sync`). Never raises."""
         try:
-            message = mask_secrets(message)
+            message = self.scrub(message)
             text = f"[spindle] job {self.job}, rank {self.rank} on {self.host}: {kind}: {message}"
             rec = {"kind": kind, "job": self.job, "rank": self.rank, "host": self.host,
                    "step": self._step if step is None else step, "time": time.time(), "message": message}
@@ -288,9 +279,15 @@ class Monitor:
         except Exception as exc:  # noqa: BLE001 - URLError, HTTPError, timeouts, bad URLs alike
             self.failures += 1
             reason = getattr(exc, "reason", None) or exc
-            self._warn_once(url, f"monitor: cannot reach {redact_url(url)} ({type(exc).__name__}: "
-                                 f"{mask_secrets(str(reason))[:200]}); alerts keep being tried, training goes on")
+            self._warn_once(url, f"monitor: cannot reach {redact_destination(url)} ({type(exc).__name__}: "
+                                 f"{self.scrub(str(reason))[:200]}); alerts keep being tried, training goes on")
             return False
+
+    def scrub(self, text: str) -> str:
+        """`text` as it may be logged, written to the alert file and sent: no token of ours or of anyone."""
+        for address in self._addresses:
+            text = text.replace(address, redact_destination(address))
+        return mask_secrets(text)
 
     def _warn_once(self, key: str, msg: str) -> None:
         if key in self._warned:

@@ -16,8 +16,9 @@ from pathlib import Path
 import pytest
 
 from spindle.config import AlertConfig, validate_config
+from spindle.config.redact import redact_destination
 from spindle.parallel.mesh import ParallelEnv
-from spindle.train.monitor import Monitor, mask_secrets, redact_url
+from spindle.train.monitor import Monitor, mask_secrets
 from spindle.train.trainer import Trainer
 
 REPO = Path(__file__).resolve().parents[2]
@@ -173,8 +174,9 @@ def test_unreachable_webhook_never_raises_and_hides_the_token(tmp_path):
 
 def test_secrets_masked_and_urls_redacted(monkeypatch):
     monkeypatch.setenv("S3_SECRET_ACCESS_KEY", "very-secret-value-123")
-    assert mask_secrets("error: key very-secret-value-123 refused") == "error: key *** refused"
-    assert redact_url("https://open.feishu.cn/open-apis/bot/v2/hook/abc-123") == "https://open.feishu.cn/..."
+    assert mask_secrets("error: key very-secret-value-123 refused") == "error: key <redacted> refused"
+    assert redact_destination("https://open.feishu.cn/open-apis/bot/v2/hook/abc-123") == \
+        "https://open.feishu.cn/<redacted>"
 
 
 # ----------------------------------------------------------------------------- in the trainer
