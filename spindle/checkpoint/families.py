@@ -168,7 +168,9 @@ def hf_tensors_to_ours(tensors: dict[str, torch.Tensor], fam: Family, kv_heads: 
 
 
 def _number(hf: dict, key: str, source: str, kind=int, default=None):
-    value = hf.get(key, default)
+    value = hf.get(key)
+    if value is None:  # absent or null: transformers reads `"head_dim": null` as hidden / heads
+        value = default
     if value is None:
         raise SpindleError(f"{source}: {key} is missing (expected a positive {kind.__name__})")
     if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and value != int(value)) \

@@ -110,6 +110,13 @@ def load_hf_weights(model: torch.nn.Module, hf_dir: str | Path, args=None) -> li
     fam = family_of(hf, str(hf_dir / "config.json"))
     hf_args = ModelConfig.model_validate(model_config_from_hf(hf, str(hf_dir / "config.json"))).to_args()
     tensors = hf_tensors_to_ours(read_hf_weights(hf_dir), fam, hf_args.num_kv_heads, hf_args.head_dim)
+    head, embedding = tensors.get("output.weight"), tensors.get("tok_embeddings.weight")
+    if args.tie_word_embeddings and head is not None:
+        if embedding is not None and not torch.equal(head, embedding):
+            raise SpindleError(f"{hf_dir}: config.json ties the output head to the embedding (tie_word_embeddings: "
+                               "true) but the weights hold a distinct lm_head.weight; transformers unties such a "
+                               "model: set tie_word_embeddings to false in config.json to load it that way")
+        del tensors["output.weight"]  # the tied head is the embedding
     name = (lambda n: to_hf_name(n, fam)) if fam.names == "llama" else str
     assign_weights(model, tensors, str(hf_dir), name, args)
     return _differences(hf_args, args)

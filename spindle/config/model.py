@@ -109,6 +109,8 @@ class ModelConfig(Section):
                 raise ValueError(f"hidden_size ({self.hidden_size}) must be a multiple (>= 2x) of num_attention_heads "
                                  f"({self.num_attention_heads}), or give head_dim")
             self.head_dim = self.hidden_size // self.num_attention_heads  # re-validates once, now set
+            # derived, not given: a start from a Hugging Face folder reads it from config.json instead
+            self.model_fields_set.discard("head_dim")
         if self.head_dim % 2:
             raise ValueError(f"head_dim ({self.head_dim}) must be even for RoPE")
         if self.num_attention_heads % self.kv_heads:

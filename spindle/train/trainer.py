@@ -23,6 +23,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
+from spindle.checkpoint.hf_start import model_from_hf_folder
 from spindle.checkpoint.loading import LoadPlan, plan_load, restore
 from spindle.checkpoint.manager import CheckpointManager
 from spindle.config import SpindleConfig, parse_skip_batches, save_resolved_config
@@ -76,6 +77,7 @@ class TrainState:
 
 class Trainer:
     def __init__(self, cfg: SpindleConfig, env: ParallelEnv, log=print):
+        cfg = model_from_hf_folder(cfg, log)  # a start from a Hugging Face folder takes its model from there
         self.cfg, self.env, self.log = cfg, env, log
         self.run_dir = cfg.run_dir
         self.device = env.device
