@@ -30,6 +30,7 @@ from spindle.checkpoint.lock import FolderLock
 from spindle.checkpoint.records import HASHED_FILES, completion_record, hash_file, sha256
 from spindle.checkpoint.staging import Staging
 from spindle.config import CkptConfig
+from spindle.config.redact import redact
 from spindle.errors import SpindleError
 from spindle.fileio import _fsync_dir, open_nofollow
 from spindle.parallel.comm import all_gather_single, comm_tensor
@@ -171,7 +172,8 @@ class CheckpointManager:
         owner = json.dumps({"lineage": self.lineage, "step": step, "host": socket.gethostname(),
                             "pid": os.getpid(), "time": time.time()}).encode()
         files = {".owner.json": owner, "trainer_state.json": json.dumps(state, indent=1).encode(),
-                 "config.json": json.dumps(config, indent=1, default=str).encode()}
+                 # redacted here, for every writer (training, conversions): no secret at rest or uploaded
+                 "config.json": json.dumps(redact(config), indent=1, default=str).encode()}
         target = Path(self.storage.local_path(ref.rel)) if not self.remote else \
             self.staging.folder(ref.rel, _state_bytes(model, optimizer))
         try:

@@ -27,7 +27,6 @@ from spindle.checkpoint.hf_start import model_from_hf_folder
 from spindle.checkpoint.loading import LoadPlan, plan_load, restore
 from spindle.checkpoint.manager import CheckpointManager
 from spindle.config import SpindleConfig, parse_skip_batches, save_resolved_config
-from spindle.config.redact import redact
 from spindle.data.batch import Batch
 from spindle.data.loader import build_train_loader, build_valid_sets
 from spindle.errors import SpindleError
@@ -230,7 +229,7 @@ class Trainer:
     def save(self, snapshot: bool = False) -> str:
         ts = self.state.state_dict() | {"loader": self.loader.state_dict(), "scaler": self.scaler.state_dict()}
         where = self.ckpt_manager.save(self.state.step, self.raw_model, self.optimizer, ts,
-                                       redact(self.cfg.to_dict()), snapshot=snapshot)  # no secret at rest
+                                       self.cfg.to_dict(), snapshot=snapshot)
         self.log(f"checkpoint saved: {where}")
         return where
 
