@@ -7,6 +7,8 @@ Contract shared by every implementation:
   BOS (cpu-baselines.md §3); data must never be able to inject control tokens.
 - `identity()` is what manifests record, so a shard can be checked against the tokenizer that
   reads or trains on it (same file hash, same vocab size).
+- A text longer than PIECE_CHARS goes a piece at a time (`text_pieces`): sentencepiece takes ~40 bytes
+  per character of one string (~5 GB for a 100 MB single-line document) on top of the ids returned.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import os
 import shutil
 from abc import ABC, abstractmethod
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
 from spindle.data.hub_tokenizer import UNSET, FolderConfig, is_tiktoken, read_folder_config, tiktoken_error
 from spindle.errors import SpindleError
@@ -26,6 +28,34 @@ from spindle.errors import SpindleError
 DEFAULT_TOKENIZER_PATH = Path(__file__).resolve().parent.parent / "assets" / "tokenizer" / "tokenizer.model"
 
 BYTE_TOKENIZER_FILE = "byte_tokenizer.json"
+
+PIECE_CHARS = 1 << 20  # characters of one text a tokenizer is handed at once (about 1 MB of text)
+# Pieces after the first are tokenized behind it (its ids then cut off): else a dummy prefix (sentencepiece's
+# add_dummy_prefix, Metaspace's prepend) starts each ("\nb" -> "▁", "\n", "b" where the whole gave "\n", "b").
+CONTEXT_PROBE = "x"
+
+
+def _cut(text: str, lo: int, hi: int) -> int:
+    """Where a piece of text[lo:hi] ends: at the start of the last whitespace run holding a newline, else a
+    space; else at `hi`. Tokenizers start a token there (sentencepiece splits before its whitespace mark,
+    byte-level BPE's pattern before each whitespace run), so the pieces' ids are the whole text's."""
+    for sep in ("\n", " "):
+        i = text.rfind(sep, lo, hi)
+        while i > lo and text[i - 1].isspace():
+            i -= 1
+        if i > lo:
+            return i
+    return hi  # no whitespace in half a piece (a base64 blob, text without spaces): cut anywhere
+
+
+def text_pieces(text: str, bound: int = PIECE_CHARS) -> Iterator[str]:
+    """`text` in pieces of at most `bound` characters, each cut before whitespace in its second half."""
+    start = 0
+    while len(text) - start > bound:
+        end = _cut(text, start + bound // 2, start + bound)
+        yield text[start:end]
+        start = end
+    yield text[start:]
 
 
 def _sha256(path: str | os.PathLike) -> str:
@@ -62,8 +92,34 @@ class Tokenizer(ABC):
         return self.eos_id
 
     @abstractmethod
+    def _encode(self, text: str) -> list[int]:
+        """`encode` of a text of at most PIECE_CHARS characters."""
+
     def encode(self, text: str) -> list[int]:
-        """Ids of `text`, without BOS/EOS; special-token text is treated as plain text."""
+        """Ids of `text`, without BOS/EOS; special-token text is treated as plain text. A long text goes a
+        piece at a time (`text_pieces`): the same ids, except around a cut where half a piece held no
+        whitespace (half a megabyte without a space or newline), whose sides are tokenized as two texts."""
+        if len(text) <= PIECE_CHARS:
+            return self._encode(text)
+        ids: list[int] = []
+        for i, piece in enumerate(text_pieces(text, PIECE_CHARS)):
+            ids += self._encode(piece) if i == 0 else self._encode_after_text(piece)
+        return ids
+
+    def _encode_after_text(self, piece: str) -> list[int]:
+        """Ids of `piece` as they are inside a text: tokenized behind CONTEXT_PROBE, whose ids are then cut
+        off (when they are unchanged, i.e. no token spans the seam; else the piece alone)."""
+        probe = self._encode(CONTEXT_PROBE)
+        ids = self._encode(CONTEXT_PROBE + piece)
+        return ids[len(probe):] if ids[:len(probe)] == probe else self._encode(piece)
+
+    def _long_apart(self, texts: Sequence[str], encode_short: Callable[[list[str]], list[list[int]]]):
+        """A batch: texts up to PIECE_CHARS through `encode_short` (one call), longer ones through `encode`."""
+        long = {i for i, t in enumerate(texts) if len(t) > PIECE_CHARS}
+        if not long:
+            return encode_short(list(texts))
+        short = iter(encode_short([t for i, t in enumerate(texts) if i not in long]))
+        return [self.encode(t) if i in long else next(short) for i, t in enumerate(texts)]
 
     def encode_batch(self, texts: Sequence[str], num_threads: int = 1) -> list[list[int]]:
         return [self.encode(t) for t in texts]
@@ -166,13 +222,13 @@ class SentencePieceTokenizer(Tokenizer):
         pad = self._sp.pad_id()
         return pad if pad >= 0 else self.eos_id
 
-    def encode(self, text: str) -> list[int]:
+    def _encode(self, text: str) -> list[int]:
         # Raw sentencepiece never matches control symbols (<s>, </s>) inside text.
         return self._sp.encode(text)
 
     def encode_batch(self, texts: Sequence[str], num_threads: int = 1) -> list[list[int]]:
         # One C++ call for the whole batch: per-call Python overhead dominates on short documents.
-        return self._sp.encode(list(texts), num_threads=max(1, int(num_threads)))
+        return self._long_apart(texts, lambda short: self._sp.encode(short, num_threads=max(1, int(num_threads))))
 
     def decode(self, ids: Iterable[int]) -> str:
         return self._sp.decode([int(i) for i in ids])
@@ -233,13 +289,13 @@ class HFTokenizer(Tokenizer):
     def eos_id(self) -> int:
         return self._eos
 
-    def encode(self, text: str) -> list[int]:
+    def _encode(self, text: str) -> list[int]:
         return self._tok.encode(text, add_special_tokens=False).ids
 
     def encode_batch(self, texts: Sequence[str], num_threads: int = 1) -> list[list[int]]:
         # tokenizers picks its thread count from RAYON_NUM_THREADS; num_threads is advisory here.
         fast = getattr(self._tok, "encode_batch_fast", self._tok.encode_batch)
-        return [e.ids for e in fast(list(texts), add_special_tokens=False)]
+        return self._long_apart(texts, lambda short: [e.ids for e in fast(short, add_special_tokens=False)])
 
     def decode(self, ids: Iterable[int]) -> str:
         return self._tok.decode([int(i) for i in ids], skip_special_tokens=False)
@@ -280,7 +336,7 @@ class ByteTokenizer(Tokenizer):
     def eos_id(self) -> int:
         return 257
 
-    def encode(self, text: str) -> list[int]:
+    def _encode(self, text: str) -> list[int]:
         return list(text.encode("utf-8"))
 
     def decode(self, ids: Iterable[int]) -> str:
