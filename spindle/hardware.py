@@ -11,6 +11,10 @@ of a few fp32 matmuls at the current thread count, once per process (the figure 
 machine, and a second Trainer in the same process would otherwise pay for it again). The probe draws
 its operands from its own generator: it must not move the global RNG, whose state a resumed run has
 just restored.
+
+Memory is checked before a model is allocated (`refuse_unless_fits`, from `build_model` and the
+trainer's model setup) and before a KV cache is (`check_fits`): against MemAvailable, or what
+`ulimit -v` leaves, or a CUDA device's free memory; SPINDLE_SKIP_MEMORY_CHECK=1 skips both.
 """
 
 from __future__ import annotations
@@ -18,11 +22,14 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
+import os
 import re
 import time
 from typing import Iterator, Optional
 
 import torch
+
+from spindle.errors import SpindleError
 
 # (name pattern, {dtype key: dense TFLOP/s}); first match wins
 GPU_PEAKS: list[tuple[str, dict[str, float]]] = [
@@ -116,3 +123,98 @@ def cuda_backend_mode(device: torch.device, dtype: str, cudnn_deterministic: boo
     finally:
         torch.set_float32_matmul_precision(saved[0])
         torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = saved[1], saved[2]
+
+
+# ----------------------------------------------------------------------------- memory before allocating
+
+SKIP_MEMORY_CHECK_ENV = "SPINDLE_SKIP_MEMORY_CHECK"
+MODEL_STATE = ("weights", "grads", "optimizer")  # the parts of spindle.parallel.dims.memory_estimate counted
+
+
+def format_bytes(n: float) -> str:
+    units = ("B", "KiB", "MiB", "GiB", "TiB")
+    step = 0
+    while n >= 1024 and step < len(units) - 1:
+        n, step = n / 1024, step + 1
+    return f"{int(n):,} B" if step == 0 else f"{n:,.1f} {units[step]}"
+
+
+def _processes_on_this_machine() -> int:
+    """torchrun's LOCAL_WORLD_SIZE (ranks of this machine, sharing its CPU memory); 1 when unset or not a
+    count (the launch checks name a bad value themselves)."""
+    try:
+        return max(1, int(os.environ.get("LOCAL_WORLD_SIZE") or 1))
+    except ValueError:
+        return 1
+
+
+def _meminfo_available(meminfo: str) -> Optional[int]:
+    try:
+        with open(meminfo, encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024  # the kernel writes kB (KiB)
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def _address_space_headroom() -> Optional[int]:
+    """What `ulimit -v` (RLIMIT_AS) still lets this process map: under such a limit the allocation fails
+    however much memory the machine has."""
+    import resource
+
+    soft, _ = resource.getrlimit(resource.RLIMIT_AS)
+    if soft == resource.RLIM_INFINITY:
+        return None
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            mapped = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmSize:"))
+    except (OSError, ValueError, StopIteration):
+        mapped = 0
+    return max(0, soft - mapped)
+
+
+def available_memory(device: torch.device | str, meminfo: str = "/proc/meminfo") -> tuple[Optional[int], str]:
+    """(bytes new tensors can take on `device`, where that figure comes from); None where this system
+    does not say (then nothing is refused). CPU: /proc/meminfo's MemAvailable (what can be allocated
+    without swapping), or less under an address-space limit; CUDA: the device's free memory."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return free, f"{device} has {format_bytes(free)} free"
+    if device.type != "cpu":
+        return None, f"{device}: its free memory is not known"
+    have, where = _meminfo_available(meminfo), "MemAvailable in " + meminfo
+    limit = _address_space_headroom()
+    if limit is not None and (have is None or limit < have):
+        have, where = limit, "the address-space limit (ulimit -v) of this process"
+    return have, "" if have is None else f"this machine has {format_bytes(have)} available ({where})"
+
+
+def check_fits(need: float, device: torch.device | str, what: str, detail: str = "") -> None:
+    """Refuse, before allocating, `need` bytes on `device` when more than it has available: one line
+    "`what` needs N`detail` but the machine has M available (where): ..." with the override,
+    SPINDLE_SKIP_MEMORY_CHECK=1 (for a machine whose figure misleads: swap meant to be used, memory
+    about to be freed by another process)."""
+    if os.environ.get(SKIP_MEMORY_CHECK_ENV, "").strip() not in ("", "0"):
+        return
+    have, where = available_memory(device)
+    if have is not None and need > have:
+        raise SpindleError(f"{what} needs {format_bytes(need)}{detail} but {where}: refused before allocating; "
+                           f"set {SKIP_MEMORY_CHECK_ENV}=1 to try anyway")
+
+
+def refuse_unless_fits(need: dict[str, float], device: torch.device | str, what: str) -> None:
+    """`check_fits` for a model: sizes read from a file (a config.json of 4,096 layers of width 65,536)
+    otherwise allocate until the process is killed or the machine swaps. `need`: bytes by part (a
+    `spindle.parallel.dims.memory_estimate` dict): its MODEL_STATE parts are counted, activations are
+    not (they vary with the batch and the kernels); processes that torchrun starts on this machine
+    (LOCAL_WORLD_SIZE) share its CPU memory."""
+    parts = {k: v for k, v in need.items() if k in MODEL_STATE and v > 0}
+    device = torch.device(device)
+    sharing = _processes_on_this_machine() if device.type == "cpu" else 1
+    detail = f" ({' + '.join(f'{k} {format_bytes(v)}' for k, v in parts.items())})" if len(parts) > 1 else \
+        "".join(f" for its {k}" for k in parts)
+    detail += f" x {sharing} processes on this machine" if sharing > 1 else ""
+    check_fits(sum(parts.values()) * sharing, device, what, detail)

@@ -41,19 +41,11 @@ def prefill(model: Transformer, ids: torch.Tensor, cache: KVCache, chunk: int = 
 
 
 def check_cache_memory(model: Transformer, length: int, batch: int = 1, args=None) -> None:
-    """Refuse, before allocating, a prefill whose KV cache alone exceeds the memory of this machine (or GPU).
+    """Refuse, before allocating, a prefill whose KV cache alone exceeds the memory available on its device.
     `args`: the model's ModelArgs, for a module that does not carry them (a pipeline rank's stages)."""
-    import os
-
-    from spindle.errors import SpindleError
+    from spindle.hardware import check_fits
 
     args, p = args or model.args, next(model.parameters())
     per_token = args.num_layers * 2 * args.num_kv_heads * args.head_dim * p.element_size()
-    need = per_token * length * batch
-    if p.device.type == "cuda":
-        have, where = torch.cuda.get_device_properties(p.device).total_memory, "the GPU has"
-    else:
-        have, where = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), "this machine has"
-    if need > have:
-        raise SpindleError(f"--lengths {length:,}: the KV cache alone would take {need / 2**30:,.1f} GiB "
-                           f"({batch} x {per_token:,} bytes per token); {where} {have / 2**30:,.1f} GiB")
+    check_fits(per_token * length * batch, p.device,  # the model itself is in memory by now
+               f"--lengths {length:,}: the KV cache alone", f" ({batch} x {per_token:,} bytes per token)")

@@ -27,7 +27,7 @@ from __future__ import annotations
 import contextlib
 import math
 import zlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Optional
 
 import torch
@@ -37,6 +37,7 @@ from torch.distributed.tensor import DTensor, distribute_tensor
 
 from spindle.config.model_args import ModelArgs  # noqa: F401 (the model's arguments: a plain dataclass)
 from spindle.errors import SpindleError
+from spindle.hardware import refuse_unless_fits
 from spindle.model.attention import attention, cached_layout, dense_layout, document_layout
 from spindle.model.loss import TokenLosses, linear_cross_entropy
 from spindle.model.rotary import RotaryEmbedding, apply_rotary
@@ -317,10 +318,26 @@ def materialize(model: Transformer, device: torch.device | str, seed: int, root:
     model.init_weights(seed)
 
 
+def weight_bytes(args: ModelArgs) -> int:
+    """Bytes of the parameters and buffers of a model of `args`: its parts without the layers and one
+    layer, built on meta and counted (all of a 4,096-layer model takes half a minute to build on meta)."""
+    def size(module: nn.Module) -> int:
+        tensors = {id(t): t for t in [*module.parameters(), *module.buffers()]}  # tied weights once
+        return sum(t.numel() * t.element_size() for t in tensors.values())
+
+    with torch.device("meta"):
+        return size(Transformer(replace(args, num_layers=0))) + args.num_layers * size(Block(args))
+
+
 def build_model(args: ModelArgs, device: torch.device | str = "cpu", seed: int = 0) -> Transformer:
     """Construct on the meta device (no memory touched), then materialise and init on `device`; with
     device "meta" the model stays there, to be sharded first and materialised after
-    (`spindle.parallel.parallelize.apply_data_and_context_parallel`)."""
+    (`spindle.parallel.parallelize.apply_data_and_context_parallel`). Every model a command builds
+    whole from a file's config (generate, eval, convert, `spindle.load_model`) passes here: sizes that
+    cannot fit on `device` are refused before anything is allocated."""
+    if torch.device(device).type != "meta":
+        refuse_unless_fits({"weights": weight_bytes(args)}, device, f"a model of {args.num_layers:,} "
+                           f"layers, hidden size {args.hidden_size:,} and vocabulary {args.vocab_size:,}")
     with torch.device("meta"):
         model = Transformer(args)
     if torch.device(device).type != "meta":

@@ -15,9 +15,10 @@ from typing import Callable
 import torch
 
 from spindle.config import SpindleConfig
+from spindle.hardware import refuse_unless_fits
 from spindle.model.llama import build_model
 from spindle.parallel.context import SequenceSlices
-from spindle.parallel.dims import full_sharding
+from spindle.parallel.dims import full_sharding, memory_estimate
 from spindle.parallel.executor import COMPUTE_DTYPES, StepExecutor, slices_of
 from spindle.parallel.mesh import ParallelEnv
 from spindle.parallel.parallelize import LocalStages, apply_data_and_context_parallel, apply_model_parallel
@@ -26,6 +27,9 @@ from spindle.parallel.pipeline import PipelineExecutor, PipelineStageModel, buil
 
 def build_training(cfg: SpindleConfig, env: ParallelEnv, n_sources: int, log: Callable[[str], None] = print):
     dtype = COMPUTE_DTYPES[cfg.model.dtype]
+    m = cfg.model  # refused here, before the model (or a stage) is allocated on meta and materialised
+    refuse_unless_fits(memory_estimate(cfg, env.world_size), env.device, f"training model.num_layers={m.num_layers:,} "
+                       f"x model.hidden_size={m.hidden_size:,} (vocab_size {m.vocab_size:,}) on {env.device}")
     if env.pp_size == 1:
         raw = build_model(cfg.model.to_args(), "meta")
         model = apply_data_and_context_parallel(apply_model_parallel(raw, cfg, env), cfg, env)

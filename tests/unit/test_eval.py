@@ -232,7 +232,8 @@ def test_a_cache_larger_than_the_machine_is_refused_before_allocating():
 
     model = tiny()
     check_cache_memory(model, 1 << 20)  # 4 MiB of cache: fine
-    with pytest.raises(SpindleError, match=r"--lengths 1,000,000,000,000: the KV cache alone would take"):
+    with pytest.raises(SpindleError, match=r"--lengths 1,000,000,000,000: the KV cache alone needs [0-9.,]+ TiB "
+                                           r"\(1 x [0-9,]+ bytes per token\) but"):
         check_cache_memory(model, 10**12)
 
 
