@@ -193,7 +193,8 @@ def test_a_folder_planted_under_our_own_name_is_not_written_into(tmp_path):
     stage.root.chmod(0o777)
     with pytest.raises(SpindleError) as err:
         stage.folder("4")
-    assert "\n" not in str(err.value) and str(stage.root) in str(err.value) and "async_upload_tmp_folder" in str(err.value)
+    message = str(err.value)
+    assert "\n" not in message and str(stage.root) in message and "async_upload_tmp_folder" in message
     assert not (stage.root / "4").exists()
 
 
@@ -253,7 +254,8 @@ def test_config_names_and_paths_are_checked(keys, value):
 def test_paths_a_user_chooses_stay_free():
     """Absolute paths, '..' and bucket URLs are the user's own choice of place: accepted."""
     cfg = validate_config({"JOB_NAME": "7b_sft-v2.1", "trainer": {"run_folder": "../shared/runs"},
-                           "ckpt": {"save_ckpt_folder": "boto3:s3://bucket/team/run", "load_ckpt_folder": "/abs/ckpt/10"}})
+                           "ckpt": {"save_ckpt_folder": "boto3:s3://bucket/team/run",
+                                    "load_ckpt_folder": "/abs/ckpt/10"}})
     assert cfg.run_dir == Path("../shared/runs/7b_sft-v2.1")
 
 
@@ -264,7 +266,8 @@ def test_a_climbing_job_name_writes_nothing_beside_the_run_folder(tmp_path, caps
     (tmp_path / "hfmodel" / "config.json").write_text('{"model_type": "llama"}')
     config = tmp_path / "tiny.py"
     config.write_text(f"JOB_NAME = '../hfmodel'\nmodel = dict(hidden_size=32, num_attention_heads=4, num_layers=1, "
-                      f"vocab_size=64, multiple_of=16)\ndata = dict(type='dummy', seq_len=16, micro_bsz=2, total_steps=1)\n"
+                      f"vocab_size=64, multiple_of=16)\n"
+                      f"data = dict(type='dummy', seq_len=16, micro_bsz=2, total_steps=1)\n"
                       f"trainer = dict(run_folder={str(tmp_path / 'runs')!r}, tensorboard=False, progress_bar=False, "
                       f"num_threads=1)\n")
     code = main(["train", "--config", str(config)])
