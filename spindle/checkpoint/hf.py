@@ -145,12 +145,51 @@ def export_hf(ckpt: str, out: str | Path) -> list[str]:
                for name, t in model.state_dict().items()
                if not (name == "output.weight" and args.tie_word_embeddings)}
     save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
-    (out / "config.json").write_text(json.dumps(config, indent=1))
     gen = {k: config[k] for k in ("bos_token_id", "eos_token_id") if k in config}
     if tok.pad_id is not None:
         gen["pad_token_id"] = tok.pad_id
+    source, kept = source_generation(cfg)
+    if source is not None:  # what the folder the model started from says, eos lists and sampling included
+        config.update({k: v for k, v in kept["config"].items() if v is not None})
+        gen.update(kept["generation"])
+    (out / "config.json").write_text(json.dumps(config, indent=1))
     (out / "generation_config.json").write_text(json.dumps(gen, indent=1))
-    return [f"wrote {out}: model.safetensors, config.json ({fam.export_class})", *tok.notes]
+    notes = [f"generation settings and token ids from {source}"] if source is not None else []
+    return [f"wrote {out}: model.safetensors, config.json ({fam.export_class})", *tok.notes, *notes]
+
+
+TOKEN_IDS = ("bos_token_id", "eos_token_id", "pad_token_id")
+
+
+def source_generation(cfg, depth: int = 8) -> tuple[Optional[Path], dict]:
+    """The Hugging Face folder this model started from, followed through the checkpoints it was loaded from
+    (each one's config.json names its own start), with its token ids (config.json) and generation_config.json
+    as they are (eos id lists such as Llama 3's [128001, 128008, 128009] stay lists); (None, {}) when the
+    model did not start from one or the folder is gone."""
+    from spindle.checkpoint.discovery import checkpoint_config, is_remote, resolve, strip_prefix
+    from spindle.checkpoint.loading import HF_TYPES
+
+    info = cfg.ckpt.load_ckpt_info
+    if info is None or not info.path or is_remote(info.path) or depth == 0:
+        return None, {}
+    path = Path(strip_prefix(info.path))
+    if info.ckpt_type not in HF_TYPES:  # a Spindle checkpoint (a step or a save folder): where it started
+        try:
+            storage, ref = resolve(str(path))
+            return source_generation(checkpoint_config(Path(storage.local_path(ref.rel))), depth - 1)
+        except SpindleError:
+            return None, {}
+    try:
+        hf = read_hf_config(path)
+        gen_file = path / "generation_config.json"
+        generation = read_json(gen_file, "generation config") if gen_file.is_file() else {}
+    except SpindleError:
+        return None, {}
+    generation = {k: v for k, v in generation.items() if not k.startswith("_") and k != "transformers_version"}
+    for key in TOKEN_IDS:
+        if key not in generation and hf.get(key) is not None:
+            generation[key] = hf[key]
+    return path, {"config": {k: hf.get(k) for k in TOKEN_IDS}, "generation": generation}
 
 
 def import_hf(hf_dir: str | Path, out: str | Path) -> Path:
@@ -164,6 +203,9 @@ def import_hf(hf_dir: str | Path, out: str | Path) -> Path:
     raw = {"model": model_config_from_hf(read_hf_config(hf_dir), source)}
     if any((hf_dir / n).is_file() for n in ("tokenizer.model", "tokenizer.json")):
         raw["data"] = {"tokenizer_path": str(hf_dir.resolve())}
+    # where the weights came from, as a run started from the folder records it: `to-hf` takes the folder's
+    # token ids and generation settings from there (source_generation)
+    raw["ckpt"] = {"load_ckpt_info": {"path": str(hf_dir.resolve()), "content": ["model"], "ckpt_type": "hf"}}
     cfg = validate_config(raw, source)
     model = build_model(cfg.model.to_args(), "cpu")
     load_hf_weights(model, hf_dir)

@@ -138,10 +138,11 @@ def test_round_trip_from_hf_and_ckpt_type_hf(tmp_path):
             assert (tr.raw_model.eval()(ids) - want).abs().max().item() <= 1e-4
         assert len(tr.fit()["history"]) == 2
 
-    # a config that disagrees with the HF weights: an error naming the parameter and both shapes
+    # a config that disagrees with the HF folder: an error naming both keys and values (issue 24: it named a
+    # tensor shape before)
     bad = cfg_for(tmp_path / "bad", model=dict(model_over, vocab_size=128),
                   ckpt={"load_ckpt_info": {"path": str(src), "ckpt_type": "hf"}}, data={"tokenizer_path": None})
-    with pytest.raises(Exception, match=r"tok_embeddings.weight .*\[96, 32\].*\[128, 32\]"):
+    with pytest.raises(Exception, match=r"model.vocab_size gives vocab_size=128 but .*config.json vocab_size gives 96"):
         Trainer(bad, ParallelEnv(), **QUIET)
 
 

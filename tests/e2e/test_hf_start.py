@@ -115,3 +115,38 @@ def test_a_tied_config_with_a_distinct_head_in_the_file_is_refused(tmp_path):
     (folder / "config.json").write_text(json.dumps(config))
     with pytest.raises(SpindleError, match="hold a distinct lm_head.weight"):
         start(tmp_path, folder)
+
+
+def add_generation_config(folder):
+    """Llama 3's pattern: several end-of-turn ids, and sampling defaults."""
+    config = json.loads((folder / "config.json").read_text())
+    config.update(bos_token_id=1, eos_token_id=[2, 8, 9])
+    (folder / "config.json").write_text(json.dumps(config))
+    generation = {"bos_token_id": 1, "eos_token_id": [2, 8, 9], "do_sample": True, "temperature": 0.6,
+                  "top_p": 0.9, "transformers_version": "5.0.0"}
+    (folder / "generation_config.json").write_text(json.dumps(generation))
+
+
+@pytest.mark.parametrize("route", ["convert from-hf", "train from the folder"])
+def test_export_keeps_the_source_folders_generation_settings(tmp_path, route):
+    """Before: the eos list collapsed to one id of the tokenizer's (generation did not stop at <|eot_id|>)."""
+    folder, _ = hf_folder(tmp_path)
+    add_generation_config(folder)
+    if route == "convert from-hf":
+        assert main(["convert", "from-hf", str(folder), str(tmp_path / "ck")]) == 0
+        ckpt = tmp_path / "ck" / "0"
+    else:
+        raw = {"data": {"seq_len": 16, "micro_bsz": 1, "total_steps": 1},
+               "trainer": {"run_folder": str(tmp_path / "runs"), "tensorboard": False, "progress_bar": False},
+               "ckpt": {"enable_save_ckpt": True, "save_ckpt_folder": str(tmp_path / "ck"),
+                        "load_ckpt_info": {"path": str(folder), "content": ["model"], "ckpt_type": "hf"}}}
+        Trainer(validate_config(raw), ParallelEnv(), log=lambda *_: None).fit()
+        ckpt = tmp_path / "ck" / "1"
+    assert main(["convert", "to-hf", str(ckpt), str(tmp_path / "out")]) == 0
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    generation = json.loads((tmp_path / "out" / "generation_config.json").read_text())
+    assert config["eos_token_id"] == [2, 8, 9] and config["bos_token_id"] == 1
+    assert generation["eos_token_id"] == [2, 8, 9] and generation["temperature"] == 0.6
+    assert generation["top_p"] == 0.9 and generation["do_sample"] is True
+    loaded = transformers.GenerationConfig.from_pretrained(tmp_path / "out")
+    assert loaded.eos_token_id == [2, 8, 9]
