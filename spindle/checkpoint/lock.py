@@ -11,8 +11,14 @@ the run with the command that releases it.
 
 S3 has no locks: the lock is a lease object the owner rewrites every `LEASE_REFRESH_S` seconds from
 a background thread. A lease not refreshed for `stale_after_s` belongs to a dead run and is taken
-over. After writing its lease a run reads it back one second later, so of two runs starting in the
+over; so is, at once, a lease whose owner ran on this machine (same host name, boot and process
+namespace) and whose process is gone — a SIGKILLed run restarted on the same host does not wait.
+After writing its lease a run reads it back one second later, so of two runs starting in the
 same instant at most one keeps it — on a store with read-after-write consistency (AWS S3, MinIO).
+
+The lock file is opened without following a symbolic link and must be a plain file with one name:
+a `.spindle.lock` planted as a link to (or a hard link of) a user's file would otherwise be
+truncated when the lock is taken.
 """
 
 from __future__ import annotations
@@ -21,12 +27,14 @@ import errno
 import json
 import os
 import socket
+import stat
 import threading
 import time
 from typing import Callable, Optional
 
 from spindle.checkpoint.storage import Storage, StorageNotFound
 from spindle.errors import SpindleError
+from spindle.fileio import open_nofollow
 
 LOCK_FILE = ".spindle.lock"
 LEASE_REFRESH_S = 60.0
@@ -53,9 +61,41 @@ def _alive(pid: int, start: Optional[int]) -> bool:
     return start is None or now is None or now == start
 
 
+def _machine() -> Optional[str]:
+    """This boot of this machine and this process namespace: where a pid and its start time mean the same
+    process (a host name alone is shared by containers with separate pid namespaces). None off Linux."""
+    try:
+        boot = open("/proc/sys/kernel/random/boot_id").read().strip()
+        return f"{boot}/{os.readlink('/proc/self/ns/pid')}"
+    except OSError:
+        return None
+
+
+def _not_plain(fd: int) -> Optional[str]:
+    """Why the open lock file is not a plain file of its own, None when it is."""
+    info = os.fstat(fd)
+    if not stat.S_ISREG(info.st_mode):
+        return "is not a regular file"
+    if info.st_nlink != 1:
+        return f"is one of {info.st_nlink} names of the same file (a hard link)"
+    return None
+
+
 def owner_info(job: str) -> dict:
-    return {"host": socket.gethostname(), "pid": os.getpid(), "pid_start": _process_start(os.getpid()),
-            "job": job, "started": time.time(), "refreshed": time.time()}
+    return {"host": socket.gethostname(), "machine": _machine(), "pid": os.getpid(),
+            "pid_start": _process_start(os.getpid()), "job": job, "started": time.time(), "refreshed": time.time()}
+
+
+def _gone_from_this_machine(owner: dict) -> bool:
+    """The owner ran here (same host, boot and pid namespace) and its process no longer runs."""
+    here = _machine()
+    if here is None or owner.get("machine") != here or owner.get("host") != socket.gethostname():
+        return False
+    pid = owner.get("pid")
+    if not isinstance(pid, int) or isinstance(pid, bool) or pid <= 0 or pid == os.getpid():
+        return False
+    start = owner.get("pid_start")
+    return not _alive(pid, start if isinstance(start, int) else None)
 
 
 def describe_owner(owner: dict) -> str:
@@ -101,7 +141,15 @@ class FolderLock:
 
         os.makedirs(self.local, exist_ok=True)
         path = os.path.join(self.local, LOCK_FILE)
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fd = open_nofollow(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise SpindleError(f"{path}: cannot open the save folder's lock file: {exc.strerror}") from None
+        odd = _not_plain(fd)
+        if odd:
+            os.close(fd)
+            raise SpindleError(f"{path}: {odd}; Spindle does not lock (and empty) it: remove it or point the "
+                               "folder elsewhere")
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -142,9 +190,12 @@ class FolderLock:
             owner = _parse_owner(self.storage.read_bytes(LOCK_FILE))
         except StorageNotFound:
             owner = None
-        if owner and owner.get("refreshed", 0) > time.time() - self.stale_after_s:
+        if owner and _gone_from_this_machine(owner):
+            self.log(f"checkpoint: taking over the lease of a run that is gone ({describe_owner(owner)}: "
+                     "no such process on this host)")
+        elif owner and owner.get("refreshed", 0) > time.time() - self.stale_after_s:
             raise self._refuse(owner, f" (a lease not refreshed for {self.stale_after_s:.0f} s is taken over)")
-        if owner:
+        elif owner:
             self.log(f"checkpoint: taking over a lease not refreshed for {self.stale_after_s:.0f} s "
                      f"({describe_owner(owner)})")
         self.storage.write_bytes(LOCK_FILE, json.dumps(self._owner).encode())
