@@ -36,19 +36,22 @@ COMMANDS = {
 
 
 def launch_rank() -> int:
-    """This process's rank as the launcher set it (torchrun: RANK, Slurm: SLURM_PROCID), 0 alone."""
-    return int(os.environ.get("RANK") or os.environ.get("SLURM_PROCID") or 0)
+    """This process's rank as the launcher set it (torchrun: RANK, Slurm: SLURM_PROCID), 0 alone or when the
+    value is not a number (spindle.parallel.launch refuses it; the error must still be printed)."""
+    text = (os.environ.get("RANK") or os.environ.get("SLURM_PROCID") or "0").strip()
+    return int(text) if text.isascii() and text.isdigit() and len(text) < 10 else 0
 
 
 def guarded(fn: Callable[[], int], debug: bool) -> int:
     """Run `fn`; a SpindleError becomes one line on stderr and exit code 2 (traceback with --debug).
-    Under a launcher every rank meets the same bad input, so rank 0 alone says it."""
+    Under a launcher every rank meets the same bad input, so rank 0 alone says it, except for errors of a
+    rank's own (`every_rank`: its launch variables, a peer that stopped answering it)."""
     try:
         return fn()
     except SpindleError as exc:
         if debug:
             raise
-        if launch_rank() == 0:
+        if launch_rank() == 0 or getattr(exc, "every_rank", False):
             print(f"spindle: error: {exc}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:

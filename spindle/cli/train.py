@@ -16,6 +16,9 @@ from spindle.errors import SpindleError
 
 # the embedded default, shipped inside the package (configs/demo.py in a checkout links to it)
 DEMO_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.py"
+# the process that started this one (torchrun's agent, slurmstepd), read when the command is chosen, before
+# the config loads: a launcher that dies after this is noticed (LauncherWatch), even before the watch is armed
+PARENT_AT_START = os.getppid()
 
 def add_train_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--config", default=None, type=options.path, help="Python config file (default: the embedded demo, configs/demo.py)")
@@ -84,7 +87,9 @@ def compat_line(cfg) -> Optional[str]:
 def run_train(args: argparse.Namespace) -> int:
     cfg = resolve_config(args)
     if args.dry_run:
-        world = args.nproc or int(os.environ.get("WORLD_SIZE", "1"))
+        from spindle.parallel.launch import chosen_launcher_env
+
+        world = args.nproc or int(chosen_launcher_env(args.launcher, args.port).get("WORLD_SIZE", 1))
         if compat_line(cfg):
             print(compat_line(cfg))
         try:
@@ -95,22 +100,36 @@ def run_train(args: argparse.Namespace) -> int:
         return 0
     import torch
 
-    from spindle.parallel.mesh import init_distributed, leave_together, shutdown
+    from spindle.parallel.launch import LauncherWatch, chosen_launcher_env, started_by_launcher
+    from spindle.parallel.mesh import init_distributed, leave_together, peer_failure, shutdown
 
+    timeout_s = cfg.parallel.timeout_s
+    rank = int(chosen_launcher_env(args.launcher, args.port).get("RANK", 0))  # checks every launch value
+    watch = LauncherWatch(PARENT_AT_START, rank)
+    if started_by_launcher(args.launcher):
+        watch.arm()
     # Flush denormals before any parallel CPU work: OpenMP worker threads take the floating-point
     # mode of the thread that starts them, and `Trainer.fit()`'s own setting reaches only the main
     # thread. Without it the demo's step went from 0.24 s to 0.45 s after ~60 steps (docs/LOG.md).
     # No effect on GPU kernels. Switched back (for this thread) when the command returns.
     torch.set_flush_denormal(True)
-    env = init_distributed(args.launcher, args.backend, args.port, cfg.trainer.device)
     try:
-        return _train(cfg, env, time.perf_counter())
-    except SpindleError:
-        leave_together()
-        raise
+        env = init_distributed(args.launcher, args.backend, args.port, cfg.trainer.device, timeout_s)
+        try:
+            return _train(cfg, env, time.perf_counter())
+        except SpindleError:
+            leave_together()
+            raise
+        except RuntimeError as exc:  # a collective that another rank left waiting or hung up on
+            lost = peer_failure(exc, env.rank, timeout_s) if env.distributed else None
+            if lost is None:
+                raise
+            raise lost from None
+        finally:
+            shutdown()
     finally:
-        shutdown()
         torch.set_flush_denormal(False)
+        watch.disarm()
 
 
 def _train(cfg, env, t0: float) -> int:

@@ -165,6 +165,8 @@ class ParallelConfig(Section):
     context: int = Field(default=1, ge=1, le=2**12)  # context-parallel size (ours)
     weight: WeightConfig = Field(default_factory=WeightConfig)
     fsdp: bool = False  # full sharding of parameters, gradients and optimizer state (FSDP2)
+    # how long a collective (or the rendezvous) waits for the other ranks before the job stops with one line
+    timeout_s: float = Field(default=600.0, gt=0, le=7 * 86400)
 
     @field_validator("zero1", mode="before")
     @classmethod

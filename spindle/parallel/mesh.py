@@ -1,10 +1,9 @@
-"""Launchers and process groups: from torchrun / Slurm environment variables to a `ParallelEnv`.
+"""Process groups: from the launch environment (checked in `spindle.parallel.launch`) to a `ParallelEnv`.
 
-`--launcher torch` reads RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT as torchrun
-sets them. `--launcher slurm` reads SLURM_PROCID / SLURM_NTASKS / SLURM_LOCALID and takes the
-master address from the first host of SLURM_JOB_NODELIST (or SLURM_NODELIST), expanding
-bracketed ranges itself instead of shelling out to `scontrol`. A single process with neither
-launcher's variables runs without a process group at all.
+A single process with neither launcher's variables runs without a process group at all. Collectives
+wait at most `parallel.timeout_s` for the other ranks; a rank that stops answering (frozen, hung, cut
+off) or goes away ends the job with one line on the rank that noticed (`PeerLost`) instead of a gloo
+traceback or a 600 s wait.
 """
 
 from __future__ import annotations
@@ -20,6 +19,38 @@ import torch.distributed as dist
 
 from spindle.errors import SpindleError
 from spindle.parallel.dims import ParallelDims
+from spindle.parallel.launch import MAX_WORLD, LaunchError, check_rendezvous, chosen_launcher_env, int_variable
+
+# what gloo, the TCP store and NCCL's watchdog say when a peer did not answer in time / went away (not
+# any "timed out": a DataLoader's or an HTTP client's own timeouts are no peer's doing)
+_TIMED_OUT = re.compile(r"timed out waiting|socket has timed out|waiting for clients|wait timeout|"
+                        r"collective operation timeout", re.IGNORECASE)
+_PEER_GONE = re.compile(r"connection (closed|reset) by peer|broken pipe", re.IGNORECASE)
+
+
+class PeerLost(SpindleError):
+    """Another rank stopped answering or went away: the job failed (exit 1), not the input; said by the
+    rank that noticed, whichever it is."""
+
+    exit_code = 1
+    every_rank = True
+
+
+def peer_failure(exc: BaseException, rank: int, timeout_s: float) -> Optional[PeerLost]:
+    """The one line for a collective that failed because of another rank, None for any other error."""
+    messages, seen = [], exc
+    while seen is not None and len(messages) < 8:  # the error and what it was raised from
+        messages.append(str(seen))
+        seen = seen.__cause__ or seen.__context__
+    text = " ".join(messages)
+    if _TIMED_OUT.search(text):
+        return PeerLost(f"rank {rank}: another rank did not answer within parallel.timeout_s={timeout_s:g} s "
+                        "(stopped, hung or cut off); the job stops. Raise parallel.timeout_s if a step or a "
+                        "save legitimately takes longer")
+    if _PEER_GONE.search(text):
+        return PeerLost(f"rank {rank}: another rank closed its connection (it exited or was killed); the job "
+                        "stops. That rank's own output says why")
+    return None
 
 
 @dataclass
@@ -51,41 +82,6 @@ class ParallelEnv:
     @property
     def distributed(self) -> bool:
         return self.world_size > 1 and dist.is_initialized()
-
-
-def first_slurm_host(nodelist: str) -> str:
-    """'node[03-05,09],gpu1' -> 'node03' (the rule scontrol show hostnames applies, first host only)."""
-    first = re.match(r"([^,\[]+)(\[([^\]]+)\])?", nodelist.strip())
-    if not first:
-        raise SpindleError(f"SLURM_JOB_NODELIST: cannot read a host from {nodelist!r}")
-    prefix, _, ranges = first.groups()
-    if not ranges:
-        return prefix
-    lo = ranges.split(",")[0].split("-")[0]
-    return prefix + lo
-
-
-def launcher_env(launcher: str, port: Optional[int]) -> dict[str, str]:
-    """The rendezvous variables for init_process_group, from the launcher's environment."""
-    env = os.environ
-    if launcher == "slurm":
-        try:
-            rank, world, local = env["SLURM_PROCID"], env["SLURM_NTASKS"], env.get("SLURM_LOCALID", "0")
-        except KeyError as exc:
-            raise SpindleError(f"--launcher slurm: environment variable {exc.args[0]} is not set "
-                               "(run under srun, or use --launcher torch)") from None
-        nodelist = env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST") or "127.0.0.1"
-        addr = env.get("MASTER_ADDR") or first_slurm_host(nodelist)
-        return {"RANK": rank, "WORLD_SIZE": world, "LOCAL_RANK": local, "MASTER_ADDR": addr,
-                "MASTER_PORT": str(port or env.get("MASTER_PORT", 8888))}
-    if launcher == "torch":
-        if "RANK" not in env and "WORLD_SIZE" not in env:
-            return {}  # plain `python train.py --launcher torch`: one process
-        out = {k: env[k] for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT") if k in env}
-        if port:
-            out["MASTER_PORT"] = str(port)
-        return out
-    return {}
 
 
 def build_mesh(env: "ParallelEnv", parallel, model, seq_len: Optional[int] = None) -> "ParallelEnv":
@@ -132,7 +128,8 @@ def cuda_device(local_rank: int) -> torch.device:
     if count == 0:
         raise SpindleError("CUDA is available but no CUDA device is visible (CUDA_VISIBLE_DEVICES="
                            f"{environ.get('CUDA_VISIBLE_DEVICES')!r}); use trainer.device='cpu'")
-    local_world = int(environ.get("LOCAL_WORLD_SIZE", 0) or 0)
+    local_world = int_variable(environ, "LOCAL_WORLD_SIZE", 1, MAX_WORLD) \
+        if environ.get("LOCAL_WORLD_SIZE", "").strip() else 0
     if local_world > count:
         raise SpindleError(f"{local_world} processes on this node (LOCAL_WORLD_SIZE) but {count} visible CUDA "
                            f"device(s): start at most {count} per node (torchrun --nproc_per_node={count})")
@@ -147,9 +144,9 @@ def cuda_device(local_rank: int) -> torch.device:
 
 def init_distributed(launcher: Optional[str] = None, backend: Optional[str] = None, port: Optional[int] = None,
                      device: str = "auto", timeout_s: float = 600.0) -> ParallelEnv:
-    """Start the process group (when there is more than one process, or a launcher asked for it)."""
-    variables = launcher_env(launcher, port) if launcher else (
-        launcher_env("torch", port) if "RANK" in os.environ else {})
+    """Start the process group (when there is more than one process, or a launcher asked for it). Every
+    launch value is checked first (`spindle.parallel.launch`): a bad one is one line, before any group."""
+    variables = chosen_launcher_env(launcher, port)
     if device == "cuda" and not torch.cuda.is_available():
         raise SpindleError(f"trainer.device='cuda' but this machine has no usable CUDA device (torch "
                            f"{torch.__version__}); use trainer.device='auto' or 'cpu'")
@@ -159,16 +156,27 @@ def init_distributed(launcher: Optional[str] = None, backend: Optional[str] = No
     if not variables:
         dev = cuda_device(0) if want_cuda else torch.device("cpu")
         return ParallelEnv(device=dev)
+    check_rendezvous(variables, port)
     os.environ.update(variables)
     rank, world = int(variables["RANK"]), int(variables["WORLD_SIZE"])
-    local = int(variables.get("LOCAL_RANK", 0))
+    local = int(variables["LOCAL_RANK"])
     backend = backend or ("nccl" if want_cuda else "gloo")
     dev = cuda_device(local) if want_cuda else torch.device("cpu")
     if want_cuda:
         torch.cuda.set_device(dev)
     if not dist.is_initialized():
-        dist.init_process_group(backend=backend, rank=rank, world_size=world,
-                                timeout=datetime.timedelta(seconds=timeout_s))
+        try:
+            dist.init_process_group(backend=backend, rank=rank, world_size=world,
+                                    timeout=datetime.timedelta(seconds=timeout_s))
+        except RuntimeError as exc:  # torch's DistError family
+            where = f"{variables['MASTER_ADDR']}:{variables['MASTER_PORT']}"
+            if "EADDRINUSE" in str(exc) or "address already in use" in str(exc).lower():
+                raise LaunchError(f"MASTER_PORT {variables['MASTER_PORT']}: the port is in use on this host; "
+                                   "expected a free port for rank 0's rendezvous (choose another)") from None
+            if _TIMED_OUT.search(str(exc)):
+                raise PeerLost(f"rank {rank}: not every one of the {world} ranks reached the rendezvous at {where} "
+                               f"within parallel.timeout_s={timeout_s:g} s; the job stops") from None
+            raise
     return ParallelEnv(rank=rank, world_size=world, local_rank=local, device=dev, dp_rank=rank, dp_size=world)
 
 

@@ -5,7 +5,7 @@ import pytest
 from spindle.config import validate_config
 from spindle.errors import SpindleError
 from spindle.parallel.dims import ParallelDims
-from spindle.parallel.mesh import first_slurm_host, launcher_env
+from spindle.parallel.launch import first_slurm_host, launcher_env
 from spindle.parallel.pipeline import split_layers, stages_of_rank
 
 
@@ -157,6 +157,7 @@ def test_slurm_task_with_one_visible_device_uses_cuda_0(gpus, monkeypatch):
     monkeypatch.setattr(torch.cuda, "set_device", lambda d: calls.setdefault("device", d))
     monkeypatch.setattr(dist, "is_initialized", lambda: False)
     monkeypatch.setattr(dist, "init_process_group", lambda **kw: calls.setdefault("pg", kw))
+    monkeypatch.setattr(mesh, "check_rendezvous", lambda *a: None)  # n1 is no host here
     env = mesh.init_distributed("slurm", port=29999)
     assert env.device == calls["device"] == torch.device("cuda", 0)
     assert (env.rank, env.world_size, env.local_rank, calls["pg"]["backend"]) == (7, 8, 3, "nccl")
