@@ -85,8 +85,7 @@ def test_training_a_huge_model_from_hf_weights_is_refused_before_allocating(huge
     config = tmp_path / "huge.py"
     config.write_text(f"""
 JOB_NAME = "huge"
-data = dict(seq_len=16, micro_bsz=1, total_steps=1)
-model = dict(hidden_size=65536, num_attention_heads=512, num_layers=4096, vocab_size=32000, mlp_ratio=1.0)
+data = dict(seq_len=16, micro_bsz=1, total_steps=1)  # no model section: the folder's config.json gives it
 ckpt = dict(load_ckpt_info=dict(path={str(huge_hf)!r}, content=("model",), ckpt_type="hf"), enable_save_ckpt=False)
 trainer = dict(run_folder={str(tmp_path / "runs")!r}, tensorboard=False, progress_bar=False)
 """)
