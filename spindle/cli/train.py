@@ -90,6 +90,9 @@ def run_train(args: argparse.Namespace) -> int:
         from spindle.parallel.launch import chosen_launcher_env
 
         world = args.nproc or int(chosen_launcher_env(args.launcher, args.port).get("WORLD_SIZE", 1))
+        from spindle.checkpoint.hf_start import model_from_hf_folder
+
+        cfg = model_from_hf_folder(cfg)  # the model a start from a Hugging Face folder trains (as Trainer does)
         if compat_line(cfg):
             print(compat_line(cfg))
         try:
@@ -146,6 +149,7 @@ def _train(cfg, env, t0: float) -> int:
     if compat_line(cfg):
         log(compat_line(cfg))
     trainer = Trainer(cfg, env, log=log)
+    cfg = trainer.cfg  # with the model a Hugging Face folder completed
     log(f"model: {trainer.n_params:,} parameters; MFU peak {trainer.peak:.3g} TFLOP/s ({trainer.peak_source})")
     result = trainer.fit()
     hist = result["history"]
