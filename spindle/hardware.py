@@ -93,8 +93,8 @@ def resolve_model_dtype(dtype: str, dtype_is_set: bool, device: torch.device) ->
     """The compute dtype to train in, and the line to print when it is not the one the config wrote.
 
     A config without `model.dtype` means fp32 (InternEvo's default), which on a GPU leaves the tensor
-    cores idle (H100 SXM datasheet: 66.9 TFLOP/s fp32, 989 bf16 dense). So on CUDA, with the key unset, Spindle trains in
-    bf16 autocast over fp32 master weights, or where the GPU has no bf16, in fp32 with TF32 matmuls;
+    cores idle (H100 SXM datasheet: 66.9 TFLOP/s fp32, 989 bf16 dense). So on CUDA, with the key unset, Spindle trains
+    in bf16 autocast over fp32 master weights, or where the GPU has no bf16, in fp32 with TF32 matmuls;
     and says so. A dtype the config sets is kept, and nothing changes on CPU (its fp32 is the fast one)."""
     if dtype_is_set or device.type != "cuda":
         return dtype, None

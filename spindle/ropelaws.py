@@ -30,7 +30,7 @@ __all__ = [
     "recommend_base",
     "rope_report",
     "format_rope_report",
-    
+
 ]
 
 TWO_PI = 2.0 * math.pi

@@ -25,13 +25,15 @@ from spindle.errors import SpindleError  # noqa: E402
 
 
 def main(argv=None) -> int:
-    ap = options.OneLineParser(prog="tools/tokenizer.py", description="Tokenize raw text into InternEvo .bin/.bin.meta files.")
+    ap = options.OneLineParser(prog="tools/tokenizer.py",
+                               description="Tokenize raw text into InternEvo .bin/.bin.meta files.")
     ap.add_argument("--text_input_path", required=True, type=options.path,
                     help="input .txt, .json, .jsonl (or .gz of those), or a folder")
     ap.add_argument("--bin_output_path", required=True, type=options.path, help="output path ending in .bin")
     ap.add_argument("--tokenizer", default="default", type=options.path,
                     help="'default', 'byte', or a tokenizer path (.model / tokenizer.json / folder)")
-    ap.add_argument("--text_key", default="text", type=options.name, help="field holding the text in .json/.jsonl records")
+    ap.add_argument("--text_key", default="text", type=options.name,
+                    help="field holding the text in .json/.jsonl records")
     ap.add_argument("--raw_json_line", action="store_true", help="tokenize whole JSON records, as InternEvo does")
     options.workers_option(ap)
     ap.add_argument("--overwrite", action="store_true", help="replace an existing output")

@@ -9,10 +9,8 @@ a 256-token warm-up. Linear growth: the KV cache is (B, Hkv, T, D) per layer and
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -54,7 +54,8 @@ def main() -> None:
     for m in study.model_list(p):
         ck = stages.final_checkpoint(m["name"])
         if ck is not None:
-            res["models"][m["name"]] = {"base": m["base"], "share_per_layer_head": pair_share(str(ck), wins[:, :256], first)}
+            res["models"][m["name"]] = {"base": m["base"],
+                                        "share_per_layer_head": pair_share(str(ck), wins[:, :256], first)}
             print(m["name"], res["models"][m["name"]]["share_per_layer_head"])
     (HERE / "results" / "pair_share.json").write_text(json.dumps(res, indent=1))
 

@@ -76,8 +76,8 @@ def train_config(name: str, base: float, steps: int, lr: float, warmup_ratio: fl
     return {
         "JOB_NAME": name,
         "ckpt": ckpt,
-        "data": dict(type="tokenized", train_folder=str(WORK / "data" / "train"), tokenizer_path="byte", seq_len=seq_len,
-                     micro_bsz=micro_bsz, micro_num=1, total_steps=steps, pack_sample_into_one=True,
+        "data": dict(type="tokenized", train_folder=str(WORK / "data" / "train"), tokenizer_path="byte",
+                     seq_len=seq_len, micro_bsz=micro_bsz, micro_num=1, total_steps=steps, pack_sample_into_one=True,
                      seed=seed),
         "model": dict(MODEL, rope_base=float(base), max_position_embeddings=seq_len),
         "adam": dict(lr=lr, adam_beta1=0.9, adam_beta2=0.95, weight_decay=0.1),

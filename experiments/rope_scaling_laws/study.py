@@ -175,7 +175,8 @@ def analyze(p: dict, log=print) -> dict:
             row = {"model": name, "base": r["base"], "kind": r["kind"], "variant": spec,
                    "predicted_T_extra": extrapolation_bound(r["base"], d, dx) if r["base"] >= 1e4 and
                    r["kind"] != "pretrained" else None,
-                   "tail_nll": {L: tail(v, L) for L in lengths}, "ppl": {L: v["length"][str(L)]["ppl"] for L in lengths}}
+                   "tail_nll": {L: tail(v, L) for L in lengths},
+                   "ppl": {L: v["length"][str(L)]["ppl"] for L in lengths}}
             if not v["per_length"]:
                 for delta in DELTAS:
                     b, ref = break_length(v["curve"], T, delta, env)
@@ -325,9 +326,11 @@ def analyze(p: dict, log=print) -> dict:
             ax.plot(*zip(*pts), markers[delta], ms=7 if delta == 0.1 else 5, alpha=0.9 if delta == 0.1 else 0.5,
                     label=f"observed break, δ={delta} nat")
         if cens:
-            ax.plot(cens, [Lmax] * len(cens), markers[delta], mfc="none", color="grey", label=f"no break ≤ {Lmax} (δ={delta})")
+            ax.plot(cens, [Lmax] * len(cens), markers[delta], mfc="none", color="grey",
+                    label=f"no break ≤ {Lmax} (δ={delta})")
         f = fits.get(f"large/delta={delta}")
-        if f and f.get("slope") is not None and delta == min(dl for dl in DELTAS if fits.get(f"large/delta={dl}", {}).get("slope") is not None):
+        if f and f.get("slope") is not None and delta == min(
+                dl for dl in DELTAS if fits.get(f"large/delta={dl}", {}).get("slope") is not None):
             ax.plot(bs, [math.exp(f["intercept"]) * b ** f["slope"] for b in bs], "C1--",
                     label=f"fit (δ={delta}): slope {f['slope']:.3f} ± {f['slope_se']:.3f}")
     ax.set_xscale("log")

@@ -198,7 +198,8 @@ def ratio_lines(summary: dict) -> list[str]:
 
 
 def format_table(summary: dict) -> str:
-    lines = ["| tokens | case | kernel | documents (longest) | time s | peak MiB | reps |", "|---|---|---|---|---|---|---|"]
+    lines = ["| tokens | case | kernel | documents (longest) | time s | peak MiB | reps |",
+             "|---|---|---|---|---|---|---|"]
     for (n, case), r in sorted(summary.items(), key=lambda kv: (kv[0][0], CASES.index(kv[0][1]))):
         lines.append(f"| {n:,} | {case} | {r['kernel']} | {r['documents']} ({r['longest']}) | {r['seconds']:.3f} | "
                      f"{r['peak_mib']:.0f} | {r['reps']} |")
@@ -212,12 +213,15 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true", help="4K and 16K tokens; dense, packed, masked; one repetition")
     ap.add_argument("--lengths", default=None, help="comma list of row lengths (default 4096,16384,65536)")
     ap.add_argument("--cases", default=None, help=f"comma list of {', '.join(CASES)}")
-    ap.add_argument("--reps", type=options.int_in(1, 1000), default=None, help="interleaved repetitions (default 3; --quick 1)")
+    ap.add_argument("--reps", type=options.int_in(1, 1000), default=None,
+                    help="interleaved repetitions (default 3; --quick 1)")
     ap.add_argument("--steps", type=options.int_in(1, 10**6), default=1, help="timed steps per child")
-    ap.add_argument("--warmup", type=options.int_in(0, 10**6), default=1, help="untimed steps per child before the timed ones")
+    ap.add_argument("--warmup", type=options.int_in(0, 10**6), default=1,
+                    help="untimed steps per child before the timed ones")
     ap.add_argument("--threads", type=options.int_in(1, 4096), default=1)
     ap.add_argument("--device", default="cuda" if _cuda() else "cpu")
-    ap.add_argument("--max-masked", type=options.int_in(2, 1 << 24), default=16384, help="longest row the masked cases run at")
+    ap.add_argument("--max-masked", type=options.int_in(2, 1 << 24), default=16384,
+                    help="longest row the masked cases run at")
     ap.add_argument("--out", default=None, help="write the rows and the summary as JSON")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)

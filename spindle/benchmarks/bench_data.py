@@ -184,12 +184,15 @@ def main(argv=None) -> int:
         "tool_bin_identical_to_seed": same_bin,
         "shard_tokens_identical_to_seed": same_shard,
         "read_seconds_per_100k": {k: summarize([x * 100_000 / args.reads for x in v]) for k, v in reads.items()},
-        "read_speedup_shard_vs_json_seed_reader": statistics.median(reads["json_seed_reader"]) / statistics.median(reads["shard"]),
+        "read_speedup_shard_vs_json_seed_reader": (statistics.median(reads["json_seed_reader"])
+                                                   / statistics.median(reads["shard"])),
     }
-    print(f"\n{'variant':<10}{'s median':>10}{'s min':>9}{'docs/s':>12}{'MB/s':>8}{'vs seed':>9}{'vs seed(min)':>13}{'CPU s':>8}")
+    print(f"\n{'variant':<10}{'s median':>10}{'s min':>9}{'docs/s':>12}{'MB/s':>8}"
+          f"{'vs seed':>9}{'vs seed(min)':>13}{'CPU s':>8}")
     for k, v in times.items():
         m = statistics.median(v)
-        print(f"{k:<10}{m:>10.2f}{min(v):>9.2f}{ndocs / m:>12,.0f}{nbytes / m / 1e6:>8.2f}{res['speedup_vs_seed'][k]:>8.2f}x"
+        print(f"{k:<10}{m:>10.2f}{min(v):>9.2f}{ndocs / m:>12,.0f}{nbytes / m / 1e6:>8.2f}"
+              f"{res['speedup_vs_seed'][k]:>8.2f}x"
               f"{min(times['seed']) / min(v):>12.2f}x{statistics.median(cpu[k]):>8.2f}")
     print(f"load average at end: {os.getloadavg()[0]:.2f} (other processes on the host skew the parallel variants)")
     print(f"tool .bin byte-identical to seed: {same_bin}; shard tokens identical: {same_shard}")

@@ -237,7 +237,8 @@ def run_size(size: str, names, rounds: int, run_folder: str, log=print) -> dict:
     best_peak = max(peaks)
     res = {"size": size, "dims": {"d": d, "layers": layers, "heads": heads, "ffn": info["ffn"], "vocab": vocab,
                                   "seq": seq, "batch": batch}, "params": info["params"],
-           "flops_per_token": fpt, "logit_max_abs_diff": diffs, "malloc_tuned": tuned, "matmul_gflops": summarize(peaks),
+           "flops_per_token": fpt, "logit_max_abs_diff": diffs, "malloc_tuned": tuned,
+           "matmul_gflops": summarize(peaks),
            "variants": {}, "ratios": {}}
     for v in variants:
         ts = v.times

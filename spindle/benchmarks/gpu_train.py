@@ -176,7 +176,8 @@ def main(argv=None) -> int:
     ap.add_argument("--packed", action="store_true", help="random-length documents packed into the rows")
     ap.add_argument("--resume-check", action="store_true", help="only the save/resume round trip (4 steps)")
     ap.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto")
-    ap.add_argument("--peak-tflops", type=options.float_in(0, 1e6, lo_open=True), default=None, help="MFU denominator (default: the GPU table)")
+    ap.add_argument("--peak-tflops", type=options.float_in(0, 1e6, lo_open=True), default=None,
+                    help="MFU denominator (default: the GPU table)")
     ap.add_argument("--out", default=None, help="write the result JSON here")
     args = ap.parse_args(argv)
     if args.resume_check:

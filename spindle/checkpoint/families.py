@@ -146,7 +146,8 @@ def split_grouped_qkv(t: torch.Tensor, kv_heads: int, head_dim: int) -> tuple[to
                            f"head_dim ({head_dim})")
     g = t.reshape(kv_heads, group, head_dim, *t.shape[1:])
     q = g[:, : group - 2].reshape(kv_heads * (group - 2) * head_dim, *t.shape[1:])
-    return q.contiguous(), g[:, -2].reshape(-1, *t.shape[1:]).contiguous(), g[:, -1].reshape(-1, *t.shape[1:]).contiguous()
+    return (q.contiguous(), g[:, -2].reshape(-1, *t.shape[1:]).contiguous(),
+            g[:, -1].reshape(-1, *t.shape[1:]).contiguous())
 
 
 def hf_tensors_to_ours(tensors: dict[str, torch.Tensor], fam: Family, kv_heads: int,

@@ -27,7 +27,8 @@ from spindle.checkpoint.families import (
 from spindle.checkpoint.weights import assign_weights, model_args, read_safetensors, read_torch_file
 from spindle.errors import SpindleError
 
-_INDEXES = (("model.safetensors.index.json", "model.safetensors"), ("pytorch_model.bin.index.json", "pytorch_model.bin"))
+_INDEXES = (("model.safetensors.index.json", "model.safetensors"),
+            ("pytorch_model.bin.index.json", "pytorch_model.bin"))
 
 
 def local_dir(path: str | Path) -> Path:
@@ -49,7 +50,8 @@ def read_json(path: Path, what: str) -> dict:
 
 def read_hf_config(hf_dir: Path) -> dict:
     if not (hf_dir / "config.json").is_file():
-        hint = " (a Meta consolidated.*.pth folder: use ckpt_type='llama')" if (hf_dir / "params.json").is_file() else ""
+        hint = (" (a Meta consolidated.*.pth folder: use ckpt_type='llama')"
+                if (hf_dir / "params.json").is_file() else "")
         raise SpindleError(f"{hf_dir}: not a Hugging Face model folder (no config.json){hint}")
     return read_json(hf_dir / "config.json", "model config")
 

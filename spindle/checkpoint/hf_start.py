@@ -59,7 +59,8 @@ def model_from_hf_folder(cfg: SpindleConfig, log: Callable[[str], None] = print)
         theirs = {k: v for k, v in theirs.items() if k not in BIAS_KEYS}
     taken = sorted(k for k in theirs if k not in given)
     try:
-        merged = ModelConfig.model_validate({**cfg.model.model_dump(exclude_unset=True), **{k: theirs[k] for k in taken}})
+        merged = ModelConfig.model_validate({**cfg.model.model_dump(exclude_unset=True),
+                                             **{k: theirs[k] for k in taken}})
     except ValueError as exc:
         raise SpindleError(f"{source}: the model config completed from it is invalid: {exc}") from None
     mine, hf = merged.to_args(), ModelConfig.model_validate(folder_model).to_args()

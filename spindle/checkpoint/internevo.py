@@ -23,10 +23,9 @@ the embedding along dim 1 when `embed_split_hidden`, else along the vocabulary).
     LLAMA2            layers.N.attention.wq/wk/wv/wo, feed_forward.w1/w3/w2, ...  adapt_hf (default False)
 
 Interleaved q/k rows (RoPE pairs (2i, 2i+1)) are permuted to our rotate_half pairs (i, i + d/2), as
-convert2hf_internlm2.py's `permute` does. InternEvo has used both meanings of w2/w3 (its
-revert_internlm.py `--version`); where the shapes tell which is the down projection they decide,
-else the convert script's convention holds (noted). Every .pt file is read with
-`torch.load(weights_only=True)`; InternEvo's Config class is read as a plain dict.
+convert2hf_internlm2.py's `permute` does. InternEvo has used both meanings of w2/w3 (its revert_internlm.py
+`--version`); where the shapes tell which is the down projection they decide, else the convert script's convention holds
+(noted). Every .pt file is read with `torch.load(weights_only=True)`; InternEvo's Config class is read as a plain dict.
 """
 
 from __future__ import annotations
@@ -152,7 +151,8 @@ def _up_down(sh: _Shards, prefix: str, hidden: int, model_type: str, notes: list
     else:
         w2_up = W2_IS_UP[model_type]
         if not any("w2/w3" in n for n in notes):
-            notes.append(f"note: w2/w3 shapes are square per shard; taking {'w2 up, w3 down' if w2_up else 'w3 up, w2 down'}"
+            notes.append("note: w2/w3 shapes are square per shard; "
+                         f"taking {'w2 up, w3 down' if w2_up else 'w3 up, w2 down'}"
                          f" ({model_type} in InternEvo's convert scripts)")
     if w2_up != W2_IS_UP[model_type] and not any("w2/w3" in n for n in notes):
         notes.append(f"note: w2/w3 shapes show {'w2 up, w3 down' if w2_up else 'w3 up, w2 down'} (the other "
@@ -344,7 +344,8 @@ def read_internevo(path: str | Path) -> InternEvoCheckpoint:
         "num_layers": c["num_layers"], "vocab_size": c["vocab_size"], "mlp_ratio": ffn / h, "multiple_of": ffn,
         "norm_type": c["norm_type"], "layer_norm_epsilon": float(c["layer_norm_epsilon"]),
         "rope_base": float(c["rope_base"]), "max_position_embeddings": int(c["max_position_embeddings"]),
-        "use_dynamic_ntk_rope": bool(c["use_dynamic_ntk_rope"]), "apply_post_layer_norm": bool(c["apply_post_layer_norm"]),
+        "use_dynamic_ntk_rope": bool(c["use_dynamic_ntk_rope"]),
+        "apply_post_layer_norm": bool(c["apply_post_layer_norm"]),
         "drop_rate": float(c["drop_rate"]), "attn_drop_rate": float(c["attn_drop_rate"]),
         "no_bias": not any(bias.values()) and "layers.0.attention_norm.bias" not in sd,
         **({"dtype": dtype} if dtype.startswith("torch.") else {}),
@@ -363,7 +364,6 @@ def read_internevo(path: str | Path) -> InternEvoCheckpoint:
 
 def _validated_model(ck: InternEvoCheckpoint, folder: Path):
     from spindle.config import validate_config
-
     return validate_config({"model": ck.model}, str(folder / "model_config.pt")).model
 
 

@@ -42,7 +42,8 @@ def model_config_from_params(params: dict, vocab_from_weights: int, source: str)
     multiple_of = int(params.get("multiple_of", 256))
     ffn = multiple_of * math.ceil(hidden / multiple_of)
     vocab = int(params.get("vocab_size", -1))
-    out = {"hidden_size": dim, "num_attention_heads": heads, "num_kv_attention_heads": int(params.get("n_kv_heads") or heads),
+    out = {"hidden_size": dim, "num_attention_heads": heads,
+           "num_kv_attention_heads": int(params.get("n_kv_heads") or heads),
            "num_layers": layers, "vocab_size": vocab if vocab > 0 else vocab_from_weights,
            "mlp_ratio": ffn / dim, "multiple_of": ffn, "layer_norm_epsilon": float(params.get("norm_eps", 1e-5)),
            "rope_base": float(params.get("rope_theta", 10000.0)), "norm_type": "rmsnorm", "no_bias": True}

@@ -51,7 +51,8 @@ def _print_training_hint(path: Path, out: Path) -> None:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    ap = OneLineParser(prog="spindle convert", description="Convert checkpoints to and from Hugging Face and InternEvo.")
+    ap = OneLineParser(prog="spindle convert",
+                       description="Convert checkpoints to and from Hugging Face and InternEvo.")
     sub = ap.add_subparsers(dest="direction", required=True)
     commands = {
         "to-hf": ("Spindle checkpoint -> Hugging Face folder (Llama, Mistral, Qwen2 or Qwen3 class)", "ckpt",

@@ -51,7 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap = OneLineParser(prog="spindle eval", description="long-context evaluation of a checkpoint")
     sub = ap.add_subparsers(dest="what", required=True)
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--ckpt", required=True, type=options.path, help="checkpoint folder (a step folder or a ckpt/ folder)")
+    common.add_argument("--ckpt", required=True, type=options.path,
+                        help="checkpoint folder (a step folder or a ckpt/ folder)")
     common.add_argument("--variants", default="plain,dynamic,yarn,logn",
                         help="comma list: plain, dynamic, yarn, yarn:F, ntk:F, linear:F, logn, a+b")
     common.add_argument("--lengths", type=number_list(_length), default=None,
@@ -61,26 +62,32 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--chunk", type=_number(int, 1, MAX_EVAL_LENGTH, f"1 .. {MAX_EVAL_LENGTH:,}"), default=1024,
                         help="prefill chunk: tokens per forward")
     common.add_argument("--tokenizer", default=None, type=options.path)
-    common.add_argument("--out", default=None, type=options.path, help="also write JSON + PNG into this folder (new or empty)")
+    common.add_argument("--out", default=None, type=options.path,
+                        help="also write JSON + PNG into this folder (new or empty)")
     common.add_argument("--overwrite", action="store_true", help="let --out be a folder that holds files already")
     common.add_argument("--device", default="cpu")
-    common.add_argument("--threads", type=_number(int, 1, os.cpu_count() or 1, f"1 .. {os.cpu_count() or 1} (the cores here)"), default=None)
+    common.add_argument("--threads", type=_number(int, 1, os.cpu_count() or 1,
+                                                  f"1 .. {os.cpu_count() or 1} (the cores here)"), default=None)
     common.add_argument("--debug", action="store_true")
     p = sub.add_parser("ppl", parents=[common], help="per-position loss / perplexity per length")
     p.add_argument("--data", nargs="+", default=None, type=options.path,
                    help="text files or folders (one document per file), or token shards "
                         "(default: the checkpoint's validation data or held-out files, else its training files)")
     p.add_argument("--glob", default="*", type=options.path, help="file pattern inside --data folders")
-    p.add_argument("--windows", type=_number(int, 1, 100_000, "1 .. 100,000"), default=8, help="number of evaluation windows (documents)")
+    p.add_argument("--windows", type=_number(int, 1, 100_000, "1 .. 100,000"), default=8,
+                   help="number of evaluation windows (documents)")
     p.add_argument("--batch", type=_number(int, 1, 1024, "1 .. 1,024"), default=1)
     k = sub.add_parser("passkey", parents=[common], help="passkey retrieval over a length x depth grid")
-    k.add_argument("--depths", type=number_list(_number(float, 0.0, 1.0, "depths in [0, 1]")), default=[0, 0.25, 0.5, 0.75, 1])
-    k.add_argument("--samples", type=_number(int, 1, 10_000, "1 .. 10,000"), default=5, help="samples per (length, depth) cell")
+    k.add_argument("--depths", type=number_list(_number(float, 0.0, 1.0, "depths in [0, 1]")),
+                   default=[0, 0.25, 0.5, 0.75, 1])
+    k.add_argument("--samples", type=_number(int, 1, 10_000, "1 .. 10,000"), default=5,
+                   help="samples per (length, depth) cell")
     k.add_argument("--seed", type=_number(int, 0, 2**32 - 1, "0 .. 4,294,967,295"), default=0)
     k.add_argument("--mode", choices=["generate", "teacher"], default="generate",
                    help="generate: greedy decoding, exact match; teacher: every key token is the argmax")
     pl = sub.add_parser("plot", help="the long-context metrics of a training run (long_eval keys) by step, as a PNG")
-    pl.add_argument("run", metavar="RUN", type=options.path, help="the run folder (holding metrics.jsonl), or the metrics.jsonl file")
+    pl.add_argument("run", metavar="RUN", type=options.path,
+                    help="the run folder (holding metrics.jsonl), or the metrics.jsonl file")
     pl.add_argument("--out", default=None, type=options.path, help="the PNG to write (default: RUN/long_context.png)")
     pl.add_argument("--debug", action="store_true")
     return ap

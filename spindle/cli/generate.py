@@ -11,7 +11,8 @@ from spindle.cli.options import OneLineParser, int_in
 
 def build_parser() -> argparse.ArgumentParser:
     g = OneLineParser(prog="spindle generate", description="Generate text from a checkpoint.")
-    g.add_argument("--ckpt", required=True, type=options.path, help="a Spindle checkpoint, or a Hugging Face / InternEvo folder")
+    g.add_argument("--ckpt", required=True, type=options.path,
+                   help="a Spindle checkpoint, or a Hugging Face / InternEvo folder")
     g.add_argument("--prompt", required=True)
     g.add_argument("--max-new-tokens", type=int, default=64)
     g.add_argument("--temperature", type=float, default=0.0, help="0: greedy")

@@ -50,7 +50,8 @@ def float_in(lo: float, hi: float, lo_open: bool = False, hi_open: bool = False)
             value = float(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected a number in {span}, got {text!r}") from None
-        ok = math.isfinite(value) and (lo < value if lo_open else lo <= value) and (value < hi if hi_open else value <= hi)
+        ok = (math.isfinite(value) and (lo < value if lo_open else lo <= value)
+              and (value < hi if hi_open else value <= hi))
         if not ok:
             raise argparse.ArgumentTypeError(f"expected a number in {span}, got {text}")
         return value

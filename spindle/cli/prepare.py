@@ -14,7 +14,8 @@ from spindle.data.prepare import MAX_SHARD_MB, MAX_TOKENS, prepare
 def main(argv: Optional[Sequence[str]] = None) -> int:
     ap = OneLineParser(prog="spindle prepare", description="Tokenize raw text into Spindle binary shards.")
     ap.add_argument("inputs", nargs="+", type=options.path,
-                    help="files or folders: txt, json, jsonl, parquet (optionally .gz); other files = one document each")
+                    help="files or folders: txt, json, jsonl, parquet (optionally .gz); "
+                         "other files = one document each")
     ap.add_argument("--out", required=True, type=options.path, help="output folder (shards + manifest.json)")
     ap.add_argument("--tokenizer", default="default", type=options.path, help="'default', 'byte', or a tokenizer path")
     ap.add_argument("--text-key", default="text", type=options.name)

@@ -21,7 +21,8 @@ DEMO_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.py"
 PARENT_AT_START = os.getppid()
 
 def add_train_args(ap: argparse.ArgumentParser) -> None:
-    ap.add_argument("--config", default=None, type=options.path, help="Python config file (default: the embedded demo, configs/demo.py)")
+    ap.add_argument("--config", default=None, type=options.path,
+                    help="Python config file (default: the embedded demo, configs/demo.py)")
     ap.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE", help="override keys, e.g. data.micro_bsz=4")
     ap.add_argument("--dry-run", action="store_true", help="print size, FLOPs and memory estimates, then exit")
     ap.add_argument("--nproc", type=options.int_in(1, 1 << 20), default=None,

@@ -210,7 +210,8 @@ class TrainerConfig(Section):
     seed: int = Field(default=1024, ge=0, le=MAX_SEED)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     compile: bool = False
-    peak_tflops: Optional[float] = Field(default=None, gt=0, le=1e6)  # MFU denominator per device; None = table / measured
+    # MFU denominator per device; None = table / measured
+    peak_tflops: Optional[float] = Field(default=None, gt=0, le=1e6)
     log_every: int = Field(default=1, ge=1, le=10**12)
     progress_bar: Optional[bool] = None  # None: when stdout is a terminal
     jsonl: bool = True

@@ -154,7 +154,8 @@ def _read_whole(path: str) -> bytes:
             raise SpindleError(f"{path}: cannot read ({e})") from None
 
 
-def iter_batches(path: str, text_key: str = "text", raw_json_line: bool = False, doc_per_file: bool = False) -> Iterator[Batch]:
+def iter_batches(path: str, text_key: str = "text", raw_json_line: bool = False,
+                 doc_per_file: bool = False) -> Iterator[Batch]:
     """Cut one input file into batches of raw documents (see the module docstring for units)."""
     kind = input_kind(path, doc_per_file)
     if kind == "file":
@@ -201,7 +202,8 @@ def _parquet_batches(path: str, text_key: str) -> Iterator[Batch]:
         col = rb.column(0).to_pylist()
         for i, v in enumerate(col):
             if not isinstance(v, str):
-                raise SpindleError(f"{path}: row {row + i}: column {text_key!r} is {type(v).__name__}, expected a string")
+                raise SpindleError(f"{path}: row {row + i}: column {text_key!r} is {type(v).__name__}, "
+                                   "expected a string")
         yield from _chunks(path, row, "docs", col, len)
         row += len(col)
 

@@ -113,7 +113,8 @@ def dataset_splits(root: str, subset: Optional[str] = None, subset_key: str = "-
                 raise SpindleError(f"{root}: the dataset card declares configs {', '.join(sorted(configs))} and none "
                                    f"is the default; choose one with {subset_key}")
         if name not in configs:
-            raise SpindleError(f"{subset_key}: {root} has no config {name!r}; its configs: {', '.join(sorted(configs))}")
+            raise SpindleError(f"{subset_key}: {root} has no config {name!r}; "
+                               f"its configs: {', '.join(sorted(configs))}")
         cfg = configs[name]
         base = str(cfg.get("data_dir") or "").strip("/")
         if base:

@@ -150,7 +150,8 @@ def _work(batch: Batch) -> Encoded:
     return encode_batch(_WorkerState.tok, _WorkerState.opts, batch)
 
 
-def run_encode(batches: Iterator[Batch], opts: EncodeOptions, workers: int, tok: Tokenizer | None = None) -> Iterator[Encoded]:
+def run_encode(batches: Iterator[Batch], opts: EncodeOptions, workers: int,
+               tok: Tokenizer | None = None) -> Iterator[Encoded]:
     """Encode batches in input order. workers <= 1 runs inline (no process start-up cost);
     otherwise a pool with a bounded window of in-flight tasks, so memory stays flat however
     large the input is."""
@@ -261,7 +262,8 @@ def _prepare_into(out_dir: str, files: list[str], tok: Tokenizer, tokenizer_spec
         if prog:
             prog.stop()
     if not shards:
-        raise SpindleError(f"no documents found in {', '.join(map(str, inputs))}" + (f" ({dropped} shorter than --min-length)" if dropped else ""))
+        raise SpindleError(f"no documents found in {', '.join(map(str, inputs))}"
+                           + (f" ({dropped} shorter than --min-length)" if dropped else ""))
     write_manifest(out_dir, tok.identity(), shards, bos_eos=True,
                    sources=[os.path.abspath(f) for f in files], min_length=min_length)
     return {

@@ -165,7 +165,8 @@ class BinaryShard(DocumentSource):
         manifest_dtype = self._manifest_dtype(os.path.dirname(self.path), os.path.basename(base))
         # The dtype follows from the sizes alone; the manifest, when present, must agree.
         if size % total or size // total not in (2, 4):
-            raise SpindleError(f"{self.path}: size {size} bytes does not fit {total} tokens of 2 or 4 bytes (index {idx_path} disagrees)")
+            raise SpindleError(f"{self.path}: size {size} bytes does not fit {total} tokens of 2 or 4 bytes "
+                               f"(index {idx_path} disagrees)")
         self.dtype = np.dtype("<u2") if size // total == 2 else np.dtype("<u4")
         if manifest_dtype is not None and np.dtype(manifest_dtype) != self.dtype:
             raise SpindleError(f"{self.path}: manifest says {manifest_dtype} but size implies {self.dtype}")
@@ -183,7 +184,8 @@ class BinaryShard(DocumentSource):
             bad_pos, first_bad = self._ids_out_of_range(vocab_size)
             if len(bad_pos):
                 bad_docs = np.unique(np.searchsorted(offsets, bad_pos, side="right") - 1)
-                _fail_or_count(on_error, f"{self.path}: {len(bad_docs)} document(s) hold token ids >= vocab size {vocab_size} "
+                _fail_or_count(on_error, f"{self.path}: {len(bad_docs)} document(s) hold token ids "
+                               f">= vocab size {vocab_size} "
                                f"(first: document {int(bad_docs[0])}, id {first_bad})")
                 keep[bad_docs] = False
         self.offsets = offsets
@@ -243,7 +245,8 @@ class JsonBin(DocumentSource):
             raise SpindleError(f"{path}: file not found")
         meta = _load_npy(meta_path)
         if meta.ndim != 2 or meta.shape[1] != 2 or meta.dtype.kind not in "iu":
-            raise SpindleError(f"{meta_path}: expected an integer (N, 2) array of (byte offset, token count), got {meta.dtype} {meta.shape}")
+            raise SpindleError(f"{meta_path}: expected an integer (N, 2) array of (byte offset, token count), "
+                               f"got {meta.dtype} {meta.shape}")
         meta = meta.astype(np.int64, copy=False)
         self._file = WatchedFile(path)
         size = self._file.size
@@ -264,7 +267,8 @@ class JsonBin(DocumentSource):
             elif off in bad_starts:
                 pass  # already reported / counted by _scan
             elif counts[n - 1] != cnt:
-                _fail_or_count(on_error, f"{meta_path}: row {row} says {cnt} tokens but {path} line {n} holds {counts[n - 1]}")
+                _fail_or_count(on_error, f"{meta_path}: row {row} says {cnt} tokens "
+                               f"but {path} line {n} holds {counts[n - 1]}")
             else:
                 keep.append(row)
                 continue
@@ -382,5 +386,6 @@ def read_manifest(folder: str) -> dict:
     if not isinstance(man, dict) or man.get("format") != FORMAT_NAME:
         raise SpindleError(f"{path}: not a {FORMAT_NAME} manifest")
     if man.get("version", 0) > FORMAT_VERSION:
-        raise SpindleError(f"{path}: format version {man.get('version')} is newer than this Spindle reads ({FORMAT_VERSION})")
+        raise SpindleError(f"{path}: format version {man.get('version')} is newer than this Spindle reads "
+                           f"({FORMAT_VERSION})")
     return man

@@ -132,8 +132,7 @@ class Tokenizer(ABC):
         """The text of one token (how a chat template writes it)."""
 
     def special_tokens(self) -> dict[str, int]:
-        """Control tokens a chat template may write (text -> id); text that only *looks* like one
-        in data stays text."""
+        """Control tokens a chat template may write (text -> id); text that only *looks* like one in data stays text."""
         return {}
 
     def document(self, ids: Sequence[int]) -> list[int]:
@@ -369,22 +368,23 @@ def _load_folder(p: Path) -> Tokenizer:
         return SentencePieceTokenizer(models[0], cfg)
     hint = ""
     if (p / "vocab.json").is_file() or (p / "merges.txt").is_file():
-        hint = " (vocab.json + merges.txt alone are the slow format: save the tokenizer with transformers to get tokenizer.json)"
+        hint = (" (vocab.json + merges.txt alone are the slow format: "
+                "save the tokenizer with transformers to get tokenizer.json)")
     elif (p / "original" / "tokenizer.model").is_file():
         hint = f" ({p / 'original'} holds a tiktoken model, which Spindle does not read)"
     raise SpindleError(f"{p}: folder holds no tokenizer.model, tokenizer.json or {BYTE_TOKENIZER_FILE}{hint}")
 
 
 def load_tokenizer(spec: str | os.PathLike) -> Tokenizer:
-    """`spec`: "default" (the packaged sentencepiece model), "byte", a `.model` file, a
-    `tokenizer.json`, or a folder holding one of those with its Hub config files
-    (spindle.data.hub_tokenizer). No code from the folder ever runs."""
+    """`spec`: "default" (the packaged sentencepiece model), "byte", a `.model` file, a `tokenizer.json`, or a folder
+    holding one of those with its Hub config files (spindle.data.hub_tokenizer). No code from the folder ever runs."""
     spec_s = str(spec)
     if spec_s == "byte":
         return ByteTokenizer()
     if spec_s == "default":
         if not DEFAULT_TOKENIZER_PATH.exists():
-            raise SpindleError(f"{DEFAULT_TOKENIZER_PATH}: the packaged default tokenizer is missing (run tools/make_default_tokenizer.py)")
+            raise SpindleError(f"{DEFAULT_TOKENIZER_PATH}: the packaged default tokenizer is missing "
+                               "(run tools/make_default_tokenizer.py)")
         return SentencePieceTokenizer(DEFAULT_TOKENIZER_PATH)
     p = Path(spec_s).expanduser()
     if p.is_dir():
