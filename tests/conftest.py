@@ -13,6 +13,11 @@ sys.path.insert(0, str(Path(__file__).parent))
 from s3server import MotoServer, find_moto_server  # noqa: E402
 
 
+def pytest_configure(config):
+    config.addinivalue_line("markers", "runs(*names): the jobs of tests/distributed/layout_runs.py this test reads "
+                            "(each launched once per session, one launch per world size)")
+
+
 @pytest.fixture(scope="session")
 def moto_server():
     """A real S3 endpoint (moto_server on 127.0.0.1, free port) shared by the whole session.
@@ -29,3 +34,27 @@ def moto_server():
         yield server
     finally:
         server.stop()
+
+
+@pytest.fixture(scope="session")
+def tiny_trained_ckpt(tmp_path_factory):
+    """A 2-layer byte-level model trained 4 steps on a few text files, shared by the eval / generate tests:
+    (its folder, whose text/ holds the training files, and the checkpoint folder)."""
+    from helpers import tiny_cfg
+    from spindle.parallel.mesh import ParallelEnv
+    from spindle.train.trainer import Trainer
+
+    tmp = tmp_path_factory.mktemp("evalcli")
+    text = tmp / "text"
+    text.mkdir()
+    for i in range(4):
+        (text / f"doc{i}.txt").write_text("def f(x):\n    return x + 1\n" * (40 + 10 * i))
+    cfg = tiny_cfg(tmp / "runs", ckpt={"enable_save_ckpt": True, "auto_resume": False},
+                   data={"type": "text", "train_folder": str(text), "text_glob": "*.txt", "tokenizer_path": "byte",
+                         "seq_len": 32, "micro_bsz": 4, "micro_num": None, "pack_sample_into_one": True},
+                   model={"num_attention_heads": 2, "num_layers": 2, "vocab_size": 258, "max_position_embeddings": 32,
+                          "init_std": 0.5},  # large weights: positions (and so RoPE options) change the outputs
+                   adam=None, trainer={"seed": None, "num_threads": None})
+    tr = Trainer(cfg, ParallelEnv(), log=lambda *_: None)
+    tr.fit()
+    return tmp, tr.save_dir

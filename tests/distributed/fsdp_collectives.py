@@ -4,6 +4,8 @@ before), for zero1=-1 (parameters kept gathered through backward) and fsdp=True 
 the counts, the FSDP group count and the gradients of both loops.
 
     torchrun --nproc_per_node=2 tests/distributed/fsdp_collectives.py OUT.pt
+
+(tests/distributed/test_grad_sync.py calls `run` in layout_runs.py's launch of 2 processes.)
 """
 
 import sys
@@ -18,7 +20,7 @@ from spindle.parallel import comm
 from spindle.parallel.dims import full_sharding
 from spindle.parallel.mesh import build_mesh, init_distributed
 from spindle.parallel.parallelize import apply_data_and_context_parallel, gradient_sync
-from torchrun_io import finish  # this folder is on sys.path when run as a script
+from torchrun_io import save_results  # this folder is on sys.path when run as a script
 
 MODEL = dict(hidden_size=32, num_attention_heads=4, num_kv_attention_heads=2, num_layers=2, vocab_size=64,
              multiple_of=16, max_position_embeddings=16)
@@ -26,7 +28,8 @@ MICRO = 4
 calls: Counter = Counter()
 
 
-def spy(name: str, key: str) -> None:
+def spy(name: str, key: str):
+    """Count dist.<name> calls under `key`; returns what undoes it."""
     real = getattr(dist, name)
 
     def counted(*args, **kwargs):
@@ -34,6 +37,7 @@ def spy(name: str, key: str) -> None:
         return real(*args, **kwargs)
 
     setattr(dist, name, counted)
+    return lambda: setattr(dist, name, real)
 
 
 def one_step(model, batches, full_shard: bool, use_gradient_sync: bool) -> Counter:
@@ -45,10 +49,17 @@ def one_step(model, batches, full_shard: bool, use_gradient_sync: bool) -> Count
     return Counter(calls)
 
 
-def main(out: str) -> None:
+def run(out: str) -> None:
     # FSDP2 calls whichever names this torch has (2.13: *_single; 2.11: all_gather_into_tensor, ...)
-    spy(comm.all_gather_single.__name__, "all_gather")
-    spy(comm.reduce_scatter_single.__name__, "reduce_scatter")
+    undo = [spy(comm.all_gather_single.__name__, "all_gather"), spy(comm.reduce_scatter_single.__name__, "reduce_scatter")]
+    try:
+        count(out)
+    finally:
+        for u in undo:
+            u()
+
+
+def count(out: str) -> None:
     env = init_distributed("torch", backend="gloo")
     gen = torch.Generator().manual_seed(10 + env.rank)
     batches = [torch.randint(0, 64, (2, 16), generator=gen) for _ in range(MICRO)]
@@ -65,8 +76,9 @@ def main(out: str) -> None:
             per_step.setdefault(key, []).append(dict(one_step(model, batches, full_sharding(cfg.parallel), use)))
             grads[key] = {n: p.grad.full_tensor() for n, p in model.named_parameters()}
         results[name] = {"groups": groups, "calls": per_step, "grads": grads}
-    finish(env.rank, results, out)
+    save_results(env.rank, results, out)
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    run(sys.argv[1])
+    dist.destroy_process_group()

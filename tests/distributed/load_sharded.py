@@ -3,9 +3,12 @@
     torchrun --nproc_per_node=N tests/distributed/load_sharded.py LAYOUT OUT.pt KIND:FOLDER ...
 
 LAYOUT: fsdp (FSDP2 over all ranks) or tp (tensor parallel over all ranks). KIND: hf or internevo.
+(tests/distributed/test_sharded_load.py calls `run` in layout_runs.py's launches: tp on 2 processes, fsdp on
+the one process of the world-1 launch, which has no process group: it makes a 1-rank group of its own.)
 """
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -27,7 +30,18 @@ def model_section(kind: str, folder: Path) -> dict:
     return read_internevo(folder).model
 
 
-def main(layout: str, out: str, sources: list[str]) -> None:
+def run(layout: str, out: str, *sources: str) -> None:
+    own = not dist.is_initialized()
+    if own and "RANK" not in os.environ:
+        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        load(layout, out, sources)
+    finally:
+        if own:
+            dist.destroy_process_group()
+
+
+def load(layout: str, out: str, sources) -> None:
     env = init_distributed("torch", backend="gloo")
     ids = torch.randint(0, 96, (2, 40), generator=torch.Generator().manual_seed(0))
     results = {}
@@ -54,8 +68,7 @@ def main(layout: str, out: str, sources: list[str]) -> None:
     if env.rank == 0:
         torch.save(results, out)
     dist.barrier()
-    dist.destroy_process_group()
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2], sys.argv[3:])
+    run(*sys.argv[1:])

@@ -12,7 +12,12 @@ needs_pipeline_torch = pytest.mark.skipif(
     reason=f"pipeline parallelism needs torch >= {'.'.join(map(str, PIPELINE_MIN_TORCH))} (this is {torch.__version__})")
 
 
-def layouts(names, pipelined=lambda name: "pp" in name):
-    """pytest parameters of these layout names (or (name, ...) tuples), the pipelined ones marked."""
-    return [pytest.param(*(n if isinstance(n, tuple) else (n,)), marks=needs_pipeline_torch)
-            if pipelined(n[0] if isinstance(n, tuple) else n) else n for n in names]
+def layouts(names, pipelined=lambda name: "pp" in name, runs=lambda name: ()):
+    """pytest parameters of these layout names (or (name, ...) tuples), the pipelined ones marked, each
+    marked with the layout_runs jobs `runs(name)` it reads."""
+    params = []
+    for n in names:
+        name = n[0] if isinstance(n, tuple) else n
+        marks = [pytest.mark.runs(*runs(name))] + ([needs_pipeline_torch] if pipelined(name) else [])
+        params.append(pytest.param(*(n if isinstance(n, tuple) else (n,)), marks=marks))
+    return params

@@ -4,6 +4,8 @@ bf16 in every block) for contrast, at positions up to 32K with log-n scaling. Ra
 loss, full gradients and the dtypes the blocks and norms saw.
 
     torchrun --nproc_per_node=2 tests/distributed/precision_layouts.py OUT.pt
+
+(tests/distributed/test_precision.py calls `run` in layout_runs.py's launch of 2 processes.)
 """
 
 import sys
@@ -15,7 +17,7 @@ from spindle.config import validate_config
 from spindle.model.llama import build_model
 from spindle.parallel.mesh import build_mesh, init_distributed
 from spindle.parallel.parallelize import apply_data_and_context_parallel
-from torchrun_io import finish  # this folder is on sys.path when run as a script
+from torchrun_io import save_results  # this folder is on sys.path when run as a script
 
 MODEL = dict(hidden_size=32, num_attention_heads=4, num_kv_attention_heads=2, num_layers=2, vocab_size=64,
              multiple_of=16, qk_norm=True, dtype="torch.bfloat16", max_position_embeddings=32768, logn_attn=True,
@@ -49,7 +51,7 @@ def record_dtypes(model, seen: set):
             m.register_forward_pre_hook(norm_weight)
 
 
-def main(out: str) -> None:
+def run(out: str) -> None:
     env = init_distributed("torch", backend="gloo")
     gen = torch.Generator().manual_seed(100 + env.rank)  # each rank its own rows
     ids = torch.randint(0, 64, (2, 16), generator=gen)
@@ -72,8 +74,9 @@ def main(out: str) -> None:
         gathered = [torch.zeros_like(losses) for _ in range(env.world_size)]
         dist.all_gather(gathered, losses)
         results[name] = {"losses": torch.cat(gathered), "grads": grads, "dtypes": sorted(seen)}
-    finish(env.rank, results, out)
+    save_results(env.rank, results, out)
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    run(sys.argv[1])
+    dist.destroy_process_group()

@@ -5,6 +5,8 @@ elements each rank allocated when the parameters were first allocated, and wheth
 the embedding.
 
     torchrun --nproc_per_node=2 tests/distributed/sharded_init.py OUT.pt
+
+(tests/distributed/test_sharded_init.py calls `run` in layout_runs.py's launch of 2 processes.)
 """
 
 import sys
@@ -18,7 +20,7 @@ from spindle.config import validate_config
 from spindle.model.llama import build_model
 from spindle.parallel.mesh import build_mesh, init_distributed
 from spindle.parallel.pipeline import PipelineStageModel, build_stage_model
-from torchrun_io import finish  # this folder is on sys.path when run as a script
+from torchrun_io import save_results  # this folder is on sys.path when run as a script
 
 MODEL = dict(hidden_size=32, num_attention_heads=4, num_kv_attention_heads=2, num_layers=2, vocab_size=66,
              multiple_of=16, max_position_embeddings=16, qk_norm=True, no_bias=False)
@@ -47,8 +49,15 @@ def whole(model) -> dict:
             (p.full_tensor() if isinstance(p, DTensor) else p).detach().clone() for n, p in model.named_parameters()}
 
 
-def main(out: str) -> None:
+def run(out: str) -> None:
     parallelize.materialize = spy_materialize
+    try:
+        initialise(out)
+    finally:
+        parallelize.materialize = real_materialize  # the trainings after this one in the launch allocate as usual
+
+
+def initialise(out: str) -> None:
     env = init_distributed("torch", backend="gloo")
     results = {}
     for name, (parallel, model_keys, trainer) in LAYOUTS.items():
@@ -73,8 +82,9 @@ def main(out: str) -> None:
             loaded = parallelize.apply_model_parallel(build_model(cfg.model.to_args()), cfg, env)
             results[name]["tied_when_materialised_first"] = loaded.output.weight is loaded.tok_embeddings.weight
         results[name]["reference"] = whole(reference)
-    finish(env.rank, results, out)
+    save_results(env.rank, results, out)
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    run(sys.argv[1])
+    dist.destroy_process_group()

@@ -6,15 +6,13 @@ ZeRO-3 (zero1=dict(fsdp=True)) keeps its per-micro-batch reduce-scatters (sharde
 import pytest
 import torch
 
-from distributed.torchrun_io import launch
-
-pytestmark = pytest.mark.dist
+pytestmark = [pytest.mark.dist, pytest.mark.runs("fsdp_collectives")]
 MICRO = 4
 
 
 @pytest.fixture(scope="module")
-def counts(tmp_path_factory):
-    return launch("fsdp_collectives.py", tmp_path_factory.mktemp("sync") / "counts.pt")
+def counts(layout_runs):
+    return layout_runs["fsdp_collectives"].output()  # fsdp_collectives.py, in the launch of 2 processes
 
 
 def same_gradients(result):

@@ -4,11 +4,10 @@ import json
 import socket
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
-from tests.distributed.test_parity import CONFIG, ENV, ROOT, run
+from distributed.layout_runs import ENV, ROOT, TINY
 
 pytestmark = pytest.mark.dist
 
@@ -19,7 +18,8 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_slurm_launcher_matches_torchrun(tmp_path):
+@pytest.mark.runs("dp2")
+def test_slurm_launcher_matches_torchrun(tmp_path, layout_runs):
     port = free_port()
     folder = tmp_path / "slurm"
     procs = []
@@ -29,13 +29,13 @@ def test_slurm_launcher_matches_torchrun(tmp_path):
         for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
             env.pop(k, None)
         procs.append(subprocess.Popen(
-            [sys.executable, "train.py", "--config", CONFIG, "--launcher", "slurm", "--port", str(port),
+            [sys.executable, "train.py", "--config", TINY, "--launcher", "slurm", "--port", str(port),
              "--backend", "gloo", "--seed", "5", "--set", f"trainer.run_folder={folder}", "data.micro_num=4"],
             cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
     outs = [p.communicate(timeout=240) for p in procs]
     assert all(p.returncode == 0 for p in procs), outs
     slurm = [json.loads(l)["loss"] for l in (folder / "tiny" / "metrics.jsonl").read_text().splitlines()]
-    torch_run = run(tmp_path, "torchrun", 2, ["data.micro_num=4"])
+    torch_run = layout_runs["dp2"].losses  # torchrun, data.micro_num=4
     assert slurm == torch_run  # same layout, same seed: identical
     logs = folder / "tiny" / "logs"
     assert (logs / "rank0.log").is_file() and (logs / "rank1.log").is_file()
@@ -43,11 +43,12 @@ def test_slurm_launcher_matches_torchrun(tmp_path):
     assert "tflops=" in outs[0][0] and "tflops=" not in outs[1][0]  # only rank 0 prints
 
 
-def test_layout_error_before_any_work(tmp_path):
-    torchrun = str(Path(sys.executable).parent / "torchrun")
-    r = subprocess.run([torchrun, "--standalone", "--nproc_per_node=2", "train.py", "--config", CONFIG,
-                        "--launcher", "torch", "--set", f"trainer.run_folder={tmp_path}", "parallel.tensor=4"],
-                       cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120)
-    assert r.returncode != 0
-    assert "world size 2 is not divisible by tensor (4) x pipeline (1)" in r.stderr
-    assert not (tmp_path / "tiny" / "metrics.jsonl").exists()
+@pytest.mark.runs("layout_error")
+def test_layout_error_before_any_work(layout_runs):
+    """Under torchrun (the launch of 2 processes), parallel.tensor=4: exit 2 on both ranks, rank 0 says why.
+    (A worker's exit code as torchrun reports it: tests/journeys/test_launch.py's typo, a real launch.)"""
+    r = layout_runs["layout_error"]
+    assert r.rc == 2
+    errors = [line for line in r.stderr.splitlines() if line.startswith("spindle: error:")]
+    assert errors == ["spindle: error: parallel: world size 2 is not divisible by tensor (4) x pipeline (1)"], r.stderr
+    assert not (r.folder / "tiny" / "metrics.jsonl").exists()

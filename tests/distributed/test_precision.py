@@ -6,15 +6,12 @@ gradients)."""
 import pytest
 import torch
 
-from distributed.test_parity import run
-from distributed.torchrun_io import launch
-
-pytestmark = pytest.mark.dist
+pytestmark = [pytest.mark.dist, pytest.mark.runs("precision_layouts")]
 
 
 @pytest.fixture(scope="module")
-def layouts(tmp_path_factory):
-    return launch("precision_layouts.py", tmp_path_factory.mktemp("precision") / "layouts.pt")
+def layouts(layout_runs):
+    return layout_runs["precision_layouts"].output()  # precision_layouts.py, in the launch of 2 processes
 
 
 def largest_relative_difference(a: dict, b: dict) -> float:
@@ -38,18 +35,16 @@ def test_the_test_sees_the_old_policy(layouts):
     assert largest_relative_difference(old["grads"], layouts["ddp"]["grads"]) > 1e-3
 
 
-def test_fp16_tensor_parallel_trains_like_one_process(tmp_path):
-    fp16 = ["model.dtype=torch.float16", "data.total_steps=3"]
-    single = run(tmp_path, "single_fp16", 1, fp16)
-    tp = run(tmp_path, "tp2_fp16", 2, ["parallel.tensor=2", *fp16])
+@pytest.mark.runs("fp16_single", "fp16_tp2")
+def test_fp16_tensor_parallel_trains_like_one_process(layout_runs):
+    single, tp = layout_runs["fp16_single"].losses, layout_runs["fp16_tp2"].losses  # 3 steps
     assert len(tp) == 3 and max(abs(a - b) for a, b in zip(tp, single)) < 1e-2, (tp, single)
 
 
-def test_bf16_training_is_the_same_under_ddp_and_fsdp(tmp_path):
+@pytest.mark.runs("bf16_dp2", "bf16_zero1")
+def test_bf16_training_is_the_same_under_ddp_and_fsdp(layout_runs):
     """Through the trainer: 4 micro-batches accumulated (FSDP2: in fp32, reduced once per step), clip, AdamW."""
-    bf16 = ["data.micro_num=4", "model.dtype=torch.bfloat16", "data.total_steps=3"]
-    ddp = run(tmp_path, "dp2_bf16", 2, bf16)
-    fsdp = run(tmp_path, "zero1_bf16", 2, [*bf16, "parallel.zero1=-1"])
+    ddp, fsdp = layout_runs["bf16_dp2"].losses, layout_runs["bf16_zero1"].losses  # 3 steps
     # the first step's loss is the same arithmetic; after updates, masters that differ in the last fp32 bit
     # (the gradient norm is summed in another order) can round to different bf16 values (measured: 5e-5)
     assert abs(ddp[0] - fsdp[0]) < 1e-6 and max(abs(a - b) for a, b in zip(ddp, fsdp)) < 5e-4, (ddp, fsdp)

@@ -5,14 +5,12 @@ exactly the values of the whole model's per-name init."""
 import pytest
 import torch
 
-from distributed.torchrun_io import launch
-
-pytestmark = pytest.mark.dist
+pytestmark = [pytest.mark.dist, pytest.mark.runs("sharded_init")]
 
 
 @pytest.fixture(scope="module")
-def layouts(tmp_path_factory):
-    return launch("sharded_init.py", tmp_path_factory.mktemp("init") / "init.pt")
+def layouts(layout_runs):
+    return layout_runs["sharded_init"].output()  # sharded_init.py, in the launch of 2 processes
 
 
 @pytest.mark.parametrize("name", ["fsdp", "tp", "tp_tied", "pp"])

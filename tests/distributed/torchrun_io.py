@@ -1,5 +1,7 @@
 """Shared by the torchrun scripts of tests/distributed and their tests: launch a script on N gloo ranks and
-read what its rank 0 wrote (`launch`); inside the script, write the results on rank 0 and leave (`finish`)."""
+read what its rank 0 wrote (`launch`); inside the script, write the results on rank 0 (`save_results`) and
+leave (`finish`). The scripts run by layout_runs.py (one launch for several) save and return: the launch
+keeps the process group."""
 
 import os
 import subprocess
@@ -21,8 +23,12 @@ def launch(script: str, out: Path, nproc: int = 2, timeout: int = 240):
     return torch.load(out)
 
 
-def finish(rank: int, results: dict, out: str) -> None:
+def save_results(rank: int, results: dict, out: str) -> None:
     if rank == 0:
         torch.save(results, out)
     dist.barrier()
+
+
+def finish(rank: int, results: dict, out: str) -> None:
+    save_results(rank, results, out)
     dist.destroy_process_group()

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from helpers import run_cli
 from spindle.config import load_config, validate_config
 from spindle.errors import SpindleError
 
@@ -102,8 +103,7 @@ def test_cuda_device_on_a_machine_without_one(tmp_path):
         pytest.skip("this machine has CUDA")
     path = tmp_path / "cfg.py"
     path.write_text(TINY + "trainer = dict(device='cuda', run_folder=%r)\n" % str(tmp_path))
-    proc = subprocess.run([sys.executable, "-m", "spindle.cli", "train", "--config", str(path)], env=env(),
-                          capture_output=True, text=True, timeout=120)
+    proc = run_cli("train", "--config", str(path))
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert proc.stderr.strip() == ("spindle: error: trainer.device='cuda' but this machine has no usable CUDA "
                                    f"device (torch {torch.__version__}); use trainer.device='auto' or 'cpu'")

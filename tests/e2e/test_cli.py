@@ -1,4 +1,8 @@
-"""The command line end to end: dry run, config errors (exit 2, one line), the demo for a few steps."""
+"""The command line end to end: dry run, config errors (exit 2, one line), the demo for a few steps.
+
+A real process for each exit path (the 7B dry run: exit 2 alone and exit 0 planned; --debug: a traceback, exit
+1; the demo: exit 0 and its files; torchrun's single process), the other checks through spindle.cli.main in
+this process (helpers.run_cli)."""
 
 import json
 import math
@@ -9,6 +13,8 @@ import sys
 from pathlib import Path
 
 import pytest
+
+from helpers import run_cli
 
 ROOT = Path(__file__).resolve().parents[2]
 ENV = {**os.environ, "OMP_NUM_THREADS": "2", "PYTHONPATH": str(ROOT)}
@@ -46,7 +52,7 @@ def test_dry_run_7b_prints_estimates_without_allocating():
 def test_config_errors_are_one_line_exit_2(tmp_path, cfg_text, expected):
     cfg = tmp_path / "bad.py"
     cfg.write_text(cfg_text)
-    r = spindle("train", "--config", str(cfg))
+    r = run_cli("train", "--config", str(cfg))
     assert r.returncode == 2
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and expected in lines[0] and str(cfg) in lines[0], r.stderr
@@ -54,7 +60,7 @@ def test_config_errors_are_one_line_exit_2(tmp_path, cfg_text, expected):
 
 
 def test_set_override_error_and_debug_traceback(tmp_path):
-    r = spindle("train", "--set", "model.hiden_size=8")
+    r = run_cli("train", "--set", "model.hiden_size=8")
     assert r.returncode == 2 and "did you mean 'model.hidden_size'" in r.stderr
     r = spindle("train", "--set", "model.hiden_size=8", "--debug")
     assert r.returncode != 0 and "Traceback" in r.stderr
@@ -85,7 +91,7 @@ def test_torchrun_single_process_runs_the_same_job(tmp_path):
                         "trainer.log_every=1"],
                        cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
-    direct = spindle("train", "--set", "data.total_steps=2", f"trainer.run_folder={tmp_path / 'direct'}",
-                     "trainer.sample_tokens=0", "data.max_text_bytes=400000", "trainer.log_every=1")
+    direct = run_cli("train", "--set", "data.total_steps=2", f"trainer.run_folder={tmp_path / 'direct'}",
+                     "trainer.sample_tokens=0", "data.max_text_bytes=400000", "trainer.log_every=1", cwd=ROOT)
     losses = lambda out: [l.split(",loss=")[1].split(",")[0] for l in out.splitlines() if l.startswith("tflops=")]
     assert losses(r.stdout) == losses(direct.stdout) and len(losses(r.stdout)) == 2

@@ -1,47 +1,20 @@
-"""`spindle eval ppl`, `spindle eval passkey` and `spindle generate` end to end on a tiny trained checkpoint."""
+"""`spindle eval ppl`, `spindle eval passkey` and `spindle generate` end to end on a tiny trained checkpoint
+(tests/conftest.py's session-wide `tiny_trained_ckpt`), each through `spindle.cli.main` in this process (the
+exit codes and one-line errors of a real process: tests/e2e/test_cli.py)."""
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
+from helpers import run_cli as spindle
+
 ROOT = Path(__file__).resolve().parents[2]
-ENV = {**os.environ, "OMP_NUM_THREADS": "2", "PYTHONPATH": str(ROOT)}
-
-
-def spindle(*args, timeout=300):
-    return subprocess.run([sys.executable, "-m", "spindle.cli", *args], cwd=ROOT, env=ENV, capture_output=True,
-                          text=True, timeout=timeout)
 
 
 @pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-    """Train a 2-layer byte-level model for a few steps through Spindle's Trainer; return its checkpoint."""
-    from spindle.config import validate_config
-    from spindle.parallel.mesh import ParallelEnv
-    from spindle.train.trainer import Trainer
-
-    tmp = tmp_path_factory.mktemp("evalcli")
-    text = tmp / "text"
-    text.mkdir()
-    for i in range(4):
-        (text / f"doc{i}.txt").write_text("def f(x):\n    return x + 1\n" * (40 + 10 * i))
-    cfg = validate_config({
-        "JOB_NAME": "tiny",
-        "ckpt": {"enable_save_ckpt": True, "auto_resume": False},
-        "data": {"type": "text", "train_folder": str(text), "text_glob": "*.txt", "tokenizer_path": "byte",
-                 "seq_len": 32, "micro_bsz": 4, "total_steps": 4, "pack_sample_into_one": True},
-        "model": {"hidden_size": 32, "num_attention_heads": 2, "num_kv_attention_heads": 2, "num_layers": 2,
-                  "vocab_size": 258, "multiple_of": 16, "max_position_embeddings": 32,
-                  "init_std": 0.5},  # large weights: positions (and so RoPE options) change the outputs
-        "trainer": {"run_folder": str(tmp / "runs"), "tensorboard": False, "progress_bar": False},
-    })
-    tr = Trainer(cfg, ParallelEnv(), log=lambda *_: None)
-    tr.fit()
-    return tmp, tr.save_dir
+def ckpt(tiny_trained_ckpt):
+    return tiny_trained_ckpt
 
 
 def test_eval_ppl_writes_json_and_png(ckpt):

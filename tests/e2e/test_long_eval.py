@@ -1,13 +1,13 @@
 """Long-context metrics while training, end to end: `spindle train` with `long_eval` keys logs val/ppl@L and
 val/passkey@L to the console, metrics.jsonl and TensorBoard; the numbers are `spindle eval ppl`'s on the
-saved checkpoint; `spindle eval plot RUN` draws them."""
+saved checkpoint; `spindle eval plot RUN` draws them. Each command through `spindle.cli.main` in this process."""
 
 import json
 import math
 
 import pytest
 
-from tests.e2e.test_eval_cli import spindle  # `python -m spindle.cli ...` with this checkout on the path
+from helpers import run_cli as spindle  # `spindle ...` through spindle.cli.main, in this process
 
 CONFIG = """
 JOB_NAME = "toy"

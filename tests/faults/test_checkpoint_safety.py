@@ -1,8 +1,9 @@
 """Nothing a user saved is lost: damaged states are refused (never taken for a fresh start), foreign and
 other runs' checkpoints are never pruned or overwritten, one writer per save folder.
 
-Real `spindle train` processes on real files; every test asserts the bytes of the checkpoints that
-nothing should have touched are identical afterwards.
+`spindle train` on real files (through spindle.cli.main in this process: what is tested is what lands on
+disk; the owner of a folder in use is a real process, SIGKILLed); every test asserts the bytes of the
+checkpoints that nothing should have touched are identical afterwards.
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ from pathlib import Path
 
 import pytest
 import torch
+
+from helpers import run_cli
 
 pytestmark = [pytest.mark.faults]
 REPO = Path(__file__).resolve().parents[2]
@@ -47,9 +50,8 @@ def write_config(tmp: Path, name: str, ckpt: Path, total: int, every: int = 2, r
     return path
 
 
-def train(config: Path, *extra: str, timeout: int = 120) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "spindle.cli", "train", "--config", str(config), *extra],
-                          env=env(), capture_output=True, text=True, timeout=timeout)
+def train(config: Path, *extra: str) -> subprocess.CompletedProcess:
+    return run_cli("train", "--config", str(config), *extra)
 
 
 def digest(folder: Path) -> dict[str, str]:

@@ -1,5 +1,11 @@
-"""Journeys 1, 2 and 5: the seed's launch line from a fresh folder, in each layout InternEvo accepts,
-with the micro-batch counts and rampup the seed uses, and with a typo in it."""
+"""Journeys 1, 2 and 5: the seed's launch line from a fresh folder, with the micro-batch counts and rampup the
+seed uses, and with a typo in it.
+
+Each layout InternEvo accepts is proven on tests/distributed/tiny.py by tests/distributed/test_parity.py (the
+single process's losses and closing sample under plain, dp2_zero1 = zero1=-1, tp2, tp2_sp, pp2_1f1b,
+pp2_interleaved = num_chunks=2, ...; micro_num=1 under two stages: test_pipeline_takes_the_micro_batch_counts_
+internevo_accepts): one launch here is the seed's line as typed, under a pipeline layout whose rampup starts
+at the seed's micro_num=1."""
 
 import pytest
 
@@ -7,35 +13,18 @@ from tests.journeys.shell import closing_sample, ok, seed_launch, sh, steps, use
 
 pytestmark = [pytest.mark.journeys, pytest.mark.dist]
 
-LAYOUTS = {
-    "plain": (),
-    "fsdp": ("parallel.zero1=-1",),
-    "tensor": ("parallel.tensor=2",),
-    "tensor_sp": ("parallel.tensor=2", "parallel.sequence_parallel=True"),
-    "pipeline": ("parallel.pipeline.size=2",),  # with the demo's micro_num=1: fewer micro-batches than stages
-    "pipeline_chunks": ("parallel.pipeline.size=2", "model.num_chunks=2"),
-}
 
-
-@pytest.mark.parametrize("layout", list(LAYOUTS))
-def test_seed_launch_line_in_every_layout(tmp_path, layout):
-    # a fresh folder each time: both ranks meet an empty text cache (the race a fresh run hits)
-    r = ok(seed_launch(user_folder(tmp_path), "data.total_steps=2", *LAYOUTS[layout]))
-    assert steps(r.stdout) == [0, 1], r.stdout  # rank 0 alone prints the step lines
-    assert "world size 2" in r.stdout
-    if "pipeline" in layout:  # the seed's micro_num=1 under 2 stages runs (not only micro_num >= stages)
-        assert all(",micro_num=1," in l for l in r.stdout.splitlines() if l.startswith("tflops="))
-    closing_sample(r.stdout)
-    assert (tmp_path / "runs" / "demo" / "ckpt" / "2.step").is_file()
-
-
-def test_rampup_under_pipeline(tmp_path):
+def test_seed_launch_line_under_pipeline_with_rampup(tmp_path):
+    # a fresh folder: both ranks meet an empty text cache (the race a fresh run hits)
     # InternEvo's "start incr every": micro_num 1, 2, 2 over the three steps, through the 2-stage schedule
     r = ok(seed_launch(user_folder(tmp_path), "data.total_steps=3", "data.micro_num=2",
                        "data.rampup_batch_size=1 1 1", "parallel.pipeline.size=2"))
+    assert steps(r.stdout) == [0, 1, 2], r.stdout  # rank 0 alone prints the step lines
+    assert "world size 2" in r.stdout
     micro = [l.split(",micro_num=")[1].split(",")[0] for l in r.stdout.splitlines() if l.startswith("tflops=")]
-    assert micro == ["1", "2", "2"], r.stdout
+    assert micro == ["1", "2", "2"], r.stdout  # the seed's micro_num=1 under 2 stages runs, then more
     closing_sample(r.stdout)
+    assert (tmp_path / "runs" / "demo" / "ckpt" / "3.step").is_file()
 
 
 def test_a_typo_in_the_launch_line_is_one_line_from_one_rank(tmp_path):

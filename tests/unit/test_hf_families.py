@@ -25,10 +25,10 @@ from spindle.model.llama import build_model
 
 transformers = pytest.importorskip("transformers")
 
+from hf_folders import SIZES, hf_case, randomize  # noqa: E402
+
 TOL = 1e-5
 LENGTH = 48
-SIZES = dict(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-             num_key_value_heads=2, rms_norm_eps=1e-6)
 LONGROPE = {"rope_type": "longrope", "original_max_position_embeddings": 16, "factor": 4.0,
             "short_factor": [1.0 + 0.1 * i for i in range(8)], "long_factor": [1.0 + 0.5 * i for i in range(8)]}
 LLAMA_ROPES = {
@@ -40,15 +40,6 @@ LLAMA_ROPES = {
                "original_max_position_embeddings": 16},
     "longrope": LONGROPE,
 }
-
-
-def randomize(model: torch.nn.Module, seed: int) -> None:
-    """Weights far from init (norms and biases too), so every tensor's mapping shows in the logits."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            noise = torch.randn(p.shape, generator=gen)
-            p.copy_(1.0 + 0.2 * noise if "norm" in name else 0.15 * noise)
 
 
 def ids(n=LENGTH, batch=2, seed=0):
@@ -63,23 +54,6 @@ def hf_logits(model, x):
 def ours_logits(model, x):
     with torch.no_grad():
         return model.eval()(x)
-
-
-def hf_case(kind: str, **extra):
-    """(saved folder writer, transformers reference model) for a family transformers ships."""
-    cfg_cls, model_cls = {
-        "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
-        "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM),
-        "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
-        "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM),
-    }[kind]
-    rope = extra.pop("rope", None)
-    kw = dict(SIZES, max_position_embeddings=extra.pop("max_position_embeddings", 32), **extra)
-    if rope is not None:
-        kw["rope_parameters"] = dict(rope, rope_theta=kw.pop("rope_theta", 10000.0))
-    model = model_cls(cfg_cls(**kw))
-    randomize(model, 1)
-    return model
 
 
 CASES = {
