@@ -18,6 +18,7 @@ from spindle.checkpoint.storage.base import Storage, StorageNotFound, _clean_rel
 from spindle.checkpoint.storage.s3_address import (
     S3Location, _client_error_info, _exception_chain, _is_not_found, _is_transient,
 )
+from spindle.config.redact import REDACTED
 from spindle.errors import SpindleError
 from spindle.fileio import safe_join
 
@@ -142,7 +143,7 @@ class S3Storage(Storage):
                 text = f"{code} (HTTP {status})" + (f": {message}" if message else "")
                 break
         for secret in self._redact:
-            text = text.replace(secret, "***")
+            text = text.replace(secret, REDACTED)
         return text
 
     def _call(self, what: str, fn: Callable[[], object], *, retries: int | None = None,
