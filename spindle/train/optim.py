@@ -48,17 +48,28 @@ def beta2_at(update: int, sched: Beta2SchedulerConfig) -> float:
 # ----------------------------------------------------------------------------- optimizer
 
 
+def _kind(t: torch.Tensor) -> tuple:
+    """Plain tensor, or DTensor of one (mesh, placements): the kernels that take many tensors at once want one."""
+    return (id(t.device_mesh), t.placements) if isinstance(t, DTensor) else ("plain",)
+
+
 def param_groups(model: nn.Module, adam: AdamConfig) -> list[dict]:
-    """Decay the matrices; exempt norms and biases (1-D tensors) unless `decay_norm_and_bias`."""
+    """Decay the matrices; exempt norms and biases (1-D tensors) unless `decay_norm_and_bias`. Each of the
+    two is split by kind (`_kind`): fused AdamW refuses a group that mixes plain tensors and DTensors, as
+    tensor parallelism without sequence parallelism leaves the norms plain next to sharded biases (qkv
+    biases under TP crashed the first step)."""
     decay, no_decay = [], []
     for _, p in model.named_parameters():
         if not p.requires_grad:
             continue
         (decay if p.ndim >= 2 or adam.decay_norm_and_bias else no_decay).append(p)
-    groups = [{"params": decay, "weight_decay": adam.weight_decay, "name": "default"}]
-    if no_decay:
-        groups.append({"params": no_decay, "weight_decay": 0.0, "name": "no_decay"})
-    return groups
+    groups = []
+    for name, params, weight_decay in (("default", decay, adam.weight_decay), ("no_decay", no_decay, 0.0)):
+        kinds: dict[tuple, list] = {}
+        for p in params:
+            kinds.setdefault(_kind(p), []).append(p)
+        groups += [{"params": ps, "weight_decay": weight_decay, "name": name} for ps in kinds.values()]
+    return groups or [{"params": [], "weight_decay": adam.weight_decay, "name": "default"}]
 
 
 def build_optimizer(model: nn.Module, adam: AdamConfig, device_type: str) -> torch.optim.AdamW:
@@ -95,8 +106,7 @@ def gradient_groups(params: list[torch.Tensor]) -> list[list[torch.Tensor]]:
         g = p.grad
         if g is None:
             continue
-        key = (id(g.device_mesh), g.placements) if isinstance(g, DTensor) else ("plain",)
-        groups.setdefault(key, []).append(g)
+        groups.setdefault(_kind(g), []).append(g)
     return list(groups.values())
 
 

@@ -21,6 +21,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from distributed.family_matrix import LAYOUTS as FAMILY_LAYOUTS
+
 ROOT = Path(__file__).resolve().parents[2]
 HERE = Path(__file__).resolve().parent
 TINY = str(HERE / "tiny.py")
@@ -105,6 +107,11 @@ JOBS = {
     "sharded_init": Job(2, script="sharded_init", args=("{folder}.pt",)),
     "load_sharded_tp": Job(2, script="load_sharded", args=("tp", "{folder}.pt", *SOURCES), setup="sources"),
     "load_sharded_fsdp": Job(1, script="load_sharded", args=("fsdp", "{folder}.pt", *SOURCES), setup="sources"),
+    # the family x layout matrix (family_matrix.py): every family folder under every layout of a world size
+    **{f"families_world{world}": Job(world, script="family_matrix", setup="families",
+                                     args=(",".join(n for n, (w, _, _) in FAMILY_LAYOUTS.items() if w == world),
+                                           "{families}", "{folder}.pt"))
+       for world in sorted({w for w, _, _ in FAMILY_LAYOUTS.values()})},
 }
 
 
@@ -227,4 +234,11 @@ def make_sources(folder: Path) -> dict:
     return {"sources": str(folder)}
 
 
-SETUPS = {"le_doc": make_le_doc, "ppm": make_ppm, "sources": make_sources}
+def make_families(folder: Path) -> dict:
+    from family_folders import write_family_folders
+
+    write_family_folders(folder)
+    return {"families": str(folder)}
+
+
+SETUPS = {"le_doc": make_le_doc, "ppm": make_ppm, "sources": make_sources, "families": make_families}
