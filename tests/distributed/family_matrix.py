@@ -31,7 +31,8 @@ LAYOUTS = {
     "tp2_sp": (2, {"tensor": 2, "sequence_parallel": True}, 1),
     "pp2": (2, {"pipeline": {"size": 2}}, 1),
     "cp2": (2, {"context": 2}, 1),
-    "dp2_tp2": (4, {"tensor": 2}, 2),
+    "dp2_tp2": (4, {"tensor": 2}, 2),  # TP x FSDP
+    "dp4_zero1_2": (4, {"zero1": 2}, 4),  # hybrid: sharded within pairs of ranks, replicated across them
 }
 
 
