@@ -18,6 +18,20 @@ def pytest_configure(config):
                             "(each launched once per session, one launch per world size)")
 
 
+# The fast tier, `pytest -m "not slow"` (README): every unit test and every in-process end-to-end path. Real
+# multi-process launches (dist) and the user journeys (each a chain of real commands) are slow by their mark.
+SLOW_BY_MARK = ("dist", "journeys")
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if any(item.get_closest_marker(mark) for mark in SLOW_BY_MARK):
+            item.add_marker(pytest.mark.slow)
+    unit = [item.nodeid for item in items if item.nodeid.startswith("tests/unit/") and item.get_closest_marker("slow")]
+    if unit:
+        raise pytest.UsageError(f"tests/unit is the fast tier whole; these are marked slow: {unit[:5]}")
+
+
 @pytest.fixture(scope="session")
 def moto_server():
     """A real S3 endpoint (moto_server on 127.0.0.1, free port) shared by the whole session.

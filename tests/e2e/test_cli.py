@@ -25,6 +25,7 @@ def spindle(*args, cwd=ROOT, timeout=300):
                           text=True, timeout=timeout)
 
 
+@pytest.mark.slow
 def test_dry_run_7b_prints_estimates_without_allocating():
     before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
     alone = spindle("train", "--config", "configs/7B_sft.py", "--dry-run")  # the seed's zero1=8 on 1 process
@@ -66,6 +67,7 @@ def test_set_override_error_and_debug_traceback(tmp_path):
     assert r.returncode != 0 and "Traceback" in r.stderr
 
 
+@pytest.mark.slow
 def test_demo_few_steps_end_to_end(tmp_path):
     r = spindle("train", "--set", "data.total_steps=4", "trainer.log_every=1", f"trainer.run_folder={tmp_path}",
                 "trainer.sample_tokens=8", "data.max_text_bytes=400000")
@@ -83,6 +85,7 @@ def test_demo_few_steps_end_to_end(tmp_path):
     assert "sample (temperature 0.8, top-p 0.95, 8 tokens;" in r.stdout
 
 
+@pytest.mark.dist
 def test_torchrun_single_process_runs_the_same_job(tmp_path):
     torchrun = Path(sys.executable).parent / "torchrun"
     r = subprocess.run([str(torchrun), "--standalone", "--nproc_per_node=1", "train.py", "--config",

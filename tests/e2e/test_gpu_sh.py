@@ -28,6 +28,7 @@ def test_no_cuda_device_exits_at_once_with_one_line(tmp_path):
     assert time.monotonic() - t0 < 60  # no install, no training (a bound against hours, not a timing)
 
 
+@pytest.mark.slow
 def test_cpu_smoke_runs_every_stage(tmp_path):
     r = subprocess.run(["bash", "bench/gpu.sh", "--preset", "tiny", "--device", "cpu"], cwd=ROOT,
                        env={**ENV, "OUT": str(tmp_path)}, capture_output=True, text=True, timeout=600)

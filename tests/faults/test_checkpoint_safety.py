@@ -166,6 +166,7 @@ def test_keep_last_n_never_prunes_the_checkpoint_just_saved(saved_run, tmp_path)
 # ----------------------------------------------------------------------------- 3. one writer
 
 
+@pytest.mark.slow  # the owner is a real training process
 def test_second_run_on_a_folder_in_use_is_refused_until_the_owner_dies(tmp_path):
     ckpt = tmp_path / "ckpt"
     config = write_config(tmp_path, "long", ckpt, total=100000, every=1000)

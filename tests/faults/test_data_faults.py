@@ -20,7 +20,7 @@ import pytest
 
 from spindle.data.prepare import prepare
 
-pytestmark = [pytest.mark.faults]
+pytestmark = [pytest.mark.faults, pytest.mark.slow]  # real training processes, each test
 REPO = Path(__file__).resolve().parents[2]
 
 CONFIG = """

@@ -78,10 +78,18 @@ def steps(out: str) -> list[int]:
 
 
 def closing_sample(stdout: str, tokens: int = 8) -> str:
-    """The run ends with its summary, the sample header and the sample (as one process ends); returns the sample."""
-    lines = stdout.rstrip("\n").splitlines()
+    """The run ends with its summary, the sample header and the sample (as one process ends); returns the sample:
+    the demo's prompt and a continuation that is not empty (an empty generation echoes the prompt alone)."""
+    lines = stdout.splitlines(keepends=True)
     header = max(i for i, l in enumerate(lines) if l.startswith("sample ("))
     assert lines[header - 1].startswith(("done: ", "already at data.total_steps=")), lines[header - 1:]
     assert f"{tokens} tokens;" in lines[header], lines[header]
-    assert lines[header + 1].startswith("import "), lines[header:]  # the demo's prompt, then the continuation
-    return "\n".join(lines[header + 1:])
+    return generated("".join(lines[header + 1:]), "import ")
+
+
+def generated(stdout: str, prompt: str) -> str:
+    """What `spindle generate` and the closing sample print: the prompt, the continuation, one newline."""
+    text = stdout.removesuffix("\n")
+    assert text.startswith(prompt), text[:200]
+    assert len(text) > len(prompt), f"nothing generated after the prompt {prompt!r}"
+    return text

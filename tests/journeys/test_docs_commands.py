@@ -18,10 +18,11 @@ import shutil
 import sysconfig
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable, Optional
 
 import pytest
 
-from tests.journeys.shell import ROOT, SMALL, ok, sh, user_folder
+from tests.journeys.shell import ROOT, SMALL, generated, ok, sh, user_folder
 
 pytestmark = pytest.mark.journeys
 
@@ -97,6 +98,7 @@ class Run:
     command: str = ""  # run this instead, when the doc line also does what the test environment did already
     why: str = ""
     copy: tuple[str, str] = ()  # (from, to) in the folder first: a file the user has, made by an earlier command
+    check: Optional[Callable[[str], object]] = None  # a check of the command's stdout beyond the lines it holds
 
 
 DEMO = ("--set", "data.total_steps=4", *SMALL)
@@ -114,7 +116,7 @@ RUNS = {
     "spindle prepare data/raw/ --out data/train/en/ --tokenizer default": Run(("documents,", "tokens in 1 shard(s) -> data/train/en/")),
     "spindle tokenizer train corpus.txt --vocab-size 8000 --out my_tokenizer/": Run(('"vocab_size": 8000',)),
     "spindle generate --ckpt runs/demo/ckpt --prompt 'import ' --max-new-tokens 40 --temperature 0.8 --top-p 0.9":
-        Run(("import ",), ("--max-new-tokens", "8")),
+        Run(("import ",), ("--max-new-tokens", "8"), check=lambda stdout: generated(stdout, "import ")),
     "spindle eval ppl --ckpt runs/demo/ckpt --lengths 256,1024,4096,16384 --variants plain,dynamic,yarn,logn": Run(
         ("eval ppl: no --data, reading", "perplexity over the first L tokens", "logn"), EVAL_SMALL),
     "spindle eval passkey --ckpt runs/demo/ckpt --lengths 256,1024 --depths 0,0.5,1": Run(
@@ -147,36 +149,71 @@ RUNS = {
         ("data.total_steps=4", "data.valid_every=2", *SMALL)),
     "spindle eval plot runs/lc/demo": Run(("wrote runs/lc/demo/long_context.png (ppl, passkey at steps 1, 3)",)),
 }
-SLOW_BENCH = "timing runs of minutes to hours on this 2-core machine; tests/unit/test_bench.py runs their code small"
-TEMPLATE = "a synopsis: its capitals (HF_DIR, SRC, CKPT, OUT) stand for the user's folders; the concrete forms run"
+SLOW_BENCH = "timing runs of minutes to hours on this 2-core machine"
+TEMPLATE = "a synopsis: its capitals (HF_DIR, SRC, CKPT, OUT) stand for the user's folders"
+SUITE = "the test suite itself (.ci/run runs all of it)"
+# Each skipped command: why it cannot run here, and the test that runs what it does (its code or its concrete form).
 SKIPS = {
-    "spindle convert from-hf HF_DIR OUT": TEMPLATE,
-    "spindle convert from-internevo SRC OUT": TEMPLATE,
-    "spindle convert to-hf CKPT OUT": TEMPLATE,
+    "spindle convert from-hf HF_DIR OUT": TEMPLATE + "; the concrete `spindle convert from-hf path/to/hf_folder "
+        "imported/` runs here, and tests/e2e/test_convert.py::test_round_trip_from_hf_and_ckpt_type_hf",
+    "spindle convert from-internevo SRC OUT": TEMPLATE + "; tests/unit/test_internevo_ckpt.py::"
+        "test_from_internevo_cli_writes_a_spindle_checkpoint runs it on an InternEvo folder",
+    "spindle convert to-hf CKPT OUT": TEMPLATE + "; the concrete `spindle convert to-hf runs/demo/ckpt hf_out/` "
+        "runs here, and tests/e2e/test_convert.py::test_to_hf_same_logits",
     "spindle convert from-internevo save/1000 imported/": "needs InternEvo's own model_tp*_pp*.pt files; "
-        "tests/unit/test_internevo_ckpt.py writes such a folder and converts it",
+        "tests/unit/test_internevo_ckpt.py::test_from_internevo_cli_writes_a_spindle_checkpoint writes such a "
+        "folder and converts it",
     "OMP_NUM_THREADS=1 pytest -s tests/unit/test_hf_families.py tests/unit/test_internevo_ckpt.py "
-    "tests/distributed/test_sharded_load.py | grep PARITY": "part of the test suite itself",
-    ".venv/bin/python -m pytest -q": "the test suite itself (.ci/run runs it)",
-    ".venv/bin/python -m pytest tests/faults -m faults -s -q": "part of the test suite itself",
-    ".venv/bin/python -m pytest tests/fuzz -m fuzz -s -q": "part of the test suite itself",
-    ".venv/bin/python -m pytest tests/unit/test_monitor.py tests/unit/test_safety.py -q": "part of the test suite",
-    "spindle bench train --quick": SLOW_BENCH,
-    "spindle bench train --quick --variants spindle,hand --rounds 5": SLOW_BENCH,
-    ".venv/bin/python -m spindle.cli bench train": SLOW_BENCH,
-    ".venv/bin/python -m spindle.cli bench train --quick": SLOW_BENCH,
-    ".venv/bin/spindle bench attention --out runs/bench_attention_full.json": SLOW_BENCH,
-    "spindle bench attention --quick": SLOW_BENCH + " (--quick alone is 2 minutes here)",
-    "python -m spindle.benchmarks.bench_cp_memory --lengths 16384 --steps 2": SLOW_BENCH,
-    "python -m spindle.benchmarks.bench_cp_memory --lengths 32768 --contexts 1 --steps 1": SLOW_BENCH,
-    "python -m spindle.benchmarks.bench_cp_memory --lengths 16384,32768 --contexts 2 --steps 2": SLOW_BENCH,
-    "bench/gpu.sh": "needs a CUDA GPU (its CPU form, `spindle bench gpu --device cpu`, is run)",
-    "bench/gpu.sh --micro-bsz 8": "needs a CUDA GPU",
-    "bench/gpu.sh --preset tiny --device cpu": "run by tests/e2e/test_gpu_sh.py (every stage, its JSON checked)",
-    "bench/gpu_wheels.sh": "downloads from PyPI; tests/unit/test_gpu_deps.py checks what it asks for",
+    "tests/distributed/test_sharded_load.py | grep PARITY": SUITE + ": those three files",
+    ".venv/bin/python -m pytest -q": SUITE,
+    ".venv/bin/python -m pytest -q -m 'not slow'": SUITE + ": its fast tier",
+    ".venv/bin/python -m pytest tests/faults -m faults -s -q": SUITE + ": tests/faults",
+    ".venv/bin/python -m pytest tests/fuzz -m fuzz -s -q": SUITE + ": tests/fuzz",
+    ".venv/bin/python -m pytest tests/unit/test_monitor.py tests/unit/test_safety.py -q": SUITE + ": those two files",
+    "spindle bench train --quick": SLOW_BENCH + "; tests/unit/test_bench.py::"
+        "test_train_bench_variants_start_from_the_same_model runs its code on the tiny size",
+    "spindle bench train --quick --variants spindle,hand --rounds 5": SLOW_BENCH + "; tests/unit/test_bench.py::"
+        "test_train_bench_variants_start_from_the_same_model runs its code on the tiny size",
+    ".venv/bin/python -m spindle.cli bench train": SLOW_BENCH + "; tests/unit/test_bench.py::"
+        "test_train_bench_variants_start_from_the_same_model runs its code on the tiny size",
+    ".venv/bin/python -m spindle.cli bench train --quick": SLOW_BENCH + "; tests/unit/test_bench.py::"
+        "test_train_bench_variants_start_from_the_same_model runs its code on the tiny size",
+    ".venv/bin/spindle bench attention --out runs/bench_attention_full.json": SLOW_BENCH + "; the kernels it "
+        "times are tests/unit/test_attention.py's, and tests/unit/test_bench.py::test_cli_dispatch its dispatch",
+    "spindle bench attention --quick": SLOW_BENCH + " (--quick alone is 2 minutes here); the kernels it times are "
+        "tests/unit/test_attention.py's, and tests/unit/test_bench.py::test_cli_dispatch its dispatch",
+    "python -m spindle.benchmarks.bench_cp_memory --lengths 16384 --steps 2": SLOW_BENCH + "; the context-parallel "
+        "kernel it measures is tests/unit/test_context_kernel.py's and tests/distributed/test_parity.py's (cp2)",
+    "python -m spindle.benchmarks.bench_cp_memory --lengths 32768 --contexts 1 --steps 1": SLOW_BENCH + "; the "
+        "context-parallel kernel it measures is tests/unit/test_context_kernel.py's and tests/distributed/"
+        "test_parity.py's (cp2)",
+    "python -m spindle.benchmarks.bench_cp_memory --lengths 16384,32768 --contexts 2 --steps 2": SLOW_BENCH + "; "
+        "the context-parallel kernel it measures is tests/unit/test_context_kernel.py's and tests/distributed/"
+        "test_parity.py's (cp2)",
+    "bench/gpu.sh": "needs a CUDA GPU; its CPU form runs in tests/e2e/test_gpu_sh.py::test_cpu_smoke_runs_every_stage "
+        "(and `spindle bench gpu --device cpu` here)",
+    "bench/gpu.sh --micro-bsz 8": "needs a CUDA GPU; tests/e2e/test_gpu_sh.py::test_cpu_smoke_runs_every_stage "
+        "runs the script on the CPU",
+    "bench/gpu.sh --preset tiny --device cpu": "run by tests/e2e/test_gpu_sh.py::test_cpu_smoke_runs_every_stage "
+        "(every stage, its JSON checked)",
+    "bench/gpu_wheels.sh": "downloads from PyPI; tests/unit/test_gpu_deps.py::test_requirements_carry_pyproject_ranges "
+        "checks what it asks for",
     "spindle eval ppl --ckpt /tmp/attn/demo/demo/ckpt --lengths L --variants plain --windows 1 --threads 2":
-        "a template: L stands for each length of the benchmark, the folder is that benchmark's own run",
+        "a template: L stands for each length of the benchmark, the folder is that benchmark's own run; `spindle "
+        "eval ppl` runs here and in tests/e2e/test_eval_cli.py::test_eval_ppl_writes_json_and_png",
 }
+
+
+def test_every_skip_names_the_test_that_covers_it():
+    """A skipped command is not run here: its reason names where what it does is tested."""
+    for command, why in SKIPS.items():
+        if why.startswith(SUITE):
+            continue
+        named = re.findall(r"tests/[\w/]+\.py(?:::\w+)?", why)
+        assert named, f"{command}: the reason names no test ({why})"
+        for ref in named:
+            path, _, name = ref.partition("::")
+            assert (ROOT / path).is_file() and (not name or f"def {name}(" in (ROOT / path).read_text()), ref
 
 
 def setup_folder(folder: Path) -> None:
@@ -218,9 +255,10 @@ def test_every_listed_command_is_still_in_the_docs():
 
 
 @pytest.mark.parametrize("doc, command", doc_commands(), ids=[c[:70] for _, c in doc_commands()])
-def test_doc_command_runs_as_written(folder, doc, command):
+def test_doc_command_runs_as_written(request, doc, command):
     if command in SKIPS:
         pytest.skip(f"{doc}: {SKIPS[command]}")
+    folder = request.getfixturevalue("folder")  # after the skip: a skipped command does not wait for the demo
     assert command in RUNS, (f"{doc}: `{command}` is a new command: add it to RUNS (how it runs here and what it "
                              f"must print) or to SKIPS (why it cannot run here)")
     run = RUNS[command]
@@ -229,7 +267,10 @@ def test_doc_command_runs_as_written(folder, doc, command):
     else:
         if run.copy:
             shutil.copytree(folder / run.copy[0], folder / run.copy[1], dirs_exist_ok=True)
-        out = ok(sh(run.command or command.replace(".venv/bin/python", "python").replace(".venv/bin/", ""),
-                    folder, *run.extra)).out
+        r = ok(sh(run.command or command.replace(".venv/bin/python", "python").replace(".venv/bin/", ""),
+                  folder, *run.extra))
+        out = r.out
+        if run.check:
+            run.check(r.stdout)
     for line in (*run.expect, *shown_output(command)):
         assert line in out, f"{doc}: `{command}` did not print {line!r}:\n{out[-3000:]}"
