@@ -1,13 +1,15 @@
-"""Fuzzing with hypothesis (derandomized: the same cases every run): every target is fed at least
-FUZZ_EXAMPLES (default 10,000) generated inputs, and the only exception allowed out of it is the
-project's own `SpindleError` (one clear line). Anything else is a bug in the reader/loader.
+"""Fuzzing with hypothesis: every target searches FUZZ_EXAMPLES new inputs each run from a fresh seed and
+replays the corpus of inputs that once failed (tests/fuzz/fuzzing.py: budget, seed, corpus); the only
+exception allowed out of a target is the project's own `SpindleError` (one clear line). Anything else is a
+bug in the reader/loader.
 
 Targets: the config loader (dicts, `--set` overrides, Python config files), the tokenizer tool
 (tools/tokenizer.py on generated input files; tokenizer files), the `.bin`/`.bin.meta` and binary
 shard readers, the checkpoint loader (mutated DCP checkpoints), the trainer-state file (generated JSON
-read back into the loader and the loss scaler).
+read back into the loader and the loss scaler; those two in test_fuzz_checkpoint.py). Each target is a factory: given a scratch folder, it returns
+the function one case runs through, for the search and for the corpus alike.
 
-    .venv/bin/python -m pytest tests/fuzz -m fuzz -q          # FUZZ_EXAMPLES=1000 for a quick pass
+    .venv/bin/python -m pytest tests/fuzz -m fuzz -q          # FUZZ_EXAMPLES=100000 for a long search
 """
 
 from __future__ import annotations
@@ -15,72 +17,19 @@ from __future__ import annotations
 import gzip
 import io
 import json
-import os
 import shutil
-import sys
 import tempfile
 from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from spindle.errors import SpindleError
+from fuzzing import MUTATIONS, corpus, mutate, run_target, search
+from helpers import tokenizer_tool
 
 pytestmark = pytest.mark.fuzz
-
-REPO = Path(__file__).resolve().parents[2]
-EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "10000"))
-FUZZ = settings(max_examples=EXAMPLES, derandomize=True, deadline=None, database=None, print_blob=True,
-                suppress_health_check=list(HealthCheck))
-COUNTS: dict[str, int] = {}
-
-
-def run_target(name: str, fn, *args) -> None:
-    """Call fn(*args); SpindleError is the expected failure, anything else propagates (a bug)."""
-    COUNTS[name] = COUNTS.get(name, 0) + 1
-    try:
-        fn(*args)
-    except SpindleError as exc:
-        assert str(exc).strip(), "empty SpindleError message"
-
-
-def check_count(name: str) -> None:
-    n = COUNTS.get(name, 0)
-    print(f"fuzz {name}: {n} cases")
-    assert n >= EXAMPLES, f"{name}: only {n} cases ran"
-
-
-@pytest.fixture(scope="module")
-def work():
-    shm = "/dev/shm" if os.access("/dev/shm", os.W_OK) else None  # memory-backed: 10k file writes per target
-    d = Path(tempfile.mkdtemp(prefix="spindle-fuzz-", dir=shm))
-    yield d
-    shutil.rmtree(d, ignore_errors=True)
-
-
-def mutate(data: bytes, ops: list) -> bytes:
-    """Apply (kind, position, value) edits: flip a byte, insert, delete a run, truncate."""
-    b = bytearray(data)
-    for kind, pos, val in ops:
-        if not b and kind != "insert":
-            continue
-        i = pos % (len(b) + 1) if kind == "insert" else pos % len(b)
-        if kind == "flip":
-            b[i] ^= (val % 255) + 1
-        elif kind == "insert":
-            b[i:i] = bytes([val % 256]) * (1 + val % 4)
-        elif kind == "delete":
-            del b[i:i + 1 + val % 16]
-        else:
-            del b[i:]
-    return bytes(b)
-
-
-MUTATIONS = st.lists(st.tuples(st.sampled_from(["flip", "flip", "insert", "delete", "truncate"]),
-                               st.integers(0, 1 << 20), st.integers(0, 255)), min_size=1, max_size=4)
 
 # --------------------------------------------------------------------------- 1. config loader
 
@@ -139,7 +88,7 @@ CONFIG_CASE = st.one_of(
 )
 
 
-def test_fuzz_config_loader(work):
+def config_target(work: Path):
     from spindle.config import apply_overrides, load_config, validate_config
 
     cfg_file = work / "fuzz_config.py"
@@ -157,13 +106,12 @@ def test_fuzz_config_loader(work):
             cfg_file.write_text("\n".join(lines) + "\n", encoding="utf-8", errors="surrogatepass")
             load_config(cfg_file)
 
-    @FUZZ
-    @given(CONFIG_CASE)
-    def fuzz(case):
-        run_target("config", one, *case)
+    return one
 
-    fuzz()
-    check_count("config")
+
+@pytest.mark.slow  # the search: FUZZ_EXAMPLES cases
+def test_fuzz_config_loader(work):
+    search("config", config_target(work), CONFIG_CASE)
 
 
 # --------------------------------------------------------------------------- 2. tokenizer tool
@@ -183,10 +131,8 @@ TOKENIZER_CASE = st.tuples(
 )
 
 
-def test_fuzz_tokenizer_tool(work):
-    sys.path.insert(0, str(REPO / "tools"))
-    import tokenizer as tool  # tools/tokenizer.py
-
+def tokenizer_target(work: Path):
+    tool = tokenizer_tool()  # tools/tokenizer.py
     d = work / "tok"
     d.mkdir(exist_ok=True)
     (d / "tokdir").mkdir(exist_ok=True)
@@ -223,13 +169,12 @@ def test_fuzz_tokenizer_tool(work):
             src_docs = open_documents(str(d / "out.bin"))
             assert len(src_docs) >= 1
 
-    @FUZZ
-    @given(TOKENIZER_CASE)
-    def fuzz(case):
-        run_target("tokenizer", one, *case)
+    return one
 
-    fuzz()
-    check_count("tokenizer")
+
+@pytest.mark.slow  # the search: FUZZ_EXAMPLES cases
+def test_fuzz_tokenizer_tool(work):
+    search("tokenizer", tokenizer_target(work), TOKENIZER_CASE)
 
 
 # --------------------------------------------------------------------------- 3. shard readers
@@ -267,7 +212,7 @@ SHARD_CASE = st.tuples(
 )
 
 
-def test_fuzz_shard_readers(work):
+def shards_target(work: Path):
     from spindle.data.shards import open_documents
 
     d = work / "shards"
@@ -312,145 +257,21 @@ def test_fuzz_shard_readers(work):
             toks, mask = src[i]
             assert toks.ndim == 1 and (mask is None or mask.shape == toks.shape)
 
-    @FUZZ
-    @given(SHARD_CASE)
-    def fuzz(case):
-        run_target("shards", one, *case)
-
-    fuzz()
-    check_count("shards")
+    return one
 
 
-# --------------------------------------------------------------------------- 4. checkpoint loader
-
-CKPT_CASE = st.tuples(
-    st.sampled_from(["metadata"] * 6 + ["distcp", "trainer_state", "marker", "delete", "replace_metadata"]),
-    MUTATIONS, st.sampled_from(["model"] * 5 + ["all"]),
-    st.sampled_from([".metadata", "__0_0.distcp", "trainer_state.json", "config.json"]),
-    st.binary(max_size=64),
-)
+@pytest.mark.slow  # the search: FUZZ_EXAMPLES cases
+def test_fuzz_shard_readers(work):
+    search("shards", shards_target(work), SHARD_CASE)
 
 
-def test_fuzz_checkpoint_loader(work):
-    import pickle
+# =========================================================================== the corpus
 
-    import torch
-
-    from spindle.checkpoint.discovery import resolve
-    from spindle.checkpoint.loading import CONTENTS, load_checkpoint
-    from spindle.checkpoint.manager import CheckpointManager
-    from spindle.config import CkptConfig, validate_config
-    from spindle.model.llama import build_model
-    from spindle.train.optim import build_optimizer
-
-    torch.set_num_threads(1)
-    cfg = validate_config({"model": {"hidden_size": 16, "num_attention_heads": 2, "num_kv_attention_heads": 1,
-                                     "num_layers": 1, "vocab_size": 32, "multiple_of": 16,
-                                     "max_position_embeddings": 16}})
-    model = build_model(cfg.model.to_args(), torch.device("cpu"), seed=1)
-    opt = build_optimizer(model, cfg.adam, "cpu")
-    good = work / "ckpt_good"
-    CheckpointManager(str(good), CkptConfig()).save(3, model, opt, {
-        "step": 3, "updates": 3, "num_consumed_tokens": 96, "inf_nan_skip_batches": 0, "loader": {"position": 3},
-        "scaler": {"scale": 1.0, "growth_tracker": 0, "hysteresis_tracker": 2}}, {})
-    originals = {f: (good / "3" / f).read_bytes() for f in os.listdir(good / "3")}
-    case_dir = work / "ckpt_case"
-    shutil.copytree(good, case_dir)
-    dirty: set[str] = set(originals)
-
-    class Evil:
-        def __reduce__(self):
-            return (os.system, ("echo pwned > " + str(work / "PWNED"),))
-
-    def one(where, ops, content, victim, blob):
-        step_dir = case_dir / "3"  # restore the good checkpoint: what the previous case changed
-        for f in case_dir.iterdir():
-            if f.is_file() and f.name != "3.step":
-                f.unlink()
-        if not (case_dir / "3.step").exists():
-            (case_dir / "3.step").write_bytes(b"3\n")
-        for name in dirty:
-            (step_dir / name).write_bytes(originals[name])
-        dirty.clear()
-        dirty.update({"metadata": [".metadata"], "replace_metadata": [".metadata"], "distcp": ["__0_0.distcp"],
-                      "trainer_state": ["trainer_state.json"], "delete": [victim], "marker": []}[where])
-        if where == "metadata":
-            (step_dir / ".metadata").write_bytes(mutate(originals[".metadata"], ops))
-        elif where == "distcp":
-            (step_dir / "__0_0.distcp").write_bytes(mutate(originals["__0_0.distcp"], ops))
-        elif where == "trainer_state":
-            (step_dir / "trainer_state.json").write_bytes(mutate(originals["trainer_state.json"], ops))
-        elif where == "marker":
-            (case_dir / "3.step").unlink()
-            (case_dir / (blob.hex()[:6] or "x")).write_bytes(blob)
-        elif where == "delete":
-            (step_dir / victim).unlink()
-        else:  # a hostile or foreign pickle as metadata
-            payload = [Evil(), {"a": 1}, blob, torch.zeros(2)][ops[0][1] % 4]
-            (step_dir / ".metadata").write_bytes(pickle.dumps(payload))
-        storage, ref = resolve(str(case_dir))  # the marker rule: no marker -> SpindleError, never a load
-        load_checkpoint(Path(storage.local_path(ref.rel)), model, opt, ("model",) if content == "model" else CONTENTS)
-
-    @FUZZ
-    @given(CKPT_CASE)
-    def fuzz(case):
-        run_target("checkpoint", one, *case)
-
-    fuzz()
-    assert not (work / "PWNED").exists(), "a pickled payload was executed"
-    check_count("checkpoint")
+TARGETS = {"config": config_target, "tokenizer": tokenizer_target, "shards": shards_target}
 
 
-# =========================================================================== trainer state
-
-JSON_LEAF = st.one_of(st.none(), st.booleans(), st.integers(min_value=-2**70, max_value=2**70),
-                      st.floats(allow_nan=True, allow_infinity=True), st.text(max_size=8))
-JSON_VALUE = st.recursive(JSON_LEAF, lambda inner: st.one_of(
-    st.lists(inner, max_size=3), st.dictionaries(st.text(max_size=6), inner, max_size=3)), max_leaves=6)
-STATE_KEYS = ["step", "updates", "num_consumed_tokens", "inf_nan_skip_batches", "loader", "scaler", "lineage"]
-GOOD_STATE = {"step": 4, "updates": 4, "num_consumed_tokens": 128, "inf_nan_skip_batches": 0,
-              "loader": {"position": 4}, "scaler": {"scale": 1.0, "growth_tracker": 0, "hysteresis_tracker": 2},
-              "lineage": "abc"}
-STATE_CASE = st.tuples(
-    st.dictionaries(st.sampled_from(STATE_KEYS + ["position", "fingerprint", "x"]), JSON_VALUE, max_size=5),
-    st.dictionaries(st.sampled_from(["position", "fingerprint", "cursor", "scale", "growth_tracker",
-                                     "hysteresis_tracker"]), JSON_VALUE, max_size=4),
-    st.sampled_from(["replace", "loader", "scaler", "drop", "text"]),
-    st.binary(max_size=24),
-)
-
-
-def test_fuzz_trainer_state(work):
-    """A trainer_state.json of any content: parsed (damaged -> one line), then read back into a real loader
-    and loss scaler, as a resume does."""
-    from spindle.checkpoint.records import parse_trainer_state
-    from spindle.config import validate_config
-    from spindle.data.loader import build_train_loader
-    from spindle.train.optim import DynamicLossScaler
-
-    cfg = validate_config({"data": {"seq_len": 8, "micro_bsz": 1}, "model": {"vocab_size": 32}})
-    loader = build_train_loader(cfg.data, 32, work / "cache", prefetch=False)
-    scaler = DynamicLossScaler.from_config(cfg.grad_scaler, enabled=True)
-
-    def one(top, inner, mode, blob):
-        state = dict(GOOD_STATE)
-        if mode == "replace":
-            state.update(top)
-        elif mode in ("loader", "scaler"):
-            state[mode] = inner
-        elif mode == "drop":
-            for key in top:
-                state.pop(key, None)
-        data = json.dumps(state, allow_nan=True).encode() if mode != "text" else blob
-        parsed = parse_trainer_state(data, "trainer_state.json")
-        loader.load_state_dict(parsed["loader"])
-        if "scaler" in parsed:
-            scaler.load_state_dict(parsed["scaler"])
-
-    @FUZZ
-    @given(STATE_CASE)
-    def fuzz(case):
-        run_target("trainer_state", one, *case)
-
-    fuzz()
-    check_count("trainer_state")
+@pytest.mark.parametrize("target, name, case", [pytest.param(*c, id=f"{c[0]}/{c[1]}") for c in corpus(*TARGETS)])
+def test_corpus_input_that_once_failed(work, target, name, case):
+    """Every input of tests/fuzz/corpus/<target>/ (each found a bug once) goes through its target again."""
+    one = TARGETS[target](Path(tempfile.mkdtemp(dir=work)))
+    run_target(target, one, *case)

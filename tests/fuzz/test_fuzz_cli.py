@@ -7,7 +7,10 @@ Paths given to commands point into an empty scratch folder, so an argument list 
 check stops at the first file the command reads (one line) instead of doing hours of work; `bench`
 is left out for that reason (its options are the benchmark scripts', run by tests/unit/test_bench.py).
 
-    FUZZ_EXAMPLES=1000 .venv/bin/python -m pytest tests/fuzz/test_fuzz_cli.py -q
+New argument lists every run (a fresh seed), the argument lists that once failed replayed from
+tests/fuzz/corpus/cli/ ("{scratch}" in them is the scratch folder); tests/fuzz/fuzzing.py says how.
+
+    FUZZ_EXAMPLES=100000 .venv/bin/python -m pytest tests/fuzz/test_fuzz_cli.py -q
 """
 
 from __future__ import annotations
@@ -22,14 +25,12 @@ from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
-pytestmark = pytest.mark.fuzz
+from fuzzing import EXAMPLES, announce, corpus, fuzz_settings
 
-EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "10000"))
-FUZZ = settings(max_examples=EXAMPLES, derandomize=True, deadline=None, database=None, print_blob=True,
-                suppress_health_check=list(HealthCheck))
+pytestmark = pytest.mark.fuzz
 COMMANDS = ("train", "generate", "prepare", "tokenizer", "convert", "eval", "rope")
 
 
@@ -124,36 +125,49 @@ def test_the_parsers_were_found():
     assert all(any(a.option_strings for a in p._actions) for p in PARSERS.values())
 
 
-def test_fuzz_cli_options(scratch):
+def check_argv(argv: list[str], scratch: Path) -> int:
+    """`spindle ARGV...` in this process: exit 0, or exit 2 with one `spindle: error:` line; never a traceback.
+    Returns the exit code. What it wrote in `scratch` is removed (it would steer the next case)."""
     from spindle.cli import main
 
+    out, err = io.StringIO(), io.StringIO()
+    if os.environ.get("FUZZ_TRACE"):
+        print(argv, file=sys.__stderr__, flush=True)
+    env = dict(os.environ)
+    try:
+        with redirect_stdout(out), redirect_stderr(err):
+            rc = main(argv)
+    finally:
+        os.environ.clear()
+        os.environ.update(env)
+        for child in scratch.iterdir():
+            shutil.rmtree(child, ignore_errors=True) if child.is_dir() else child.unlink()
+    text = err.getvalue()
+    assert "Traceback" not in text + out.getvalue(), (argv, text)
+    assert rc in (0, 2), (argv, rc, text)
+    if rc == 2:
+        lines = text.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("spindle: error: "), (argv, text)
+    return rc
+
+
+@pytest.mark.slow  # the search: FUZZ_EXAMPLES cases
+def test_fuzz_cli_options(scratch):
+    announce("cli")
     seen = {"cases": 0, "errors": 0}
 
-    @FUZZ
+    @fuzz_settings
     @given(data=st.data())
     def one(data):
-        argv = data.draw(argv_cases(scratch))
-        out, err = io.StringIO(), io.StringIO()
-        if os.environ.get("FUZZ_TRACE"):
-            print(argv, file=sys.__stderr__, flush=True)
-        env = dict(os.environ)
-        try:
-            with redirect_stdout(out), redirect_stderr(err):
-                rc = main(argv)
-        finally:
-            os.environ.clear()
-            os.environ.update(env)
-            for child in scratch.iterdir():  # what a passing case wrote does not steer the next one
-                shutil.rmtree(child, ignore_errors=True) if child.is_dir() else child.unlink()
+        rc = check_argv(data.draw(argv_cases(scratch)), scratch)
         seen["cases"] += 1
-        text = err.getvalue()
-        assert "Traceback" not in text + out.getvalue(), (argv, text)
-        assert rc in (0, 2), (argv, rc, text)
-        if rc == 2:
-            seen["errors"] += 1
-            lines = text.strip().splitlines()
-            assert len(lines) == 1 and lines[0].startswith("spindle: error: "), (argv, text)
+        seen["errors"] += rc == 2
 
     one()
     print(f"fuzz cli options: {seen['cases']} cases, {seen['errors']} refused")
     assert seen["cases"] >= EXAMPLES and seen["errors"] > seen["cases"] // 2
+
+
+@pytest.mark.parametrize("name, argv", [pytest.param(name, argv, id=name) for _, name, argv in corpus("cli")])
+def test_corpus_argv_that_once_failed(scratch, name, argv):
+    check_argv([a.replace("{scratch}", str(scratch)) for a in argv], scratch)
