@@ -101,9 +101,20 @@ def test_memory_bench_small_lengths(tmp_path):
 
 
 def test_cli_dispatch(capsys):
+    """`spindle bench` lists every benchmark, `spindle bench NAME` runs NAME's own module (its options are
+    that module's), and bench/gpu.sh drives the one behind `spindle bench gpu`."""
+    from spindle.cli.bench import SCRIPTS
+
     assert cli_main(["bench"]) == 0
-    assert "train" in capsys.readouterr().out
+    listing = capsys.readouterr().out
+    assert all(f"  {name:<9} {what}" in listing for name, (_, what) in SCRIPTS.items())
+    for name, (module, _) in SCRIPTS.items():
+        assert load_script(name).__name__ == f"spindle.benchmarks.{module}"
+    with pytest.raises(SystemExit) as done:
+        bench_main(["gpu", "--help"])
+    assert done.value.code == 0 and "usage: gpu_train" in capsys.readouterr().out
     assert cli_main(["bench", "nope"]) == 2
     with pytest.raises(SpindleError):
         bench_main(["nope"])
-    assert (Path(__file__).resolve().parents[2] / "bench" / "gpu.sh").is_file()
+    gpu_sh = (Path(__file__).resolve().parents[2] / "bench" / "gpu.sh").read_text()
+    assert f"-m spindle.benchmarks.{SCRIPTS['gpu'][0]} " in gpu_sh  # its training stages run that module

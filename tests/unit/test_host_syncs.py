@@ -16,7 +16,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from spindle.parallel.mesh import ParallelEnv
 from spindle.train.trainer import Trainer
-from tests.unit.test_trainer import micro_batch, tiny_cfg
+from helpers import micro_batch
+from helpers import step_cfg as tiny_cfg
 
 # function -> syncs per step, and why it must read the device
 WHITELIST = {

@@ -72,16 +72,34 @@ def test_scaler_growth_interval_and_max():
     assert s.growth_tracker == 0  # an overflow restarts the growth count
 
 
-def test_scaler_disabled_for_bf16_fp32():
-    s = DynamicLossScaler.from_config(GradScalerConfig(), enabled=False)
+@pytest.mark.parametrize("dtype, enabled", [("torch.float16", True), ("torch.bfloat16", False),
+                                            ("torch.float32", False)])
+def test_scaler_disabled_for_bf16_fp32(tmp_path, dtype, enabled):
+    """The trainer scales the loss for fp16 only: bf16 and fp32 have fp32's exponent range."""
+    from helpers import tiny_cfg
+    from spindle.parallel.mesh import ParallelEnv
+    from spindle.train.trainer import Trainer
+
+    cfg = tiny_cfg(tmp_path, model={"dtype": dtype}, grad_scaler={"fp16": {"initial_scale": 2**16}})
+    s = Trainer(cfg, ParallelEnv(), log=lambda *_: None).scaler
+    assert s.enabled is enabled and s.scale == (2**16 if enabled else 1.0)
     s.update(found_inf=True)
-    assert s.scale == 1.0 and not s.enabled
+    s.update(found_inf=True)  # hysteresis 2: the second overflow backs off, when scaling is on
+    assert s.scale == (2**15 if enabled else 1.0)
 
 
 def test_scaler_state_roundtrip():
-    a = scaler()
+    """Every field of the state travels: hysteresis 1 backs off at once, so the scale, the growth count and
+    the hysteresis count all differ from a fresh scaler's."""
+    a = scaler(hysteresis=1)
     a.update(True)
     a.update(False)
-    b = scaler()
+    fresh = scaler(hysteresis=1).state_dict()
+    assert all(a.state_dict()[k] != fresh[k] for k in fresh), (a.state_dict(), fresh)
+    b = scaler(hysteresis=1)
     b.load_state_dict(a.state_dict())
     assert b.state_dict() == a.state_dict()
+    for found_inf in (True, False, False, False, False):  # and both go on alike
+        a.update(found_inf)
+        b.update(found_inf)
+        assert b.state_dict() == a.state_dict()

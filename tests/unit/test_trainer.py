@@ -5,30 +5,10 @@ import math
 import pytest
 import torch
 
-from spindle.data.batch import Batch
-from spindle.config import validate_config
+from helpers import micro_batch
+from helpers import step_cfg as tiny_cfg
 from spindle.parallel.mesh import ParallelEnv
 from spindle.train.trainer import Trainer
-
-
-def tiny_cfg(tmp_path, **over):
-    raw = {
-        "JOB_NAME": "t",
-        "data": {"seq_len": 16, "micro_bsz": 2, "micro_num": 2, "total_steps": 6},
-        "model": {"hidden_size": 32, "num_attention_heads": 4, "num_kv_attention_heads": 2, "num_layers": 2,
-                  "vocab_size": 64, "multiple_of": 16, "max_position_embeddings": 16},
-        "adam": {"lr": 1e-2},
-        "lr_scheduler": {"warmup_ratio": 0.0},
-        "trainer": {"run_folder": str(tmp_path), "tensorboard": False, "progress_bar": False, "seed": 7},
-    }
-    for k, v in over.items():
-        raw.setdefault(k, {}).update(v) if isinstance(v, dict) else raw.__setitem__(k, v)
-    return validate_config(raw)
-
-
-def micro_batch(ids, labels):
-    b, l = ids.shape
-    return Batch(ids, labels, torch.arange(l).expand(b, l).contiguous(), torch.zeros(b, l, dtype=torch.long))
 
 
 def test_step_loss_is_token_weighted_over_micro_batches(tmp_path):
@@ -152,11 +132,21 @@ def test_step_times_wait_for_the_device_and_memory_is_logged(tmp_path, monkeypat
     assert [h["mem_peak_allocated_gib"] for h in hist] == [1.5, 1.5]
 
 
-def test_backend_flags_are_not_left_behind(tmp_path):
-    """cudnn_benchmark / cudnn_deterministic / torch.tf32 hold during fit() only (they were process-wide)."""
-    before = (torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic, torch.get_float32_matmul_precision())
-    cfg = tiny_cfg(tmp_path, data={"total_steps": 1}, cudnn_benchmark=True, cudnn_deterministic=True,
+def test_backend_flags_are_not_left_behind(tmp_path, monkeypatch):
+    """cudnn_benchmark / cudnn_deterministic / torch.tf32 hold during fit() only (they were process-wide). They
+    are CUDA settings, never touched on a CPU: here the trainer's cuda_backend_mode is handed a CUDA device
+    (it reads nothing but device.type), so the CPU run sets them, and the flags each step sees are recorded."""
+    import spindle.train.trainer as trainer_module
+
+    real_mode = trainer_module.cuda_backend_mode
+    monkeypatch.setattr(trainer_module, "cuda_backend_mode", lambda device, *a: real_mode(torch.device("cuda", 0), *a))
+    flags = lambda: (torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic,  # noqa: E731
+                     torch.get_float32_matmul_precision())
+    seen, real_step = [], Trainer.train_step
+    monkeypatch.setattr(Trainer, "train_step", lambda self, mbs: (seen.append(flags()), real_step(self, mbs))[1])
+    before = flags()
+    cfg = tiny_cfg(tmp_path, data={"total_steps": 2}, cudnn_benchmark=True, cudnn_deterministic=True,
                    model={"dtype": "torch.tf32"})
     Trainer(cfg, ParallelEnv(), log=lambda *_: None).fit()
-    assert (torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic,
-            torch.get_float32_matmul_precision()) == before
+    assert seen == [(True, True, "high")] * 2 != [before] * 2  # in force while training ...
+    assert flags() == before  # ... and given back after
