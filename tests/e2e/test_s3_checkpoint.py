@@ -17,10 +17,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from helpers import tiny_cfg  # noqa: E402
 from s3server import MotoServer, find_moto_server, free_port  # noqa: E402
 
 from spindle.checkpoint.discovery import scan_completed  # noqa: E402
-from spindle.config import validate_config  # noqa: E402
 from spindle.errors import SpindleError  # noqa: E402
 from spindle.parallel.mesh import ParallelEnv  # noqa: E402
 from spindle.train.trainer import Trainer  # noqa: E402
@@ -45,19 +45,11 @@ def make_bucket(endpoint):
 
 
 def cfg(tmp_path, folder, total=4, model=None, **ckpt):
-    raw = {
-        "JOB_NAME": "s3",
-        "data": {"seq_len": 16, "micro_bsz": 2, "micro_num": 1, "total_steps": total},
-        "model": {"hidden_size": 32, "num_attention_heads": 4, "num_kv_attention_heads": 2, "num_layers": 1,
-                  "vocab_size": 64, "multiple_of": 16, "max_position_embeddings": 16, **(model or {})},
-        "adam": {"lr": 1e-2},
-        "lr_scheduler": {"total_steps": 6},  # the same schedule whatever total_steps a run stops at
-        "trainer": {"run_folder": str(tmp_path), "tensorboard": False, "progress_bar": False, "seed": 5,
-                    "num_threads": 1},
-        "ckpt": {"enable_save_ckpt": True, "save_ckpt_folder": folder,
-                 "async_upload_tmp_folder": str(tmp_path / "stage"), **ckpt},
-    }
-    return validate_config(raw)
+    """The tiny config (tests/helpers.py) saving to `folder`, staging uploads under tmp_path/stage."""
+    return tiny_cfg(tmp_path, JOB_NAME="s3", data={"total_steps": total}, model=model or {},
+                    lr_scheduler={"total_steps": 6},  # the same schedule whatever total_steps a run stops at
+                    ckpt={"enable_save_ckpt": True, "save_ckpt_folder": folder,
+                          "async_upload_tmp_folder": str(tmp_path / "stage"), **ckpt})
 
 
 def losses(result):

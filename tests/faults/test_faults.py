@@ -35,6 +35,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from helpers import tiny_cfg  # noqa: E402
 from s3server import MotoServer, find_moto_server, free_port  # noqa: E402
 
 from spindle.config import validate_config  # noqa: E402
@@ -335,18 +336,9 @@ def test_s3_outage_during_async_upload(tmp_path, monkeypatch):
 
 
 def _disk_cfg(tmp_path: Path, folder: Path, total: int):
-    return validate_config({
-        "JOB_NAME": "disk",
-        "data": {"seq_len": 16, "micro_bsz": 2, "micro_num": 1, "total_steps": total},
-        "model": {"hidden_size": 32, "num_attention_heads": 4, "num_kv_attention_heads": 2, "num_layers": 1,
-                  "vocab_size": 64, "multiple_of": 16, "max_position_embeddings": 16},
-        "adam": {"lr": 1e-2},
-        "lr_scheduler": {"total_steps": 6},
-        "trainer": {"run_folder": str(tmp_path), "tensorboard": False, "progress_bar": False, "seed": 5,
-                    "num_threads": 1},
-        "ckpt": {"enable_save_ckpt": True, "save_ckpt_folder": str(folder), "checkpoint_every": 2,
-                 "auto_resume": True},
-    })
+    return tiny_cfg(tmp_path, JOB_NAME="disk", data={"total_steps": total}, lr_scheduler={"total_steps": 6},
+                    ckpt={"enable_save_ckpt": True, "save_ckpt_folder": str(folder), "checkpoint_every": 2,
+                          "auto_resume": True})
 
 
 def _try_tmpfs(path: Path, size: str = "2m") -> bool:
@@ -445,17 +437,9 @@ def test_full_run_folder_stops_with_one_line_and_saves_the_checkpoint(tmp_path):
 
 
 def _nan_cfg(tmp_path: Path, alerts: Path, **model):
-    return validate_config({
-        "JOB_NAME": "nan",
-        "data": {"seq_len": 16, "micro_bsz": 2, "micro_num": 1, "total_steps": 8},
-        "model": {"hidden_size": 32, "num_attention_heads": 4, "num_kv_attention_heads": 2, "num_layers": 1,
-                  "vocab_size": 64, "multiple_of": 16, "max_position_embeddings": 16, **model},
-        "adam": {"lr": 1e-2},
-        "trainer": {"run_folder": str(tmp_path), "tensorboard": False, "progress_bar": False, "seed": 5,
-                    "num_threads": 1},
-        "grad_scaler": {"fp16": {"initial_scale": 2.0**40}, "hysteresis": 1, "max_scale": 2.0**40},
-        "monitor": {"alert": {"alert_file_path": str(alerts)}},
-    })
+    return tiny_cfg(tmp_path, JOB_NAME="nan", data={"total_steps": 8}, model=model,
+                    grad_scaler={"fp16": {"initial_scale": 2.0**40}, "hysteresis": 1, "max_scale": 2.0**40},
+                    monitor={"alert": {"alert_file_path": str(alerts)}})
 
 
 def test_nan_in_loss_and_gradients_skipped_counted_alerted(tmp_path):

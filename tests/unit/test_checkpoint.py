@@ -6,6 +6,7 @@ import pickle
 import pytest
 import torch
 
+import helpers
 from spindle.checkpoint.dcp_io import read_metadata
 from spindle.checkpoint.discovery import resolve, scan_completed
 from spindle.checkpoint.loading import load_checkpoint, plan_load
@@ -20,20 +21,10 @@ QUIET = dict(log=lambda *_: None)
 
 
 def tiny_cfg(tmp_path, ckpt=None, **over):
-    raw = {
-        "JOB_NAME": "t",
-        "data": {"seq_len": 16, "micro_bsz": 2, "micro_num": 1, "total_steps": 4},
-        "model": {"hidden_size": 32, "num_attention_heads": 4, "num_kv_attention_heads": 2, "num_layers": 1,
-                  "vocab_size": 64, "multiple_of": 16, "max_position_embeddings": 16},
-        "adam": {"lr": 1e-2},
-        "lr_scheduler": {"warmup_ratio": 0.0},
-        "trainer": {"run_folder": str(tmp_path), "tensorboard": False, "progress_bar": False, "seed": 7,
-                    "num_threads": 1},
-        "ckpt": {"enable_save_ckpt": True, "save_ckpt_folder": f"local:{tmp_path}/ckpt", **(ckpt or {})},
-    }
-    for k, v in over.items():
-        raw.setdefault(k, {}).update(v)
-    return validate_config(raw)
+    """The tiny config (tests/helpers.py) with saving on, into tmp_path/ckpt."""
+    return helpers.tiny_cfg(tmp_path, **helpers.merge(
+        dict(JOB_NAME="t", lr_scheduler={"warmup_ratio": 0.0}, trainer={"seed": 7},
+             ckpt={"enable_save_ckpt": True, "save_ckpt_folder": f"local:{tmp_path}/ckpt", **(ckpt or {})}), **over))
 
 
 def losses(result):

@@ -6,6 +6,7 @@ import math
 import numpy as np
 import pytest
 
+from helpers import tiny_cfg
 from spindle.config import DataConfig, validate_config
 from spindle.data.loader import build_train_loader, build_valid_sets, discover_sources, leaf_sources
 from spindle.data.shard_writers import JsonBinWriter
@@ -89,16 +90,11 @@ def test_per_source_metrics_and_validation_in_metrics_jsonl(tmp_path):
     for leaf in ("held_en", "held_code"):
         (tmp_path / "valid" / leaf).mkdir(parents=True)
         write_bin(tmp_path / "valid" / leaf / "v.bin", [rng.integers(0, VOCAB, size=30) for _ in range(4)])
-    cfg = validate_config({
-        "JOB_NAME": "src",
-        "data": {"seq_len": 16, "micro_bsz": 2, "micro_num": 4, "total_steps": 3, "train_folder": str(tmp_path / "train"),
-                 "valid_folder": str(tmp_path / "valid"), "valid_every": 1, "valid_micro_num": 1},
-        "model": {"hidden_size": 32, "num_attention_heads": 4, "num_kv_attention_heads": 2, "num_layers": 1,
-                  "vocab_size": VOCAB, "multiple_of": 16, "max_position_embeddings": 16},
-        "adam": {"lr": 1e-2}, "lr_scheduler": {"warmup_ratio": 0.0},
-        "ckpt": {"enable_save_ckpt": False},
-        "trainer": {"run_folder": str(tmp_path / "run"), "tensorboard": False, "progress_bar": False, "seed": 3},
-    })
+    cfg = tiny_cfg(tmp_path / "run", JOB_NAME="src",
+                   data={"micro_num": 4, "total_steps": 3, "train_folder": str(tmp_path / "train"),
+                         "valid_folder": str(tmp_path / "valid"), "valid_every": 1, "valid_micro_num": 1},
+                   model={"vocab_size": VOCAB}, lr_scheduler={"warmup_ratio": 0.0}, ckpt={"enable_save_ckpt": False},
+                   trainer={"seed": 3, "num_threads": None})
     out = Trainer(cfg, ParallelEnv(), log=lambda *_: None).fit()
     lines = [json.loads(line) for line in (tmp_path / "run" / "src" / "metrics.jsonl").read_text().splitlines()]
     assert len(lines) == 3 and [r["step"] for r in lines] == [0, 1, 2]
