@@ -71,7 +71,8 @@ def micro_batch(ids, labels):
     from spindle.data.batch import Batch
 
     b, length = ids.shape
-    return Batch(ids, labels, torch.arange(length).expand(b, length).contiguous(), torch.zeros(b, length, dtype=torch.long))
+    return Batch(ids, labels, torch.arange(length).expand(b, length).contiguous(),
+                 torch.zeros(b, length, dtype=torch.long))
 
 
 def tokenizer_tool():

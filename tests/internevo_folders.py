@@ -74,7 +74,8 @@ def internevo_full(model_type: str, sd: dict, kv_heads: int, interleaved: bool) 
         full[b + "ffn_norm.weight"] = hf["post_attention_layernorm.weight"]
     emb, head = ("embedding.weight", "head.weight") if model_type == "INTERNLM" else ("tok_embeddings.weight",
                                                                                        "output.weight")
-    full.update({emb: sd["model.embed_tokens.weight"], "norm.weight": sd["model.norm.weight"], head: sd["lm_head.weight"]})
+    full.update({emb: sd["model.embed_tokens.weight"], "norm.weight": sd["model.norm.weight"],
+                 head: sd["lm_head.weight"]})
     return full
 
 

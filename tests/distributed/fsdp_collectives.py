@@ -51,7 +51,8 @@ def one_step(model, batches, full_shard: bool, use_gradient_sync: bool) -> Count
 
 def run(out: str) -> None:
     # FSDP2 calls whichever names this torch has (2.13: *_single; 2.11: all_gather_into_tensor, ...)
-    undo = [spy(comm.all_gather_single.__name__, "all_gather"), spy(comm.reduce_scatter_single.__name__, "reduce_scatter")]
+    undo = [spy(comm.all_gather_single.__name__, "all_gather"),
+            spy(comm.reduce_scatter_single.__name__, "reduce_scatter")]
     try:
         count(out)
     finally:

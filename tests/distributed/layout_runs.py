@@ -42,7 +42,8 @@ class Job:
 
 
 M4 = "data.micro_num=4"
-PP2, CP2, TP2, SP = "parallel.pipeline.size=2", "parallel.context=2", "parallel.tensor=2", "parallel.sequence_parallel=True"
+PP2, CP2, TP2, SP = ("parallel.pipeline.size=2", "parallel.context=2", "parallel.tensor=2",
+                      "parallel.sequence_parallel=True")
 # the parity layouts: data.micro_num is per data-parallel rank, so every layout sees the same global batch
 LAYOUTS = {
     "dp2": Job(2, (M4,)),
@@ -70,7 +71,8 @@ LONG_EVAL = ("data.valid_every=5", "long_eval={'lengths': [32, 96], 'variants': 
              "'chunk': 40}")
 PACKED = "data.fixed_random_dataset_seqlen=False"
 RAMPUP = (M4, "data.rampup_batch_size=1 1 3")  # micro_num 1, 2, 3, 4 over the steps
-FP16, BF16 = ("model.dtype=torch.float16", "data.total_steps=3"), (M4, "model.dtype=torch.bfloat16", "data.total_steps=3")
+FP16, BF16 = (("model.dtype=torch.float16", "data.total_steps=3"),
+              (M4, "model.dtype=torch.bfloat16", "data.total_steps=3"))
 LR = "lr_scheduler.total_steps=10"
 SAVE = ("ckpt.enable_save_ckpt=True", "ckpt.save_ckpt_folder=local:{folder}/ckpt", "ckpt.checkpoint_every=5", LR)
 RESUME = ("ckpt.enable_save_ckpt=True", "ckpt.save_ckpt_folder=local:{folder}/ckpt", "ckpt.auto_resume=True", LR)
@@ -194,7 +196,8 @@ class LayoutRuns:
         plan.write_text(json.dumps({"out": str(self.out), "jobs": jobs}))
         script = str(HERE / "train_many.py")
         cmd = [sys.executable, script, str(plan)] if world == 1 else \
-            [str(Path(sys.executable).parent / "torchrun"), "--standalone", f"--nproc_per_node={world}", script, str(plan)]
+            [str(Path(sys.executable).parent / "torchrun"), "--standalone", f"--nproc_per_node={world}",
+             script, str(plan)]
         r = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120 + 120 * len(jobs))
         for n in names:
             ranks = range(world)

@@ -9,7 +9,8 @@ from spindle.parallel.dims import PIPELINE_MIN_TORCH
 
 needs_pipeline_torch = pytest.mark.skipif(
     TorchVersion(torch.__version__) < PIPELINE_MIN_TORCH,
-    reason=f"pipeline parallelism needs torch >= {'.'.join(map(str, PIPELINE_MIN_TORCH))} (this is {torch.__version__})")
+    reason=f"pipeline parallelism needs torch >= {'.'.join(map(str, PIPELINE_MIN_TORCH))} "
+           f"(this is {torch.__version__})")
 
 
 def layouts(names, pipelined=lambda name: "pp" in name, runs=lambda name: ()):

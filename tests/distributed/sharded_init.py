@@ -66,7 +66,8 @@ def initialise(out: str) -> None:
         allocations.clear()
         if env.pp_size > 1:
             model = build_stage_model(cfg, env.pp_rank, env.pp_size, torch.device("meta"))
-            parallelize.apply_data_and_context_parallel(PipelineStageModel(parallelize.apply_model_parallel(model, cfg, env)), cfg, env)
+            parallelize.apply_data_and_context_parallel(
+                PipelineStageModel(parallelize.apply_model_parallel(model, cfg, env)), cfg, env)
         else:
             model = build_model(cfg.model.to_args(), "meta")
             parallelize.apply_data_and_context_parallel(parallelize.apply_model_parallel(model, cfg, env), cfg, env)
@@ -76,7 +77,8 @@ def initialise(out: str) -> None:
         dist.all_gather_object(stages, whole(model) if env.pp_size > 1 else None)
         params = {k: v for s in stages for k, v in s.items()} if env.pp_size > 1 else whole(model)
         results[name] = {"params": params, "allocated": counts,
-                         "tied": model_keys.get("tie_word_embeddings") and model.output.weight is model.tok_embeddings.weight}
+                         "tied": (model_keys.get("tie_word_embeddings")
+                                  and model.output.weight is model.tok_embeddings.weight)}
         reference = build_model(cfg.model.to_args(), seed=cfg.trainer.seed)
         if model_keys.get("tie_word_embeddings"):  # a model materialised before tensor parallelism stays tied too
             loaded = parallelize.apply_model_parallel(build_model(cfg.model.to_args()), cfg, env)

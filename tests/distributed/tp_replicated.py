@@ -22,7 +22,8 @@ from spindle.parallel.parallelize import apply_model_parallel
 from torchrun_io import finish  # this folder is on sys.path when run as a script
 
 MODEL = dict(hidden_size=32, num_attention_heads=4, num_kv_attention_heads=2, num_layers=2, vocab_size=64,
-             multiple_of=16, qk_norm=True, no_bias=False, qkv_bias=True, max_position_embeddings=16, dtype="torch.float32")
+             multiple_of=16, qk_norm=True, no_bias=False, qkv_bias=True, max_position_embeddings=16,
+             dtype="torch.float32")
 
 
 def step_grads(model, ids, tensor_parallel: bool = False) -> dict:

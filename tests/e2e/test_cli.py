@@ -96,5 +96,6 @@ def test_torchrun_single_process_runs_the_same_job(tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     direct = run_cli("train", "--set", "data.total_steps=2", f"trainer.run_folder={tmp_path / 'direct'}",
                      "trainer.sample_tokens=0", "data.max_text_bytes=400000", "trainer.log_every=1", cwd=ROOT)
-    losses = lambda out: [l.split(",loss=")[1].split(",")[0] for l in out.splitlines() if l.startswith("tflops=")]
+    def losses(out):
+        return [l.split(",loss=")[1].split(",")[0] for l in out.splitlines() if l.startswith("tflops=")]
     assert losses(r.stdout) == losses(direct.stdout) and len(losses(r.stdout)) == 2

@@ -63,7 +63,8 @@ def test_to_hf_same_logits(tmp_path, variant):
     conf = json.loads((out / "config.json").read_text())
     assert conf["rope_theta"] == 50000.0 and conf["rope_parameters"]["rope_theta"] == 50000.0
     hf_cfg = transformers.AutoConfig.from_pretrained(str(out))
-    params = getattr(hf_cfg, "rope_parameters", None) or {"rope_theta": hf_cfg.rope_theta, **(hf_cfg.rope_scaling or {})}
+    params = (getattr(hf_cfg, "rope_parameters", None)
+              or {"rope_theta": hf_cfg.rope_theta, **(hf_cfg.rope_scaling or {})})
     assert params["rope_theta"] == 50000.0
     if dynamic:
         assert params["rope_type"] == "dynamic" and params["factor"] == 1.0
@@ -235,7 +236,8 @@ def write_hf_tokenizer_folder(folder):
     tk = tokenizers.Tokenizer(models.BPE(unk_token="<unk>"))
     tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tk.decoder = tokenizers.decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", "<|im_start|>", "<|im_end|>", "<|endoftext|>"],
+    trainer = trainers.BpeTrainer(vocab_size=300,
+                                  special_tokens=["<unk>", "<|im_start|>", "<|im_end|>", "<|endoftext|>"],
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tk.train_from_iterator(["hello world, this is a tiny corpus for a tiny tokenizer"] * 20, trainer=trainer)
     folder.mkdir(parents=True, exist_ok=True)
@@ -246,7 +248,8 @@ def write_hf_tokenizer_folder(folder):
         {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": None, "eos_token": "<|im_end|>",
          "pad_token": "<|endoftext|>", "unk_token": "<unk>", "chat_template": template, "model_max_length": 512},
         indent=2))
-    (folder / "special_tokens_map.json").write_text(json.dumps({"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>"}))
+    (folder / "special_tokens_map.json").write_text(
+        json.dumps({"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>"}))
     return tk.get_vocab_size()
 
 
@@ -263,10 +266,12 @@ def test_hf_tokenizer_files_travel_unchanged_through_import_and_export(tmp_path)
         assert (tmp_path / "back" / name).read_bytes() == (src / name).read_bytes(), name
     a, b = (transformers.AutoTokenizer.from_pretrained(str(p)) for p in (src, tmp_path / "back"))
     chat = [{"role": "user", "content": "hello tiny world"}]
-    assert a.apply_chat_template(chat, add_generation_prompt=True) == b.apply_chat_template(chat, add_generation_prompt=True)
+    assert (a.apply_chat_template(chat, add_generation_prompt=True)
+            == b.apply_chat_template(chat, add_generation_prompt=True))
     assert a("this is a tiny corpus").input_ids == b("this is a tiny corpus").input_ids
     conf = json.loads((tmp_path / "back" / "config.json").read_text())
-    assert conf["architectures"] == ["Qwen2ForCausalLM"] and conf["eos_token_id"] == a.convert_tokens_to_ids("<|im_end|>")
+    assert (conf["architectures"] == ["Qwen2ForCausalLM"]
+            and conf["eos_token_id"] == a.convert_tokens_to_ids("<|im_end|>"))
 
 
 # --------------------------------------------------------------------------- safety and bad input

@@ -62,7 +62,8 @@ def test_source_folders_train_and_validate_end_to_end(tmp_path, monkeypatch):
     src.write_text(TEXT["en"] * 5)
     tokenize(src, tmp_path / "valid" / "held_en" / "held.bin")
     cfg = tmp_path / "cfg.py"
-    cfg.write_text(CONFIG.format(train=str(tmp_path / "train"), valid=str(tmp_path / "valid"), run=str(tmp_path / "run")))
+    cfg.write_text(CONFIG.format(train=str(tmp_path / "train"), valid=str(tmp_path / "valid"),
+                                 run=str(tmp_path / "run")))
     expected, real_step = [], Trainer.train_step
 
     def step(self, micro_batches):

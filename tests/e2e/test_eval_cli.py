@@ -133,7 +133,8 @@ def test_generate_streams_and_uses_the_sampling_options(ckpt):
 def test_generate_with_dynamic_ntk(ckpt):
     tmp, ck = ckpt
     prompt = "def f(x):\n    return x + 1\n" * 3  # 78 bytes: past the training length 32
-    r = spindle("generate", "--ckpt", str(ck), "--prompt", prompt, "--max-new-tokens", "16", "--rope-scaling", "dynamic")
+    r = spindle("generate", "--ckpt", str(ck), "--prompt", prompt, "--max-new-tokens", "16",
+                "--rope-scaling", "dynamic")
     assert r.returncode == 0, r.stderr
     dynamic, plain = library_text(ck, prompt, 16, "dynamic"), library_text(ck, prompt, 16)
     assert dynamic != plain

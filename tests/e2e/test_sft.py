@@ -133,11 +133,14 @@ def test_loss_depends_on_response_tokens_not_prompt_labels(sft_dir, tmp_path):
     # the loss: the mask turns every one of them into -100, whatever the values were
     gen = torch.Generator().manual_seed(0)
     for _ in range(1):
-        other = [torch.where(p, torch.randint(0, 258, p.shape, generator=gen), mb.labels) for p, mb in zip(prompt, batch)]
-        remasked = [replace(mb, labels=torch.where(p, torch.full_like(o, -100), o)) for p, mb, o in zip(prompt, batch, other)]
+        other = [torch.where(p, torch.randint(0, 258, p.shape, generator=gen), mb.labels)
+                 for p, mb in zip(prompt, batch)]
+        remasked = [replace(mb, labels=torch.where(p, torch.full_like(o, -100), o))
+                    for p, mb, o in zip(prompt, batch, other)]
         assert step_loss(tmp_path, remasked) == base
         # had they been trained (no mask), the loss would change
-        assert step_loss(tmp_path, [replace(mb, labels=o) for mb, o in zip(batch, other)]) != pytest.approx(base, rel=1e-4)
+        assert (step_loss(tmp_path, [replace(mb, labels=o) for mb, o in zip(batch, other)])
+                != pytest.approx(base, rel=1e-4))
 
     # changing response tokens changes the loss
     changed = list(batch)
@@ -160,5 +163,6 @@ def test_explicit_mask_shard_equals_negative_id_file(sft_dir, tmp_path):
     a = build_train_loader(data_cfg(sft_dir / "train"), 258, tmp_path / "c1", prefetch=False).next_step(0)
     b = build_train_loader(data_cfg(tmp_path / "shards"), 258, tmp_path / "c2", prefetch=False).next_step(0)
     for x, y in zip(a, b):
-        assert all(torch.equal(getattr(x, k), getattr(y, k)) for k in ("input_ids", "labels", "position_ids", "type_ids"))
+        assert all(torch.equal(getattr(x, k), getattr(y, k))
+                   for k in ("input_ids", "labels", "position_ids", "type_ids"))
     assert step_loss(tmp_path, a) == step_loss(tmp_path, b)

@@ -17,7 +17,8 @@ ALPACA_TOOL = ROOT / "tools" / "alpaca_tokenizer.py"
 
 
 def run(tool, *args, cwd):
-    return subprocess.run([sys.executable, str(tool), *map(str, args)], cwd=cwd, capture_output=True, text=True, timeout=60)
+    return subprocess.run([sys.executable, str(tool), *map(str, args)], cwd=cwd, capture_output=True, text=True,
+                          timeout=60)
 
 
 def one_line_error(p, *needles):
@@ -33,7 +34,8 @@ def test_tokenizer_tool_seed_layout(tmp_path):
     src = tmp_path / "raw.txt"
     src.write_text("hello world\n\n  second doc  \n", encoding="utf-8")
     out = tmp_path / "cn" / "output.bin"
-    p = run(TOKENIZER_TOOL, "--text_input_path", src, "--bin_output_path", out, "--tokenizer", "byte", cwd=tmp_path.parent)
+    p = run(TOKENIZER_TOOL, "--text_input_path", src, "--bin_output_path", out, "--tokenizer", "byte",
+            cwd=tmp_path.parent)
     assert p.returncode == 0, p.stderr
     docs = [[256, *b"hello world", 257], [256, *b"second doc", 257]]
     expected = b"".join((json.dumps({"tokens": d}) + "\n").encode() for d in docs)
@@ -45,19 +47,22 @@ def test_tokenizer_tool_seed_layout(tmp_path):
     p = run(TOKENIZER_TOOL, "--text_input_path", src, "--bin_output_path", out, "--tokenizer", "byte", cwd=tmp_path)
     one_line_error(p, "output.bin", "--overwrite")
     assert out.read_bytes() == expected
-    p = run(TOKENIZER_TOOL, "--text_input_path", src, "--bin_output_path", out, "--tokenizer", "byte", "--overwrite", cwd=tmp_path)
+    p = run(TOKENIZER_TOOL, "--text_input_path", src, "--bin_output_path", out, "--tokenizer", "byte", "--overwrite",
+            cwd=tmp_path)
     assert p.returncode == 0 and out.read_bytes() == expected
 
 
 def test_tokenizer_tool_bad_inputs(tmp_path):
     bad = tmp_path / "bad.txt"
     bad.write_bytes(b"ok\nbad \xc3\x28 byte\n")
-    p = run(TOKENIZER_TOOL, "--text_input_path", bad, "--bin_output_path", tmp_path / "o.bin", "--tokenizer", "byte", cwd=tmp_path)
+    p = run(TOKENIZER_TOOL, "--text_input_path", bad, "--bin_output_path", tmp_path / "o.bin", "--tokenizer", "byte",
+            cwd=tmp_path)
     one_line_error(p, "bad.txt", "line 2", "UTF-8")
     assert not (tmp_path / "o.bin").exists()
     nokey = tmp_path / "r.jsonl"
     nokey.write_text('{"content": "x"}\n')
-    p = run(TOKENIZER_TOOL, "--text_input_path", nokey, "--bin_output_path", tmp_path / "o.bin", "--tokenizer", "byte", cwd=tmp_path)
+    p = run(TOKENIZER_TOOL, "--text_input_path", nokey, "--bin_output_path", tmp_path / "o.bin", "--tokenizer", "byte",
+            cwd=tmp_path)
     one_line_error(p, "r.jsonl", "line 1", "'text'")
     p = run(TOKENIZER_TOOL, "--text_input_path", nokey, "--bin_output_path", tmp_path / "o.bin", "--tokenizer", "byte",
             "--text_key", "content", cwd=tmp_path)
@@ -97,7 +102,8 @@ def test_alpaca_tool(tmp_path):
             trained = bytes(t for t, m in zip(toks.tolist(), mask.tolist()) if m and t < 256).decode()
             rec = next(r for r in ALPACA if text.startswith(f"<|User|>:{r['instruction']}\n") or
                        text.startswith(f"<|User|>:{r['instruction']}<|Bot|>"))
-            prompt = f"<|User|>:{rec['instruction']}\n{rec['input']}" if rec.get("input") else f"<|User|>:{rec['instruction']}"
+            prompt = (f"<|User|>:{rec['instruction']}\n{rec['input']}" if rec.get("input")
+                      else f"<|User|>:{rec['instruction']}")
             assert text == prompt + "\n<|Bot|>:" + rec["output"] + "\n"
             assert trained == rec["output"] + "\n"  # loss only on the response (+ EOS)
             assert mask[-1] and not mask[1]
@@ -150,7 +156,8 @@ def test_tools_validate_options_and_never_write_into_their_inputs(tmp_path):
                            (["--seed", "-1"], ["argument --seed"])):
         one_line_error(run(ALPACA_TOOL, src, tmp_path / "sft", "byte", *extra, cwd=tmp_path), *needles)
     assert not (tmp_path / "sft").exists()
-    one_line_error(run(ALPACA_TOOL, src, tmp_path, "byte", "--overwrite", cwd=tmp_path), f"output_path {tmp_path}: holds the input")
+    one_line_error(run(ALPACA_TOOL, src, tmp_path, "byte", "--overwrite", cwd=tmp_path),
+                   f"output_path {tmp_path}: holds the input")
 
 
 def test_alpaca_tool_renders_with_the_tokenizers_chat_template(tmp_path):
@@ -168,7 +175,8 @@ def test_alpaca_tool_renders_with_the_tokenizers_chat_template(tmp_path):
     alpaca = tmp_path / "alpaca.json"
     alpaca.write_text(json.dumps([{"instruction": "Add", "input": "1 2", "output": "3"}]))
     for src, trained_want, text_want in (
-        (chat, "yo<|im_end|>\nok<|im_end|>\n", "<|im_start|>user\nmore<|im_end|>\n<|im_start|>assistant\nok<|im_end|>\n"),
+        (chat, "yo<|im_end|>\nok<|im_end|>\n",
+         "<|im_start|>user\nmore<|im_end|>\n<|im_start|>assistant\nok<|im_end|>\n"),
         (alpaca, "3<|im_end|>\n", "<|im_start|>user\nAdd\n1 2<|im_end|>\n<|im_start|>assistant\n3<|im_end|>\n"),
     ):
         out = tmp_path / src.stem

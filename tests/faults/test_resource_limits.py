@@ -172,7 +172,8 @@ def test_the_ids_of_a_long_text_are_those_of_the_whole_text(tmp_path, monkeypatc
     import random
 
     rng = random.Random(0)
-    words = ["def", "f(x):", "return", "x", "+", "1", "the", "answer", "é", "日本", "  ", "\t", "\n", "\n\n", " \n", "42"]
+    words = ["def", "f(x):", "return", "x", "+", "1", "the", "answer", "é", "日本", "  ", "\t", "\n", "\n\n", " \n",
+             "42"]
     text = "".join(rng.choice(words) + rng.choice([" ", "", "\n", "  "]) for _ in range(20_000))
     pieces = list(tokenizer_module.text_pieces(text, 4096))
     assert "".join(pieces) == text and len(pieces) > 15 and max(map(len, pieces)) <= 4096

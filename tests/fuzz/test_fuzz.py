@@ -6,7 +6,8 @@ bug in the reader/loader.
 Targets: the config loader (dicts, `--set` overrides, Python config files), the tokenizer tool
 (tools/tokenizer.py on generated input files; tokenizer files), the `.bin`/`.bin.meta` and binary
 shard readers, the checkpoint loader (mutated DCP checkpoints), the trainer-state file (generated JSON
-read back into the loader and the loss scaler; those two in test_fuzz_checkpoint.py). Each target is a factory: given a scratch folder, it returns
+read back into the loader and the loss scaler; those two in test_fuzz_checkpoint.py). Each target is a factory:
+given a scratch folder, it returns
 the function one case runs through, for the search and for the corpus alike.
 
     .venv/bin/python -m pytest tests/fuzz -m fuzz -q          # FUZZ_EXAMPLES=100000 for a long search

@@ -75,8 +75,9 @@ PARSERS = command_parsers()
 NUMBERS = ["nan", "inf", "-inf", "-1", "0", "1", "2", "3", "0.5", "-0.5", "1e309", "1e-320", "99999999999999999999",
            "4096", "1e12", "0x10", "1_000", " 7", "abc", ""]
 LISTS = ["1,2", "16,nan", "0,", ",", "1-3", "4096,inf", "-8,16", "1e9,2e9", "64;128", "a,b"]
+# no NUL: argv cannot hold one
 TEXTS = ["", " ", "x", "--", "-", "auto", "cpu", "cuda", "meta", "cuda:9", "torch.float16", "dynamic", "ntk:2",
-         "yarn:4", "linear:-1", "none", "é", "default", "byte", "hf", "{\"a\": 1}", "s3://b/k"]  # no NUL: argv cannot hold one
+         "yarn:4", "linear:-1", "none", "é", "default", "byte", "hf", "{\"a\": 1}", "s3://b/k"]
 
 
 def value_pool(action: argparse.Action, scratch: Path) -> st.SearchStrategy:

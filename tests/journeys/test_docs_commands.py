@@ -8,7 +8,8 @@ fence or an indented block (a line starting with `spindle `, `python`, `torchrun
 
 How: each command is a key of RUNS (run in one scratch folder, after the README's demo, with the files it
 names provided, and arguments after it that only shrink the sizes or let it replace an earlier command's
-output; exit 0, the lines it promises and, in a console block, every output line the doc shows are asserted) or of SKIPS (why it cannot run here). A new command in the docs that is in neither fails."""
+output; exit 0, the lines it promises and, in a console block, every output line the doc shows are asserted) or
+of SKIPS (why it cannot run here). A new command in the docs that is in neither fails."""
 
 from __future__ import annotations
 
@@ -113,7 +114,8 @@ RUNS = {
          "memory estimate per device")),
     "spindle train --config my.py --set data.micro_bsz=4 model.num_layers=2": Run(
         ("done: 3 steps", "sample (")),  # my.py: the demo at 3 steps (setup)
-    "spindle prepare data/raw/ --out data/train/en/ --tokenizer default": Run(("documents,", "tokens in 1 shard(s) -> data/train/en/")),
+    "spindle prepare data/raw/ --out data/train/en/ --tokenizer default":
+        Run(("documents,", "tokens in 1 shard(s) -> data/train/en/")),
     "spindle tokenizer train corpus.txt --vocab-size 8000 --out my_tokenizer/": Run(('"vocab_size": 8000',)),
     "spindle generate --ckpt runs/demo/ckpt --prompt 'import ' --max-new-tokens 40 --temperature 0.8 --top-p 0.9":
         Run(("import ",), ("--max-new-tokens", "8"), check=lambda stdout: generated(stdout, "import ")),
@@ -126,8 +128,10 @@ RUNS = {
     # docs/long-context.md shows their whole output in console blocks: every line shown is asserted
     "spindle rope --head-dim 64 --train-len 256 --base 20 40.7 163 10000 30000 1e5 1e6 1e8 --target-len 4096":
         Run(("critical base beta0        = 10,000",)),
-    "spindle convert to-hf runs/demo/ckpt/latest hf_out/": Run(("(LlamaForCausalLM)",), ("--overwrite",)),  # over the README's hf_out/
-    "spindle convert from-hf path/to/hf_folder imported/": Run(("model = dict(",), copy=("hf_out", "path/to/hf_folder")),
+    # over the README's hf_out/
+    "spindle convert to-hf runs/demo/ckpt/latest hf_out/": Run(("(LlamaForCausalLM)",), ("--overwrite",)),
+    "spindle convert from-hf path/to/hf_folder imported/":
+        Run(("model = dict(",), copy=("hf_out", "path/to/hf_folder")),
     "spindle convert to-hf runs/demo/ckpt hf_out/": Run(("(LlamaForCausalLM)",)),
     ".venv/bin/python -m spindle.cli bench data --mb 2 --reps 3 --reads 20000 --out runs/bench_data.json": Run(
         ("results -> runs/bench_data.json",), ("--mb", "0.2", "--reps", "1", "--reads", "1000")),
@@ -221,7 +225,8 @@ def setup_folder(folder: Path) -> None:
     user_folder(folder)
     demo = (ROOT / "configs/demo.py").read_text()
     assert "TOTAL_STEPS = 800" in demo, "the demo's TOTAL_STEPS changed: update my.py's replacement below"
-    (folder / "my.py").write_text(demo.replace('JOB_NAME = "demo"', 'JOB_NAME = "my"').replace("TOTAL_STEPS = 800", "TOTAL_STEPS = 3")
+    (folder / "my.py").write_text(demo.replace('JOB_NAME = "demo"', 'JOB_NAME = "my"')
+                                  .replace("TOTAL_STEPS = 800", "TOTAL_STEPS = 3")
                                   .replace("max_text_bytes=3_000_000", "max_text_bytes=200_000"))
     raw = folder / "data/raw"
     raw.mkdir(parents=True)

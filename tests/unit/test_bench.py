@@ -66,7 +66,8 @@ def test_gpu_driver_runs_the_trainer_on_cpu(tmp_path, dtype):
     assert out["dtype"] == gt.DTYPES[dtype] and out["params"] > 0
     # MFU is tokens/s x FLOPs per token over the declared peak, step by step
     assert out["mfu"]["median"] == pytest.approx(
-        out["tokens_per_s"]["median"] * out["flops_per_token"] / (out["peak_tflops"] * 1e12), rel=1e-4)  # logged to 6 digits
+        # rel=1e-4: the log keeps 6 digits
+        out["tokens_per_s"]["median"] * out["flops_per_token"] / (out["peak_tflops"] * 1e12), rel=1e-4)
     assert out["tokens_per_s"]["median"] > 0
     assert all(math.isfinite(x) for x in out["loss_first_last"])
     cfg = gt.build_config("1b", 10, "bf16", True, "cuda", str(tmp_path))
@@ -85,7 +86,8 @@ def test_resume_check_runs_deterministic_kernels_on_cuda_only():
         assert not torch.are_deterministic_algorithms_enabled()  # nothing to change on a CPU
     with gt.deterministic_kernels(torch.device("cuda", 0)):
         assert torch.are_deterministic_algorithms_enabled() and torch.is_deterministic_algorithms_warn_only_enabled()
-    assert not torch.are_deterministic_algorithms_enabled() and not torch.is_deterministic_algorithms_warn_only_enabled()
+    assert (not torch.are_deterministic_algorithms_enabled()
+            and not torch.is_deterministic_algorithms_warn_only_enabled())
     gpu_sh = Path(__file__).resolve().parents[2] / "bench" / "gpu.sh"
     assert "CUBLAS_WORKSPACE_CONFIG=:4096:8" in gpu_sh.read_text()  # set before CUDA starts
 

@@ -16,7 +16,8 @@ from spindle.parallel import comm
 
 SPINDLE = Path(__file__).resolve().parents[2] / "spindle"
 COLLECTIVES = {"all_reduce", "broadcast", "reduce", "all_gather", "all_gather_into_tensor", "reduce_scatter",
-               "reduce_scatter_tensor", "all_gather_single", "reduce_scatter_single", "all_to_all", "all_to_all_single", "gather", "scatter", "send", "recv",
+               "reduce_scatter_tensor", "all_gather_single", "reduce_scatter_single", "all_to_all",
+               "all_to_all_single", "gather", "scatter", "send", "recv",
                "isend", "irecv"}
 # tensors that are not made for the collective: data already on the rank's compute device, which under NCCL
 # is the current CUDA device (`init_distributed` sets it), so it is the group's device too

@@ -94,7 +94,8 @@ def test_logn_and_yarn_variants_change_only_past_the_training_length():
     assert abs(plain["length"]["40"]["tail_nll"] - logn["length"]["40"]["tail_nll"]) > 1e-6
     y = parse_variant("yarn", 16)
     assert y.per_length_yarn and y.per_length
-    assert parse_variant("yarn:4", 16).scaling == {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16}
+    assert parse_variant("yarn:4", 16).scaling == {"type": "yarn", "factor": 4.0,
+                                                   "original_max_position_embeddings": 16}
     assert parse_variant("dynamic+logn", 16).logn
     with pytest.raises(SpindleError):
         parse_variant("warp:2", 16)

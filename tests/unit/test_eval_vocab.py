@@ -38,7 +38,8 @@ EVAL = ["--lengths", "32", "--variants", "plain"]
 
 
 def test_eval_ppl_with_a_bigger_tokenizer_is_one_line(byte_ckpt, capsys):
-    args = ["eval", "ppl", "--ckpt", str(byte_ckpt / "ckpt"), "--data", str(byte_ckpt / "text"), *EVAL, "--windows", "1"]
+    args = ["eval", "ppl", "--ckpt", str(byte_ckpt / "ckpt"), "--data", str(byte_ckpt / "text"), *EVAL,
+            "--windows", "1"]
     assert spindle(args) == 0  # its own tokenizer (byte) reads the same text
     capsys.readouterr()
     assert spindle(args + ["--tokenizer", "default"]) == 2
@@ -50,7 +51,8 @@ def test_eval_ppl_with_token_files_of_another_tokenizer_is_one_line(byte_ckpt, c
     toks = byte_ckpt / "toks"
     assert spindle(["prepare", str(byte_ckpt / "text"), "--out", str(toks), "--tokenizer", "default"]) == 0
     capsys.readouterr()
-    assert spindle(["eval", "ppl", "--ckpt", str(byte_ckpt / "ckpt"), "--data", str(toks), *EVAL, "--windows", "1"]) == 2
+    assert spindle(["eval", "ppl", "--ckpt", str(byte_ckpt / "ckpt"), "--data", str(toks), *EVAL,
+                    "--windows", "1"]) == 2
     err = one_error_line(capsys)
     assert f"--data {toks}" in err and "(token file)" in err and VOCAB_LINE in err and "prepare the data again" in err
 

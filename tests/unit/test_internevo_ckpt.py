@@ -113,7 +113,8 @@ def test_meta_consolidated_folder_merges_model_parallel_files(tmp_path):
             "output.weight": sd["lm_head.weight"], "rope.freqs": torch.zeros(HD // 2)}
     names = {"attention.wq": "self_attn.q_proj", "attention.wk": "self_attn.k_proj", "attention.wv": "self_attn.v_proj",
              "attention.wo": "self_attn.o_proj", "feed_forward.w1": "mlp.gate_proj", "feed_forward.w2": "mlp.down_proj",
-             "feed_forward.w3": "mlp.up_proj", "attention_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm"}
+             "feed_forward.w3": "mlp.up_proj", "attention_norm": "input_layernorm",
+             "ffn_norm": "post_attention_layernorm"}
     for i in range(LAYERS):
         for ours, hf in names.items():
             t = sd[f"model.layers.{i}.{hf}.weight"]

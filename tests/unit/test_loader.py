@@ -264,7 +264,8 @@ def test_text_valid_bytes_holds_the_last_files_out_of_training(tmp_path):
     from spindle.config.load import load_config
 
     cfg_file = tmp_path / "c.py"
-    cfg_file.write_text(f"data = dict(type='tokenized', train_folder={str(raw)!r}, text_valid_bytes=250, valid_every=1)\n")
+    cfg_file.write_text(f"data = dict(type='tokenized', train_folder={str(raw)!r}, text_valid_bytes=250, "
+                        "valid_every=1)\n")
     cfg = load_config(str(cfg_file), [])
     assert build_valid_sets(cfg.data, 258, tmp_path / "cache2") == {}
     assert any(n.startswith("data.text_valid_bytes (holds out raw-text files; data.type is 'tokenized'")
@@ -310,5 +311,6 @@ def test_skip_batches_ranges_do_not_allocate():
 def test_min_length_that_drops_every_document_is_named(tmp_path):
     make_tree(tmp_path / "train")
     data = DataConfig(train_folder=str(tmp_path / "train"), seq_len=8, micro_bsz=1, min_length=100)
-    with pytest.raises(SpindleError, match=r"data.min_length=100 .* drops every document \(the longest has 39 tokens\)"):
+    with pytest.raises(SpindleError,
+                       match=r"data.min_length=100 .* drops every document \(the longest has 39 tokens\)"):
         build_train_loader(data, VOCAB, tmp_path / "cache", prefetch=False)

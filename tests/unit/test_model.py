@@ -82,7 +82,8 @@ def test_kv_cache_matches_full_forward_in_chunks():
 
 
 def test_meta_init_is_seeded_and_layout_independent():
-    a, b, c = build_model(tiny().to_args(), seed=1), build_model(tiny().to_args(), seed=1), build_model(tiny().to_args(), seed=2)
+    a, b, c = (build_model(tiny().to_args(), seed=1), build_model(tiny().to_args(), seed=1),
+               build_model(tiny().to_args(), seed=2))
     sa, sb, sc = a.state_dict(), b.state_dict(), c.state_dict()
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
     assert not torch.equal(sa["layers.0.attention.wq.weight"], sc["layers.0.attention.wq.weight"])

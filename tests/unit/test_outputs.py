@@ -18,7 +18,8 @@ def test_existing_folder_needs_overwrite_and_an_input_is_never_a_target(tmp_path
     check_output(str(tmp_path / "full"), [], True, "--out")
     src = tmp_path / "ckpt" / "6"
     src.mkdir(parents=True)
-    for out, why in [(src, "is the input"), (src / "sub", "is inside the input folder"), (tmp_path / "ckpt", "holds the input")]:
+    for out, why in [(src, "is the input"), (src / "sub", "is inside the input folder"),
+                     (tmp_path / "ckpt", "holds the input")]:
         with pytest.raises(SpindleError, match=why):
             check_output(str(out), [str(src)], True, "OUT")
 

@@ -56,7 +56,8 @@ def test_parquet(tmp_path):
     import pyarrow.parquet as pq
 
     pq.write_table(pa.table({"text": DOCS, "n": list(range(4))}), tmp_path / "x.parquet")
-    src = open_documents(prepare([str(tmp_path / "x.parquet")], str(tmp_path / "o"), "byte", workers=1, progress=False)["out_dir"])
+    src = open_documents(prepare([str(tmp_path / "x.parquet")], str(tmp_path / "o"), "byte", workers=1,
+                                 progress=False)["out_dir"])
     assert all_docs(src) == [byte_doc(t) for t in DOCS]
     with pytest.raises(SpindleError, match=r"x\.parquet: no column 'body'"):
         prepare([str(tmp_path / "x.parquet")], str(tmp_path / "o2"), "byte", text_key="body", workers=1, progress=False)
@@ -70,7 +71,8 @@ def test_parallel_equals_serial_and_shard_rolling(tmp_path, monkeypatch):
     lines = ["".join(chr(c) for c in rng.integers(97, 123, rng.integers(1, 60))) for _ in range(3000)]
     (tmp_path / "big.txt").write_text("\n".join(lines) + "\n")
     s1 = prepare([str(tmp_path / "big.txt")], str(tmp_path / "o1"), "byte", workers=1, progress=False)
-    s2 = prepare([str(tmp_path / "big.txt")], str(tmp_path / "o2"), "byte", workers=2, shard_size_mb=0.02, progress=False)
+    s2 = prepare([str(tmp_path / "big.txt")], str(tmp_path / "o2"), "byte", workers=2, shard_size_mb=0.02,
+                 progress=False)
     assert s2["shards"] > 1 and s1["shards"] == 1
     a, b = open_documents(str(tmp_path / "o1")), open_documents(str(tmp_path / "o2"))
     assert all_docs(a) == all_docs(b) == [byte_doc(t) for t in lines]
@@ -135,7 +137,8 @@ def test_write_json_bin_matches_shards_and_raw_mode(inputs, tmp_path):
 
 
 def test_prepare_main(inputs, tmp_path, capsys):
-    assert cli_main(["prepare", str(inputs / "a.txt"), "--out", str(tmp_path / "o"), "--tokenizer", "byte", "--workers", "1"]) == 0
+    assert cli_main(["prepare", str(inputs / "a.txt"), "--out", str(tmp_path / "o"), "--tokenizer", "byte",
+                     "--workers", "1"]) == 0
     assert "4 documents" in capsys.readouterr().out
     assert cli_main(["prepare", str(inputs / "a.txt"), "--out", str(tmp_path / "o"), "--tokenizer", "byte"]) == 2
     err = capsys.readouterr().err
@@ -195,10 +198,12 @@ def test_prepare_never_overwrites_nor_writes_into_its_inputs(inputs, tmp_path, c
     assert (out / "notes.txt").read_text() == "mine"
     before = snapshot(out)
     # a failing run leaves the previous output byte-identical
-    assert cli_main(["prepare", str(tmp_path / "missing.txt"), "--out", str(out), "--tokenizer", "byte", "--overwrite"]) == 2
+    assert cli_main(["prepare", str(tmp_path / "missing.txt"), "--out", str(out), "--tokenizer", "byte",
+                     "--overwrite"]) == 2
     one_line(capsys, "missing.txt")
     (inputs / "zz.jsonl").write_text('{"text": "x"}\n{"text": 5}\n')
-    assert cli_main(["prepare", str(inputs), "--out", str(out), "--tokenizer", "byte", "--overwrite", "--workers", "1"]) == 2
+    assert cli_main(["prepare", str(inputs), "--out", str(out), "--tokenizer", "byte", "--overwrite",
+                     "--workers", "1"]) == 2
     one_line(capsys, "zz.jsonl", "line 2")
     assert snapshot(out) == before and not list(tmp_path.glob(".out.partial-*"))
     (inputs / "zz.jsonl").unlink()
@@ -209,7 +214,8 @@ def test_prepare_never_overwrites_nor_writes_into_its_inputs(inputs, tmp_path, c
     one_line(capsys, f"--out {inside}: is inside the input folder {inputs}")
     assert cli_main(["prepare", str(inputs), "--out", str(inputs), "--tokenizer", "byte", "--overwrite"]) == 2
     one_line(capsys, "is the input", "itself")
-    assert cli_main(["prepare", str(inputs / "a.txt"), "--out", str(tmp_path), "--tokenizer", "byte", "--overwrite"]) == 2
+    assert cli_main(["prepare", str(inputs / "a.txt"), "--out", str(tmp_path), "--tokenizer", "byte",
+                     "--overwrite"]) == 2
     one_line(capsys, f"--out {tmp_path}: holds the input")
     assert snapshot(inputs) == src and not inside.exists()
 
@@ -277,7 +283,8 @@ def test_hub_dataset_folder_takes_one_split(tmp_path, capsys):
     s = prepare([str(repo)], str(tmp_path / "t"), "byte", workers=1, progress=False, split="test")
     assert texts_of(tmp_path / "t") == ["test a"] and s["taken"] == {str(repo): ("test", [
         str(repo / "data" / "test-00000-of-00001.parquet")])}
-    assert cli_main(["prepare", str(repo), "--out", str(tmp_path / "v"), "--tokenizer", "byte", "--split", "validation"]) == 2
+    assert cli_main(["prepare", str(repo), "--out", str(tmp_path / "v"), "--tokenizer", "byte",
+                     "--split", "validation"]) == 2
     one_line(capsys, "--split: ", "has no split 'validation'; its splits: train, test")
 
 
@@ -326,7 +333,9 @@ def test_readme_configs(tmp_path, capsys):
     assert texts_of(tmp_path / "d") == ["default train"]
     prepare([str(repo)], str(tmp_path / "o"), "byte", workers=1, progress=False, subset="other")
     assert texts_of(tmp_path / "o") == ["other train"]
-    assert cli_main(["prepare", str(repo), "--out", str(tmp_path / "x"), "--tokenizer", "byte", "--subset", "nope"]) == 2
+    assert cli_main(["prepare", str(repo), "--out", str(tmp_path / "x"), "--tokenizer", "byte",
+                     "--subset", "nope"]) == 2
     one_line(capsys, "--subset: ", "has no config 'nope'; its configs: default, other")
-    assert cli_main(["prepare", str(repo), "--out", str(tmp_path / "x"), "--tokenizer", "byte", "--subset", "../up"]) == 2
+    assert cli_main(["prepare", str(repo), "--out", str(tmp_path / "x"), "--tokenizer", "byte",
+                     "--subset", "../up"]) == 2
     one_line(capsys, "argument --subset: expected a name inside the dataset folder")

@@ -199,7 +199,7 @@ def test_loops_in_the_dataset_folder_and_a_changed_dataset(folders, tmp_path):
     import shutil
 
     shutil.copytree(folders / "repo", tmp_path / "repo")
-    os.symlink(".", tmp_path / "repo" / "data" / "again")  # a loop: data/again/again/... 
+    os.symlink(".", tmp_path / "repo" / "data" / "again")  # a loop: data/again/again/...
     os.symlink("..", tmp_path / "repo" / "data" / "up")
     want = packs(StreamingLoader(cfg(folders / "repo"), 258, prefetch=False), 3)
     loader = StreamingLoader(cfg(tmp_path / "repo"), 258, prefetch=False)
@@ -207,7 +207,8 @@ def test_loops_in_the_dataset_folder_and_a_changed_dataset(folders, tmp_path):
     state = loader.state_dict()
     assert sorted(state["fingerprint"][0]["files"]) == ["data/train-00000-of-00002.parquet",
                                                         "data/train-00001-of-00002.parquet"]
-    datasets.Dataset.from_dict({"text": ["new"] * 5}).to_parquet(str(tmp_path / "repo" / "data" / "train-00002-of-00002.parquet"))
+    datasets.Dataset.from_dict({"text": ["new"] * 5}).to_parquet(
+        str(tmp_path / "repo" / "data" / "train-00002-of-00002.parquet"))
     with pytest.raises(SpindleError, match=r"data changed since the checkpoint: source 'repo': file "
                                            r"data/train-00002-of-00002.parquet was added"):
         StreamingLoader(cfg(tmp_path / "repo"), 258, prefetch=False).load_state_dict(state)

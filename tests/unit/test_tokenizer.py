@@ -164,7 +164,8 @@ def test_tokenizer_train_bad_inputs_are_one_line(tmp_path, capsys):
     noise.write_bytes(bytes(range(256)) * 4)
     for files, needle in (([tmp_path / "missing.txt"], "missing.txt: training file not found"),
                           ([empty], "sentencepiece training failed on"), ([noise], "sentencepiece training failed on")):
-        assert cli_main(["tokenizer", "train", *map(str, files), "--vocab-size", "300", "--out", str(tmp_path / "t")]) == 2
+        assert cli_main(["tokenizer", "train", *map(str, files), "--vocab-size", "300",
+                         "--out", str(tmp_path / "t")]) == 2
         one_line(capsys, needle)
     assert not (tmp_path / "t").exists() and not list(tmp_path.glob(".t.partial-*"))
     with pytest.raises(SpindleError, match="vocab"):
@@ -215,7 +216,8 @@ def test_declared_specials_win_and_must_exist(tmp_path):
     (folder / "tokenizer_config.json").write_text(json.dumps(cfg | {"bos_token": "<|endoftext|>"}))
     tok = load_tokenizer(folder)
     assert tok.bos_id == tok.special_tokens()["<|endoftext|>"]
-    (folder / "tokenizer_config.json").write_text(json.dumps(cfg | {"bos_token": "<|endoftext|>", "add_bos_token": False}))
+    (folder / "tokenizer_config.json").write_text(
+        json.dumps(cfg | {"bos_token": "<|endoftext|>", "add_bos_token": False}))
     assert load_tokenizer(folder).bos_id is None  # add_bos_token: false -> documents start without one
     (folder / "tokenizer_config.json").write_text(json.dumps(cfg | {"eos_token": {"content": "<|nope|>"}}))
     with pytest.raises(SpindleError, match=r"tokenizer.json: eos_token '<\|nope\|>' of tokenizer_config.json is not"):
