@@ -1,11 +1,10 @@
 """The command line end to end: dry run, config errors (exit 2, one line), the demo for a few steps.
 
 A real process for each exit path (the 7B dry run: exit 2 alone and exit 0 planned; --debug: a traceback, exit
-1; the demo: exit 0 and its files; torchrun's single process), the other checks through spindle.cli.main in
-this process (helpers.run_cli)."""
+1; torchrun's single process: exit 0), the other checks through spindle.cli.main in this process
+(helpers.run_cli). The demo's own run and files: tests/journeys/test_docs_commands.py::
+test_the_readme_demo_trains_and_writes_its_run_folder (the README's command, run there once)."""
 
-import json
-import math
 import os
 import resource
 import subprocess
@@ -65,24 +64,6 @@ def test_set_override_error_and_debug_traceback(tmp_path):
     assert r.returncode == 2 and "did you mean 'model.hidden_size'" in r.stderr
     r = spindle("train", "--set", "model.hiden_size=8", "--debug")
     assert r.returncode != 0 and "Traceback" in r.stderr
-
-
-@pytest.mark.slow
-def test_demo_few_steps_end_to_end(tmp_path):
-    r = spindle("train", "--set", "data.total_steps=4", "trainer.log_every=1", f"trainer.run_folder={tmp_path}",
-                "trainer.sample_tokens=8", "data.max_text_bytes=400000")
-    assert r.returncode == 0, r.stderr
-    run = tmp_path / "demo"
-    lines = [l for l in r.stdout.splitlines() if l.startswith("tflops=")]
-    assert len(lines) == 4 and "tgs (tokens/gpu/second)=" in lines[0] and ",loss=" in lines[0]
-    metrics = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
-    assert [m["step"] for m in metrics] == [0, 1, 2, 3]
-    assert metrics[0]["loss"] == pytest.approx(math.log(258), abs=0.3)  # uniform over the byte vocabulary at init
-    assert metrics[-1]["loss"] < metrics[0]["loss"]
-    assert json.loads((run / "config.json").read_text())["JOB_NAME"] == "demo"
-    assert (run / "ckpt" / "4.step").is_file() and (run / "ckpt" / "4" / ".metadata").is_file()
-    assert list((run / "tensorboard").glob("events.out.tfevents.*"))
-    assert "sample (temperature 0.8, top-p 0.95, 8 tokens;" in r.stdout
 
 
 @pytest.mark.dist

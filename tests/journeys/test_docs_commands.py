@@ -13,6 +13,8 @@ of SKIPS (why it cannot run here). A new command in the docs that is in neither 
 
 from __future__ import annotations
 
+import json
+import math
 import re
 import shlex
 import shutil
@@ -246,6 +248,22 @@ def folder(tmp_path_factory):
     r = ok(sh(first.command, path, *first.extra))
     path.joinpath("demo.out").write_text(r.out)
     return path
+
+
+def test_the_readme_demo_trains_and_writes_its_run_folder(folder):
+    """The README's `spindle train` (4 steps here, the fixture's run): the seed's step line, metrics.jsonl, the
+    resolved config, a checkpoint, TensorBoard events and the closing sample."""
+    out, run = (folder / "demo.out").read_text(), folder / "runs" / "demo"
+    lines = [line for line in out.splitlines() if line.startswith("tflops=")]
+    assert len(lines) == 4 and "tgs (tokens/gpu/second)=" in lines[0] and ",loss=" in lines[0]
+    metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics] == [0, 1, 2, 3]
+    assert metrics[0]["loss"] == pytest.approx(math.log(258), abs=0.3)  # uniform over the byte vocabulary at init
+    assert metrics[-1]["loss"] < metrics[0]["loss"]
+    assert json.loads((run / "config.json").read_text())["JOB_NAME"] == "demo"
+    assert (run / "ckpt" / "4.step").is_file() and (run / "ckpt" / "4" / ".metadata").is_file()
+    assert list((run / "tensorboard").glob("events.out.tfevents.*"))
+    assert "sample (temperature 0.8, top-p 0.95, 8 tokens;" in out
 
 
 def test_every_command_block_is_tagged():
