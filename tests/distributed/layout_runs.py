@@ -156,8 +156,9 @@ class LayoutRuns:
     def __getitem__(self, name: str) -> Result:
         assert name in self.wanted, f"{name}: declare it with @pytest.mark.runs({name!r}) on the test"
         job = JOBS[name]
-        if torch.cuda.is_available() and job.world > torch.cuda.device_count():  # bench/gpu.sh: a GPU per rank
-            pytest.skip(f"{name}: {job.world} processes, {torch.cuda.device_count()} GPUs")
+        for needed in (name, job.after) if job.after else (name,):
+            if not runnable(JOBS[needed].world):  # bench/gpu.sh: a GPU per rank
+                pytest.skip(f"{needed}: {JOBS[needed].world} processes, {torch.cuda.device_count()} GPUs")
         if job.after and job.after not in self.done:
             self[job.after]
         if job.world not in self.launched:
@@ -172,7 +173,8 @@ class LayoutRuns:
         return self.done[name]
 
     def launch(self, world: int) -> None:
-        names = [n for n in JOBS if n in self.wanted and JOBS[n].world == world]
+        names = [n for n in JOBS if n in self.wanted and JOBS[n].world == world
+                 and (not JOBS[n].after or runnable(JOBS[JOBS[n].after].world))]
         for n in names:  # a world's jobs that resume another world's checkpoint: that one first
             if JOBS[n].after and JOBS[n].after not in self.done:
                 self[JOBS[n].after]
@@ -209,6 +211,11 @@ class LayoutRuns:
                 stderr += f"\n[launch of world {world} exited {r.returncode}]\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
             self.done[n] = Result(self.out / n, JOBS[n], int(rc.read_text()) if rc.is_file() else None,
                                   read("out"), stderr)
+
+
+def runnable(world: int) -> bool:
+    """On CUDA (bench/gpu.sh: NCCL, a GPU per rank) a world needs as many GPUs; on CPU any world runs."""
+    return not torch.cuda.is_available() or world <= torch.cuda.device_count()
 
 
 def fill_in(text: str, places: dict) -> str:
