@@ -18,6 +18,7 @@ from __future__ import annotations
 import importlib
 import os
 import sys
+import time
 from typing import Callable, Optional, Sequence
 
 from spindle.errors import SpindleError
@@ -33,6 +34,9 @@ COMMANDS = {
     "rope": ("rope", "RoPE scaling-law calculator"),
     "bench": ("bench", "benchmarks: train, data, memory, attention, gpu"),
 }
+
+
+SILENT_RANK_GRACE_S = 3.0
 
 
 def launch_rank() -> int:
@@ -53,6 +57,10 @@ def guarded(fn: Callable[[], int], debug: bool) -> int:
             raise
         if launch_rank() == 0 or getattr(exc, "every_rank", False):
             print(f"spindle: error: {exc}", file=sys.stderr)
+        elif os.environ.get("TORCHELASTIC_RUN_ID") or os.environ.get("SLURM_STEP_ID"):
+            # a silent rank leaves after rank 0 has said it: torchrun stops the other workers at the first exit
+            # it sees, and a rank 0 that was slower here (a loaded machine) was killed before its line
+            time.sleep(SILENT_RANK_GRACE_S)
         return exc.exit_code
     except KeyboardInterrupt:
         print("spindle: interrupted", file=sys.stderr)

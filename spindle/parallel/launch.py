@@ -35,7 +35,7 @@ MAX_WORLD = 1 << 20
 ADDRESS_TIMEOUT_S = 30.0
 SLURM_DEFAULT_PORT = 8888
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
-PARENT_EXIT_GRACE_S = 0.5  # how long a SIGTERM waits to see whether the launcher is exiting (LauncherWatch)
+PARENT_EXIT_GRACE_S = 2.0  # how long a SIGTERM waits to see whether the launcher is exiting (LauncherWatch)
 
 
 class LaunchError(SpindleError):
