@@ -200,9 +200,22 @@ class LauncherWatch:
             return self
         self._previous = signal.signal(signal.SIGTERM, self._on_sigterm)
         self._armed = True
+        os.register_at_fork(after_in_child=self._not_in_a_child)
         if os.getppid() != self.parent:  # gone before the request: no signal will come
             self._leave()
         return self
+
+    def _not_in_a_child(self) -> None:
+        """A process forked from this rank (the worker pool of spindle.data.prepare) is not the rank: it gets
+        the SIGTERM it had before. With this handler a pool worker took Pool.terminate()'s SIGTERM for the
+        launcher's death, and one could outlive it, the rank waiting for it forever."""
+        if not self._armed:
+            return
+        self._armed = False
+        try:
+            signal.signal(signal.SIGTERM, self._previous if self._previous is not None else signal.SIG_DFL)
+        except ValueError:  # signal.signal refused outside the main thread: the child keeps the handler
+            pass
 
     def disarm(self) -> None:
         if not self._armed:
