@@ -7,10 +7,12 @@ not an H200): `torch.cuda.get_device_name()` says "NVIDIA H100 80GB HBM3" for th
 "NVIDIA GH200 480GB", "NVIDIA A100-SXM4-80GB", ... (tests/unit/test_hardware.py).
 
 A CPU has no datasheet figure that matches what PyTorch reaches, so its peak is measured: the best
-of a few fp32 matmuls at the current thread count, once per process (the figure is a property of the
-machine, and a second Trainer in the same process would otherwise pay for it again). The probe draws
-its operands from its own generator: it must not move the global RNG, whose state a resumed run has
-just restored.
+fp32 matmul of a probe that repeats for a minimum time at the current thread count, once per process
+(the figure is a property of the machine, and a second Trainer in the same process would otherwise pay
+for it again). The probe draws its operands from its own generator: it must not move the global RNG,
+whose state a resumed run has just restored. A probe that ran while other work held the cores reads low
+(the demo saw 0.015 to 0.081 TFLOP/s on one machine, and mfu up to 1.28), so a measured peak is only a
+lower bound: `MfuPeak` raises it to any faster step of the run itself, and mfu never exceeds 1.
 
 Memory is checked before a model is allocated (`refuse_unless_fits`, from `build_model` and the
 trainer's model setup) and before a KV cache is (`check_fits`): against MemAvailable, or what
@@ -25,7 +27,7 @@ import math
 import os
 import re
 import time
-from typing import Iterator, Optional
+from typing import Callable, Iterator, Optional
 
 import torch
 
@@ -59,17 +61,24 @@ def lookup_peak_tflops(device_name: str, dtype: str) -> Optional[float]:
     return None
 
 
+PROBE_MIN_SECONDS = 0.3  # long enough to outlast a burst of another process's work on the cores
+PROBE_MAX_REPEATS = 200
+
+
 @functools.lru_cache(maxsize=None)
-def measure_cpu_peak_tflops(n: int = 1024, repeats: int = 3, threads: Optional[int] = None) -> float:
-    """fp32 matmul throughput of this CPU (TFLOP/s), measured once per process and thread count."""
+def measure_cpu_peak_tflops(n: int = 1024, min_seconds: float = PROBE_MIN_SECONDS,
+                            threads: Optional[int] = None) -> float:
+    """fp32 matmul throughput of this CPU (TFLOP/s): the fastest of n x n matmuls repeated for `min_seconds`
+    (at least 3, at most PROBE_MAX_REPEATS), measured once per process and thread count."""
     gen = torch.Generator().manual_seed(0)
     a, b = torch.randn(n, n, generator=gen), torch.randn(n, n, generator=gen)
     a @ b  # warm up the kernels
-    best = math.inf
-    for _ in range(repeats):
+    best, spent, repeats = math.inf, 0.0, 0
+    while repeats < 3 or (spent < min_seconds and repeats < PROBE_MAX_REPEATS):
         t0 = time.perf_counter()
         a @ b
-        best = min(best, time.perf_counter() - t0)
+        took = time.perf_counter() - t0
+        best, spent, repeats = min(best, took), spent + took, repeats + 1
     return 2 * n**3 / best / 1e12
 
 
@@ -83,7 +92,42 @@ def resolve_peak_tflops(configured: Optional[float], device: torch.device, compu
         if peak:
             return peak, f"table ({name}, {compute_dtype})"
         return 0.0, f"unknown GPU {name}: set trainer.peak_tflops"
-    return measure_cpu_peak_tflops(threads=torch.get_num_threads()), "measured fp32 matmul on this CPU"
+    return measure_cpu_peak_tflops(threads=torch.get_num_threads()), MEASURED_SOURCE
+
+
+MEASURED_SOURCE = "measured fp32 matmul on this CPU, raised to any faster step of the run"
+
+
+class MfuPeak:
+    """One run's MFU denominator (TFLOP/s per device). A measured peak is what the probe saw, a lower bound of
+    what the machine does: a step of the run that reaches more proves the machine can, so the peak rises to
+    that step's rate (said once) and mfu = achieved / peak is at most 1. A configured or datasheet peak is
+    the user's or the vendor's figure and is never moved (mfu above 1 then says that figure is wrong)."""
+
+    def __init__(self, tflops: float, source: str, measured: bool, say: Callable[[str], None]):
+        self.tflops, self.source, self.measured, self.say = tflops, source, measured, say
+        self.raised = False
+
+    def utilization(self, achieved_tflops: float) -> float:
+        """mfu of a step that did `achieved_tflops` of model FLOPs per device; 0 when no peak is known."""
+        if not self.tflops:
+            return 0.0
+        if self.measured and achieved_tflops > self.tflops:
+            if not self.raised:
+                self.say(f"MFU peak raised from {self.tflops:.3g} to {achieved_tflops:.3g} TFLOP/s: a step of this "
+                         "run went faster than the start-up matmul probe (other work on the cores while it ran); "
+                         "the peak follows any faster step from now on, so mfu stays at most 1 "
+                         "(trainer.peak_tflops fixes it)")
+            self.raised = True
+            self.tflops = achieved_tflops
+        return achieved_tflops / self.tflops
+
+
+def mfu_peak(configured: Optional[float], device: torch.device, compute_dtype: str,
+             say: Callable[[str], None]) -> MfuPeak:
+    """`resolve_peak_tflops` as a run's MfuPeak (measured: no configured value, not a GPU)."""
+    tflops, source = resolve_peak_tflops(configured, device, compute_dtype)
+    return MfuPeak(tflops, source, measured=not configured and device.type != "cuda", say=say)
 
 
 # ----------------------------------------------------------------------------- CUDA precision defaults

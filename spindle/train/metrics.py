@@ -98,7 +98,7 @@ def batch_shape_stats(micro_batches) -> dict:
 
 
 def step_record(m: dict, step: int, batch, elapsed: float, data_wait: float, state, env, cfg,
-                flops_per_token: float, peak: float) -> dict:
+                flops_per_token: float, peak) -> dict:
     """The metrics of one step, InternEvo's keys first (see the module docstring for the formulas)."""
     from spindle.model.flops import internevo_flops_per_step
 
@@ -113,7 +113,7 @@ def step_record(m: dict, step: int, batch, elapsed: float, data_wait: float, sta
         "num_consumed_tokens": state.num_consumed_tokens,
         "inf_nan_skip_batches": state.inf_nan_skip_batches, **batch_shape_stats(batch),
         "adam_beta2": m["adam_beta2"], "fwd_bwd_time": m["fwd_bwd_time"],
-        "mfu": (flops_per_token * tgs / 1e12 / peak) if peak else 0.0,
+        "mfu": peak.utilization(flops_per_token * tgs / 1e12),  # a spindle.hardware.MfuPeak: at most 1 if measured
         "acc": m["acc"], "perplexity": math.exp(min(m["loss"], 50.0)),
         "data_wait": data_wait / elapsed, **memory_metrics(env.device),  # {} on CPU
         **{k: v for k, v in m.items() if "/" in k},

@@ -30,7 +30,7 @@ from spindle.config import SpindleConfig, parse_skip_batches, save_resolved_conf
 from spindle.data.batch import Batch
 from spindle.data.loader import build_train_loader, build_valid_sets
 from spindle.errors import SpindleError
-from spindle.hardware import cuda_backend_mode, resolve_peak_tflops
+from spindle.hardware import cuda_backend_mode, mfu_peak
 from spindle.model.flops import model_flops_per_token, parameter_counts
 from spindle.parallel.executor import COMPUTE_DTYPES
 from spindle.parallel.mesh import ParallelEnv, build_mesh
@@ -109,8 +109,9 @@ class Trainer:
         self.scaler = DynamicLossScaler.from_config(cfg.grad_scaler,
                                                     enabled=COMPUTE_DTYPES[cfg.model.dtype] == torch.float16)
         self.state = TrainState()
-        self.peak, self.peak_source = resolve_peak_tflops(cfg.trainer.peak_tflops, self.device,
-                                                          compute_dtype_key(cfg.model.dtype))
+        self.mfu_peak = mfu_peak(cfg.trainer.peak_tflops, self.device, compute_dtype_key(cfg.model.dtype),
+                                 lambda line: self.log(line))  # a measured peak rises to a faster step's rate
+        self.peak, self.peak_source = self.mfu_peak.tflops, self.mfu_peak.source
         self.long_eval = LongEval(cfg, env, self.raw_model, self.log)  # its data and keys checked now
         self._restore()  # last: nothing may draw from the global RNG between the restore and the first step
         self.flops_per_token = model_flops_per_token(cfg.model, cfg.data.seq_len)
@@ -301,7 +302,7 @@ class Trainer:
                 if m.pop("finite"):
                     state.num_consumed_tokens += tokens_global
                 record = step_record(m, step, batch, elapsed, data_wait, state, env, cfg, self.flops_per_token,
-                                     self.peak)
+                                     self.mfu_peak)
                 if self.valid_sets and cfg.data.valid_every and state.step % cfg.data.valid_every == 0:
                     results = self.validate()
                     record.update(results)
