@@ -104,13 +104,61 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     return key.strip().split("."), value
 
 
-# (derived key, the key it is derived from): when a file sets the derived key to the same value as its
-# source (the seed's `lr_scheduler = dict(total_steps=data["total_steps"])`) and `--set` changes only the
-# source, the derived key follows, as it would had the file been edited
+# (derived key, the key it is derived from): when the file derives the key from its source (the seed's
+# `lr_scheduler = dict(total_steps=data["total_steps"])`, or both written as the same constant, the demo's
+# TOTAL_STEPS) and `--set` changes only the source, the derived key follows, as it would had the file been
+# edited. A value the file states (a literal, or any other expression) is the user's: never rewritten.
 DERIVED_KEYS = ((("lr_scheduler", "total_steps"), ("data", "total_steps")),
                 (("beta2_scheduler", "init_beta2"), ("adam", "adam_beta2")),
                 (("beta2_scheduler", "c"), ("adam", "adam_beta2_c")),
                 (("data", "valid_micro_num"), ("data", "micro_num")))
+
+
+def _key_expressions(tree: ast.Module) -> dict:
+    """(section, key) -> the expression the file assigns it: `section = dict(key=...)`, `section = {"key": ...}`
+    or `section["key"] = ...` at the top level (the last one wins, as when the file runs)."""
+    found: dict = {}
+    for node in tree.body:
+        if not isinstance(node, ast.Assign):
+            continue
+        for target in node.targets:
+            if isinstance(target, ast.Name) and isinstance(node.value, ast.Call) and \
+                    isinstance(node.value.func, ast.Name) and node.value.func.id == "dict":
+                found.update({(target.id, kw.arg): kw.value for kw in node.value.keywords if kw.arg})
+            elif isinstance(target, ast.Name) and isinstance(node.value, ast.Dict):
+                found.update({(target.id, k.value): v for k, v in zip(node.value.keys, node.value.values)
+                              if isinstance(k, ast.Constant)})
+            elif isinstance(target, ast.Subscript) and isinstance(target.value, ast.Name) and \
+                    isinstance(target.slice, ast.Constant):
+                found[(target.value.id, target.slice.value)] = node.value
+    return found
+
+
+def _reads_key(expr: ast.AST, section: str, key: str) -> bool:
+    """`expr` reads `section["key"]` (or `section.get("key")`)."""
+    for node in ast.walk(expr):
+        if isinstance(node, ast.Subscript) and isinstance(node.value, ast.Name) and node.value.id == section \
+                and isinstance(node.slice, ast.Constant) and node.slice.value == key:
+            return True
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "get" and \
+                isinstance(node.func.value, ast.Name) and node.func.value.id == section and node.args and \
+                isinstance(node.args[0], ast.Constant) and node.args[0].value == key:
+            return True
+    return False
+
+
+def derived_in_file(tree: ast.Module) -> frozenset:
+    """The derived keys of DERIVED_KEYS that the file derives from their source rather than states."""
+    exprs = _key_expressions(tree)
+    out = set()
+    for derived, source in DERIVED_KEYS:
+        mine, theirs = exprs.get(derived), exprs.get(source)
+        if mine is None:
+            continue
+        same_name = theirs is not None and not isinstance(mine, ast.Constant) and ast.dump(mine) == ast.dump(theirs)
+        if same_name or _reads_key(mine, *source):
+            out.add(derived)
+    return frozenset(out)
 
 
 def _copy_tree(value: Any) -> Any:
@@ -131,14 +179,15 @@ def _get(raw: dict, path) -> Any:
     return node
 
 
-def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+def apply_overrides(raw: dict, overrides: list[str], derived: frozenset = frozenset()) -> dict:
     """`--set KEY.PATH=VALUE` on the keys of a loaded config (module-level constants go through
-    `read_config_file(constants=...)` instead, so that what the file derives from them follows)."""
+    `read_config_file(constants=...)` instead, so that what the file derives from them follows).
+    `derived`: the keys the file derives from another (`derived_in_file`), which follow that key."""
     raw = _copy_tree(raw)
     parsed = [parse_override(item) for item in overrides]
     set_paths = {tuple(path) for path, _ in parsed}
-    follow = [(derived, source) for derived, source in DERIVED_KEYS
-              if source in set_paths and derived not in set_paths and _get(raw, derived) == _get(raw, source)]
+    follow = [(key, source) for key, source in DERIVED_KEYS
+              if key in derived and source in set_paths and key not in set_paths]
     for path, value in parsed:
         node = raw
         for part in path[:-1]:
@@ -146,9 +195,9 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
                 node[part] = {}
             node = node[part]
         node[path[-1]] = value
-    for derived, source in follow:
-        if _get(raw, derived[:1]) is not None:
-            raw[derived[0]][derived[1]] = _get(raw, source)
+    for key, source in follow:
+        if isinstance(_get(raw, key[:1]), dict):
+            raw[key[0]][key[1]] = _get(raw, source)
     return raw
 
 
@@ -234,7 +283,9 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
     if constants:
         source += " (with --set " + ", ".join(constants) + ")"
     if overrides:
-        raw = apply_overrides(raw, overrides)
+        derived = derived_in_file(ast.parse(Path(path).read_text(encoding="utf-8", errors="replace"))) \
+            if path is not None else frozenset()
+        raw = apply_overrides(raw, overrides, derived)
         source += " (with --set overrides)"
     return validate_config(raw, source)
 
