@@ -75,7 +75,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default: the checkpoint's validation data or held-out files, else its training files)")
     p.add_argument("--glob", default="*", type=options.path, help="file pattern inside --data folders")
     p.add_argument("--windows", type=_number(int, 1, 100_000, "1 .. 100,000"), default=8,
-                   help="number of evaluation windows (documents)")
+                   help="number of evaluation windows (fewer when the data holds fewer: the first line says so)")
+    p.add_argument("--windows-from", choices=["starts", "documents"], default="starts",
+                   help="starts: the first L tokens of each document at least L long (the default); documents: "
+                        "consecutive L-token pieces from inside every document, spread over all the data (at the "
+                        "training length this is what validation evaluates)")
     p.add_argument("--batch", type=_number(int, 1, 1024, "1 .. 1,024"), default=1)
     k = sub.add_parser("passkey", parents=[common], help="passkey retrieval over a length x depth grid")
     k.add_argument("--depths", type=number_list(_number(float, 0.0, 1.0, "depths in [0, 1]")),
@@ -168,7 +172,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         from spindle.eval.perplexity import format_table, plot_ppl, run_ppl
 
         res = run_ppl(args.ckpt, args.data, args.lengths, variants, args.windows, args.chunk, args.batch,
-                      args.tokenizer, args.glob, args.train_len, args.device)
+                      args.tokenizer, args.glob, args.train_len, args.device, windows_from=args.windows_from)
         print(format_table(res))
         written = write_outputs(args.out, "ppl", res, plot_ppl, args.overwrite)
     else:

@@ -200,20 +200,46 @@ def checkpoint_data(cfg, option: str = "--data", whose: str = "the checkpoint's"
                    f"pass {option} for held-out text)")
 
 
-def make_windows(docs: Sequence[Sequence[int]], length: int, n: int) -> tuple[torch.Tensor, int]:
-    """n windows of `length` tokens: the starts of documents at least that long, in order; when there are
-    too few, the remaining documents concatenated and cut. Returns (windows (n, length), natural count)."""
-    wins = [list(d[:length]) for d in docs if len(d) >= length][:n]
-    natural = len(wins)
+WINDOW_MODES = {
+    "starts": "the first L tokens of each document at least L long, in order",
+    "documents": "consecutive L-token pieces of every document, spread evenly over the data",
+}
+
+
+def make_windows(docs: Sequence[Sequence[int]], length: int, n: int, mode: str = "starts") -> tuple[torch.Tensor, int]:
+    """n windows of `length` tokens. `starts`: the starts of documents at least that long, in order.
+    `documents`: every document cut into consecutive windows from its start (what validation packs, in
+    rows of the training length), n of them taken evenly spread. Either way, when there are too few, the
+    shorter documents (`documents`: the documents' remainders) are concatenated and cut. Returns (windows
+    (<= n, length), how many came from inside single documents)."""
+    if mode == "starts":
+        inside = [list(d[:length]) for d in docs if len(d) >= length][:n]
+        rest = [d for d in docs if len(d) < length]
+    else:
+        inside = [list(d[s : s + length]) for d in docs for s in range(0, len(d) - length + 1, length)]
+        rest = [d[len(d) - len(d) % length:] for d in docs if len(d) % length]
+    natural = len(inside)
+    wins = inside
     if len(wins) < n:
-        stream = [t for d in docs if len(d) < length for t in d]
-        for s in range(0, len(stream) - length + 1, length):
-            if len(wins) == n:
-                break
-            wins.append(stream[s : s + length])
+        stream = [t for d in rest for t in d]
+        wins = wins + [stream[s : s + length] for s in range(0, len(stream) - length + 1, length)]
     if not wins:
         raise SpindleError(f"the evaluation data holds fewer than {length} tokens")
-    return torch.tensor(wins, dtype=torch.long), natural
+    if len(wins) > n:  # an even spread over the data, its first and last window included
+        picks = sorted({round(i * (len(wins) - 1) / max(n - 1, 1)) for i in range(n)})
+        natural = sum(1 for i in picks if i < natural)
+        wins = [wins[i] for i in picks]
+    return torch.tensor(wins, dtype=torch.long), min(natural, len(wins))
+
+
+def windows_line(mode: str, got: int, asked: int, natural: int, length: int) -> str:
+    """How the windows were chosen, and, when the data holds fewer than asked, that it does."""
+    line = f"{got} windows of {length} tokens, --windows-from {mode} ({WINDOW_MODES[mode]}; {natural} from inside " \
+           "single documents, the rest cut from shorter documents joined)"
+    if got < asked:
+        line += f"; --windows {asked}: the data holds only {got}" + \
+            (" (--windows-from documents cuts more from the same data)" if mode == "starts" else "")
+    return line
 
 
 # --------------------------------------------------------------------------- evaluation
@@ -313,7 +339,7 @@ def plot_ppl(result: dict, path: Path, title: str = "") -> None:
 def run_ppl(ckpt: str, data: Optional[Sequence[str]], lengths: Optional[Sequence[int]] = None,
             variants: Sequence[str] = ("plain", "dynamic", "yarn", "logn"), windows: int = 8, chunk: int = 1024,
             batch: int = 1, tokenizer: Optional[str] = None, glob: str = "*", train_len: Optional[int] = None,
-            device: str = "cpu", log=print) -> dict:
+            device: str = "cpu", log=print, windows_from: str = "starts") -> dict:
     from spindle.data.tokenizer import load_tokenizer
     from spindle.eval.load import load_model_for_eval
 
@@ -322,19 +348,22 @@ def run_ppl(ckpt: str, data: Optional[Sequence[str]], lengths: Optional[Sequence
     lengths = sorted(set(lengths or default_lengths(T)))
     check_cache_memory(model, lengths[-1], batch)
     tok = load_tokenizer(tokenizer or cfg.data.tokenizer_path or "default")
+    # `documents` spreads its windows over all the data, so it reads all of it
+    enough = (windows, lengths[-1]) if windows_from == "starts" else None
     if data is None:
         data, what = checkpoint_data(cfg)
         log(f"eval ppl: no --data, reading {what}")
-        docs = load_token_docs(data, tok, "*", enough=(windows, lengths[-1]), option="the checkpoint's data",
+        docs = load_token_docs(data, tok, "*", enough=enough, option="the checkpoint's data",
                                vocab=model.args.vocab_size)
     else:
-        docs = load_token_docs(data, tok, glob, enough=(windows, lengths[-1]), vocab=model.args.vocab_size)
-    wins, natural = make_windows(docs, lengths[-1], windows)
+        docs = load_token_docs(data, tok, glob, enough=enough, vocab=model.args.vocab_size)
+    wins, natural = make_windows(docs, lengths[-1], windows, windows_from)
     wins = wins.to(device)
-    log(f"eval ppl: {ckpt}: {wins.shape[0]} windows of {lengths[-1]} tokens ({natural} whole-document starts), "
+    log(f"eval ppl: {ckpt}: {windows_line(windows_from, wins.shape[0], windows, natural, lengths[-1])}; "
         f"training length {T}, chunk {chunk}")
     result = {"ckpt": str(ckpt), "train_len": T, "rope_base": cfg.model.rope_base, "lengths": lengths,
-              "n_windows": int(wins.shape[0]), "natural_windows": natural, "chunk": chunk,
+              "n_windows": int(wins.shape[0]), "natural_windows": natural, "windows_from": windows_from,
+              "chunk": chunk,
               "protocol": "per-position NLL from one chunked-prefill pass per window (fixed RoPE) or per length "
                           "(dynamic / per-length YaRN); ppl at L = exp(mean NLL of positions < L); "
                           "tail = positions [L/2, L)",
