@@ -16,7 +16,8 @@ class DataConfig(Section):
     seq_len: int = _count(default=2048, ge=2)
     micro_num: int = _count(default=1, ge=1)
     micro_bsz: int = _count(default=1, ge=1)
-    valid_micro_num: Optional[int] = _count(default=None, ge=1)  # defaults to micro_num
+    valid_micro_num: Optional[int] = _count(default=None, ge=1)  # micro-batches per evaluation call; default micro_num
+    valid_max_tokens: Optional[int] = _count(default=None, ge=1)  # None: every token of each validation set
     valid_every: int = _count(default=0, ge=0)  # 0 = no validation
     pack_sample_into_one: bool = False
     total_steps: int = _count(default=50000, ge=1)

@@ -288,28 +288,29 @@ def _holds_token_files(folder: Optional[str]) -> bool:
     return bool(folder) and os.path.isdir(folder) and bool(find_token_files(folder))
 
 
-def build_valid_sets(data: DataConfig, vocab_size: int, cache_root: Optional[Path] = None) -> dict[str, list[dict]]:
-    """name -> the first `valid_micro_num` micro-batches of that validation set (unshuffled packs).
-    Token folders: one set per leaf folder of `valid_folder`. Streaming: a split of a dataset folder
-    (`valid_split`, default "validation", of `valid_folder`, default the training dataset). Raw text:
-    the held-out files (`text_valid_bytes`), tokenized into the cache under `cache_root`."""
+def build_valid_sets(data: DataConfig, vocab_size: int, cache_root: Optional[Path] = None) -> dict:
+    """name -> `spindle.data.validation.ValidSet`: every token of that validation set (unshuffled packs),
+    or its first `valid_max_tokens`. Token folders: one set per leaf folder of `valid_folder`. Streaming:
+    a split of a dataset folder (`valid_split`, default "validation", of `valid_folder`, default the
+    training dataset). Raw text: the held-out files (`text_valid_bytes`), tokenized into the cache under
+    `cache_root`."""
+    from spindle.data.validation import valid_set
+
     held_out = bool(data.text_valid_bytes) and data.type == "text"
     if not data.valid_every or not (data.valid_folder or data.valid_split or held_out):
         return {}
     if data.type == "streaming" and not _holds_token_files(data.valid_folder):
         from spindle.data.streaming import streamed_valid_set
 
-        name, batches = streamed_valid_set(data, vocab_size)
-        return {name: batches}
-    folder = data.valid_folder
-    if held_out:
-        folder = text_cache(data, Path(cache_root), held_out=True)
-    out = {}
-    for src in leaf_sources(folder, vocab_size):
-        packed = PackedDocuments(src.docs, data.seq_len, data.micro_bsz, shuffle=False,
-                                 pack_into_one=data.pack_sample_into_one)
-        n = min(len(packed), data.valid_micro_num or data.micro_num)
-        if n == 0:
-            raise SpindleError(f"validation set {src.name!r} in {folder} holds fewer tokens than one pack")
-        out[src.name] = collate([packed[i] for i in range(n)])
-    return out
+        found = streamed_valid_set(data, vocab_size)
+        sets = {found.name: found}
+    else:
+        folder = data.valid_folder
+        if held_out:
+            folder = text_cache(data, Path(cache_root), held_out=True)
+        sets = {src.name: valid_set(src.name, src.docs, data.seq_len, data.micro_bsz, data.pack_sample_into_one,
+                                    data.valid_max_tokens) for src in leaf_sources(folder, vocab_size)}
+    for name, found in sets.items():
+        if found.count == 0:
+            raise SpindleError(f"validation set {name!r} of {data.valid_folder or data.train_folder} holds no tokens")
+    return sets

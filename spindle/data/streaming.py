@@ -32,7 +32,7 @@ A state holding only a position replays the stream from the start to that positi
 
 from __future__ import annotations
 
-import itertools
+import math
 import os
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -293,11 +293,13 @@ class StreamingLoader:
             self._pool.shutdown(wait=True, cancel_futures=True)
 
 
-def streamed_valid_set(data: DataConfig, vocab_size: Optional[int]) -> tuple[str, list[dict]]:
-    """(name, micro-batches) of a validation split of a streamed dataset: `data.valid_split`
-    (default "validation") of `data.valid_folder` (default: the training dataset), its first
-    `valid_micro_num` packs in dataset order, packed like training."""
+def streamed_valid_set(data: DataConfig, vocab_size: Optional[int]):
+    """The validation split of a streamed dataset as a `spindle.data.validation.ValidSet`: `data.valid_split`
+    (default "validation") of `data.valid_folder` (default: the training dataset), in dataset order,
+    packed like training. Read once, whole: the documents the set evaluates stay in memory (up to
+    `data.valid_max_tokens` when set; the rest is only counted, for "N of M tokens")."""
     from spindle.data.tokenizer import load_tokenizer
+    from spindle.data.validation import InMemoryDocuments, valid_set
 
     if not data.tokenizer_path:
         raise SpindleError("data.type='streaming' needs data.tokenizer_path")
@@ -305,9 +307,13 @@ def streamed_valid_set(data: DataConfig, vocab_size: Optional[int]) -> tuple[str
     folder = data.valid_folder or data.train_folder
     valid = data.model_copy(update={"train_folder": folder, "split": split})
     packer = StreamPacker(valid, load_tokenizer(data.tokenizer_path), vocab_size)
-    n = data.valid_micro_num or data.micro_num
-    packs = [pack for pack, _ in itertools.islice(packer.packs(), n)]
-    if len(packs) < n:
-        raise SpindleError(f"data.valid_split: split {split!r} of {folder} holds fewer tokens than "
-                           f"{n} pack(s) of micro_bsz * seq_len = {data.packed_length} (data.valid_micro_num)")
-    return split, collate(packs)
+    keep = math.inf if data.valid_max_tokens is None else \
+        math.ceil(data.valid_max_tokens / data.packed_length) * data.packed_length
+    docs, held, total = [], 0, 0
+    for _record, ids, mask in packer.documents(0):
+        total += len(ids)
+        if held < keep:
+            docs.append((ids, mask))
+            held += len(ids)
+    return valid_set(split, InMemoryDocuments(docs), data.seq_len, data.micro_bsz, data.pack_sample_into_one,
+                     data.valid_max_tokens, total)

@@ -84,6 +84,14 @@ def format_line(metrics: dict) -> str:
     return ",".join(f"{k}={format_value(metrics[k])}" for k in CONSOLE_KEYS if k in metrics)
 
 
+def format_validation(step: int, results: dict, valid_sets: dict) -> str:
+    """'validation after step 199: held_out loss 1.8312 (perplexity 6.242, accuracy 0.4861; 16,384 of
+    204,800 tokens)', the sets separated by '; '."""
+    return f"validation after step {step}: " + "; ".join(
+        f"{name} loss {results[f'val/{name}_loss']:.4f} (perplexity {results[f'val/{name}_plex']:.4g}, "
+        f"accuracy {results[f'val/{name}_acc']:.4f}; {found.coverage()})" for name, found in valid_sets.items())
+
+
 def batch_shape_stats(micro_batches) -> dict:
     """InternEvo's num_samples_in_batch, largest_length, largest_batch, smallest_batch: documents (segments)
     per micro-batch and the longest, from where the positions restart (host tensors: no device sync)."""

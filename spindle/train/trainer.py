@@ -39,13 +39,14 @@ from spindle.train.controls import acted_on_stop_file, step_signals
 from spindle.train.host import RunRNG, cpu_training_mode, torch_threads
 from spindle.train.long_eval import LongEval
 from spindle.train.metrics import (
-    LineFile, MetricSinks, Progress, RunFolderFull, continue_tensorboard, format_line, step_record, step_statistics,
-    synchronize,
+    LineFile, MetricSinks, Progress, RunFolderFull, continue_tensorboard, format_line, format_validation, step_record,
+    step_statistics, synchronize,
 )
 from spindle.train.monitor import build_monitor
 from spindle.train.optim import (
     DynamicLossScaler, beta2_at, build_optimizer, clip_gradients, lr_at, set_schedules, unscale_gradients,
 )
+from spindle.train.validation import validate_sets
 
 
 def compute_dtype_key(dtype: str) -> str:
@@ -215,15 +216,9 @@ class Trainer:
 
     @torch.no_grad()
     def validate(self) -> dict:
-        """val/{set}_loss (plain cross-entropy per valid token) and val/{set}_plex for every validation set."""
-        out = {}
-        for name, batches in self.valid_sets.items():
-            stats = self.executor.evaluate([b.to(self.device) for b in batches])
-            self._all_reduce(stats, group=self.env.grad_group)
-            loss = (stats[0].sum() / stats[1].sum().clamp(min=1)).item()
-            out[f"val/{name}_loss"] = loss
-            out[f"val/{name}_plex"] = math.exp(min(loss, 50.0))
-        return out
+        """val/{set}_loss, _acc, _plex and _tokens for every validation set (spindle/train/validation.py)."""
+        return validate_sets(self.executor, self.valid_sets, self.cfg.data.valid_micro_num, self.env, self.device,
+                             lambda t: self._all_reduce(t, group=self.env.grad_group))
 
     # ------------------------------------------------------------------ checkpoint
 
@@ -306,9 +301,7 @@ class Trainer:
                 if self.valid_sets and cfg.data.valid_every and state.step % cfg.data.valid_every == 0:
                     results = self.validate()
                     record.update(results)
-                    printer(f"validation after step {step}: " + ", ".join(
-                        f"{k[4:-5]} loss {v:.4f} (perplexity {results[k[:-5] + '_plex']:.4g})"
-                        for k, v in results.items() if k.endswith("_loss")))
+                    printer(format_validation(step, results, self.valid_sets))
                 record.update(self.long_eval(state.step, printer))  # {} unless due (spindle/train/long_eval.py)
                 history.append(record)
                 failure = None

@@ -104,6 +104,8 @@ JOBS = {
     "ppm_pp2_interleaved": Job(2, (PP2, "model.num_chunks=2"), **PPM),
     "ppm_tp2_sp": Job(2, (TP2, SP), **PPM),
     "ppm_pp2_cp2": Job(4, (PP2, CP2), **PPM),
+    # the same global batches as ppm_single (2 packs a step); validation split over the two ranks
+    "ppm_dp2": Job(2, ("data.micro_num=1",), **PPM),
     "fsdp_collectives": Job(2, script="fsdp_collectives", args=("{folder}.pt",)),
     "precision_layouts": Job(2, script="precision_layouts", args=("{folder}.pt",)),
     "sharded_init": Job(2, script="sharded_init", args=("{folder}.pt",)),

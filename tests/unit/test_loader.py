@@ -79,9 +79,11 @@ def test_leaf_validation_sets_are_named_by_folder(tmp_path):
     assert [s.name for s in leaf_sources(str(tmp_path / "valid"))] == ["sub", "zhihu"]
     data = DataConfig(valid_folder=str(tmp_path / "valid"), valid_every=1, seq_len=16, micro_bsz=2, micro_num=3,
                       valid_micro_num=2)
-    sets = build_valid_sets(data, VOCAB)
-    assert sorted(sets) == ["sub", "zhihu"] and all(len(v) == 2 for v in sets.values())
-    assert sets["zhihu"][0].input_ids.shape == (2, 16)
+    sets = build_valid_sets(data, VOCAB)  # 120 tokens a set: 3 packs of 32 and a padded tail, all evaluated
+    assert sorted(sets) == ["sub", "zhihu"] and all(v.count == 4 and v.used_tokens == 120 for v in sets.values())
+    calls = list(sets["zhihu"].micro_batches(2))  # valid_micro_num packs per evaluation call
+    assert [len(c) for c in calls] == [2, 2] and calls[0][0].input_ids.shape == (2, 16)
+    assert int((calls[1][1].labels != -100).sum()) < 24  # the tail: its padding carries no label
 
 
 def test_per_source_metrics_and_validation_in_metrics_jsonl(tmp_path):
@@ -240,8 +242,8 @@ def test_text_valid_bytes_holds_the_last_files_out_of_training(tmp_path):
     held = b"".join(bytes(t for t in docs[i][0].tolist() if t < 256) for i in range(len(docs)))
     assert held == b"c" * 120 + b"d" * 100
     seen = set()
-    for b in sets["held_out"]:
-        seen |= set(b.input_ids.flatten().tolist())
+    for call in sets["held_out"].micro_batches(1):
+        seen |= set(call[0].input_ids.flatten().tolist())
     assert ord("c") in seen and ord("a") not in seen
     trained = set()
     loader = build_train_loader(data, 258, tmp_path / "cache", prefetch=False)

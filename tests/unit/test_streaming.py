@@ -244,11 +244,13 @@ def test_validation_split_of_the_same_dataset(tmp_path):
     repo = hub_repo(tmp_path / "ds", {"train": train, "validation": valid, "test": ["TEST"] * 30})
     for keys in ({"valid_folder": str(repo)}, {"valid_split": "validation"}):
         sets = build_valid_sets(cfg(repo, valid_every=1, valid_micro_num=2, **keys), 258)
-        assert list(sets) == ["validation"] and len(sets["validation"]) == 2
-        got = bytes(t for t in sets["validation"][0].input_ids.flatten().tolist() if t < 256)
+        found = sets["validation"]
+        assert list(sets) == ["validation"] and found.used_tokens == found.total_tokens  # the whole split
+        got = bytes(t for t in next(found.micro_batches(2))[0].input_ids.flatten().tolist() if t < 256)
         assert got[:20] == valid[0].encode()[:20]  # the validation split, in dataset order
-    sets = build_valid_sets(cfg(repo, valid_every=1, valid_micro_num=1, valid_split="test"), 258)
-    assert bytes(sets["test"][0].input_ids[0, 1:5].tolist()) == b"TEST"
+    sets = build_valid_sets(cfg(repo, valid_every=1, valid_micro_num=1, valid_split="test", valid_max_tokens=1), 258)
+    assert bytes(next(sets["test"].micro_batches(1))[0].input_ids[0, 1:5].tolist()) == b"TEST"
+    assert sets["test"].coverage().endswith(f" of {sets['test'].total_tokens:,} tokens")
     with pytest.raises(SpindleError, match="data.split: .* has no split 'dev'"):
         build_valid_sets(cfg(repo, valid_every=1, valid_split="dev"), 258)
     # training on the same folder reads the train split only: neither the card nor the other splits
