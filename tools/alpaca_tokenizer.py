@@ -40,6 +40,7 @@ from spindle.data.chat import alpaca_messages, check_messages, conversation_toke
 from spindle.outputs import check_output  # noqa: E402
 from spindle.data.prepare import MAX_TOKENS  # noqa: E402
 from spindle.data.shard_writers import JsonBinWriter  # noqa: E402
+from spindle.data.tokenizer_identity import write_sidecar  # noqa: E402
 from spindle.data.tokenizer import load_tokenizer  # noqa: E402
 from spindle.errors import SpindleError  # noqa: E402
 
@@ -137,6 +138,7 @@ def run(args) -> int:
         for i in np.flatnonzero(is_valid == want).tolist():
             w.add(seqs[i])
         counts[split] = w.close()["documents"]
+        write_sidecar(outs[split], tok.identity())  # which tokenizer made these ids (spindle.data.tokenizer_identity)
     print(f"{fmt}: {counts['train']:,} train / {counts['valid']:,} valid records -> {args.output_path}")
     return 0
 

@@ -49,7 +49,8 @@ MARKER_RE = re.compile(r"^(?:(snapshot/[01])/)?(\d+)\.step$")
 # `.metadata.tmp`: DCP writes the metadata under that name and renames it, so a save killed between the
 # two leaves it (an unfinished save of ours, not a foreign file)
 SPINDLE_FILE_RE = re.compile(
-    r"^(\.metadata|\.metadata\.tmp|__\d+_\d+\.distcp|trainer_state\.json|config\.json|\.owner\.json)$")
+    r"^(\.metadata|\.metadata\.tmp|__\d+_\d+\.distcp|trainer_state\.json|config\.json|\.owner\.json"
+    r"|tokenizer_identity\.json)$")
 OURS_AT_TOP = ("pings", "damaged", ".spindle.lock")
 
 

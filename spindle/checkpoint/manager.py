@@ -152,7 +152,9 @@ class CheckpointManager:
 
     # -- save
 
-    def save(self, step: int, model, optimizer, trainer_state: dict, config: dict, snapshot: bool = False) -> str:
+    def save(self, step: int, model, optimizer, trainer_state: dict, config: dict, snapshot: bool = False,
+             records: Optional[dict[str, bytes]] = None) -> str:
+        """`records`: more small files of the step folder (name -> bytes), e.g. the tokenizer identity."""
         if self.closed:
             raise SpindleError(f"{self.storage.url}: the checkpoint manager is closed (its run ended)")
         if self.lineage is None:  # used without a training run: a new lineage in a folder of no checkpoints
@@ -173,7 +175,7 @@ class CheckpointManager:
                             "pid": os.getpid(), "time": time.time()}).encode()
         files = {".owner.json": owner, "trainer_state.json": json.dumps(state, indent=1).encode(),
                  # redacted here, for every writer (training, conversions): no secret at rest or uploaded
-                 "config.json": json.dumps(redact(config), indent=1, default=str).encode()}
+                 "config.json": json.dumps(redact(config), indent=1, default=str).encode(), **(records or {})}
         target = Path(self.storage.local_path(ref.rel)) if not self.remote else \
             self.staging.folder(ref.rel, _state_bytes(model, optimizer))
         try:
@@ -346,7 +348,7 @@ class CheckpointManager:
 
 
 def save_weights_checkpoint(url: str, step: int, model, config: dict, counters: Optional[dict] = None,
-                            log: Callable[[str], None] = print) -> str:
+                            log: Callable[[str], None] = print, records: Optional[dict[str, bytes]] = None) -> str:
     """A checkpoint holding weights (and `counters`, else zeros; the data position at its start) in a
     folder that holds no checkpoints yet: what conversions write, for `load_ckpt_info`."""
     manager = CheckpointManager(url, CkptConfig(), job="convert", log=log)
@@ -355,7 +357,7 @@ def save_weights_checkpoint(url: str, step: int, model, config: dict, counters: 
         manager.adopt(LoadPlan("fresh", (), "conversion"))
         state = {"step": step, "updates": 0, "num_consumed_tokens": 0, "inf_nan_skip_batches": 0,
                  "loader": {"position": 0}, **(counters or {})}
-        return manager.save(step, model, None, state, config)
+        return manager.save(step, model, None, state, config, records=records)
     finally:
         manager.close()
 

@@ -20,7 +20,7 @@ from spindle.errors import SpindleError
 RECORD_FORMAT = "spindle-checkpoint-2"
 LEGACY_LINEAGE = "first-wave"  # checkpoints written before lineages existed form one lineage per folder
 # the small files verification reads whole (and parses); every other file of a checkpoint is hashed as a stream
-HASHED_FILES = (".metadata", "trainer_state.json", "config.json", ".owner.json")
+HASHED_FILES = (".metadata", "trainer_state.json", "config.json", ".owner.json", "tokenizer_identity.json")
 # ckpt.verify: "hash" checks every recorded SHA-256 on load; "size" (for very large checkpoints) re-checks
 # sizes and the small files' hashes only, and the run says so
 VERIFY_MODES = ("hash", "size")

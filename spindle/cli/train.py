@@ -163,7 +163,7 @@ def _train(cfg, env, t0: float) -> int:
 
         model = whole_model(trainer.raw_model, cfg.model.to_args(), env)  # collective under a layout
         if model is not None:
-            print_sample(model.eval(), cfg)
+            print_sample(model.eval(), cfg, trainer.tokenizer)
     return 0
 
 
@@ -190,12 +190,14 @@ def loss_summary(history: list[dict], byte_level: bool) -> str:
     return text
 
 
-def print_sample(model, cfg) -> None:
+def print_sample(model, cfg, tokenizer=None) -> None:
+    """`tokenizer`: the run's (spindle.data.tokenizer_identity.Recorded), else data.tokenizer_path's."""
     from spindle.data.tokenizer import load_tokenizer
+    from spindle.data.tokenizer_identity import recorded_spec
     from spindle.eval.generate import complete_text
 
     t = cfg.trainer
-    tok = load_tokenizer(cfg.data.tokenizer_path or "default")
+    tok = load_tokenizer(recorded_spec(tokenizer) if tokenizer else cfg.data.tokenizer_path or "default")
     how = f"temperature {t.sample_temperature}, top-p {t.sample_top_p}" if t.sample_temperature > 0 else "greedy"
     print(f"sample ({how}, {t.sample_tokens} tokens; trainer.sample_temperature / sample_top_p set it):")
     print(t.sample_prompt, end="", flush=True)

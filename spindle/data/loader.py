@@ -48,14 +48,10 @@ def _open_source(name: str, type_id: int, root: str, files: list[str], vocab_siz
 
 
 def _manifest_tokenizers(files: list[str]) -> dict[str, dict]:
-    """folder -> tokenizer identity, for every folder among `files` that holds a manifest."""
-    from spindle.data.shards import MANIFEST, read_manifest
+    """where -> tokenizer identity, for every manifest folder and `.bin` tokenizer record among `files`."""
+    from spindle.data.tokenizer_identity import recorded_identities
 
-    out = {}
-    for folder in dict.fromkeys(os.path.dirname(f) for f in files):
-        if os.path.isfile(os.path.join(folder, MANIFEST)):
-            out[folder] = read_manifest(folder).get("tokenizer")
-    return out
+    return recorded_identities(files)
 
 
 def refuse_mixed_tokenizers(files: list[str], key: str) -> None:

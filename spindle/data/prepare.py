@@ -27,6 +27,7 @@ from spindle.outputs import StagedFolder, check_output
 from spindle.data.shard_writers import ShardWriter, write_manifest
 from spindle.data.shards import IDX_EXT, MANIFEST, MASK_EXT, TOKENS_EXT, token_dtype
 from spindle.data.tokenizer import Tokenizer, load_tokenizer
+from spindle.data.tokenizer_identity import SIDECAR_SUFFIX, write_sidecar
 from spindle.errors import SpindleError
 
 MAX_SHARD_MB = 1 << 20  # 1 TiB
@@ -188,7 +189,8 @@ def default_workers() -> int:
 
 def is_prepare_output(name: str) -> bool:
     """Files a `spindle prepare` output folder holds (replaced by `--overwrite`)."""
-    return name == MANIFEST or name.endswith((TOKENS_EXT, IDX_EXT, MASK_EXT, ".bin", ".bin.meta"))
+    return name == MANIFEST or name.endswith((TOKENS_EXT, IDX_EXT, MASK_EXT, ".bin", ".bin.meta",
+                                              ".bin" + SIDECAR_SUFFIX))
 
 
 def prepare(
@@ -286,7 +288,8 @@ def write_json_bin(
     workers: int | None = None,
     doc_per_file: bool = False,
 ) -> dict:
-    """InternEvo `.bin` + int64 `.bin.meta` (the engine of tools/tokenizer.py)."""
+    """InternEvo `.bin` + int64 `.bin.meta` + the tokenizer's identity in `.bin.tokenizer.json` (the engine of
+    tools/tokenizer.py)."""
     from spindle.data.shard_writers import JsonBinWriter
 
     t0 = time.perf_counter()
@@ -303,5 +306,6 @@ def write_json_bin(
         os.remove(bin_path + ".tmp")
         raise
     res = w.close()
+    res["tokenizer_record"] = write_sidecar(bin_path, tok.identity())  # beside the seed's bytes, not in them
     res["seconds"] = time.perf_counter() - t0
     return res

@@ -143,7 +143,7 @@ class Tokenizer(ABC):
     def identity(self) -> dict:
         return {
             "kind": self.kind,
-            "path": self.path,
+            "path": os.path.abspath(self.path) if self.path else None,  # found again from any folder
             "sha256": _sha256(self.path) if self.path else None,
             "vocab_size": self.vocab_size,
             "bos_id": self.bos_id,

@@ -29,6 +29,7 @@ from spindle.checkpoint.manager import CheckpointManager
 from spindle.config import SpindleConfig, parse_skip_batches, save_resolved_config
 from spindle.data.batch import Batch
 from spindle.data.loader import build_train_loader, build_valid_sets
+from spindle.data.tokenizer_identity import check_start, checkpoint_files, run_tokenizer
 from spindle.errors import SpindleError
 from spindle.hardware import cuda_backend_mode, mfu_peak
 from spindle.model.flops import model_flops_per_token, parameter_counts
@@ -101,6 +102,7 @@ class Trainer:
         self.n_params = parameter_counts(cfg.model)["total"]
         self.skip = parse_skip_batches(cfg.data.skip_batches)
         cache = self.run_dir / "data_cache"
+        self.tokenizer = run_tokenizer(cfg.data)  # which tokenizer made the ids; recorded in every checkpoint
         self.loader = build_train_loader(cfg.data, cfg.model.vocab_size, cache, env.dp_rank, env.dp_size)
         self.valid_sets = build_valid_sets(cfg.data, cfg.model.vocab_size, cache)
         # the layout lives here and in nothing else the loop touches: parallel/setup.py, parallel/executor.py
@@ -137,6 +139,7 @@ class Trainer:
     def _restore(self) -> None:
         plan: LoadPlan = plan_load(self.cfg.ckpt, self.ckpt_manager.storage if self.ckpt_manager else None)
         self.log(f"checkpoint: {plan.reason}")
+        check_start(plan, self.tokenizer)  # the checkpoint's tokenizer is the data's
         if self.ckpt_manager is not None:
             self.lineage = self.ckpt_manager.adopt(plan)
         args = self.cfg.model.to_args()  # a pipeline rank's view of its stages carries none
@@ -225,7 +228,7 @@ class Trainer:
     def save(self, snapshot: bool = False) -> str:
         ts = self.state.state_dict() | {"loader": self.loader.state_dict(), "scaler": self.scaler.state_dict()}
         where = self.ckpt_manager.save(self.state.step, self.raw_model, self.optimizer, ts,
-                                       self.cfg.to_dict(), snapshot=snapshot)
+                                       self.cfg.to_dict(), snapshot=snapshot, records=checkpoint_files(self.tokenizer))
         self.log(f"checkpoint saved: {where}")
         return where
 
