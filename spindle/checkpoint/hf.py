@@ -124,24 +124,28 @@ def load_hf_weights(model: torch.nn.Module, hf_dir: str | Path, args=None) -> li
     return _differences(hf_args, args)
 
 
-def export_hf(ckpt: str, out: str | Path) -> list[str]:
-    """Write a Spindle checkpoint as a Hugging Face folder; returns notes to print."""
+def export_hf(ckpt: str, out: str | Path, tokenizer: Optional[str] = None) -> list[str]:
+    """Write a Spindle checkpoint as a Hugging Face folder with the tokenizer it was trained with (`tokenizer`:
+    the `--tokenizer` option, see spindle.data.tokenizer_identity.choose_export_tokenizer); returns notes."""
     from safetensors.torch import save_file
 
     from spindle.checkpoint.dcp_io import load_tensors
     from spindle.checkpoint.discovery import checkpoint_config, open_checkpoint
     from spindle.checkpoint.hf_tokenizer import write_tokenizer
+    from spindle.data.tokenizer_identity import choose_export_tokenizer, local_checkpoint_record
     from spindle.model.llama import build_model
 
     out = Path(out)
     with open_checkpoint(ckpt) as path:
         cfg = checkpoint_config(path)
+        spec, why = choose_export_tokenizer(local_checkpoint_record(path), cfg.data.tokenizer_path, tokenizer,
+                                            str(ckpt))
         args = cfg.model.to_args()
         fam = export_family(args)
         model = build_model(args, "cpu")
         load_tensors(path, model, None, ("model",))
     out.mkdir(parents=True, exist_ok=True)
-    tok = write_tokenizer(cfg.data.tokenizer_path, args.vocab_size, out)
+    tok = write_tokenizer(spec, args.vocab_size, out, why)
     config = hf_config(args, tok.bos_id, tok.eos_id)
     tensors = {to_hf_name(name, fam): t.detach().to(torch.float32).contiguous().clone()
                for name, t in model.state_dict().items()
@@ -198,18 +202,22 @@ def import_hf(hf_dir: str | Path, out: str | Path) -> Path:
     """Write a Hugging Face folder as a Spindle checkpoint (model weights, step 0) under `out`."""
     from spindle.checkpoint.manager import save_weights_checkpoint
     from spindle.config import validate_config
+    from spindle.data.tokenizer import load_tokenizer
+    from spindle.data.tokenizer_identity import Recorded, checkpoint_files
     from spindle.model.llama import build_model
 
     hf_dir = local_dir(hf_dir)
     source = str(hf_dir / "config.json")
     raw = {"model": model_config_from_hf(read_hf_config(hf_dir), source)}
+    records = {}
     if any((hf_dir / n).is_file() for n in ("tokenizer.model", "tokenizer.json")):
         raw["data"] = {"tokenizer_path": str(hf_dir.resolve())}
+        records = checkpoint_files(Recorded(load_tokenizer(hf_dir.resolve()).identity(), str(hf_dir)))
     # where the weights came from, as a run started from the folder records it: `to-hf` takes the folder's
     # token ids and generation settings from there (source_generation)
     raw["ckpt"] = {"load_ckpt_info": {"path": str(hf_dir.resolve()), "content": ["model"], "ckpt_type": "hf"}}
     cfg = validate_config(raw, source)
     model = build_model(cfg.model.to_args(), "cpu")
     load_hf_weights(model, hf_dir)
-    save_weights_checkpoint(str(out), 0, model, cfg.to_dict())
+    save_weights_checkpoint(str(out), 0, model, cfg.to_dict(), records=records)  # which tokenizer, for to-hf
     return Path(str(out)) / "0"

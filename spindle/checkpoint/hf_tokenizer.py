@@ -1,9 +1,9 @@
 """The run's tokenizer, written next to exported weights so the folder is complete on its own.
 
-Which tokenizer: `data.tokenizer_path`, or when that is unset the one the data tools use by default
-(`load_tokenizer("default")`, the packaged sentencepiece model: tools/tokenizer.py and
-`spindle prepare` tokenize with it unless told otherwise). A tokenizer whose ids do not fit the
-model's vocabulary is not written (a note says so).
+Which tokenizer: the one the checkpoint records (spindle.data.tokenizer_identity: the tokenizer that made
+the training data, its file re-hashed), else `data.tokenizer_path` of its config, else the one `--tokenizer`
+names; with none of those the export is refused, never given a default. A tokenizer with more ids than
+the model's vocabulary is not written (a note says so; refused when `--tokenizer` names it).
 
 - a Hugging Face tokenizer folder (it has tokenizer_config.json): its tokenizer files are copied as
   they are (tokenizer.json / tokenizer.model, tokenizer_config.json, special_tokens_map.json, the
@@ -43,23 +43,30 @@ def _hf_folder(spec: str) -> Optional[Path]:
     return folder if (folder / "tokenizer_config.json").is_file() else None
 
 
-def write_tokenizer(spec: Optional[str], vocab_size: int, out: Path) -> TokenizerExport:
+def write_tokenizer(spec: str, vocab_size: int, out: Path, why: str = "") -> TokenizerExport:
+    """Write the tokenizer `spec` (chosen by spindle.data.tokenizer_identity.choose_export_tokenizer; `why`
+    says how) into `out`."""
     from spindle.data.tokenizer import DEFAULT_TOKENIZER_PATH, SentencePieceTokenizer, load_tokenizer
 
-    spec = spec or "default"
+    how = f" ({why})" if why else ""
+    if spec == "none":  # asked for: a folder of weights alone (a model that never had a tokenizer)
+        return TokenizerExport(notes=[f"tokenizer: none{how}: no tokenizer files written"])
     if spec == "byte":
         byte_level_tokenizer().save(str(out / "tokenizer.json"))
         (out / "tokenizer_config.json").write_text(json.dumps(
             {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<s>", "eos_token": "</s>"}, indent=1))
-        return TokenizerExport(256, 257, None, ["tokenizer: byte (written as a byte-level tokenizer.json)"])
-    try:
-        tok = load_tokenizer(spec)
-    except SpindleError as exc:
-        return TokenizerExport(notes=[f"note: no tokenizer written: {exc}"])
+        return TokenizerExport(256, 257, None, [f"tokenizer: byte{how}, written as a byte-level tokenizer.json"])
+    tok = load_tokenizer(spec)
     if tok.vocab_size > vocab_size:
-        return TokenizerExport(notes=[f"note: no tokenizer written: {spec} has {tok.vocab_size} ids, more than the "
-                                      f"model's vocab_size {vocab_size}"])
-    result = TokenizerExport(tok.bos_id, tok.eos_id, tok.pad_id, [f"tokenizer: {spec}"])
+        too_many = f"{spec} has {tok.vocab_size} ids, more than the model's vocab_size {vocab_size}"
+        if why == "--tokenizer":
+            raise SpindleError(f"--tokenizer {too_many}: it cannot be the tokenizer this model was trained with")
+        # a run on generated data names a tokenizer it never used: the weights go, said, without it
+        return TokenizerExport(notes=[f"note: no tokenizer written: {too_many}"])
+    result = TokenizerExport(tok.bos_id, tok.eos_id, tok.pad_id, [f"tokenizer: {spec}{how}"])
+    if tok.vocab_size < vocab_size:
+        result.notes.append(f"note: the model's vocabulary ({vocab_size}) is padded beyond the tokenizer's "
+                            f"{tok.vocab_size} ids; ids {tok.vocab_size} .. {vocab_size - 1} have no token")
     folder = _hf_folder(spec) if spec != "default" else None
     if folder is not None:
         for name in HF_TOKENIZER_FILES:

@@ -1,6 +1,6 @@
 """`spindle convert`: Spindle checkpoints to and from Hugging Face folders and InternEvo checkpoints.
 
-    spindle convert to-hf CKPT OUT [--overwrite]
+    spindle convert to-hf CKPT OUT [--overwrite] [--tokenizer PATH]
     spindle convert from-hf HF_DIR OUT [--overwrite]
     spindle convert from-internevo SRC OUT [--overwrite]
 
@@ -40,7 +40,8 @@ def hf_folder_entry(name: str) -> bool:
 def _print_training_hint(path: Path, out: Path) -> None:
     from spindle.config import ModelConfig
 
-    model = json.loads((path / "config.json").read_text())["model"]
+    raw = json.loads((path / "config.json").read_text())
+    model = raw["model"]
     defaults = ModelConfig().model_dump()
     derived = ModelConfig.model_validate({k: v for k, v in model.items() if k != "head_dim"}).head_dim
     keep = {k: v for k, v in model.items() if v != defaults.get(k) and not (k == "head_dim" and v == derived)}
@@ -48,6 +49,9 @@ def _print_training_hint(path: Path, out: Path) -> None:
     print("train from it with, in your config:")
     print(f"  ckpt = dict(load_ckpt_info=dict(path={str(out)!r}, content=('model',)))")
     print("  model = dict(" + ", ".join(f"{k}={v!r}" for k, v in keep.items()) + ")")
+    tokenizer = (raw.get("data") or {}).get("tokenizer_path")
+    if tokenizer:  # the ids the weights were trained on: data and `generate` must use the same tokenizer
+        print(f"  data = dict(tokenizer_path={tokenizer!r})  # and data prepared with this tokenizer")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -67,6 +71,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         p.add_argument(source, type=options.path, help=source_help)
         p.add_argument("out", type=options.path, help="a new (or empty) local folder")
         p.add_argument("--overwrite", action="store_true", help="replace OUT when it is a non-empty folder")
+        if name == "to-hf":
+            p.add_argument("--tokenizer", type=options.path, default=None,
+                           help="the tokenizer to write (a path, 'default', 'byte', or 'none' for the weights "
+                                "alone): needed when the checkpoint does not record the one it was trained with; "
+                                "else it must be that one")
         p.add_argument("--debug", action="store_true")
     args = ap.parse_args(argv)
     source = getattr(args, {"to-hf": "ckpt", "from-hf": "hf_dir", "from-internevo": "src"}[args.direction])
@@ -79,7 +88,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
         with StagedFolder(str(target), replaces=hf_folder_entry, overwrite=args.overwrite, option="OUT",
                           command="spindle convert to-hf") as stage:
-            notes = export_hf(source, Path(stage))
+            notes = export_hf(source, Path(stage), args.tokenizer)
         print("\n".join(n.replace(str(stage), str(target)) for n in notes))
         return 0
     if args.direction == "from-hf":

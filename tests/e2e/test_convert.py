@@ -124,7 +124,8 @@ def test_round_trip_from_hf_and_ckpt_type_hf(tmp_path):
 
     # and back: to-hf of the imported checkpoint reproduces the HF logits
     back = tmp_path / "back"
-    assert main(["convert", "to-hf", str(out), str(back)]) == 0
+    assert main(["convert", "to-hf", str(out), str(back)]) == 2  # the folder had no tokenizer: none is invented
+    assert main(["convert", "to-hf", str(out), str(back), "--tokenizer", "none"]) == 0
     assert (hf_logits(back, ids) - want).abs().max().item() <= 1e-4
 
     # training starts from the HF folder directly (ckpt_type="hf") or from the converted checkpoint
@@ -181,15 +182,16 @@ def greedy(model, prompt_ids, n):
 
 
 def test_to_hf_writes_the_data_tools_default_tokenizer_and_generates(tmp_path):
-    """data.tokenizer_path None (as after tools/tokenizer.py): the export still carries the tokenizer
-    the data tools used, and transformers tokenizes and generates from the folder alone."""
+    """A checkpoint that records no tokenizer (data.tokenizer_path None, as after InternEvo's own tools) exports
+    the packaged one when `--tokenizer default` names it (never unasked: tests/e2e/test_tokenizer_identity.py),
+    and transformers tokenizes and generates from the folder alone."""
     from spindle.data.tokenizer import load_tokenizer
 
     section = {"hidden_size": 32, "num_attention_heads": 4, "num_layers": 2, "vocab_size": 1024, "multiple_of": 16,
                "max_position_embeddings": 64}
     model = save_spindle_checkpoint(tmp_path / "ck", section, {"tokenizer_path": None})
     out = tmp_path / "hf"
-    assert main(["convert", "to-hf", str(tmp_path / "ck"), str(out)]) == 0
+    assert main(["convert", "to-hf", str(tmp_path / "ck"), str(out), "--tokenizer", "default"]) == 0
     ours = load_tokenizer("default")
     conf = json.loads((out / "config.json").read_text())
     gen = json.loads((out / "generation_config.json").read_text())

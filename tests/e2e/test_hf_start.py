@@ -142,7 +142,8 @@ def test_export_keeps_the_source_folders_generation_settings(tmp_path, route):
                         "load_ckpt_info": {"path": str(folder), "content": ["model"], "ckpt_type": "hf"}}}
         Trainer(validate_config(raw), ParallelEnv(), log=lambda *_: None).fit()
         ckpt = tmp_path / "ck" / "1"
-    assert main(["convert", "to-hf", str(ckpt), str(tmp_path / "out")]) == 0
+    # the folder ships no tokenizer, so the export names none (tests/e2e/test_tokenizer_identity.py)
+    assert main(["convert", "to-hf", str(ckpt), str(tmp_path / "out"), "--tokenizer", "none"]) == 0
     config = json.loads((tmp_path / "out" / "config.json").read_text())
     generation = json.loads((tmp_path / "out" / "generation_config.json").read_text())
     assert config["eos_token_id"] == [2, 8, 9] and config["bos_token_id"] == 1
