@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from typing import Optional, Sequence
 
 from spindle.cli import options
@@ -28,13 +29,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     from spindle.data.tokenizer import load_tokenizer
-    from spindle.eval.generate import complete_text, validate_generate_options
+    from spindle.data.tokenizer_identity import checkpoint_tokenizer
+    from spindle.eval.generate import complete_text, padded_vocab_note, validate_generate_options
     from spindle.eval.load import load_model_for_eval
 
     args = build_parser().parse_args(argv)
     validate_generate_options(args.max_new_tokens, args.temperature, args.top_k, args.top_p)
     model, cfg = load_model_for_eval(args.ckpt, rope_scaling=args.rope_scaling, device=args.device)
-    tok = load_tokenizer(args.tokenizer or cfg.data.tokenizer_path or "default")
+    # the tokenizer the checkpoint records (its training data's) before its config's, before the packaged one
+    tok = load_tokenizer(args.tokenizer or checkpoint_tokenizer(args.ckpt) or cfg.data.tokenizer_path or "default")
+    note = padded_vocab_note(model, tok)
+    if note:
+        print(note, file=sys.stderr)
     print(args.prompt, end="", flush=True)
     complete_text(model, tok, args.prompt, args.max_new_tokens, stream=lambda p: print(p, end="", flush=True),
                   temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)

@@ -64,9 +64,11 @@ def generate_stream(
     eos_id: Optional[int] = None,
     seed: int = 0,
     chunk: int = 1024,
+    vocab_limit: Optional[int] = None,
 ) -> Iterator[torch.Tensor]:
     """Yield the next token of every sequence, step by step. Prompts must have equal length; they are
-    prefilled `chunk` tokens at a time."""
+    prefilled `chunk` tokens at a time. `vocab_limit`: ids from there on are never sampled (a vocabulary
+    padded beyond the tokenizer's ids: those rows have no token to decode)."""
     model.eval()
     device = next(model.parameters()).device
     ids = torch.tensor(prompt_ids, dtype=torch.long, device=device)
@@ -75,6 +77,9 @@ def generate_stream(
     logits = prefill(model, ids, cache, chunk)
     done = torch.zeros(ids.shape[0], dtype=torch.bool, device=device)
     for _ in range(max_new_tokens):
+        if vocab_limit is not None and vocab_limit < logits.shape[-1]:
+            logits = logits.clone()
+            logits[:, vocab_limit:] = float("-inf")
         nxt = sample_next(logits, temperature, top_k, top_p, gen)
         if eos_id is not None:
             nxt = torch.where(done, torch.full_like(nxt, eos_id), nxt)
@@ -141,7 +146,8 @@ def check_ids_in_vocab(ids, vocab: int, source: str,
 
 def complete_text(model: Transformer, tokenizer, prompt: str, max_new_tokens: int = 48, stream=None,
                   **kw) -> str:
-    """Encode `prompt` (with BOS), generate, decode; `stream(text_piece)` receives text as it comes."""
+    """Encode `prompt` (with BOS), generate, decode; `stream(text_piece)` receives text as it comes. Only ids
+    the tokenizer has are sampled (`padded_vocab_note` says so when the model's vocabulary is larger)."""
     ids = [tokenizer.bos_id] + tokenizer.encode(prompt) if tokenizer.bos_id is not None else tokenizer.encode(prompt)
     check_ids_in_vocab(ids, model.args.vocab_size, tokenizer_source(tokenizer))
     produced: list[int] = []
@@ -158,5 +164,15 @@ def complete_text(model: Transformer, tokenizer, prompt: str, max_new_tokens: in
             stream(text[len(shown):])
             shown = text
 
-    generate(model, [ids], max_new_tokens, on_token=on_token, eos_id=tokenizer.eos_id, **kw)
+    generate(model, [ids], max_new_tokens, on_token=on_token, eos_id=tokenizer.eos_id,
+             vocab_limit=tokenizer.vocab_size, **kw)
     return tokenizer.decode(produced)
+
+
+def padded_vocab_note(model: Transformer, tokenizer) -> Optional[str]:
+    """The line that says ids beyond the tokenizer are not sampled, when the model has such ids."""
+    vocab = model.args.vocab_size
+    if tokenizer.vocab_size >= vocab:
+        return None
+    return (f"note: the model's vocabulary ({vocab:,}) is padded beyond {tokenizer_source(tokenizer)}: ids "
+            f"{tokenizer.vocab_size:,} .. {vocab - 1:,} have no token and are never sampled")
