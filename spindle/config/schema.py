@@ -21,6 +21,8 @@ from spindle.config.model import ModelConfig
 
 # --------------------------------------------------------------------------- ckpt
 
+SAVE_SIGNALS = ("SIGTERM", "SIGINT", "SIGHUP", "SIGUSR1", "SIGUSR2")  # what ckpt.save_on_signals may name
+
 
 class LoadCkptInfo(Section):
     path: Optional[str] = None
@@ -65,6 +67,28 @@ class CkptConfig(Section):
     # answers, within the read timeout (each try; start-up makes two)
     s3_connect_timeout_s: float = Field(default=5.0, gt=0, le=600)
     s3_read_timeout_s: float = Field(default=60.0, gt=0, le=3600)
+    # signals that save at the next step boundary and exit (docs/checkpoints.md, "Saving on a signal"): SIGTERM
+    # (a time limit, a preemption), Slurm's early warning with #SBATCH --signal=USR1@120; () for none. The save
+    # must be written within the timeout (below the scheduler's grace: Slurm's KillWait is 30 s by default)
+    save_on_signals: tuple[str, ...] = ("SIGTERM",)
+    save_on_signal_timeout_s: float = Field(default=25.0, gt=0, le=86400)
+
+    @field_validator("save_on_signals", mode="before")
+    @classmethod
+    def _signal_names(cls, v: Any) -> Any:
+        """'SIGUSR1', 'usr1' or a list of them -> ('SIGUSR1',); one of SAVE_SIGNALS each."""
+        names = (v,) if isinstance(v, str) else v
+        if not isinstance(names, (list, tuple)):
+            return v  # pydantic names the expected type
+        out = []
+        for raw in names:
+            name = raw.strip().upper() if isinstance(raw, str) else ""
+            name = name if name.startswith("SIG") else "SIG" + name
+            if name not in SAVE_SIGNALS:
+                raise ValueError(f"{raw!r} is not a signal a run can save on; expected names among "
+                                 f"{', '.join(SAVE_SIGNALS)}")
+            out.append(name)
+        return tuple(dict.fromkeys(out))
 
     @field_validator("checkpoint_every", "oss_snapshot_freq")
     @classmethod

@@ -34,7 +34,7 @@ MAX_WORLD = 1 << 20
 # resolv.conf retries (timeout 5 s x attempts 2 x 3 servers)
 ADDRESS_TIMEOUT_S = 30.0
 SLURM_DEFAULT_PORT = 8888
-PR_SET_PDEATHSIG = 1  # linux/prctl.h
+PR_SET_PDEATHSIG, PR_GET_PDEATHSIG = 1, 2  # linux/prctl.h
 PARENT_EXIT_GRACE_S = 2.0  # how long a SIGTERM waits to see whether the launcher is exiting (LauncherWatch)
 
 
@@ -179,6 +179,35 @@ def started_by_launcher(launcher: Optional[str]) -> bool:
     return launcher == "slurm" and bool(os.environ.get("SLURM_STEP_ID"))
 
 
+def launcher_exited(parent: int) -> bool:
+    """The parent changed or is exiting. The kernel signals when the parent's thread exits, and the children
+    of a process with more threads may first go to one of its other, also dying threads (same pid), so
+    the parent's own state is read too, for a short while, before a SIGTERM is taken as an ordinary one."""
+    deadline = time.monotonic() + PARENT_EXIT_GRACE_S
+    while True:
+        if os.getppid() != parent:
+            return True
+        try:
+            state = open(f"/proc/{parent}/stat").read().rsplit(")", 1)[1].split()[0]
+        except (OSError, IndexError):
+            return True
+        if state in ("Z", "X"):
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.01)
+
+
+def launcher_watched() -> bool:
+    """A LauncherWatch is armed in this process: the kernel sends it SIGTERM when its parent dies (what
+    spindle.train.signals asks before it takes a SIGTERM as a request to save)."""
+    if not sys.platform.startswith("linux"):
+        return False
+    deathsig = ctypes.c_int(0)
+    libc = ctypes.CDLL(None, use_errno=True)
+    return libc.prctl(PR_GET_PDEATHSIG, ctypes.byref(deathsig), 0, 0, 0) == 0 and deathsig.value == signal.SIGTERM
+
+
 class LauncherWatch:
     """While armed, this process stops with one line when its launcher (the parent seen at start) exits.
 
@@ -235,22 +264,7 @@ class LauncherWatch:
         os.kill(os.getpid(), signal.SIGTERM)  # end as SIGTERM always ended a rank (nothing half-written is marked)
 
     def _launcher_gone(self) -> bool:
-        """The parent changed or is exiting. The kernel signals when the parent's thread exits, and the children
-        of a process with more threads may first go to one of its other, also dying threads (same pid), so
-        the parent's own state is read too, for a short while, before a SIGTERM is taken as an ordinary one."""
-        deadline = time.monotonic() + PARENT_EXIT_GRACE_S
-        while True:
-            if os.getppid() != self.parent:
-                return True
-            try:
-                state = open(f"/proc/{self.parent}/stat").read().rsplit(")", 1)[1].split()[0]
-            except (OSError, IndexError):
-                return True
-            if state in ("Z", "X"):
-                return True
-            if time.monotonic() >= deadline:
-                return False
-            time.sleep(0.01)
+        return launcher_exited(self.parent)
 
     def _on_sigterm(self, signum, frame) -> None:
         if self._launcher_gone():

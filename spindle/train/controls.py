@@ -1,4 +1,4 @@
-"""What a run must agree on between steps, across ranks: the stop file, and writes that failed.
+"""What a run must agree on between steps, across ranks: the stop file, writes that failed, a signal to save on.
 
 InternEvo's `ckpt.stop_file_path` holds a step number N: at step N the run saves and quits (0, or a
 missing file, means go on; -N saves at step N and goes on, a Spindle extension). After acting on it
@@ -16,10 +16,12 @@ import torch.distributed as dist
 from spindle.parallel.comm import comm_tensor
 
 
-def step_signals(stop_file: Optional[str], env, write_failed: bool) -> tuple[Optional[int], bool]:
+def step_signals(stop_file: Optional[str], env, write_failed: bool,
+                 signalled: int = 0) -> tuple[Optional[int], bool, int]:
     """In one collective (a MAX all-reduce on the world group's device): the stop file's value, read by rank 0,
-    and whether any rank could not write its metrics or log."""
-    value = comm_tensor((2,), torch.int64)  # on the backend's device: a CPU tensor breaks under NCCL
+    whether any rank could not write its metrics or log, and the number of a signal that asks to save and stop
+    (spindle.train.signals; 0: none): a rank that got one tells the others, and all stop at this step."""
+    value = comm_tensor((3,), torch.int64)  # on the backend's device: a CPU tensor breaks under NCCL
     if stop_file and env.is_main:
         try:
             text = Path(stop_file).read_text().strip()
@@ -27,10 +29,11 @@ def step_signals(stop_file: Optional[str], env, write_failed: bool) -> tuple[Opt
         except (OSError, ValueError):
             value[0] = 0
     value[1] = int(write_failed)
+    value[2] = signalled
     if env.distributed:
         dist.all_reduce(value, op=dist.ReduceOp.MAX)
-    stop, failed = (int(v) for v in value.tolist())
-    return stop or None, bool(failed)
+    stop, failed, signal_number = (int(v) for v in value.tolist())
+    return stop or None, bool(failed), signal_number
 
 
 def acted_on_stop_file(stop_file: str, stop: int, step: int, saving: bool, is_main: bool,

@@ -44,6 +44,7 @@ from spindle.train.metrics import (
     step_statistics, synchronize,
 )
 from spindle.train.monitor import build_monitor
+from spindle.train.signals import SignalSave
 from spindle.train.optim import (
     DynamicLossScaler, beta2_at, build_optimizer, clip_gradients, lr_at, set_schedules, unscale_gradients,
 )
@@ -282,6 +283,8 @@ class Trainer:
         if state.step >= total:
             self.log(f"already at data.total_steps={total} (the run resumed at step {state.step}): nothing to train; "
                      "raise data.total_steps to train further")
+        # SIGTERM (and ckpt.save_on_signals) saves at the next step boundary: spindle/train/signals.py
+        signal_save = SignalSave.from_config(cfg.ckpt, self.ckpt_manager is not None, env, self.monitor.alert).install()
         try:
             while state.step < total:
                 step = state.step
@@ -316,7 +319,8 @@ class Trainer:
                         progress.update(state.step, f"loss {m['loss']:.3f}")
                 except RunFolderFull as exc:
                     failure = exc
-                stop, failed = step_signals(cfg.ckpt.stop_file_path, env, failure is not None)
+                stop, failed, signalled = step_signals(cfg.ckpt.stop_file_path, env, failure is not None,
+                                                       signal_save.requested)
                 if failed:
                     self._stop_after_write_failure(failure)
                 quit_now = bool(stop and stop > 0 and state.step >= stop)
@@ -324,12 +328,15 @@ class Trainer:
                     due = state.step % every == 0 if math.isfinite(every) else False
                     snap = cfg.ckpt.oss_snapshot_freq
                     final = state.step == total and cfg.ckpt.save_final
-                    if due or final or quit_now or (stop and state.step == abs(stop)):
-                        self.save()
+                    if due or final or quit_now or signalled or (stop and state.step == abs(stop)):
+                        saved_to = self.save()
                         saved_at = state.step
                     elif math.isfinite(snap) and state.step % int(snap) == 0:
                         self.save(snapshot=True)  # the manager alternates the two slots
                 self.monitor.step_finished(record)
+                if signalled:  # every rank, at the step they agreed on
+                    signal_save.leave(signalled, state.step, saved_to if saved_at == state.step else None, printer)
+                    break
                 if quit_now:
                     acted_on_stop_file(cfg.ckpt.stop_file_path, stop, state.step, self.ckpt_manager is not None,
                                        env.is_main, printer)
@@ -339,6 +346,7 @@ class Trainer:
             self.monitor.exception(exc)
             raise
         finally:
+            signal_save.restore()  # before the monitor's: each puts back the handler it found
             host_mode.close()
             self.monitor.close()
             rank_log.close()
@@ -349,4 +357,5 @@ class Trainer:
             self.loader.close()
             with contextlib.suppress(Exception):  # after an error: the folders are released all the same
                 self.close()
+        signal_save.exit_if_stopped(self.log)  # SystemExit(128 + the signal) once all is closed
         return {"history": history, "saved_at": saved_at, "state": state.state_dict()}
