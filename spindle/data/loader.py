@@ -25,8 +25,8 @@ import numpy as np
 from spindle.config import DataConfig, parse_rampup
 from spindle.data.files import check_fingerprints, fingerprint, relative_glob, tokenizer_key
 from spindle.outputs import StagedFolder
-from spindle.data.packing import PackedDocuments, RandomDocuments, collate
-from spindle.data.sampler import GlobalSampler, micro_num_at
+from spindle.data.packing import PackedDocuments, RandomDocuments, collate, pack_of_spans
+from spindle.data.sampler import GlobalSampler, TokenOrder, micro_num_at
 from spindle.errors import SpindleError
 
 
@@ -210,7 +210,9 @@ class TrainLoader:
                 raise SpindleError(f"data.source_weights: no source named {sorted(unknown)}; "
                                    f"sources are {[s.name for s in sources]}")
             weights = [data.source_weights.get(s.name, 0.0) for s in sources]
+        self.weights = weights
         self.sampler = GlobalSampler(sizes, seed=data.seed, weights=weights)
+        self.by_tokens: Optional[TokenOrder] = None  # set by a resume that changed the pack size
         self.source_names = [s.name for s in sources]
         # generated sources (random data) have nothing on disk to check
         self.fingerprint = None if any(s.fingerprint is None for s in sources) else [s.fingerprint for s in sources]
@@ -222,14 +224,26 @@ class TrainLoader:
 
     # -- state
     def state_dict(self) -> dict:
+        state = {"position": self.position}
+        if self.by_tokens is not None:  # the order of packs of `order_tokens` tokens, read on by tokens
+            state |= {"tokens": self.by_tokens.tokens, "order_tokens": self.by_tokens.unit}
         if self.fingerprint is None:
-            return {"position": self.position}
-        return {"position": self.position, "fingerprint": self.fingerprint}
+            return state
+        return state | {"fingerprint": self.fingerprint}
 
     def load_state_dict(self, state: dict) -> None:
+        """`order_tokens`: the pack size the saved order is made of (default this run's); when it is not this
+        run's, or `tokens` falls inside a pack, packs are cut from that order by tokens (sampler.TokenOrder)."""
         check_fingerprints(state.get("fingerprint"), self.fingerprint)
         self.position = int(state["position"])
         self._pending = None
+        unit = int(state.get("order_tokens", self.data.packed_length))
+        tokens = int(state.get("tokens", self.position * unit))
+        self.by_tokens = None
+        if tokens and (unit != self.data.packed_length or tokens % unit):  # at 0: this run's own order
+            sampler = GlobalSampler([p.total_tokens // unit for p in self.packed], seed=self.data.seed,
+                                    weights=self.weights)
+            self.by_tokens = TokenOrder(sampler, unit, tokens)
 
     # -- batches
     def _pack(self, global_index: int):
@@ -237,20 +251,33 @@ class TrainLoader:
         return self.packed[src][global_index - int(self.sampler.offsets[src])]
 
     def _build(self, position: int, micro_num: int):
+        if self.by_tokens is not None:  # `position` counts tokens of the saved order
+            size, d = self.data.packed_length, self.data
+            first = position + self.dp_rank * micro_num * size
+            return collate([pack_of_spans([self.packed[src].span(at, n) for src, at, n in
+                                           self.by_tokens.spans(first + j * size, size)],
+                                          d.seq_len, d.micro_bsz, d.pack_sample_into_one) for j in range(micro_num)])
         first = position + self.dp_rank * micro_num
         return collate([self._pack(self.sampler.index(first + j)) for j in range(micro_num)])
+
+    def _cursor(self) -> int:
+        return self.position if self.by_tokens is None else self.by_tokens.tokens
 
     def next_step(self, step: int) -> list[dict]:
         """The micro-batches of `step` for this rank; advances the global position."""
         micro_num = micro_num_at(step, self.data.micro_num, self.rampup)
-        if self._pending is not None and self._pending[:2] == (self.position, micro_num):
+        if self._pending is not None and self._pending[:2] == (self._cursor(), micro_num):
             batch = self._pending[2].result()
         else:
-            batch = self._build(self.position, micro_num)
-        self.position += micro_num * self.dp_size
+            batch = self._build(self._cursor(), micro_num)
+        if self.by_tokens is None:
+            self.position += micro_num * self.dp_size
+        else:
+            self.by_tokens.tokens += micro_num * self.dp_size * self.data.packed_length
+            self.position = self.by_tokens.tokens // self.by_tokens.unit
         if self._pool is not None:  # build the next step's batch while this one trains
             nxt = micro_num_at(step + 1, self.data.micro_num, self.rampup)
-            self._pending = (self.position, nxt, self._pool.submit(self._build, self.position, nxt))
+            self._pending = (self._cursor(), nxt, self._pool.submit(self._build, self._cursor(), nxt))
         return batch
 
     def close(self) -> None:

@@ -107,6 +107,23 @@ class PackedDocuments:
         tokens, labels, _offsets, starts = self._stream(i * self.packed_length, (i + 1) * self.packed_length)
         return assemble_pack(tokens, labels, starts, self.seq_len, self.micro_bsz, self.type_id, self.pack_into_one)
 
+    def span(self, start: int, length: int) -> tuple[int, np.ndarray, np.ndarray, np.ndarray]:
+        """(type id, tokens, labels, document-start flags) of stream[start:start + length]: a piece of a
+        pack cut from the global order by tokens (spindle.data.sampler.TokenOrder, `pack_of_spans`)."""
+        tokens, labels, _offsets, starts = self._stream(start, start + length)
+        return self.type_id, tokens, labels, starts
+
+
+def pack_of_spans(spans: Sequence[tuple[int, np.ndarray, np.ndarray, np.ndarray]], seq_len: int, micro_bsz: int,
+                  pack_into_one: bool = False) -> Pack:
+    """One pack from consecutive stream pieces (`PackedDocuments.span`), maybe of several sources: each piece
+    starts a segment (as a pack start does) and keeps its own source's type id."""
+    pack = assemble_pack(np.concatenate([s[1] for s in spans]), np.concatenate([s[2] for s in spans]),
+                         np.concatenate([s[3] for s in spans]), seq_len, micro_bsz, 0, pack_into_one)
+    pack.type_ids = np.concatenate([np.full(len(s[1]), s[0], dtype=np.int64) for s in spans]).reshape(micro_bsz,
+                                                                                                   seq_len)
+    return pack
+
 
 def assemble_pack(tokens: np.ndarray, labels: np.ndarray, starts: np.ndarray, seq_len: int, micro_bsz: int,
                   type_id: int = 0, pack_into_one: bool = False) -> Pack:

@@ -103,3 +103,28 @@ def position_at(step: int, micro_num: int, dp_size: int, rampup: Optional[tuple[
     if rampup is None:
         return step * micro_num * dp_size
     return sum(micro_num_at(s, micro_num, rampup) for s in range(step)) * dp_size
+
+
+class TokenOrder:
+    """The global order read by tokens, for a run resumed with another pack size (micro_bsz * seq_len).
+
+    A global order is made of packs of `unit` tokens (the pack size of the run that started it). Read end to
+    end it is one token stream; a run with packs of P tokens takes its packs as consecutive P-token spans of
+    that stream from `tokens` on, so a resume with another micro_bsz or seq_len trains on from the same token
+    of the same order (a span may cross from one unit into the next, i.e. into another source).
+    """
+
+    def __init__(self, sampler: GlobalSampler, unit: int, tokens: int):
+        self.sampler, self.unit, self.tokens = sampler, int(unit), int(tokens)
+
+    def spans(self, start: int, length: int) -> list[tuple[int, int, int]]:
+        """(source, token offset in that source's stream, length) of stream tokens [start, start + length)."""
+        out = []
+        while length > 0:
+            unit_index, offset = divmod(start, self.unit)
+            pack = self.sampler.index(unit_index)
+            src = int(np.searchsorted(self.sampler.offsets, pack, side="right")) - 1
+            take = min(length, self.unit - offset)
+            out.append((src, (pack - int(self.sampler.offsets[src])) * self.unit + offset, take))
+            start, length = start + take, length - take
+        return out

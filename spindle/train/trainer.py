@@ -48,6 +48,7 @@ from spindle.train.signals import SignalSave
 from spindle.train.optim import (
     DynamicLossScaler, beta2_at, build_optimizer, clip_gradients, lr_at, set_schedules, unscale_gradients,
 )
+from spindle.train.resume_check import check_resume, run_layout
 from spindle.train.validation import validate_sets
 
 
@@ -141,6 +142,8 @@ class Trainer:
         plan: LoadPlan = plan_load(self.cfg.ckpt, self.ckpt_manager.storage if self.ckpt_manager else None)
         self.log(f"checkpoint: {plan.reason}")
         check_start(plan, self.tokenizer)  # the checkpoint's tokenizer is the data's
+        # what the checkpoint cannot carry is refused, every other change said, before anything is moved or read
+        loader_state = check_resume(plan, self.cfg, self.env, self.log) if plan.ref is not None else None
         if self.ckpt_manager is not None:
             self.lineage = self.ckpt_manager.adopt(plan)
         args = self.cfg.model.to_args()  # a pipeline rank's view of its stages carries none
@@ -164,7 +167,7 @@ class Trainer:
         if "scheduler" in plan.content and "scaler" in ts and self.scaler.enabled:
             self.scaler.load_state_dict(ts["scaler"])
         if "sampler" in plan.content:
-            self.loader.load_state_dict(ts["loader"])
+            self.loader.load_state_dict(loader_state)
 
     def close(self) -> None:
         """Confirm the last uploads and release the save folder (fit() does this when it ends)."""
@@ -227,7 +230,8 @@ class Trainer:
     # ------------------------------------------------------------------ checkpoint
 
     def save(self, snapshot: bool = False) -> str:
-        ts = self.state.state_dict() | {"loader": self.loader.state_dict(), "scaler": self.scaler.state_dict()}
+        ts = self.state.state_dict() | {"loader": self.loader.state_dict(), "scaler": self.scaler.state_dict(),
+                                        "layout": run_layout(self.env)}
         where = self.ckpt_manager.save(self.state.step, self.raw_model, self.optimizer, ts,
                                        self.cfg.to_dict(), snapshot=snapshot, records=checkpoint_files(self.tokenizer))
         self.log(f"checkpoint saved: {where}")
