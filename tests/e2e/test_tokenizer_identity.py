@@ -16,7 +16,7 @@ import pytest
 
 from spindle.data.tokenizer import load_tokenizer
 from tests import tokenizer_folders as hub
-from tests.helpers import run_cli, tiny_config_text, tiny_raw, tokenize
+from tests.helpers import TINY, run_cli, tiny_config_text, tiny_raw, tokenize
 
 TEXTS = ["def add(a, b):\n    return a + b\n", "Hello world, this is a tiny corpus.\n",
          "user question 3: what is 3 plus 3? the answer is 6.\n"]
@@ -32,10 +32,12 @@ def prepared(tmp_path: Path, folder: str, tokenizer) -> Path:
 
 
 def config(tmp_path: Path, name: str, **data) -> Path:
-    """A tiny run (vocab 512: padded beyond both test tokenizers) that saves its final step."""
+    """A tiny run (vocab 512: padded beyond both test tokenizers) that saves its final step; a declared MFU peak
+    (no CPU probe: seconds)."""
     path = tmp_path / f"{name}.py"
     path.write_text(tiny_config_text(tmp_path / "runs", JOB_NAME=name, model={"vocab_size": 512},
-                                     data={"total_steps": 1, **data}, ckpt={"enable_save_ckpt": True}))
+                                     data={"total_steps": 1, **data}, ckpt={"enable_save_ckpt": True},
+                                     trainer={**TINY["trainer"], "peak_tflops": 1.0}))
     return path
 
 
@@ -126,11 +128,9 @@ def test_a_tokenizer_mismatch_is_one_line_naming_both(tmp_path):
     # a checkpoint and the data it resumes on
     assert run_cli("train", "--config", config(tmp_path, "r", train_folder="data/mixed/cn"),
                    cwd=tmp_path).returncode == 0
-    cfg = tiny_config_text(tmp_path / "runs", JOB_NAME="r", model={"vocab_size": 512},
-                           data={"total_steps": 2, "train_folder": "data/mixed/en"},
-                           ckpt={"enable_save_ckpt": True, "auto_resume": True})
-    (tmp_path / "resume.py").write_text(cfg)
-    one_line(run_cli("train", "--config", "resume.py", cwd=tmp_path), "r/ckpt/1/tokenizer_identity.json",
+    resume = config(tmp_path, "r", train_folder="data/mixed/en")
+    resume.write_text(resume.read_text() + "ckpt = {'enable_save_ckpt': True, 'auto_resume': True}\n")
+    one_line(run_cli("train", "--config", resume, cwd=tmp_path), "r/ckpt/1/tokenizer_identity.json",
              "the checkpoint was trained with hf tokenizer", f"{en.name}.tokenizer.json")
 
 
