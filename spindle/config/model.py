@@ -87,6 +87,23 @@ class ModelConfig(Section):
     logn_attn: bool = False  # log-scaled attention: q *= max(1, log_{logn_ref_len}(pos + 1))
     logn_ref_len: Optional[int] = Field(default=None, ge=2, le=2**26)  # None = max_position_embeddings
     init_std: float = Field(default=0.02, gt=0, le=10)
+    # mixture of experts (docs/moe.md): num_experts 0 keeps every layer dense and every key below idle
+    num_experts: int = Field(default=0, ge=0, le=2**14)
+    top_k: int = Field(default=2, ge=1, le=2**10)
+    moe_intermediate_size: Optional[int] = Field(default=None, ge=1, le=2**20)  # None: the dense SwiGLU width
+    num_shared_experts: int = Field(default=0, ge=0, le=2**10)
+    shared_expert_intermediate_size: Optional[int] = Field(default=None, ge=1, le=2**20)  # None: moe_...
+    shared_expert_gate: bool = False
+    router_score: Literal["softmax", "sigmoid"] = "softmax"
+    norm_topk_prob: bool = True
+    capacity_factor: Optional[float] = Field(default=None, gt=0, le=2**10)  # None: dropless
+    min_capacity: int = Field(default=4, ge=0, le=2**30)
+    first_k_dense: int = Field(default=0, ge=0, le=2**12)
+    moe_every: int = Field(default=1, ge=1, le=2**12)
+    aux_loss_coeff: float = Field(default=0.01, ge=0, le=1e3)
+    aux_loss_per_sequence: bool = False
+    z_loss_coeff: float = Field(default=0.0, ge=0, le=1e3)
+    bias_update_rate: float = Field(default=0.0, ge=0, le=1)
 
     @field_validator("dtype")
     @classmethod
@@ -121,7 +138,25 @@ class ModelConfig(Section):
         if self.no_bias and any(getattr(self, k) for k in ("qkv_bias", "o_bias", "mlp_bias")):
             raise ValueError("no_bias=True means no bias anywhere; set no_bias=False to turn biases on by group "
                              "(qkv_bias / o_bias / mlp_bias)")
+        if self.num_experts:
+            self._check_moe()
         return self
+
+    def _check_moe(self) -> None:
+        if self.top_k > self.num_experts:
+            raise ValueError(f"model.top_k ({self.top_k}) must be at most model.num_experts ({self.num_experts})")
+        if not any(self.to_args().is_moe_layer(i) for i in range(self.num_layers)):
+            raise ValueError(f"model.first_k_dense ({self.first_k_dense}) and model.moe_every ({self.moe_every}) "
+                             f"leave none of the {self.num_layers} layers MoE; lower them or set num_experts=0")
+        if self.top_k == 1 and self.norm_topk_prob:
+            raise ValueError("model.norm_topk_prob=True with top_k=1 makes every weight 1, so the router gets no "
+                             "gradient; set norm_topk_prob=False")
+        if self.shared_expert_gate and not self.num_shared_experts:
+            raise ValueError("model.shared_expert_gate needs model.num_shared_experts >= 1")
+        if not self.use_swiglu:
+            raise ValueError("model.use_swiglu=False: the experts are SwiGLU only; set use_swiglu=True")
+        if (not self.no_bias) if self.mlp_bias is None else self.mlp_bias:
+            raise ValueError("model.mlp_bias: the experts have no biases; set mlp_bias=False (or no_bias=True)")
 
     @property
     def kv_heads(self) -> int:
@@ -167,4 +202,15 @@ class ModelConfig(Section):
             max_position_embeddings=self.max_position_embeddings,
             logn_ref_len=(self.logn_ref_len or self.max_position_embeddings) if self.logn_attn else None,
             sliding_window=self.sliding_window, init_std=self.init_std, embed_grad_scale=self.embed_grad_scale,
+            **self._moe_args(),
         )
+
+    def _moe_args(self) -> dict:
+        if not self.num_experts:
+            return {}
+        expert = self.moe_intermediate_size or self.ffn_hidden_size
+        keys = ("num_experts", "top_k", "num_shared_experts", "shared_expert_gate", "router_score", "norm_topk_prob",
+                "capacity_factor", "min_capacity", "first_k_dense", "moe_every", "aux_loss_coeff",
+                "aux_loss_per_sequence", "z_loss_coeff", "bias_update_rate")
+        return dict({k: getattr(self, k) for k in keys}, moe_intermediate_size=expert,
+                    shared_expert_intermediate_size=self.shared_expert_intermediate_size or expert)

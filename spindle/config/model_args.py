@@ -38,3 +38,23 @@ class ModelArgs:
     sliding_window: Optional[int] = None  # keys further back than this are invisible (Mistral)
     init_std: float = 0.02
     embed_grad_scale: float = 1.0  # InternEvo's: the embedding's gradient is scaled by this (values unchanged)
+    # mixture of experts (spindle/model/moe.py, docs/moe.md); num_experts 0: every layer dense
+    num_experts: int = 0
+    top_k: int = 2
+    moe_intermediate_size: int = 0  # each routed expert's SwiGLU width
+    num_shared_experts: int = 0
+    shared_expert_intermediate_size: int = 0  # each shared expert's width
+    shared_expert_gate: bool = False  # Qwen2-MoE: the shared experts' output times sigmoid(w x)
+    router_score: str = "softmax"  # "softmax" | "sigmoid"
+    norm_topk_prob: bool = True  # the top-k weights renormalised to sum to 1
+    capacity_factor: Optional[float] = None  # None: dropless
+    min_capacity: int = 4
+    first_k_dense: int = 0  # the first k layers stay dense
+    moe_every: int = 1  # then layer i is MoE when (i + 1) % moe_every == 0 (Qwen2-MoE's decoder_sparse_step)
+    aux_loss_coeff: float = 0.0
+    aux_loss_per_sequence: bool = False
+    z_loss_coeff: float = 0.0
+    bias_update_rate: float = 0.0  # aux-loss-free balancing; 0: no bias
+
+    def is_moe_layer(self, index: int) -> bool:
+        return self.num_experts > 0 and index >= self.first_k_dense and (index + 1) % self.moe_every == 0
