@@ -40,6 +40,7 @@ from spindle.errors import SpindleError
 from spindle.hardware import refuse_unless_fits
 from spindle.model.attention import attention, cached_layout, dense_layout, document_layout
 from spindle.model.loss import TokenLosses, linear_cross_entropy
+from spindle.model.moe import MoEFeedForward
 from spindle.model.rotary import RotaryEmbedding, apply_rotary
 
 
@@ -170,12 +171,13 @@ class FeedForward(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, args: ModelArgs):
+    def __init__(self, args: ModelArgs, index: int = 0):
         super().__init__()
         self.attention_norm = make_norm(args)
         self.attention = Attention(args)
         self.ffn_norm = make_norm(args)
-        self.feed_forward = FeedForward(args)
+        # the layer pattern (first_k_dense, moe_every) says which layers are mixtures of experts
+        self.feed_forward = MoEFeedForward(args) if args.is_moe_layer(index) else FeedForward(args)
         self.post_norm = args.apply_post_layer_norm
         self.dropout = nn.Dropout(args.drop_rate)
 
@@ -192,7 +194,9 @@ class Transformer(nn.Module):
         super().__init__()
         self.args = args
         self.tok_embeddings = nn.Embedding(args.vocab_size, args.hidden_size)
-        self.layers = nn.ModuleDict({str(i): Block(args) for i in range(args.num_layers)})
+        self.layers = nn.ModuleDict({str(i): Block(args, i) for i in range(args.num_layers)})
+        # after each forward of an MoE model: the sum of its MoE layers' balance losses, for the trainer to add
+        self.moe_aux_loss: Optional[torch.Tensor] = None
         self.norm = make_norm(args)
         self.output = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
         self.rotary = RotaryEmbedding(
@@ -223,6 +227,8 @@ class Transformer(nn.Module):
         name segments, which are skipped.
         """
         self.rotary.reset_parameters()
+        for moe in self.moe_blocks():
+            moe.reset_buffers()
         n_layers = self.args.num_layers
         for name, p in self.named_parameters():
             name = name.replace("_checkpoint_wrapped_module.", "").replace("_orig_mod.", "")
@@ -239,6 +245,11 @@ class Transformer(nn.Module):
                 gen = torch.Generator(device="cpu").manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
                 values = torch.empty(p.shape, dtype=torch.float32).normal_(0.0, std, generator=gen)
                 copy_whole(values.to(dtype=p.dtype), p)
+
+    def moe_blocks(self) -> list[MoEFeedForward]:
+        """This model's (or pipeline stage's) MoE feed-forward blocks; `update_bias()` on each after an
+        optimizer step is aux-loss-free balancing."""
+        return [m for m in self.modules() if isinstance(m, MoEFeedForward)]
 
     # ------------------------------------------------------------------ forward
 
@@ -289,6 +300,9 @@ class Transformer(nn.Module):
             for name, layer in self.layers.items():
                 layer_cache = cache.layer(name) if cache is not None else None
                 h = layer(h, cos, sin, q_scale, layout, layer_cache, position_ids if cache is not None else None)
+        if self.args.num_experts:
+            losses = [moe.aux_loss for moe in self.moe_blocks() if moe.aux_loss is not None]
+            self.moe_aux_loss = torch.stack(losses).sum() if losses else None
         if self.norm is not None:
             h = self.norm(h)
         if self.output is None:
@@ -326,7 +340,11 @@ def weight_bytes(args: ModelArgs) -> int:
         return sum(t.numel() * t.element_size() for t in tensors.values())
 
     with torch.device("meta"):
-        return size(Transformer(replace(args, num_layers=0))) + args.num_layers * size(Block(args))
+        moe = sum(args.is_moe_layer(i) for i in range(args.num_layers))
+        dense = args.num_layers - moe
+        return (size(Transformer(replace(args, num_layers=0)))
+                + (dense and dense * size(Block(replace(args, num_experts=0))))
+                + (moe and moe * size(Block(replace(args, first_k_dense=0, moe_every=1)))))
 
 
 def build_model(args: ModelArgs, device: torch.device | str = "cpu", seed: int = 0) -> Transformer:
