@@ -1,4 +1,4 @@
-"""One tiny Hugging Face folder per family of `spindle.checkpoint.families.FAMILIES` (and the Llama variants
+"""One tiny Hugging Face folder per family of `spindle.interop.families.FAMILIES` (and the Llama variants
 with biases and with tied embeddings), written by our own code from random weights: the family × layout
 matrix (tests/distributed/family_matrix.py) starts every layout's training from them.
 
@@ -36,7 +36,7 @@ def fuse_grouped_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_heads
 
 
 def family_config(name: str, args) -> dict:
-    from spindle.checkpoint.families import family_named, hf_config
+    from spindle.interop.families import family_named, hf_config
 
     fam = family_named(name)
     config = hf_config(args)  # sizes, norms, RoPE, tie in transformers' keys
@@ -53,7 +53,7 @@ def family_config(name: str, args) -> dict:
 def write_family_folders(root: Path) -> dict[str, Path]:
     from safetensors.torch import save_file
 
-    from spindle.checkpoint.families import FAMILIES, family_named, to_hf_name
+    from spindle.interop.families import FAMILIES, family_named, to_hf_name
     from spindle.config import ModelConfig
     from spindle.model.llama import build_model
 

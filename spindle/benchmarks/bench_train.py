@@ -131,7 +131,7 @@ def build_variants(size: str, names, run_folder: str) -> tuple[list[Variant], di
 
             transformers.logging.set_verbosity_error()
             from transformers import LlamaConfig, LlamaForCausalLM
-            from spindle.checkpoint.families import family_named, hf_config, to_hf_name
+            from spindle.interop.families import family_named, hf_config, to_hf_name
 
             hcfg = LlamaConfig(**{k: v for k, v in hf_config(mcfg.to_args()).items() if k not in ("architectures",)})
             hcfg._attn_implementation = "sdpa"

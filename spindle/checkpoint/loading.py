@@ -21,13 +21,18 @@ from spindle.checkpoint.discovery import (
     CkptRef, Location, Verified, is_remote, local_copy, newest_intact, open_ckpt_storage, resolve, scan_completed,
     strip_prefix, verify,
 )
-from spindle.checkpoint.internevo import is_internevo_folder
 from spindle.checkpoint.storage import Storage
 from spindle.config import CkptConfig, LoadCkptInfo
 from spindle.errors import SpindleError
 
 CONTENTS = ("model", "optimizer", "scheduler", "sampler")
 HF_TYPES = ("hf", "hf_llama")
+
+
+def is_internevo_folder(path: str | Path) -> bool:
+    """InternEvo's checkpoint folders hold model_tp{t}_pp{p}.pt shards (read by spindle.interop.internevo)."""
+    p = Path(path)
+    return p.is_dir() and any(f.name.startswith("model_tp") and f.suffix == ".pt" for f in p.iterdir())
 
 
 @dataclass

@@ -30,7 +30,7 @@ from spindle.outputs import StagedFolder, check_output
 def hf_folder_entry(name: str) -> bool:
     """What `convert to-hf` writes, and the weight and tokenizer files of an earlier Hugging Face folder
     there: a stale index, shard or tokenizer.json left beside the new files would be read instead of them."""
-    from spindle.checkpoint.hf_tokenizer import HF_TOKENIZER_FILES
+    from spindle.interop.hf_tokenizer import HF_TOKENIZER_FILES
 
     return (name in ("model.safetensors", "model.safetensors.index.json", "config.json", "generation_config.json",
                      *HF_TOKENIZER_FILES)
@@ -84,7 +84,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     target = Path(strip_prefix(args.out)).expanduser().absolute()
     check_output(str(target), [] if is_remote(source) else [strip_prefix(source)], args.overwrite, "OUT")
     if args.direction == "to-hf":
-        from spindle.checkpoint.hf import export_hf
+        from spindle.interop.hf import export_hf
 
         with StagedFolder(str(target), replaces=hf_folder_entry, overwrite=args.overwrite, option="OUT",
                           command="spindle convert to-hf") as stage:
@@ -92,9 +92,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print("\n".join(n.replace(str(stage), str(target)) for n in notes))
         return 0
     if args.direction == "from-hf":
-        from spindle.checkpoint.hf import import_hf as write
+        from spindle.interop.hf import import_hf as write
     else:
-        from spindle.checkpoint.internevo import import_internevo as write
+        from spindle.interop.internevo import import_internevo as write
     with StagedFolder(str(target), overwrite=args.overwrite, option="OUT",
                       command=f"spindle convert {args.direction}") as stage:
         path = write(source, Path(stage))

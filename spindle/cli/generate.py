@@ -29,7 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     from spindle.data.tokenizer import load_tokenizer
-    from spindle.data.tokenizer_identity import checkpoint_tokenizer
+    from spindle.eval.load import checkpoint_tokenizer
     from spindle.eval.generate import complete_text, padded_vocab_note, validate_generate_options
     from spindle.eval.load import load_model_for_eval
 

@@ -91,7 +91,7 @@ def run_train(args: argparse.Namespace) -> int:
         from spindle.parallel.launch import chosen_launcher_env
 
         world = args.nproc or int(chosen_launcher_env(args.launcher, args.port).get("WORLD_SIZE", 1))
-        from spindle.checkpoint.hf_start import model_from_hf_folder
+        from spindle.interop.hf_start import model_from_hf_folder
 
         cfg = model_from_hf_folder(cfg)  # the model a start from a Hugging Face folder trains (as Trainer does)
         if compat_line(cfg):

@@ -1,7 +1,7 @@
 """The RoPE scaling types, in one registry: which parameters each takes, which depend on the sequence
 length, how a command line names one. Used by the config (`model.rope_scaling`), the rotary math
 (spindle/model/rope.py: one inv_freq rule per name), the Hugging Face mapping
-(spindle/checkpoint/families.py) and every `--rope-scaling` / `--variants` option (`parse_rope_spec`).
+(spindle/interop/families.py) and every `--rope-scaling` / `--variants` option (`parse_rope_spec`).
 """
 
 from __future__ import annotations

@@ -198,42 +198,6 @@ def local_checkpoint_record(folder: Path) -> Optional[Recorded]:
     return read_checkpoint_record(lambda name: (Path(folder) / name).read_bytes(), str(folder))
 
 
-def checkpoint_tokenizer(url: str) -> Optional[str]:
-    """The `load_tokenizer` spec of the tokenizer a Spindle checkpoint records (`generate`); None for a
-    foreign folder (Hugging Face, InternEvo: their config names their tokenizer) or a checkpoint without one."""
-    from spindle.checkpoint.discovery import resolve
-    from spindle.eval.load import foreign_kind
-
-    if foreign_kind(url) is not None:
-        return None
-    storage, ref = resolve(url)
-    recorded = read_checkpoint_record(lambda name: storage.read_bytes(f"{ref.rel}/{name}"),
-                                      f"{storage.url.rstrip('/')}/{ref.rel}")
-    return None if recorded is None else recorded_spec(recorded)
-
-
-def check_start(plan, run: Optional[Recorded]) -> None:
-    """A run that starts from a checkpoint (resumes, or takes its weights) reads ids with the tokenizer that
-    checkpoint was trained with: a Spindle checkpoint's record, or a Hugging Face folder's own tokenizer."""
-    if run is None:
-        return
-    recorded = None
-    if plan.kind == "spindle" and plan.ref is not None:
-        rel = plan.ref.rel
-        recorded = read_checkpoint_record(lambda name: plan.storage.read_bytes(f"{rel}/{name}"), str(plan.path))
-    elif plan.kind == "hf" and plan.url:
-        from spindle.checkpoint.hf import local_dir
-        from spindle.data.tokenizer import load_tokenizer
-
-        folder = local_dir(plan.url)
-        if any((folder / n).is_file() for n in ("tokenizer.model", "tokenizer.json")):
-            recorded = Recorded(load_tokenizer(folder).identity(), str(folder))
-    if recorded is not None and not same_ids(recorded.identity, run.identity):
-        raise SpindleError(f"{recorded.where}: the checkpoint was trained with {describe(recorded.identity)}, but "
-                           f"this run's data is read with {describe(run.identity)} ({run.where}); use data "
-                           f"prepared with the checkpoint's tokenizer")
-
-
 def recorded_spec(recorded: Recorded, option: str = "--tokenizer") -> str:
     """A `load_tokenizer` spec for the tokenizer `recorded` names, after checking that its file still holds
     the same bytes: the recorded path, or the packaged default when that is the same file; one line naming

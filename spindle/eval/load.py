@@ -23,9 +23,9 @@ def parse_rope_override(spec: Optional[str], original_len: int) -> Optional[dict
 
 def foreign_kind(path: str) -> Optional[str]:
     """'hf', 'internevo' or 'llama' (Meta) for a local folder of that format; None for Spindle's own."""
-    from spindle.checkpoint.hf import local_dir, weight_files
-    from spindle.checkpoint.internevo import is_internevo_folder
-    from spindle.checkpoint.meta import is_meta_folder
+    from spindle.interop.hf import local_dir, weight_files
+    from spindle.checkpoint.loading import is_internevo_folder
+    from spindle.interop.meta import is_meta_folder
 
     if str(path).startswith(("boto3:", "s3://")):
         return None
@@ -47,22 +47,22 @@ def foreign_kind(path: str) -> Optional[str]:
 
 def _foreign(kind: str, path: str) -> tuple[SpindleConfig, Callable[[torch.nn.Module], None]]:
     """The config of a foreign folder (its own length as data.seq_len) and how to fill a model from it."""
-    from spindle.checkpoint.hf import load_hf_weights, local_dir, read_hf_config
-    from spindle.checkpoint.weights import assign_weights
+    from spindle.interop.hf import load_hf_weights, local_dir, read_hf_config
+    from spindle.interop.weights import assign_weights
 
     p = local_dir(path)
     if kind == "hf":
-        from spindle.checkpoint.families import model_config_from_hf
+        from spindle.interop.families import model_config_from_hf
 
         section, fill = model_config_from_hf(read_hf_config(p), str(p / "config.json")), \
             (lambda m: load_hf_weights(m, p))
     elif kind == "internevo":
-        from spindle.checkpoint.internevo import read_internevo
+        from spindle.interop.internevo import read_internevo
 
         ck = read_internevo(p)
         section, fill = ck.model, (lambda m: assign_weights(m, ck.state_dict, str(p)))
     else:
-        from spindle.checkpoint.meta import read_meta
+        from spindle.interop.meta import read_meta
 
         section, tensors = read_meta(p)
         fill = lambda m: assign_weights(m, tensors, str(p))  # noqa: E731
@@ -114,3 +114,17 @@ def load_model(path: str, device: str = "cpu") -> tuple[Transformer, SpindleConf
         logits = model(torch.tensor([[1, 2, 3]]))
     """
     return load_model_for_eval(path, device=device)
+
+
+def checkpoint_tokenizer(url: str) -> Optional[str]:
+    """The `load_tokenizer` spec of the tokenizer a Spindle checkpoint records (`generate`); None for a
+    foreign folder (Hugging Face, InternEvo: their config names their tokenizer) or a checkpoint without one."""
+    from spindle.checkpoint.discovery import resolve
+    from spindle.data.tokenizer_identity import read_checkpoint_record, recorded_spec
+
+    if foreign_kind(url) is not None:
+        return None
+    storage, ref = resolve(url)
+    recorded = read_checkpoint_record(lambda name: storage.read_bytes(f"{ref.rel}/{name}"),
+                                      f"{storage.url.rstrip('/')}/{ref.rel}")
+    return None if recorded is None else recorded_spec(recorded)

@@ -23,15 +23,16 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from spindle.checkpoint.hf_start import model_from_hf_folder
 from spindle.checkpoint.loading import LoadPlan, plan_load, restore
 from spindle.checkpoint.manager import CheckpointManager
 from spindle.config import SpindleConfig, parse_skip_batches, save_resolved_config
 from spindle.data.batch import Batch
 from spindle.data.loader import build_train_loader, build_valid_sets
-from spindle.data.tokenizer_identity import check_start, checkpoint_files, run_tokenizer
+from spindle.data.tokenizer_identity import checkpoint_files, run_tokenizer
 from spindle.errors import SpindleError
 from spindle.hardware import cuda_backend_mode, mfu_peak
+from spindle.interop.hf_start import model_from_hf_folder
+from spindle.interop.tokenizer_check import check_start
 from spindle.model.flops import model_flops_per_token, parameter_counts
 from spindle.parallel.executor import COMPUTE_DTYPES
 from spindle.parallel.mesh import ParallelEnv, build_mesh
@@ -148,12 +149,12 @@ class Trainer:
             self.lineage = self.ckpt_manager.adopt(plan)
         args = self.cfg.model.to_args()  # a pipeline rank's view of its stages carries none
         if plan.kind == "hf":
-            from spindle.checkpoint.hf import load_hf_weights
+            from spindle.interop.hf import load_hf_weights
 
             load_hf_weights(self.raw_model, plan.url, args)
             return
         if plan.kind == "internevo":
-            from spindle.checkpoint.internevo import load_internevo
+            from spindle.interop.internevo import load_internevo
 
             ck = load_internevo(self.raw_model, plan.url, args)
             for note in ck.notes:

@@ -15,9 +15,9 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from spindle.checkpoint.families import model_config_from_hf
-from spindle.checkpoint.hf import load_hf_weights
-from spindle.checkpoint.internevo import load_internevo_weights, read_internevo
+from spindle.interop.families import model_config_from_hf
+from spindle.interop.hf import load_hf_weights
+from spindle.interop.internevo import load_internevo_weights, read_internevo
 from spindle.config import validate_config
 from spindle.parallel.mesh import build_mesh, init_distributed
 from spindle.parallel.parallelize import apply_fsdp, apply_model_parallel

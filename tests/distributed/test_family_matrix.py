@@ -1,6 +1,6 @@
 """Every family trains the same in every layout (issue 24): from the same Hugging Face weights and the same
 global batch, each layout's first-step gradient of every parameter and the losses of the first steps are
-within 1e-5 of one process. The families come from spindle.checkpoint.families.FAMILIES (a new family joins
+within 1e-5 of one process. The families come from spindle.interop.families.FAMILIES (a new family joins
 by getting a folder in tests/family_folders.py, which refuses a family it lacks), the layouts from
 tests/distributed/family_matrix.py; all of a world size train in that world's one launch."""
 

@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from spindle.checkpoint.families import model_config_from_hf
-from spindle.checkpoint.hf import load_hf_weights
-from spindle.checkpoint.internevo import load_internevo_weights, read_internevo
+from spindle.interop.families import model_config_from_hf
+from spindle.interop.hf import load_hf_weights
+from spindle.interop.internevo import load_internevo_weights, read_internevo
 from spindle.config import ModelConfig
 from spindle.model.llama import build_model
 

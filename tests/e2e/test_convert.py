@@ -82,7 +82,7 @@ def test_to_hf_same_logits(tmp_path, variant):
                                      {"type": "llama3", "factor": 4.0, "original_max_position_embeddings": 16},
                                      {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16}])
 def test_rope_scaling_carried_into_hf_config(scaling):
-    from spindle.checkpoint.families import hf_config, model_config_from_hf
+    from spindle.interop.families import hf_config, model_config_from_hf
     from spindle.config import ModelConfig
 
     m = ModelConfig(hidden_size=32, num_attention_heads=4, num_layers=1, vocab_size=96, rope_base=5e5,

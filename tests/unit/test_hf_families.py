@@ -16,8 +16,8 @@ import math
 import pytest
 import torch
 
-from spindle.checkpoint.families import model_config_from_hf
-from spindle.checkpoint.hf import import_hf, load_hf_weights
+from spindle.interop.families import model_config_from_hf
+from spindle.interop.hf import import_hf, load_hf_weights
 from spindle.checkpoint.manager import CheckpointManager
 from spindle.cli import main
 from spindle.config import CkptConfig, ModelConfig, validate_config

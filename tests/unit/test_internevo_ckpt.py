@@ -17,7 +17,8 @@ import types
 import pytest
 import torch
 
-from spindle.checkpoint.internevo import is_internevo_folder, load_internevo_weights, read_internevo
+from spindle.checkpoint.loading import is_internevo_folder
+from spindle.interop.internevo import load_internevo_weights, read_internevo
 from spindle.checkpoint.loading import load_checkpoint
 from spindle.cli import main
 from spindle.config import ModelConfig, validate_config
@@ -105,7 +106,7 @@ def test_pickled_code_in_a_shard_is_refused(tmp_path, internevo_config_class, ca
 
 
 def test_meta_consolidated_folder_merges_model_parallel_files(tmp_path):
-    from spindle.checkpoint.meta import load_meta_weights, read_meta
+    from spindle.interop.meta import load_meta_weights, read_meta
 
     ref = reference(2, False, ffn=176)  # Meta's rule: int(2 * 4 * 64 / 3) = 170 -> multiple_of 16 -> 176
     sd = ref.state_dict()
@@ -145,7 +146,7 @@ def test_meta_consolidated_folder_merges_model_parallel_files(tmp_path):
 
 
 def test_meta_loader_names_the_type_for_a_hugging_face_folder(tmp_path):
-    from spindle.checkpoint.meta import read_meta
+    from spindle.interop.meta import read_meta
     from spindle.errors import SpindleError
 
     reference(2, False).save_pretrained(str(tmp_path / "hf"))
@@ -167,7 +168,7 @@ def test_spindle_load_model_reads_an_internevo_folder(tmp_path, internevo_config
 
 
 def internevo_start_config(tmp_path, folder, content, path=None, raw=False):
-    from spindle.checkpoint.internevo import read_internevo
+    from spindle.interop.internevo import read_internevo
 
     model = dict(read_internevo(folder).model, dtype="torch.float32")
     return (dict if raw else validate_config)({

@@ -14,6 +14,7 @@ LAYERS = [
     {"data"},
     {"parallel"},
     {"checkpoint"},
+    {"interop"},  # foreign formats, read and written through spindle.checkpoint
     {"eval"},
     {"train"},
     {"cli", "benchmarks", "configs", "__init__", "__main__"},

@@ -14,8 +14,8 @@ from __future__ import annotations
 
 from typing import Callable
 
-from spindle.checkpoint.families import model_config_from_hf
-from spindle.checkpoint.hf import local_dir, read_hf_config
+from spindle.interop.families import model_config_from_hf
+from spindle.interop.hf import local_dir, read_hf_config
 from spindle.checkpoint.loading import HF_TYPES
 from spindle.config import ModelConfig, SpindleConfig
 from spindle.errors import SpindleError

@@ -38,8 +38,9 @@ from typing import Optional
 
 import torch
 
-from spindle.checkpoint.families import split_grouped_qkv
-from spindle.checkpoint.weights import assign_weights, read_torch_file
+from spindle.checkpoint.loading import is_internevo_folder
+from spindle.interop.families import split_grouped_qkv
+from spindle.interop.weights import assign_weights, read_torch_file
 from spindle.errors import SpindleError
 
 SHARD = re.compile(r"^model_tp(\d+)_pp(\d+)\.pt$")
@@ -68,11 +69,6 @@ class InternEvoCheckpoint:
         """The counters in the form of Spindle's trainer_state.json (TrainState restores what content asks)."""
         return {"step": self.step, "updates": self.updates or 0, "num_consumed_tokens": self.num_consumed_tokens,
                 "inf_nan_skip_batches": self.inf_nan_skip_batches}
-
-
-def is_internevo_folder(path: str | Path) -> bool:
-    p = Path(path)
-    return p.is_dir() and any(f.name.startswith("model_tp") and f.suffix == ".pt" for f in p.iterdir())
 
 
 def read_pt(path: Path, what: str) -> dict:

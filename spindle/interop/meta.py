@@ -17,8 +17,8 @@ from pathlib import Path
 
 import torch
 
-from spindle.checkpoint.internevo import interleaved_to_half
-from spindle.checkpoint.weights import assign_weights, read_torch_file
+from spindle.interop.internevo import interleaved_to_half
+from spindle.interop.weights import assign_weights, read_torch_file
 from spindle.errors import SpindleError
 
 _ROW_PARALLEL = ("attention.wo.weight", "feed_forward.w2.weight", "tok_embeddings.weight")

@@ -1,4 +1,4 @@
-"""Hugging Face folders, both ways, for every family in `spindle.checkpoint.families`.
+"""Hugging Face folders, both ways, for every family in `spindle.interop.families`.
 
     spindle convert to-hf CKPT OUT       safetensors + config.json + generation_config.json + the
                                          run's tokenizer, in the family's own transformers class
@@ -21,10 +21,10 @@ from typing import Optional
 
 import torch
 
-from spindle.checkpoint.families import (
+from spindle.interop.families import (
     export_family, family_of, hf_config, hf_tensors_to_ours, model_config_from_hf, to_hf_name,
 )
-from spindle.checkpoint.weights import assign_weights, model_args, read_safetensors, read_torch_file
+from spindle.interop.weights import assign_weights, model_args, read_safetensors, read_torch_file
 from spindle.errors import SpindleError
 
 _INDEXES = (("model.safetensors.index.json", "model.safetensors"),
@@ -131,7 +131,7 @@ def export_hf(ckpt: str, out: str | Path, tokenizer: Optional[str] = None) -> li
 
     from spindle.checkpoint.dcp_io import load_tensors
     from spindle.checkpoint.discovery import checkpoint_config, open_checkpoint
-    from spindle.checkpoint.hf_tokenizer import write_tokenizer
+    from spindle.interop.hf_tokenizer import write_tokenizer
     from spindle.data.tokenizer_identity import choose_export_tokenizer, local_checkpoint_record
     from spindle.model.llama import build_model
 
