@@ -67,16 +67,21 @@ def _address(value: str, what: str) -> str:
 
 
 def first_slurm_host(nodelist: str) -> str:
-    """'node[03-05,09],gpu1' -> 'node03' (the rule scontrol show hostnames applies, first host only)."""
-    first = re.match(r"([^,\[]+)(\[([^\]]+)\])?", nodelist.strip())
-    if not first:
+    """The first host of a Slurm host list, as `scontrol show hostnames` would list it first:
+    'node[03-05,09],gpu1' -> 'node03', 'a[1-2]b' -> 'a1b', 'rack1-[3-4].cluster' -> 'rack1-3.cluster',
+    'r[1-2]n[07-08]' -> 'r1n07'. Commas inside brackets do not separate hosts; each bracket group stands for
+    its first number, zero-padding kept (the digits are copied, not converted)."""
+    text = nodelist.strip()
+    # the first entry: everything up to the first comma outside brackets
+    first = re.match(r"(?:[^,\[\]]|\[[^\[\]]*\])*", text).group(0)
+    groups = re.findall(r"\[([^\[\]]*)\]", first)
+    literal = re.sub(r"\[[^\[\]]*\]", "", first)
+    number = r"[0-9]+(?:-[0-9]+)?"
+    if not literal or text[len(first):len(first) + 1] not in ("", ",") or not all(
+            re.fullmatch(rf"{number}(?:,{number})*", g) for g in groups):
         raise LaunchError(f"SLURM_JOB_NODELIST: cannot read a host from {nodelist!r}; expected host names "
                           "such as 'node[03-05],gpu1'")
-    prefix, _, ranges = first.groups()
-    if not ranges:
-        return prefix
-    lo = ranges.split(",")[0].split("-")[0]
-    return prefix + lo
+    return re.sub(r"\[([0-9]+)[^\]]*\]", r"\1", first)
 
 
 def launcher_env(launcher: str, port: Optional[int], environ: Optional[Mapping[str, str]] = None) -> dict[str, str]:

@@ -20,6 +20,25 @@ def test_slurm_nodelist():
     assert first_slurm_host("gpu[7]") == "gpu7"
 
 
+@pytest.mark.parametrize("nodelist, first", [
+    ("a[1-2]b", "a1b"),  # a suffix after the brackets (was 'a1')
+    ("rack1-[3-4].cluster", "rack1-3.cluster"),  # a prefix ending in '-', a domain suffix (was 'rack1-3')
+    ("node[003-010,12],gpu1", "node003"),  # zero-padding kept, a comma list inside and outside brackets
+    ("r[2-3]n[07-08]", "r2n07"),  # several bracket groups: the first number of each
+    ("r[9]n[5,1]-ib", "r9n5-ib"),  # listed order, not sorted
+    ("gpu1,node[1-2]", "gpu1"),  # a plain first host
+    (" host-a ", "host-a"),
+])
+def test_slurm_nodelist_first_host(nodelist, first):
+    assert first_slurm_host(nodelist) == first
+
+
+@pytest.mark.parametrize("nodelist", ["[1-2]", "node[1-2", "node]1", "n[x-y]", "n[]", ",a", "n[1-2]]x"])
+def test_slurm_nodelist_refused(nodelist):
+    with pytest.raises(SpindleError, match="SLURM_JOB_NODELIST: cannot read a host from"):
+        first_slurm_host(nodelist)
+
+
 def test_slurm_env(monkeypatch):
     for k, v in {"SLURM_PROCID": "3", "SLURM_NTASKS": "16", "SLURM_LOCALID": "1",
                  "SLURM_JOB_NODELIST": "sh-idc[10-11]"}.items():
