@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -13,20 +14,35 @@ sys.path.insert(0, str(Path(__file__).parent))
 from s3server import MotoServer, find_moto_server  # noqa: E402
 
 
-def pytest_configure(config):
-    config.addinivalue_line("markers", "runs(*names): the jobs of tests/distributed/layout_runs.py this test reads "
-                            "(each launched once per session, one launch per world size)")
-
-
 # The fast tier, `pytest -m "not slow"` (README): every unit test and every in-process end-to-end path. Real
 # multi-process launches (dist) and the user journeys (each a chain of real commands) are slow by their mark.
 SLOW_BY_MARK = ("dist", "journeys")
 
 
+# The README's full run takes two pytest-xdist workers (`-n 2 --dist loadgroup`): the tests that read the shared
+# layout launches (tests/distributed/layout_runs.py, `@pytest.mark.runs`) stay on one worker, so each world size is
+# still launched once; every other module's tests stay together on one worker (module fixtures are made once, and
+# the docs commands run in the order a reader types them), the modules spread over both.
+LAYOUT_GROUP = "layout_runs"
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "runs(*names): the jobs of tests/distributed/layout_runs.py this test reads "
+                            "(each launched once per session, one launch per world size)")
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        # two workers on two cores: one torch thread each (threads beyond the cores spin and slow all ~10x)
+        import torch
+
+        torch.set_num_threads(1)
+        os.environ["OMP_NUM_THREADS"] = "1"  # and for the processes a test starts without saying
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook, which reads xdist_group to name the groups
 def pytest_collection_modifyitems(config, items):
     for item in items:
         if any(item.get_closest_marker(mark) for mark in SLOW_BY_MARK):
             item.add_marker(pytest.mark.slow)
+        item.add_marker(pytest.mark.xdist_group(LAYOUT_GROUP if item.get_closest_marker("runs") else item.path.name))
     unit = [item.nodeid for item in items if item.nodeid.startswith("tests/unit/") and item.get_closest_marker("slow")]
     if unit:
         raise pytest.UsageError(f"tests/unit is the fast tier whole; these are marked slow: {unit[:5]}")

@@ -171,8 +171,8 @@ SKIPS = {
         "folder and converts it",
     "OMP_NUM_THREADS=1 pytest -s tests/unit/test_hf_families.py tests/unit/test_internevo_ckpt.py "
     "tests/distributed/test_sharded_load.py | grep PARITY": SUITE + ": those three files",
-    ".venv/bin/python -m pytest -q": SUITE,
-    ".venv/bin/python -m pytest -q -m 'not slow'": SUITE + ": its fast tier",
+    ".venv/bin/python -m pytest -q -n 2 --dist loadgroup": SUITE,
+    ".venv/bin/python -m pytest -q -n 2 --dist loadgroup -m 'not slow'": SUITE + ": its fast tier",
     ".venv/bin/python -m pytest tests/faults -m faults -s -q": SUITE + ": tests/faults",
     ".venv/bin/python -m pytest tests/fuzz -m fuzz -s -q": SUITE + ": tests/fuzz",
     ".venv/bin/python -m pytest tests/unit/test_monitor.py tests/unit/test_safety.py -q": SUITE + ": those two files",
