@@ -4,6 +4,8 @@
   `os.replace`. The rename replaces a symbolic link at `path` instead of writing through it, so a
   planted link never redirects a write into a user's file, and a kill leaves the old or the new
   content, never a mix.
+- `write_durable` / `fsync_dir` / `fsync_tree`: the other durable writes (a file written in place in a
+  folder of its own, the directory entry of a rename, a staged output folder), fsync'd here and only here.
 - `open_nofollow`: an `os.open` that refuses to follow a symbolic link in the last component (locks,
   append-only logs), with one line naming the path.
 - `safe_relpath` / `safe_join`: a name read from a file, a bucket listing or a config (an S3 key, a
@@ -69,8 +71,8 @@ def open_nofollow(path: PathLike, flags: int, mode: int = 0o644) -> int:
         raise
 
 
-def _fsync_dir(folder: PathLike) -> None:
-    # the rename lives in the directory entry; without this a power loss can forget it
+def fsync_dir(folder: PathLike) -> None:
+    """fsync a folder: a rename lives in the directory entry, and without this a power loss can forget it."""
     try:
         fd = os.open(folder, os.O_RDONLY)
     except OSError:
@@ -81,6 +83,33 @@ def _fsync_dir(folder: PathLike) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def fsync_tree(folder: PathLike) -> None:
+    """fsync every file and folder under `folder` (links skipped), so that a rename publishing it never
+    publishes files a power loss would empty."""
+    for root, _dirs, files in os.walk(folder):
+        for name in [*files, "."]:
+            try:
+                fd = os.open(os.path.join(root, name), os.O_RDONLY | os.O_NOFOLLOW)
+            except OSError:
+                continue  # a link or an unopenable entry: nothing of ours to sync
+            try:
+                os.fsync(fd)
+            except OSError:
+                pass  # file systems that cannot fsync a folder
+            finally:
+                os.close(fd)
+
+
+def write_durable(path: PathLike, data: bytes) -> None:
+    """Write `data` to `path` in place and fsync it: for a folder no reader sees before it is complete (a
+    checkpoint's step folder; the caller fsyncs the folder once after its files). O_NOFOLLOW: a link planted
+    there never redirects the write into someone's file."""
+    with os.fdopen(open_nofollow(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC), "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def disk_error(action: str, path: PathLike, exc: OSError) -> SpindleError:
@@ -139,4 +168,4 @@ def write_atomic_stream(path: PathLike, fill: Callable[[BinaryIO], object], dura
             pass
         raise disk_error("writing", path, exc) from None
     if durable:
-        _fsync_dir(folder)
+        fsync_dir(folder)

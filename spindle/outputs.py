@@ -41,7 +41,7 @@ import uuid
 from typing import Callable, Iterable, Optional
 
 from spindle.errors import SpindleError
-from spindle.fileio import disk_error, disk_full_errno, open_nofollow
+from spindle.fileio import disk_error, disk_full_errno, fsync_tree, open_nofollow
 
 STEP_RECORD_RE = re.compile(r"^([0-9]+)\.step$")
 _AT_FDCWD, _RENAME_EXCHANGE = -100, 2  # <fcntl.h>, <linux/fs.h>
@@ -192,22 +192,6 @@ def _carry(src: str, dst: str) -> None:
         shutil.copymode(old, new)
 
 
-def _sync_tree(folder: str) -> None:
-    """fsync what the command wrote, so that the rename never publishes files a power loss would empty."""
-    for root, _dirs, files in os.walk(folder):
-        for name in [*files, "."]:
-            try:
-                fd = os.open(os.path.join(root, name), os.O_RDONLY | os.O_NOFOLLOW)
-            except OSError:
-                continue  # a link or an unopenable entry: nothing of ours to sync
-            try:
-                os.fsync(fd)
-            except OSError:
-                pass  # file systems that cannot fsync a folder
-            finally:
-                os.close(fd)
-
-
 class WriterLock:
     """`.{name}.lock` beside an output, `flock`ed while one command writes it; removed when released."""
 
@@ -351,7 +335,7 @@ class StagedFolder:
 
     def _publish(self) -> None:
         try:
-            _sync_tree(self.tmp)
+            fsync_tree(self.tmp)
             if not os.path.lexists(self.out):
                 os.rename(self.tmp, self.out)
                 return

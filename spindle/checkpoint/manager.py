@@ -32,7 +32,7 @@ from spindle.checkpoint.staging import Staging
 from spindle.config import CkptConfig
 from spindle.config.redact import redact
 from spindle.errors import SpindleError
-from spindle.fileio import _fsync_dir, open_nofollow
+from spindle.fileio import fsync_dir, write_durable
 from spindle.parallel.comm import all_gather_single, comm_tensor
 
 
@@ -202,8 +202,8 @@ class CheckpointManager:
             finish_write(future)
             if self.is_writer:
                 for name, data in files.items():
-                    _write_durable(target / name, data)
-                _fsync_dir(target)
+                    write_durable(target / name, data)
+                fsync_dir(target)
         except OSError as exc:
             raise self._not_written(target, exc) from None
         if self.remote:
@@ -366,14 +366,6 @@ def _state_bytes(model, optimizer) -> int:
     """About how many bytes this rank's part of a checkpoint takes: weights, plus two AdamW moments."""
     local = sum((p.to_local() if hasattr(p, "to_local") else p).nbytes for p in model.parameters())
     return local * (3 if optimizer is not None else 1)
-
-
-def _write_durable(path: Path, data: bytes) -> None:
-    # O_NOFOLLOW: a link planted in the step folder never redirects the write into someone's file
-    with os.fdopen(open_nofollow(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC), "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
 
 
 __all__ = ["CheckpointManager", "save_weights_checkpoint"]

@@ -8,7 +8,7 @@ import shutil
 
 from spindle.checkpoint.storage.base import Storage, StorageNotFound, _clean_rel, _walk_files
 from spindle.errors import SpindleError
-from spindle.fileio import TMP_MARK, _fsync_dir, disk_error, safe_join, write_atomic, write_atomic_stream
+from spindle.fileio import TMP_MARK, disk_error, fsync_dir, safe_join, write_atomic, write_atomic_stream
 
 
 def _make_parent(path: str) -> None:
@@ -84,8 +84,8 @@ class LocalStorage(Storage):
             os.rename(src_path, dest_path)
         except OSError as exc:
             raise disk_error("moving", src_path, exc) from exc
-        _fsync_dir(os.path.dirname(src_path))
-        _fsync_dir(os.path.dirname(dest_path))
+        fsync_dir(os.path.dirname(src_path))
+        fsync_dir(os.path.dirname(dest_path))
 
     def upload_dir(self, local_dir: str, rel_prefix: str) -> None:
         dest_root = self._path(rel_prefix)
