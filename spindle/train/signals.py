@@ -61,10 +61,14 @@ class SignalSave:
         self._previous: dict[int, object] = {}
         self._parent: Optional[int] = None
         self._done = threading.Event()
+        self.restart = "a restart resumes from it"  # from_config: how, when auto_resume is off
 
     @classmethod
     def from_config(cls, ckpt, saving: bool, env, alert) -> "SignalSave":
-        return cls(ckpt.save_on_signals, ckpt.save_on_signal_timeout_s, saving, env.rank, env.distributed, alert)
+        made = cls(ckpt.save_on_signals, ckpt.save_on_signal_timeout_s, saving, env.rank, env.distributed, alert)
+        if not ckpt.auto_resume:  # a plain restart would refuse the folder (it holds another run's checkpoints)
+            made.restart = "a restart with ckpt.auto_resume=True resumes from it"
+        return made
 
     def install(self) -> "SignalSave":
         if threading.current_thread() is not threading.main_thread():
@@ -137,7 +141,7 @@ class SignalSave:
         """After the agreed step's save: the line that says where (or that saving is off)."""
         self.stopped_by = signum
         name = signal.Signals(signum).name
-        where = (f"checkpoint of step {step} saved to {saved_to}; a restart resumes from it" if saved_to else
+        where = (f"checkpoint of step {step} saved to {saved_to}; {self.restart}" if saved_to else
                  f"saving is off (ckpt.enable_save_ckpt=False), so nothing was saved at step {step}")
         say(f"stopped by {name}: {where} (exit code {exit_code(signum)})")
 

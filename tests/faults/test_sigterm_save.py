@@ -26,7 +26,7 @@ from spindle.cli import main
 
 pytestmark = pytest.mark.faults
 REPO = Path(__file__).resolve().parents[2]
-SAVED = re.compile(r"stopped by (SIG\w+): checkpoint of step (\d+) saved to (\S+); a restart resumes from it "
+SAVED = re.compile(r"stopped by (SIG\w+): checkpoint of step (\d+) saved to (\S+); a restart (?:with ckpt.auto_resume=True )?resumes from it "
                    r"\(exit code (\d+)\)")
 
 
