@@ -50,11 +50,12 @@ def resolve_config(args: argparse.Namespace):
 
 
 def dry_run_report(cfg, world: int) -> str:
-    """What a run of `cfg` on `world` processes would be; the layout errors of the real run."""
+    """What a run of `cfg` on `world` processes would be; the layout errors of the real run (one `Layout.plan`)."""
     from spindle.model.flops import internevo_flops_per_step, model_flops_per_token, parameter_counts
-    from spindle.parallel.dims import ParallelDims, memory_estimate
+    from spindle.parallel.dims import memory_estimate
+    from spindle.parallel.layout import Layout
 
-    dims = ParallelDims.plan(cfg.parallel, cfg.model, world, cfg.data.seq_len)
+    dims = Layout.plan(cfg.parallel, cfg.model, world, cfg.data.seq_len)
     counts = parameter_counts(cfg.model)
     d, m = cfg.data, cfg.model
     tokens_per_rank = d.micro_num * d.micro_bsz * d.seq_len
@@ -96,10 +97,14 @@ def run_train(args: argparse.Namespace) -> int:
         cfg = model_from_hf_folder(cfg)  # the model a start from a Hugging Face folder trains (as Trainer does)
         if compat_line(cfg):
             print(compat_line(cfg))
+        from spindle.parallel.layout import LayoutError
+
         try:
             report = dry_run_report(cfg, world)
-        except SpindleError as exc:
-            raise SpindleError(f"{exc} (--dry-run --nproc N plans for N processes)") from None
+        except LayoutError as exc:  # the run's line; where the process count decides, how to plan another
+            if exc.with_world:
+                raise SpindleError(f"{exc} (--dry-run --nproc N plans for N processes)") from None
+            raise
         print(report)
         return 0
     import torch
@@ -161,7 +166,7 @@ def _train(cfg, env, t0: float) -> int:
     if cfg.trainer.sample_prompt is not None and cfg.trainer.sample_tokens:
         from spindle.parallel.gather import whole_model
 
-        model = whole_model(trainer.raw_model, cfg.model.to_args(), env)  # collective under a layout
+        model = whole_model(trainer.raw_model, cfg.model.to_args(), trainer.env)  # collective under a layout
         if model is not None:
             print_sample(model.eval(), cfg, trainer.tokenizer)
     return 0

@@ -16,28 +16,28 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 from torch.distributed.tensor import DTensor
 
 from spindle.model.llama import Transformer, build_model
-from spindle.parallel.mesh import ParallelEnv
+from spindle.parallel.layout import Layout
 
 
-def needs_gathering(raw_model: torch.nn.Module, env: ParallelEnv) -> bool:
+def needs_gathering(raw_model: torch.nn.Module, layout: Layout) -> bool:
     """False when rank 0 already holds every weight as a plain tensor in a plain model (one process, DDP).
     Context parallelism keeps plain weights but gives attention a kernel that all-gathers over the context
     group, also for cached decoding after training: rank 0 alone would wait on it, so it gets a copy."""
-    return env.pp_size > 1 or env.cp_size > 1 or any(isinstance(p, DTensor) for p in raw_model.parameters())
+    return layout.pp > 1 or layout.cp > 1 or any(isinstance(p, DTensor) for p in raw_model.parameters())
 
 
-def whole_model(raw_model: torch.nn.Module, args, env: ParallelEnv) -> Optional[Transformer]:
+def whole_model(raw_model: torch.nn.Module, args, layout: Layout) -> Optional[Transformer]:
     """rank 0: a plain model (on CPU) with the trained weights; other ranks: None."""
-    if not needs_gathering(raw_model, env):
-        return raw_model if env.is_main else None
+    if not needs_gathering(raw_model, layout):
+        return raw_model if layout.is_main else None
     state = get_model_state_dict(raw_model, options=StateDictOptions(full_state_dict=True))
     state = {k: v.detach().to("cpu", copy=True) for k, v in state.items()}
-    if env.pp_size > 1:  # each rank has its stages' layers: rank 0 collects them all
-        parts = [None] * env.world_size if env.is_main else None
+    if layout.pp > 1:  # each rank has its stages' layers: rank 0 collects them all
+        parts = [None] * layout.world if layout.is_main else None
         dist.gather_object(state, parts, dst=0)
-        if env.is_main:
+        if layout.is_main:
             state = {k: v for part in parts for k, v in part.items()}
-    if not env.is_main:
+    if not layout.is_main:
         return None
     model = build_model(args, "cpu")
     model.load_state_dict(state, strict=True)

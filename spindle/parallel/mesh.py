@@ -1,4 +1,4 @@
-"""Process groups: from the launch environment (checked in `spindle.parallel.launch`) to a `ParallelEnv`.
+"""The process group: from the launch environment (checked in `spindle.parallel.launch`) to a `ParallelEnv`.
 
 A single process with neither launcher's variables runs without a process group at all. Collectives
 wait at most `parallel.timeout_s` for the other ranks; a rank that stops answering (frozen, hung, cut
@@ -18,7 +18,6 @@ import torch
 import torch.distributed as dist
 
 from spindle.errors import SpindleError
-from spindle.parallel.dims import ParallelDims
 from spindle.parallel.launch import MAX_WORLD, LaunchError, check_rendezvous, chosen_launcher_env, int_variable
 
 # what gloo, the TCP store and NCCL's watchdog say when a peer did not answer in time / went away (not
@@ -53,27 +52,15 @@ def peer_failure(exc: BaseException, rank: int, timeout_s: float) -> Optional[Pe
     return None
 
 
-@dataclass
+@dataclass(frozen=True)
 class ParallelEnv:
+    """This process as the launcher started it (or one process alone): no layout; `Layout.build` (in
+    spindle/parallel/layout.py) makes the layout of a config over these processes."""
+
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
-    dp_rank: int = 0
-    dp_size: int = 1
-    tp_rank: int = 0
-    tp_size: int = 1
-    pp_rank: int = 0
-    pp_size: int = 1
-    cp_rank: int = 0
-    cp_size: int = 1
-    cp_group: object = None
-    grad_group: object = None  # data parallel x context parallel: where gradients and loss sums add up
-    mesh: object = None  # torch DeviceMesh ("dp", "pp", "tp") when world_size > 1
-    dp_group: object = None
-    pp_group: object = None
-    tp_group: object = None
-    fsdp_mesh: object = None  # 1-D ("dp_shard") or 2-D ("dp_replicate", "dp_shard") mesh for FSDP2
 
     @property
     def is_main(self) -> bool:
@@ -82,35 +69,6 @@ class ParallelEnv:
     @property
     def distributed(self) -> bool:
         return self.world_size > 1 and dist.is_initialized()
-
-
-def build_mesh(env: "ParallelEnv", parallel, model, seq_len: Optional[int] = None) -> "ParallelEnv":
-    """DeviceMesh ("dp_replicate", "dp_shard", "cp", "pp", "tp"): tp ranks adjacent (fastest links), then pp,
-    then context, then data parallel. dp_shard is the zero1 group size (the whole dp group for zero1 <= 0
-    or fsdp). Context ranks read the same batch (each its own slice of the sequence)."""
-    dims = ParallelDims.plan(parallel, model, env.world_size, seq_len)
-    dp, pp, tp, cp, shard = dims.dp, dims.pp, dims.tp, dims.cp, dims.shard
-    env.dp_size, env.pp_size, env.tp_size, env.cp_size = dp, pp, tp, cp
-    if env.world_size == 1:
-        return env
-    from torch.distributed.device_mesh import init_device_mesh
-
-    mesh = init_device_mesh(env.device.type, (dp // shard, shard, cp, pp, tp),
-                            mesh_dim_names=("dp_replicate", "dp_shard", "cp", "pp", "tp"))
-    dp_mesh = mesh["dp_replicate", "dp_shard"]._flatten("dp")
-    grad_mesh = mesh["dp_replicate", "dp_shard", "cp"]._flatten("dp_cp")
-    env.mesh = mesh
-    env.dp_group, env.pp_group, env.tp_group = dp_mesh.get_group(), mesh["pp"].get_group(), mesh["tp"].get_group()
-    env.cp_group, env.grad_group = mesh["cp"].get_group(), grad_mesh.get_group()
-    env.dp_rank, env.pp_rank, env.tp_rank = dp_mesh.get_local_rank(), mesh["pp"].get_local_rank(), \
-        mesh["tp"].get_local_rank()
-    env.cp_rank = mesh["cp"].get_local_rank()
-    if cp > 1:  # gradients are summed over data and context ranks alike: shard over (dp_shard, cp)
-        shard_cp = mesh["dp_shard", "cp"]._flatten("dp_shard_cp")
-        env.fsdp_mesh = shard_cp if shard == dp else mesh["dp_replicate", "dp_shard_cp"]
-    else:
-        env.fsdp_mesh = mesh["dp_shard"] if shard == dp else mesh["dp_replicate", "dp_shard"]
-    return env
 
 
 def cuda_device(local_rank: int) -> torch.device:
@@ -177,7 +135,7 @@ def init_distributed(launcher: Optional[str] = None, backend: Optional[str] = No
                 raise PeerLost(f"rank {rank}: not every one of the {world} ranks reached the rendezvous at {where} "
                                f"within parallel.timeout_s={timeout_s:g} s; the job stops") from None
             raise
-    return ParallelEnv(rank=rank, world_size=world, local_rank=local, device=dev, dp_rank=rank, dp_size=world)
+    return ParallelEnv(rank=rank, world_size=world, local_rank=local, device=dev)
 
 
 def leave_together(timeout_s: float = 30.0) -> None:

@@ -2,7 +2,7 @@
 
 Order (torchtitan's): tensor/sequence parallel -> activation checkpointing -> torch.compile ->
 data parallel (DDP, ZeRO-1 in the optimizer, or FSDP2). Each step is a function of
-(model, config, env); the model file never knows it happened. Pipeline stages are built by
+(model, config, layout); the model file never knows it happened. Pipeline stages are built by
 `spindle.parallel.pipeline` and go through the same `parallelize`.
 """
 
@@ -16,11 +16,10 @@ from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoi
 
 from spindle.config import SpindleConfig
 from spindle.model.llama import materialize
-from spindle.parallel.dims import full_sharding
-from spindle.parallel.mesh import ParallelEnv
+from spindle.parallel.layout import Layout, full_sharding
 
 
-def apply_tensor_parallel(model: nn.Module, env: ParallelEnv, sequence_parallel: bool) -> None:
+def apply_tensor_parallel(model: nn.Module, layout: Layout, sequence_parallel: bool) -> None:
     """Megatron-style TP with DTensor: column-parallel q/k/v and w1/w3, row-parallel wo and w2.
 
     With sequence parallelism the norms and the residual stream are sharded along the sequence
@@ -36,7 +35,7 @@ def apply_tensor_parallel(model: nn.Module, env: ParallelEnv, sequence_parallel:
         parallelize_module,
     )
 
-    tp_mesh = env.mesh["tp"]
+    tp_mesh = layout.groups.mesh["tp"]
     residual = Shard(1) if sequence_parallel else Replicate()
     top_plan = {}
     if model.tok_embeddings is not None:
@@ -93,7 +92,7 @@ def apply_compile(model: nn.Module, backend: str = "inductor") -> None:
         model.layers[name] = torch.compile(block, dynamic=False, backend=backend)
 
 
-def apply_fsdp(root: nn.Module, model: nn.Module, env: ParallelEnv, reshard_after_forward: bool,
+def apply_fsdp(root: nn.Module, model: nn.Module, layout: Layout, reshard_after_forward: bool,
                mixed_precision: torch.dtype | None) -> None:
     """FSDP2 over the data-parallel mesh: each block of `model` (the Transformer or stage inside `root`),
     then `root`. A 2-D (replicate, shard) mesh gives hybrid sharding: parameters, gradients and optimizer
@@ -110,7 +109,7 @@ def apply_fsdp(root: nn.Module, model: nn.Module, env: ParallelEnv, reshard_afte
     fp32 = MixedPrecisionPolicy(cast_forward_inputs=False)
     compute = MixedPrecisionPolicy(param_dtype=mixed_precision, reduce_dtype=torch.float32,
                                    cast_forward_inputs=False) if mixed_precision else fp32
-    shard = dict(mesh=env.fsdp_mesh, reshard_after_forward=reshard_after_forward)
+    shard = dict(mesh=layout.groups.fsdp_mesh, reshard_after_forward=reshard_after_forward)
 
     def keep_fp32(modules: list[nn.Module]) -> None:  # one group, gathered in fp32 (a no-op for fp32 runs)
         if mixed_precision and modules:
@@ -142,10 +141,10 @@ class LocalStages(nn.Module):
             setattr(self, name, next((getattr(p, name) for p in parts if getattr(p, name) is not None), None))
 
 
-def apply_model_parallel(model: nn.Module, cfg: SpindleConfig, env: ParallelEnv) -> nn.Module:
+def apply_model_parallel(model: nn.Module, cfg: SpindleConfig, layout: Layout) -> nn.Module:
     """Tensor/sequence parallel, activation checkpointing, compile: in place on the plain model."""
-    if env.tp_size > 1:
-        apply_tensor_parallel(model, env, cfg.parallel.sequence_parallel)
+    if layout.tp > 1:
+        apply_tensor_parallel(model, layout, cfg.parallel.sequence_parallel)
     n_ckpt = cfg.model.num_checkpointed_layers
     if n_ckpt:
         apply_activation_checkpointing(model, min(n_ckpt, len(model.layers)))
@@ -154,7 +153,7 @@ def apply_model_parallel(model: nn.Module, cfg: SpindleConfig, env: ParallelEnv)
     return model
 
 
-def apply_data_and_context_parallel(module: nn.Module, cfg: SpindleConfig, env: ParallelEnv) -> nn.Module:
+def apply_data_and_context_parallel(module: nn.Module, cfg: SpindleConfig, layout: Layout) -> nn.Module:
     """The seed's zero1 / our fsdp switch on top of the model-parallel module.
 
     - zero1 == 1 (no sharding), no tensor parallelism: DDP, gradients all-reduced once per step;
@@ -173,25 +172,25 @@ def apply_data_and_context_parallel(module: nn.Module, cfg: SpindleConfig, env: 
     inner = module
     while not hasattr(inner, "layers"):  # PipelineStageModel / ContextParallel hold the model in .model
         inner = inner.model
-    if env.cp_size > 1 and hasattr(module, "layers"):  # a pipeline stage slices in PipelineStageModel instead
+    if layout.cp > 1 and hasattr(module, "layers"):  # a pipeline stage slices in PipelineStageModel instead
         from spindle.parallel.context import ContextParallel
 
-        module = ContextParallel(module, env.cp_group)
+        module = ContextParallel(module, layout.groups.cp)
     par = cfg.parallel
-    data_parallel = env.dp_size * env.cp_size > 1
-    sharded = data_parallel and (full_sharding(par) or par.zero1.size != 1 or env.tp_size > 1)
+    data_parallel = layout.gradient_ranks > 1
+    sharded = data_parallel and (full_sharding(par) or par.zero1.size != 1 or layout.tp > 1)
     if sharded:
         half = {"torch.bfloat16": torch.bfloat16, "torch.float16": torch.float16,
                 "torch.half": torch.float16}.get(cfg.model.dtype)
-        apply_fsdp(module, inner, env, reshard_after_forward=full_sharding(par), mixed_precision=half)
+        apply_fsdp(module, inner, layout, reshard_after_forward=full_sharding(par), mixed_precision=half)
     if any(p.is_meta for p in inner.parameters()):
-        materialize(inner, env.device, cfg.trainer.seed, root=module)
+        materialize(inner, layout.device, cfg.trainer.seed, root=module)
     if sharded or not data_parallel:
         return module
     from torch.nn.parallel import DistributedDataParallel as DDP
 
-    return DDP(module, device_ids=[env.device.index] if env.device.type == "cuda" else None,
-               process_group=env.grad_group)
+    return DDP(module, device_ids=[layout.device.index] if layout.device.type == "cuda" else None,
+               process_group=layout.groups.grad)
 
 
 def gradient_sync(model: nn.Module, micro_index: int, micro_count: int, full_shard: bool):
@@ -222,6 +221,6 @@ def gradient_sync(model: nn.Module, micro_index: int, micro_count: int, full_sha
     return contextlib.nullcontext()
 
 
-def parallelize(model: nn.Module, cfg: SpindleConfig, env: ParallelEnv) -> nn.Module:
+def parallelize(model: nn.Module, cfg: SpindleConfig, layout: Layout) -> nn.Module:
     """The whole recipe for a single-stage model."""
-    return apply_data_and_context_parallel(apply_model_parallel(model, cfg, env), cfg, env)
+    return apply_data_and_context_parallel(apply_model_parallel(model, cfg, layout), cfg, layout)

@@ -27,11 +27,10 @@ import torch.nn as nn
 
 from spindle.config import SpindleConfig
 from spindle.data.batch import Batch
-from spindle.errors import SpindleError
 from spindle.model.llama import Transformer, materialize
 from spindle.model.loss import IGNORE_INDEX, TokenLosses, token_statistics
 from spindle.parallel.executor import add_source_stats, autocast, loss_context
-from spindle.parallel.mesh import ParallelEnv
+from spindle.parallel.layout import Layout
 
 SCHEDULES = {
     "1f1b": "Schedule1F1B",
@@ -89,14 +88,14 @@ class PipelineExecutor:
     """`forward_backward` / `evaluate` (spindle.parallel.executor's interface) through a pipeline schedule;
     one schedule per micro-batch count (rampup_batch_size changes it), built when first needed."""
 
-    def __init__(self, cfg: SpindleConfig, env: ParallelEnv, stage_models: list[PipelineStageModel],
+    def __init__(self, cfg: SpindleConfig, layout: Layout, stage_models: list[PipelineStageModel],
                  parts: list[nn.Module], stage_ids: list[int], *, compute_dtype: torch.dtype, n_sources: int,
                  log: Callable[[str], None] = print):
-        self.cfg, self.env, self.parts, self.stage_ids, self.log = cfg, env, parts, stage_ids, log
+        self.cfg, self.layout, self.parts, self.stage_ids, self.log = cfg, layout, parts, stage_ids, log
         self.compute_dtype, self.n_sources = compute_dtype, n_sources
-        num_stages = env.pp_size * cfg.model.num_chunks
+        num_stages = layout.pp * cfg.model.num_chunks
         self.is_first, self.is_last = 0 in stage_ids, num_stages - 1 in stage_ids
-        self.tensor_parallel = env.tp_size > 1
+        self.tensor_parallel = layout.tp > 1
         slices = stage_models[0].slices
         self.local = (lambda t: t) if slices is None else slices.local
         self.label_smoothing = cfg.loss.label_smoothing
@@ -112,7 +111,7 @@ class PipelineExecutor:
 
     def _schedule(self, n: int):
         if n not in self._schedules:
-            self._schedules[n], _ = build_schedule(self.cfg, self.env, self.parts, self.stage_ids, self._loss, n,
+            self._schedules[n], _ = build_schedule(self.cfg, self.layout, self.parts, self.stage_ids, self._loss, n,
                                                    log=self.log)
         return self._schedules[n]
 
@@ -125,17 +124,17 @@ class PipelineExecutor:
         run = schedule.step if train else schedule.eval
         args = (batch.input_ids, batch.position_ids, batch.labels) if self.is_first else ()
         kwargs = {"target": target} if self.is_last else {}
-        with autocast(self.env.device, self.compute_dtype), loss_context(self.tensor_parallel):
+        with autocast(self.layout.device, self.compute_dtype), loss_context(self.tensor_parallel):
             outputs = run(*args, **kwargs)
-        stats = torch.zeros(3, self.n_sources + 1, dtype=torch.float64, device=self.env.device)
+        stats = torch.zeros(3, self.n_sources + 1, dtype=torch.float64, device=self.layout.device)
         if self.is_last:  # this pass's statistics, from the outputs of its real micro-batches
             labels = self.local(batch.labels)
             with torch.no_grad(), loss_context(self.tensor_parallel):
                 losses = TokenLosses(None, outputs[1], outputs[2]) if isinstance(outputs, tuple) else \
                     token_statistics(outputs, labels)
             add_source_stats(stats, self.local(batch.type_ids), losses, labels)
-        if self.env.pp_group is not None:  # the last stage's sums, to every stage (then dp reduces)
-            dist.all_reduce(stats, group=self.env.pp_group)
+        if self.layout.groups is not None:  # the last stage's sums, to every stage (then dp reduces)
+            dist.all_reduce(stats, group=self.layout.groups.pp)
         return stats
 
     def forward_backward(self, batches: list[Batch], loss_scale: torch.Tensor) -> torch.Tensor:
@@ -149,9 +148,6 @@ class PipelineExecutor:
 
 
 def build_stage_model(cfg: SpindleConfig, stage: int, num_stages: int, device: torch.device) -> Transformer:
-    if cfg.model.tie_word_embeddings:
-        raise SpindleError("model.tie_word_embeddings cannot be used with pipeline parallelism "
-                           "(the embedding and the head live on different stages)")
     with torch.device("meta"):
         model = Transformer(cfg.model.to_args())
     keep = {str(i) for i in split_layers(cfg.model.num_layers, num_stages)[stage]}
@@ -166,12 +162,12 @@ def build_stage_model(cfg: SpindleConfig, stage: int, num_stages: int, device: t
     return model
 
 
-def build_schedule(cfg: SpindleConfig, env: ParallelEnv, parts: list[nn.Module], stage_ids: list[int],
+def build_schedule(cfg: SpindleConfig, layout: Layout, parts: list[nn.Module], stage_ids: list[int],
                    loss_fn: Callable, n_microbatches: int, log: Callable[[str], None] = print):
     from torch.distributed.pipelining import PipelineStage, schedules
 
-    num_stages = env.pp_size * cfg.model.num_chunks
-    stages = [PipelineStage(part, sid, num_stages, env.device, group=env.pp_group)
+    num_stages = layout.pp * cfg.model.num_chunks
+    stages = [PipelineStage(part, sid, num_stages, layout.device, group=layout.groups.pp)
               for part, sid in zip(parts, stage_ids)]
     name = cfg.parallel.pipeline.schedule
     if cfg.model.num_chunks > 1 and name in ("1f1b", "gpipe"):

@@ -1,6 +1,6 @@
 """The model of a training run, laid out as the config asks, and the step executor that runs it.
 
-    raw_model, model, executor = build_training(cfg, env)
+    raw_model, model, executor = build_training(cfg, layout)
 
 `raw_model` has the plain model's parameter names (what the optimizer and checkpoints use: the whole
 model, or a `LocalStages` of this rank's pipeline stages); `model` is what runs (wrapped by DDP / FSDP /
@@ -18,33 +18,33 @@ from spindle.config import SpindleConfig
 from spindle.hardware import refuse_unless_fits
 from spindle.model.llama import build_model
 from spindle.parallel.context import SequenceSlices
-from spindle.parallel.dims import full_sharding, memory_estimate
+from spindle.parallel.dims import memory_estimate
 from spindle.parallel.executor import COMPUTE_DTYPES, StepExecutor, slices_of
-from spindle.parallel.mesh import ParallelEnv
+from spindle.parallel.layout import Layout, full_sharding
 from spindle.parallel.parallelize import LocalStages, apply_data_and_context_parallel, apply_model_parallel
 from spindle.parallel.pipeline import PipelineExecutor, PipelineStageModel, build_stage_model, stages_of_rank
 
 
-def build_training(cfg: SpindleConfig, env: ParallelEnv, n_sources: int, log: Callable[[str], None] = print):
+def build_training(cfg: SpindleConfig, layout: Layout, n_sources: int, log: Callable[[str], None] = print):
     dtype = COMPUTE_DTYPES[cfg.model.dtype]
     m = cfg.model  # refused here, before the model (or a stage) is allocated on meta and materialised
-    refuse_unless_fits(memory_estimate(cfg, env.world_size), env.device, f"training model.num_layers={m.num_layers:,} "
-                       f"x model.hidden_size={m.hidden_size:,} (vocab_size {m.vocab_size:,}) on {env.device}")
-    if env.pp_size == 1:
+    refuse_unless_fits(memory_estimate(cfg, layout.world), layout.device, f"training model.num_layers={m.num_layers:,} "
+                       f"x model.hidden_size={m.hidden_size:,} (vocab_size {m.vocab_size:,}) on {layout.device}")
+    if layout.pp == 1:
         raw = build_model(cfg.model.to_args(), "meta")
-        model = apply_data_and_context_parallel(apply_model_parallel(raw, cfg, env), cfg, env)
-        executor = StepExecutor(model, device=env.device, compute_dtype=dtype, label_smoothing=cfg.loss.label_smoothing,
-                                n_sources=n_sources, tensor_parallel=env.tp_size > 1,
+        model = apply_data_and_context_parallel(apply_model_parallel(raw, cfg, layout), cfg, layout)
+        executor = StepExecutor(model, device=layout.device, compute_dtype=dtype, label_smoothing=cfg.loss.label_smoothing,
+                                n_sources=n_sources, tensor_parallel=layout.tp > 1,
                                 full_shard=full_sharding(cfg.parallel), slices=slices_of(model))
         return raw, model, executor
-    num_stages = env.pp_size * cfg.model.num_chunks
-    stage_ids = stages_of_rank(env.pp_rank, env.pp_size, cfg.model.num_chunks)
+    num_stages = layout.pp * cfg.model.num_chunks
+    stage_ids = stages_of_rank(layout.pp_rank, layout.pp, cfg.model.num_chunks)
     inner = [build_stage_model(cfg, sid, num_stages, torch.device("meta")) for sid in stage_ids]
     stages = []
     for m in inner:
-        m = apply_model_parallel(m, cfg, env)
-        slices = SequenceSlices(m, env.cp_group) if env.cp_size > 1 else None
-        stages.append(PipelineStageModel(m, cfg.loss.label_smoothing, fused=env.tp_size == 1, slices=slices))
-    parts = [apply_data_and_context_parallel(s, cfg, env) for s in stages]
-    executor = PipelineExecutor(cfg, env, stages, parts, stage_ids, compute_dtype=dtype, n_sources=n_sources, log=log)
+        m = apply_model_parallel(m, cfg, layout)
+        slices = SequenceSlices(m, layout.groups.cp) if layout.cp > 1 else None
+        stages.append(PipelineStageModel(m, cfg.loss.label_smoothing, fused=layout.tp == 1, slices=slices))
+    parts = [apply_data_and_context_parallel(s, cfg, layout) for s in stages]
+    executor = PipelineExecutor(cfg, layout, stages, parts, stage_ids, compute_dtype=dtype, n_sources=n_sources, log=log)
     return LocalStages(inner), parts[0], executor

@@ -35,7 +35,8 @@ from spindle.interop.hf_start import model_from_hf_folder
 from spindle.interop.tokenizer_check import check_start
 from spindle.model.flops import model_flops_per_token, parameter_counts
 from spindle.parallel.executor import COMPUTE_DTYPES
-from spindle.parallel.mesh import ParallelEnv, build_mesh
+from spindle.parallel.layout import Layout
+from spindle.parallel.mesh import ParallelEnv
 from spindle.parallel.setup import build_training
 from spindle.train.controls import acted_on_stop_file, step_signals
 from spindle.train.host import RunRNG, cpu_training_mode, torch_threads
@@ -88,8 +89,7 @@ class Trainer:
         # the run's thread count and random generators, in force while it builds and while it fits only
         self.threads = cfg.trainer.num_threads if self.device.type == "cpu" else None
         self.rng = RunRNG(cfg.trainer.seed, self.device)
-        if env.mesh is None:
-            env = self.env = build_mesh(env, cfg.parallel, cfg.model, cfg.data.seq_len)  # layout errors first
+        env = self.env = Layout.build(env, cfg)  # layout errors first
         try:
             with torch_threads(self.threads), self.rng.active():
                 self._build(cfg, env)
@@ -97,7 +97,7 @@ class Trainer:
             self.close()
             raise
 
-    def _build(self, cfg: SpindleConfig, env: ParallelEnv) -> None:
+    def _build(self, cfg: SpindleConfig, env: Layout) -> None:
         self.ckpt_manager = self._open_save_folder()
         self.save_dir = self.ckpt_manager.location if self.ckpt_manager else None
         if env.is_main:

@@ -17,8 +17,8 @@ import torch.distributed as dist
 from spindle.config import validate_config
 from spindle.model.llama import build_model
 from spindle.parallel import comm
-from spindle.parallel.dims import full_sharding
-from spindle.parallel.mesh import build_mesh, init_distributed
+from spindle.parallel.layout import Layout, full_sharding
+from spindle.parallel.mesh import init_distributed
 from spindle.parallel.parallelize import apply_data_and_context_parallel, gradient_sync
 from torchrun_io import save_results  # this folder is on sys.path when run as a script
 
@@ -67,7 +67,7 @@ def count(out: str) -> None:
     results = {}
     for name, parallel in {"zero1": {"zero1": -1}, "fsdp": {"zero1": dict(size=-1, fsdp=True)}}.items():
         cfg = validate_config({"model": MODEL, "parallel": parallel})
-        env = build_mesh(env, cfg.parallel, cfg.model)
+        env = Layout.build(env, cfg)
         model = apply_data_and_context_parallel(build_model(cfg.model.to_args(), seed=0), cfg, env)
         groups = sum(1 for m in model.modules() if hasattr(m, "set_requires_gradient_sync"))
         per_step, grads = {}, {}

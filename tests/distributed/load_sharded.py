@@ -10,6 +10,7 @@ the one process of the world-1 launch, which has no process group: it makes a 1-
 import json
 import os
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -19,7 +20,8 @@ from spindle.interop.families import model_config_from_hf
 from spindle.interop.hf import load_hf_weights
 from spindle.interop.internevo import load_internevo_weights, read_internevo
 from spindle.config import validate_config
-from spindle.parallel.mesh import build_mesh, init_distributed
+from spindle.parallel.layout import Groups, Layout
+from spindle.parallel.mesh import init_distributed
 from spindle.parallel.parallelize import apply_fsdp, apply_model_parallel
 from spindle.model.llama import build_model
 
@@ -49,14 +51,15 @@ def load(layout: str, out: str, sources) -> None:
         kind, folder = spec.split(":", 1)
         parallel = {"tensor": env.world_size} if layout == "tp" else {"fsdp": True}
         cfg = validate_config({"model": model_section(kind, Path(folder)), "parallel": parallel})
-        env = build_mesh(env, cfg.parallel, cfg.model)
+        env = Layout.build(env, cfg)
         model = build_model(cfg.model.to_args(), env.device, seed=0)
         if layout == "tp":
             apply_model_parallel(model, cfg, env)
         else:  # FSDP2 also on one rank (the trainer skips data parallelism there)
             from torch.distributed.device_mesh import init_device_mesh
 
-            env.fsdp_mesh = init_device_mesh("cpu", (env.world_size,), mesh_dim_names=("dp_shard",))
+            fsdp_mesh = init_device_mesh("cpu", (env.world_size,), mesh_dim_names=("dp_shard",))
+            env = replace(env, groups=Groups(None, None, None, None, None, None, fsdp_mesh))
             apply_fsdp(model, model, env, reshard_after_forward=True, mixed_precision=None)
         loader = load_hf_weights if kind == "hf" else load_internevo_weights
         loader(model, folder)

@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch.torch_version import TorchVersion
 
-from spindle.parallel.dims import PIPELINE_MIN_TORCH
+from spindle.parallel.layout import PIPELINE_MIN_TORCH
 
 needs_pipeline_torch = pytest.mark.skipif(
     TorchVersion(torch.__version__) < PIPELINE_MIN_TORCH,

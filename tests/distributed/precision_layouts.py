@@ -15,7 +15,8 @@ import torch.distributed as dist
 
 from spindle.config import validate_config
 from spindle.model.llama import build_model
-from spindle.parallel.mesh import build_mesh, init_distributed
+from spindle.parallel.layout import Layout
+from spindle.parallel.mesh import init_distributed
 from spindle.parallel.parallelize import apply_data_and_context_parallel
 from torchrun_io import save_results  # this folder is on sys.path when run as a script
 
@@ -31,8 +32,8 @@ def torch_default_fsdp(model, env):
 
     mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
     for block in model.layers.values():
-        fully_shard(block, mesh=env.fsdp_mesh, mp_policy=mp)
-    fully_shard(model, mesh=env.fsdp_mesh, mp_policy=mp)
+        fully_shard(block, mesh=env.groups.fsdp_mesh, mp_policy=mp)
+    fully_shard(model, mesh=env.groups.fsdp_mesh, mp_policy=mp)
     return model
 
 
@@ -59,7 +60,7 @@ def run(out: str) -> None:
     results = {}
     for name, parallel in LAYOUTS.items():
         cfg = validate_config({"model": MODEL, "parallel": parallel})
-        env = build_mesh(env, cfg.parallel, cfg.model)
+        env = Layout.build(env, cfg)
         model = build_model(cfg.model.to_args(), seed=0)
         seen: set = set()
         record_dtypes(model, seen)

@@ -18,7 +18,8 @@ from torch.distributed.tensor import DTensor
 import spindle.parallel.parallelize as parallelize
 from spindle.config import validate_config
 from spindle.model.llama import build_model
-from spindle.parallel.mesh import build_mesh, init_distributed
+from spindle.parallel.layout import Layout
+from spindle.parallel.mesh import init_distributed
 from spindle.parallel.pipeline import PipelineStageModel, build_stage_model
 from torchrun_io import save_results  # this folder is on sys.path when run as a script
 
@@ -62,10 +63,10 @@ def initialise(out: str) -> None:
     results = {}
     for name, (parallel, model_keys, trainer) in LAYOUTS.items():
         cfg = validate_config({"model": {**MODEL, **model_keys}, "parallel": parallel, "trainer": trainer})
-        env = build_mesh(env, cfg.parallel, cfg.model)
+        env = Layout.build(env, cfg)
         allocations.clear()
-        if env.pp_size > 1:
-            model = build_stage_model(cfg, env.pp_rank, env.pp_size, torch.device("meta"))
+        if env.pp > 1:
+            model = build_stage_model(cfg, env.pp_rank, env.pp, torch.device("meta"))
             parallelize.apply_data_and_context_parallel(
                 PipelineStageModel(parallelize.apply_model_parallel(model, cfg, env)), cfg, env)
         else:
@@ -74,8 +75,8 @@ def initialise(out: str) -> None:
         counts = [None] * env.world_size
         dist.all_gather_object(counts, allocations)
         stages = [None] * env.world_size
-        dist.all_gather_object(stages, whole(model) if env.pp_size > 1 else None)
-        params = {k: v for s in stages for k, v in s.items()} if env.pp_size > 1 else whole(model)
+        dist.all_gather_object(stages, whole(model) if env.pp > 1 else None)
+        params = {k: v for s in stages for k, v in s.items()} if env.pp > 1 else whole(model)
         results[name] = {"params": params, "allocated": counts,
                          "tied": (model_keys.get("tie_word_embeddings")
                                   and model.output.weight is model.tok_embeddings.weight)}

@@ -17,7 +17,8 @@ from spindle.config import validate_config
 from spindle.model.llama import build_model
 from spindle.model.loss import token_statistics
 from spindle.parallel.executor import loss_context
-from spindle.parallel.mesh import build_mesh, init_distributed
+from spindle.parallel.layout import Layout
+from spindle.parallel.mesh import init_distributed
 from spindle.parallel.parallelize import apply_model_parallel
 from torchrun_io import finish  # this folder is on sys.path when run as a script
 
@@ -54,14 +55,14 @@ def main(out: str) -> None:
     results = {}
     for sp in (False, True):
         cfg = validate_config({"model": MODEL, "parallel": {"tensor": 2, "sequence_parallel": sp}})
-        env = build_mesh(env, cfg.parallel, cfg.model)
+        env = Layout.build(env, cfg)
         reference = step_grads(build_model(cfg.model.to_args(), seed=0), ids)
         model = apply_model_parallel(build_model(cfg.model.to_args(), seed=0), cfg, env)
         grads = step_grads(model, ids, tensor_parallel=True)
         full = {n: g.full_tensor() if isinstance(g, DTensor) else g for n, g in grads.items()}
         diff = {n: (full[n] - reference[n]).abs().max().item() for n in reference}
         results[f"tp2{'_sp' if sp else ''}"] = {"max_grad_diff": diff,
-                                                "not_reduced": not_reduced(grads, env.mesh["tp"].get_group())}
+                                                "not_reduced": not_reduced(grads, env.groups.mesh["tp"].get_group())}
     finish(env.rank, results, out)
 
 

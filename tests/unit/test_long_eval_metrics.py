@@ -78,7 +78,7 @@ def test_passkey_metric_follows_the_answers(monkeypatch):
 
 
 def test_the_training_rng_is_not_touched(tmp_path):
-    from spindle.parallel.mesh import ParallelEnv
+    from spindle.parallel.layout import Layout
     from spindle.train.long_eval import LongEval
 
     (tmp_path / "a.txt").write_text("hello world, " * 40)
@@ -89,7 +89,7 @@ def test_the_training_rng_is_not_touched(tmp_path):
                                          "passkey_lengths": [256], "passkey_depths": [0.5], "passkey_samples": 1}})
     model = build_model(cfg.model.to_args(), seed=0).train()
     lines = []
-    le = LongEval(cfg, ParallelEnv(), model, log=lines.append)
+    le = LongEval(cfg, Layout(), model, log=lines.append)
     torch.manual_seed(123)
     random.seed(5)
     before, py_before = torch.get_rng_state(), random.getstate()
@@ -121,7 +121,7 @@ def test_bad_long_eval_keys_are_one_line(section, message):
 
 
 def test_long_eval_refuses_at_start(tmp_path):
-    from spindle.parallel.mesh import ParallelEnv
+    from spindle.parallel.layout import Layout
     from spindle.train.long_eval import LongEval
 
     base = {"data": {"valid_every": 1, "seq_len": T, "tokenizer_path": "byte"},
@@ -133,10 +133,10 @@ def test_long_eval_refuses_at_start(tmp_path):
              ({"lengths": [32], "data": [str(tmp_path / "none")]}, f"long_eval.data {tmp_path / 'none'}: not found")]
     for section, message in cases:
         with pytest.raises(SpindleError, match="^" + message.replace("(", r"\(")):
-            LongEval(validate_config({**base, "long_eval": section}), ParallelEnv(), model, log=lambda *_: None)
+            LongEval(validate_config({**base, "long_eval": section}), Layout(), model, log=lambda *_: None)
     small = {**base, "model": {**base["model"], "vocab_size": 100}, "long_eval": {"passkey_lengths": [256]}}
     with pytest.raises(SpindleError, match="the tokenizer has 258 ids, model.vocab_size is 100"):
-        LongEval(validate_config(small), ParallelEnv(), build_model(validate_config(small).model.to_args()),
+        LongEval(validate_config(small), Layout(), build_model(validate_config(small).model.to_args()),
                  log=lambda *_: None)
 
 

@@ -4,7 +4,7 @@ import pytest
 
 from spindle.config import validate_config
 from spindle.errors import SpindleError
-from spindle.parallel.dims import ParallelDims
+from spindle.parallel.layout import Layout
 from spindle.parallel.launch import first_slurm_host, launcher_env
 from spindle.parallel.pipeline import split_layers, stages_of_rank
 
@@ -61,22 +61,22 @@ def test_slurm_env(monkeypatch):
 def test_layout_errors(world, parallel, message):
     c = cfg(**parallel)
     with pytest.raises(SpindleError) as e:
-        ParallelDims.plan(c.parallel, c.model, world, torch_version="2.13.0")  # layout arithmetic, any torch
+        Layout.plan(c.parallel, c.model, world, torch_version="2.13.0")  # layout arithmetic, any torch
     assert message in str(e.value)
 
 
 def test_pipeline_refused_on_a_torch_whose_pipelining_cannot_run_spindles_stages():
     c = cfg(pipeline=2)
     with pytest.raises(SpindleError) as e:
-        ParallelDims.plan(c.parallel, c.model, 2, torch_version="2.11.0+cu130")  # the lent H200s' image
+        Layout.plan(c.parallel, c.model, 2, torch_version="2.11.0+cu130")  # the lent H200s' image
     assert str(e.value).startswith("parallel.pipeline.size=2 needs torch >= 2.13 (this is torch 2.11.0+cu130")
-    assert ParallelDims.plan(c.parallel, c.model, 2, torch_version="2.13.0+cpu").pp == 2
-    assert ParallelDims.plan(cfg(tensor=2).parallel, c.model, 2, torch_version="2.11.0").tp == 2  # only pipelines
+    assert Layout.plan(c.parallel, c.model, 2, torch_version="2.13.0+cpu").pp == 2
+    assert Layout.plan(cfg(tensor=2).parallel, c.model, 2, torch_version="2.11.0").tp == 2  # only pipelines
 
 
 def test_layout_sizes_and_stages():
     c = cfg(tensor=2, pipeline=2, zero1=2)
-    d = ParallelDims.plan(c.parallel, c.model, 8, torch_version="2.13.0")
+    d = Layout.plan(c.parallel, c.model, 8, torch_version="2.13.0")
     assert (d.dp, d.pp, d.tp) == (2, 2, 2)
     assert split_layers(8, 4) == [[0, 1], [2, 3], [4, 5], [6, 7]]
     assert stages_of_rank(1, 2, 2) == [1, 3]  # looped placement for the interleaved schedule
@@ -186,14 +186,14 @@ def test_slurm_task_with_one_visible_device_uses_cuda_0(gpus, monkeypatch):
 
 
 def test_zero1_fsdp_asks_for_full_sharding():
-    from spindle.parallel.dims import ParallelDims, full_sharding
+    from spindle.parallel.layout import Layout, full_sharding
 
     assert full_sharding(cfg(zero1=dict(fsdp=True)).parallel) and full_sharding(cfg(fsdp=True).parallel)
     assert not full_sharding(cfg(zero1=8).parallel)
 
     def shard(**kw):
         c = cfg(**kw)
-        return ParallelDims.plan(c.parallel, c.model, 4).shard
+        return Layout.plan(c.parallel, c.model, 4).shard
 
     assert shard(zero1=dict(size=2, fsdp=True)) == 4  # ZeRO-3 over all of dp
     assert shard(zero1=2) == 2  # hybrid: shards of 2, replicated twice

@@ -150,7 +150,7 @@ def test_activation_checkpointing_recomputes_the_chosen_blocks_with_the_same_gra
     """checkpoint=0.5 recomputes the first half of the blocks in backward, True all of them (each
     recomputed block runs its attention twice per step), and the gradients do not change."""
     from spindle.config import validate_config
-    from spindle.parallel.mesh import ParallelEnv
+    from spindle.parallel.layout import Layout
     from spindle.parallel.parallelize import parallelize
 
     ids = torch.randint(0, 97, (2, 12))
@@ -161,7 +161,7 @@ def test_activation_checkpointing_recomputes_the_chosen_blocks_with_the_same_gra
         count = {"0": 0, "1": 0}
         for name, block in model.layers.items():
             block.attention.register_forward_hook(lambda *_, name=name: count.__setitem__(name, count[name] + 1))
-        wrapped = parallelize(model, cfg, ParallelEnv())
+        wrapped = parallelize(model, cfg, Layout())
         wrapped(ids).float().pow(2).mean().backward()
         grads.append(model.tok_embeddings.weight.grad.clone())
         calls.append(count)
