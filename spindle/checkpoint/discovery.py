@@ -257,8 +257,7 @@ def open_ckpt_storage(url: str, ckpt: Optional[CkptConfig] = None) -> Storage:
     """Open a checkpoint storage; the S3 endpoint, region and timeouts come from `ckpt` or the environment."""
     kwargs = {}
     if ckpt is not None and is_remote(url):
-        kwargs = {"endpoint_url": ckpt.s3_endpoint_url, "region": ckpt.s3_region,
-                  "connect_timeout_s": ckpt.s3_connect_timeout_s, "read_timeout_s": ckpt.s3_read_timeout_s}
+        kwargs = {"endpoint_url": ckpt.s3_endpoint_url, "region": ckpt.s3_region, "settings": ckpt.s3_settings()}
     return open_storage(url, **kwargs)
 
 

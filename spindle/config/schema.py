@@ -18,6 +18,7 @@ from spindle.config.base import MAX_SEED, Section, every_steps, folder_name, pat
 from spindle.config.data import DataConfig
 from spindle.config.long_eval import LongEvalConfig
 from spindle.config.model import ModelConfig
+from spindle.config.s3 import S3Settings
 
 # --------------------------------------------------------------------------- ckpt
 
@@ -63,10 +64,9 @@ class CkptConfig(Section):
     # object storage (boto3:) connection; credentials are better left to the environment
     s3_endpoint_url: Optional[str] = None
     s3_region: Optional[str] = None
-    # an endpoint that is down fails within the connect timeout; one that accepts connections but never
-    # answers, within the read timeout (each try; start-up makes two)
-    s3_connect_timeout_s: float = Field(default=5.0, gt=0, le=600)
-    s3_read_timeout_s: float = Field(default=60.0, gt=0, le=3600)
+    # the timeouts of spindle/config/s3.py (which says what each bounds), defaults included
+    s3_connect_timeout_s: float = Field(default=S3Settings.connect_timeout_s, gt=0, le=600)
+    s3_read_timeout_s: float = Field(default=S3Settings.read_timeout_s, gt=0, le=3600)
     # signals that save at the next step boundary and exit (docs/checkpoints.md, "Saving on a signal"): SIGTERM
     # (a time limit, a preemption), Slurm's early warning with #SBATCH --signal=USR1@120; () for none. The save
     # must be written within the timeout (below the scheduler's grace: Slurm's KillWait is 30 s by default)
@@ -97,6 +97,10 @@ class CkptConfig(Section):
 
     _paths = field_validator("save_ckpt_folder", "load_ckpt_folder", "async_upload_tmp_folder", "snapshot_ckpt_folder",
                              "stop_file_path")(path_value)
+
+    def s3_settings(self) -> S3Settings:
+        """The settings every bucket of this run is opened with."""
+        return S3Settings(connect_timeout_s=self.s3_connect_timeout_s, read_timeout_s=self.s3_read_timeout_s)
 
 
 # --------------------------------------------------------------------------- optimisation

@@ -25,7 +25,7 @@ import pytest
 from faults.test_faults import RANK_CONFIG, _children_by_rank  # a 2-rank job, its ranks found through /proc
 from s3server import free_port
 from spindle.checkpoint.lock import LOCK_FILE, FolderLock, owner_info
-from spindle.checkpoint.storage import open_storage
+from spindle.checkpoint.storage import S3Settings, open_storage
 from spindle.cli import main
 from spindle.errors import SpindleError
 
@@ -323,7 +323,8 @@ def s3_folder(moto_server, monkeypatch):
     keys = dict(aws_access_key_id="AKIASPINDLETEST0001", aws_secret_access_key="secret-of-the-test")
     boto3.client("s3", endpoint_url=moto_server.endpoint, region_name="us-east-1", **keys).create_bucket(Bucket=bucket)
     return open_storage(f"boto3:s3://{bucket}/ckpt", endpoint_url=moto_server.endpoint, access_key=keys[
-        "aws_access_key_id"], secret_key=keys["aws_secret_access_key"], retries=1, backoff_s=0.01)
+        "aws_access_key_id"], secret_key=keys["aws_secret_access_key"],
+        settings=S3Settings(retries=1, backoff_s=0.01))
 
 
 def test_s3_lease_of_a_dead_process_on_this_host_is_taken_over_at_once(s3_folder):

@@ -21,3 +21,20 @@ def test_fsync_only_in_fileio():
     elsewhere = [f"spindle/{f}:{line}" for f, line in _calls("fsync") if f not in allowed]
     assert not elsewhere, "fsync outside spindle/fileio.py (use write_atomic / write_durable / fsync_dir / " \
                           "fsync_tree):\n" + "\n".join(elsewhere)
+
+
+def test_s3_timeouts_are_the_configs_everywhere():
+    from spindle.checkpoint.discovery import open_ckpt_storage
+    from spindle.checkpoint.storage import open_storage
+    from spindle.config.schema import CkptConfig
+
+    def timeouts(storage):
+        c = storage._client.meta.config
+        return c.connect_timeout, c.read_timeout
+
+    ckpt = CkptConfig()
+    defaults = (ckpt.s3_connect_timeout_s, ckpt.s3_read_timeout_s)
+    assert timeouts(open_storage("boto3:s3://bucket/run")) == defaults  # no config at hand: the same defaults
+    assert timeouts(open_ckpt_storage("boto3:s3://bucket/run")) == defaults
+    set_ = CkptConfig(s3_connect_timeout_s=1.5, s3_read_timeout_s=7.0)
+    assert timeouts(open_ckpt_storage("boto3:s3://bucket/run", set_)) == (1.5, 7.0)

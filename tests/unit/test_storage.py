@@ -15,6 +15,7 @@ from s3server import MotoServer, find_moto_server, free_port
 from spindle.checkpoint.storage import (
     AsyncUploader,
     LocalStorage,
+    S3Settings,
     S3Storage,
     StorageNotFound,
     open_storage,
@@ -265,7 +266,7 @@ def _s3(moto_server, bucket, prefix="ckpt", **kw):
     kw.setdefault("retries", 1)
     kw.setdefault("backoff_s", 0.01)
     return open_storage(f"boto3:s3://{bucket}/{prefix}", endpoint_url=moto_server.endpoint,
-                        access_key=ACCESS, secret_key=SECRET, **kw)
+                        access_key=ACCESS, secret_key=SECRET, settings=S3Settings(**kw))
 
 
 def test_s3_round_trip(moto_server, bucket, tmp_path):
@@ -326,13 +327,13 @@ def test_s3_pagination(moto_server, bucket):
 def test_s3_embedded_endpoint_and_env_credentials(moto_server, bucket, monkeypatch):
     monkeypatch.setenv("S3_ACCESS_KEY_ID", ACCESS)
     monkeypatch.setenv("S3_SECRET_ACCESS_KEY", SECRET)
-    st = open_storage(f"boto3:s3://{bucket}.127.0.0.1:{moto_server.port}/emb", retries=0)
+    st = open_storage(f"boto3:s3://{bucket}.127.0.0.1:{moto_server.port}/emb", settings=S3Settings(retries=0))
     assert st.endpoint_url == moto_server.endpoint
     assert st.url == f"boto3:s3://{bucket}/emb"
     st.write_bytes("x", b"hello")
 
     monkeypatch.setenv("AWS_ENDPOINT_URL", moto_server.endpoint)  # endpoint from the environment
-    st2 = open_storage(f"boto3:s3://{bucket}/emb", retries=0)
+    st2 = open_storage(f"boto3:s3://{bucket}/emb", settings=S3Settings(retries=0))
     assert st2.read_bytes("x") == b"hello"
     for text in (repr(st), str(st), repr(st2), st2.url, str(st2.location)):
         _no_secret(text)
@@ -340,7 +341,7 @@ def test_s3_embedded_endpoint_and_env_credentials(moto_server, bucket, monkeypat
 
 def test_s3_missing_bucket_fails_without_retry(moto_server):
     st = open_storage("boto3:s3://no-such-bucket-spindle/x", endpoint_url=moto_server.endpoint,
-                      access_key=ACCESS, secret_key=SECRET, retries=3, backoff_s=1.0)
+                      access_key=ACCESS, secret_key=SECRET, settings=S3Settings(retries=3, backoff_s=1.0))
     t0 = time.monotonic()
     with pytest.raises(SpindleError) as ei:
         st.write_bytes("a", b"1")
@@ -398,7 +399,8 @@ def test_async_upload_retries_then_recovers_after_restart(tmp_path):
         bucket = "retry-bucket"
         _create_bucket(server.endpoint, bucket)
         st = open_storage(f"boto3:s3://{bucket}/ckpt", endpoint_url=server.endpoint,
-                          access_key=ACCESS, secret_key=SECRET, retries=2, backoff_s=0.05)
+                          access_key=ACCESS, secret_key=SECRET,
+                          settings=S3Settings(retries=2, backoff_s=0.05))
         sends = []
         st._client.meta.events.register("before-send.s3", lambda **kw: sends.append(1))
         staging = _make_staging(tmp_path, {"model.pt": b"weights"})

@@ -24,12 +24,14 @@ from spindle.checkpoint.storage.local import LocalStorage
 from spindle.checkpoint.storage.s3 import S3Storage
 from spindle.checkpoint.storage.s3_address import S3Location, parse_s3_url
 from spindle.checkpoint.storage.uploader import AsyncUploader
+from spindle.config.s3 import S3Settings
 from spindle.errors import SpindleError
 
 __all__ = [
     "AsyncUploader",
     "LocalStorage",
     "S3Location",
+    "S3Settings",
     "S3Storage",
     "Storage",
     "StorageNotFound",
@@ -62,10 +64,7 @@ def open_storage(
     access_key: str | None = None,
     secret_key: str | None = None,
     region: str | None = None,
-    retries: int = 5,
-    backoff_s: float = 0.5,
-    connect_timeout_s: float = 3.0,
-    read_timeout_s: float = 120.0,
+    settings: S3Settings = S3Settings(),
 ) -> Storage:
     """Open `local:/dir`, a bare path, or `boto3:s3://bucket[.host[:port]]/prefix`.
 
@@ -74,11 +73,10 @@ def open_storage(
     S3_SECRET_ACCESS_KEY / AWS_SECRET_ACCESS_KEY; with no keys anywhere boto3's usual chain
     (profiles, instance roles) applies. Nothing is contacted here; call `ping()` for that.
 
-    retries: how often a transient S3 failure (connection error, 5xx, throttling) is retried, so
-    an operation makes up to retries + 1 attempts, sleeping backoff_s * 2**k seconds (jittered,
-    capped at 30 s) between them. connect_timeout_s bounds each TCP connect, which is what makes
-    a dead endpoint fail in seconds; read_timeout_s bounds each wait for an answer, which is what
-    makes an endpoint that accepts connections but never answers fail. Ignored for local folders.
+    settings: the timeouts and retries (spindle/config/s3.py, the config's `ckpt.s3_*` values where a run
+    opens it: `CkptConfig.s3_settings()`). An operation makes up to retries + 1 attempts; connect_timeout_s is
+    what makes a dead endpoint fail in seconds, read_timeout_s one that accepts connections but never answers.
+    Ignored for local folders.
     """
     if not url:
         raise SpindleError("checkpoint path is empty")
@@ -99,10 +97,7 @@ def open_storage(
             access_key=access_key or _first_env(_ACCESS_KEY_ENV),
             secret_key=secret_key or _first_env(_SECRET_KEY_ENV),
             region=region or _first_env(_REGION_ENV),
-            retries=retries,
-            backoff_s=backoff_s,
-            connect_timeout_s=connect_timeout_s,
-            read_timeout_s=read_timeout_s,
+            settings=settings,
         )
     path = url[len("local:"):] if url.startswith("local:") else url
     if not path:

@@ -19,6 +19,7 @@ from spindle.checkpoint.storage.s3_address import (
     S3Location, _client_error_info, _exception_chain, _is_not_found, _is_transient,
 )
 from spindle.config.redact import REDACTED
+from spindle.config.s3 import S3Settings
 from spindle.errors import SpindleError
 from spindle.fileio import safe_join
 
@@ -43,28 +44,23 @@ class S3Storage(Storage):
         access_key: str | None = None,
         secret_key: str | None = None,
         region: str | None = None,
-        retries: int = 5,
-        backoff_s: float = 0.5,
-        connect_timeout_s: float = 3.0,
-        read_timeout_s: float = 120.0,
-        max_backoff_s: float = 30.0,
+        settings: S3Settings = S3Settings(),
         file_workers: int = 4,
     ):
         import boto3
         from boto3.s3.transfer import TransferConfig
         from botocore.config import Config
 
-        if retries < 0:
-            raise SpindleError(f"retries must be >= 0, got {retries}")
+        if settings.retries < 0:
+            raise SpindleError(f"retries must be >= 0, got {settings.retries}")
         self.location = location
         self.bucket = location.bucket
         self.prefix = location.prefix
         self.url = location.url
         self.endpoint_url = endpoint_url
         self.region = region
-        self.retries = retries
-        self.backoff_s = backoff_s
-        self.max_backoff_s = max_backoff_s
+        # copied, not read through `settings`: a test may shorten one storage's patience
+        self.retries, self.backoff_s, self.max_backoff_s = settings.retries, settings.backoff_s, settings.max_backoff_s
         self.file_workers = max(1, file_workers)
         # S3's own cap for one listing page and one DeleteObjects call; tests lower it to cover
         # the continuation paths without creating thousands of objects.
@@ -80,8 +76,8 @@ class S3Storage(Storage):
                            f" ({endpoint_url})" if endpoint_url else "")
 
         config_kwargs = dict(
-            connect_timeout=connect_timeout_s,
-            read_timeout=read_timeout_s,
+            connect_timeout=settings.connect_timeout_s,
+            read_timeout=settings.read_timeout_s,
             retries={"total_max_attempts": 1},
             signature_version="s3v4",
             max_pool_connections=max(10, 2 * self.file_workers + 2),
