@@ -176,10 +176,12 @@ class RandomDocuments:
 
 
 def collate(packs: Sequence[Pack]) -> list:
-    """The packs as `Batch`es (one micro-batch each), sharing the numpy memory."""
+    """The packs as `Batch`es (one micro-batch each), sharing the numpy memory; each with its documents read
+    here, on the host (in the loader's prefetch thread), so the forward never reads them from the device."""
     import torch
 
     from spindle.data.batch import Batch
+    from spindle.model.attention import HostLayout
 
     return [Batch(torch.from_numpy(p.input_ids), torch.from_numpy(p.labels), torch.from_numpy(p.position_ids),
-                  torch.from_numpy(p.type_ids)) for p in packs]
+                  torch.from_numpy(p.type_ids), HostLayout(p.position_ids).read()) for p in packs]

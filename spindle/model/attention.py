@@ -1,8 +1,11 @@
 """Attention kernels, and the one function that chooses among them.
 
-A forward describes its rows once, as a `DocumentLayout` built from `position_ids` (a document, or a
-fragment of one, starts where the position is 0; rows never share a document). Every layer then calls
-`attention(q, k, v, layout, dropout_p)`, which runs the kernel `choose_kernel` names:
+A forward describes its rows once, as a `DocumentLayout` read from `position_ids` (a document, or a
+fragment of one, starts where the position is 0; rows never share a document). A training batch brings
+it read on the host (`HostLayout`, built by the loader from the positions before they go to the device),
+so the forward copies nothing back; without one, `document_layout` reads the device positions (one host
+sync). Every layer then calls `attention(q, k, v, layout, dropout_p)`, which runs the kernel
+`choose_kernel` names:
 
     sdpa_causal  every row is one document: SDPA with is_causal (flash / cuDNN on GPU, flash on CPU)
     varlen       packed rows on CUDA in bf16/fp16 without dropout: `varlen_attn` over the flattened rows,
@@ -24,6 +27,7 @@ reference the tests and the benchmark compare with.
 from __future__ import annotations
 
 import inspect
+import itertools
 from dataclasses import dataclass
 from functools import cached_property
 from typing import NamedTuple, Optional
@@ -68,8 +72,9 @@ class DocumentLayout:
 
     @cached_property
     def cu_seqlens(self) -> torch.Tensor:
-        """int32 boundaries of the documents in the flattened rows, on the device (varlen_attn's input)."""
-        bounds = (0,) + tuple(torch.tensor(self.lengths).cumsum(0).tolist())
+        """int32 boundaries of the documents in the flattened rows, on the device (varlen_attn's input),
+        summed on the host: the device only receives them."""
+        bounds = tuple(itertools.accumulate(self.lengths, initial=0))
         return torch.tensor(bounds, dtype=torch.int32, device=self.device)
 
     @cached_property
@@ -93,9 +98,63 @@ class DocumentLayout:
         return inverse
 
 
+class HostLayout:
+    """The documents of a (B, L) batch read from a host copy of its positions: what the loader builds with
+    every batch (spindle.data.batch.Batch.documents), so a forward on any device needs no copy back.
+
+    `positions` is a (B, L) integer array on the host (a CPU tensor is read in place, sharing its memory);
+    the starts and the span are read from it when first asked, with numpy (the loader asks at once, in its
+    prefetch thread). Row slices, column slices (a context-parallel rank's tokens) and stacks of micro-batches
+    are layouts of the same kind."""
+
+    def __init__(self, positions):
+        self.positions = np.asarray(positions)  # a CUDA tensor refuses: this must never read the device
+        if self.positions.ndim != 2:
+            raise ValueError(f"positions of a (B, L) batch expected, got shape {self.positions.shape}")
+
+    @cached_property
+    def row_starts(self) -> tuple[tuple[int, ...], ...]:
+        """Per row, the columns where documents start (0 first: a row starts one whatever its position)."""
+        flags = self.positions == 0
+        flags[:, 0] = True
+        return tuple(tuple(np.flatnonzero(row).tolist()) for row in flags)
+
+    @cached_property
+    def starts(self) -> Optional[tuple[int, ...]]:
+        """`DocumentLayout.starts`: flat indices of every document's first token, None if one per row."""
+        b, l = self.positions.shape
+        if all(len(row) == 1 for row in self.row_starts):
+            return None
+        return tuple(r * l + c for r, row in enumerate(self.row_starts) for c in row)
+
+    @cached_property
+    def span(self) -> int:
+        return int(self.positions.max()) + 1
+
+    def read(self) -> "HostLayout":
+        """Read the starts and the span now (the loader, off the training thread's path)."""
+        _ = self.starts, self.span
+        return self
+
+    def on(self, device) -> DocumentLayout:
+        """The layout every layer reads, for tensors on `device`."""
+        b, l = self.positions.shape
+        return DocumentLayout(b, l, self.starts, device=torch.device(device), span=self.span)
+
+    def columns(self, index) -> "HostLayout":
+        """The layout of these columns of every row (host indices), e.g. a context-parallel rank's slice."""
+        return HostLayout(self.positions[:, np.asarray(index)])
+
+    @staticmethod
+    def stack(layouts: list["HostLayout"]) -> "HostLayout":
+        """Micro-batches as the rows of one batch."""
+        return HostLayout(np.concatenate([h.positions for h in layouts]))
+
+
 def document_layout(position_ids: torch.Tensor) -> DocumentLayout:
-    """The layout of a (B, L) batch from its positions: one host sync for the documents' starts and the
-    largest position together (the forward's only one: RoPE scaling and the window check read `span`)."""
+    """The layout of a (B, L) batch from its positions on the device, when no `HostLayout` came with them
+    (generation, evaluation, direct model calls): one host sync for the documents' starts and the largest
+    position together (RoPE scaling and the window check read `span`)."""
     b, l = position_ids.shape
     starts = position_ids == 0
     starts[:, 0] = True  # a row starts a document whatever its first position (rows never share one)

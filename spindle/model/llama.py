@@ -38,7 +38,7 @@ from torch.distributed.tensor import DTensor, distribute_tensor
 from spindle.config.model_args import ModelArgs  # noqa: F401 (the model's arguments: a plain dataclass)
 from spindle.errors import SpindleError
 from spindle.hardware import refuse_unless_fits
-from spindle.model.attention import attention, cached_layout, dense_layout, document_layout
+from spindle.model.attention import HostLayout, attention, cached_layout, dense_layout, document_layout
 from spindle.model.loss import TokenLosses, linear_cross_entropy
 from spindle.model.moe import MoEFeedForward
 from spindle.model.rotary import RotaryEmbedding, apply_rotary
@@ -261,13 +261,15 @@ class Transformer(nn.Module):
         seq_len: Optional[int] = None,
         labels: Optional[torch.Tensor] = None,
         label_smoothing: float = 0.0,
+        documents: Optional[HostLayout] = None,
     ) -> torch.Tensor | TokenLosses:
         """input_ids (B, L) -> logits (B, L, V); with `labels` (B, L) -> TokenLosses instead.
 
         A pipeline stage without embeddings receives hidden states (B, L, H) in `input_ids`.
         `position_ids` restart at every document of a pack, and that is where attention finds the
-        documents (`spindle.model.attention.document_layout`: one host sync per forward, shared by
-        all layers and the RoPE scaling). With a `cache`, the input continues the cached tokens,
+        documents: in `documents`, read from them on the host by the loader (no host sync), else
+        from the device (`spindle.model.attention.document_layout`: one host sync per forward, shared
+        by all layers and the RoPE scaling). With a `cache`, the input continues the cached tokens,
         `position_ids` are absolute and `seq_len` (the total context, for dynamic RoPE scaling)
         defaults to max position + 1.
         With `labels` (-100 where no loss) the head and the cross-entropy run fused over token
@@ -286,6 +288,10 @@ class Transformer(nn.Module):
             layout = cached_layout(b, l, h.device)
         elif position_ids is None:
             layout = dense_layout(b, l, h.device)
+        elif documents is not None:
+            if documents.positions.shape != (b, l):
+                raise ValueError(f"documents of shape {documents.positions.shape} for a batch of {(b, l)}")
+            layout = documents.on(h.device)
         else:
             layout = document_layout(position_ids)
         if position_ids is None:

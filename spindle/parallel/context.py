@@ -30,7 +30,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from spindle.model.attention import attention, masked_attention, repeat_kv
+from spindle.model.attention import HostLayout, attention, masked_attention, repeat_kv
 from spindle.parallel import blockwise, comm
 from spindle.parallel.blockwise import past_and_own
 
@@ -136,8 +136,8 @@ def make_cp_kernel(group, info: _SliceInfo):
 class SequenceSlices:
     """This rank's part of every (B, L) tensor of a batch, and the attention kernels that see the rest.
 
-    Gives every block of `model` the all-gathering kernel; `begin(position_ids)` tells the kernels,
-    before each forward, the full rows' documents and which global tokens this rank holds."""
+    Gives every block of `model` the all-gathering kernel; `begin(position_ids, documents)` tells the
+    kernels, before each forward, the full rows' documents and which global tokens this rank holds."""
 
     def __init__(self, model: nn.Module, group):
         self.group = group
@@ -156,8 +156,15 @@ class SequenceSlices:
         """This rank's tokens of a (B, L, ...) tensor of full rows."""
         return t.index_select(1, self.indices(t.shape[1], t.device))
 
-    def begin(self, position_ids: torch.Tensor) -> None:
-        """Before a forward: the full rows' positions (B, L)."""
+    def local_documents(self, documents: Optional[HostLayout]) -> Optional[HostLayout]:
+        """The host layout of this rank's tokens (what the model's RoPE scaling and window check read)."""
+        if documents is None:
+            return None
+        return documents.columns(self.indices(documents.positions.shape[1], "cpu"))
+
+    def begin(self, position_ids: torch.Tensor, documents: Optional[HostLayout] = None) -> None:
+        """Before a forward: the full rows' positions (B, L), and their documents read on the host when the
+        batch brought them."""
         length, device = position_ids.shape[1], position_ids.device
         self.info.q_index = self.indices(length, device)
         self.info.k_index = torch.cat([balanced_indices(r, self.size, length, device) for r in range(self.size)])
@@ -165,7 +172,10 @@ class SequenceSlices:
         self.info.documents = document_ids(position_ids)
         chunk = length // (2 * self.size)
         self.info.chunks = [(self.rank * chunk, 0, chunk), ((2 * self.size - 1 - self.rank) * chunk, chunk, chunk)]
-        # one host copy per forward (shared by every layer): where the documents start in each row
+        if documents is not None:  # read by the loader: nothing to copy back
+            self.info.starts = [list(row) for row in documents.row_starts]
+            return
+        # else one host copy per forward (shared by every layer): where the documents start in each row
         # (a row always starts a document, as in document_layout: also the pipeline schedule's shape
         # inference, whose positions are arbitrary)
         flat = (position_ids == 0).nonzero().tolist()
@@ -184,8 +194,9 @@ class ContextParallel(nn.Module):
         self.model = model
         self.slices = SequenceSlices(model, group)
 
-    def forward(self, input_ids, position_ids, labels=None, label_smoothing=0.0):
-        self.slices.begin(position_ids)
+    def forward(self, input_ids, position_ids, labels=None, label_smoothing=0.0, documents=None):
+        self.slices.begin(position_ids, documents)
         local = self.slices.local
         return self.model(local(input_ids), local(position_ids),
-                          labels=None if labels is None else local(labels), label_smoothing=label_smoothing)
+                          labels=None if labels is None else local(labels), label_smoothing=label_smoothing,
+                          documents=self.slices.local_documents(documents))

@@ -19,7 +19,7 @@ only), never from the loss function's calls.
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 import torch.distributed as dist
@@ -27,6 +27,7 @@ import torch.nn as nn
 
 from spindle.config import SpindleConfig
 from spindle.data.batch import Batch
+from spindle.model.attention import HostLayout
 from spindle.model.llama import Transformer, materialize
 from spindle.model.loss import IGNORE_INDEX, TokenLosses, token_statistics
 from spindle.parallel.executor import add_source_stats, autocast, loss_context
@@ -62,7 +63,11 @@ class PipelineStageModel(nn.Module):
         super().__init__()
         self.model, self.label_smoothing, self.fused, self.slices = model, label_smoothing, fused, slices
 
-    def forward(self, x: torch.Tensor, position_ids: torch.Tensor, labels: torch.Tensor):
+    def forward(self, x: torch.Tensor, position_ids: torch.Tensor, labels: torch.Tensor,
+                host_positions: Optional[torch.Tensor] = None):
+        # `host_positions`: this micro-batch's rows of the positions the loader kept on the host (the schedule
+        # splits a CPU tensor kwarg by rows as it splits the arguments): the documents without a host sync
+        documents = None if host_positions is None else HostLayout(host_positions)
         # The schedule's first forward of a stage infers its shapes from buffers it has not filled
         # (torch.empty): bound positions and labels to the ranges real ones always lie in (positions
         # restart within a row; labels are ids or IGNORE_INDEX), a no-op on every real micro-batch.
@@ -71,17 +76,19 @@ class PipelineStageModel(nn.Module):
         labels = torch.where((labels >= 0) & (labels < vocab), labels, IGNORE_INDEX)
         local = (lambda t: t) if self.slices is None else self.slices.local
         if self.slices is not None:
-            self.slices.begin(position_ids)
+            self.slices.begin(position_ids, documents)
+            documents = self.slices.local_documents(documents)
         if self.model.tok_embeddings is not None:  # the first stage: token ids of the full rows
             x = local(x)
         positions = local(position_ids)
         if self.model.output is None:
-            return self.model(x, positions), position_ids, labels
+            return self.model(x, positions, documents=documents), position_ids, labels
         if self.fused:
-            out = self.model(x, positions, labels=local(labels), label_smoothing=self.label_smoothing)
+            out = self.model(x, positions, labels=local(labels), label_smoothing=self.label_smoothing,
+                             documents=documents)
             # (1,), not (): the schedule concatenates the last stage's outputs over micro-batches
             return out.loss_sum.reshape(1), out.token_loss, out.correct
-        return self.model(x, positions)
+        return self.model(x, positions, documents=documents)
 
 
 class PipelineExecutor:
@@ -124,6 +131,8 @@ class PipelineExecutor:
         run = schedule.step if train else schedule.eval
         args = (batch.input_ids, batch.position_ids, batch.labels) if self.is_first else ()
         kwargs = {"target": target} if self.is_last else {}
+        if batch.documents is not None:  # to every stage, split by rows with the micro-batches
+            kwargs["host_positions"] = torch.from_numpy(batch.documents.positions)
         with autocast(self.layout.device, self.compute_dtype), loss_context(self.tensor_parallel):
             outputs = run(*args, **kwargs)
         stats = torch.zeros(3, self.n_sources + 1, dtype=torch.float64, device=self.layout.device)

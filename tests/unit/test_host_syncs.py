@@ -19,11 +19,10 @@ from spindle.train.trainer import Trainer
 from helpers import micro_batch
 from helpers import step_cfg as tiny_cfg
 
-# function -> syncs per step, and why it must read the device
+# function -> syncs per step, and why it must read the device. (The documents' starts and the largest
+# position of a batch, which varlen attention, RoPE scaling and the window check need on the host, are
+# read by the loader from the host copy of the positions: spindle.model.attention.HostLayout.)
 WHITELIST = {
-    # the documents' starts and the largest position of a (B, L) batch, one read per micro-batch forward:
-    # varlen attention takes its boundaries on the host, and RoPE scaling / the window check use the span
-    "document_layout": "per micro-batch",
     # update or skip: a non-finite loss or gradient norm skips optimizer.step(), which the host must know
     "train_step": 1,
 }
@@ -112,3 +111,106 @@ def test_the_audit_sees_a_sync(tmp_path, monkeypatch):
     hits = audited_step(tr, [micro_batch(ids, torch.roll(ids, -1, 1))], monkeypatch)
     assert hits["syncing_clip"] == 0  # defined in tests/: attributed to its spindle caller
     assert hits["train_step"] == 1 + 2
+
+
+def test_the_audit_sees_the_layout_read_back_from_the_device(tmp_path, monkeypatch):
+    """Not vacuous for the documents either: a batch without its host layout (as every batch was before the
+    loader read it) makes each forward read the positions back, and the audit counts those reads."""
+    from spindle.data.batch import Batch
+
+    tr = Trainer(tiny_cfg(tmp_path), ParallelEnv(), log=lambda *_: None)
+    ids = torch.randint(0, 64, (2, 16))
+    to = Batch.to
+
+    def to_without_documents(self, *a, **k):
+        moved = to(self, *a, **k)
+        moved.documents = None
+        return moved
+
+    monkeypatch.setattr(Batch, "to", to_without_documents)
+    batches = [micro_batch(ids, torch.roll(ids, -1, 1)) for _ in range(2)]
+    hits = audited_step(tr, batches, monkeypatch)
+    assert hits["document_layout"] == 2 and dict(hits) != expected(2)
+
+
+def tiny_model_args(**kw):
+    from spindle.config import ModelConfig
+
+    return ModelConfig(**{**dict(hidden_size=64, num_attention_heads=4, num_kv_attention_heads=2, num_layers=2,
+                                 vocab_size=97, multiple_of=16, max_position_embeddings=64), **kw}).to_args()
+
+
+def packed_batch(rows: int = 2, length: int = 16):
+    """A batch as the loader makes it (on the host, its documents read there): documents of 5, 7 and the rest in
+    row 0, of 11 and the rest in row 1."""
+    from spindle.data.packing import Pack, collate
+
+    pos = torch.arange(length).repeat(rows, 1)
+    for row, start in ((0, 5), (0, 12), (1, 11)):
+        pos[row, start:] = torch.arange(length - start)
+    ids = torch.randint(0, 97, (rows, length), generator=torch.Generator().manual_seed(0))
+    (batch,) = collate([Pack(ids.numpy(), ids.roll(-1, 1).numpy(), pos.numpy(), torch.zeros_like(ids).numpy())])
+    return batch
+
+
+@pytest.mark.parametrize("kernel", ["segments", "varlen"])
+def test_a_packed_forward_reads_nothing_from_the_device(monkeypatch, kernel):
+    """On the meta device any read of a value (`.item()`, `.tolist()`, `.cpu()`, `bool()`) raises: the packed
+    forward and backward, with the span-dependent RoPE scaling and window check, run on what the loader read
+    on the host. (varlen_attn is CUDA-only: here a stand-in on its contract checks what it is handed.)"""
+    from spindle.model import attention
+    from spindle.model.llama import Transformer
+
+    handed = []
+    if kernel == "varlen":
+        import torch.nn.attention.varlen as varlen
+
+        def fake_varlen(q, k, v, cu_q, cu_k, max_q, max_k, **kw):
+            handed.append((cu_q.device.type, cu_q.dtype, max_q, max_k))
+            return q * 1.0
+
+        monkeypatch.setattr(varlen, "varlen_attn", fake_varlen)
+        monkeypatch.setattr(attention, "choose_kernel", lambda *a, **k: attention.Kernel("varlen", True))
+    args = tiny_model_args(rope_scaling={"rope_type": "dynamic", "factor": 2.0}, sliding_window=16)
+    with torch.device("meta"):
+        model = Transformer(args)
+    batch = packed_batch().to("meta")
+    assert batch.input_ids.is_meta and batch.documents.starts == (0, 5, 12, 16, 27) and batch.documents.span == 11
+    logits = model(batch.input_ids, batch.position_ids, documents=batch.documents)
+    logits.float().sum().backward()
+    assert logits.is_meta and logits.shape == (2, 16, 97)
+    if kernel == "varlen":  # the boundaries summed on the host, handed over on the device, per layer
+        assert handed == [("meta", torch.int32, 11, 11)] * args.num_layers
+    with pytest.raises(NotImplementedError):  # the layout read from the device positions needs a host copy
+        model(batch.input_ids, batch.position_ids)
+
+
+def test_context_parallel_and_pipeline_stages_take_the_host_layout(tmp_path, monkeypatch):
+    """A context-parallel rank (one-rank gloo group) and a pipeline stage find the documents in the host layout
+    they are handed, with no read of the device, and compute what they computed from the positions."""
+    import torch.distributed as dist
+
+    from spindle.model import llama
+    from spindle.parallel.context import ContextParallel
+    from spindle.parallel.pipeline import PipelineStageModel
+
+    batch = packed_batch(length=32)
+    ids, pos, labels = batch.input_ids, batch.position_ids, batch.labels
+    host_positions = torch.from_numpy(batch.documents.positions)
+    stage = PipelineStageModel(llama.build_model(tiny_model_args(), seed=1))
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        cp = ContextParallel(llama.build_model(tiny_model_args(), seed=1), dist.group.WORLD)
+        with torch.no_grad():
+            ref_cp, ref_starts, ref_stage = cp(ids, pos, labels=labels), cp.slices.info.starts, stage(ids, pos, labels)
+            monkeypatch.setattr(llama, "document_layout", lambda *_: pytest.fail("the layout read from the device"))
+            audit = SyncAudit()
+            audit.active = True
+            with audit:
+                out_cp = cp(ids, pos, labels=labels, documents=batch.documents)
+            out_stage = stage(ids, pos, labels, host_positions=host_positions)
+    finally:
+        dist.destroy_process_group()
+    assert cp.slices.info.starts == ref_starts == [[0, 5, 12], [0, 11]] and not audit.hits
+    assert torch.equal(out_cp.token_loss, ref_cp.token_loss)
+    assert all(torch.equal(a, b) for a, b in zip(out_stage, ref_stage))
