@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import platform
 import resource
@@ -38,6 +39,7 @@ import sysconfig
 import time
 from pathlib import Path
 
+logger = logging.getLogger(__name__)
 DOC = 1024  # document length of the `packed` cases
 MASKED = ("masked", "mix_masked")
 CASES = ("dense", "packed", "masked", "mix", "mix_masked", "dense_repeat", "packed_repeat")
@@ -151,8 +153,7 @@ def rss_bytes() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def run(lengths, cases, reps: int, device: str, threads: int, steps: int, warmup: int, max_masked: int,
-        log=print) -> list[dict]:
+def run(lengths, cases, reps: int, device: str, threads: int, steps: int, warmup: int, max_masked: int) -> list[dict]:
     rows = []
     for rep in range(reps):
         for n in lengths:
@@ -166,8 +167,8 @@ def run(lengths, cases, reps: int, device: str, threads: int, steps: int, warmup
                     raise RuntimeError(f"{case} at {n} tokens failed:\n{out.stderr[-2000:]}")
                 row = json.loads(out.stdout.strip().splitlines()[-1]) | {"rep": rep, "load": os.getloadavg()[0]}
                 rows.append(row)
-                log(f"  rep {rep} {case:<13} {n:>6}: {row['seconds']:.3f} s, {row['peak_mib']:.0f} MiB, "
-                    f"{row['kernel']}, load {row['load']:.1f}")
+                logger.info(f"  rep {rep} {case:<13} {n:>6}: {row['seconds']:.3f} s, {row['peak_mib']:.0f} MiB, "
+                            f"{row['kernel']}, load {row['load']:.1f}")
     return rows
 
 
@@ -267,4 +268,7 @@ def _cuda() -> bool:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from spindle.logs import logging_to
+
+    with logging_to():  # the progress lines on stdout, as `spindle bench` prints them
+        sys.exit(main())

@@ -107,4 +107,7 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from spindle.logs import logging_to
+
+    with logging_to():  # the progress lines on stdout, as `spindle bench` prints them
+        sys.exit(main())

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import platform
 import resource
@@ -24,6 +25,7 @@ import subprocess
 import sys
 import time
 
+logger = logging.getLogger(__name__)
 
 
 def rss_bytes() -> int:
@@ -54,7 +56,7 @@ def child(length: int, layers: int, chunk: int, threads: int) -> dict:
             "mean_nll": float(nll.mean()), "kv_bytes_per_token": kv}
 
 
-def run(lengths, layers: int, chunk: int, threads: int, log=print) -> dict:
+def run(lengths, layers: int, chunk: int, threads: int) -> dict:
     rows = []
     for n in lengths:
         cmd = [sys.executable, "-m", __spec__.name, "--child", str(n), "--layers", str(layers),
@@ -65,9 +67,9 @@ def run(lengths, layers: int, chunk: int, threads: int, log=print) -> dict:
         row = json.loads(out.stdout.strip().splitlines()[-1])
         row["load"] = [round(x, 2) for x in os.getloadavg()]
         rows.append(row)
-        log(f"length {n:>6}: base {row['base_rss'] / 2**20:.0f} MiB, peak {row['peak_rss'] / 2**20:.0f} MiB, "
-            f"growth {(row['peak_rss'] - row['base_rss']) / 2**20:.0f} MiB, {row['seconds']:.1f} s, "
-            f"load {row['load'][0]}")
+        logger.info(f"length {n:>6}: base {row['base_rss'] / 2**20:.0f} MiB, peak {row['peak_rss'] / 2**20:.0f} MiB, "
+                    f"growth {(row['peak_rss'] - row['base_rss']) / 2**20:.0f} MiB, {row['seconds']:.1f} s, "
+                    f"load {row['load'][0]}")
     for a, b in zip(rows, rows[1:]):
         b["bytes_per_token_since_prev"] = (b["peak_rss"] - a["peak_rss"]) / (b["length"] - a["length"])
     return {"rows": rows, "layers": layers, "chunk": chunk}
@@ -122,4 +124,7 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from spindle.logs import logging_to
+
+    with logging_to():  # the progress lines on stdout, as `spindle bench` prints them
+        sys.exit(main())

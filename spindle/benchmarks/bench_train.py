@@ -33,6 +33,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import json
+import logging
 import os
 import platform
 import statistics
@@ -44,6 +45,8 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from spindle.benchmarks.hand_llama import HandLlama, load_hand_from_spindle  # noqa: E402
+
+logger = logging.getLogger(__name__)
 
 SIZES = {
     # name: (d, layers, heads, vocab, seq, batch)
@@ -191,7 +194,7 @@ def summarize(xs):
     return {"median": statistics.median(xs), "min": min(xs), "max": max(xs), "n": len(xs)}
 
 
-def run_size(size: str, names, rounds: int, run_folder: str, log=print) -> dict:
+def run_size(size: str, names, rounds: int, run_folder: str) -> dict:
     from spindle.model.flops import model_flops_per_token
     from spindle.train.host import cpu_training_mode
 
@@ -205,9 +208,9 @@ def run_size(size: str, names, rounds: int, run_folder: str, log=print) -> dict:
         ref_logits = variants[0].logits_fn()
         diffs = {v.name: float((v.logits_fn() - ref_logits).abs().max()) for v in variants[1:]}
     del ref_logits
-    log(f"[{size}] d{d} L{layers} H{heads} ffn{info['ffn']} V{vocab} S{seq} B{batch}: {info['params']:,} params, "
-        f"{fpt / 1e6:.2f} MFLOP/token; max |logit diff| vs {variants[0].name}: "
-        + ", ".join(f"{k} {v:.1e}" for k, v in diffs.items()))
+    shape = f"[{size}] d{d} L{layers} H{heads} ffn{info['ffn']} V{vocab} S{seq} B{batch}"
+    logger.info(f"{shape}: {info['params']:,} params, {fpt / 1e6:.2f} MFLOP/token; max |logit diff| vs "
+                f"{variants[0].name}: " + ", ".join(f"{k} {v:.1e}" for k, v in diffs.items()))
     # The process-wide CPU settings Spindle's trainer runs under (flush denormals, keep freed memory
     # in the heap: spindle/train/host.py), entered where `Trainer.fit` enters them (after the models
     # are built), for every variant alike: the ratios compare the steps, not the allocator.
@@ -231,8 +234,9 @@ def run_size(size: str, names, rounds: int, run_folder: str, log=print) -> dict:
         mm = [matmul_gflops() for _ in range(3)]
         peaks += mm
         round_peak.append(max(mm))
-        log(f"[{size}] round {r + 1}/{rounds}: " + ", ".join(f"{v.name} {v.times[-1] * 1e3:.0f} ms" for v in variants)
-            + f"; matmul {max(mm):.0f} GFLOP/s; load {os.getloadavg()[0]:.2f}")
+        logger.info(f"[{size}] round {r + 1}/{rounds}: "
+                    + ", ".join(f"{v.name} {v.times[-1] * 1e3:.0f} ms" for v in variants)
+                    + f"; matmul {max(mm):.0f} GFLOP/s; load {os.getloadavg()[0]:.2f}")
     host_mode.close()
     best_peak = max(peaks)
     res = {"size": size, "dims": {"d": d, "layers": layers, "heads": heads, "ffn": info["ffn"], "vocab": vocab,
@@ -341,4 +345,7 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from spindle.logs import logging_to
+
+    with logging_to():  # the progress lines on stdout, as `spindle bench` prints them
+        sys.exit(main())

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import platform
 import statistics
@@ -28,6 +29,8 @@ import tempfile
 import time
 
 import torch
+
+logger = logging.getLogger(__name__)
 
 PRESETS = {
     "1b": {"hidden_size": 2048, "num_layers": 16, "num_attention_heads": 32, "num_kv_attention_heads": 8,
@@ -65,10 +68,10 @@ def build_config(preset: str, steps: int, dtype: str, compile: bool, device: str
 def attention_kernel(device: torch.device, dtype: str, packed: bool, seq_len: int) -> str:
     """The kernel spindle.model.attention picks for this run's batches (packed: two documents a row)."""
     from spindle.model.attention import DocumentLayout, choose_kernel
-    from spindle.parallel.executor import COMPUTE_DTYPES
+    from spindle.dtypes import compute_dtype
 
     layout = DocumentLayout(1, seq_len, (0, seq_len // 2) if packed else None, device=device)
-    name = choose_kernel(device.type, COMPUTE_DTYPES[dtype], layout).name
+    name = choose_kernel(device.type, compute_dtype(dtype).torch_dtype, layout).name
     if device.type == "cuda" and name == "sdpa_causal":  # which SDPA backends PyTorch may pick from
         b = torch.backends.cuda
         name += f" (flash {b.flash_sdp_enabled()}, mem_efficient {b.mem_efficient_sdp_enabled()}, " \
@@ -77,7 +80,7 @@ def attention_kernel(device: torch.device, dtype: str, packed: bool, seq_len: in
 
 
 def run(preset="tiny", steps=8, warmup=2, dtype="bf16", compile=True, device="auto", micro_bsz=None, seq_len=None,
-        peak_tflops=None, fused=None, run_folder=None, log=print, packed=False) -> dict:
+        peak_tflops=None, fused=None, run_folder=None, packed=False) -> dict:
     from spindle.parallel.mesh import init_distributed
     from spindle.train.trainer import Trainer
 
@@ -111,12 +114,12 @@ def run(preset="tiny", steps=8, warmup=2, dtype="bf16", compile=True, device="au
         "max_memory_gib": torch.cuda.max_memory_allocated(dev) / 2**30 if dev.type == "cuda" else None,
         "torch": torch.__version__, "date": time.strftime("%Y-%m-%d %H:%M"),
     }
-    log(f"{preset}{' packed' if packed else ''} on {out['device_name']} ({out['dtype']}, {out['attention_kernel']}, "
-        f"compile {compile}, fused AdamW {out['fused_adamw']}): "
-        f"{out['params']:,} params, {tgs and out['tokens_per_s']['median']:,.0f} tokens/s median "
-        f"({out['tokens_per_s']['best']:,.0f} best), MFU {out['mfu']['median']:.1%} median "
-        f"({out['mfu']['best']:.1%} best) of {out['peak_tflops']:.3g} TFLOP/s ({out['peak_source']}); "
-        f"loss {out['loss_first_last'][0]:.3f} -> {out['loss_first_last'][1]:.3f}")
+    logger.info(f"{preset}{' packed' if packed else ''} on {out['device_name']} ({out['dtype']}, "
+                f"{out['attention_kernel']}, compile {compile}, fused AdamW {out['fused_adamw']}): "
+                f"{out['params']:,} params, {tgs and out['tokens_per_s']['median']:,.0f} tokens/s median "
+                f"({out['tokens_per_s']['best']:,.0f} best), MFU {out['mfu']['median']:.1%} median "
+                f"({out['mfu']['best']:.1%} best) of {out['peak_tflops']:.3g} TFLOP/s ({out['peak_source']}); "
+                f"loss {out['loss_first_last'][0]:.3f} -> {out['loss_first_last'][1]:.3f}")
     return out
 
 
@@ -138,7 +141,7 @@ def deterministic_kernels(device: torch.device):
         torch.use_deterministic_algorithms(saved[0], warn_only=saved[1])
 
 
-def resume_round_trip(preset="tiny", dtype="bf16", device="auto", seq_len=None, log=print) -> dict:
+def resume_round_trip(preset="tiny", dtype="bf16", device="auto", seq_len=None) -> dict:
     """4 steps straight, against 2 steps, a checkpoint (the stop file), and 2 resumed: the same losses
     bit for bit (no compile, deterministic kernels: the check is of the state saved, not of kernels)."""
     from spindle.parallel.mesh import init_distributed
@@ -157,8 +160,8 @@ def resume_round_trip(preset="tiny", dtype="bf16", device="auto", seq_len=None, 
                     f.write("2")
             runs[name] = [h["loss"] for h in Trainer(cfg, env, log=lambda *_: None).fit()["history"]]
     same = runs["stopped"] + runs["resumed"] == runs["straight"]
-    log(f"resume round trip ({preset}, {dtype}, {env.device}): {'bit-exact' if same else 'DIFFERENT'} "
-        f"losses {runs['straight']} vs {runs['stopped']} + {runs['resumed']}")
+    logger.info(f"resume round trip ({preset}, {dtype}, {env.device}): {'bit-exact' if same else 'DIFFERENT'} "
+                f"losses {runs['straight']} vs {runs['stopped']} + {runs['resumed']}")
     return {"resume_bit_exact": same, **runs}
 
 
@@ -195,4 +198,7 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from spindle.logs import logging_to
+
+    with logging_to():  # the progress lines on stdout, as `spindle bench` prints them
+        sys.exit(main())

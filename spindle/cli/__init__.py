@@ -22,6 +22,7 @@ import time
 from typing import Callable, Optional, Sequence
 
 from spindle.errors import SpindleError
+from spindle.logs import logging_to
 
 # subcommand -> (module of this package, help); a module is imported only when used, so `spindle -h` is fast
 COMMANDS = {
@@ -67,6 +68,13 @@ def guarded(fn: Callable[[], int], debug: bool) -> int:
         return 130
 
 
+def print_redacted(line: str) -> None:
+    """Every command's console lines (spindle.logs): a batch job keeps them in a file, so no secret in them."""
+    from spindle.config.redact import redact_text
+
+    print(redact_text(line), flush=True)
+
+
 def usage() -> str:
     width = max(map(len, COMMANDS))
     return "usage: spindle COMMAND [options]   (spindle COMMAND -h for its options)\n\n" + "\n".join(
@@ -85,4 +93,5 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"spindle: error: unknown command {argv[0]!r}", file=sys.stderr)
         return 2
     module = importlib.import_module(f"spindle.cli.{COMMANDS[argv[0]][0]}")
-    return guarded(lambda: module.main(argv[1:]), "--debug" in argv)
+    with logging_to(launch_rank(), console=print_redacted):  # the library's log lines: rank 0's stdout
+        return guarded(lambda: module.main(argv[1:]), "--debug" in argv)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import json
+import logging
 import os
 import shutil
 import threading
@@ -28,6 +29,8 @@ from spindle.outputs import StagedFolder
 from spindle.data.packing import PackedDocuments, RandomDocuments, collate, pack_of_spans
 from spindle.data.sampler import GlobalSampler, TokenOrder, micro_num_at
 from spindle.errors import SpindleError
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -145,7 +148,7 @@ def text_files(data: DataConfig) -> list[str]:
     return text_split(data)[0]
 
 
-def text_cache(data: DataConfig, cache_root: Path, log=None, held_out: bool = False) -> str:
+def text_cache(data: DataConfig, cache_root: Path, held_out: bool = False) -> str:
     """Tokenize a raw-text folder once into binary shards under `cache_root`; return the shard folder.
 
     The cache is keyed by the content of the files (path, size, mtime_ns of each) and the
@@ -172,8 +175,8 @@ def text_cache(data: DataConfig, cache_root: Path, log=None, held_out: bool = Fa
     with open(out.parent / f"text-{key}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, also if this process dies
         if not (source_dir / MANIFEST).is_file():
-            if log:
-                log(f"data: tokenizing {len(files)} text file(s) into {out}")
+            # DEBUG: a training run has always built its cache without a console line
+            logger.debug("data: tokenizing %d text file(s) into %s", len(files), out)
             shutil.rmtree(out, ignore_errors=True)  # a cache folder without a manifest: an older crashed build
             with StagedFolder(str(out), replaces=lambda name: True) as tmp:
                 prepare(files, os.path.join(tmp, name), data.tokenizer_path or "default", doc_per_file=True,

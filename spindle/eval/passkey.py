@@ -16,6 +16,7 @@ after the instruction, depth 1 right before the question. Scoring:
 
 from __future__ import annotations
 
+import logging
 import random
 import re
 from pathlib import Path
@@ -27,6 +28,8 @@ from spindle.errors import SpindleError
 from spindle.eval.generate import check_ids_in_vocab, generate, tokenizer_source
 from spindle.eval.prefill import check_cache_memory, prefill_chunks
 from spindle.model.llama import KVCache, Transformer
+
+logger = logging.getLogger(__name__)
 
 INTRO = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize them. "
          "I will quiz you about the important information there.\n")
@@ -83,9 +86,10 @@ def score_sample(model: Transformer, tokenizer, sample: dict, mode: str = "gener
 @torch.no_grad()
 def passkey_grid(model: Transformer, tokenizer, lengths: Sequence[int], depths: Sequence[float], samples: int,
                  spec: str, train_len: int, seed: int = 0, mode: str = "generate", chunk: int = 1024,
-                 log=None) -> dict:
+                 show_rows: bool = False) -> dict:
     """One RoPE variant over the (length x depth) grid: accuracy per cell, and in teacher mode the answer's
-    mean log-probability per cell. The model's own rotary module is put back afterwards."""
+    mean log-probability per cell. The model's own rotary module is put back afterwards. `show_rows` logs each
+    length's row as it is done (the progress of `spindle eval passkey`; training's long_eval keeps quiet)."""
     from spindle.eval.perplexity import parse_variant, set_rope, variant_scaling
 
     v = parse_variant(spec, train_len)
@@ -101,8 +105,8 @@ def passkey_grid(model: Transformer, tokenizer, lengths: Sequence[int], depths: 
                 acc[i][j] = sum(s["correct"] for s in scores) / samples
                 if mode == "teacher":
                     logps[i][j] = sum(s["logp"] for s in scores) / samples
-            if log:
-                log(f"  passkey {spec} L={L}: " + " ".join(f"{a:.2f}" for a in acc[i]))
+            if show_rows:
+                logger.info(f"  passkey {spec} L={L}: " + " ".join(f"{a:.2f}" for a in acc[i]))
     finally:
         model.rotary = original
     return {"accuracy": acc, "answer_logp": logps if mode == "teacher" else None,
@@ -111,8 +115,7 @@ def passkey_grid(model: Transformer, tokenizer, lengths: Sequence[int], depths: 
 
 def run_passkey(ckpt: str, lengths: Optional[Sequence[int]], depths: Sequence[float], samples: int = 5,
                 variants: Sequence[str] = ("plain",), seed: int = 0, mode: str = "generate", chunk: int = 1024,
-                tokenizer: Optional[str] = None, train_len: Optional[int] = None, device: str = "cpu",
-                log=print) -> dict:
+                tokenizer: Optional[str] = None, train_len: Optional[int] = None, device: str = "cpu") -> dict:
     from spindle.data.tokenizer import load_tokenizer
     from spindle.eval.load import load_model_for_eval
     from spindle.eval.perplexity import default_lengths
@@ -126,7 +129,8 @@ def run_passkey(ckpt: str, lengths: Optional[Sequence[int]], depths: Sequence[fl
     res = {"ckpt": str(ckpt), "train_len": T, "lengths": lengths, "depths": list(depths), "samples": samples,
            "seed": seed, "mode": mode, "variants": {}}
     for spec in variants:
-        res["variants"][spec] = passkey_grid(model, tok, lengths, depths, samples, spec, T, seed, mode, chunk, log)
+        res["variants"][spec] = passkey_grid(model, tok, lengths, depths, samples, spec, T, seed, mode, chunk,
+                                             show_rows=True)
     return res
 
 

@@ -25,6 +25,7 @@ separate pass at L would give.
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from pathlib import Path
@@ -40,6 +41,8 @@ from spindle.eval.generate import check_ids_in_vocab, tokenizer_source
 from spindle.eval.prefill import check_cache_memory, prefill_chunks
 from spindle.model.llama import KVCache, Transformer
 from spindle.model.rotary import RotaryEmbedding
+
+logger = logging.getLogger(__name__)
 
 # --------------------------------------------------------------------------- per-position loss
 
@@ -246,8 +249,7 @@ def windows_line(mode: str, got: int, asked: int, natural: int, length: int) -> 
 
 
 def evaluate_variant(model: Transformer, windows: torch.Tensor, lengths: Sequence[int], train_len: int,
-                     variant: Variant, chunk: int = 1024, batch: int = 1, per_octave: int = 4,
-                     log=None) -> dict:
+                     variant: Variant, chunk: int = 1024, batch: int = 1, per_octave: int = 4) -> dict:
     """Per-length truncated NLL/perplexity/accuracy, tail-bucket NLL ([L/2, L)) and a per-position curve."""
     lengths = sorted(lengths)
     max_len = lengths[-1]
@@ -285,10 +287,13 @@ def evaluate_variant(model: Transformer, windows: torch.Tensor, lengths: Sequenc
     out["curve"] = {"edges": edges, "nll": bucket_means(nll, edges), "acc": bucket_means(acc, edges)}
     out["seconds"] = round(time.perf_counter() - t0, 2)
     model.rotary = original_rotary
-    if log:
-        log(f"  {variant.name}: " + ", ".join(f"{L}: {out['length'][str(L)]['ppl']:.3g}" for L in lengths)
-            + f"  ({out['seconds']:.0f} s)")
     return out
+
+
+def variant_line(out: dict, lengths: Sequence[int]) -> str:
+    """'  yarn: 256: 4.1, 1024: 5.3  (12 s)': one variant's perplexities, as `spindle eval ppl` goes."""
+    return (f"  {out['spec']}: " + ", ".join(f"{L}: {out['length'][str(L)]['ppl']:.3g}" for L in sorted(lengths))
+            + f"  ({out['seconds']:.0f} s)")
 
 
 def default_lengths(train_len: int, factor: int = 64) -> list[int]:
@@ -339,7 +344,7 @@ def plot_ppl(result: dict, path: Path, title: str = "") -> None:
 def run_ppl(ckpt: str, data: Optional[Sequence[str]], lengths: Optional[Sequence[int]] = None,
             variants: Sequence[str] = ("plain", "dynamic", "yarn", "logn"), windows: int = 8, chunk: int = 1024,
             batch: int = 1, tokenizer: Optional[str] = None, glob: str = "*", train_len: Optional[int] = None,
-            device: str = "cpu", log=print, windows_from: str = "starts") -> dict:
+            device: str = "cpu", windows_from: str = "starts") -> dict:
     from spindle.data.tokenizer import load_tokenizer
     from spindle.eval.load import load_model_for_eval
 
@@ -352,15 +357,15 @@ def run_ppl(ckpt: str, data: Optional[Sequence[str]], lengths: Optional[Sequence
     enough = (windows, lengths[-1]) if windows_from == "starts" else None
     if data is None:
         data, what = checkpoint_data(cfg)
-        log(f"eval ppl: no --data, reading {what}")
+        logger.info(f"eval ppl: no --data, reading {what}")
         docs = load_token_docs(data, tok, "*", enough=enough, option="the checkpoint's data",
                                vocab=model.args.vocab_size)
     else:
         docs = load_token_docs(data, tok, glob, enough=enough, vocab=model.args.vocab_size)
     wins, natural = make_windows(docs, lengths[-1], windows, windows_from)
     wins = wins.to(device)
-    log(f"eval ppl: {ckpt}: {windows_line(windows_from, wins.shape[0], windows, natural, lengths[-1])}; "
-        f"training length {T}, chunk {chunk}")
+    logger.info(f"eval ppl: {ckpt}: {windows_line(windows_from, wins.shape[0], windows, natural, lengths[-1])}; "
+                f"training length {T}, chunk {chunk}")
     result = {"ckpt": str(ckpt), "train_len": T, "rope_base": cfg.model.rope_base, "lengths": lengths,
               "n_windows": int(wins.shape[0]), "natural_windows": natural, "windows_from": windows_from,
               "chunk": chunk,
@@ -370,7 +375,8 @@ def run_ppl(ckpt: str, data: Optional[Sequence[str]], lengths: Optional[Sequence
               "variants": {}}
     for spec in variants:
         v = parse_variant(spec, T)
-        result["variants"][spec] = evaluate_variant(model, wins, lengths, T, v, chunk, batch, log=log)
+        result["variants"][spec] = evaluate_variant(model, wins, lengths, T, v, chunk, batch)
+        logger.info(variant_line(result["variants"][spec], lengths))
     return result
 
 

@@ -12,13 +12,16 @@ folder's config.json: the config file may leave the model out, or state only wha
 
 from __future__ import annotations
 
-from typing import Callable
+import logging
+from typing import Callable, Optional
 
 from spindle.interop.families import model_config_from_hf
 from spindle.interop.hf import local_dir, read_hf_config
 from spindle.checkpoint.loading import HF_TYPES
 from spindle.config import ModelConfig, SpindleConfig
 from spindle.errors import SpindleError
+
+logger = logging.getLogger(__name__)
 
 # ModelArgs field -> (our model key, config.json key): what the weights and the architecture fix
 STRUCTURE = {
@@ -44,9 +47,10 @@ TUNABLE = {"rope_base": "rope_theta", "rope_scaling": "rope_scaling",
 BIAS_KEYS = ("no_bias", "qkv_bias", "o_bias", "mlp_bias")
 
 
-def model_from_hf_folder(cfg: SpindleConfig, log: Callable[[str], None] = print) -> SpindleConfig:
+def model_from_hf_folder(cfg: SpindleConfig, log: Optional[Callable[[str], None]] = None) -> SpindleConfig:
     """`cfg` with its model section completed from the HF folder it starts from (module docstring); `cfg`
-    itself when the run does not start from one."""
+    itself when the run does not start from one. `log`: deprecated (issue 26 phase 2 removes it); None logs here."""
+    log = log or logger.info
     info = cfg.ckpt.load_ckpt_info
     if info is None or info.ckpt_type not in HF_TYPES or not info.path:
         return cfg

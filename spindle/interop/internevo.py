@@ -31,6 +31,7 @@ convert2hf_internlm2.py's `permute` does. InternEvo has used both meanings of w2
 from __future__ import annotations
 
 import ast
+import logging
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,6 +44,7 @@ from spindle.interop.families import split_grouped_qkv
 from spindle.interop.weights import assign_weights, read_torch_file
 from spindle.errors import SpindleError
 
+logger = logging.getLogger(__name__)
 SHARD = re.compile(r"^model_tp(\d+)_pp(\d+)\.pt$")
 _CONFIG_CLASS = "internlm.core.context.parallel_context.Config"
 # model_config.pt defaults: the builders' (internlm/model/modeling_*.py build_model_with_cfg)
@@ -392,5 +394,5 @@ def import_internevo(src: str | Path, out: str | Path) -> Path:
                 "inf_nan_skip_batches": ck.inf_nan_skip_batches}
     save_weights_checkpoint(str(out), ck.step, model, cfg.to_dict(), counters)
     for note in ck.notes:
-        print(note)
+        logger.info(note)
     return Path(str(out)) / str(ck.step)

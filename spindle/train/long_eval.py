@@ -21,8 +21,9 @@ run stays bit-exact).
 
 from __future__ import annotations
 
+import logging
 import time
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
@@ -30,9 +31,11 @@ from spindle.config.long_eval import LongEvalConfig
 from spindle.errors import SpindleError
 from spindle.eval.curves import metric_key
 
+logger = logging.getLogger(__name__)
 
-def long_context_metrics(model, windows: Optional[torch.Tensor], tokenizer, le: LongEvalConfig, train_len: int,
-                         log=None) -> dict:
+
+def long_context_metrics(model, windows: Optional[torch.Tensor], tokenizer, le: LongEvalConfig,
+                         train_len: int) -> dict:
     """{val/ppl@L[/variant]: perplexity, val/passkey@L[/variant]: accuracy} for `model` (its RoPE put back)."""
     from spindle.eval.passkey import passkey_grid
     from spindle.eval.perplexity import evaluate_variant, parse_variant
@@ -42,12 +45,11 @@ def long_context_metrics(model, windows: Optional[torch.Tensor], tokenizer, le: 
     try:
         for spec in le.variants:
             if le.lengths:
-                r = evaluate_variant(model, windows, le.lengths, train_len, parse_variant(spec, train_len), le.chunk,
-                                     log=log)
+                r = evaluate_variant(model, windows, le.lengths, train_len, parse_variant(spec, train_len), le.chunk)
                 out.update({metric_key("ppl", L, spec): r["length"][str(L)]["ppl"] for L in le.lengths})
             if le.passkey_lengths:
                 g = passkey_grid(model, tokenizer, le.passkey_lengths, le.passkey_depths, le.passkey_samples, spec,
-                                 train_len, le.seed, le.passkey_mode, le.chunk, log=log)
+                                 train_len, le.seed, le.passkey_mode, le.chunk)
                 out.update({metric_key("passkey", L, spec): sum(row) / len(row)
                             for L, row in zip(le.passkey_lengths, g["accuracy"])})
     finally:
@@ -61,15 +63,16 @@ def _as_key(exc: SpindleError, key: str) -> SpindleError:
 
 
 class LongEval:
-    """Built with the trainer; `le(step, log)` returns the step's metrics ({} when off, not due, or not rank 0)."""
+    """Built with the trainer; `le(step)` returns the step's metrics ({} when off, not due, or not rank 0).
+    `log` (deprecated, phase 2 of issue 26 removes it): the trainer's own callback; None logs here."""
 
-    def __init__(self, cfg, env, raw_model, log=print):
+    def __init__(self, cfg, env, raw_model, log: Optional[Callable[[str], None]] = None):
         self.le: LongEvalConfig = cfg.long_eval
         self.every, self.train_len = cfg.data.valid_every, cfg.data.seq_len
         self.env, self.raw_model, self.args = env, raw_model, cfg.model.to_args()
         self.windows = self.tokenizer = None
         if self.le.enabled:
-            self._prepare(cfg, log)
+            self._prepare(cfg, log or logger.info)
 
     def _prepare(self, cfg, log) -> None:
         from spindle.data.tokenizer import load_tokenizer
@@ -113,7 +116,7 @@ class LongEval:
         except SpindleError as exc:
             raise _as_key(exc, "long_eval") from None
 
-    def __call__(self, step: int, log) -> dict:
+    def __call__(self, step: int, log: Optional[Callable[[str], None]] = None) -> dict:
         if not self.le.enabled or step % self.every:
             return {}
         from spindle.parallel.gather import whole_model
@@ -127,6 +130,6 @@ class LongEval:
         devices = [self.env.device] if self.env.device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices):  # the training RNG is untouched, whatever runs inside
             out = long_context_metrics(model, self.windows, self.tokenizer, self.le, self.train_len)
-        log(f"long-context eval after step {step - 1}: " + ", ".join(
+        (log or logger.info)(f"long-context eval after step {step - 1}: " + ", ".join(
             f"{k[4:]} {v:.4g}" for k, v in out.items()) + f" ({time.perf_counter() - t0:.1f} s)")
         return out

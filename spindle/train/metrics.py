@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import errno
 import json
+import logging
 import math
 import os
 import sys
@@ -26,6 +27,7 @@ import torch
 from spindle.config.redact import redact_text
 from spindle.errors import SpindleError
 
+logger = logging.getLogger(__name__)
 
 CONSOLE_KEYS = [
     "tflops", "step", "loss", "tgs (tokens/gpu/second)", "lr", "loss_scale", "grad_norm", "micro_num",
@@ -159,9 +161,10 @@ class LineFile:
         os.close(self.fd)
 
 
-def continue_tensorboard(previous: Optional[str], tb_dir: Path, log) -> None:
+def continue_tensorboard(previous: Optional[str], tb_dir: Path, log=None) -> None:
     """InternEvo's resume_tb_folder: the earlier run's event files are copied into this run's TensorBoard
-    folder (once, when it has none), so the curves go on where they stopped."""
+    folder (once, when it has none), so the curves go on where they stopped. `log`: deprecated (issue 26
+    phase 2 removes it); None logs here."""
     if not previous:
         return
     src = Path(previous)
@@ -176,7 +179,7 @@ def continue_tensorboard(previous: Optional[str], tb_dir: Path, log) -> None:
         dest.parent.mkdir(parents=True, exist_ok=True)
         dest.write_bytes(f.read_bytes())
         copied += 1
-    log(f"tensorboard: {copied} event file(s) of {previous} copied into {tb_dir} (resume_tb_folder)")
+    (log or logger.info)(f"tensorboard: {copied} event file(s) of {previous} copied into {tb_dir} (resume_tb_folder)")
 
 
 class MetricSinks:

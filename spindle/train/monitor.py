@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import faulthandler
 import json
+import logging
 import math
 import os
 import queue
@@ -39,6 +40,7 @@ from typing import Callable, Optional
 
 from spindle.config.redact import is_credential_name, redact_destination, redact_text
 
+logger = logging.getLogger(__name__)
 SEND_TIMEOUT_S = 3.0
 
 
@@ -76,9 +78,9 @@ class Monitor:
     `exception(exc)` when the loop dies, `close()` at the end."""
 
     def __init__(self, alert_cfg, run_dir: Path, job_name: str = "spindle", rank: int = 0, is_main: bool = True,
-                 log: Callable[[str], None] = print, send_timeout_s: float = SEND_TIMEOUT_S):
+                 log: Optional[Callable[[str], None]] = None, send_timeout_s: float = SEND_TIMEOUT_S):
         self.cfg, self.run_dir, self.job, self.rank, self.is_main = alert_cfg, Path(run_dir), job_name, rank, is_main
-        self.log = log
+        self.log = log or logger.info  # `log`: deprecated (issue 26 phase 2 removes it)
         self.timeout = send_timeout_s
         self.host = socket.gethostname()
         self.webhook = (_normalise_address(alert_cfg.feishu_alert_address)
@@ -299,6 +301,6 @@ class Monitor:
             pass
 
 
-def build_monitor(cfg, run_dir: Path, rank: int = 0, is_main: bool = True, log=print) -> Monitor:
+def build_monitor(cfg, run_dir: Path, rank: int = 0, is_main: bool = True, log=None) -> Monitor:
     """A Monitor from the whole SpindleConfig."""
     return Monitor(cfg.monitor.alert, run_dir, cfg.JOB_NAME, rank, is_main, log)

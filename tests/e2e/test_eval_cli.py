@@ -43,7 +43,7 @@ def test_eval_ppl_without_out_or_data_prints_the_checkpoints_own_data(ckpt):
     r = spindle("eval", "ppl", "--ckpt", str(ck), "--lengths", "32,64", "--variants", "plain", "--windows", "2")
     assert r.returncode == 0, r.stderr
     assert "no --data, reading 4 files of data.train_folder" in r.stdout and "wrote" not in r.stdout
-    want = format_table(run_ppl(str(ck), [str(tmp / "text")], [32, 64], ["plain"], windows=2, log=lambda *_: None))
+    want = format_table(run_ppl(str(ck), [str(tmp / "text")], [32, 64], ["plain"], windows=2))
     assert want in r.stdout  # the same numbers as an explicit --data of the training folder
     assert sorted(p.name for p in tmp.iterdir()) == before and not (ROOT / "ppl.json").exists()
 
@@ -94,6 +94,22 @@ def test_eval_passkey_grid_holds_the_teacher_forced_scores(ckpt):
             assert res["variants"]["plain"]["answer_logp"][i][j] == pytest.approx(logp, abs=1e-4)
     # past the training length (32) Dynamic NTK rotates differently: its answer log-probs differ
     assert res["variants"]["dynamic"]["answer_logp"] != res["variants"]["plain"]["answer_logp"]
+
+
+def test_eval_progress_lines_reach_stdout_as_they_go(ckpt):
+    """The lines the eval modules log (spindle.logs): each variant's perplexities and each passkey row, on stdout
+    before the table, in the order they were computed."""
+    tmp, ck = ckpt
+    r = spindle("eval", "ppl", "--ckpt", str(ck), "--data", str(tmp / "text"), "--lengths", "32,64",
+                "--variants", "plain,yarn", "--windows", "1")
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert lines[0].startswith(f"eval ppl: {ck}: ") and lines[0].endswith("training length 32, chunk 1024")
+    assert lines[1].startswith("  plain: 32: ") and ", 64: " in lines[1] and lines[2].startswith("  yarn: 32: ")
+    r = spindle("eval", "passkey", "--ckpt", str(ck), "--lengths", "256", "--depths", "0,1", "--samples", "1",
+                "--mode", "teacher", "--chunk", "100")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines()[0].startswith("  passkey plain L=256: ") and r.stderr == ""
 
 
 def test_eval_bad_input_is_one_line_exit_2(ckpt):

@@ -112,15 +112,16 @@ def test_symlink_loops_never_hang_nor_duplicate(tmp_path):
 
 
 RACE = """
-import sys, time
+import logging, sys, time
 from pathlib import Path
 from spindle.config import DataConfig
 from spindle.data.loader import text_cache
+logging.basicConfig(stream=sys.stdout, level=logging.DEBUG, format="%(message)s")  # its build line, on stdout
 go = Path(sys.argv[3])
 while not go.exists():
     time.sleep(0.001)
 data = DataConfig(type="text", train_folder=sys.argv[1], tokenizer_path="byte")
-print(text_cache(data, Path(sys.argv[2]), log=lambda m: print(m, flush=True)))
+print(text_cache(data, Path(sys.argv[2])))
 """
 
 

@@ -251,7 +251,7 @@ def test_bench_attention_cases_run_their_kernels_and_agree():
 
     bench = load_script("attention")
     rows = bench.run([2048], ["dense", "packed", "masked", "mix"], reps=1, device="cpu", threads=1, steps=1,
-                     warmup=0, max_masked=2048, log=lambda *_: None)
+                     warmup=0, max_masked=2048)
     by_case = {r["case"]: r for r in rows}
     assert {c: r["kernel"] for c, r in by_case.items()} == {"dense": "sdpa_causal", "packed": "segments",
                                                             "masked": "masked", "mix": "segments"}

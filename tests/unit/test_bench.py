@@ -14,7 +14,7 @@ from spindle.errors import SpindleError
 
 def test_train_bench_variants_start_from_the_same_model(tmp_path):
     bt = load_script("train")
-    res = bt.run_size("tiny", ["spindle", "hf", "hand"], rounds=3, run_folder=str(tmp_path), log=lambda *_: None)
+    res = bt.run_size("tiny", ["spindle", "hf", "hand"], rounds=3, run_folder=str(tmp_path))
     assert set(res["variants"]) == {"spindle", "hf", "hand"}
     # the weights were copied: same logits before training (fp32 rounding only)
     assert all(d < 1e-4 for d in res["logit_max_abs_diff"].values()), res["logit_max_abs_diff"]
@@ -62,7 +62,7 @@ def test_hand_model_matches_spindle_model_numerically(tmp_path):
 def test_gpu_driver_runs_the_trainer_on_cpu(tmp_path, dtype):
     gt = load_script("gpu")
     out = gt.run(preset="tiny", steps=3, warmup=1, dtype=dtype, compile=False, device="cpu",
-                 run_folder=str(tmp_path), log=lambda *_: None)
+                 run_folder=str(tmp_path))
     assert out["dtype"] == gt.DTYPES[dtype] and out["params"] > 0
     # MFU is tokens/s x FLOPs per token over the declared peak, step by step
     assert out["mfu"]["median"] == pytest.approx(

@@ -203,7 +203,8 @@ def test_sources_prepared_with_different_tokenizers_are_refused(tmp_path):
         leaf_sources(str(tmp_path / "valid"), VOCAB)
 
 
-def test_text_cache_is_keyed_by_content(tmp_path):
+def test_text_cache_is_keyed_by_content(tmp_path, caplog):
+    import logging
     import os
 
     from spindle.data.loader import text_cache
@@ -212,14 +213,18 @@ def test_text_cache_is_keyed_by_content(tmp_path):
     doc = tmp_path / "raw" / "a.txt"
     doc.write_text("first version of the text")
     data = DataConfig(type="text", train_folder=str(tmp_path / "raw"), tokenizer_path="byte", text_glob="*.txt")
-    built = []
-    first = text_cache(data, tmp_path / "cache", log=built.append)
-    assert text_cache(data, tmp_path / "cache", log=built.append) == first and len(built) == 1  # reused
+    caplog.set_level(logging.DEBUG, logger="spindle.data.loader")
+
+    def built():
+        return [r for r in caplog.records if "tokenizing" in r.getMessage()]
+
+    first = text_cache(data, tmp_path / "cache")
+    assert text_cache(data, tmp_path / "cache") == first and len(built()) == 1  # reused
     st = doc.stat()
     doc.write_text("second version, same name")  # edited in place: same file name
     os.utime(doc, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
-    second = text_cache(data, tmp_path / "cache", log=built.append)
-    assert second != first and len(built) == 2
+    second = text_cache(data, tmp_path / "cache")
+    assert second != first and len(built()) == 2
     from spindle.data.shards import open_documents
 
     assert bytes(open_documents(second)[0][0].tolist()[1:-1]) == b"second version, same name"
