@@ -31,6 +31,7 @@ from typing import Callable, Iterator, Optional
 
 import torch
 
+from spindle.dtypes import compute_dtype
 from spindle.errors import SpindleError
 
 # (name pattern, {dtype key: dense TFLOP/s}); first match wins
@@ -159,7 +160,7 @@ def cuda_backend_mode(device: torch.device, dtype: str, cudnn_deterministic: boo
         yield
         return
     saved = (torch.get_float32_matmul_precision(), torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark)
-    if dtype == "torch.tf32":
+    if compute_dtype(dtype).tf32:
         torch.set_float32_matmul_precision("high")
     torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = cudnn_deterministic, cudnn_benchmark
     try:

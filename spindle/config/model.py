@@ -8,8 +8,10 @@ from pydantic import Field, field_validator, model_validator
 
 from spindle.config.base import Section
 from spindle.config.rope_types import ROPE_TYPES
+from spindle.dtypes import COMPUTE_DTYPES, compute_dtype
+from spindle.errors import SpindleError
 
-DTYPES = ("torch.float32", "torch.tf32", "torch.bfloat16", "torch.float16", "torch.half")
+DTYPES = tuple(COMPUTE_DTYPES)  # the names model.dtype takes: spindle/dtypes.py
 
 
 class RopeScalingConfig(Section):
@@ -108,9 +110,10 @@ class ModelConfig(Section):
     @field_validator("dtype")
     @classmethod
     def _dtype(cls, v: str) -> str:
-        if v not in DTYPES and f"torch.{v}" not in DTYPES:
-            raise ValueError(f"expected one of {', '.join(DTYPES)}")
-        return v if v.startswith("torch.") else f"torch.{v}"
+        try:
+            return compute_dtype(v).name
+        except SpindleError:
+            raise ValueError(f"expected one of {', '.join(DTYPES)}") from None
 
     @field_validator("checkpoint")
     @classmethod

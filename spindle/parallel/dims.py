@@ -6,6 +6,7 @@ machine before allocating.
 from __future__ import annotations
 
 from spindle.config import SpindleConfig
+from spindle.dtypes import compute_dtype
 from spindle.model.flops import parameter_counts
 from spindle.parallel.layout import Layout
 
@@ -23,7 +24,7 @@ def memory_estimate(cfg: SpindleConfig, world_size: int = 1) -> dict[str, float]
     n = parameter_counts(m)["total"]
     dims = Layout.plan(par, m, world_size)
     tp, pp = dims.tp, dims.pp
-    half = m.dtype in ("torch.bfloat16", "torch.float16", "torch.half")
+    half = compute_dtype(m.dtype).half
     model_split = tp * pp
     shard = dims.shard * dims.cp  # FSDP shards over data x context ranks (they sum the same gradients)
     weights = n * (4 + (2 if half else 0)) / model_split

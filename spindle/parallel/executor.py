@@ -24,12 +24,6 @@ from spindle.data.batch import Batch
 from spindle.model.loss import IGNORE_INDEX, TokenLosses, token_statistics
 from spindle.parallel.parallelize import gradient_sync
 
-COMPUTE_DTYPES = {
-    "torch.float32": torch.float32, "torch.tf32": torch.float32, "torch.bfloat16": torch.bfloat16,
-    "torch.float16": torch.float16, "torch.half": torch.float16,
-}
-
-
 def autocast(device: torch.device, dtype: torch.dtype):
     """Mixed precision for the compute dtype (fp32 masters stay fp32); none for fp32."""
     return contextlib.nullcontext() if dtype == torch.float32 else torch.autocast(device.type, dtype=dtype)

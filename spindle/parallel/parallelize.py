@@ -15,6 +15,7 @@ import torch.nn as nn
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 
 from spindle.config import SpindleConfig
+from spindle.dtypes import compute_dtype
 from spindle.model.llama import materialize
 from spindle.parallel.layout import Layout, full_sharding
 
@@ -180,8 +181,8 @@ def apply_data_and_context_parallel(module: nn.Module, cfg: SpindleConfig, layou
     data_parallel = layout.gradient_ranks > 1
     sharded = data_parallel and (full_sharding(par) or par.zero1.size != 1 or layout.tp > 1)
     if sharded:
-        half = {"torch.bfloat16": torch.bfloat16, "torch.float16": torch.float16,
-                "torch.half": torch.float16}.get(cfg.model.dtype)
+        compute = compute_dtype(cfg.model.dtype)
+        half = compute.torch_dtype if compute.half else None
         apply_fsdp(module, inner, layout, reshard_after_forward=full_sharding(par), mixed_precision=half)
     if any(p.is_meta for p in inner.parameters()):
         materialize(inner, layout.device, cfg.trainer.seed, root=module)

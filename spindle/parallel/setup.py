@@ -15,18 +15,19 @@ from typing import Callable
 import torch
 
 from spindle.config import SpindleConfig
+from spindle.dtypes import compute_dtype
 from spindle.hardware import refuse_unless_fits
 from spindle.model.llama import build_model
 from spindle.parallel.context import SequenceSlices
 from spindle.parallel.dims import memory_estimate
-from spindle.parallel.executor import COMPUTE_DTYPES, StepExecutor, slices_of
+from spindle.parallel.executor import StepExecutor, slices_of
 from spindle.parallel.layout import Layout, full_sharding
 from spindle.parallel.parallelize import LocalStages, apply_data_and_context_parallel, apply_model_parallel
 from spindle.parallel.pipeline import PipelineExecutor, PipelineStageModel, build_stage_model, stages_of_rank
 
 
 def build_training(cfg: SpindleConfig, layout: Layout, n_sources: int, log: Callable[[str], None] = print):
-    dtype = COMPUTE_DTYPES[cfg.model.dtype]
+    dtype = compute_dtype(cfg.model.dtype).torch_dtype
     m = cfg.model  # refused here, before the model (or a stage) is allocated on meta and materialised
     refuse_unless_fits(memory_estimate(cfg, layout.world), layout.device, f"training model.num_layers={m.num_layers:,} "
                        f"x model.hidden_size={m.hidden_size:,} (vocab_size {m.vocab_size:,}) on {layout.device}")

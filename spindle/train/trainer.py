@@ -28,13 +28,13 @@ from spindle.checkpoint.manager import CheckpointManager
 from spindle.config import SpindleConfig, parse_skip_batches, save_resolved_config
 from spindle.data.batch import Batch
 from spindle.data.loader import build_train_loader, build_valid_sets
+from spindle.dtypes import compute_dtype
 from spindle.data.tokenizer_identity import checkpoint_files, run_tokenizer
 from spindle.errors import SpindleError
 from spindle.hardware import cuda_backend_mode, mfu_peak
 from spindle.interop.hf_start import model_from_hf_folder
 from spindle.interop.tokenizer_check import check_start
 from spindle.model.flops import model_flops_per_token, parameter_counts
-from spindle.parallel.executor import COMPUTE_DTYPES
 from spindle.parallel.layout import Layout
 from spindle.parallel.mesh import ParallelEnv
 from spindle.parallel.setup import build_training
@@ -52,10 +52,6 @@ from spindle.train.optim import (
 )
 from spindle.train.resume_check import check_resume, run_layout
 from spindle.train.validation import validate_sets
-
-
-def compute_dtype_key(dtype: str) -> str:
-    return {"torch.float32": "fp32", "torch.tf32": "tf32", "torch.bfloat16": "bf16"}.get(dtype, "fp16")
 
 
 @dataclass
@@ -113,9 +109,9 @@ class Trainer:
             cfg, env, n_sources=max(1, len(self.loader.source_names)), log=self.log)
         self.optimizer = build_optimizer(self.raw_model, cfg.adam, self.device.type)
         self.scaler = DynamicLossScaler.from_config(cfg.grad_scaler,
-                                                    enabled=COMPUTE_DTYPES[cfg.model.dtype] == torch.float16)
+                                                    enabled=compute_dtype(cfg.model.dtype).loss_scaling)
         self.state = TrainState()
-        self.mfu_peak = mfu_peak(cfg.trainer.peak_tflops, self.device, compute_dtype_key(cfg.model.dtype),
+        self.mfu_peak = mfu_peak(cfg.trainer.peak_tflops, self.device, compute_dtype(cfg.model.dtype).peak_key,
                                  lambda line: self.log(line))  # a measured peak rises to a faster step's rate
         self.peak, self.peak_source = self.mfu_peak.tflops, self.mfu_peak.source
         self.long_eval = LongEval(cfg, env, self.raw_model, self.log)  # its data and keys checked now

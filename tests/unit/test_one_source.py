@@ -38,3 +38,34 @@ def test_s3_timeouts_are_the_configs_everywhere():
     assert timeouts(open_ckpt_storage("boto3:s3://bucket/run")) == defaults
     set_ = CkptConfig(s3_connect_timeout_s=1.5, s3_read_timeout_s=7.0)
     assert timeouts(open_ckpt_storage("boto3:s3://bucket/run", set_)) == (1.5, 7.0)
+
+
+def _literals_naming(names: set, least: int):
+    """(file, line) of each tuple / set / dict literal outside spindle/dtypes.py holding `least` or more of
+    `names` as strings: a private copy of a table."""
+    for path in sorted(SPINDLE.rglob("*.py")):
+        rel = str(path.relative_to(SPINDLE))
+        for node in ast.walk(ast.parse(path.read_text())):
+            elts = node.keys if isinstance(node, ast.Dict) else \
+                node.elts if isinstance(node, (ast.Tuple, ast.Set, ast.List)) else []
+            held = {e.value for e in elts if isinstance(e, ast.Constant) and e.value in names}
+            if len(held) >= least:
+                yield rel, node.lineno
+
+
+def test_compute_dtypes_are_one_table():
+    import torch
+
+    from spindle.config import ModelConfig
+    from spindle.dtypes import COMPUTE_DTYPES, compute_dtype
+    from spindle.hardware import lookup_peak_tflops
+
+    for name, d in COMPUTE_DTYPES.items():
+        assert ModelConfig(dtype=name).dtype == name == compute_dtype(name.removeprefix("torch.")).name
+        assert isinstance(d.torch_dtype, torch.dtype)
+        assert d.half == (d.torch_dtype in (torch.bfloat16, torch.float16))
+        assert d.loss_scaling == (d.torch_dtype == torch.float16)
+        assert d.tf32 == (name == "torch.tf32")
+        assert lookup_peak_tflops("NVIDIA H100 80GB HBM3", d.peak_key) is not None
+    copies = [f"spindle/{f}:{line}" for f, line in _literals_naming(set(COMPUTE_DTYPES), 2) if f != "dtypes.py"]
+    assert not copies, "tables of compute dtypes outside spindle/dtypes.py:\n" + "\n".join(copies)
