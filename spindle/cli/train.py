@@ -4,15 +4,19 @@ end with a sample."""
 from __future__ import annotations
 
 import argparse
+import logging
 import math
 import os
 import time
 from pathlib import Path
 from typing import Optional, Sequence
 
-from spindle.cli import options
+from spindle.cli import options, print_redacted
 from spindle.cli.options import OneLineParser, int_in
 from spindle.errors import SpindleError
+from spindle.logs import logging_to
+
+logger = logging.getLogger(__name__)
 
 # the embedded default, shipped inside the package (configs/demo.py in a checkout links to it)
 DEMO_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.py"
@@ -142,11 +146,16 @@ def run_train(args: argparse.Namespace) -> int:
 
 
 def _train(cfg, env, t0: float) -> int:
+    with logging_to(env.rank, console=print_redacted):  # the rank as the process group has it
+        return _train_on_rank(cfg, env, t0)
+
+
+def _train_on_rank(cfg, env, t0: float) -> int:
     from spindle.train.trainer import Trainer
 
     from spindle.hardware import resolve_model_dtype
 
-    log = _console if env.is_main else (lambda *_: None)
+    log = logger.info  # rank 0's console (spindle.logs)
     log(f"spindle: job {cfg.JOB_NAME}, run folder {cfg.run_dir}, world size {env.world_size}, "
         f"device {env.device}")
     cfg.model.dtype, note = resolve_model_dtype(cfg.model.dtype, "dtype" in cfg.model.model_fields_set, env.device)
@@ -170,13 +179,6 @@ def _train(cfg, env, t0: float) -> int:
         if model is not None:
             print_sample(model.eval(), cfg, trainer.tokenizer)
     return 0
-
-
-def _console(line: str) -> None:
-    """Rank 0's start-up and progress lines (a batch job keeps them in a file): no secret in them."""
-    from spindle.config.redact import redact_text
-
-    print(redact_text(line), flush=True)
 
 
 def loss_summary(history: list[dict], byte_level: bool) -> str:
