@@ -65,8 +65,9 @@ class StepExecutor:
 
     def _run(self, batch: Batch, smoothing: float) -> TokenLosses:
         with autocast(self.device, self.compute_dtype):
+            # the documents as the loader read them on the host: the forward copies nothing back
             out = self.model(batch.input_ids, batch.position_ids, labels=batch.labels if self.fused else None,
-                             label_smoothing=smoothing)
+                             label_smoothing=smoothing, documents=batch.documents)
         return token_statistics(out, self.local(batch.labels), smoothing)
 
     def forward_backward(self, batches: list[Batch], loss_scale: torch.Tensor) -> torch.Tensor:
