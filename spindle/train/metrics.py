@@ -107,17 +107,17 @@ def batch_shape_stats(micro_batches) -> dict:
     }
 
 
-def step_record(m: dict, step: int, batch, elapsed: float, data_wait: float, state, env, cfg,
+def step_record(m: dict, step: int, batch, elapsed: float, data_wait: float, state, layout, cfg,
                 flops_per_token: float, peak) -> dict:
     """The metrics of one step, InternEvo's keys first (see the module docstring for the formulas)."""
     from spindle.model.flops import internevo_flops_per_step
 
-    tokens_global = sum(b.tokens for b in batch) * env.dp_size
-    sequences = sum(b.rows for b in batch) * env.dp_size
+    tokens_global = layout.tokens_per_step(sum(b.tokens for b in batch))
+    sequences = sum(b.rows for b in batch) * layout.dp
     flops = internevo_flops_per_step(cfg.model, cfg.data.seq_len, sequences)
-    tgs = tokens_global / env.world_size / elapsed
+    tgs = tokens_global / layout.world_size / elapsed
     return {
-        "tflops": flops / elapsed / env.world_size / 1e12, "step": step, "loss": m["loss"],
+        "tflops": flops / elapsed / layout.world_size / 1e12, "step": step, "loss": m["loss"],
         "tgs (tokens/gpu/second)": round(tgs, 2), "lr": m["lr"], "loss_scale": m["loss_scale"],
         "grad_norm": m["grad_norm"], "micro_num": len(batch),
         "num_consumed_tokens": state.num_consumed_tokens,
@@ -125,7 +125,7 @@ def step_record(m: dict, step: int, batch, elapsed: float, data_wait: float, sta
         "adam_beta2": m["adam_beta2"], "fwd_bwd_time": m["fwd_bwd_time"],
         "mfu": peak.utilization(flops_per_token * tgs / 1e12),  # a spindle.hardware.MfuPeak: at most 1 if measured
         "acc": m["acc"], "perplexity": math.exp(min(m["loss"], 50.0)),
-        "data_wait": data_wait / elapsed, **memory_metrics(env.device),  # {} on CPU
+        "data_wait": data_wait / elapsed, **memory_metrics(layout.device),  # {} on CPU
         **{k: v for k, v in m.items() if "/" in k},
     }
 

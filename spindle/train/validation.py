@@ -15,14 +15,14 @@ from typing import Callable
 import torch
 
 
-def validate_sets(executor, valid_sets: dict, group: int, env, device: torch.device,
+def validate_sets(executor, valid_sets: dict, group: int, layout, device: torch.device,
                   all_reduce: Callable[[torch.Tensor], torch.Tensor]) -> dict:
     """val/{set}_loss (plain cross-entropy per labelled token), val/{set}_acc (the share whose label had the
     top logit), val/{set}_plex = exp(loss) and val/{set}_tokens (tokens evaluated) for every set."""
     out = {}
     for name, found in valid_sets.items():
         total = None
-        for batches in found.micro_batches(group, env.dp_rank, env.dp_size):
+        for batches in found.micro_batches(group, *layout.loader_shard):
             stats = executor.evaluate([b.to(device) for b in batches])
             total = stats if total is None else total + stats
         all_reduce(total)
