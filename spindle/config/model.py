@@ -7,7 +7,7 @@ from typing import Any, Literal, Optional, Union
 from pydantic import Field, field_validator, model_validator
 
 from spindle.config.base import Section
-from spindle.config.rope_types import ROPE_TYPES
+from spindle.config.rope_types import PARAM_DEFAULTS, ROPE_TYPES, filled_defaults
 from spindle.dtypes import COMPUTE_DTYPES, compute_dtype
 from spindle.errors import SpindleError
 
@@ -15,19 +15,20 @@ DTYPES = tuple(COMPUTE_DTYPES)  # the names model.dtype takes: spindle/dtypes.py
 
 
 class RopeScalingConfig(Section):
-    type: Literal[tuple(ROPE_TYPES)] = "default"  # the registry: spindle/config/rope_types.py
-    factor: float = Field(default=1.0, gt=0, le=1e6)
+    # the registry, spindle/config/rope_types.py, declares the types, their parameters and the defaults
+    type: Literal[tuple(ROPE_TYPES)] = "default"
+    factor: float = Field(default=PARAM_DEFAULTS["factor"], gt=0, le=1e6)
     original_max_position_embeddings: Optional[int] = Field(default=None, ge=1, le=2**26)
     # yarn
-    beta_fast: float = 32.0
-    beta_slow: float = 1.0
+    beta_fast: float = PARAM_DEFAULTS["beta_fast"]
+    beta_slow: float = PARAM_DEFAULTS["beta_slow"]
     attention_factor: Optional[float] = None
     mscale: Optional[float] = None
     mscale_all_dim: Optional[float] = None
-    truncate: bool = True
+    truncate: bool = PARAM_DEFAULTS["truncate"]
     # llama3
-    low_freq_factor: float = 1.0
-    high_freq_factor: float = 4.0
+    low_freq_factor: float = PARAM_DEFAULTS["low_freq_factor"]
+    high_freq_factor: float = PARAM_DEFAULTS["high_freq_factor"]
     # longrope: per-frequency factors (head_dim / 2 each) within / beyond the original length
     short_factor: Optional[list[float]] = None
     long_factor: Optional[list[float]] = None
@@ -44,9 +45,7 @@ class RopeScalingConfig(Section):
     def as_dict(self) -> dict:
         """type, factor, original length, and the parameters that differ from their defaults: each type
         rejects the other types' parameters, and a config read back from JSON has every field set."""
-        keep = ("type", "factor", "original_max_position_embeddings")
-        if self.type == "llama3":  # required by llama3 (transformers has no defaults for them)
-            keep += ("low_freq_factor", "high_freq_factor")
+        keep = ("type", "factor", "original_max_position_embeddings", *filled_defaults(self.type))
         return {k: v for k, v in self.model_dump(exclude_none=True).items()
                 if k in keep or v != type(self).model_fields[k].default}
 

@@ -28,7 +28,7 @@ from typing import Optional, Union
 
 import torch
 
-from spindle.config.rope_types import ROPE_TYPES
+from spindle.config.rope_types import ROPE_TYPES, ntk_base
 from spindle.errors import SpindleError
 
 BiasSpec = Union[str, bool]  # a config.json key that switches the bias, or the family's fixed value
@@ -292,8 +292,8 @@ def export_family(a) -> Family:
                        f"mlp_bias={a.mlp_bias}, qk_norm={a.qk_norm}, sliding_window={a.sliding_window}")
 
 
-# the registry's parameters under transformers' names; dynamic's original length is max_position_embeddings there
-_HF_ROPE_KEYS = {name: (("factor",) if name == "dynamic" else t.params) for name, t in ROPE_TYPES.items()
+# the registry's parameters under transformers' names
+_HF_ROPE_KEYS = {name: t.transformers_params for name, t in ROPE_TYPES.items()
                  if t.in_transformers and name != "default"}
 
 
@@ -303,7 +303,7 @@ def hf_config(a, bos_id: Optional[int] = None, eos_id: Optional[int] = None) -> 
     theta, scaling, max_pos = float(a.rope_base), a.rope_scaling, a.max_position_embeddings
     hf_scaling = None
     if scaling is not None and scaling["type"] == "ntk":
-        theta = theta * float(scaling["factor"]) ** (a.head_dim / (a.head_dim - 2))  # fixed NTK = a new base
+        theta = ntk_base(theta, float(scaling["factor"]), a.head_dim)  # fixed NTK = a new base
     elif scaling is not None:
         kind = scaling["type"]
         hf_scaling = {k: scaling[k] for k in _HF_ROPE_KEYS[kind] if scaling.get(k) is not None}

@@ -28,33 +28,17 @@ inv_freq is always computed on CPU and moved, so every device sees bit-identical
 from __future__ import annotations
 
 import math
-from typing import Any
-
 import torch
 
-from spindle.config.rope_types import ROPE_TYPES as REGISTRY
+from spindle.config.rope_types import ROPE_TYPES, RopeInputs
 from spindle.errors import SpindleError
 
-__all__ = ["ROPE_TYPES", "normalize_rope_scaling", "rope_cos_sin", "rope_inv_freq"]
+__all__ = ["normalize_rope_scaling", "rope_cos_sin", "rope_inv_freq"]
 
 # Parameters each type accepts besides the common keys (the registry, spindle/config/rope_types.py).
 # Unknown keys are an error rather than a warning (transformers only warns) so that a misspelled
 # `beta_fast` cannot silently fall back to a default.
-_TYPE_KEYS: dict[str, frozenset[str]] = {name: frozenset(t.params) for name, t in REGISTRY.items()}
-ROPE_TYPES: tuple[str, ...] = tuple(REGISTRY)
-# Keys HF configs carry that mean nothing extra here: the type name itself, and v5's copy of the base.
-_COMMON_KEYS = frozenset({"type", "rope_type", "rope_theta", "partial_rotary_factor"})
-# Types whose inv_freq depends on the current sequence length.
-_SEQ_DEPENDENT = frozenset(name for name, t in REGISTRY.items() if t.varies_with_length)
-
-
-def _positive_number(value: Any, name: str, *, allow_zero: bool = False) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise SpindleError(f"rope_scaling.{name} must be a number, got {value!r}")
-    v = float(value)
-    if not math.isfinite(v) or v < 0 or (v == 0 and not allow_zero):
-        raise SpindleError(f"rope_scaling.{name} must be a finite number > 0, got {value!r}")
-    return v
+_TYPE_KEYS: dict[str, frozenset[str]] = {name: frozenset(t.params) for name, t in ROPE_TYPES.items()}
 
 
 def normalize_rope_scaling(scaling: dict | None, base: float | None = None) -> dict:
@@ -73,7 +57,7 @@ def normalize_rope_scaling(scaling: dict | None, base: float | None = None) -> d
     if t1 is not None and t2 is not None and t1 != t2:
         raise SpindleError(f"rope_scaling has type={t1!r} and rope_type={t2!r}; give one")
     kind = t1 if t1 is not None else (t2 if t2 is not None else "default")
-    if kind not in _TYPE_KEYS:
+    if kind not in ROPE_TYPES:
         raise SpindleError(f"rope_scaling type {kind!r} is not one of {', '.join(ROPE_TYPES)}")
     theta = out.pop("rope_theta", None)
     if theta is not None and base is not None and not math.isclose(float(theta), float(base), rel_tol=1e-9):
@@ -93,53 +77,6 @@ def normalize_rope_scaling(scaling: dict | None, base: float | None = None) -> d
     return out
 
 
-def _original_len(params: dict, max_position_embeddings: int | None, kind: str) -> int:
-    # Same fallback as transformers' standardize_rope_params: the pre-training length defaults to
-    # max_position_embeddings when the dict does not name it.
-    orig = params.get("original_max_position_embeddings")
-    if orig is None:
-        orig = max_position_embeddings
-    if orig is None:
-        raise SpindleError(
-            f"rope_scaling type {kind!r} needs original_max_position_embeddings "
-            "(in the dict) or max_position_embeddings"
-        )
-    if isinstance(orig, bool) or not isinstance(orig, int) or orig <= 0:
-        raise SpindleError(f"original_max_position_embeddings must be a positive int, got {orig!r}")
-    return orig
-
-
-def _factor(params: dict, kind: str, *, default: float | None = None) -> float:
-    f = params.get("factor", default)
-    if f is None:
-        raise SpindleError(f"rope_scaling type {kind!r} needs 'factor'")
-    return _positive_number(f, "factor")
-
-
-def _ntk_base(base: float, alpha: float, head_dim: int) -> float:
-    # NTK-aware: stretch the lowest frequency by exactly alpha while leaving the highest (n=0) alone:
-    # base'^((D-2)/D) = alpha * base^((D-2)/D).
-    return base * alpha ** (head_dim / (head_dim - 2))
-
-
-def _extension(params: dict, kind: str, max_position_embeddings: int | None) -> tuple[int, float, float | None]:
-    """(original length, factor, explicit attention_factor or None) for yarn and longrope; a missing
-    factor is max_position_embeddings / original length, as in transformers."""
-    orig = _original_len(params, max_position_embeddings, kind)
-    factor = params.get("factor")
-    if factor is None:
-        if max_position_embeddings is None:
-            raise SpindleError(f"rope_scaling type {kind!r} needs 'factor' (or max_position_embeddings)")
-        factor = max_position_embeddings / orig
-    att = params.get("attention_factor")
-    return orig, _positive_number(factor, "factor"), None if att is None else _positive_number(att, "attention_factor")
-
-
-def _yarn_mscale(scale: float, mscale: float = 1.0) -> float:
-    # YaRN's temperature sqrt(1/t) = 0.1 ln s + 1; no correction when not extending.
-    return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
-
-
 def rope_inv_freq(
     head_dim: int,
     base: float,
@@ -156,6 +93,7 @@ def rope_inv_freq(
     original context" (identity for dynamic, short factors for longrope). `max_position_embeddings` is
     the fallback for `original_max_position_embeddings` and for the implicit yarn/longrope factor.
     The attention factor multiplies both cos and sin (so logits scale by its square), as in HF.
+    Each type's rule is its function in the registry (spindle/config/rope_types.py).
     """
     if isinstance(head_dim, bool) or not isinstance(head_dim, int) or head_dim <= 0 or head_dim % 2:
         raise SpindleError(f"head_dim must be a positive even int, got {head_dim!r}")
@@ -165,98 +103,12 @@ def rope_inv_freq(
         raise SpindleError(f"seq_len must be a positive int or None, got {seq_len!r}")
     params = normalize_rope_scaling(scaling, base)
     kind = params["type"]
-    base = float(base)
-    d = head_dim
-    if kind in ("ntk", "dynamic") and d <= 2:
-        raise SpindleError(f"rope_scaling type {kind!r} needs head_dim > 2 (exponent D/(D-2)), got {d}")
-
+    if kind in ("ntk", "dynamic") and head_dim <= 2:
+        raise SpindleError(f"rope_scaling type {kind!r} needs head_dim > 2 (exponent D/(D-2)), got {head_dim}")
     # Exponent 2n/D in float64; the final inv_freq is rounded to fp32 once at the end.
-    expo = torch.arange(0, d, 2, dtype=torch.float64, device=device) / d
-    attention_factor = 1.0
-
-    if kind == "default":
-        inv = base ** (-expo)
-    elif kind == "linear":
-        inv = base ** (-expo) / _factor(params, kind)
-    elif kind == "ntk":
-        inv = _ntk_base(base, _factor(params, kind), d) ** (-expo)
-    elif kind == "dynamic":
-        # factor defaults to 1: InternEvo's `use_dynamic_ntk_rope` (pure NTK with alpha = l/L).
-        # An explicit original_max_position_embeddings wins over max_position_embeddings; HF ignores
-        # (and warns about) that key for dynamic, so only configs HF already flags can differ.
-        factor = _factor(params, kind, default=1.0)
-        orig = _original_len(params, max_position_embeddings, kind)
-        length = orig if seq_len is None else max(seq_len, orig)
-        # alpha = 1 at l = L (identity) and grows with slope `factor` beyond it.
-        alpha = factor * length / orig - (factor - 1.0)
-        inv = _ntk_base(base, alpha, d) ** (-expo)
-    elif kind == "yarn":
-        orig, factor, explicit_attention = _extension(params, kind, max_position_embeddings)
-        if explicit_attention is not None:
-            attention_factor = explicit_attention
-        else:
-            mscale, mscale_all = params.get("mscale"), params.get("mscale_all_dim")
-            if mscale and mscale_all:  # DeepSeek-V3 style ratio; both must be non-zero, as in HF
-                attention_factor = _yarn_mscale(factor, float(mscale)) / _yarn_mscale(factor, float(mscale_all))
-            else:
-                attention_factor = _yarn_mscale(factor)
-        beta_fast = _positive_number(params.get("beta_fast") or 32, "beta_fast")
-        beta_slow = _positive_number(params.get("beta_slow") or 1, "beta_slow")
-        if beta_fast < beta_slow:
-            raise SpindleError(f"rope_scaling.beta_fast ({beta_fast}) must be >= beta_slow ({beta_slow})")
-        truncate = params.get("truncate", True)
-        if not isinstance(truncate, bool):
-            raise SpindleError(f"rope_scaling.truncate must be true or false, got {truncate!r}")
-
-        def correction_dim(n_rot: float) -> float:
-            # Dimension index whose pair completes n_rot full turns within the original context.
-            return d * math.log(orig / (n_rot * 2 * math.pi)) / (2 * math.log(base))
-
-        low, high = correction_dim(beta_fast), correction_dim(beta_slow)
-        if truncate:
-            low, high = math.floor(low), math.ceil(high)
-        # HF clamps the top at D-1 (not D/2-1); kept for identical numbers.
-        low, high = max(low, 0), min(high, d - 1)
-        if low == high:
-            high += 0.001  # avoid 0/0 in the ramp
-        idx = torch.arange(d // 2, dtype=torch.float64, device=device)
-        ramp = ((idx - low) / (high - low)).clamp(0.0, 1.0)  # 0: keep (fast pairs), 1: interpolate
-        inv_extrap = base ** (-expo)
-        inv = inv_extrap * (1.0 - ramp) + (inv_extrap / factor) * ramp
-    elif kind == "llama3":
-        factor = _factor(params, kind)
-        orig = _original_len(params, max_position_embeddings, kind)
-        if "low_freq_factor" not in params or "high_freq_factor" not in params:
-            raise SpindleError("rope_scaling type 'llama3' needs low_freq_factor and high_freq_factor")
-        lo = _positive_number(params["low_freq_factor"], "low_freq_factor")
-        hi = _positive_number(params["high_freq_factor"], "high_freq_factor")
-        if hi <= lo:
-            raise SpindleError(f"rope_scaling.high_freq_factor ({hi}) must exceed low_freq_factor ({lo})")
-        inv0 = base ** (-expo)
-        wavelen = 2 * math.pi / inv0
-        # Short wavelengths (< orig/hi) are kept, long ones (> orig/lo) interpolated by `factor`,
-        # the band between blends linearly in orig/wavelen.
-        smooth = ((orig / wavelen - lo) / (hi - lo)).clamp(0.0, 1.0)
-        inv = (1.0 - smooth) * inv0 / factor + smooth * inv0
-        inv = torch.where(wavelen < orig / hi, inv0, inv)
-        inv = torch.where(wavelen > orig / lo, inv0 / factor, inv)
-    elif kind == "longrope":
-        orig, factor, explicit_attention = _extension(params, kind, max_position_embeddings)
-        if explicit_attention is not None:
-            attention_factor = explicit_attention
-        elif factor > 1.0:
-            attention_factor = math.sqrt(1 + math.log(factor) / math.log(orig))
-        which = "long_factor" if seq_len is not None and seq_len > orig else "short_factor"
-        for key in ("short_factor", "long_factor"):
-            vals = params.get(key)
-            if not isinstance(vals, (list, tuple)) or len(vals) != d // 2:
-                raise SpindleError(f"rope_scaling.{key} must be a list of head_dim/2 = {d // 2} numbers")
-        ext = torch.tensor([float(v) for v in params[which]], dtype=torch.float64, device=device)
-        if not bool((ext > 0).all()):
-            raise SpindleError(f"rope_scaling.{which} entries must all be > 0")
-        inv = 1.0 / (ext * base**expo)
-    else:  # pragma: no cover - normalize_rope_scaling rejects unknown types
-        raise AssertionError(kind)
+    expo = torch.arange(0, head_dim, 2, dtype=torch.float64, device=device) / head_dim
+    inputs = RopeInputs(params, float(base), head_dim, expo, seq_len, max_position_embeddings)
+    inv, attention_factor = ROPE_TYPES[kind].inv_freq(inputs)
     return inv.to(torch.float32), float(attention_factor)
 
 

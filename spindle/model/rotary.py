@@ -7,9 +7,8 @@ import math
 import torch
 
 from spindle.errors import SpindleError
-from spindle.model.rope import (
-    _SEQ_DEPENDENT, _angle_dtype, _original_len, normalize_rope_scaling, rope_cos_sin, rope_inv_freq,
-)
+from spindle.config.rope_types import ROPE_TYPES, original_len
+from spindle.model.rope import _angle_dtype, normalize_rope_scaling, rope_cos_sin, rope_inv_freq
 
 __all__ = ["RotaryEmbedding", "apply_rotary", "logn_scale", "rotate_half"]
 
@@ -82,6 +81,7 @@ class RotaryEmbedding(torch.nn.Module):
                 params = {"type": "dynamic", "factor": 1.0}
         self.scaling = params
         self.rope_type = self.scaling["type"]
+        self.varies_with_length = ROPE_TYPES[self.rope_type].varies_with_length  # recomputed per length
         self.head_dim = head_dim
         self.base = float(base)
         self.max_position_embeddings = max_position_embeddings
@@ -94,8 +94,8 @@ class RotaryEmbedding(torch.nn.Module):
         inv, att = rope_inv_freq(head_dim, self.base, self.scaling, None, max_position_embeddings, device="cpu")
         self.attention_factor = att
         self.original_len = (
-            _original_len(self.scaling, max_position_embeddings, self.rope_type)
-            if self.rope_type in _SEQ_DEPENDENT
+            original_len(self.scaling, max_position_embeddings, self.rope_type)
+            if self.varies_with_length
             else None
         )
         # Created with the ambient default device (meta under `with torch.device("meta")`).
@@ -119,7 +119,7 @@ class RotaryEmbedding(torch.nn.Module):
 
     def inv_freq_for(self, seq_len: int | None) -> torch.Tensor:
         """The fp32 inv_freq used for a sequence of length `seq_len` (recomputed when it depends on it)."""
-        if self.rope_type in _SEQ_DEPENDENT and seq_len is not None and seq_len > self.original_len:
+        if self.varies_with_length and seq_len is not None and seq_len > self.original_len:
             inv, _ = rope_inv_freq(
                 self.head_dim, self.base, self.scaling, int(seq_len), self.max_position_embeddings, device="cpu"
             )
@@ -140,7 +140,7 @@ class RotaryEmbedding(torch.nn.Module):
         seq_len: the length dynamic NTK / longrope scale for; defaults to position_ids.max() + 1
         (a host sync, only taken for those types; pass it explicitly to avoid the sync).
         """
-        if self.rope_type in _SEQ_DEPENDENT and seq_len is None:
+        if self.varies_with_length and seq_len is None:
             seq_len = int(position_ids.max().item()) + 1
         inv = self.inv_freq_for(seq_len)
         cos, sin = rope_cos_sin(position_ids, inv, self.attention_factor)
