@@ -34,8 +34,9 @@ def build_training(cfg: SpindleConfig, layout: Layout, n_sources: int, log: Call
     if layout.pp == 1:
         raw = build_model(cfg.model.to_args(), "meta")
         model = apply_data_and_context_parallel(apply_model_parallel(raw, cfg, layout), cfg, layout)
-        executor = StepExecutor(model, device=layout.device, compute_dtype=dtype, label_smoothing=cfg.loss.label_smoothing,
-                                n_sources=n_sources, tensor_parallel=layout.tp > 1,
+        executor = StepExecutor(model, device=layout.device, compute_dtype=dtype,
+                                label_smoothing=cfg.loss.label_smoothing, n_sources=n_sources,
+                                tensor_parallel=layout.tp > 1,
                                 full_shard=full_sharding(cfg.parallel), slices=slices_of(model))
         return raw, model, executor
     num_stages = layout.pp * cfg.model.num_chunks
@@ -47,5 +48,6 @@ def build_training(cfg: SpindleConfig, layout: Layout, n_sources: int, log: Call
         slices = SequenceSlices(m, layout.groups.cp) if layout.cp > 1 else None
         stages.append(PipelineStageModel(m, cfg.loss.label_smoothing, fused=layout.tp == 1, slices=slices))
     parts = [apply_data_and_context_parallel(s, cfg, layout) for s in stages]
-    executor = PipelineExecutor(cfg, layout, stages, parts, stage_ids, compute_dtype=dtype, n_sources=n_sources, log=log)
+    executor = PipelineExecutor(cfg, layout, stages, parts, stage_ids, compute_dtype=dtype, n_sources=n_sources,
+                                log=log)
     return LocalStages(inner), parts[0], executor
