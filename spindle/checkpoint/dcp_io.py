@@ -1,7 +1,8 @@
 """Reading and writing the tensors of one checkpoint folder with torch.distributed.checkpoint (DCP).
 
     {step}/.metadata, {step}/__{rank}_0.distcp   model, optimizer and RNG tensors under their
-                                                 fully-qualified names (sharded, topology-independent)
+                                                 fully-qualified names (sharded, topology-independent);
+                                                 the RNG streams from / into a Stateful given by the caller
 
 No pickled code is ever executed on load:
 - DCP's `.metadata` is read with an unpickler that admits only DCP's own metadata classes, torch
@@ -33,6 +34,7 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.metadata import BytesStorageMetadata
+from torch.distributed.checkpoint.stateful import Stateful
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -41,6 +43,8 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
+from spindle.checkpoint.records import RNG_CONTENT
+from spindle.config.ckpt_content import MODEL, OPTIMIZER
 from spindle.errors import SpindleError
 
 # Optimizer state keyed "state.<param name>.exp_avg", "param_groups.<param name>.lr": every entry names
@@ -178,18 +182,31 @@ def _as_stream(value) -> io.BytesIO:
 
 
 def rng_state() -> dict:
-    """The generators a training step draws from: the CPU one, and the current CUDA device's if any."""
+    """The process's generators: the CPU one, and the current CUDA device's if any."""
     state = {"cpu": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state()
     return state
 
 
-def _rng_to_load(saved_keys: set[str], log: Callable[[str], None]) -> dict:
-    """Templates for the RNG states this checkpoint holds and this machine has (a checkpoint written on
-    a CPU machine has no CUDA state, and the other way round): the CPU state always, the CUDA state
-    when both sides have it, a note otherwise."""
-    here = rng_state()
+class ProcessRNG:
+    """The process's own generators as a Stateful: the RNG streams a checkpoint written outside a training run
+    (a conversion) records. A run saves and restores its own (spindle.train.host.RunRNG)."""
+
+    def state_dict(self) -> dict:
+        return rng_state()
+
+    def load_state_dict(self, state: dict) -> None:
+        if "cpu" in state:
+            torch.set_rng_state(state["cpu"])
+        if "cuda" in state:
+            torch.cuda.set_rng_state(state["cuda"])
+
+
+def _rng_to_load(saved_keys: set[str], here: dict, log: Callable[[str], None]) -> dict:
+    """Templates for the RNG states this checkpoint holds and this run has (`here`: its Stateful's state dict; a
+    checkpoint written on a CPU machine has no CUDA state, and the other way round): the CPU state always, the
+    CUDA state when both sides have it, a note otherwise."""
     wanted = {}
     for device, template in here.items():
         if f"rng.{device}" in saved_keys:
@@ -207,14 +224,15 @@ def _rng_to_load(saved_keys: set[str], log: Callable[[str], None]) -> dict:
 # --------------------------------------------------------------------------- write / load tensors
 
 
-def write_tensors(path: Path, model: torch.nn.Module, optimizer: Optional[torch.optim.Optimizer],
+def write_tensors(path: Path, model: torch.nn.Module, optimizer: Optional[torch.optim.Optimizer], rng: Stateful,
                   process_group=None, asynchronous: bool = False) -> Optional[Future]:
-    """Write the DCP files of one checkpoint (every rank calls this; DCP coordinates).
+    """Write the DCP files of one checkpoint (every rank calls this; DCP coordinates): the model, the optimizer
+    and the RNG streams (`rng`'s state dict, as rng.cpu / rng.cuda).
 
     `asynchronous`: `dcp.async_save` — the tensors are copied to host memory before it returns (training
     may change them right after), the files are written in a background thread; the returned future
     resolves when they are (pass it to `finish_write`)."""
-    state = {"model": get_model_state_dict(model), "rng": rng_state()}
+    state = {"model": get_model_state_dict(model), "rng": rng.state_dict()}
     if optimizer is not None:
         state["optimizer"] = get_optimizer_state_dict(model, optimizer, options=OPTIM_OPTIONS)
     path.mkdir(parents=True, exist_ok=True)
@@ -277,26 +295,28 @@ def load_tensors(
     process_group=None,
     partial: bool = False,
     log: Callable[[str], None] = print,
+    rng: Optional[Stateful] = None,
 ) -> None:
-    """Load the selected content (model / optimizer / the RNG with "sampler") into place."""
+    """Load the selected content into place: model, optimizer, and with the data position (records.RNG_CONTENT)
+    the RNG streams into `rng` (its load_state_dict, explicitly)."""
     path = Path(path)
     if not (path / ".metadata").is_file():
         raise SpindleError(f"{path}: not a Spindle checkpoint (no .metadata)")
     state: dict = {}
-    if "model" in content:
+    if MODEL in content:
         state["model"] = get_model_state_dict(model)
         check_model_shapes(path, state["model"], partial=partial)
-    if "optimizer" in content and optimizer is not None:
+    if OPTIMIZER in content and optimizer is not None:
         if not any(k.startswith("optimizer.") for k in read_metadata(path).state_dict_metadata):
             raise SpindleError(f"{path}: holds no optimizer state (weights and counters only, as `spindle convert` "
                                "writes them); to start with a fresh AdamW, load it with load_ckpt_info "
                                "content=('model', 'scheduler', 'sampler') instead of 'all'")
         state["optimizer"] = get_optimizer_state_dict(model, optimizer, options=OPTIM_OPTIONS)
-    if "sampler" in content:
+    if RNG_CONTENT in content and rng is not None:
         saved_rng = {k for k in read_metadata(path).state_dict_metadata if k.startswith("rng.")}
-        rng = _rng_to_load(saved_rng, log)
-        if rng:
-            state["rng"] = rng
+        wanted = _rng_to_load(saved_rng, rng.state_dict(), log)
+        if wanted:
+            state["rng"] = wanted
     if state:
         try:
             with warnings.catch_warnings():
@@ -316,10 +336,7 @@ def load_tensors(
     if "optimizer" in state:
         set_optimizer_state_dict(model, optimizer, state["optimizer"], options=OPTIM_OPTIONS)
     if "rng" in state:
-        if "cpu" in state["rng"]:
-            torch.set_rng_state(state["rng"]["cpu"])
-        if "cuda" in state["rng"]:
-            torch.cuda.set_rng_state(state["rng"]["cuda"])
+        rng.load_state_dict(state["rng"])
 
 
 def _refusal_inside(exc: BaseException) -> Optional[SpindleError]:

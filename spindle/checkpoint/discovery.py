@@ -3,9 +3,11 @@
 A save folder (`ckpt.save_ckpt_folder`: `local:/dir`, a bare path, or `boto3:s3://bucket/prefix`)
 holds one checkpoint per saved step:
 
-    {step}/.owner.json                           written first: which run lineage is writing it
+    {step}/.owner.json                           written first: which run lineage is writing it (the one
+                                                 place a save writes the lineage; the record copies it)
     {step}/.metadata, {step}/__{rank}_0.distcp   DCP tensors (spindle.checkpoint.dcp_io)
-    {step}/trainer_state.json                    counters, sampler position, loss scaler, lineage
+    {step}/trainer_state.json                    counters, sampler position, loss scaler (and the lineage in
+                                                 checkpoints written before issue 26)
     {step}/config.json                           the resolved config of the run that wrote it
     {step}.step                                  the completion record, written last (below)
     snapshot/{0,1}/{step}/... + {step}.step      `oss_snapshot_freq` snapshots, two alternating slots

@@ -21,11 +21,14 @@ from spindle.checkpoint.discovery import (
     CkptRef, Location, Verified, is_remote, local_copy, newest_intact, open_ckpt_storage, resolve, scan_completed,
     strip_prefix, verify,
 )
+from spindle.checkpoint.records import select_state
 from spindle.checkpoint.storage import Storage
 from spindle.config import CkptConfig, LoadCkptInfo
+from spindle.config.ckpt_content import (
+    CONTENT_PARTS, MODEL, OPTIMIZER, SAMPLER, SCHEDULER, expand_content, needs_state,
+)
 from spindle.errors import SpindleError
 
-CONTENTS = ("model", "optimizer", "scheduler", "sampler")
 HF_TYPES = ("hf", "hf_llama")
 
 
@@ -52,7 +55,7 @@ class LoadPlan:
     @property
     def continues_run(self) -> bool:
         """True when the trainer state is restored: the run lineage (and its counters) go on."""
-        return self.verified is not None and "sampler" in self.content
+        return self.verified is not None and SAMPLER in self.content
 
     @property
     def path(self):  # display / local path
@@ -79,19 +82,18 @@ def plan_load(ckpt: CkptConfig, save_storage: Optional[Storage]) -> LoadPlan:
             note = f"; load_ckpt_info ({info.path}) is ignored" if has_info else ""
             fallback = "".join(f"; checkpoint {ref.step} is damaged ({reason}) and is moved to damaged/"
                                for ref, reason in damaged)
-            return LoadPlan("spindle", CONTENTS, f"auto_resume: continuing from {save_storage.url}/"
+            return LoadPlan("spindle", CONTENT_PARTS, f"auto_resume: continuing from {save_storage.url}/"
                             f"{verified.ref.rel} (step {verified.ref.step}, all state){fallback}{note}"
                             f"{_size_only(ckpt)}",
                             storage=save_storage, verified=verified, quarantine=damaged)
     if has_info:
         if info.ckpt_type in HF_TYPES:
             return LoadPlan("hf", ("hf",), f"load_ckpt_info: Hugging Face weights from {info.path}", url=info.path)
-        content = CONTENTS if "all" in info.content else tuple(info.content)
+        content = expand_content(info.content)
         if not is_remote(info.path) and is_internevo_folder(strip_prefix(info.path)):
             return LoadPlan("internevo", content, _internevo_reason(info.path, content), url=info.path)
         storage, ref = resolve(info.path, ckpt)
-        verified = verify(storage, ref, need_state=any(c in content for c in ("sampler", "scheduler")),
-                          content=ckpt.verify)
+        verified = verify(storage, ref, need_state=needs_state(content), content=ckpt.verify)
         why = " (auto_resume found no completed checkpoint in save_ckpt_folder)" if ckpt.auto_resume else ""
         return LoadPlan("spindle", content, f"load_ckpt_info: loading {', '.join(content)} from "
                         f"{storage.url}/{ref.rel}{why}{_size_only(ckpt)}", url=info.path, storage=storage,
@@ -100,11 +102,11 @@ def plan_load(ckpt: CkptConfig, save_storage: Optional[Storage]) -> LoadPlan:
 
 
 def _internevo_reason(path: str, content: tuple[str, ...]) -> str:
-    carried = ["weights"] if "model" in content else []
-    carried += ["the step and token counters"] if "sampler" in content else []
-    carried += ["the schedule position"] if "scheduler" in content else []
+    carried = ["weights"] if MODEL in content else []
+    carried += ["the step and token counters"] if SAMPLER in content else []
+    carried += ["the schedule position"] if SCHEDULER in content else []
     moments = ("; its AdamW moments are not mapped: the optimizer starts from zero moments"
-               if "optimizer" in content else "")
+               if OPTIMIZER in content else "")
     return (f"load_ckpt_info: InternEvo checkpoint {path}: loading {', '.join(carried) or 'nothing'}{moments}; "
             "InternEvo's sampler position is not Spindle's, the data starts at the beginning of its order")
 
@@ -114,23 +116,26 @@ def _size_only(ckpt: CkptConfig) -> str:
             if ckpt.verify == "size" else "")
 
 
-def restore(plan: LoadPlan, model, optimizer, process_group=None, partial: bool = False,
-            log: Callable[[str], None] = print) -> dict:
-    """Load the plan's tensors into model / optimizer; returns its verified trainer state."""
+def restore(plan: LoadPlan, model, optimizer, state=None, saved_state: Optional[dict] = None, process_group=None,
+            partial: bool = False, log: Callable[[str], None] = print) -> dict:
+    """Load what the plan's content selects: the tensors into model / optimizer / `state.rng`, and the trainer
+    state's parts into `state` (a Stateful: spindle.train.state.TrainingState) — `saved_state`, the verified
+    trainer state as the resume check completed it, else the verified one. Returns the verified trainer state."""
     with local_copy(plan.storage, plan.ref, plan.verified) as path:
-        load_tensors(path, model, optimizer, plan.content, process_group, partial, log)
+        load_tensors(path, model, optimizer, plan.content, process_group, partial, log, getattr(state, "rng", None))
+    if state is not None:
+        state.load_state_dict(select_state(saved_state or plan.verified.trainer_state, plan.content))
     return plan.verified.trainer_state
 
 
 def load_checkpoint(path: Path, model, optimizer, content: tuple[str, ...], process_group=None,
-                    partial: bool = False, log: Callable[[str], None] = print) -> dict:
-    """Verify the completed checkpoint folder `path` and load `content` from it; returns its trainer
-    state ({} when only weights were asked for)."""
+                    partial: bool = False, log: Callable[[str], None] = print, rng=None) -> dict:
+    """Verify the completed checkpoint folder `path` and load `content` from it (the RNG streams into the
+    Stateful `rng` when given); returns its trainer state ({} when only weights were asked for)."""
     path = Path(path)
     storage = open_ckpt_storage(str(path.parent))
     if not path.name.isdigit():
         raise SpindleError(f"{path}: checkpoint folder name must be its step number")
-    need_state = any(c in content for c in ("sampler", "scheduler"))
-    verified = verify(storage, CkptRef(int(path.name), path.name), need_state=need_state)
-    load_tensors(path, model, optimizer, content, process_group, partial, log)
+    verified = verify(storage, CkptRef(int(path.name), path.name), need_state=needs_state(content))
+    load_tensors(path, model, optimizer, content, process_group, partial, log, rng)
     return verified.trainer_state

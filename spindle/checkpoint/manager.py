@@ -1,5 +1,11 @@
 """The checkpoint manager: where and when to save, what may be pruned, whose checkpoints a folder holds.
 
+When: `should_save(step, last, stop)` after every step — a checkpoint every `ckpt.checkpoint_every` steps, at
+the run's last step (`ckpt.save_final`) and where the run stops or is asked to save (the stop file, a signal:
+spindle.train.controls, spindle.train.signals); otherwise a snapshot every `ckpt.oss_snapshot_freq` steps, into
+the older of two alternating slots. What: the model, the optimizer and the training state, a Stateful
+(spindle.train.state.TrainingState: trainer_state.json, and its RNG streams as tensors).
+
 Before anything is written into the save folder (`CheckpointManager.open`): a folder holding
 checkpoints Spindle did not write (an InternEvo `20/model_tp0_pp0.pt`, ...) is refused, the folder
 lock is taken (one writer, spindle.checkpoint.lock), and `adopt` refuses a folder holding checkpoints
@@ -11,6 +17,7 @@ decided by spindle.checkpoint.loading.
 from __future__ import annotations
 
 import json
+import math
 import os
 import socket
 import time
@@ -21,13 +28,13 @@ from typing import Callable, Optional
 import torch
 import torch.distributed as dist
 
-from spindle.checkpoint.dcp_io import finish_write, write_tensors
+from spindle.checkpoint.dcp_io import ProcessRNG, finish_write, write_tensors
 from spindle.checkpoint.discovery import (
     CkptRef, FolderContents, Location, inspect_folder, open_ckpt_storage, record_lineage, scan_completed,
 )
 from spindle.checkpoint.loading import LoadPlan
 from spindle.checkpoint.lock import FolderLock
-from spindle.checkpoint.records import HASHED_FILES, completion_record, hash_file, sha256
+from spindle.checkpoint.records import HASHED_FILES, completion_record, fresh_trainer_state, hash_file, sha256
 from spindle.checkpoint.staging import Staging
 from spindle.config import CkptConfig
 from spindle.config.redact import redact
@@ -150,11 +157,26 @@ class CheckpointManager:
         self._on_writer(move_damaged)
         return self.lineage
 
+    # -- when
+
+    def should_save(self, step: int, last: bool, stop: bool) -> Optional[str]:
+        """After `step` steps: "checkpoint", "snapshot" or None (module docstring). `last`: the run's last step;
+        `stop`: the run stops here or is asked to save here (stop file, signal)."""
+        every, snap = self.ckpt.checkpoint_every, self.ckpt.oss_snapshot_freq
+        if (math.isfinite(every) and step % every == 0) or (last and self.ckpt.save_final) or stop:
+            return "checkpoint"
+        if math.isfinite(snap) and step % int(snap) == 0:
+            return "snapshot"  # into the slot that does not hold the newest snapshot (save)
+        return None
+
     # -- save
 
-    def save(self, step: int, model, optimizer, trainer_state: dict, config: dict, snapshot: bool = False,
+    def save(self, step: int, model, optimizer, state, config: dict, snapshot: bool = False,
              records: Optional[dict[str, bytes]] = None) -> str:
-        """`records`: more small files of the step folder (name -> bytes), e.g. the tokenizer identity."""
+        """`state`: the training state, a Stateful whose state dict is trainer_state.json and whose `rng` (a
+        Stateful of tensors) the RNG streams; a plain dict is the trainer state of a checkpoint written outside a
+        run (the process's generators recorded). `records`: more small files of the step folder (name -> bytes),
+        e.g. the tokenizer identity."""
         if self.closed:
             raise SpindleError(f"{self.storage.url}: the checkpoint manager is closed (its run ended)")
         if self.lineage is None:  # used without a training run: a new lineage in a folder of no checkpoints
@@ -167,19 +189,21 @@ class CheckpointManager:
         if snapshot:  # write into the slot that does not hold the newest snapshot: one always survives
             slot = min((0, 1), key=lambda s: self._slots.get(s, -1))
         ref = CkptRef(step, f"snapshot/{slot}/{step}" if snapshot else str(step))
-        state = dict(trainer_state, lineage=self.lineage)
+        trainer_state = state.state_dict() if hasattr(state, "state_dict") else dict(state)
         if self.is_writer:
             self._clear(f"snapshot/{slot}" if snapshot else ref.rel)
         self._barrier()
+        # the one place a save writes the lineage; the completion record copies it from here (_commit_files)
         owner = json.dumps({"lineage": self.lineage, "step": step, "host": socket.gethostname(),
                             "pid": os.getpid(), "time": time.time()}).encode()
-        files = {".owner.json": owner, "trainer_state.json": json.dumps(state, indent=1).encode(),
+        files = {".owner.json": owner, "trainer_state.json": json.dumps(trainer_state, indent=1).encode(),
                  # redacted here, for every writer (training, conversions): no secret at rest or uploaded
                  "config.json": json.dumps(redact(config), indent=1, default=str).encode(), **(records or {})}
         target = Path(self.storage.local_path(ref.rel)) if not self.remote else \
             self.staging.folder(ref.rel, _state_bytes(model, optimizer))
         try:
-            future = write_tensors(target, model, optimizer, self.process_group, asynchronous=self.ckpt.async_save)
+            future = write_tensors(target, model, optimizer, getattr(state, "rng", None) or ProcessRNG(),
+                                   self.process_group, asynchronous=self.ckpt.async_save)
         except OSError as exc:
             raise self._not_written(target, exc) from None
         self._writing = (ref, target, files, slot, future)
@@ -355,9 +379,8 @@ def save_weights_checkpoint(url: str, step: int, model, config: dict, counters: 
     try:
         manager.open()
         manager.adopt(LoadPlan("fresh", (), "conversion"))
-        state = {"step": step, "updates": 0, "num_consumed_tokens": 0, "inf_nan_skip_batches": 0,
-                 "loader": {"position": 0}, **(counters or {})}
-        return manager.save(step, model, None, state, config, records=records)
+        return manager.save(step, model, None, fresh_trainer_state(**{"step": step, **(counters or {})}), config,
+                            records=records)
     finally:
         manager.close()
 

@@ -1,4 +1,5 @@
-"""The JSON files of a checkpoint: the completion record (`{step}.step`) and `trainer_state.json`.
+"""The JSON files of a checkpoint: the completion record (`{step}.step`) and `trainer_state.json` (its keys
+and which load content restores each, defined here once).
 
 The completion record is written last, after every file it lists is durable: the step, the run
 lineage, and every file of the checkpoint with its size and SHA-256 (tensor shards included: a flipped
@@ -15,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
+from spindle.config.ckpt_content import SAMPLER, SCHEDULER
 from spindle.errors import SpindleError
 
 RECORD_FORMAT = "spindle-checkpoint-2"
@@ -92,24 +94,44 @@ def _is_count(v) -> bool:
 
 # --------------------------------------------------------------------------- the trainer state file
 
-# key -> (check, what is expected); the loader and loss-scaler parts are checked by their owners
-TRAINER_STATE_KEYS = {
-    "step": (_is_count, "a non-negative integer"),
-    "updates": (_is_count, "a non-negative integer"),
-    "num_consumed_tokens": (_is_count, "a non-negative integer"),
-    "inf_nan_skip_batches": (_is_count, "a non-negative integer"),
-    "loader": (lambda v: isinstance(v, dict) and _is_count(v.get("position")), "an object with a position"),
-}
 def _is_scaler(v) -> bool:
     scale = v.get("scale") if isinstance(v, dict) else None
     return (isinstance(scale, (int, float)) and not isinstance(scale, bool) and math.isfinite(scale) and scale > 0
             and _is_count(v.get("growth_tracker")) and _is_count(v.get("hysteresis_tracker")))
 
 
-OPTIONAL_TRAINER_STATE_KEYS = {
-    "scaler": (_is_scaler, "an object with a finite scale > 0 and two counters"),
-    "lineage": (lambda v: isinstance(v, str) and 0 < len(v) <= 128, "a string"),
+# trainer_state.json's keys, defined once: key -> (the content part that restores it, check, what is expected).
+# The counters sit at the top level; "loader" and "scaler" hold their owners' state dicts, checked further by them.
+COUNTERS = {
+    "step": (SAMPLER, _is_count, "a non-negative integer"),  # the next batch to train (skipped ones included)
+    "updates": (SCHEDULER, _is_count, "a non-negative integer"),  # successful updates: the lr / beta2 schedules
+    "num_consumed_tokens": (SAMPLER, _is_count, "a non-negative integer"),
+    "inf_nan_skip_batches": (SAMPLER, _is_count, "a non-negative integer"),
 }
+TRAINER_STATE_KEYS = COUNTERS | {
+    "loader": (SAMPLER, lambda v: isinstance(v, dict) and _is_count(v.get("position")), "an object with a position"),
+}
+OPTIONAL_TRAINER_STATE_KEYS = {
+    "scaler": (SCHEDULER, _is_scaler, "an object with a finite scale > 0 and two counters"),
+    # the layout the run had: never restored, compared by spindle.train.resume_check (which falls back when it
+    # is not an object, so it is not refused here)
+    "layout": (None, lambda v: True, "anything"),
+    # checkpoints saved before the lineage was written only into .owner.json and the completion record
+    "lineage": (None, lambda v: isinstance(v, str) and 0 < len(v) <= 128, "a string"),
+}
+# the RNG streams, saved as tensors beside the model and optimizer (DCP keys rng.cpu, rng.cuda), go with the data
+RNG_CONTENT = SAMPLER
+
+
+def fresh_trainer_state(**counters: int) -> dict:
+    """A trainer state at the start of the data (the counters not given are 0): what conversions save."""
+    return {key: counters.get(key, 0) for key in COUNTERS} | {"loader": {"position": 0}}
+
+
+def select_state(state: dict, content: tuple[str, ...]) -> dict:
+    """The part of a (verified) trainer state that a load of `content` restores."""
+    parts = TRAINER_STATE_KEYS | OPTIONAL_TRAINER_STATE_KEYS
+    return {key: value for key, value in state.items() if key in parts and parts[key][0] in content}
 
 
 def parse_trainer_state(data: bytes, where: str) -> dict:
@@ -121,13 +143,13 @@ def parse_trainer_state(data: bytes, where: str) -> dict:
     if not isinstance(state, dict):
         raise DamagedCheckpoint(f"{where}: damaged trainer state (expected a JSON object, got "
                                 f"{type(state).__name__})")
-    for key, (check, expected) in TRAINER_STATE_KEYS.items():
+    for key, (_, check, expected) in TRAINER_STATE_KEYS.items():
         if key not in state:
             raise DamagedCheckpoint(f"{where}: damaged trainer state (no '{key}')")
         if not check(state[key]):
             raise DamagedCheckpoint(f"{where}: damaged trainer state ('{key}' must be {expected}, got "
                                     f"{state[key]!r:.60})")
-    for key, (check, expected) in OPTIONAL_TRAINER_STATE_KEYS.items():
+    for key, (_, check, expected) in OPTIONAL_TRAINER_STATE_KEYS.items():
         if key in state and not check(state[key]):
             raise DamagedCheckpoint(f"{where}: damaged trainer state ('{key}' must be {expected}, got "
                                     f"{state[key]!r:.60})")

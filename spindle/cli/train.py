@@ -169,13 +169,13 @@ def _train_on_rank(cfg, env, t0: float) -> int:
     result = trainer.fit()
     hist = result["history"]
     if env.is_main and hist:
-        log(f"done: {len(hist)} steps in {time.perf_counter() - t0:.1f} s; "
+        log(f"done: {result['steps']} steps in {time.perf_counter() - t0:.1f} s; "
             + loss_summary(hist, byte_level=cfg.data.tokenizer_path == "byte")
             + (f"; checkpoint saved at step {result['saved_at']} in {trainer.save_dir}" if result["saved_at"] else ""))
     if cfg.trainer.sample_prompt is not None and cfg.trainer.sample_tokens:
         from spindle.parallel.gather import whole_model
 
-        model = whole_model(trainer.raw_model, cfg.model.to_args(), trainer.env)  # collective under a layout
+        model = whole_model(trainer.raw_model, cfg.model.to_args(), trainer.layout)  # collective under a layout
         if model is not None:
             print_sample(model.eval(), cfg, trainer.tokenizer)
     return 0

@@ -15,6 +15,7 @@ from typing import Any, Literal, Optional
 from pydantic import Field, PrivateAttr, field_validator, model_validator
 
 from spindle.config.base import MAX_SEED, Section, every_steps, folder_name, path_value
+from spindle.config.ckpt_content import ContentName
 from spindle.config.data import DataConfig
 from spindle.config.long_eval import LongEvalConfig
 from spindle.config.model import ModelConfig
@@ -28,7 +29,7 @@ SAVE_SIGNALS = ("SIGTERM", "SIGINT", "SIGHUP", "SIGUSR1", "SIGUSR2")  # what ckp
 class LoadCkptInfo(Section):
     path: Optional[str] = None
     # which states to load: any of model / sampler / optimizer / scheduler, or "all"
-    content: tuple[Literal["model", "sampler", "optimizer", "scheduler", "all"], ...] = ("all",)
+    content: tuple[ContentName, ...] = ("all",)
     # "internevo" / "normal" / "spindle" all mean our own DCP format; "hf" (or InternEvo's "hf_llama")
     # means a Hugging Face Llama folder (model weights only).
     ckpt_type: Literal["internevo", "normal", "spindle", "hf", "hf_llama", "llama"] = "internevo"

@@ -36,6 +36,18 @@ def step_signals(stop_file: Optional[str], env, write_failed: bool,
     return stop or None, bool(failed), signal_number
 
 
+def stops_at(stop: Optional[int], step: int) -> bool:
+    """Whether the stop file's value `stop` ends the run after `step` steps (N > 0: at step N, or at once when
+    the run is past it)."""
+    return bool(stop and stop > 0 and step >= stop)
+
+
+def saves_at(stop: Optional[int], step: int) -> bool:
+    """Whether the stop file asks for a checkpoint after `step` steps: where it stops the run, and at step N of
+    a -N (save and go on)."""
+    return stops_at(stop, step) or bool(stop and step == abs(stop))
+
+
 def acted_on_stop_file(stop_file: str, stop: int, step: int, saving: bool, is_main: bool,
                        say: Callable[[str], None]) -> None:
     """After "save and quit at step N": say so, and reset the file to 0 (rank 0)."""

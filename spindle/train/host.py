@@ -81,28 +81,50 @@ def torch_threads(n: Optional[int]) -> Iterator[None]:
 
 
 class RunRNG:
-    """The generators a run draws from (dropout), kept apart from the process's: `with rng:` puts the
-    run's states in place (CPU and the CUDA device's), and when the block ends saves them and gives the
-    process its own back. Seeded from `trainer.seed`; a resume restores it from the checkpoint inside
-    the block, and a checkpoint saved inside it records it."""
+    """The generators a run draws from (dropout), kept apart from the process's, and a Stateful
+    (torch.distributed.checkpoint.stateful) the checkpoint saves and restores as the tensors rng.cpu and, on a
+    GPU, rng.cuda. `with rng.active():` puts the run's states in place (CPU and the CUDA device's); when the
+    block ends it keeps them and gives the process its own back. Seeded from `trainer.seed`. Inside the block
+    `state_dict` / `load_state_dict` read and set the generators themselves (a save or resume during the run),
+    outside it the states the run keeps."""
 
     def __init__(self, seed: int, device: torch.device):
         self.cuda = [device] if device.type == "cuda" else []
+        self._active = False
         with torch.random.fork_rng(devices=self.cuda):
             torch.manual_seed(seed)
-            self._save()
+            self._held = self._read()
 
-    def _save(self) -> None:
-        self.cpu = torch.get_rng_state()
-        self.device_states = [torch.cuda.get_rng_state(d) for d in self.cuda]
+    def _read(self) -> dict[str, torch.Tensor]:
+        state = {"cpu": torch.get_rng_state()}
+        for d in self.cuda:
+            state["cuda"] = torch.cuda.get_rng_state(d)
+        return state
+
+    def _write(self, state: dict[str, torch.Tensor]) -> None:
+        if "cpu" in state:
+            torch.set_rng_state(state["cpu"])
+        for d in self.cuda:
+            if "cuda" in state:
+                torch.cuda.set_rng_state(state["cuda"], d)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """"cpu" (and "cuda" on a GPU run): the generators' states now."""
+        return self._read() if self._active else dict(self._held)
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """The states a checkpoint holds (a generator it does not hold keeps its own)."""
+        if self._active:
+            self._write(state)
+        else:
+            self._held |= {k: v for k, v in state.items() if k in self._held}
 
     @contextlib.contextmanager
     def active(self) -> Iterator[None]:
         with torch.random.fork_rng(devices=self.cuda):
-            torch.set_rng_state(self.cpu)
-            for d, state in zip(self.cuda, self.device_states):
-                torch.cuda.set_rng_state(state, d)
+            self._write(self._held)
+            self._active = True
             try:
                 yield
             finally:
-                self._save()
+                self._held, self._active = self._read(), False

@@ -22,6 +22,7 @@ from typing import Callable, Optional
 
 from spindle.checkpoint.loading import LoadPlan
 from spindle.config import SpindleConfig, parse_rampup
+from spindle.config.ckpt_content import SAMPLER, needs_state
 from spindle.config.model import ModelConfig
 from spindle.config.redact import redact
 from spindle.data.sampler import position_at
@@ -46,27 +47,21 @@ PACK_KEYS = ("data.micro_bsz", "data.seq_len", "data.pack_sample_into_one", "dat
 NOT_COMPARED = ("constants", "ckpt.load_ckpt_info", "ckpt.load_ckpt_folder", "ckpt.auto_resume")
 
 
-def run_layout(env) -> dict:
-    """The layout recorded in every checkpoint's trainer state."""
-    return {"processes": env.world_size, "dp": env.dp_size, "tp": env.tp_size, "pp": env.pp_size,
-            "cp": env.cp_size}
-
-
-def check_resume(plan: LoadPlan, cfg: SpindleConfig, env, log: Callable[[str], None]) -> Optional[dict]:
-    """Refuse what the loaded checkpoint cannot carry, print every other change once; returns the loader
-    state to restore (None when the plan restores no data position)."""
+def check_resume(plan: LoadPlan, cfg: SpindleConfig, layout, log: Callable[[str], None]) -> dict:
+    """Refuse what the loaded checkpoint cannot carry, print every other change once; returns the trainer state
+    to restore from (the verified one, its loader state completed with the pack size its order is made of).
+    `layout`: this run's (spindle.parallel.layout.Layout)."""
     where = f"{plan.storage.url.rstrip('/')}/{plan.ref.rel}"
     try:
         old = json.loads(plan.storage.read_bytes(f"{plan.ref.rel}/config.json"))
     except (ValueError, UnicodeDecodeError):
         old = None  # verify() has read it as a JSON object already; a race is refused by the load itself
     if not isinstance(old, dict):
-        return _loader_state(plan, None)
+        return _state_to_restore(plan, None)
     new = json.loads(json.dumps(redact(cfg.to_dict()), default=str))  # as the checkpoint wrote its own
     _refuse_structure(old, cfg, where)
-    resumed = any(c in plan.content for c in ("sampler", "scheduler"))
-    if not resumed:
-        return None
+    if not needs_state(plan.content):
+        return plan.verified.trainer_state
     changes = _differences(old, new)
     for key in ROPE:
         if key in changes:
@@ -76,15 +71,15 @@ def check_resume(plan: LoadPlan, cfg: SpindleConfig, env, log: Callable[[str], N
                                "(ckpt.load_ckpt_info content=('model',), docs/long-context.md §9)")
     state = plan.verified.trainer_state
     # a data position at the start of the order (e.g. a converted checkpoint) repeats and skips nothing
-    data_restored = "sampler" in plan.content and bool(_consumed(state))
+    data_restored = SAMPLER in plan.content and bool(_consumed(state))
     if data_restored:
         _refuse_new_order(changes, cfg, where)
     lines = _data_lines(old, cfg, changes, data_restored)
-    lines += _layout_lines(old, cfg, env, state, changes)
+    lines += _layout_lines(old, cfg, layout.record(), state, changes)
     lines += [f"resume: {key} {a!r} -> {b!r}" for key, (a, b) in changes.items() if key not in PACK_KEYS]
     for line in lines:
         log(line)
-    return _loader_state(plan, old)
+    return _state_to_restore(plan, old)
 
 
 def _refuse_structure(old: dict, cfg: SpindleConfig, where: str) -> None:
@@ -168,11 +163,12 @@ def _old_layout(old: dict, state: dict) -> Optional[dict]:
     return {"dp": loader["position"] // per_rank}
 
 
-def _layout_lines(old: dict, cfg: SpindleConfig, env, state: dict, changes: dict) -> list[str]:
-    """The tokens per step (data-parallel size x micro_num x pack size) and the other parallel sizes."""
-    before, now, od = _old_layout(old, state) or {}, run_layout(env), old.get("data", {})
+def _layout_lines(old: dict, cfg: SpindleConfig, now: dict, state: dict, changes: dict) -> list[str]:
+    """The tokens per step (data-parallel size x micro_num x pack size) and the other parallel sizes; `now`: this
+    run's layout as a checkpoint records it."""
+    before, od = _old_layout(old, state) or {}, old.get("data", {})
     old_dp = int(before.get("dp", now["dp"]))
-    causes = [f"{old_dp} -> {env.dp_size} data-parallel ranks"] if old_dp != env.dp_size else []
+    causes = [f"{old_dp} -> {now['dp']} data-parallel ranks"] if old_dp != now["dp"] else []
     if before.get("processes", now["processes"]) != now["processes"]:
         causes[-1:] = [f"{causes[-1]} ({before['processes']} -> {now['processes']} processes)"] if causes else \
             [f"{before['processes']} -> {now['processes']} processes"]
@@ -181,7 +177,7 @@ def _layout_lines(old: dict, cfg: SpindleConfig, env, state: dict, changes: dict
         old_tokens = int(od["micro_num"]) * int(od["micro_bsz"]) * int(od["seq_len"]) * old_dp
     except (KeyError, TypeError, ValueError):
         old_tokens = None
-    new_tokens = cfg.data.micro_num * cfg.data.packed_length * env.dp_size
+    new_tokens = cfg.data.micro_num * cfg.data.packed_length * now["dp"]
     lines = []
     if causes or (old_tokens is not None and old_tokens != new_tokens):
         schedule = (f"the lr schedule continues by optimizer updates (update {state.get('updates', 0)} of "
@@ -189,7 +185,7 @@ def _layout_lines(old: dict, cfg: SpindleConfig, env, state: dict, changes: dict
         per_step = f"{old_tokens} -> {new_tokens} tokens per step" if old_tokens != new_tokens else \
             f"{new_tokens} tokens per step as before"
         lines.append(f"resume: {', '.join(causes) + ': ' if causes else ''}{per_step}; {schedule}"
-                     + ("; the data continues from the same position of the same order" if old_dp != env.dp_size
+                     + ("; the data continues from the same position of the same order" if old_dp != now["dp"]
                         else ""))
     for key, name in (("tp", "tensor-parallel"), ("pp", "pipeline"), ("cp", "context-parallel")):
         if key in before and before[key] != now[key]:
@@ -202,13 +198,14 @@ def _consumed(state: dict) -> int:
     return int(loader.get("tokens", loader.get("position", 0)))
 
 
-def _loader_state(plan: LoadPlan, old: Optional[dict]) -> Optional[dict]:
-    """The saved loader state, with the pack size its order is made of when the state does not say."""
-    if "sampler" not in plan.content:
-        return None
-    state = dict(plan.verified.trainer_state["loader"])
+def _state_to_restore(plan: LoadPlan, old: Optional[dict]) -> dict:
+    """The saved trainer state, its loader state with the pack size its order is made of when it does not say."""
+    saved = plan.verified.trainer_state
+    if SAMPLER not in plan.content:
+        return saved
+    loader = dict(saved["loader"])
     od = (old or {}).get("data", {})
     known = isinstance(od.get("micro_bsz"), int) and isinstance(od.get("seq_len"), int)
-    if "order_tokens" not in state and known and _consumed(plan.verified.trainer_state):
-        state["order_tokens"] = od["micro_bsz"] * od["seq_len"]
-    return state
+    if "order_tokens" not in loader and known and _consumed(saved):
+        loader["order_tokens"] = od["micro_bsz"] * od["seq_len"]
+    return saved | {"loader": loader}

@@ -130,7 +130,7 @@ def test_another_data_parallel_size_is_said_with_its_tokens_per_step(data, tmp_p
     """In process: the first run's checkpoint says it had 2 data-parallel ranks (the loader's global position
     does not depend on the rank count: tests/unit/test_loader.py; a real 2-process run: the test below)."""
     two = {"processes": 2, "dp": 2, "tp": 1, "pp": 1, "cp": 1}
-    monkeypatch.setattr("spindle.train.trainer.run_layout", lambda env: two)
+    monkeypatch.setattr("spindle.parallel.layout.Layout.record", lambda layout: two)
     trained(cfg(tmp_path, data, CUT))
     monkeypatch.undo()
     lines: list[str] = []

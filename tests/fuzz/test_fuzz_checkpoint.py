@@ -33,7 +33,8 @@ def checkpoint_target(work: Path):
     import torch
 
     from spindle.checkpoint.discovery import resolve
-    from spindle.checkpoint.loading import CONTENTS, load_checkpoint
+    from spindle.checkpoint.loading import load_checkpoint
+    from spindle.config.ckpt_content import CONTENT_PARTS as CONTENTS
     from spindle.checkpoint.manager import CheckpointManager
     from spindle.config import CkptConfig, validate_config
     from spindle.model.llama import build_model

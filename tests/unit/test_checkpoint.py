@@ -220,16 +220,23 @@ def test_a_checkpoint_moves_between_cpu_and_gpu_machines(tmp_path, monkeypatch, 
     torch.cuda.set_rng_state records what it is given. Written on one kind and resumed on the other, the
     CPU generator comes back bit for bit and the CUDA state is skipped with a note (it was once a missing
     `rng.cuda` key reported as a damaged checkpoint); GPU to GPU restores it."""
-    from spindle.checkpoint import dcp_io
+    from spindle.train.host import RunRNG
 
-    cpu_only, cuda_state, restored = dcp_io.rng_state, torch.arange(16, dtype=torch.uint8), []
+    cpu_only, cpu_load, cuda_state, restored = RunRNG.state_dict, RunRNG.load_state_dict, \
+        torch.arange(16, dtype=torch.uint8), []
 
-    def machine(kind):
+    def gpu_load(rng, state):
+        if "cuda" in state:
+            restored.append(state["cuda"].clone())
+        cpu_load(rng, {k: v for k, v in state.items() if k != "cuda"})
+
+    def machine(kind):  # the run's RNG streams (a Stateful) with and without a CUDA generator's
         if kind == "gpu":
-            monkeypatch.setattr(dcp_io, "rng_state", lambda: {**cpu_only(), "cuda": cuda_state.clone()})
-            monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, *a: restored.append(state.clone()))
+            monkeypatch.setattr(RunRNG, "state_dict", lambda rng: {**cpu_only(rng), "cuda": cuda_state.clone()})
+            monkeypatch.setattr(RunRNG, "load_state_dict", gpu_load)
         else:
-            monkeypatch.setattr(dcp_io, "rng_state", cpu_only)
+            monkeypatch.setattr(RunRNG, "state_dict", cpu_only)
+            monkeypatch.setattr(RunRNG, "load_state_dict", cpu_load)
 
     full = losses(Trainer(tiny_cfg(tmp_path / "a", {"auto_resume": False}), ParallelEnv(), **QUIET).fit())
     b = tmp_path / "b"

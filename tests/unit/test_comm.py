@@ -29,7 +29,8 @@ DOCUMENTED = {
     ("parallel/context.py", "backward", "out"): "device=g.device: the gradients being scattered",
     ("parallel/pipeline.py", "_run", "stats"): "the stage's loss statistics, on env.device with its outputs",
     ("train/optim.py", "clip_gradients", "sq"): "squared gradient norms, on the gradients' device",
-    ("train/trainer.py", "_all_reduce", "t"): "token counts and loss statistics of the step, on env.device",
+    ("parallel/layout.py", "sum_over_data_ranks", "t"): "token counts of the step, on the layout's device",
+    ("parallel/layout.py", "sum_over_gradient_ranks", "t"): "loss statistics of the step, on the layout's device",
 }
 
 

@@ -10,9 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from spindle.checkpoint.loading import CONTENTS, load_checkpoint
+from spindle.checkpoint.loading import load_checkpoint
 from spindle.checkpoint.manager import CheckpointManager
 from spindle.config import CkptConfig, validate_config
+from spindle.config.ckpt_content import CONTENT_PARTS as CONTENTS
 from spindle.errors import SpindleError
 
 

@@ -1,0 +1,48 @@
+"""Where a fit's lines and metrics go: every rank's own log in the run folder (logs/rank{r}.log), rank 0's
+console (through the progress bar), metrics.jsonl and TensorBoard (rank 0), opened when a fit starts and
+closed when it ends (spindle.train.trainer.Trainer.fit)."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Callable, Optional
+
+from spindle.train.metrics import LineFile, MetricSinks, Progress, RunFolderFull, continue_tensorboard, format_line
+
+
+class RunOutputs:
+    def __init__(self, cfg, run_dir: Path, rank: int, is_main: bool, start_step: int, log: Callable[[str], None]):
+        self.rank, self.is_main, self.log_every, self.total = rank, is_main, cfg.trainer.log_every, cfg.data.total_steps
+        tensorboard = cfg.trainer.tensorboard and cfg.enable_tb
+        if is_main and tensorboard:
+            continue_tensorboard(cfg.resume_tb_folder, Path(cfg.tensorboard_folder or run_dir / "tensorboard"), log)
+        self.sinks = MetricSinks(run_dir, cfg.trainer.jsonl, tensorboard, cfg.tensorboard_folder) if is_main else None
+        self.progress = Progress(self.total, start_step, cfg.trainer.progress_bar if is_main else False)
+        (run_dir / "logs").mkdir(parents=True, exist_ok=True)
+        self.rank_log = LineFile(run_dir / "logs" / f"rank{rank}.log")
+
+    def say(self, line: str) -> None:
+        """A line into this rank's log; rank 0 also prints it."""
+        self.rank_log.write_line(f"{time.strftime('%Y-%m-%d %H:%M:%S')} rank{self.rank} {line}")
+        if self.is_main:
+            self.progress.print(line)
+
+    def write_step(self, record: dict, step: int, done: int) -> Optional[RunFolderFull]:
+        """The step's line (every `trainer.log_every` steps and at the last) and metrics; `done`: the steps trained
+        now. A write that failed (a full disk) is returned, for every rank to learn of it."""
+        try:
+            if step % self.log_every == 0 or done == self.total:
+                self.say(format_line(record))
+            if self.is_main:
+                self.sinks.write(record, step)
+                self.progress.update(done, f"loss {record['loss']:.3f}")
+        except RunFolderFull as exc:
+            return exc
+        return None
+
+    def close(self) -> None:
+        self.rank_log.close()
+        self.progress.close()
+        if self.sinks is not None:
+            self.sinks.close()
