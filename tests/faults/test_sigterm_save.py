@@ -26,8 +26,8 @@ from spindle.cli import main
 
 pytestmark = pytest.mark.faults
 REPO = Path(__file__).resolve().parents[2]
-SAVED = re.compile(r"stopped by (SIG\w+): checkpoint of step (\d+) saved to (\S+); a restart (?:with ckpt.auto_resume=True )?resumes from it "
-                   r"\(exit code (\d+)\)")
+SAVED = re.compile(r"stopped by (SIG\w+): checkpoint of step (\d+) saved to (\S+); "
+                   r"a restart (?:with ckpt.auto_resume=True )?resumes from it \(exit code (\d+)\)")
 
 
 def config(tmp_path: Path, name: str, total_steps: int, **ckpt) -> Path:
