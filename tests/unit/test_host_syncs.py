@@ -214,3 +214,37 @@ def test_context_parallel_and_pipeline_stages_take_the_host_layout(tmp_path, mon
     assert cp.slices.info.starts == ref_starts == [[0, 5, 12], [0, 11]] and not audit.hits
     assert torch.equal(out_cp.token_loss, ref_cp.token_loss)
     assert all(torch.equal(a, b) for a, b in zip(out_stage, ref_stage))
+
+
+def test_a_pipeline_schedule_hands_every_micro_batch_its_own_host_positions(tmp_path, monkeypatch):
+    """What the pipeline executor relies on: `schedule.step(..., host_positions=)` splits the CPU tensor by rows
+    as it splits the arguments, so each stage forward (shape inference included) gets its micro-batch's rows."""
+    import torch.distributed as dist
+    from torch.distributed.pipelining import PipelineStage, ScheduleGPipe
+
+    from spindle.data.batch import Batch
+    from spindle.model import llama
+    from spindle.parallel.pipeline import PipelineStageModel
+
+    first = packed_batch()
+    whole_rows = Batch(first.input_ids, first.labels, torch.arange(16).repeat(2, 1), first.type_ids)
+    batch = Batch.stack([first, whole_rows])
+    seen = []
+    forward = PipelineStageModel.forward
+
+    def recording(self, x, position_ids, labels, host_positions=None):
+        seen.append(host_positions is not None and torch.equal(host_positions, position_ids))
+        return forward(self, x, position_ids, labels, host_positions)
+
+    monkeypatch.setattr(PipelineStageModel, "forward", recording)
+    monkeypatch.setattr(llama, "document_layout", lambda *_: pytest.fail("the layout read from the device"))
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        stage = PipelineStage(PipelineStageModel(llama.build_model(tiny_model_args(), seed=1)), 0, 1,
+                              torch.device("cpu"), group=dist.group.WORLD)
+        schedule = ScheduleGPipe(stage, 2, loss_fn=lambda out, target: out[0].sum(), scale_grads=False)
+        schedule.step(batch.input_ids, batch.position_ids, batch.labels, target=batch.labels,
+                      host_positions=torch.from_numpy(batch.documents.positions))
+    finally:
+        dist.destroy_process_group()
+    assert len(seen) >= 2 and all(seen)
