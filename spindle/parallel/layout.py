@@ -214,13 +214,3 @@ class Layout:
     def record(self) -> dict:
         """The layout recorded in every checkpoint's trainer state."""
         return {"processes": self.world, "dp": self.dp, "tp": self.tp, "pp": self.pp, "cp": self.cp}
-
-    # ------------------------------------------------------------------ transition (issue 26): old names
-
-    dp_size = property(lambda self: self.dp)
-    tp_size = property(lambda self: self.tp)
-    pp_size = property(lambda self: self.pp)
-    cp_size = property(lambda self: self.cp)
-    dp_group = property(lambda self: self.groups and self.groups.dp)
-    pp_group = property(lambda self: self.groups and self.groups.pp)
-    grad_group = property(lambda self: self.groups and self.groups.grad)
