@@ -17,6 +17,11 @@ inside a command does not print its lines twice (handlers an application added i
 "spindle" logger is as it was found (handlers and level): tests run many trainings in one process.
 Records still propagate to the root logger, so an application's own logging configuration (or pytest's
 caplog) sees them too.
+
+Library use (a Trainer built in a script or a test, no block in force) still prints rank 0's lines on stdout as
+the old `log=print` default did: the trainer runs inside `default_console(rank)`, which opens `logging_to(rank)`
+only where no block is in force. To silence those lines, run inside `quiet()` (warnings still reach stderr; a fit
+inside still prints its step lines through its progress bar, as it always did).
 """
 
 from __future__ import annotations
@@ -92,3 +97,24 @@ def logging_to(rank: int = 0, console: Optional[Callable[[str], None]] = None,
         for handler in outer:
             logger.addHandler(handler)
         logger.setLevel(found_level)
+
+
+def routed() -> bool:
+    """Whether a `logging_to` block is in force (the command line's, `quiet()`, an application's)."""
+    return any(isinstance(h, ConsoleHandler) for h in logging.getLogger(ROOT).handlers)
+
+
+def default_console(rank: int = 0) -> contextlib.AbstractContextManager:
+    """`logging_to(rank)` where no block is in force, else nothing: what a library caller that set nothing up sees
+    is what `log=print` showed (rank 0's lines on stdout), and a caller's own block is kept."""
+    return contextlib.nullcontext() if routed() else logging_to(rank)
+
+
+def _discard(line: str) -> None:
+    """The console of `quiet()`: INFO lines go nowhere."""
+
+
+def quiet(rank: int = 0) -> contextlib.AbstractContextManager:
+    """The "spindle" loggers' INFO lines kept off the console inside the block (benchmarks, tests); warnings still
+    reach stderr."""
+    return logging_to(rank, console=_discard)

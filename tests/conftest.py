@@ -85,6 +85,18 @@ def tiny_trained_ckpt(tmp_path_factory):
                    model={"num_attention_heads": 2, "num_layers": 2, "vocab_size": 258, "max_position_embeddings": 32,
                           "init_std": 0.5},  # large weights: positions (and so RoPE options) change the outputs
                    adam=None, trainer={"seed": None, "num_threads": None})
-    tr = Trainer(cfg, ParallelEnv(), log=lambda *_: None)
+    tr = Trainer(cfg, ParallelEnv())
     tr.fit()
     return tmp, tr.save_dir
+
+
+
+@pytest.fixture
+def spindle_lines():
+    """The "spindle" loggers' INFO lines during the test, in order, as a list that fills as they come: what a test
+    reads where it once passed `log=lines.append` (spindle/logs.py; helpers.collecting)."""
+    from helpers import collecting
+
+    lines: list[str] = []
+    with collecting(lines):
+        yield lines

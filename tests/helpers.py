@@ -10,9 +10,11 @@ else replaces the top-level key (JOB_NAME="t", cudnn_benchmark=True, or a sectio
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import logging
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional
 
 TINY = {
     "JOB_NAME": "tiny",
@@ -112,3 +114,28 @@ def run_cli(*args: str, cwd: Optional[Path] = None):
     with contextlib.chdir(cwd or Path.cwd()), contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         rc = main([str(a) for a in args])
     return subprocess.CompletedProcess(["spindle", *map(str, args)], rc, out.getvalue(), err.getvalue())
+
+
+class _Lines(logging.Handler):
+    def __init__(self, lines: list):
+        super().__init__(logging.INFO)
+        self.lines = lines
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.levelno == logging.INFO:  # what the log= callbacks received; warnings go to stderr as before
+            self.lines.append(record.getMessage())
+
+
+@contextlib.contextmanager
+def collecting(lines: list) -> Iterator[list]:
+    """The "spindle" loggers' INFO lines appended to `lines` inside the block, whatever else prints them."""
+    logger, handler = logging.getLogger("spindle"), _Lines(lines)
+    level = logger.level
+    logger.addHandler(handler)
+    if level == logging.NOTSET or level > logging.INFO:
+        logger.setLevel(logging.INFO)
+    try:
+        yield lines
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)

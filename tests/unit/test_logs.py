@@ -7,7 +7,7 @@ import re
 import pytest
 
 from spindle.errors import SpindleError
-from spindle.logs import ConsoleHandler, RankFileHandler, logging_to
+from spindle.logs import ConsoleHandler, RankFileHandler, default_console, logging_to, quiet
 
 log = logging.getLogger("spindle.some.module")  # any module's logger under the package
 LINE = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d rank(\d+) (.*)$")
@@ -122,3 +122,20 @@ def test_an_exception_leaves_nothing_behind():
         with logging_to(0, rank_file=Lines()):
             raise RuntimeError("the fit failed")
     assert ours() == [] and spindle.level == level
+
+
+def test_library_use_prints_rank0_lines_unless_a_block_is_in_force(capsys):
+    """What a Trainer built in a script shows (it runs inside default_console): rank 0's lines on stdout, as its
+    old log=print did; another rank's stay off; a block already in force (the command's, quiet()) is kept."""
+    with default_console(0):
+        log.info("checkpoint: auto_resume: continuing from x")
+    with default_console(1):
+        log.info("rank 1's line")
+    with logging_to(0, console=lambda line: print("cli:", line)), default_console(0):
+        log.info("routed")
+    with quiet(), default_console(0):
+        log.info("silenced")
+        log.warning("a warning still shows")
+    captured = capsys.readouterr()
+    assert captured.out == "checkpoint: auto_resume: continuing from x\ncli: routed\n", captured.out
+    assert captured.err == "a warning still shows\n" and ours() == []
