@@ -23,16 +23,19 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import logging
 import math
 import os
 import re
 import time
-from typing import Callable, Iterator, Optional
+from typing import Iterator, Optional
 
 import torch
 
 from spindle.dtypes import compute_dtype
 from spindle.errors import SpindleError
+
+logger = logging.getLogger(__name__)
 
 # (name pattern, {dtype key: dense TFLOP/s}); first match wins
 GPU_PEAKS: list[tuple[str, dict[str, float]]] = [
@@ -105,8 +108,8 @@ class MfuPeak:
     that step's rate (said once) and mfu = achieved / peak is at most 1. A configured or datasheet peak is
     the user's or the vendor's figure and is never moved (mfu above 1 then says that figure is wrong)."""
 
-    def __init__(self, tflops: float, source: str, measured: bool, say: Callable[[str], None]):
-        self.tflops, self.source, self.measured, self.say = tflops, source, measured, say
+    def __init__(self, tflops: float, source: str, measured: bool):
+        self.tflops, self.source, self.measured = tflops, source, measured
         self.raised = False
 
     def utilization(self, achieved_tflops: float) -> float:
@@ -115,20 +118,19 @@ class MfuPeak:
             return 0.0
         if self.measured and achieved_tflops > self.tflops:
             if not self.raised:
-                self.say(f"MFU peak raised from {self.tflops:.3g} to {achieved_tflops:.3g} TFLOP/s: a step of this "
-                         "run went faster than the start-up matmul probe (other work on the cores while it ran); "
-                         "the peak follows any faster step from now on, so mfu stays at most 1 "
-                         "(trainer.peak_tflops fixes it)")
+                logger.info(f"MFU peak raised from {self.tflops:.3g} to {achieved_tflops:.3g} TFLOP/s: a step of "
+                            "this run went faster than the start-up matmul probe (other work on the cores while it "
+                            "ran); the peak follows any faster step from now on, so mfu stays at most 1 "
+                            "(trainer.peak_tflops fixes it)")
             self.raised = True
             self.tflops = achieved_tflops
         return achieved_tflops / self.tflops
 
 
-def mfu_peak(configured: Optional[float], device: torch.device, compute_dtype: str,
-             say: Callable[[str], None]) -> MfuPeak:
+def mfu_peak(configured: Optional[float], device: torch.device, compute_dtype: str) -> MfuPeak:
     """`resolve_peak_tflops` as a run's MfuPeak (measured: no configured value, not a GPU)."""
     tflops, source = resolve_peak_tflops(configured, device, compute_dtype)
-    return MfuPeak(tflops, source, measured=not configured and device.type != "cuda", say=say)
+    return MfuPeak(tflops, source, measured=not configured and device.type != "cuda")
 
 
 # ----------------------------------------------------------------------------- CUDA precision defaults

@@ -102,13 +102,14 @@ class Variant:
 
 
 def build_variants(size: str, names, run_folder: str) -> tuple[list[Variant], dict]:
+    from spindle.logs import quiet
     from spindle.parallel.mesh import ParallelEnv
     from spindle.train.trainer import Trainer
 
     batch = make_batch(size)
     x, y = batch.input_ids, batch.labels
-    quiet = lambda *_: None  # noqa: E731
-    ref = Trainer(spindle_config(size, False, run_folder), ParallelEnv(), log=quiet)
+    with quiet():  # the trainers' start-up lines (checkpoint: ...) are not the benchmark's output
+        ref = Trainer(spindle_config(size, False, run_folder), ParallelEnv())
     ref_state = ref.raw_model.state_dict()
     mcfg = ref.cfg.model
     out: list[Variant] = []
@@ -116,8 +117,8 @@ def build_variants(size: str, names, run_folder: str) -> tuple[list[Variant], di
 
     for name in names:
         if name in ("spindle", "spindle_c"):
-            tr = ref if name == "spindle" else Trainer(spindle_config(size, True, run_folder), ParallelEnv(),
-                                                       log=quiet)
+            with quiet():
+                tr = ref if name == "spindle" else Trainer(spindle_config(size, True, run_folder), ParallelEnv())
             with torch.no_grad():  # compiled blocks rename parameters (_orig_mod): copy in order
                 for p, q in zip(tr.raw_model.parameters(), ref.raw_model.parameters()):
                     p.copy_(q)

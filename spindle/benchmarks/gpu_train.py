@@ -30,6 +30,8 @@ import time
 
 import torch
 
+from spindle.logs import quiet
+
 logger = logging.getLogger(__name__)
 
 PRESETS = {
@@ -91,7 +93,8 @@ def run(preset="tiny", steps=8, warmup=2, dtype="bf16", compile=True, device="au
         cfg = build_config(preset, steps, dtype, compile, device, run_folder or tmp, micro_bsz, seq_len,
                            peak_tflops, fused, packed)
         t0 = time.perf_counter()
-        tr = Trainer(cfg, env, log=lambda *_: None)
+        with quiet(env.rank):  # the trainer's start-up lines are not the benchmark's output
+            tr = Trainer(cfg, env)
         opt_defaults = tr.optimizer.defaults
         result = tr.fit()
         wall = time.perf_counter() - t0
@@ -158,7 +161,8 @@ def resume_round_trip(preset="tiny", dtype="bf16", device="auto", seq_len=None) 
                 cfg.ckpt.stop_file_path = f"{tmp}/stop"
                 with open(cfg.ckpt.stop_file_path, "w") as f:
                     f.write("2")
-            runs[name] = [h["loss"] for h in Trainer(cfg, env, log=lambda *_: None).fit()["history"]]
+            with quiet(env.rank):
+                runs[name] = [h["loss"] for h in Trainer(cfg, env).fit()["history"]]
     same = runs["stopped"] + runs["resumed"] == runs["straight"]
     logger.info(f"resume round trip ({preset}, {dtype}, {env.device}): {'bit-exact' if same else 'DIFFERENT'} "
                 f"losses {runs['straight']} vs {runs['stopped']} + {runs['resumed']}")

@@ -22,12 +22,13 @@ from __future__ import annotations
 import dataclasses
 import enum
 import io
+import logging
 import pickle
 import re
 import warnings
 from concurrent.futures import Future
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 import torch.distributed.checkpoint as dcp
@@ -46,6 +47,8 @@ from torch.distributed.checkpoint.state_dict import (
 from spindle.checkpoint.records import RNG_CONTENT
 from spindle.config.ckpt_content import MODEL, OPTIMIZER
 from spindle.errors import SpindleError
+
+logger = logging.getLogger(__name__)
 
 # Optimizer state keyed "state.<param name>.exp_avg", "param_groups.<param name>.lr": every entry names
 # its parameter, so a rank holding a pipeline stage or a shard reads exactly its part of any layout.
@@ -203,7 +206,7 @@ class ProcessRNG:
             torch.cuda.set_rng_state(state["cuda"])
 
 
-def _rng_to_load(saved_keys: set[str], here: dict, log: Callable[[str], None]) -> dict:
+def _rng_to_load(saved_keys: set[str], here: dict) -> dict:
     """Templates for the RNG states this checkpoint holds and this run has (`here`: its Stateful's state dict; a
     checkpoint written on a CPU machine has no CUDA state, and the other way round): the CPU state always, the
     CUDA state when both sides have it, a note otherwise."""
@@ -212,12 +215,12 @@ def _rng_to_load(saved_keys: set[str], here: dict, log: Callable[[str], None]) -
         if f"rng.{device}" in saved_keys:
             wanted[device] = template
         else:
-            log(f"checkpoint: no {device} RNG state in the checkpoint (written on a machine without one); "
-                f"the {device} generator keeps its seed")
+            logger.info(f"checkpoint: no {device} RNG state in the checkpoint (written on a machine without one); "
+                        f"the {device} generator keeps its seed")
     for key in saved_keys:
         device = key.split(".", 1)[1]
         if device not in here:
-            log(f"checkpoint: the checkpoint's {device} RNG state is not restored (no {device} device here)")
+            logger.info(f"checkpoint: the checkpoint's {device} RNG state is not restored (no {device} device here)")
     return wanted
 
 
@@ -294,7 +297,6 @@ def load_tensors(
     content: tuple[str, ...],
     process_group=None,
     partial: bool = False,
-    log: Callable[[str], None] = print,
     rng: Optional[Stateful] = None,
 ) -> None:
     """Load the selected content into place: model, optimizer, and with the data position (records.RNG_CONTENT)
@@ -314,7 +316,7 @@ def load_tensors(
         state["optimizer"] = get_optimizer_state_dict(model, optimizer, options=OPTIM_OPTIONS)
     if RNG_CONTENT in content and rng is not None:
         saved_rng = {k for k in read_metadata(path).state_dict_metadata if k.startswith("rng.")}
-        wanted = _rng_to_load(saved_rng, rng.state_dict(), log)
+        wanted = _rng_to_load(saved_rng, rng.state_dict())
         if wanted:
             state["rng"] = wanted
     if state:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Optional
 
 from spindle.checkpoint.dcp_io import load_tensors
 from spindle.checkpoint.discovery import (
@@ -117,19 +117,19 @@ def _size_only(ckpt: CkptConfig) -> str:
 
 
 def restore(plan: LoadPlan, model, optimizer, state=None, saved_state: Optional[dict] = None, process_group=None,
-            partial: bool = False, log: Callable[[str], None] = print) -> dict:
+            partial: bool = False) -> dict:
     """Load what the plan's content selects: the tensors into model / optimizer / `state.rng`, and the trainer
     state's parts into `state` (a Stateful: spindle.train.state.TrainingState) — `saved_state`, the verified
     trainer state as the resume check completed it, else the verified one. Returns the verified trainer state."""
     with local_copy(plan.storage, plan.ref, plan.verified) as path:
-        load_tensors(path, model, optimizer, plan.content, process_group, partial, log, getattr(state, "rng", None))
+        load_tensors(path, model, optimizer, plan.content, process_group, partial, rng=getattr(state, "rng", None))
     if state is not None:
         state.load_state_dict(select_state(saved_state or plan.verified.trainer_state, plan.content))
     return plan.verified.trainer_state
 
 
 def load_checkpoint(path: Path, model, optimizer, content: tuple[str, ...], process_group=None,
-                    partial: bool = False, log: Callable[[str], None] = print, rng=None) -> dict:
+                    partial: bool = False, rng=None) -> dict:
     """Verify the completed checkpoint folder `path` and load `content` from it (the RNG streams into the
     Stateful `rng` when given); returns its trainer state ({} when only weights were asked for)."""
     path = Path(path)
@@ -137,5 +137,5 @@ def load_checkpoint(path: Path, model, optimizer, content: tuple[str, ...], proc
     if not path.name.isdigit():
         raise SpindleError(f"{path}: checkpoint folder name must be its step number")
     verified = verify(storage, CkptRef(int(path.name), path.name), need_state=needs_state(content))
-    load_tensors(path, model, optimizer, content, process_group, partial, log, rng)
+    load_tensors(path, model, optimizer, content, process_group, partial, rng)
     return verified.trainer_state

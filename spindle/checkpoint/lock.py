@@ -25,16 +25,19 @@ from __future__ import annotations
 
 import errno
 import json
+import logging
 import os
 import socket
 import stat
 import threading
 import time
-from typing import Callable, Optional
+from typing import Optional
 
 from spindle.checkpoint.storage import Storage, StorageNotFound
 from spindle.errors import SpindleError
 from spindle.fileio import open_nofollow
+
+logger = logging.getLogger(__name__)
 
 LOCK_FILE = ".spindle.lock"
 LEASE_REFRESH_S = 60.0
@@ -114,9 +117,8 @@ def _parse_owner(data: bytes) -> Optional[dict]:
 class FolderLock:
     """`acquire()` at start (before anything is written), `release()` at the end."""
 
-    def __init__(self, storage: Storage, job: str, stale_after_s: float = 600.0,
-                 log: Callable[[str], None] = print):
-        self.storage, self.job, self.stale_after_s, self.log = storage, job, stale_after_s, log
+    def __init__(self, storage: Storage, job: str, stale_after_s: float = 600.0):
+        self.storage, self.job, self.stale_after_s = storage, job, stale_after_s
         self.local = storage.local_path("")
         self._fd: Optional[int] = None
         self._by_content = False
@@ -179,7 +181,7 @@ class FolderLock:
                 raise self._refuse(owner, f"; if that run is gone, delete {path}")
             if _alive(int(owner["pid"]), owner.get("pid_start")) and owner["pid"] != os.getpid():
                 raise self._refuse(owner)
-            self.log(f"checkpoint: taking over the lock of a run that is gone ({describe_owner(owner)})")
+            logger.info(f"checkpoint: taking over the lock of a run that is gone ({describe_owner(owner)})")
         self.storage.write_bytes(LOCK_FILE, json.dumps(self._owner).encode())
         self._by_content = True
 
@@ -191,13 +193,13 @@ class FolderLock:
         except StorageNotFound:
             owner = None
         if owner and _gone_from_this_machine(owner):
-            self.log(f"checkpoint: taking over the lease of a run that is gone ({describe_owner(owner)}: "
-                     "no such process on this host)")
+            logger.info(f"checkpoint: taking over the lease of a run that is gone ({describe_owner(owner)}: "
+                        "no such process on this host)")
         elif owner and owner.get("refreshed", 0) > time.time() - self.stale_after_s:
             raise self._refuse(owner, f" (a lease not refreshed for {self.stale_after_s:.0f} s is taken over)")
         elif owner:
-            self.log(f"checkpoint: taking over a lease not refreshed for {self.stale_after_s:.0f} s "
-                     f"({describe_owner(owner)})")
+            logger.info(f"checkpoint: taking over a lease not refreshed for {self.stale_after_s:.0f} s "
+                        f"({describe_owner(owner)})")
         self.storage.write_bytes(LOCK_FILE, json.dumps(self._owner).encode())
         time.sleep(1.0)
         back = _parse_owner(self.storage.read_bytes(LOCK_FILE))
@@ -213,7 +215,7 @@ class FolderLock:
             try:
                 self.storage.write_bytes(LOCK_FILE, json.dumps(self._owner).encode())
             except SpindleError as exc:  # the next refresh tries again; the lease outlives one miss
-                self.log(f"checkpoint: could not refresh the save-folder lease: {exc}")
+                logger.info(f"checkpoint: could not refresh the save-folder lease: {exc}")
 
     # -- both
 

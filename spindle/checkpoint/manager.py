@@ -17,6 +17,7 @@ decided by spindle.checkpoint.loading.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import socket
@@ -42,6 +43,8 @@ from spindle.errors import SpindleError
 from spindle.fileio import fsync_dir, write_durable
 from spindle.parallel.comm import all_gather_single, comm_tensor
 
+logger = logging.getLogger(__name__)
+
 
 # --------------------------------------------------------------------------- the manager
 
@@ -56,14 +59,14 @@ class CheckpointManager:
 
     def __init__(self, url: str, ckpt: CkptConfig, *, job: str = "spindle", is_writer: bool = True,
                  process_group=None, distributed: bool = False,
-                 log: Callable[[str], None] = print, alert: Optional[Callable[[str, str], None]] = None):
-        self.url, self.ckpt, self.log, self.alert = url, ckpt, log, alert or (lambda kind, msg: None)
+                 alert: Optional[Callable[[str, str], None]] = None):
+        self.url, self.ckpt, self.alert = url, ckpt, alert or (lambda kind, msg: None)
         self.is_writer, self.process_group, self.distributed = is_writer, process_group, distributed
         self.storage = open_ckpt_storage(url, ckpt)
         self.remote = self.storage.local_path("") is None
         self.location = Location(self.storage.url) if self.remote else Path(self.storage.local_path(""))
-        self.lock = FolderLock(self.storage, job, log=log) if is_writer else None
-        self.staging = Staging(self.storage, ckpt, log=log) if self.remote else None
+        self.lock = FolderLock(self.storage, job) if is_writer else None
+        self.staging = Staging(self.storage, ckpt) if self.remote else None
         self.lineage: Optional[str] = None
         self.contents = FolderContents()
         self._slots: dict[int, int] = {}  # snapshot slot -> step of this lineage's snapshot in it
@@ -96,8 +99,8 @@ class CheckpointManager:
         if self.staging is not None:
             self.staging.recover(self._commit_files)
         if contents.other:
-            self.log(f"checkpoint: {self.storage.url} also holds {', '.join(contents.other[:5])}, not written "
-                     "by Spindle: left alone")
+            logger.info(f"checkpoint: {self.storage.url} also holds {', '.join(contents.other[:5])}, not written "
+                        "by Spindle: left alone")
 
     def _on_writer(self, step: Callable[[], None]) -> None:
         """Run `step` on the writer; every rank learns whether it failed, so a refusal ends every rank the
@@ -151,7 +154,7 @@ class CheckpointManager:
                 dest = f"damaged/{ref.rel.replace('/', '-')}-{stamp}"
                 self.storage.move(ref.marker, f"{dest}.step")
                 self.storage.move(ref.rel, dest)
-                self.log(f"checkpoint: moved damaged checkpoint {ref.rel} to {self.storage.url}/{dest}")
+                logger.info(f"checkpoint: moved damaged checkpoint {ref.rel} to {self.storage.url}/{dest}")
 
         self._barrier()  # every rank has planned from the folder as it was
         self._on_writer(move_damaged)
@@ -323,7 +326,7 @@ class CheckpointManager:
             reason = failed.get(ref.rel) or next(iter(failed.values()))
             message = (f"checkpoint upload of step {ref.step} to {self.location} failed ({reason}); it stays "
                        f"staged in {self.staging.root / ref.rel} and is retried in the background")
-            self.log(f"checkpoint: {message}")
+            logger.info(f"checkpoint: {message}")
             self.alert("checkpoint_upload", message)
             self._submit(ref)
 
@@ -372,10 +375,10 @@ class CheckpointManager:
 
 
 def save_weights_checkpoint(url: str, step: int, model, config: dict, counters: Optional[dict] = None,
-                            log: Callable[[str], None] = print, records: Optional[dict[str, bytes]] = None) -> str:
+                            records: Optional[dict[str, bytes]] = None) -> str:
     """A checkpoint holding weights (and `counters`, else zeros; the data position at its start) in a
     folder that holds no checkpoints yet: what conversions write, for `load_ckpt_info`."""
-    manager = CheckpointManager(url, CkptConfig(), job="convert", log=log)
+    manager = CheckpointManager(url, CkptConfig(), job="convert")
     try:
         manager.open()
         manager.adopt(LoadPlan("fresh", (), "conversion"))

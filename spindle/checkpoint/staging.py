@@ -15,6 +15,7 @@ owner, a symbolic link, writable by others) is never written into, uploaded or r
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import shutil
 import stat
@@ -28,6 +29,8 @@ from spindle.checkpoint.lock import _alive
 from spindle.checkpoint.storage import AsyncUploader, Storage
 from spindle.config import CkptConfig
 from spindle.errors import SpindleError
+
+logger = logging.getLogger(__name__)
 
 
 def _complete(folder: Path) -> bool:
@@ -60,8 +63,8 @@ def _not_private(folder: Path) -> Optional[str]:
 
 
 class Staging:
-    def __init__(self, storage: Storage, ckpt: CkptConfig, log: Callable[[str], None] = print):
-        self.storage, self.log = storage, log
+    def __init__(self, storage: Storage, ckpt: CkptConfig):
+        self.storage = storage
         self.base = Path(ckpt.async_upload_tmp_folder or tempfile.gettempdir())
         self.key = hashlib.sha256(storage.url.encode()).hexdigest()[:12]
         self.root = self.base / f"spindle-{self.key}-{os.getpid()}"
@@ -129,7 +132,7 @@ class Staging:
                 continue
             why = _not_private(root)
             if why is not None:  # someone else's (or planted): neither trusted nor deleted
-                self.log(f"checkpoint: staging folder {root} {why}; not uploaded or resumed, left alone")
+                logger.info(f"checkpoint: staging folder {root} {why}; not uploaded or resumed, left alone")
                 continue
             for folder in sorted(p for p in root.rglob("*") if p.is_dir() and (p / ".metadata").exists()):
                 rel = folder.relative_to(root).as_posix()
@@ -139,6 +142,6 @@ class Staging:
                 if _complete(folder) and not self.storage.exists(ref.marker):
                     self.storage.upload_dir(str(folder), rel)
                     commit(ref)
-                    self.log(f"checkpoint: uploaded step {ref.step}, left staged in {root} by a run that is "
-                             f"gone, to {self.storage.url}/{rel}")
+                    logger.info(f"checkpoint: uploaded step {ref.step}, left staged in {root} by a run that is "
+                                f"gone, to {self.storage.url}/{rel}")
             shutil.rmtree(root, ignore_errors=True)

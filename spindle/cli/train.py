@@ -163,7 +163,7 @@ def _train_on_rank(cfg, env, t0: float) -> int:
         log(f"config: {note}")
     if compat_line(cfg):
         log(compat_line(cfg))
-    trainer = Trainer(cfg, env, log=log)
+    trainer = Trainer(cfg, env)
     cfg = trainer.cfg  # with the model a Hugging Face folder completed
     log(f"model: {trainer.n_params:,} parameters; MFU peak {trainer.peak:.3g} TFLOP/s ({trainer.peak_source})")
     result = trainer.fit()

@@ -13,7 +13,6 @@ folder's config.json: the config file may leave the model out, or state only wha
 from __future__ import annotations
 
 import logging
-from typing import Callable, Optional
 
 from spindle.interop.families import model_config_from_hf
 from spindle.interop.hf import local_dir, read_hf_config
@@ -47,10 +46,9 @@ TUNABLE = {"rope_base": "rope_theta", "rope_scaling": "rope_scaling",
 BIAS_KEYS = ("no_bias", "qkv_bias", "o_bias", "mlp_bias")
 
 
-def model_from_hf_folder(cfg: SpindleConfig, log: Optional[Callable[[str], None]] = None) -> SpindleConfig:
+def model_from_hf_folder(cfg: SpindleConfig) -> SpindleConfig:
     """`cfg` with its model section completed from the HF folder it starts from (module docstring); `cfg`
-    itself when the run does not start from one. `log`: deprecated (issue 26 phase 2 removes it); None logs here."""
-    log = log or logger.info
+    itself when the run does not start from one."""
     info = cfg.ckpt.load_ckpt_info
     if info is None or info.ckpt_type not in HF_TYPES or not info.path:
         return cfg
@@ -75,8 +73,8 @@ def model_from_hf_folder(cfg: SpindleConfig, log: Optional[Callable[[str], None]
                                "(it is read from config.json) or make them agree")
     for key, hf_key in TUNABLE.items():
         if key in given and getattr(mine, key) != getattr(hf, key):
-            log(f"config: model.{key}={getattr(mine, key)!r} while {source} gives {hf_key}="
-                f"{getattr(hf, key)!r}: training with the config's value")
+            logger.info(f"config: model.{key}={getattr(mine, key)!r} while {source} gives {hf_key}="
+                        f"{getattr(hf, key)!r}: training with the config's value")
     if taken:
-        log(f"config: from {source}: model {', '.join(taken)}")
+        logger.info(f"config: from {source}: model {', '.join(taken)}")
     return cfg.model_copy(update={"model": merged})

@@ -19,6 +19,7 @@ only), never from the loss function's calls.
 
 from __future__ import annotations
 
+import logging
 from typing import Callable, Optional
 
 import torch
@@ -32,6 +33,8 @@ from spindle.model.llama import Transformer, materialize
 from spindle.model.loss import IGNORE_INDEX, TokenLosses, token_statistics
 from spindle.parallel.executor import add_source_stats, autocast, loss_context
 from spindle.parallel.layout import Layout
+
+logger = logging.getLogger(__name__)
 
 SCHEDULES = {
     "1f1b": "Schedule1F1B",
@@ -96,9 +99,8 @@ class PipelineExecutor:
     one schedule per micro-batch count (rampup_batch_size changes it), built when first needed."""
 
     def __init__(self, cfg: SpindleConfig, layout: Layout, stage_models: list[PipelineStageModel],
-                 parts: list[nn.Module], stage_ids: list[int], *, compute_dtype: torch.dtype, n_sources: int,
-                 log: Callable[[str], None] = print):
-        self.cfg, self.layout, self.parts, self.stage_ids, self.log = cfg, layout, parts, stage_ids, log
+                 parts: list[nn.Module], stage_ids: list[int], *, compute_dtype: torch.dtype, n_sources: int):
+        self.cfg, self.layout, self.parts, self.stage_ids = cfg, layout, parts, stage_ids
         self.compute_dtype, self.n_sources = compute_dtype, n_sources
         num_stages = layout.pp * cfg.model.num_chunks
         self.is_first, self.is_last = 0 in stage_ids, num_stages - 1 in stage_ids
@@ -118,8 +120,7 @@ class PipelineExecutor:
 
     def _schedule(self, n: int):
         if n not in self._schedules:
-            self._schedules[n], _ = build_schedule(self.cfg, self.layout, self.parts, self.stage_ids, self._loss, n,
-                                                   log=self.log)
+            self._schedules[n], _ = build_schedule(self.cfg, self.layout, self.parts, self.stage_ids, self._loss, n)
         return self._schedules[n]
 
     def _run(self, batches: list[Batch], train: bool) -> torch.Tensor:
@@ -172,7 +173,7 @@ def build_stage_model(cfg: SpindleConfig, stage: int, num_stages: int, device: t
 
 
 def build_schedule(cfg: SpindleConfig, layout: Layout, parts: list[nn.Module], stage_ids: list[int],
-                   loss_fn: Callable, n_microbatches: int, log: Callable[[str], None] = print):
+                   loss_fn: Callable, n_microbatches: int):
     from torch.distributed.pipelining import PipelineStage, schedules
 
     num_stages = layout.pp * cfg.model.num_chunks
@@ -183,9 +184,9 @@ def build_schedule(cfg: SpindleConfig, layout: Layout, parts: list[nn.Module], s
         name = "interleaved_1f1b"  # InternEvo: num_chunks > 1 means the interleaved schedule
     if name == "1f1b" and n_microbatches < num_stages:
         # 1F1B needs a micro-batch in flight per stage; GPipe computes the same step with any count
-        log(f"pipeline: {n_microbatches} micro-batch(es) per step < {num_stages} stages: 1F1B needs at least one per "
-            "stage, so this step count runs GPipe (all forwards, then all backwards: the same result, a longer "
-            "bubble); raise data.micro_num to use 1F1B")
+        logger.info(f"pipeline: {n_microbatches} micro-batch(es) per step < {num_stages} stages: 1F1B needs at least "
+                    "one per stage, so this step count runs GPipe (all forwards, then all backwards: the same result, "
+                    "a longer bubble); raise data.micro_num to use 1F1B")
         name = "gpipe"
     cls = getattr(schedules, SCHEDULES[name])
     # our loss is already divided by the step's token count, so the schedule must not rescale it

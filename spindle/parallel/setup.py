@@ -10,8 +10,6 @@ meta, sharded, then each rank allocates and initialises its own shards (apply_da
 
 from __future__ import annotations
 
-from typing import Callable
-
 import torch
 
 from spindle.config import SpindleConfig
@@ -26,7 +24,7 @@ from spindle.parallel.parallelize import LocalStages, apply_data_and_context_par
 from spindle.parallel.pipeline import PipelineExecutor, PipelineStageModel, build_stage_model, stages_of_rank
 
 
-def build_training(cfg: SpindleConfig, layout: Layout, n_sources: int, log: Callable[[str], None] = print):
+def build_training(cfg: SpindleConfig, layout: Layout, n_sources: int):
     dtype = compute_dtype(cfg.model.dtype).torch_dtype
     m = cfg.model  # refused here, before the model (or a stage) is allocated on meta and materialised
     refuse_unless_fits(memory_estimate(cfg, layout.world), layout.device, f"training model.num_layers={m.num_layers:,} "
@@ -48,6 +46,5 @@ def build_training(cfg: SpindleConfig, layout: Layout, n_sources: int, log: Call
         slices = SequenceSlices(m, layout.groups.cp) if layout.cp > 1 else None
         stages.append(PipelineStageModel(m, cfg.loss.label_smoothing, fused=layout.tp == 1, slices=slices))
     parts = [apply_data_and_context_parallel(s, cfg, layout) for s in stages]
-    executor = PipelineExecutor(cfg, layout, stages, parts, stage_ids, compute_dtype=dtype, n_sources=n_sources,
-                                log=log)
+    executor = PipelineExecutor(cfg, layout, stages, parts, stage_ids, compute_dtype=dtype, n_sources=n_sources)
     return LocalStages(inner), parts[0], executor

@@ -7,13 +7,16 @@ the file is reset to 0, as InternEvo does, so a restart trains on to total_steps
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 import torch.distributed as dist
 
 from spindle.parallel.comm import comm_tensor
+
+logger = logging.getLogger(__name__)
 
 
 def step_signals(stop_file: Optional[str], env, write_failed: bool,
@@ -48,15 +51,14 @@ def saves_at(stop: Optional[int], step: int) -> bool:
     return stops_at(stop, step) or bool(stop and step == abs(stop))
 
 
-def acted_on_stop_file(stop_file: str, stop: int, step: int, saving: bool, is_main: bool,
-                       say: Callable[[str], None]) -> None:
+def acted_on_stop_file(stop_file: str, stop: int, step: int, saving: bool, is_main: bool) -> None:
     """After "save and quit at step N": say so, and reset the file to 0 (rank 0)."""
     saved = f"checkpoint saved at step {step}" if saving else \
         "saving is off (ckpt.enable_save_ckpt=False), so nothing was saved"
-    say(f"stop file {stop_file}: asked to stop at step {stop}; stopping at step {step} ({saved})")
+    logger.info(f"stop file {stop_file}: asked to stop at step {stop}; stopping at step {step} ({saved})")
     if is_main:
         try:
             Path(stop_file).write_text("0\n")
-            say(f"stop file {stop_file}: reset to 0, a restart continues to data.total_steps")
+            logger.info(f"stop file {stop_file}: reset to 0, a restart continues to data.total_steps")
         except OSError as exc:
-            say(f"stop file {stop_file}: could not reset it to 0 ({exc.strerror}); a restart would stop again")
+            logger.info(f"stop file {stop_file}: could not reset it to 0 ({exc.strerror}); a restart would stop again")

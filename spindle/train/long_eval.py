@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 
@@ -63,18 +63,17 @@ def _as_key(exc: SpindleError, key: str) -> SpindleError:
 
 
 class LongEval:
-    """Built with the trainer; `le(step)` returns the step's metrics ({} when off, not due, or not rank 0).
-    `log` (deprecated, phase 2 of issue 26 removes it): the trainer's own callback; None logs here."""
+    """Built with the trainer; `le(step)` returns the step's metrics ({} when off, not due, or not rank 0)."""
 
-    def __init__(self, cfg, env, raw_model, log: Optional[Callable[[str], None]] = None):
+    def __init__(self, cfg, env, raw_model):
         self.le: LongEvalConfig = cfg.long_eval
         self.every, self.train_len = cfg.data.valid_every, cfg.data.seq_len
         self.env, self.raw_model, self.args = env, raw_model, cfg.model.to_args()
         self.windows = self.tokenizer = None
         if self.le.enabled:
-            self._prepare(cfg, log or logger.info)
+            self._prepare(cfg)
 
-    def _prepare(self, cfg, log) -> None:
+    def _prepare(self, cfg) -> None:
         from spindle.data.tokenizer import load_tokenizer
         from spindle.eval.passkey import make_sample
         from spindle.eval.perplexity import checkpoint_data, load_token_docs, make_windows
@@ -96,8 +95,8 @@ class LongEval:
                 raise SpindleError(f"long_eval.data: token id {int(windows.max())} >= model.vocab_size {vocab} "
                                    f"({what}; read with the tokenizer {cfg.data.tokenizer_path or 'default'})")
             self.windows = windows.to(self.env.device)
-            log(f"long_eval: perplexity at {', '.join(map(str, le.lengths))} tokens on {windows.shape[0]} windows "
-                f"({natural} whole-document starts) of {what}; variants {', '.join(le.variants)}")
+            logger.info(f"long_eval: perplexity at {', '.join(map(str, le.lengths))} tokens on {windows.shape[0]} "
+                        f"windows ({natural} whole-document starts) of {what}; variants {', '.join(le.variants)}")
         if le.passkey_lengths:
             if self.tokenizer.vocab_size > vocab:
                 raise SpindleError(f"long_eval.passkey_lengths: the tokenizer has {self.tokenizer.vocab_size} ids, "
@@ -106,8 +105,9 @@ class LongEval:
                 make_sample(self.tokenizer, le.passkey_lengths[0], 0.0)  # the template must fit the shortest
             except SpindleError as exc:
                 raise _as_key(exc, "long_eval.passkey_lengths") from None
-            log(f"long_eval: passkey ({le.passkey_mode}) at {', '.join(map(str, le.passkey_lengths))} tokens, "
-                f"depths {', '.join(f'{d:g}' for d in le.passkey_depths)}, {le.passkey_samples} samples per cell")
+            depths = ", ".join(f"{d:g}" for d in le.passkey_depths)
+            logger.info(f"long_eval: passkey ({le.passkey_mode}) at {', '.join(map(str, le.passkey_lengths))} "
+                        f"tokens, depths {depths}, {le.passkey_samples} samples per cell")
         longest = max(le.lengths + le.passkey_lengths)
         from spindle.eval.prefill import check_cache_memory
 
@@ -116,7 +116,7 @@ class LongEval:
         except SpindleError as exc:
             raise _as_key(exc, "long_eval") from None
 
-    def __call__(self, step: int, log: Optional[Callable[[str], None]] = None) -> dict:
+    def __call__(self, step: int) -> dict:
         if not self.le.enabled or step % self.every:
             return {}
         from spindle.parallel.gather import whole_model
@@ -130,6 +130,6 @@ class LongEval:
         devices = [self.env.device] if self.env.device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices):  # the training RNG is untouched, whatever runs inside
             out = long_context_metrics(model, self.windows, self.tokenizer, self.le, self.train_len)
-        (log or logger.info)(f"long-context eval after step {step - 1}: " + ", ".join(
+        logger.info(f"long-context eval after step {step - 1}: " + ", ".join(
             f"{k[4:]} {v:.4g}" for k, v in out.items()) + f" ({time.perf_counter() - t0:.1f} s)")
         return out

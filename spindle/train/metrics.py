@@ -161,10 +161,9 @@ class LineFile:
         os.close(self.fd)
 
 
-def continue_tensorboard(previous: Optional[str], tb_dir: Path, log=None) -> None:
+def continue_tensorboard(previous: Optional[str], tb_dir: Path) -> None:
     """InternEvo's resume_tb_folder: the earlier run's event files are copied into this run's TensorBoard
-    folder (once, when it has none), so the curves go on where they stopped. `log`: deprecated (issue 26
-    phase 2 removes it); None logs here."""
+    folder (once, when it has none), so the curves go on where they stopped."""
     if not previous:
         return
     src = Path(previous)
@@ -179,7 +178,7 @@ def continue_tensorboard(previous: Optional[str], tb_dir: Path, log=None) -> Non
         dest.parent.mkdir(parents=True, exist_ok=True)
         dest.write_bytes(f.read_bytes())
         copied += 1
-    (log or logger.info)(f"tensorboard: {copied} event file(s) of {previous} copied into {tb_dir} (resume_tb_folder)")
+    logger.info(f"tensorboard: {copied} event file(s) of {previous} copied into {tb_dir} (resume_tb_folder)")
 
 
 class MetricSinks:

@@ -36,7 +36,7 @@ import time
 import traceback
 import urllib.request
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Optional
 
 from spindle.config.redact import is_credential_name, redact_destination, redact_text
 
@@ -78,9 +78,8 @@ class Monitor:
     `exception(exc)` when the loop dies, `close()` at the end."""
 
     def __init__(self, alert_cfg, run_dir: Path, job_name: str = "spindle", rank: int = 0, is_main: bool = True,
-                 log: Optional[Callable[[str], None]] = None, send_timeout_s: float = SEND_TIMEOUT_S):
+                 send_timeout_s: float = SEND_TIMEOUT_S):
         self.cfg, self.run_dir, self.job, self.rank, self.is_main = alert_cfg, Path(run_dir), job_name, rank, is_main
-        self.log = log or logger.info  # `log`: deprecated (issue 26 phase 2 removes it)
         self.timeout = send_timeout_s
         self.host = socket.gethostname()
         self.webhook = (_normalise_address(alert_cfg.feishu_alert_address)
@@ -187,7 +186,7 @@ class Monitor:
                    "step": self._step if step is None else step, "time": time.time(), "message": message}
             self.sent.append(rec)
             try:
-                self.log(f"alert: {kind}: {message}")
+                logger.info(f"alert: {kind}: {message}")
             except Exception:  # noqa: BLE001 - a closed console must not stop the alert
                 pass
             if self.alert_file is not None:
@@ -296,11 +295,11 @@ class Monitor:
             return
         self._warned.add(key)
         try:
-            self.log(msg)
+            logger.info(msg)
         except Exception:  # noqa: BLE001
             pass
 
 
-def build_monitor(cfg, run_dir: Path, rank: int = 0, is_main: bool = True, log=None) -> Monitor:
+def build_monitor(cfg, run_dir: Path, rank: int = 0, is_main: bool = True) -> Monitor:
     """A Monitor from the whole SpindleConfig."""
-    return Monitor(cfg.monitor.alert, run_dir, cfg.JOB_NAME, rank, is_main, log)
+    return Monitor(cfg.monitor.alert, run_dir, cfg.JOB_NAME, rank, is_main)

@@ -18,7 +18,8 @@ run (docs/checkpoints.md, "What a resume compares"):
 from __future__ import annotations
 
 import json
-from typing import Callable, Optional
+import logging
+from typing import Optional
 
 from spindle.checkpoint.loading import LoadPlan
 from spindle.config import SpindleConfig, parse_rampup
@@ -27,6 +28,8 @@ from spindle.config.model import ModelConfig
 from spindle.config.redact import redact
 from spindle.data.sampler import position_at
 from spindle.errors import SpindleError
+
+logger = logging.getLogger(__name__)
 
 # ModelArgs field -> the config key a user sets; weights cannot carry across a change of any of these
 STRUCTURE = {
@@ -47,7 +50,7 @@ PACK_KEYS = ("data.micro_bsz", "data.seq_len", "data.pack_sample_into_one", "dat
 NOT_COMPARED = ("constants", "ckpt.load_ckpt_info", "ckpt.load_ckpt_folder", "ckpt.auto_resume")
 
 
-def check_resume(plan: LoadPlan, cfg: SpindleConfig, layout, log: Callable[[str], None]) -> dict:
+def check_resume(plan: LoadPlan, cfg: SpindleConfig, layout) -> dict:
     """Refuse what the loaded checkpoint cannot carry, print every other change once; returns the trainer state
     to restore from (the verified one, its loader state completed with the pack size its order is made of).
     `layout`: this run's (spindle.parallel.layout.Layout)."""
@@ -78,7 +81,7 @@ def check_resume(plan: LoadPlan, cfg: SpindleConfig, layout, log: Callable[[str]
     lines += _layout_lines(old, cfg, layout.record(), state, changes)
     lines += [f"resume: {key} {a!r} -> {b!r}" for key, (a, b) in changes.items() if key not in PACK_KEYS]
     for line in lines:
-        log(line)
+        logger.info(line)
     return _state_to_restore(plan, old)
 
 

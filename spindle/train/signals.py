@@ -21,6 +21,7 @@ as the same request there.
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import threading
@@ -28,6 +29,8 @@ import time
 from typing import Callable, Optional
 
 from spindle.parallel.launch import launcher_exited, launcher_watched
+
+logger = logging.getLogger(__name__)
 
 REPEAT_WINDOW_S = 1.0  # under torchrun: the same signal again this soon is the agent forwarding it
 
@@ -137,20 +140,20 @@ class SignalSave:
 
     # ------------------------------------------------------------------ in the loop
 
-    def leave(self, signum: int, step: int, saved_to: Optional[str], say: Callable[[str], None]) -> None:
+    def leave(self, signum: int, step: int, saved_to: Optional[str]) -> None:
         """After the agreed step's save: the line that says where (or that saving is off)."""
         self.stopped_by = signum
         name = signal.Signals(signum).name
         where = (f"checkpoint of step {step} saved to {saved_to}; {self.restart}" if saved_to else
                  f"saving is off (ckpt.enable_save_ckpt=False), so nothing was saved at step {step}")
-        say(f"stopped by {name}: {where} (exit code {exit_code(signum)})")
+        logger.info(f"stopped by {name}: {where} (exit code {exit_code(signum)})")
 
-    def exit_if_stopped(self, say: Callable[[str], None]) -> None:
+    def exit_if_stopped(self) -> None:
         """After the fit's clean-up: the exit a signal asked for. A signal that came after the last step's
         agreement found the run finished (its final save done): it still ends the process, not the sample."""
         if self.requested and not self.stopped_by:
             self.stopped_by = self.requested
-            say(f"{signal.Signals(self.requested).name} received after the last step: the run had finished; exiting "
-                f"(exit code {exit_code(self.requested)})")
+            logger.info(f"{signal.Signals(self.requested).name} received after the last step: the run had finished; "
+                        f"exiting (exit code {exit_code(self.requested)})")
         if self.stopped_by:
             raise SystemExit(exit_code(self.stopped_by))

@@ -12,11 +12,14 @@ One optimizer step:
      `checkpoint_every`, at the end, on the stop file or a signal).
 The training state a checkpoint carries (counters, loader, loss scaler, RNG streams) is one Stateful,
 spindle.train.state.TrainingState; the layout is asked (spindle.parallel.layout.Layout), never read.
+Lines go through the "spindle" loggers (spindle/logs.py): during a fit into every rank's logs/rank{r}.log and
+rank 0's console; a Trainer used without a logging block prints rank 0's lines on stdout (logs.default_console).
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import time
 from typing import Optional
 
@@ -34,6 +37,7 @@ from spindle.errors import SpindleError
 from spindle.hardware import cuda_backend_mode, mfu_peak
 from spindle.interop.hf_start import model_from_hf_folder
 from spindle.interop.tokenizer_check import check_start
+from spindle.logs import default_console
 from spindle.model.flops import model_flops_per_token, parameter_counts
 from spindle.parallel.layout import Layout
 from spindle.parallel.mesh import ParallelEnv
@@ -52,11 +56,17 @@ from spindle.train.signals import SignalSave
 from spindle.train.state import RunHistory, TrainingState, TrainState
 from spindle.train.validation import validate_sets
 
+logger = logging.getLogger(__name__)
+
 
 class Trainer:
-    def __init__(self, cfg: SpindleConfig, env: ParallelEnv | Layout, log=print):
-        cfg = model_from_hf_folder(cfg, log)  # a start from a Hugging Face folder takes its model from there
-        self.cfg, self.log = cfg, log
+    def __init__(self, cfg: SpindleConfig, env: ParallelEnv | Layout):
+        with default_console(env.rank):  # a caller that set no logging up sees rank 0's lines, as print showed
+            self._construct(cfg, env)
+
+    def _construct(self, cfg: SpindleConfig, env: ParallelEnv | Layout) -> None:
+        cfg = model_from_hf_folder(cfg)  # a start from a Hugging Face folder takes its model from there
+        self.cfg = cfg
         self.run_dir = cfg.run_dir
         self.layout = Layout.build(env, cfg)  # layout errors first; the one object the loop asks about ranks
         self.device = self.layout.device
@@ -72,7 +82,7 @@ class Trainer:
 
     def _build(self, cfg: SpindleConfig, layout: Layout) -> None:
         # first: the checkpoint manager's alerts (raised from open / restore on) go to the monitor
-        self.monitor = build_monitor(cfg, self.run_dir, layout.rank, layout.is_main, log=lambda m: self.log(m))
+        self.monitor = build_monitor(cfg, self.run_dir, layout.rank, layout.is_main)
         self.ckpt_manager = self._open_save_folder()
         self.save_dir = self.ckpt_manager.location if self.ckpt_manager else None
         if layout.is_main:
@@ -85,17 +95,17 @@ class Trainer:
         self.valid_sets = build_valid_sets(cfg.data, cfg.model.vocab_size, cache)
         # the layout lives here and in nothing else the loop touches: parallel/setup.py, parallel/executor.py
         self.raw_model, self.model, self.executor = build_training(
-            cfg, layout, n_sources=max(1, len(self.loader.source_names)), log=self.log)
+            cfg, layout, n_sources=max(1, len(self.loader.source_names)))
         self.optimizer = build_optimizer(self.raw_model, cfg.adam, self.device.type)
         self.scaler = DynamicLossScaler.from_config(cfg.grad_scaler,
                                                     enabled=compute_dtype(cfg.model.dtype).loss_scaling)
         self.state = TrainState()  # the counters
         # what a checkpoint carries besides the weights and the optimizer: saved and restored as one Stateful
         self.training_state = TrainingState(self.state, self.loader, self.scaler, self.rng, layout.record())
-        self.mfu_peak = mfu_peak(cfg.trainer.peak_tflops, self.device, compute_dtype(cfg.model.dtype).peak_key,
-                                 lambda line: self.log(line))  # a measured peak rises to a faster step's rate
+        # a measured peak rises to a faster step's rate
+        self.mfu_peak = mfu_peak(cfg.trainer.peak_tflops, self.device, compute_dtype(cfg.model.dtype).peak_key)
         self.peak, self.peak_source = self.mfu_peak.tflops, self.mfu_peak.source
-        self.long_eval = LongEval(cfg, layout, self.raw_model, self.log)  # its data and keys checked now
+        self.long_eval = LongEval(cfg, layout, self.raw_model)  # its data and keys checked now
         self._restore()  # last: nothing may draw from the global RNG between the restore and the first step
         self.flops_per_token = model_flops_per_token(cfg.model, cfg.data.seq_len)
 
@@ -109,17 +119,17 @@ class Trainer:
             return None
         folder = ck.save_ckpt_folder or str(self.run_dir / "ckpt")
         manager = CheckpointManager(folder, ck, job=self.cfg.JOB_NAME, is_writer=self.layout.is_main,
-                                    distributed=self.layout.distributed, log=self.log, alert=self.monitor.alert)
+                                    distributed=self.layout.distributed, alert=self.monitor.alert)
         self.ckpt_manager = manager  # close() releases what open() took, also when open() fails half-way
         manager.open()
         return manager
 
     def _restore(self) -> None:
         plan: LoadPlan = plan_load(self.cfg.ckpt, self.ckpt_manager.storage if self.ckpt_manager else None)
-        self.log(f"checkpoint: {plan.reason}")
+        logger.info(f"checkpoint: {plan.reason}")
         check_start(plan, self.tokenizer)  # the checkpoint's tokenizer is the data's
         # what the checkpoint cannot carry is refused, every other change said, before anything is moved or read
-        saved_state = check_resume(plan, self.cfg, self.layout, self.log) if plan.ref is not None else None
+        saved_state = check_resume(plan, self.cfg, self.layout) if plan.ref is not None else None
         if self.ckpt_manager is not None:
             self.lineage = self.ckpt_manager.adopt(plan)
         args = self.cfg.model.to_args()  # a pipeline rank's view of its stages carries none
@@ -132,11 +142,11 @@ class Trainer:
 
             ck = load_internevo(self.raw_model, plan.url, args)
             for note in ck.notes:
-                self.log(f"checkpoint: {note}")
+                logger.info(f"checkpoint: {note}")
             self.training_state.load_state_dict(select_state(ck.trainer_state(), plan.content))
         elif plan.ref is not None:  # the one path: tensors (model, optimizer, RNG streams) and the trainer state
             restore(plan, self.raw_model, self.optimizer, self.training_state, saved_state,
-                    partial=self.layout.pipelined, log=self.log)
+                    partial=self.layout.pipelined)
 
     def close(self) -> None:
         """Confirm the last uploads and release the save folder (fit() does this when it ends)."""
@@ -189,20 +199,20 @@ class Trainer:
         return validate_sets(self.executor, self.valid_sets, self.cfg.data.valid_micro_num, self.layout, self.device,
                              self.layout.sum_over_gradient_ranks)
 
-    def _evaluations(self, step: int, say) -> dict:
+    def _evaluations(self, step: int) -> dict:
         """After `step`: the validation sets every `data.valid_every` steps, the long evaluations when due."""
         results, every = {}, self.cfg.data.valid_every
         if self.valid_sets and every and self.state.step % every == 0:
             results = self.validate()
-            say(format_validation(step, results, self.valid_sets))
-        return results | self.long_eval(self.state.step, say)  # {} unless due (spindle/train/long_eval.py)
+            logger.info(format_validation(step, results, self.valid_sets))
+        return results | self.long_eval(self.state.step)  # {} unless due (spindle/train/long_eval.py)
 
     # ------------------------------------------------------------------ checkpoint
 
     def save(self, snapshot: bool = False) -> str:
         where = self.ckpt_manager.save(self.state.step, self.raw_model, self.optimizer, self.training_state,
                                        self.cfg.to_dict(), snapshot=snapshot, records=checkpoint_files(self.tokenizer))
-        self.log(f"checkpoint saved: {where}")
+        logger.info(f"checkpoint saved: {where}")
         return where
 
     def _save_if_due(self, last: bool, stop: bool) -> Optional[str]:
@@ -260,7 +270,7 @@ class Trainer:
             state.num_consumed_tokens += self.layout.tokens_per_step(sum(b.tokens for b in batch))
         record = step_record(m, step, batch, elapsed, data_wait, state, self.layout, self.cfg, self.flops_per_token,
                              self.mfu_peak)
-        return record | self._evaluations(step, self.log)
+        return record | self._evaluations(step)
 
     def _end_of_step(self, record: dict, outputs: RunOutputs, signal_save: SignalSave) -> bool:
         """Write the step's line and metrics, agree with every rank on the stop file, a failed write and a signal,
@@ -276,24 +286,29 @@ class Trainer:
                                      stop=quit_now or bool(signalled) or saves_at(stop, done))
         self.monitor.step_finished(record)
         if signalled:  # every rank, at the step they agreed on
-            signal_save.leave(signalled, done, saved_to, self.log)
+            signal_save.leave(signalled, done, saved_to)
         elif quit_now:
             acted_on_stop_file(cfg.ckpt.stop_file_path, stop, done, self.ckpt_manager is not None,
-                               self.layout.is_main, self.log)
+                               self.layout.is_main)
         return bool(signalled) or quit_now
 
     def fit(self) -> dict:
         """Train to data.total_steps (or a stop); the steps' records (bounded: spindle.train.state.RunHistory),
         the step of the last checkpoint saved, and the counters."""
+        with default_console(self.layout.rank):  # as in __init__: lines a fit's own block does not take
+            return self._fit()
+
+    def _fit(self) -> dict:
         state, total, layout = self.state, self.cfg.data.total_steps, self.layout
-        outputs = RunOutputs(self.cfg, self.run_dir, layout.rank, layout.is_main, state.step, self.log)
-        outer_log, self.log = self.log, outputs.say  # every rank keeps its own log; rank 0 also prints
+        outputs = RunOutputs(self.cfg, self.run_dir, layout.rank, layout.is_main, state.step)
+        rank_lines = contextlib.ExitStack()
+        rank_lines.enter_context(outputs.logging())  # every rank keeps its own log; rank 0 also prints
         history, self.saved_at = RunHistory(), None
         self.monitor.start()
         host_mode = self._host_mode()
         if state.step >= total:
-            self.log(f"already at data.total_steps={total} (the run resumed at step {state.step}): nothing to train; "
-                     "raise data.total_steps to train further")
+            logger.info(f"already at data.total_steps={total} (the run resumed at step {state.step}): nothing to "
+                        "train; raise data.total_steps to train further")
         # SIGTERM (and ckpt.save_on_signals) saves at the next step boundary: spindle/train/signals.py
         signal_save = SignalSave.from_config(self.cfg.ckpt, self.ckpt_manager is not None, layout,
                                              self.monitor.alert).install()
@@ -313,11 +328,11 @@ class Trainer:
             signal_save.restore()  # before the monitor's: each puts back the handler it found
             host_mode.close()
             self.monitor.close()
-            self.log = outer_log  # the rank log closes: later messages (a save after fit) go where they went
+            rank_lines.close()  # the rank log closes: later lines (a save after fit) go where they went before
             outputs.close()
             self.loader.close()
             with contextlib.suppress(Exception):  # after an error: the folders are released all the same
                 self.close()
-        signal_save.exit_if_stopped(self.log)  # SystemExit(128 + the signal) once all is closed
+        signal_save.exit_if_stopped()  # SystemExit(128 + the signal) once all is closed
         return {"history": history.records(), "steps": history.steps, "saved_at": self.saved_at,
                 "state": state.state_dict()}

@@ -78,8 +78,7 @@ def run(layouts: str, folders: str, out: str) -> None:
             if not offered(folder.name, layout):
                 continue
             env = init_distributed("torch", backend="gloo") if distributed else ParallelEnv()
-            trainer = Trainer(config(folder, layout, Path(out).with_suffix("") / folder.name / layout), env,
-                              log=lambda *_: None)
+            trainer = Trainer(config(folder, layout, Path(out).with_suffix("") / folder.name / layout), env)
             grads = first_step_gradients(trainer)
             losses = [h["loss"] for h in trainer.fit()["history"]]
             if distributed:  # pipeline stages each hold their own parameters

@@ -16,7 +16,6 @@ from spindle.train.trainer import Trainer
 
 transformers = pytest.importorskip("transformers")
 
-QUIET = dict(log=lambda *_: None)
 
 
 def cfg_for(tmp_path, model=None, ckpt=None, data=None):
@@ -56,7 +55,7 @@ SCALINGS = {
 def test_to_hf_same_logits(tmp_path, variant):
     dynamic = variant == "dynamic"
     cfg = cfg_for(tmp_path, model=SCALINGS[variant])
-    tr = Trainer(cfg, ParallelEnv(), **QUIET)
+    tr = Trainer(cfg, ParallelEnv())
     tr.fit()
     out = tmp_path / "hf_out"
     assert main(["convert", "to-hf", str(tr.save_dir), str(out)]) == 0
@@ -135,7 +134,7 @@ def test_round_trip_from_hf_and_ckpt_type_hf(tmp_path):
     for info in ({"path": str(src), "ckpt_type": "hf"}, {"path": str(out), "content": "model"}):
         cfg = cfg_for(tmp_path / info.get("ckpt_type", "dcp"), model=model_over, ckpt={"load_ckpt_info": info},
                       data={"tokenizer_path": None})
-        tr = Trainer(cfg, ParallelEnv(), **QUIET)
+        tr = Trainer(cfg, ParallelEnv())
         with torch.no_grad():
             assert (tr.raw_model.eval()(ids) - want).abs().max().item() <= 1e-4
         assert len(tr.fit()["history"]) == 2
@@ -145,7 +144,7 @@ def test_round_trip_from_hf_and_ckpt_type_hf(tmp_path):
     bad = cfg_for(tmp_path / "bad", model=dict(model_over, vocab_size=128),
                   ckpt={"load_ckpt_info": {"path": str(src), "ckpt_type": "hf"}}, data={"tokenizer_path": None})
     with pytest.raises(Exception, match=r"model.vocab_size gives vocab_size=128 but .*config.json vocab_size gives 96"):
-        Trainer(bad, ParallelEnv(), **QUIET)
+        Trainer(bad, ParallelEnv())
 
 
 def test_convert_bad_input_exit_code_2(tmp_path, capsys):

@@ -10,8 +10,10 @@ import json
 import pytest
 import torch
 
+from helpers import collecting
 from spindle.cli import main
 from spindle.config import validate_config
+from spindle.logs import quiet
 from spindle.parallel.mesh import ParallelEnv
 from spindle.train.trainer import Trainer
 
@@ -40,13 +42,14 @@ def hf_folder(tmp_path, kind="llama", **over):
     return folder, model.eval()
 
 
-def start(tmp_path, folder, model=None, log=None):
+def start(tmp_path, folder, model=None, lines=None):
     cfg = validate_config({
         "model": model or {}, "data": {"seq_len": 16, "micro_bsz": 1, "total_steps": 2},
         "trainer": {"run_folder": str(tmp_path / "runs"), "tensorboard": False, "progress_bar": False},
         "ckpt": {"load_ckpt_info": {"path": str(folder), "content": ["model"], "ckpt_type": "hf"}},
     })
-    return Trainer(cfg, ParallelEnv(), log=log or (lambda *_: None))
+    with collecting(lines) if lines is not None else quiet():
+        return Trainer(cfg, ParallelEnv())
 
 
 def logits_difference(trainer, hf_model) -> float:
@@ -59,7 +62,7 @@ def logits_difference(trainer, hf_model) -> float:
 def test_a_config_without_a_model_section_trains_the_folders_model(tmp_path, kind):
     folder, hf_model = hf_folder(tmp_path, kind)
     lines = []
-    trainer = start(tmp_path, folder, log=lines.append)
+    trainer = start(tmp_path, folder, lines=lines)
     assert logits_difference(trainer, hf_model) < 1e-4
     assert any("from " in line and "config.json: model " in line and "num_kv_attention_heads" in line
                for line in lines), lines
@@ -93,7 +96,7 @@ def test_a_conflicting_structural_key_names_both_keys(tmp_path, capsys):
 def test_a_changed_rope_base_is_kept_and_said(tmp_path):
     folder, _ = hf_folder(tmp_path)
     lines = []
-    trainer = start(tmp_path, folder, {"rope_base": 500000.0}, log=lines.append)
+    trainer = start(tmp_path, folder, {"rope_base": 500000.0}, lines=lines)
     assert trainer.cfg.model.rope_base == 500000.0
     assert any("model.rope_base=500000.0 while" in line and "rope_theta=10000.0" in line for line in lines), lines
 
@@ -140,7 +143,7 @@ def test_export_keeps_the_source_folders_generation_settings(tmp_path, route):
                "trainer": {"run_folder": str(tmp_path / "runs"), "tensorboard": False, "progress_bar": False},
                "ckpt": {"enable_save_ckpt": True, "save_ckpt_folder": str(tmp_path / "ck"),
                         "load_ckpt_info": {"path": str(folder), "content": ["model"], "ckpt_type": "hf"}}}
-        Trainer(validate_config(raw), ParallelEnv(), log=lambda *_: None).fit()
+        Trainer(validate_config(raw), ParallelEnv()).fit()
         ckpt = tmp_path / "ck" / "1"
     # the folder ships no tokenizer, so the export names none (tests/e2e/test_tokenizer_identity.py)
     assert main(["convert", "to-hf", str(ckpt), str(tmp_path / "out"), "--tokenizer", "none"]) == 0

@@ -61,9 +61,8 @@ def _feature_cfg(tmp: Path, name: str, feature: str, total: int):
 
 @pytest.mark.parametrize("feature", sorted(FEATURES))
 def test_resume_is_bit_exact_with(feature, tmp_path, monkeypatch):
-    quiet = dict(log=lambda *_: None)
-    full = Trainer(_feature_cfg(tmp_path, "full", feature, 6), ParallelEnv(), **quiet).fit()["history"]
-    first = Trainer(_feature_cfg(tmp_path, "cut", feature, 3), ParallelEnv(), **quiet).fit()["history"]
+    full = Trainer(_feature_cfg(tmp_path, "full", feature, 6), ParallelEnv()).fit()["history"]
+    first = Trainer(_feature_cfg(tmp_path, "cut", feature, 3), ParallelEnv()).fit()["history"]
 
     # nothing may draw from the global generator between the restore and the first step
     restored = {}
@@ -83,7 +82,7 @@ def test_resume_is_bit_exact_with(feature, tmp_path, monkeypatch):
     from spindle.hardware import measure_cpu_peak_tflops
 
     measure_cpu_peak_tflops.cache_clear()  # the probe runs again in this Trainer, as in a new process
-    second = Trainer(_feature_cfg(tmp_path, "cut", feature, 6), ParallelEnv(), **quiet)
+    second = Trainer(_feature_cfg(tmp_path, "cut", feature, 6), ParallelEnv())
     assert second.state.step == 3
     rest = second.fit()["history"]
     assert torch.equal(restored["rng"], restored["first_step"])

@@ -12,8 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from helpers import tiny_cfg, tiny_config_text
+from helpers import collecting, tiny_cfg, tiny_config_text
 from spindle.errors import SpindleError
+from spindle.logs import quiet
 from spindle.parallel.mesh import ParallelEnv
 from spindle.train.trainer import Trainer
 
@@ -55,8 +56,8 @@ def trained(config, lines: list | None = None, env: ParallelEnv | None = None) -
                               for k in ("input_ids", "labels", "type_ids")))
             return super().train_step(micro_batches)
 
-    log = lines.append if lines is not None else (lambda *_: None)
-    Recording(config, env or ParallelEnv(), log=log).fit()
+    with collecting(lines) if lines is not None else quiet():
+        Recording(config, env or ParallelEnv()).fit()
     return seen
 
 

@@ -84,13 +84,13 @@ def test_save_and_auto_resume_from_s3(moto_server, tmp_path, monkeypatch, capsys
 
 
 def test_failed_upload_keeps_training_stays_staged_and_is_uploaded_by_the_next_run(moto_server, tmp_path,
-                                                                                    monkeypatch):
+                                                                                    monkeypatch, spindle_lines):
     from botocore.exceptions import EndpointConnectionError
 
     s3_env(monkeypatch, moto_server.endpoint)
     url = f"boto3:s3://{make_bucket(moto_server.endpoint)}/run"
-    lines: list[str] = []
-    tr = Trainer(cfg(tmp_path, url, total=4, checkpoint_every=2, async_upload=True), ParallelEnv(), log=lines.append)
+    lines = spindle_lines
+    tr = Trainer(cfg(tmp_path, url, total=4, checkpoint_every=2, async_upload=True), ParallelEnv())
     st = tr.ckpt_manager.storage
     st.retries, st.backoff_s = 2, 0.01
     calls = []
@@ -115,8 +115,7 @@ def test_failed_upload_keeps_training_stays_staged_and_is_uploaded_by_the_next_r
     roots[0].rename(stage / (roots[0].name.rsplit("-", 1)[0] + "-999999"))
     st._client.upload_file = real
     lines.clear()
-    second = Trainer(cfg(tmp_path, url, total=6, checkpoint_every=2, async_upload=True), ParallelEnv(),
-                     log=lines.append)
+    second = Trainer(cfg(tmp_path, url, total=6, checkpoint_every=2, async_upload=True), ParallelEnv())
     assert any("uploaded step 4, left staged" in ln for ln in lines)
     assert second.state.step == 4 and [r.step for r in scan_completed(second.ckpt_manager.storage)] == [2, 4]
     assert not list(stage.glob("*-999999"))  # nothing left behind in the staging folder
@@ -128,7 +127,7 @@ def test_unreachable_endpoint_fails_at_start(tmp_path, monkeypatch):
     s3_env(monkeypatch, f"http://127.0.0.1:{free_port()}")
     t0 = time.monotonic()
     with pytest.raises(SpindleError, match="checkpoint storage boto3:s3://bucket/run is not usable") as err:
-        Trainer(cfg(tmp_path, "boto3:s3://bucket/run"), ParallelEnv(), log=lambda *_: None)
+        Trainer(cfg(tmp_path, "boto3:s3://bucket/run"), ParallelEnv())
     assert time.monotonic() - t0 < 30
     assert SECRET not in str(err.value) and ACCESS not in str(err.value)
     assert not (tmp_path / "s3" / "metrics.jsonl").exists()  # no training happened
@@ -156,7 +155,7 @@ def test_endpoint_that_accepts_but_never_answers_fails_at_start_within_the_timeo
     try:
         with pytest.raises(SpindleError, match=r"boto3:s3://bucket/run is not usable.*[Rr]ead timeout") as err:
             Trainer(cfg(tmp_path, "boto3:s3://bucket/run", s3_connect_timeout_s=1, s3_read_timeout_s=1),
-                    ParallelEnv(), log=lambda *_: None)
+                    ParallelEnv())
     finally:
         server.close()
         for conn in held:
@@ -185,7 +184,7 @@ def measure(steps_per_phase: int = 12) -> dict:
         for mode in ("async", "sync"):
             c = cfg(Path(tmp) / mode, url + "-" + mode, total=1000, model=model, async_upload=mode == "async")
             c.data.seq_len, c.data.micro_bsz = 128, 4
-            tr = Trainer(c, ParallelEnv(), log=lambda *_: None)
+            tr = Trainer(c, ParallelEnv())
             batches = [tr.loader.next_step(i) for i in range(4)]
             for b in batches[:2]:
                 tr.train_step(b)  # warm-up

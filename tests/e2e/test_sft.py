@@ -103,7 +103,7 @@ def tiny_trainer(tmp_path):
         "adam": {"lr": 1e-2}, "lr_scheduler": {"warmup_ratio": 0.0}, "ckpt": {"enable_save_ckpt": False},
         "trainer": {"run_folder": str(tmp_path), "tensorboard": False, "progress_bar": False, "seed": 5},
     })
-    return Trainer(cfg, ParallelEnv(), log=lambda *_: None)
+    return Trainer(cfg, ParallelEnv())
 
 
 def step_loss(tmp_path, batch):

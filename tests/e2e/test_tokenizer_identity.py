@@ -104,8 +104,7 @@ def test_to_hf_refuses_a_checkpoint_whose_tokenizer_is_unknown(tmp_path):
     from spindle.model.llama import build_model
 
     cfg = validate_config(tiny_raw(tmp_path, model={"vocab_size": 1024}))
-    save_weights_checkpoint(str(tmp_path / "ck"), 1, build_model(cfg.model.to_args(), "cpu"), cfg.to_dict(),
-                            log=lambda *_: None)
+    save_weights_checkpoint(str(tmp_path / "ck"), 1, build_model(cfg.model.to_args(), "cpu"), cfg.to_dict())
     one_line(run_cli("convert", "to-hf", tmp_path / "ck", tmp_path / "hf"),
              "does not record which tokenizer", "--tokenizer PATH")
     assert not (tmp_path / "hf").exists()
@@ -161,7 +160,7 @@ def test_generate_never_samples_an_id_the_tokenizer_lacks(tmp_path):
     cfg = validate_config(tiny_raw(tmp_path, model={"vocab_size": 512}))
     record = checkpoint_files(Recorded(load_tokenizer(internlm).identity(), "test"))
     save_weights_checkpoint(str(tmp_path / "ck"), 1, build_model(cfg.model.to_args(), "cpu"), cfg.to_dict(),
-                            log=lambda *_: None, records=record)
+                            records=record)
     for seed in range(3):
         r = run_cli("generate", "--ckpt", tmp_path / "ck", "--prompt", "hello", "--max-new-tokens", "24",
                     "--temperature", "5", "--seed", str(seed))  # the checkpoint's tokenizer, not the packaged one

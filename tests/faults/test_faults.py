@@ -258,7 +258,7 @@ def _s3_cfg(tmp_path: Path, folder, total, **ckpt):
     })
 
 
-def test_s3_outage_during_async_upload(tmp_path, monkeypatch):
+def test_s3_outage_during_async_upload(tmp_path, monkeypatch, spindle_lines):
     exe = find_moto_server()
     if exe is None:
         pytest.skip("moto_server not installed")
@@ -276,12 +276,11 @@ def test_s3_outage_during_async_upload(tmp_path, monkeypatch):
         boto3.client("s3", endpoint_url=server.endpoint, aws_access_key_id=ACCESS, aws_secret_access_key=SECRET,
                      region_name="us-east-1").create_bucket(Bucket=bucket)
         url = f"boto3:s3://{bucket}/run"
-        full = [h["loss"] for h in Trainer(_s3_cfg(tmp_path / "ref", None, 10), ParallelEnv(),
-                                           log=lambda *_: None).fit()["history"]]
+        full = [h["loss"] for h in Trainer(_s3_cfg(tmp_path / "ref", None, 10), ParallelEnv()).fit()["history"]]
 
-        lines: list[str] = []
-        tr = Trainer(_s3_cfg(tmp_path, url, 8, checkpoint_every=4, async_upload=True), ParallelEnv(),
-                     log=lines.append)
+        lines = spindle_lines
+        lines.clear()  # from here on
+        tr = Trainer(_s3_cfg(tmp_path, url, 8, checkpoint_every=4, async_upload=True), ParallelEnv())
         st = tr.ckpt_manager.storage
         st.backoff_s, st.max_backoff_s = 0.3, 2.0  # 5 retries: ~6 s of patience
         calls = {"upload": 0, "failed": 0}
@@ -321,8 +320,7 @@ def test_s3_outage_during_async_upload(tmp_path, monkeypatch):
         files = st.list_files("")
         assert {"4.step", "8.step", "4/.metadata", "8/.metadata"} <= set(files)
 
-        second = Trainer(_s3_cfg(tmp_path, url, 10, checkpoint_every=4, async_upload=True), ParallelEnv(),
-                         log=lines.append)
+        second = Trainer(_s3_cfg(tmp_path, url, 10, checkpoint_every=4, async_upload=True), ParallelEnv())
         assert second.state.step == 8
         rest = [h["loss"] for h in second.fit()["history"]]
         assert first + rest == full  # bit for bit
@@ -354,9 +352,9 @@ def test_full_disk_clear_error_previous_checkpoint_intact(tmp_path, monkeypatch)
     real_disk = _try_tmpfs(mnt)
     folder = mnt / "ckpt"
     try:
-        full = [h["loss"] for h in Trainer(_disk_cfg(tmp_path / "ref", tmp_path / "refckpt", 6), ParallelEnv(),
-                                           log=lambda *_: None).fit()["history"]]
-        tr = Trainer(_disk_cfg(tmp_path, folder, 6), ParallelEnv(), log=lambda *_: None)
+        full = [h["loss"] for h in Trainer(_disk_cfg(tmp_path / "ref", tmp_path / "refckpt", 6),
+                                           ParallelEnv()).fit()["history"]]
+        tr = Trainer(_disk_cfg(tmp_path, folder, 6), ParallelEnv())
         real_save = tr.save
 
         def save(*a, **kw):
@@ -383,7 +381,7 @@ def test_full_disk_clear_error_previous_checkpoint_intact(tmp_path, monkeypatch)
         assert sorted(int(p.stem) for p in folder.glob("*.step")) == [2]  # step 4 never marked
         if real_disk:
             (mnt / "filler").unlink()
-        again = Trainer(_disk_cfg(tmp_path, folder, 6), ParallelEnv(), log=lambda *_: None)
+        again = Trainer(_disk_cfg(tmp_path, folder, 6), ParallelEnv())
         assert again.state.step == 2
         rest = [h["loss"] for h in again.fit()["history"]]
         assert full[:2] + rest == full
@@ -403,7 +401,7 @@ def test_full_run_folder_stops_with_one_line_and_saves_the_checkpoint(tmp_path):
     try:
         cfg = _disk_cfg(runs, tmp_path / "ckpt", 40)
         cfg.ckpt.checkpoint_every = math.inf
-        tr = Trainer(cfg, ParallelEnv(), log=lambda *_: None)
+        tr = Trainer(cfg, ParallelEnv())
         real_step = tr.train_step
 
         def step(mbs):
@@ -444,7 +442,7 @@ def _nan_cfg(tmp_path: Path, alerts: Path, **model):
 
 def test_nan_in_loss_and_gradients_skipped_counted_alerted(tmp_path):
     alerts = tmp_path / "alerts.jsonl"
-    tr = Trainer(_nan_cfg(tmp_path, alerts), ParallelEnv(), log=lambda *_: None)
+    tr = Trainer(_nan_cfg(tmp_path, alerts), ParallelEnv())
     snapshots = {}
 
     def nan_logits(module, inputs, out):  # NaN in the final hidden states, hence the loss, at step 2
@@ -477,7 +475,7 @@ def test_nan_in_loss_and_gradients_skipped_counted_alerted(tmp_path):
 
 def test_fp16_overflow_backs_off_the_scale(tmp_path):
     alerts = tmp_path / "alerts.jsonl"
-    tr = Trainer(_nan_cfg(tmp_path, alerts, dtype="torch.float16"), ParallelEnv(), log=lambda *_: None)
+    tr = Trainer(_nan_cfg(tmp_path, alerts, dtype="torch.float16"), ParallelEnv())
     tr.cfg.data.total_steps = 40
     hist = tr.fit()["history"]
     scales = [h["loss_scale"] for h in hist]

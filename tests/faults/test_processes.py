@@ -327,12 +327,13 @@ def s3_folder(moto_server, monkeypatch):
         settings=S3Settings(retries=1, backoff_s=0.01))
 
 
-def test_s3_lease_of_a_dead_process_on_this_host_is_taken_over_at_once(s3_folder):
+def test_s3_lease_of_a_dead_process_on_this_host_is_taken_over_at_once(s3_folder, spindle_lines):
     dead = {**owner_info("killed"), "pid": _dead_pid()}  # refreshed a moment ago, by a process now gone
     s3_folder.write_bytes(LOCK_FILE, json.dumps(dead).encode())
-    said: list[str] = []
+    said = spindle_lines
+    said.clear()  # from here on
     t0 = time.monotonic()
-    lock = FolderLock(s3_folder, "next", log=said.append).acquire()
+    lock = FolderLock(s3_folder, "next").acquire()
     try:
         assert time.monotonic() - t0 < 10
         assert said == [f"checkpoint: taking over the lease of a run that is gone (job 'killed', pid {dead['pid']} "
@@ -351,7 +352,7 @@ def test_s3_lease_of_a_live_or_unknown_owner_is_still_refused(s3_folder, who):
         owner.update(pid=_dead_pid(), machine="another-boot/pid:[1]")  # a pid that cannot be checked from here
     s3_folder.write_bytes(LOCK_FILE, json.dumps(owner).encode())
     with pytest.raises(SpindleError, match="this save folder is in use by job 'running'"):
-        FolderLock(s3_folder, "next", log=lambda _: None).acquire()
+        FolderLock(s3_folder, "next").acquire()
 
 
 def test_only_a_peer_that_timed_out_or_hung_up_becomes_the_peer_line():

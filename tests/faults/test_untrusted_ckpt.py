@@ -57,7 +57,7 @@ def write_config(path: Path, raw: dict) -> Path:
 
 
 def train(raw: dict) -> None:
-    Trainer(validate_config(raw), ParallelEnv(), log=lambda *_: None).fit()
+    Trainer(validate_config(raw), ParallelEnv()).fit()
 
 
 @pytest.fixture(scope="module")
@@ -141,13 +141,13 @@ def test_our_own_non_tensor_entries_still_load(tmp_path):
     (tmp_path / "full").mkdir()
     full = tiny_raw(tmp_path / "full", auto_resume=False)
     full["data"]["total_steps"] = 4
-    reference = Trainer(validate_config(full), ParallelEnv(), log=lambda *_: None).fit()
+    reference = Trainer(validate_config(full), ParallelEnv()).fit()
     (tmp_path / "stop").write_text("2")  # the first run stops (and saves) after step 2 of 4
     raw = tiny_raw(tmp_path, auto_resume=True, stop_file_path=str(tmp_path / "stop"))
     raw["data"]["total_steps"] = 4
     train(raw)
     (tmp_path / "stop").unlink()
-    resumed = Trainer(validate_config(raw), ParallelEnv(), log=lambda *_: None)
+    resumed = Trainer(validate_config(raw), ParallelEnv())
     assert resumed.state.step == 2
     rest = resumed.fit()
     assert [h["loss"] for h in rest["history"]] == [h["loss"] for h in reference["history"]][2:]
@@ -182,23 +182,25 @@ def test_a_flipped_byte_in_a_shard_is_refused(tmp_path, capsys):
     assert code == 2 and shard.name in err and "content differs" in err, err
 
 
-def test_auto_resume_skips_a_flipped_checkpoint_for_the_newest_intact_one(tmp_path):
+def test_auto_resume_skips_a_flipped_checkpoint_for_the_newest_intact_one(tmp_path, spindle_lines):
     raw = tiny_raw(tmp_path, auto_resume=True, checkpoint_every=1)
     train(raw)
     flip_a_byte(next((tmp_path / "ckpt" / "2").glob("*.distcp")))
     raw["data"]["total_steps"] = 3
-    lines = []
-    resumed = Trainer(validate_config(raw), ParallelEnv(), log=lines.append)
+    lines = spindle_lines
+    lines.clear()  # from here on
+    resumed = Trainer(validate_config(raw), ParallelEnv())
     assert resumed.state.step == 1
     assert any("checkpoint 2 is damaged" in line and "content differs" in line for line in lines), lines
 
 
-def test_size_only_verification_is_a_switch_and_says_so(tmp_path):
+def test_size_only_verification_is_a_switch_and_says_so(tmp_path, spindle_lines):
     raw = tiny_raw(tmp_path, auto_resume=True, verify="size")
     train(raw)
     raw["data"]["total_steps"] = 3
-    lines = []
-    resumed = Trainer(validate_config(raw), ParallelEnv(), log=lines.append)
+    lines = spindle_lines
+    lines.clear()  # from here on
+    resumed = Trainer(validate_config(raw), ParallelEnv())
     assert resumed.state.step == 2
     assert any("ckpt.verify='size'" in line for line in lines), lines
 
@@ -245,7 +247,7 @@ def test_each_rank_hashes_its_staged_shard_and_the_writer_gathers_them(tmp_path)
     (tmp_path / "__0_0.distcp").write_bytes(b"shard of rank 0")
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
     try:
-        manager = CheckpointManager(str(tmp_path / "ck"), CkptConfig(), distributed=True, log=lambda *_: None)
+        manager = CheckpointManager(str(tmp_path / "ck"), CkptConfig(), distributed=True)
         digests = manager._staged_digests(tmp_path)
     finally:
         dist.destroy_process_group()

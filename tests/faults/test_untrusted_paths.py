@@ -123,10 +123,9 @@ def test_reading_a_checkpoint_with_a_climbing_key_leaves_user_files_alone(bucket
 GONE_PID = 999999  # above any pid this test machine hands out: a run that is gone
 
 
-def _staging(tmp_path, lines: list) -> Staging:
+def _staging(tmp_path) -> Staging:
     """The staging of a run saving to a (local stand-in for a) remote folder, on its own staging disk."""
-    return Staging(open_storage(str(tmp_path / "remote")),
-                   CkptConfig(async_upload_tmp_folder=str(tmp_path / "shm")), log=lines.append)
+    return Staging(open_storage(str(tmp_path / "remote")), CkptConfig(async_upload_tmp_folder=str(tmp_path / "shm")))
 
 
 def _staged_checkpoint(folder: Path) -> None:
@@ -157,11 +156,11 @@ def _plant(kind: str, stage: Staging, tmp_path) -> Path:
 
 
 @pytest.mark.parametrize("kind", ["world-writable", "symlink", "other-owner"])
-def test_a_planted_staging_folder_is_never_uploaded(tmp_path, kind):
+def test_a_planted_staging_folder_is_never_uploaded(tmp_path, kind, spindle_lines):
     """A complete checkpoint planted on the staging disk under a dead run's name was uploaded, marked
     complete (and so auto-resumed); now it is named in one log line and left where it is."""
-    lines: list[str] = []
-    stage = _staging(tmp_path, lines)
+    lines = spindle_lines
+    stage = _staging(tmp_path)
     root = _plant(kind, stage, tmp_path)
     committed = []
     stage.recover(committed.append)
@@ -170,11 +169,11 @@ def test_a_planted_staging_folder_is_never_uploaded(tmp_path, kind):
     assert (root / "2" / ".metadata").is_file()  # someone else's files are not deleted either
 
 
-def test_our_own_staging_folder_is_private_and_still_recovered(tmp_path):
+def test_our_own_staging_folder_is_private_and_still_recovered(tmp_path, spindle_lines):
     """Our staging folder is made 0700 (it was 0755: readable by every user); a dead run's own private
     folder is still uploaded and marked at the next start."""
-    lines: list[str] = []
-    stage = _staging(tmp_path, lines)
+    lines = spindle_lines
+    stage = _staging(tmp_path)
     stage.folder("4")
     assert stat.S_IMODE(os.lstat(stage.root).st_mode) == 0o700
     mine = stage.base / f"spindle-{stage.key}-{GONE_PID}"
@@ -188,7 +187,7 @@ def test_our_own_staging_folder_is_private_and_still_recovered(tmp_path):
 
 def test_a_folder_planted_under_our_own_name_is_not_written_into(tmp_path):
     """A folder planted under the name this process will stage in (its pid) is refused with one line."""
-    stage = _staging(tmp_path, [])
+    stage = _staging(tmp_path)
     stage.root.mkdir(parents=True, mode=0o777)
     stage.root.chmod(0o777)
     with pytest.raises(SpindleError) as err:

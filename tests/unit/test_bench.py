@@ -49,7 +49,7 @@ def test_hand_model_matches_spindle_model_numerically(tmp_path):
     from spindle.parallel.mesh import ParallelEnv
     from spindle.train.trainer import Trainer
 
-    tr = Trainer(bt.spindle_config("tiny", False, str(tmp_path)), ParallelEnv(), log=lambda *_: None)
+    tr = Trainer(bt.spindle_config("tiny", False, str(tmp_path)), ParallelEnv())
     d, layers, heads, vocab, seq, _ = bt.SIZES["tiny"]
     hand = bt.HandLlama(d, layers, heads, tr.cfg.model.ffn_hidden_size, vocab, seq)
     bt.load_hand_from_spindle(hand, tr.raw_model)

@@ -17,7 +17,6 @@ from spindle.model.llama import build_model
 from spindle.parallel.mesh import ParallelEnv
 from spindle.train.trainer import Trainer
 
-QUIET = dict(log=lambda *_: None)
 
 
 def tiny_cfg(tmp_path, ckpt=None, **over):
@@ -32,16 +31,16 @@ def losses(result):
 
 
 def test_save_resume_is_exact(tmp_path):
-    full = losses(Trainer(tiny_cfg(tmp_path / "a", {"auto_resume": False}), ParallelEnv(), **QUIET).fit())
+    full = losses(Trainer(tiny_cfg(tmp_path / "a", {"auto_resume": False}), ParallelEnv()).fit())
     b = tmp_path / "b"
-    part = Trainer(tiny_cfg(b, {"checkpoint_every": 2}, data={"total_steps": 4}), ParallelEnv(), **QUIET)
+    part = Trainer(tiny_cfg(b, {"checkpoint_every": 2}, data={"total_steps": 4}), ParallelEnv())
     # stop after step 2 via the stop file
     (b / "stop").write_text("2")
     part.cfg.ckpt.stop_file_path = str(b / "stop")
     first = losses(part.fit())
     assert len(first) == 2 and (b / "ckpt" / "2.step").is_file()
     assert {p.name for p in (b / "ckpt" / "2").iterdir()} >= {".metadata", "trainer_state.json", "config.json"}
-    resumed = Trainer(tiny_cfg(b, {"checkpoint_every": 2}), ParallelEnv(), **QUIET)
+    resumed = Trainer(tiny_cfg(b, {"checkpoint_every": 2}), ParallelEnv())
     assert resumed.state.step == 2
     rest = losses(resumed.fit())
     assert first + rest == full  # bit for bit
@@ -69,7 +68,7 @@ def test_every_file_is_durable_before_the_completion_marker(tmp_path, monkeypatc
     monkeypatch.setattr(os, "fsync", fsync)
     monkeypatch.setattr(os, "replace", moved(real_replace))
     monkeypatch.setattr(os, "rename", moved(real_rename))
-    Trainer(tiny_cfg(tmp_path, {"checkpoint_every": 2}, data={"total_steps": 2}), ParallelEnv(), **QUIET).fit()
+    Trainer(tiny_cfg(tmp_path, {"checkpoint_every": 2}, data={"total_steps": 2}), ParallelEnv()).fit()
     monkeypatch.undo()
 
     folder, marker = (tmp_path / "ckpt" / "2").resolve(), str((tmp_path / "ckpt" / "2.step").resolve())
@@ -89,16 +88,16 @@ def test_every_file_is_durable_before_the_completion_marker(tmp_path, monkeypatc
 
 def test_negative_stop_file_saves_and_goes_on(tmp_path):
     (tmp_path / "stop").write_text("-2")
-    tr = Trainer(tiny_cfg(tmp_path, {"stop_file_path": str(tmp_path / "stop")}), ParallelEnv(), **QUIET)
+    tr = Trainer(tiny_cfg(tmp_path, {"stop_file_path": str(tmp_path / "stop")}), ParallelEnv())
     assert len(tr.fit()["history"]) == 4
     assert [r.step for r in scan_completed(tr.ckpt_manager.storage)] == [2, 4]
 
 
 def test_incomplete_checkpoint_is_never_loaded(tmp_path):
-    Trainer(tiny_cfg(tmp_path, {"checkpoint_every": 2}), ParallelEnv(), **QUIET).fit()
+    Trainer(tiny_cfg(tmp_path, {"checkpoint_every": 2}), ParallelEnv()).fit()
     ckpt = tmp_path / "ckpt"
     (ckpt / "4.step").unlink()  # a crash before the marker
-    tr = Trainer(tiny_cfg(tmp_path, {"checkpoint_every": 2}), ParallelEnv(), **QUIET)
+    tr = Trainer(tiny_cfg(tmp_path, {"checkpoint_every": 2}), ParallelEnv())
     assert tr.state.step == 2
     with pytest.raises(SpindleError, match="incomplete"):
         resolve(str(ckpt / "4"))
@@ -110,7 +109,7 @@ def test_incomplete_checkpoint_is_never_loaded(tmp_path):
 def test_keep_last_n_and_snapshots(tmp_path):
     cfg = tiny_cfg(tmp_path, {"checkpoint_every": 3, "oss_snapshot_freq": 1, "keep_last_n": 1},
                    data={"total_steps": 7})
-    tr = Trainer(cfg, ParallelEnv(), **QUIET)
+    tr = Trainer(cfg, ParallelEnv())
     tr.fit()
     refs = [(r.step, r.rel) for r in scan_completed(tr.ckpt_manager.storage)]
     # normal: 3, 6, 7 -> keep 7; snapshots at 4 (slot 0) and 5 (slot 1)
@@ -118,17 +117,17 @@ def test_keep_last_n_and_snapshots(tmp_path):
     assert not (tmp_path / "ckpt" / "3").exists() and not (tmp_path / "ckpt" / "6").exists()
     # auto_resume takes the highest completed step across normal and snapshot folders
     (tmp_path / "ckpt" / "7.step").unlink()
-    again = Trainer(cfg, ParallelEnv(), **QUIET)
+    again = Trainer(cfg, ParallelEnv())
     assert again.state.step == 5
 
 
 def test_precedence_auto_resume_over_load_ckpt_info(tmp_path):
-    Trainer(tiny_cfg(tmp_path / "other"), ParallelEnv(), **QUIET).fit()
+    Trainer(tiny_cfg(tmp_path / "other"), ParallelEnv()).fit()
     info = {"path": f"local:{tmp_path}/other/ckpt", "content": ["model"]}
     cfg = tiny_cfg(tmp_path, {"load_ckpt_info": info})
     plan = plan_load(cfg.ckpt, CheckpointManager(f"{tmp_path}/ckpt", cfg.ckpt).storage)
     assert plan.content == ("model",) and "load_ckpt_info" in plan.reason and plan.ref.step == 4
-    tr = Trainer(cfg, ParallelEnv(), **QUIET)
+    tr = Trainer(cfg, ParallelEnv())
     assert tr.state.step == 0  # model only: counters and sampler start fresh
     tr.fit()
     plan = plan_load(cfg.ckpt, tr.ckpt_manager.storage)
@@ -136,7 +135,7 @@ def test_precedence_auto_resume_over_load_ckpt_info(tmp_path):
 
 
 def test_shape_mismatch_names_parameter_and_both_shapes(tmp_path):
-    Trainer(tiny_cfg(tmp_path), ParallelEnv(), **QUIET).fit()
+    Trainer(tiny_cfg(tmp_path), ParallelEnv()).fit()
     cfg = tiny_cfg(tmp_path, model={"vocab_size": 96})
     model = build_model(cfg.model.to_args())
     with pytest.raises(SpindleError, match=r"tok_embeddings.weight has shape \[64, 32\] in the checkpoint but "
@@ -145,7 +144,7 @@ def test_shape_mismatch_names_parameter_and_both_shapes(tmp_path):
 
 
 def test_truncated_and_foreign_checkpoints(tmp_path):
-    Trainer(tiny_cfg(tmp_path), ParallelEnv(), **QUIET).fit()
+    Trainer(tiny_cfg(tmp_path), ParallelEnv()).fit()
     path = tmp_path / "ckpt" / "4"
     model = build_model(tiny_cfg(tmp_path).model.to_args())
     shard = next(path.glob("*.distcp"))
@@ -180,13 +179,13 @@ def test_metadata_unpickler_refuses_code(tmp_path):
 
 
 def test_trainer_state_is_json(tmp_path):
-    Trainer(tiny_cfg(tmp_path), ParallelEnv(), **QUIET).fit()
+    Trainer(tiny_cfg(tmp_path), ParallelEnv()).fit()
     ts = json.loads((tmp_path / "ckpt" / "4" / "trainer_state.json").read_text())
     assert ts["step"] == 4 and ts["updates"] == 4 and "loader" in ts
     assert json.loads((tmp_path / "ckpt" / "4" / "config.json").read_text())["model"]["vocab_size"] == 64
 
 
-def test_first_wave_checkpoint_still_loads(tmp_path):
+def test_first_wave_checkpoint_still_loads(tmp_path, spindle_lines):
     """tests/fixtures/ckpt_v1: written by the first wave (marker = the step number, no lineage): it loads
     with all its state, and a run continuing it writes the current format beside it."""
     import shutil
@@ -204,8 +203,8 @@ def test_first_wave_checkpoint_still_loads(tmp_path):
         "adam": {"lr": 1e-2},
         "trainer": {"run_folder": str(tmp_path / "runs"), "tensorboard": False, "progress_bar": False},
     })
-    lines = []
-    tr = Trainer(cfg, ParallelEnv(), log=lines.append)
+    lines = spindle_lines
+    tr = Trainer(cfg, ParallelEnv())
     assert tr.state.step == 2 and tr.state.updates == 2 and tr.loader.position == 2
     assert any("continuing from" in ln and "/2 (step 2, all state)" in ln for ln in lines)
     tr.fit()
@@ -215,7 +214,7 @@ def test_first_wave_checkpoint_still_loads(tmp_path):
 
 
 @pytest.mark.parametrize("written_on, resumed_on", [("gpu", "cpu"), ("cpu", "gpu"), ("gpu", "gpu")])
-def test_a_checkpoint_moves_between_cpu_and_gpu_machines(tmp_path, monkeypatch, written_on, resumed_on):
+def test_a_checkpoint_moves_between_cpu_and_gpu_machines(tmp_path, monkeypatch, written_on, resumed_on, spindle_lines):
     """A "GPU machine" here is one whose RNG states include a CUDA generator's (a ByteTensor) and whose
     torch.cuda.set_rng_state records what it is given. Written on one kind and resumed on the other, the
     CPU generator comes back bit for bit and the CUDA state is skipped with a note (it was once a missing
@@ -238,17 +237,18 @@ def test_a_checkpoint_moves_between_cpu_and_gpu_machines(tmp_path, monkeypatch, 
             monkeypatch.setattr(RunRNG, "state_dict", cpu_only)
             monkeypatch.setattr(RunRNG, "load_state_dict", cpu_load)
 
-    full = losses(Trainer(tiny_cfg(tmp_path / "a", {"auto_resume": False}), ParallelEnv(), **QUIET).fit())
+    full = losses(Trainer(tiny_cfg(tmp_path / "a", {"auto_resume": False}), ParallelEnv()).fit())
     b = tmp_path / "b"
     machine(written_on)
-    part = Trainer(tiny_cfg(b, {"checkpoint_every": 2, "stop_file_path": str(b / "stop")}), ParallelEnv(), **QUIET)
+    part = Trainer(tiny_cfg(b, {"checkpoint_every": 2, "stop_file_path": str(b / "stop")}), ParallelEnv())
     (b / "stop").write_text("2")
     first = losses(part.fit())
     saved = {k for k in read_metadata(b / "ckpt" / "2").state_dict_metadata if k.startswith("rng.")}
     assert saved == ({"rng.cpu", "rng.cuda"} if written_on == "gpu" else {"rng.cpu"})
     machine(resumed_on)
-    lines = []
-    resumed = Trainer(tiny_cfg(b, {"checkpoint_every": 2}), ParallelEnv(), log=lines.append)
+    lines = spindle_lines
+    lines.clear()  # from here on
+    resumed = Trainer(tiny_cfg(b, {"checkpoint_every": 2}), ParallelEnv())
     assert resumed.state.step == 2 and first + losses(resumed.fit()) == full
     notes = [line for line in lines if "RNG state" in line]
     if (written_on, resumed_on) == ("gpu", "cpu"):
@@ -263,14 +263,14 @@ def test_a_checkpoint_moves_between_cpu_and_gpu_machines(tmp_path, monkeypatch, 
 def test_async_save_resumes_bit_exact(tmp_path):
     """ckpt.async_save: the stop-file run saves at step 2 in the background, is marked complete when it
     ends, and resuming from it gives the uninterrupted run's losses bit for bit."""
-    full = losses(Trainer(tiny_cfg(tmp_path / "a", {"auto_resume": False}), ParallelEnv(), **QUIET).fit())
+    full = losses(Trainer(tiny_cfg(tmp_path / "a", {"auto_resume": False}), ParallelEnv()).fit())
     b = tmp_path / "b"
     part = Trainer(tiny_cfg(b, {"checkpoint_every": 2, "async_save": True, "stop_file_path": str(b / "stop")}),
-                   ParallelEnv(), **QUIET)
+                   ParallelEnv())
     (b / "stop").write_text("2")
     first = losses(part.fit())
     assert (b / "ckpt" / "2.step").is_file()
-    resumed = Trainer(tiny_cfg(b, {"checkpoint_every": 2, "async_save": True}), ParallelEnv(), **QUIET)
+    resumed = Trainer(tiny_cfg(b, {"checkpoint_every": 2, "async_save": True}), ParallelEnv())
     assert resumed.state.step == 2
     assert first + losses(resumed.fit()) == full
 
@@ -310,7 +310,7 @@ def test_async_save_marks_complete_only_after_the_write(tmp_path, monkeypatch):
     try:
         model = build_model(tiny_cfg(tmp_path).model.to_args(), seed=1)
         saved = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        mgr = CheckpointManager(str(tmp_path / "ck"), CkptConfig(async_save=True), distributed=True, **QUIET)
+        mgr = CheckpointManager(str(tmp_path / "ck"), CkptConfig(async_save=True), distributed=True)
         where = mgr.save(1, model, None, {"step": 1}, {})
         assert "background" in where and not (tmp_path / "ck" / "1.step").exists()
         with torch.no_grad():  # training goes on while the tensors are written
@@ -322,7 +322,7 @@ def test_async_save_marks_complete_only_after_the_write(tmp_path, monkeypatch):
     finally:
         dist.destroy_process_group()
     fresh = build_model(tiny_cfg(tmp_path).model.to_args(), seed=2)
-    load_checkpoint(tmp_path / "ck" / "1", fresh, None, ("model",), log=lambda *_: None)
+    load_checkpoint(tmp_path / "ck" / "1", fresh, None, ("model",))
     for k, v in fresh.state_dict().items():
         assert torch.equal(v, saved[k]), k
 
@@ -359,7 +359,7 @@ def test_a_save_killed_before_dcp_renamed_its_metadata_is_an_unfinished_save_of_
     from spindle.checkpoint.discovery import inspect_folder
     from spindle.checkpoint.storage.local import LocalStorage
 
-    Trainer(tiny_cfg(tmp_path, {"checkpoint_every": 2}), ParallelEnv(), **QUIET).fit()
+    Trainer(tiny_cfg(tmp_path, {"checkpoint_every": 2}), ParallelEnv()).fit()
     ckpt = tmp_path / "ckpt"
     (ckpt / "4.step").unlink()
     (ckpt / "4" / ".metadata").rename(ckpt / "4" / ".metadata.tmp")
@@ -367,7 +367,7 @@ def test_a_save_killed_before_dcp_renamed_its_metadata_is_an_unfinished_save_of_
         (ckpt / "4" / name).unlink()
     contents = inspect_folder(LocalStorage(str(ckpt)))
     assert contents.foreign == [] and "4" in contents.incomplete
-    again = Trainer(tiny_cfg(tmp_path, {"checkpoint_every": 2}), ParallelEnv(), **QUIET)
+    again = Trainer(tiny_cfg(tmp_path, {"checkpoint_every": 2}), ParallelEnv())
     assert again.state.step == 2
     again.fit()
     assert (ckpt / "4.step").is_file() and not (ckpt / "4" / ".metadata.tmp").exists()

@@ -168,12 +168,11 @@ def test_continued_training_config_loads_weights_only_at_a_new_base(tmp_path):
                           "multiple_of": 16, "max_position_embeddings": 16, "rope_base": base},
                 "trainer": {"run_folder": str(tmp_path), "tensorboard": False, "progress_bar": False}}
 
-    pre = Trainer(validate_config(raw("pre", 1e4)), ParallelEnv(), log=lambda *_: None)
+    pre = Trainer(validate_config(raw("pre", 1e4)), ParallelEnv())
     pre.fit()
     saved = {k: v.clone() for k, v in pre.raw_model.state_dict().items()}
     ct = Trainer(validate_config(raw("ct", 1e6, load_ckpt_info={"path": str(pre.save_dir / "2"),
-                                                                 "content": ["model"]})), ParallelEnv(),
-                 log=lambda *_: None)
+                                                                 "content": ["model"]})), ParallelEnv())
     assert ct.state.step == 0  # fresh schedule and data position
     assert all(torch.equal(saved[k], v) for k, v in ct.raw_model.state_dict().items())
     assert ct.raw_model.rotary.base == 1e6

@@ -24,7 +24,7 @@ def byte_ckpt(tmp_path_factory):
     cfg = validate_config({"data": {"tokenizer_path": "byte", "seq_len": 32},
                            "model": {"hidden_size": 16, "num_attention_heads": 2, "num_layers": 1, "vocab_size": 258,
                                      "multiple_of": 16, "max_position_embeddings": 32}})
-    save_weights_checkpoint(str(tmp / "ckpt"), 0, build_model(cfg.model.to_args()), cfg.to_dict(), log=lambda *_: None)
+    save_weights_checkpoint(str(tmp / "ckpt"), 0, build_model(cfg.model.to_args()), cfg.to_dict())
     return tmp
 
 

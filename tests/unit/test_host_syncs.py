@@ -81,7 +81,7 @@ def expected(micro_num: int) -> dict:
     {"loss": {"label_smoothing": 0.1}, "model": {"dtype": "torch.float16"}},  # smoothing, fp16 loss scaling
 ], ids=["dense", "dynamic-rope-window", "smoothing-fp16"])
 def test_step_has_only_the_whitelisted_host_syncs(tmp_path, monkeypatch, over):
-    tr = Trainer(tiny_cfg(tmp_path, **over), ParallelEnv(), log=lambda *_: None)
+    tr = Trainer(tiny_cfg(tmp_path, **over), ParallelEnv())
     torch.manual_seed(0)
     ids = torch.randint(0, 64, (2, 16))
     labels = torch.roll(ids, -1, 1)
@@ -98,7 +98,7 @@ def test_the_audit_sees_a_sync(tmp_path, monkeypatch):
     """Not vacuous: an `.item()` and a `.tolist()` in the step are counted where they happen."""
     from spindle.train import optim
 
-    tr = Trainer(tiny_cfg(tmp_path), ParallelEnv(), log=lambda *_: None)
+    tr = Trainer(tiny_cfg(tmp_path), ParallelEnv())
     ids = torch.randint(0, 64, (2, 16))
     clip = optim.clip_gradients
 
@@ -118,7 +118,7 @@ def test_the_audit_sees_the_layout_read_back_from_the_device(tmp_path, monkeypat
     loader read it) makes each forward read the positions back, and the audit counts those reads."""
     from spindle.data.batch import Batch
 
-    tr = Trainer(tiny_cfg(tmp_path), ParallelEnv(), log=lambda *_: None)
+    tr = Trainer(tiny_cfg(tmp_path), ParallelEnv())
     ids = torch.randint(0, 64, (2, 16))
     to = Batch.to
 

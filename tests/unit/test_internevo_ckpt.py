@@ -180,15 +180,15 @@ def internevo_start_config(tmp_path, folder, content, path=None, raw=False):
 
 @pytest.mark.parametrize("case, tp, pp", [("internlm_v1", 2, 1), ("internlm2_not_adapt_hf", 1, 2),
                                           ("llama2_default", 2, 3)])
-def test_load_ckpt_info_trains_from_an_internevo_folder(tmp_path, internevo_config_class, case, tp, pp):
+def test_load_ckpt_info_trains_from_an_internevo_folder(tmp_path, internevo_config_class, case, tp, pp, spindle_lines):
     """The README's compatibility line as written: load_ckpt_info(path=<llm_ckpts/41>, ckpt_type="internevo")
     starts training with the weights `convert from-internevo` gives, the counters, and says what it left."""
     from spindle.parallel.mesh import ParallelEnv
     from spindle.train.trainer import Trainer
 
     folder, want = make_case(tmp_path, internevo_config_class, case, tp, pp)
-    lines = []
-    trainer = Trainer(internevo_start_config(tmp_path, folder, ("all",)), ParallelEnv(), log=lines.append)
+    lines = spindle_lines
+    trainer = Trainer(internevo_start_config(tmp_path, folder, ("all",)), ParallelEnv())
     with torch.no_grad():
         assert (trainer.raw_model.eval()(X) - want).abs().max().item() <= 1e-5
     assert (trainer.state.step, trainer.state.updates, trainer.state.num_consumed_tokens) == (42, 41, 123456)
@@ -202,7 +202,7 @@ def test_weights_only_from_an_internevo_folder_keep_the_counters_at_zero(tmp_pat
     from spindle.train.trainer import Trainer
 
     folder, _ = make_case(tmp_path, internevo_config_class, "internlm_v1", 1, 1)
-    trainer = Trainer(internevo_start_config(tmp_path, folder, ("model",)), ParallelEnv(), log=lambda *_: None)
+    trainer = Trainer(internevo_start_config(tmp_path, folder, ("model",)), ParallelEnv())
     assert (trainer.state.step, trainer.state.updates) == (0, 0)
 
 

@@ -97,7 +97,7 @@ def test_per_source_metrics_and_validation_in_metrics_jsonl(tmp_path):
                          "valid_folder": str(tmp_path / "valid"), "valid_every": 1, "valid_micro_num": 1},
                    model={"vocab_size": VOCAB}, lr_scheduler={"warmup_ratio": 0.0}, ckpt={"enable_save_ckpt": False},
                    trainer={"seed": 3, "num_threads": None})
-    out = Trainer(cfg, ParallelEnv(), log=lambda *_: None).fit()
+    out = Trainer(cfg, ParallelEnv()).fit()
     lines = [json.loads(line) for line in (tmp_path / "run" / "src" / "metrics.jsonl").read_text().splitlines()]
     assert len(lines) == 3 and [r["step"] for r in lines] == [0, 1, 2]
     names = {k.split("/", 1)[1] for r in lines for k in r if k.startswith("tokens/")}

@@ -77,7 +77,7 @@ def test_passkey_metric_follows_the_answers(monkeypatch):
     assert long_context_metrics(toy(), None, load_tokenizer("byte"), le, T) == {"val/passkey@256": 0.5}
 
 
-def test_the_training_rng_is_not_touched(tmp_path):
+def test_the_training_rng_is_not_touched(tmp_path, spindle_lines):
     from spindle.parallel.layout import Layout
     from spindle.train.long_eval import LongEval
 
@@ -88,13 +88,13 @@ def test_the_training_rng_is_not_touched(tmp_path):
                            "long_eval": {"lengths": [32], "data": [str(tmp_path / "a.txt")],
                                          "passkey_lengths": [256], "passkey_depths": [0.5], "passkey_samples": 1}})
     model = build_model(cfg.model.to_args(), seed=0).train()
-    lines = []
-    le = LongEval(cfg, Layout(), model, log=lines.append)
+    lines = spindle_lines
+    le = LongEval(cfg, Layout(), model)
     torch.manual_seed(123)
     random.seed(5)
     before, py_before = torch.get_rng_state(), random.getstate()
-    assert le(3, lines.append) == {}  # not a valid_every step
-    out = le(4, lines.append)
+    assert le(3) == {}  # not a valid_every step
+    out = le(4)
     assert set(out) == {"val/ppl@32", "val/passkey@256"} and all(math.isfinite(v) for v in out.values())
     assert torch.equal(torch.get_rng_state(), before) and random.getstate() == py_before
     assert model.training
@@ -133,11 +133,10 @@ def test_long_eval_refuses_at_start(tmp_path):
              ({"lengths": [32], "data": [str(tmp_path / "none")]}, f"long_eval.data {tmp_path / 'none'}: not found")]
     for section, message in cases:
         with pytest.raises(SpindleError, match="^" + message.replace("(", r"\(")):
-            LongEval(validate_config({**base, "long_eval": section}), Layout(), model, log=lambda *_: None)
+            LongEval(validate_config({**base, "long_eval": section}), Layout(), model)
     small = {**base, "model": {**base["model"], "vocab_size": 100}, "long_eval": {"passkey_lengths": [256]}}
     with pytest.raises(SpindleError, match="the tokenizer has 258 ids, model.vocab_size is 100"):
-        LongEval(validate_config(small), Layout(), build_model(validate_config(small).model.to_args()),
-                 log=lambda *_: None)
+        LongEval(validate_config(small), Layout(), build_model(validate_config(small).model.to_args()))
 
 
 def test_metric_names_and_reading_them_back(tmp_path):

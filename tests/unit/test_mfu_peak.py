@@ -12,15 +12,15 @@ from spindle.parallel.mesh import ParallelEnv
 from spindle.train.trainer import Trainer
 
 
-def cpu_peak(monkeypatch, probe_tflops: float, said: list):
+def cpu_peak(monkeypatch, probe_tflops: float):
     monkeypatch.setattr(hardware, "measure_cpu_peak_tflops", lambda **kw: probe_tflops)
-    return hardware.mfu_peak(None, torch.device("cpu"), "fp32", said.append)
+    return hardware.mfu_peak(None, torch.device("cpu"), "fp32")
 
 
 @pytest.mark.parametrize("probe", [0.015, 0.081])  # the two ends the demo's probe gave on one machine
-def test_mfu_stays_at_most_one_whatever_the_probe_gave(monkeypatch, probe):
-    said: list[str] = []
-    peak = cpu_peak(monkeypatch, probe, said)
+def test_mfu_stays_at_most_one_whatever_the_probe_gave(monkeypatch, probe, spindle_lines):
+    said = spindle_lines
+    peak = cpu_peak(monkeypatch, probe)
     rates = [0.05, 0.07, 0.0693, 0.02, 0.071]  # steps of a run (TFLOP/s of model FLOPs per device)
     mfus = [peak.utilization(rate) for rate in rates]
     assert all(0 < m <= 1.0 for m in mfus), mfus
@@ -31,16 +31,16 @@ def test_mfu_stays_at_most_one_whatever_the_probe_gave(monkeypatch, probe):
         assert raised[0].startswith(f"MFU peak raised from {probe:.3g} to 0.05 TFLOP/s"), raised
 
 
-def test_a_declared_peak_is_not_moved(monkeypatch):
-    said: list[str] = []
-    peak = hardware.mfu_peak(0.01, torch.device("cpu"), "fp32", said.append)
+def test_a_declared_peak_is_not_moved(monkeypatch, spindle_lines):
+    said = spindle_lines
+    peak = hardware.mfu_peak(0.01, torch.device("cpu"), "fp32")
     assert peak.utilization(0.02) == pytest.approx(2.0) and peak.tflops == 0.01 and said == []
 
 
 def test_a_run_never_logs_mfu_above_one(monkeypatch, tmp_path):
     """A whole (tiny) run whose probe reported a machine a million times slower than it is."""
     monkeypatch.setattr(hardware, "measure_cpu_peak_tflops", lambda **kw: 1e-9)
-    trainer = Trainer(tiny_cfg(tmp_path), ParallelEnv(), log=lambda *_: None)
+    trainer = Trainer(tiny_cfg(tmp_path), ParallelEnv())
     history = trainer.fit()["history"]
     assert len(history) == 4 and all(0 < h["mfu"] <= 1.0 for h in history), [h["mfu"] for h in history]
     log = (trainer.run_dir / "logs" / "rank0.log").read_text()

@@ -91,7 +91,7 @@ def tiny_cfg(tmp_path, alert: dict, **over):
 
 @pytest.mark.parametrize("fmt", ["feishu", "slack", "json"])
 def test_alert_payload_formats(hook, tmp_path, fmt):
-    mon = Monitor(alert_cfg(hook, fmt), tmp_path, "job1", log=lambda *_: None).start()
+    mon = Monitor(alert_cfg(hook, fmt), tmp_path, "job1").start()
     try:
         mon.alert("loss_spike", "step 3: loss went up", step=3)
     finally:
@@ -111,8 +111,7 @@ def test_alert_payload_formats(hook, tmp_path, fmt):
 
 def test_spike_nonfinite_and_heartbeat(hook, tmp_path):
     alerts_file = tmp_path / "alerts" / "a.jsonl"
-    mon = Monitor(alert_cfg(hook, "json", heartbeat_every=2, alert_file_path=str(alerts_file)), tmp_path,
-                  log=lambda *_: None).start()
+    mon = Monitor(alert_cfg(hook, "json", heartbeat_every=2, alert_file_path=str(alerts_file)), tmp_path).start()
     losses = [4.0, 3.0, 3.5, 9.0, float("nan"), 3.0]
     for step, loss in enumerate(losses):
         mon.step_started(step)
@@ -126,7 +125,7 @@ def test_spike_nonfinite_and_heartbeat(hook, tmp_path):
 
 
 def test_watchdog_dumps_every_thread_and_alerts(hook, tmp_path):
-    mon = Monitor(alert_cfg(hook, "slack", stuck_timeout_s=0.3), tmp_path, log=lambda *_: None).start()
+    mon = Monitor(alert_cfg(hook, "slack", stuck_timeout_s=0.3), tmp_path).start()
     release = threading.Event()
     side = threading.Thread(target=release.wait, name="side-worker", daemon=True)
     side.start()
@@ -144,14 +143,14 @@ def test_watchdog_dumps_every_thread_and_alerts(hook, tmp_path):
     assert "faulthandler" in text
 
 
-def test_unreachable_webhook_never_raises_and_hides_the_token(tmp_path):
+def test_unreachable_webhook_never_raises_and_hides_the_token(tmp_path, spindle_lines):
     from s3server import free_port  # tests/ is on sys.path (conftest)
 
     hook_port, beat_port = free_port(), free_port()  # closed ports on 127.0.0.1
-    lines = []
+    lines = spindle_lines
     cfg = AlertConfig(enable_feishu_alert=True, feishu_alert_address=f"http://127.0.0.1:{hook_port}/hook/SECRETTOKEN",
                       light_monitor_address=f"127.0.0.1:{beat_port}", heartbeat_every=1)
-    mon = Monitor(cfg, tmp_path, log=lines.append, send_timeout_s=0.5).start()
+    mon = Monitor(cfg, tmp_path, send_timeout_s=0.5).start()
     t0 = time.monotonic()
     for step in range(3):
         mon.step_started(step)
@@ -178,7 +177,7 @@ def test_secrets_masked_and_urls_redacted(monkeypatch):
 def test_trainer_alerts_nonfinite_step_and_heartbeat(hook, tmp_path):
     alert = {"enable_feishu_alert": True, "feishu_alert_address": f"{hook.url}/hook/x", "webhook_format": "json",
              "light_monitor_address": f"{hook.url}/beat", "heartbeat_every": 3}
-    tr = Trainer(tiny_cfg(tmp_path, alert), ParallelEnv(), log=lambda *_: None)
+    tr = Trainer(tiny_cfg(tmp_path, alert), ParallelEnv())
     def nan_at_step_2(module, inputs, out):  # NaN final hidden states, hence a NaN loss, at step 2
         return out * float("nan") if tr.state.step == 2 else out
 
@@ -192,7 +191,7 @@ def test_trainer_alerts_nonfinite_step_and_heartbeat(hook, tmp_path):
 
 def test_trainer_exception_is_alerted_and_reraised(hook, tmp_path):
     alert = {"enable_feishu_alert": True, "feishu_alert_address": f"{hook.url}/hook/x"}
-    tr = Trainer(tiny_cfg(tmp_path, alert), ParallelEnv(), log=lambda *_: None)
+    tr = Trainer(tiny_cfg(tmp_path, alert), ParallelEnv())
     real = tr.train_step
 
     def broken(mbs):
@@ -213,7 +212,7 @@ def test_trainer_stuck_step_dumps_stacks(hook, tmp_path):
     alert = {"enable_feishu_alert": True, "feishu_alert_address": f"{hook.url}/hook/x", "stuck_timeout_s": 0.4,
              "webhook_format": "slack"}
     tr = Trainer(tiny_cfg(tmp_path, alert, data={"seq_len": 16, "micro_bsz": 2, "micro_num": 1, "total_steps": 3}),
-                 ParallelEnv(), log=lambda *_: None)
+                 ParallelEnv())
     real = tr.train_step
 
     def slow(mbs):

@@ -159,12 +159,12 @@ def test_default_config_is_unchanged():
     assert redact(d) == d
 
 
-def test_monitor_alert_text_and_file_hide_its_url_and_env_secrets(tmp_path, monkeypatch):
+def test_monitor_alert_text_and_file_hide_its_url_and_env_secrets(tmp_path, monkeypatch, spindle_lines):
     monkeypatch.setenv("MY_SERVICE_TOKEN", "env-secret-value-42")
     alert = AlertConfig(enable_feishu_alert=True, feishu_alert_address="127.0.0.1:9/hook/url-secret-9",
                         alert_file_path=str(tmp_path / "alerts.jsonl"))
-    lines: list[str] = []
-    mon = Monitor(alert, tmp_path, log=lines.append)
+    lines = spindle_lines
+    mon = Monitor(alert, tmp_path)
     mon._post = lambda url, body: True  # nothing listens: only what is logged and written matters here
     mon.alert("exception", "POST http://127.0.0.1:9/hook/url-secret-9 failed, env-secret-value-42 refused")
     written = (tmp_path / "alerts.jsonl").read_text() + "\n".join(lines)

@@ -77,15 +77,15 @@ def test_no_pickle_loads_anywhere_in_the_package():
             assert "pickle.load(" not in code and "pickle.loads(" not in code, f"{py}:{n}"
 
 
-def test_env_secrets_masked_in_alerts(tmp_path, monkeypatch):
+def test_env_secrets_masked_in_alerts(tmp_path, monkeypatch, spindle_lines):
     from spindle.config import AlertConfig
     from spindle.train.monitor import Monitor
 
     secret = "s3cr3t-value-from-env-0123"
     monkeypatch.setenv("S3_SECRET_ACCESS_KEY", secret)
     monkeypatch.setenv("MY_API_TOKEN", "tok-abcdef-987654")
-    lines: list[str] = []
-    mon = Monitor(AlertConfig(alert_file_path=str(tmp_path / "alerts.jsonl")), tmp_path, log=lines.append)
+    lines = spindle_lines
+    mon = Monitor(AlertConfig(alert_file_path=str(tmp_path / "alerts.jsonl")), tmp_path)
     mon.exception(RuntimeError(f"connect failed with key {secret} and tok-abcdef-987654"))
     stored = (tmp_path / "alerts.jsonl").read_text()
     for text in ["\n".join(lines), stored]:

@@ -81,7 +81,7 @@ def test_scaler_disabled_for_bf16_fp32(tmp_path, dtype, enabled):
     from spindle.train.trainer import Trainer
 
     cfg = tiny_cfg(tmp_path, model={"dtype": dtype}, grad_scaler={"fp16": {"initial_scale": 2**16}})
-    s = Trainer(cfg, ParallelEnv(), log=lambda *_: None).scaler
+    s = Trainer(cfg, ParallelEnv()).scaler
     assert s.enabled is enabled and s.scale == (2**16 if enabled else 1.0)
     s.update(found_inf=True)
     s.update(found_inf=True)  # hysteresis 2: the second overflow backs off, when scaling is on

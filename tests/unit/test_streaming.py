@@ -180,7 +180,7 @@ def test_training_steps_with_streaming_data_and_checkpoint_resume(folders, tmp_p
                      "checkpoint_every": 2, "auto_resume": auto_resume, "stop_file_path": stop},
             "trainer": {"run_folder": str(tmp_path / run), "tensorboard": False, "progress_bar": False, "seed": 3},
         })
-        return Trainer(c, ParallelEnv(), log=lambda *_: None)
+        return Trainer(c, ParallelEnv())
 
     full = trainer("a", False).fit()["history"]
     assert len(full) == 4 and all(np.isfinite(h["loss"]) for h in full) and "tokens/repo" in full[0]
@@ -284,5 +284,5 @@ def test_streaming_training_validates_on_its_validation_split(tmp_path):
         "ckpt": {"enable_save_ckpt": False},
         "trainer": {"run_folder": str(tmp_path / "run"), "tensorboard": False, "progress_bar": False},
     })
-    hist = Trainer(c, ParallelEnv(), log=lambda *_: None).fit()["history"]
+    hist = Trainer(c, ParallelEnv()).fit()["history"]
     assert all(np.isfinite(h["val/validation_loss"]) for h in hist) and "tokens/ds" in hist[0]

@@ -18,7 +18,6 @@ from spindle.train.host import RunRNG
 from spindle.train.state import RunHistory, TrainState
 from spindle.train.trainer import Trainer
 
-QUIET = dict(log=lambda *_: None)
 
 
 def saving(tmp_path, ckpt=None, **sections):
@@ -28,7 +27,7 @@ def saving(tmp_path, ckpt=None, **sections):
 
 
 def test_every_part_of_the_training_state_is_a_stateful(tmp_path):
-    tr = Trainer(tiny_cfg(tmp_path), ParallelEnv(), **QUIET)
+    tr = Trainer(tiny_cfg(tmp_path), ParallelEnv())
     for part in (tr.state, tr.training_state, tr.rng, tr.loader, tr.scaler):
         assert isinstance(part, Stateful), type(part)
     assert set(tr.state.state_dict()) == set(COUNTERS)
@@ -90,13 +89,13 @@ def test_history_keeps_the_first_the_last_validation_and_the_recent_steps():
 
 def test_fit_returns_a_bounded_history(tmp_path, monkeypatch):
     monkeypatch.setattr("spindle.train.trainer.RunHistory", lambda: RunHistory(keep=2))
-    result = Trainer(tiny_cfg(tmp_path, data={"total_steps": 5}), ParallelEnv(), **QUIET).fit()
+    result = Trainer(tiny_cfg(tmp_path, data={"total_steps": 5}), ParallelEnv()).fit()
     assert result["steps"] == 5 and [r["step"] for r in result["history"]] == [0, 3, 4]
 
 
 def test_the_lineage_is_written_once_and_older_states_holding_it_still_load(tmp_path):
     cfg = saving(tmp_path, {"checkpoint_every": 2}, data={"total_steps": 2})
-    Trainer(cfg, ParallelEnv(), **QUIET).fit()
+    Trainer(cfg, ParallelEnv()).fit()
     ckpt = tmp_path / "ckpt"
     record = json.loads((ckpt / "2.step").read_text())
     state_file = ckpt / "2" / "trainer_state.json"
@@ -109,7 +108,7 @@ def test_the_lineage_is_written_once_and_older_states_holding_it_still_load(tmp_
     record["files"]["trainer_state.json"] = {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
     (ckpt / "2.step").write_text(json.dumps(record))
     more = saving(tmp_path, {"checkpoint_every": 2}, data={"total_steps": 4})
-    resumed = Trainer(more, ParallelEnv(), **QUIET)
+    resumed = Trainer(more, ParallelEnv())
     assert resumed.state.step == 2 and resumed.lineage == record["lineage"]
     resumed.fit()
     assert json.loads((ckpt / "4.step").read_text())["lineage"] == record["lineage"]
@@ -125,6 +124,6 @@ def test_an_alert_while_the_save_folder_opens_reaches_the_monitor(tmp_path, monk
         return real_open(manager)
 
     monkeypatch.setattr(CheckpointManager, "open", open_with_alert)
-    tr = Trainer(saving(tmp_path, {}), ParallelEnv(), **QUIET)
+    tr = Trainer(saving(tmp_path, {}), ParallelEnv())
     assert [a["kind"] for a in tr.monitor.sent] == ["checkpoint_upload"]
     tr.close()

@@ -19,13 +19,13 @@ def test_step_loss_is_token_weighted_over_micro_batches(tmp_path):
     ids = torch.randint(0, 64, (2, 16))
     labels = torch.roll(ids, -1, 1)
     labels[0, 3:] = -100  # row 0 has only 3 valid labels, row 1 has 16
-    fresh = Trainer(tiny_cfg(tmp_path), ParallelEnv(), log=lambda *_: None)
+    fresh = Trainer(tiny_cfg(tmp_path), ParallelEnv())
     logits = fresh.raw_model(ids).float()
     ref = torch.nn.functional.cross_entropy(logits.view(-1, 64), labels.view(-1), ignore_index=-100)
     ref.backward()
     ref_norm = torch.cat([p.grad.flatten() for p in fresh.raw_model.parameters()]).norm().item()
-    one = Trainer(tiny_cfg(tmp_path), ParallelEnv(), log=lambda *_: None)
-    two = Trainer(tiny_cfg(tmp_path), ParallelEnv(), log=lambda *_: None)
+    one = Trainer(tiny_cfg(tmp_path), ParallelEnv())
+    two = Trainer(tiny_cfg(tmp_path), ParallelEnv())
     a = one.train_step([micro_batch(ids, labels)])
     b = two.train_step([micro_batch(ids[:1], labels[:1]), micro_batch(ids[1:], labels[1:])])
     for out in (a, b):
@@ -37,7 +37,7 @@ def test_step_loss_is_token_weighted_over_micro_batches(tmp_path):
 
 
 def test_non_finite_loss_skips_the_update(tmp_path):
-    tr = Trainer(tiny_cfg(tmp_path), ParallelEnv(), log=lambda *_: None)
+    tr = Trainer(tiny_cfg(tmp_path), ParallelEnv())
     ids = torch.randint(0, 64, (2, 16))
     with torch.no_grad():
         tr.raw_model.layers["0"].attention.wq.weight[0, 0] = float("nan")
@@ -51,15 +51,15 @@ def test_non_finite_loss_skips_the_update(tmp_path):
 def test_same_seed_same_losses_and_random_data(tmp_path):
     runs = []
     for _ in range(2):
-        tr = Trainer(tiny_cfg(tmp_path), ParallelEnv(), log=lambda *_: None)
+        tr = Trainer(tiny_cfg(tmp_path), ParallelEnv())
         runs.append([h["loss"] for h in tr.fit()["history"]])
     assert runs[0] == runs[1] and len(runs[0]) == 6
-    other = Trainer(tiny_cfg(tmp_path, trainer={"seed": 8}), ParallelEnv(), log=lambda *_: None)
+    other = Trainer(tiny_cfg(tmp_path, trainer={"seed": 8}), ParallelEnv())
     assert [h["loss"] for h in other.fit()["history"]] != runs[0]
 
 
 def test_skip_batches_and_metrics_fields(tmp_path):
-    tr = Trainer(tiny_cfg(tmp_path, data={"skip_batches": "1-2"}), ParallelEnv(), log=lambda *_: None)
+    tr = Trainer(tiny_cfg(tmp_path, data={"skip_batches": "1-2"}), ParallelEnv())
     hist = tr.fit()["history"]
     assert [h["step"] for h in hist] == [0, 3, 4, 5]
     h = hist[0]
@@ -75,18 +75,17 @@ def test_skip_batches_and_metrics_fields(tmp_path):
 def test_fp16_path_uses_the_loss_scaler(tmp_path):
     cfg = tiny_cfg(tmp_path, model={"dtype": "torch.float16"}, data={"total_steps": 2},
                    grad_scaler={"fp16": {"initial_scale": 1024.0}})
-    tr = Trainer(cfg, ParallelEnv(), log=lambda *_: None)
+    tr = Trainer(cfg, ParallelEnv())
     hist = tr.fit()["history"]
     assert hist[0]["loss_scale"] == 1024.0 and all(math.isfinite(h["loss"]) for h in hist)
-    bf = Trainer(tiny_cfg(tmp_path, model={"dtype": "torch.bfloat16"}, data={"total_steps": 1}), ParallelEnv(),
-                 log=lambda *_: None)
+    bf = Trainer(tiny_cfg(tmp_path, model={"dtype": "torch.bfloat16"}, data={"total_steps": 1}), ParallelEnv())
     assert bf.fit()["history"][0]["loss_scale"] == 1.0  # no scaling for bf16
 
 
 def test_fp16_overflow_backs_off_the_scale(tmp_path):
     cfg = tiny_cfg(tmp_path, model={"dtype": "torch.float16"},
                    grad_scaler={"fp16": {"initial_scale": 2.0**40}, "hysteresis": 1, "max_scale": 2.0**40})
-    tr = Trainer(cfg, ParallelEnv(), log=lambda *_: None)
+    tr = Trainer(cfg, ParallelEnv())
     ids = torch.randint(0, 64, (2, 16))
     out = tr.train_step([micro_batch(ids, torch.roll(ids, -1, 1))])
     assert not out["finite"] and tr.scaler.scale == 2.0**39
@@ -99,7 +98,7 @@ def test_label_smoothing_trains_on_the_smoothed_loss_and_reports_the_plain_one(t
     labels[1, 10:] = -100
     labels[0, :4] = 1  # source-free data: every token is type 0
     tr = Trainer(tiny_cfg(tmp_path, loss={"label_smoothing": 0.1}, hybrid_zero_optimizer={"clip_grad_norm": 0.0}),
-                 ParallelEnv(), log=lambda *_: None)
+                 ParallelEnv())
     assert tr.executor.fused  # label smoothing runs through the fused head + loss
     model = tr.raw_model
     with torch.enable_grad():
@@ -127,7 +126,7 @@ def test_step_times_wait_for_the_device_and_memory_is_logged(tmp_path, monkeypat
     waited = []
     monkeypatch.setattr(trainer_module, "synchronize", lambda device: waited.append(device))
     monkeypatch.setattr(metrics_module, "memory_metrics", lambda device: {"mem_peak_allocated_gib": 1.5})
-    hist = Trainer(tiny_cfg(tmp_path, data={"total_steps": 2}), ParallelEnv(), log=lambda *_: None).fit()["history"]
+    hist = Trainer(tiny_cfg(tmp_path, data={"total_steps": 2}), ParallelEnv()).fit()["history"]
     assert waited == [torch.device("cpu")] * 4
     assert [h["mem_peak_allocated_gib"] for h in hist] == [1.5, 1.5]
 
@@ -147,6 +146,6 @@ def test_backend_flags_are_not_left_behind(tmp_path, monkeypatch):
     before = flags()
     cfg = tiny_cfg(tmp_path, data={"total_steps": 2}, cudnn_benchmark=True, cudnn_deterministic=True,
                    model={"dtype": "torch.tf32"})
-    Trainer(cfg, ParallelEnv(), log=lambda *_: None).fit()
+    Trainer(cfg, ParallelEnv()).fit()
     assert seen == [(True, True, "high")] * 2 != [before] * 2  # in force while training ...
     assert flags() == before  # ... and given back after
