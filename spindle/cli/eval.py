@@ -94,6 +94,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="the run folder (holding metrics.jsonl), or the metrics.jsonl file")
     pl.add_argument("--out", default=None, type=options.path, help="the PNG to write (default: RUN/long_context.png)")
     pl.add_argument("--debug", action="store_true")
+    from spindle.cli import eval_tasks
+
+    eval_tasks.add_parser(sub)  # `spindle eval tasks`: lm-evaluation-harness tasks (spindle/cli/eval_tasks.py)
     return ap
 
 
@@ -163,6 +166,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     if args.what == "plot":
         return plot_run(args.run, args.out)
+    if args.what == "tasks":
+        from spindle.cli.eval_tasks import run
+
+        return run(args)
     variants = check_args(args)
     if args.threads:
         import torch

@@ -207,6 +207,19 @@ SKIPS = {
     "spindle eval ppl --ckpt /tmp/attn/demo/demo/ckpt --lengths L --variants plain --windows 1 --threads 2":
         "a template: L stands for each length of the benchmark, the folder is that benchmark's own run; `spindle "
         "eval ppl` runs here and in tests/e2e/test_eval_cli.py::test_eval_ppl_writes_json_and_png",
+    # docs/evaluation.md: lm-eval's own tasks come from the Hugging Face hub, and my_tasks/ is the user's YAML
+    "pip install 'spindle[eval]'": "installs from PyPI; the [test] extra this environment has carries lm-eval, "
+        "which tests/e2e/test_lm_eval.py::test_spindle_eval_tasks_prints_the_scores runs",
+    "spindle eval tasks --ckpt runs/demo/ckpt --tasks my_task --include-path my_tasks/": "my_tasks/ stands for "
+        "the user's task folder; tests/e2e/test_lm_eval.py::test_spindle_eval_tasks_prints_the_scores writes one "
+        "and runs this command on it",
+    "python -m spindle.eval.harness run --model spindle --model_args ckpt=runs/demo/ckpt,rope=yarn:4,max_length=1024 "
+    "--tasks hellaswag --num_fewshot 5 --batch_size 8 --log_samples --output_path eval/hellaswag": "hellaswag "
+        "downloads from the Hugging Face hub; tests/e2e/test_lm_eval.py::"
+        "test_same_per_sample_loglikelihoods_as_lm_evals_hf_backend runs the same model on local tasks",
+    "torchrun --nproc_per_node 8 -m spindle.eval.harness run --model spindle --model_args ckpt=runs/demo/ckpt "
+    "--tasks hellaswag --batch_size 16": "8 GPUs and the hub; tests/e2e/test_lm_eval.py::"
+        "test_torchrun_ranks_are_lm_eval_ranks runs 2 ranks on the CPU",
 }
 
 
