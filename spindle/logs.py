@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import threading
 import sys
 from typing import Callable, Iterator, Optional, Protocol
 
@@ -67,10 +68,17 @@ class RankFileHandler(logging.Handler):
     def __init__(self, rank: int, sink: LineSink):
         super().__init__(logging.INFO)
         self.sink = sink
+        self.owner = threading.get_ident()  # the thread that runs the loop and handles a full disk
         self.setFormatter(logging.Formatter(f"%(asctime)s rank{rank} %(message)s", TIME_FORMAT))
 
     def emit(self, record: logging.LogRecord) -> None:
-        self.sink.write_line(self.format(record))  # its error (a full disk) is the caller's to handle
+        try:
+            self.sink.write_line(self.format(record))
+        except Exception:
+            # the loop's own thread handles the error (a full disk stops the run with one line); a background
+            # thread (the lease refresh, the uploader) must not die of it: the loop meets it at its next line
+            if threading.get_ident() == self.owner:
+                raise
 
 
 @contextlib.contextmanager

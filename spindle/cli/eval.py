@@ -70,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                   f"1 .. {os.cpu_count() or 1} (the cores here)"), default=None)
     common.add_argument("--debug", action="store_true")
     p = sub.add_parser("ppl", parents=[common], help="per-position loss / perplexity per length")
-    p.add_argument("--data", nargs="+", default=None, type=options.path,
+    p.add_argument("--data", nargs="+", action="extend", default=None, type=options.path,
                    help="text files or folders (one document per file), or token shards "
                         "(default: the checkpoint's validation data or held-out files, else its training files)")
     p.add_argument("--glob", default="*", type=options.path, help="file pattern inside --data folders")

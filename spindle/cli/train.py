@@ -27,7 +27,8 @@ PARENT_AT_START = os.getppid()
 def add_train_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--config", default=None, type=options.path,
                     help="Python config file (default: the embedded demo, configs/demo.py)")
-    ap.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE", help="override keys, e.g. data.micro_bsz=4")
+    ap.add_argument("--set", nargs="+", action="extend", default=[], metavar="KEY=VALUE",  # repeatable: all apply
+                    help="override keys, e.g. data.micro_bsz=4")
     ap.add_argument("--dry-run", action="store_true", help="print size, FLOPs and memory estimates, then exit")
     ap.add_argument("--nproc", type=options.int_in(1, 1 << 20), default=None,
                     help="with --dry-run: the number of processes to plan for (default: this launch's)")

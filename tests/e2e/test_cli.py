@@ -80,3 +80,11 @@ def test_torchrun_single_process_runs_the_same_job(tmp_path):
     def losses(out):
         return [l.split(",loss=")[1].split(",")[0] for l in out.splitlines() if l.startswith("tflops=")]
     assert losses(r.stdout) == losses(direct.stdout) and len(losses(r.stdout)) == 2
+
+
+def test_every_set_option_applies(tmp_path):
+    """`--set a=1 --set b=2` applies both (before: argparse kept only the last --set, silently)."""
+    r = run_cli("train", "--dry-run", "--set", "model.num_layers=3", "--set", "model.hidden_size=96",
+                "model.num_attention_heads=4", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "3 layers" in r.stdout and "hidden 96" in r.stdout, r.stdout

@@ -63,7 +63,17 @@ def test_a_line_the_file_cannot_keep_is_not_printed_and_reaches_the_caller(capsy
     with logging_to(0, rank_file=Full()):
         with pytest.raises(SpindleError, match="No space left"):
             log.info("tflops=1.0,step=3")
-    assert capsys.readouterr().out == ""
+        # a background thread (the lease refresh, the uploader) logging into the full file must not die of it:
+        # the loop's thread meets the error at its next line
+        import threading
+
+        died = []
+        worker = threading.Thread(target=lambda: log.info("lease refreshed"))
+        worker.run = (lambda run: lambda: (died.append(False), run(), died.pop()))(worker.run)
+        worker.start()
+        worker.join()
+        assert died == [], "the background thread's log line raised"
+    assert "tflops" not in capsys.readouterr().out  # the loop's line is not printed (the thread's may be)
 
 
 def test_the_real_rank_log_file(tmp_path):
