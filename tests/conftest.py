@@ -48,6 +48,13 @@ def pytest_collection_modifyitems(config, items):
         raise pytest.UsageError(f"tests/unit is the fast tier whole; these are marked slow: {unit[:5]}")
 
 
+@pytest.hookimpl(trylast=True)  # after xdist's hook: its groups must show in the node ids, or both workers launch
+def pytest_collection_finish(session):
+    if session.config.getoption("loadgroup", default=False) and session.items and "@" not in session.items[0].nodeid:
+        raise pytest.UsageError("--dist loadgroup: pytest-xdist did not group the tests (this pytest / pytest-xdist "
+                                "pair ignores xdist_group; pyproject.toml's test extra names a working pair)")
+
+
 @pytest.fixture(scope="session")
 def moto_server():
     """A real S3 endpoint (moto_server on 127.0.0.1, free port) shared by the whole session.
