@@ -67,6 +67,17 @@ def run(args: argparse.Namespace) -> int:
         raise SpindleError(f"--ckpt {args.ckpt}: a path with ',' or '=' cannot pass through lm-eval's model_args")
     if args.out is not None and os.path.lexists(args.out):
         raise SpindleError(f"--out {args.out}: already exists (nothing a user saved is overwritten)")
+    # what can be checked before lm-eval indexes its ~15,000 tasks (about 40 s here) is checked first
+    from spindle.checkpoint.discovery import is_remote, resolve, strip_prefix
+    from spindle.eval.load import foreign_kind
+
+    if not is_remote(args.ckpt) and not os.path.isdir(strip_prefix(args.ckpt)):
+        raise SpindleError(f"--ckpt {args.ckpt}: no such folder (a Spindle checkpoint folder, a Hugging Face or "
+                           "InternEvo folder)")
+    if foreign_kind(args.ckpt) is None:
+        resolve(args.ckpt)  # one line when the folder holds no Spindle checkpoint
+    if args.include_path is not None and not os.path.isdir(args.include_path):
+        raise SpindleError(f"--include-path {args.include_path}: no such folder (lm-eval task YAML files)")
     model_args = ",".join(a for a in (f"ckpt={args.ckpt}", args.model_args.strip(" ,")) if a)
     results = simple_evaluate(model="spindle", model_args=model_args, tasks=names, num_fewshot=args.num_fewshot,
                               limit=args.limit, batch_size=args.batch_size, device=args.device,
