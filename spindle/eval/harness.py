@@ -291,7 +291,9 @@ class SpindleLM(TemplateLM):
             return tensor
         import torch.distributed as dist
 
-        parts = [torch.zeros_like(tensor) for _ in range(self.world_size)]
+        from spindle.parallel.comm import comm_device
+
+        parts = [torch.zeros_like(tensor, device=comm_device()) for _ in range(self.world_size)]
         dist.all_gather(parts, tensor)
         return torch.stack(parts) if tensor.dim() == 0 else torch.cat(parts)
 
