@@ -385,7 +385,10 @@ def read_manifest(folder: str) -> dict:
         raise SpindleError(f"{path}: unreadable manifest ({e})") from None
     if not isinstance(man, dict) or man.get("format") != FORMAT_NAME:
         raise SpindleError(f"{path}: not a {FORMAT_NAME} manifest")
-    if man.get("version", 0) > FORMAT_VERSION:
+    version = man.get("version", 0)
+    if not isinstance(version, int) or isinstance(version, bool):
+        raise SpindleError(f"{path}: \"version\" must be an integer, not {version!r}")
+    if version > FORMAT_VERSION:
         raise SpindleError(f"{path}: format version {man.get('version')} is newer than this Spindle reads "
                            f"({FORMAT_VERSION})")
     return man
