@@ -70,16 +70,22 @@ class StepExecutor:
                              label_smoothing=smoothing, documents=batch.documents)
         return token_statistics(out, self.local(batch.labels), smoothing)
 
-    def forward_backward(self, batches: list[Batch], loss_scale: torch.Tensor) -> torch.Tensor:
+    def forward_backward(self, batches: list[Batch], loss_scale: torch.Tensor, balance=None) -> torch.Tensor:
         """Forward and backward of every micro-batch; the summed loss times `loss_scale` is what backward
-        sees, so the step's gradient is that of the mean token loss (the trainer picks the scale)."""
+        sees, so the step's gradient is that of the mean token loss (the trainer picks the scale). A
+        mixture-of-experts model's `balance` (spindle.train.expert_balance.ExpertBalance) adds each
+        micro-batch's balance-loss term to its backward and keeps its routing statistics."""
         self.model.train()
         stats = self.new_stats()
         for i, batch in enumerate(batches):
             # gradients reduced once per step, after the last micro-batch (DDP and FSDP2)
             with gradient_sync(self.model, i, len(batches), self.full_shard), loss_context(self.tensor_parallel):
                 losses = self._run(batch, self.label_smoothing)
-                (losses.loss_sum * loss_scale).backward()
+                loss = losses.loss_sum * loss_scale
+                balance_term = balance.after_forward() if balance is not None else None
+                # two roots, not a sum: under tensor parallelism the loss is a DTensor (loss_parallel), the
+                # balance term a plain tensor
+                torch.autograd.backward([loss] if balance_term is None else [loss, balance_term])
             add_source_stats(stats, self.local(batch.type_ids), losses, self.local(batch.labels))
         return stats
 

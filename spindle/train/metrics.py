@@ -30,28 +30,34 @@ from spindle.errors import SpindleError
 logger = logging.getLogger(__name__)
 
 CONSOLE_KEYS = [
-    "tflops", "step", "loss", "tgs (tokens/gpu/second)", "lr", "loss_scale", "grad_norm", "micro_num",
-    "num_consumed_tokens", "inf_nan_skip_batches", "num_samples_in_batch", "largest_length", "largest_batch",
-    "smallest_batch", "adam_beta2", "fwd_bwd_time", "mfu", "acc", "perplexity", "data_wait",
+    "tflops", "step", "loss", "tgs (tokens/gpu/second)", "lr", "loss_scale", "grad_norm",
+    "moe_loss",  # mixture of experts, where InternEvo puts it (loss stays the cross-entropy)
+    "micro_num", "num_consumed_tokens", "inf_nan_skip_batches", "num_samples_in_batch", "largest_length",
+    "largest_batch", "smallest_batch", "adam_beta2", "fwd_bwd_time", "mfu", "acc", "perplexity", "data_wait",
+    "moe_imbalance", "moe_dropped",  # mixture of experts: the largest over the layers (per layer: metrics.jsonl)
     "mem_peak_allocated_gib",  # CUDA only
 ]
 GIB = 2**30
 
 
-def step_statistics(stats: torch.Tensor, grad_norm: torch.Tensor, source_names: list[str]) -> dict:
+def step_statistics(stats: torch.Tensor, grad_norm: torch.Tensor, source_names: list[str], moe=None) -> dict:
     """The step's loss, accuracy and gradient norm, overall and per source, from the device in one read
-    (after the update: the step itself waits for no statistic but whether to update).
+    (after the update: the step itself waits for no statistic but whether to update); with `moe` (a
+    spindle.train.expert_balance.ExpertBalance) its totals in the same read, and its metrics.
 
     `stats` is the executors' (3, sources + 1) float64 tensor (summed loss, labelled tokens, hits;
     the last column the total); float64 on the host divides exactly as it would on the device."""
-    values = torch.cat([stats.flatten(), grad_norm.detach().double().reshape(1)]).tolist()
+    parts = [stats.flatten(), grad_norm.detach().double().reshape(1)]
+    values = torch.cat(parts + ([moe.totals] if moe is not None else [])).tolist()
+    moe_metrics = moe.metrics(values[stats.numel() + 1:]) if moe is not None else {}
+    values = values[:stats.numel() + 1]
     (loss, count, hits), norm = [values[i * stats.shape[1]:(i + 1) * stats.shape[1]] for i in range(3)], values[-1]
     out = {"loss": loss[-1] / max(count[-1], 1.0), "grad_norm": norm, "acc": hits[-1] / max(count[-1], 1.0)}
     for k, name in enumerate(source_names):
         if count[k] > 0:
             out[f"loss/{name}"], out[f"acc/{name}"] = loss[k] / count[k], hits[k] / count[k]
             out[f"tokens/{name}"] = int(count[k])
-    return out
+    return out | moe_metrics
 
 
 def synchronize(device: torch.device) -> None:
@@ -119,13 +125,14 @@ def step_record(m: dict, step: int, batch, elapsed: float, data_wait: float, sta
     return {
         "tflops": flops / elapsed / layout.world_size / 1e12, "step": step, "loss": m["loss"],
         "tgs (tokens/gpu/second)": round(tgs, 2), "lr": m["lr"], "loss_scale": m["loss_scale"],
-        "grad_norm": m["grad_norm"], "micro_num": len(batch),
+        "grad_norm": m["grad_norm"], **{k: m[k] for k in ("moe_loss",) if k in m}, "micro_num": len(batch),
         "num_consumed_tokens": state.num_consumed_tokens,
         "inf_nan_skip_batches": state.inf_nan_skip_batches, **batch_shape_stats(batch),
         "adam_beta2": m["adam_beta2"], "fwd_bwd_time": m["fwd_bwd_time"],
         "mfu": peak.utilization(flops_per_token * tgs / 1e12),  # a spindle.hardware.MfuPeak: at most 1 if measured
         "acc": m["acc"], "perplexity": math.exp(min(m["loss"], 50.0)),
-        "data_wait": data_wait / elapsed, **memory_metrics(layout.device),  # {} on CPU
+        "data_wait": data_wait / elapsed, **{k: m[k] for k in ("moe_imbalance", "moe_dropped") if k in m},
+        **memory_metrics(layout.device),  # {} on CPU
         **{k: v for k, v in m.items() if "/" in k},
     }
 

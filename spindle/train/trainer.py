@@ -6,8 +6,9 @@ One optimizer step:
   3. for each micro-batch: forward, loss = sum of token losses / N (times dp size, because data
      parallel averages gradients over ranks), backward — so the step's gradient is the gradient of
      the mean token loss of the step, however the tokens are split into micro-batches or ranks;
+     a mixture-of-experts model adds its balance loss / micro_num (spindle/train/expert_balance.py);
   4. unscale (fp16), measure the gradient norm, clip; a non-finite loss or norm skips the update;
-  5. set lr and beta2 from their schedules, optimizer step, loss-scaler update;
+  5. set lr and beta2 from their schedules, optimizer step (then the MoE balancing bias), loss-scaler update;
   6. log, validate every `valid_every`; save when the checkpoint manager says (its `should_save`: every
      `checkpoint_every`, at the end, on the stop file or a signal).
 The training state a checkpoint carries (counters, loader, loss scaler, RNG streams) is one Stateful,
@@ -43,6 +44,7 @@ from spindle.parallel.layout import Layout
 from spindle.parallel.mesh import ParallelEnv
 from spindle.parallel.setup import build_training
 from spindle.train.controls import acted_on_stop_file, saves_at, step_signals, stops_at
+from spindle.train.expert_balance import ExpertBalance
 from spindle.train.host import RunRNG, cpu_training_mode, torch_threads
 from spindle.train.long_eval import LongEval
 from spindle.train.metrics import RunFolderFull, format_validation, step_record, step_statistics, synchronize
@@ -96,6 +98,7 @@ class Trainer:
         # the layout lives here and in nothing else the loop touches: parallel/setup.py, parallel/executor.py
         self.raw_model, self.model, self.executor = build_training(
             cfg, layout, n_sources=max(1, len(self.loader.source_names)))
+        self.expert_balance = ExpertBalance.of(self.raw_model, self.device)  # None for a dense model
         self.optimizer = build_optimizer(self.raw_model, cfg.adam, self.device.type)
         self.scaler = DynamicLossScaler.from_config(cfg.grad_scaler,
                                                     enabled=compute_dtype(cfg.model.dtype).loss_scaling)
@@ -164,12 +167,19 @@ class Trainer:
         # stays on the device (fp32, as a Python float would be rounded in the fp32 loss product)
         scale = self.scaler.scale
         loss_scale = (scale / (n_valid.clamp(min=1) / layout.gradient_ranks)).float()
+        moe = self.expert_balance
         t0 = time.perf_counter()
-        stats = self.executor.forward_backward(batches, loss_scale)
+        if moe is None:
+            stats = self.executor.forward_backward(batches, loss_scale)
+        else:  # the balance loss joins each micro-batch's backward; its routing statistics are kept
+            moe.start_step(scale, len(batches))
+            stats = self.executor.forward_backward(batches, loss_scale, balance=moe)
         synchronize(self.device)  # the kernels, not their enqueueing
         fwd_bwd = time.perf_counter() - t0
         stats[:, -1] = stats[:, :-1].sum(1)
         layout.sum_over_gradient_ranks(stats)
+        if moe is not None:  # every rank the same step load, so every rank moves its bias alike
+            layout.sum_over_data_ranks(moe.totals)
 
         params = [p for p in self.raw_model.parameters() if p.grad is not None]
         if self.scaler.enabled:  # grouped by tensor kind: TP mixes DTensor and plain gradients
@@ -183,12 +193,14 @@ class Trainer:
         if finite:
             set_schedules(self.optimizer, lr, beta2)
             self.optimizer.step()
+            if moe is not None:  # aux-loss-free balancing, outside the gradient: only after a step taken
+                moe.update_bias()
             self.state.updates += 1
         else:
             self.state.inf_nan_skip_batches += 1
         self.scaler.update(found_inf=not finite)
         self.optimizer.zero_grad(set_to_none=True)
-        return step_statistics(stats, grad_norm, self.loader.source_names) | {
+        return step_statistics(stats, grad_norm, self.loader.source_names, moe) | {
             "lr": lr, "adam_beta2": beta2, "loss_scale": scale, "fwd_bwd_time": round(fwd_bwd, 3), "finite": finite}
 
     # ------------------------------------------------------------------ validation
