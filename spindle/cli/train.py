@@ -71,7 +71,9 @@ def dry_run_report(cfg, world: int) -> str:
         f"model: {m.num_layers} layers, hidden {m.hidden_size}, heads {m.num_attention_heads} "
         f"(kv {m.kv_heads}), head_dim {m.head_dim}, ffn {m.ffn_hidden_size}, vocab {m.vocab_size}",
         f"parameters: {counts['total']:,} ({counts['total'] / 1e9:.2f} B; non-embedding {counts['non_embedding']:,})",
-        f"FLOPs per token: {model_flops_per_token(m, d.seq_len) / 1e9:.2f} GFLOP (model FLOPs, 6N + 12 L h s); "
+        *moe_plan_lines(m, counts),
+        f"FLOPs per token: {model_flops_per_token(m, d.seq_len) / 1e9:.2f} GFLOP (model FLOPs, 6N + 12 L h s"
+        + (", N the active parameters" if m.num_experts else "") + "); "
         f"InternEvo formula: {internevo_flops_per_step(m, d.seq_len, 1) / d.seq_len / 1e9:.2f} GFLOP",
         f"layout for {world} process(es): data {dims.dp} x context {dims.cp} x pipeline {dims.pp} x tensor {dims.tp}; "
         + (f"FSDP ({'full' if dims.fsdp else 'ZeRO-1/2-like'}) over groups of {dims.shard * dims.cp}"
@@ -84,6 +86,17 @@ def dry_run_report(cfg, world: int) -> str:
         f"total {mem['total'] / gib:.1f} GiB",
     ]
     return "\n".join(lines)
+
+
+def moe_plan_lines(m, counts: dict) -> list[str]:
+    """A mixture-of-experts model's line: its experts and the parameters one token passes through; none when dense."""
+    if not m.num_experts:
+        return []
+    shared = f" + {m.num_shared_experts} shared" if m.num_shared_experts else ""
+    return [f"experts: {counts['moe_layers']} of {m.num_layers} layers MoE, {m.num_experts} experts{shared}, top "
+            f"{m.top_k}, expert width {m.moe_intermediate_size or m.ffn_hidden_size}; active parameters per token "
+            f"{counts['active']:,} ({counts['active'] / 1e9:.2f} B, {counts['active'] / counts['total']:.1%} of the "
+            f"total; routed experts hold {counts['experts']:,})"]
 
 
 def compat_line(cfg) -> Optional[str]:
@@ -166,7 +179,12 @@ def _train_on_rank(cfg, env, t0: float) -> int:
         log(compat_line(cfg))
     trainer = Trainer(cfg, env)
     cfg = trainer.cfg  # with the model a Hugging Face folder completed
-    log(f"model: {trainer.n_params:,} parameters; MFU peak {trainer.peak:.3g} TFLOP/s ({trainer.peak_source})")
+    active = ""
+    if cfg.model.num_experts:  # a mixture of experts: what one token passes through, what MFU counts
+        from spindle.model.flops import parameter_counts
+
+        active = f" ({parameter_counts(cfg.model)['active']:,} active per token)"
+    log(f"model: {trainer.n_params:,} parameters{active}; MFU peak {trainer.peak:.3g} TFLOP/s ({trainer.peak_source})")
     result = trainer.fit()
     hist = result["history"]
     if env.is_main and hist:
