@@ -57,7 +57,9 @@ def write_family_folders(root: Path) -> dict[str, Path]:
     from spindle.config import ModelConfig
     from spindle.model.llama import build_model
 
-    missing = {f.name for f in FAMILIES} - {family for family, _ in FAMILY_SWITCHES.values()}
+    # the mixture-of-experts families (Family.moe) join when MoE trains under every layout (issue 27); until
+    # then tests/unit/test_hf_moe.py walks them
+    missing = {f.name for f in FAMILIES if f.moe is None} - {family for family, _ in FAMILY_SWITCHES.values()}
     assert not missing, f"families without a folder in tests/family_folders.py FAMILY_SWITCHES: {sorted(missing)}"
     folders = {}
     for folder_name, (family, switches) in FAMILY_SWITCHES.items():

@@ -59,10 +59,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                        description="Convert checkpoints to and from Hugging Face and InternEvo.")
     sub = ap.add_subparsers(dest="direction", required=True)
     commands = {
-        "to-hf": ("Spindle checkpoint -> Hugging Face folder (Llama, Mistral, Qwen2 or Qwen3 class)", "ckpt",
+        "to-hf": ("Spindle checkpoint -> Hugging Face folder (Llama, Mistral, Qwen2, Qwen3, Mixtral, Qwen2-MoE or "
+                  "Qwen3-MoE class)", "ckpt",
                   "checkpoint folder, save folder (latest), local: or boto3:s3://..."),
         "from-hf": ("Hugging Face folder -> Spindle checkpoint (model only, step 0)", "hf_dir",
-                    "Llama / Mistral / Qwen2 / Qwen3 / InternLM / InternLM2 folder"),
+                    "Llama / Mistral / Qwen2 / Qwen3 / InternLM / InternLM2 / Mixtral / Qwen2-MoE / Qwen3-MoE "
+                    "folder"),
         "from-internevo": ("InternEvo checkpoint folder (model_tp*_pp*.pt) -> Spindle checkpoint", "src",
                            "the step folder holding model_tp{t}_pp{p}.pt and model_config.pt"),
     }

@@ -11,6 +11,12 @@ sliding window, how RoPE is written in config.json, and tensor names:
     qwen3      qwen3                    attention_bias, attention_bias, never   q/k norm      Qwen3ForCausalLM
     internlm   internlm (remote code)   bias, bias, never                       `rotary` dict (Llama)
     internlm2  internlm2 (remote code)  bias, bias, never                       fused wqkv    (Llama)
+    mixtral    mixtral                  none                                    sliding_window MixtralForCausalLM
+    qwen2_moe  qwen2_moe                qkv_bias, never, never                  shared expert Qwen2MoeForCausalLM
+    qwen3_moe  qwen3_moe                attention_bias, attention_bias, never   q/k norm      Qwen3MoeForCausalLM
+
+The last three are mixtures of experts (`Family.moe`, a `MoeSpec`): spindle/interop/hf_moe.py maps their
+router, experts and layer pattern; DeepSeek-V3 (MLA) and GPT-OSS are refused there until they are built.
 
 InternLM folders carry remote-code class names; only their weights and config.json are read, never
 their code. `to-hf` writes the first family (in the order above) that expresses the model exactly,
@@ -30,6 +36,10 @@ import torch
 
 from spindle.config.rope_types import ROPE_TYPES, ntk_base
 from spindle.errors import SpindleError
+from spindle.interop.hf_moe import (
+    MIXTRAL_NAMES, QWEN_MOE_NAMES, MoeSpec, experts_to_hf, experts_to_ours, moe_config_from_hf, moe_hf_config,
+    moe_mismatch, refuse_unbuilt,
+)
 
 BiasSpec = Union[str, bool]  # a config.json key that switches the bias, or the family's fixed value
 
@@ -49,10 +59,12 @@ class Family:
     sliding_window: bool = False  # reads and writes `sliding_window`
     rope: str = "hf"  # "hf": rope_theta / rope_scaling / rope_parameters; "internlm": the `rotary` dict
     export_fixed: dict = field(default_factory=dict)  # config.json keys to-hf writes with a fixed value
+    moe: Optional[MoeSpec] = None  # a mixture-of-experts family
 
 
 _FULL_ATTENTION = {"use_sliding_window": False, "sliding_window": None}
 _HF_DEFAULTS = {"rms_norm_eps": 1e-6, "max_position_embeddings": 2048, "rope_theta": 10000.0}
+_QWEN_MOE_DEFAULTS = {"norm_topk_prob": False, "decoder_sparse_step": 1, "router_aux_loss_coef": 0.001}
 FAMILIES: tuple[Family, ...] = (
     Family("llama", ("llama",), ("LlamaForCausalLM",), "LlamaForCausalLM", "llama",
            "attention_bias", "attention_bias", "mlp_bias", _HF_DEFAULTS),
@@ -69,6 +81,24 @@ FAMILIES: tuple[Family, ...] = (
     # ... and of transformers/internlm2_model/configuration_internlm2.py
     Family("internlm2", ("internlm2",), ("InternLM2ForCausalLM",), None, "internlm2", "bias", "bias", False,
            dict(_HF_DEFAULTS, bias=True)),
+    # mixtures of experts: defaults of transformers' MixtralConfig, Qwen2MoeConfig, Qwen3MoeConfig
+    Family("mixtral", ("mixtral",), ("MixtralForCausalLM",), "MixtralForCausalLM", "mixtral", False, False, False,
+           dict(_HF_DEFAULTS, max_position_embeddings=4096 * 32, rms_norm_eps=1e-5, rope_theta=1e6,
+                num_local_experts=8, num_experts_per_tok=2, router_aux_loss_coef=0.001),
+           sliding_window=True,
+           moe=MoeSpec("num_local_experts", "intermediate_size", jitter_key="router_jitter_noise")),
+    Family("qwen2_moe", ("qwen2_moe",), ("Qwen2MoeForCausalLM",), "Qwen2MoeForCausalLM", "qwen_moe", "qkv_bias",
+           False, False, dict(_HF_DEFAULTS, max_position_embeddings=32768, qkv_bias=True, **_QWEN_MOE_DEFAULTS,
+                              num_experts=60, num_experts_per_tok=4, moe_intermediate_size=1408,
+                              shared_expert_intermediate_size=5632),
+           export_fixed=_FULL_ATTENTION, moe=MoeSpec("num_experts", "moe_intermediate_size", "norm_topk_prob",
+                                                     shared_expert=True, layer_pattern=True)),
+    Family("qwen3_moe", ("qwen3_moe",), ("Qwen3MoeForCausalLM",), "Qwen3MoeForCausalLM", "qwen_moe",
+           "attention_bias", "attention_bias", False,
+           dict(_HF_DEFAULTS, max_position_embeddings=32768, **_QWEN_MOE_DEFAULTS, num_experts=128,
+                num_experts_per_tok=8, moe_intermediate_size=768),
+           qk_norm=True, export_fixed=_FULL_ATTENTION,
+           moe=MoeSpec("num_experts", "moe_intermediate_size", "norm_topk_prob", layer_pattern=True)),
 )
 
 # Tensor names: ours -> HF, for the top-level modules and the modules inside layer N.
@@ -81,8 +111,11 @@ _LLAMA_LAYER = {
 }
 _INTERNLM2_LAYER = {k: k for k in ("attention.wo", "feed_forward.w1", "feed_forward.w2", "feed_forward.w3",
                                    "attention_norm", "ffn_norm")}
+_LLAMA_TOP = {"tok_embeddings": "model.embed_tokens", "norm": "model.norm", "output": "lm_head"}
 SCHEMES = {
-    "llama": ({"tok_embeddings": "model.embed_tokens", "norm": "model.norm", "output": "lm_head"}, _LLAMA_LAYER),
+    "llama": (_LLAMA_TOP, _LLAMA_LAYER),
+    "mixtral": (_LLAMA_TOP, dict(_LLAMA_LAYER, **MIXTRAL_NAMES)),
+    "qwen_moe": (_LLAMA_TOP, dict(_LLAMA_LAYER, **QWEN_MOE_NAMES)),
     "internlm2": ({"tok_embeddings": "model.tok_embeddings", "norm": "model.norm", "output": "output"},
                   _INTERNLM2_LAYER),
 }
@@ -98,6 +131,7 @@ def family_of(hf: dict, source: str) -> Family:
     for fam in FAMILIES:
         if any(a in fam.architectures for a in archs if isinstance(a, str)):
             return fam
+    refuse_unbuilt(model_type, archs, source)
     known = ", ".join(t for f in FAMILIES for t in f.model_types)
     raise SpindleError(f"{source}: model_type {model_type!r} (architectures {archs}) is not a family Spindle "
                        f"reads ({known})")
@@ -137,6 +171,14 @@ def from_hf_name(name: str, fam: Family) -> Optional[str]:
     raise SpindleError(f"Hugging Face tensor {name} is not part of a {fam.name} model")
 
 
+def ours_to_hf_tensors(state: dict[str, torch.Tensor], fam: Family) -> dict[str, torch.Tensor]:
+    """Our state dict under family `fam`'s names (a tied head left out by the caller)."""
+    out = {}
+    if fam.moe is not None:  # stacked experts -> one tensor per expert
+        out, state = experts_to_hf(state, SCHEMES[fam.names][1])
+    return dict(out, **{to_hf_name(name, fam): t for name, t in state.items()})
+
+
 def split_grouped_qkv(t: torch.Tensor, kv_heads: int, head_dim: int) -> tuple[torch.Tensor, ...]:
     """InternLM2's fused wqkv (rows grouped per KV head: q_per_kv queries, then k, then v) -> wq, wk, wv."""
     rows = t.shape[0]
@@ -153,6 +195,8 @@ def split_grouped_qkv(t: torch.Tensor, kv_heads: int, head_dim: int) -> tuple[to
 def hf_tensors_to_ours(tensors: dict[str, torch.Tensor], fam: Family, kv_heads: int,
                        head_dim: int) -> dict[str, torch.Tensor]:
     out = {}
+    if fam.moe is not None:  # the experts (one tensor per expert, or fused) stacked under our names
+        out, tensors = experts_to_ours(tensors, SCHEMES[fam.names][1])
     for name, t in tensors.items():
         m = re.match(rf"^model\.layers\.(\d+)\.{re.escape(_FUSED_QKV)}\.(weight|bias)$", name)
         if m and fam.names == "internlm2":
@@ -255,6 +299,8 @@ def model_config_from_hf(hf: dict, source: str = "config.json") -> dict:
     }
     if scaling:
         out["rope_scaling"] = scaling
+    if fam.moe is not None:
+        out.update(moe_config_from_hf(hf, fam, out["num_layers"], source))
     return out
 
 
@@ -263,7 +309,10 @@ def model_config_from_hf(hf: dict, source: str = "config.json") -> dict:
 
 def expresses(fam: Family, a) -> bool:
     """Whether family `fam` writes a model with ModelArgs `a` exactly."""
-    if fam.export_class is None or a.qk_norm != fam.qk_norm or (a.sliding_window and not fam.sliding_window):
+    if fam.export_class is None or a.qk_norm != fam.qk_norm or (a.sliding_window and not fam.sliding_window) \
+            or (fam.moe is None) != (a.num_experts == 0):
+        return False
+    if fam.moe is not None and moe_mismatch(fam.moe, a) is not None:
         return False
     keyed: dict[str, bool] = {}  # a key shared by two groups (attention_bias) needs them equal
     for part in ("qkv_bias", "o_bias", "mlp_bias"):
@@ -288,6 +337,10 @@ def export_family(a) -> Family:
     for fam in FAMILIES:
         if expresses(fam, a):
             return fam
+    if a.num_experts:
+        why = "; ".join(f"{f.name}: {moe_mismatch(f.moe, a) or 'the attention differs (qk_norm, biases, window)'}"
+                        for f in FAMILIES if f.moe is not None)
+        raise SpindleError(f"no Hugging Face mixture-of-experts family expresses this model ({why})")
     raise SpindleError(f"no Hugging Face family has this combination: qkv_bias={a.qkv_bias}, o_bias={a.o_bias}, "
                        f"mlp_bias={a.mlp_bias}, qk_norm={a.qk_norm}, sliding_window={a.sliding_window}")
 
@@ -331,6 +384,8 @@ def hf_config(a, bos_id: Optional[int] = None, eos_id: Optional[int] = None) -> 
     if fam.sliding_window:
         cfg["sliding_window"] = a.sliding_window
     cfg.update(fam.export_fixed)
+    if fam.moe is not None:
+        cfg.update(moe_hf_config(fam.moe, a))
     if bos_id is not None:
         cfg["bos_token_id"] = bos_id
     if eos_id is not None:

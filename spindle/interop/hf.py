@@ -22,9 +22,9 @@ from typing import Optional
 import torch
 
 from spindle.interop.families import (
-    export_family, family_of, hf_config, hf_tensors_to_ours, model_config_from_hf, to_hf_name,
+    export_family, family_of, hf_config, hf_tensors_to_ours, model_config_from_hf, ours_to_hf_tensors, to_hf_name,
 )
-from spindle.interop.weights import assign_weights, model_args, read_safetensors, read_torch_file
+from spindle.interop.weights import assign_weights, full_shapes, model_args, read_safetensors, read_torch_file
 from spindle.errors import SpindleError
 
 _INDEXES = (("model.safetensors.index.json", "model.safetensors"),
@@ -119,7 +119,11 @@ def load_hf_weights(model: torch.nn.Module, hf_dir: str | Path, args=None) -> li
                                "true) but the weights hold a distinct lm_head.weight; transformers unties such a "
                                "model: set tie_word_embeddings to false in config.json to load it that way")
         del tensors["output.weight"]  # the tied head is the embedding
-    name = (lambda n: to_hf_name(n, fam)) if fam.names == "llama" else str
+    if args.bias_update_rate > 0:  # aux-loss-free balancing starts from no bias (transformers' routers have none)
+        for key, shape in full_shapes(args).items():
+            if key.endswith(".feed_forward.score_bias"):
+                tensors.setdefault(key, torch.zeros(shape))
+    name = (lambda n: to_hf_name(n, fam)) if fam.names != "internlm2" else str
     assign_weights(model, tensors, str(hf_dir), name, args)
     return _differences(hf_args, args)
 
@@ -144,12 +148,13 @@ def export_hf(ckpt: str, out: str | Path, tokenizer: Optional[str] = None) -> li
         fam = export_family(args)
         model = build_model(args, "cpu")
         load_tensors(path, model, None, ("model",))
+    state = {name: t for name, t in model.state_dict().items()
+             if not (name == "output.weight" and args.tie_word_embeddings)}
+    tensors = {name: t.detach().to(torch.float32).contiguous().clone()  # refuses before anything is written
+               for name, t in ours_to_hf_tensors(state, fam).items()}
     out.mkdir(parents=True, exist_ok=True)
     tok = write_tokenizer(spec, args.vocab_size, out, why)
     config = hf_config(args, tok.bos_id, tok.eos_id)
-    tensors = {to_hf_name(name, fam): t.detach().to(torch.float32).contiguous().clone()
-               for name, t in model.state_dict().items()
-               if not (name == "output.weight" and args.tie_word_embeddings)}
     save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
     gen = {k: config[k] for k in ("bos_token_id", "eos_token_id") if k in config}
     if tok.pad_id is not None:

@@ -2,12 +2,13 @@
 folder's config.json: the config file may leave the model out, or state only what it changes.
 
 - What fixes the weights' shapes and the architecture (sizes, heads, kv heads, head_dim, layers,
-  vocabulary, FFN size, tie, biases, q/k norms, norm type, SwiGLU): taken from config.json when the
+  vocabulary, FFN size, tie, biases, q/k norms, norm type, SwiGLU; experts, top-k, their widths, shared
+  experts, routing, the MoE layer pattern): taken from config.json when the
   config leaves it out; a config value that differs is refused in one line naming both keys and values
   (a model built otherwise could not hold the weights, or would compute something else with them).
 - What a continued training may change on purpose (RoPE base and scaling, context length, norm epsilon,
-  sliding window, init scale): taken from config.json when left out; a config value that differs is
-  kept and said once at start (configs/continue_rope.py continues at a new base this way).
+  sliding window, init scale, the balance loss's weight): taken from config.json when left out; a config
+  value that differs is kept and said once at start (configs/continue_rope.py continues at a new base this way).
 """
 
 from __future__ import annotations
@@ -38,11 +39,23 @@ STRUCTURE = {
     "qk_norm": ("qk_norm", "model_type (q/k norms)"),
     "norm_type": ("norm_type", "model_type (RMSNorm)"),
     "use_swiglu": ("use_swiglu", "hidden_act"),
+    # mixtures of experts (hf_moe.py)
+    "num_experts": ("num_experts", "num_local_experts / num_experts"),
+    "top_k": ("top_k", "num_experts_per_tok"),
+    "moe_intermediate_size": ("moe_intermediate_size", "moe_intermediate_size (Mixtral: intermediate_size)"),
+    "num_shared_experts": ("num_shared_experts", "shared_expert_intermediate_size"),
+    "shared_expert_intermediate_size": ("shared_expert_intermediate_size", "shared_expert_intermediate_size"),
+    "shared_expert_gate": ("shared_expert_gate", "model_type (Qwen2-MoE's gated shared expert)"),
+    "router_score": ("router_score", "model_type (softmax routers)"),
+    "norm_topk_prob": ("norm_topk_prob", "norm_topk_prob (Mixtral: always true)"),
+    "first_k_dense": ("first_k_dense", "mlp_only_layers"),
+    "moe_every": ("moe_every", "decoder_sparse_step"),
 }
 # our model key -> config.json key: what a continued training may set otherwise
 TUNABLE = {"rope_base": "rope_theta", "rope_scaling": "rope_scaling",
            "max_position_embeddings": "max_position_embeddings", "layer_norm_epsilon": "rms_norm_eps",
-           "sliding_window": "sliding_window", "init_std": "initializer_range"}
+           "sliding_window": "sliding_window", "init_std": "initializer_range",
+           "aux_loss_coeff": "router_aux_loss_coef x num_experts_per_tok"}
 BIAS_KEYS = ("no_bias", "qkv_bias", "o_bias", "mlp_bias")
 
 
