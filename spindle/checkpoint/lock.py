@@ -13,8 +13,13 @@ S3 has no locks: the lock is a lease object the owner rewrites every `LEASE_REFR
 a background thread. A lease not refreshed for `stale_after_s` belongs to a dead run and is taken
 over; so is, at once, a lease whose owner ran on this machine (same host name, boot and process
 namespace) and whose process is gone — a SIGKILLed run restarted on the same host does not wait.
-After writing its lease a run reads it back one second later, so of two runs starting in the
-same instant at most one keeps it — on a store with read-after-write consistency (AWS S3, MinIO).
+The lease is written with S3's conditional writes: created with If-None-Match: * (only if there is
+none), taken over and refreshed with If-Match: the version read (only if no other run wrote it since),
+so of two runs starting in the same instant exactly one gets it, and a run that lost its lease to
+another never writes over it. A server that has no conditional writes (it says 501, or it ignores the
+conditions: two probes after the lease is written tell) gets the old way: the run reads its lease back
+one second after writing it, so at most one of two runs keeps it — on a store with read-after-write
+consistency.
 
 The lock file is opened without following a symbolic link and must be a plain file with one name:
 a `.spindle.lock` planted as a link to (or a hard link of) a user's file would otherwise be
@@ -33,7 +38,7 @@ import threading
 import time
 from typing import Optional
 
-from spindle.checkpoint.storage import Storage, StorageNotFound
+from spindle.checkpoint.storage import Storage, StorageNotFound, WriteConflict
 from spindle.errors import SpindleError
 from spindle.fileio import open_nofollow
 
@@ -125,6 +130,8 @@ class FolderLock:
         self._stop = threading.Event()
         self._thread: Optional[threading.Thread] = None
         self._owner = owner_info(job)
+        self._version: Optional[str] = None  # the lease's version (ETag) while conditional writes guard it
+        self._lost = False  # another run took the lease over: it is not this run's to delete
 
     @property
     def where(self) -> str:
@@ -187,11 +194,15 @@ class FolderLock:
 
     # -- S3
 
-    def _acquire_lease(self) -> None:
+    def _read_lease(self) -> tuple[Optional[dict], Optional[str]]:
         try:
-            owner = _parse_owner(self.storage.read_bytes(LOCK_FILE))
+            data, version = self.storage.read_versioned(LOCK_FILE)
         except StorageNotFound:
-            owner = None
+            return None, None
+        return _parse_owner(data), version
+
+    def _acquire_lease(self) -> None:
+        owner, version = self._read_lease()
         if owner and _gone_from_this_machine(owner):
             logger.info(f"checkpoint: taking over the lease of a run that is gone ({describe_owner(owner)}: "
                         "no such process on this host)")
@@ -200,20 +211,56 @@ class FolderLock:
         elif owner:
             logger.info(f"checkpoint: taking over a lease not refreshed for {self.stale_after_s:.0f} s "
                         f"({describe_owner(owner)})")
-        self.storage.write_bytes(LOCK_FILE, json.dumps(self._owner).encode())
+        mine = json.dumps(self._owner).encode()
+        try:  # only if the lease is still what was read: absent, or the very version judged stale above
+            self._version = self.storage.write_if(LOCK_FILE, mine, version=version)
+        except WriteConflict:
+            raise self._refuse(self._read_lease()[0]) from None
+        if self._version is None or not self._conditions_hold(mine):
+            self._version = None
+            self._confirm_by_reading_back(mine)
+        self._thread = threading.Thread(target=self._refresh_loop, name="spindle-lock-lease", daemon=True)
+        self._thread.start()
+
+    def _conditions_hold(self, mine: bytes) -> bool:
+        """Whether the server honours both conditions: each probe, on the lease now there, must be refused
+        (an S3-compatible server may accept the headers and ignore them, which looks like success)."""
+        for version in (None, '"spindle-probe"'):
+            try:
+                self._version = self.storage.write_if(LOCK_FILE, mine, version=version)
+            except WriteConflict:
+                continue
+            return False
+        return True
+
+    def _confirm_by_reading_back(self, mine: bytes) -> None:
+        """Without conditional writes: write, wait a second, read back; of two runs writing in the same
+        instant, the one whose lease is not there any more gives up."""
+        self.storage.write_bytes(LOCK_FILE, mine)
         time.sleep(1.0)
         back = _parse_owner(self.storage.read_bytes(LOCK_FILE))
         if not back or (back.get("host"), back.get("pid"), back.get("started")) != \
                 (self._owner["host"], self._owner["pid"], self._owner["started"]):
             raise self._refuse(back)
-        self._thread = threading.Thread(target=self._refresh_loop, name="spindle-lock-lease", daemon=True)
-        self._thread.start()
 
     def _refresh_loop(self) -> None:
         while not self._stop.wait(LEASE_REFRESH_S):
             self._owner["refreshed"] = time.time()
+            mine = json.dumps(self._owner).encode()
             try:
-                self.storage.write_bytes(LOCK_FILE, json.dumps(self._owner).encode())
+                if self._version is None:
+                    self.storage.write_bytes(LOCK_FILE, mine)
+                else:
+                    self._version = self.storage.write_if(LOCK_FILE, mine, version=self._version)
+            except WriteConflict:  # another run took the lease over (this one stalled past stale_after_s)
+                try:
+                    owner = self._read_lease()[0]
+                except SpindleError:  # who it is only goes into the line
+                    owner = None
+                logger.warning(f"checkpoint: the save-folder lease {self.where} was taken over by "
+                               f"{describe_owner(owner) if owner else 'another run'}; it is left to that run")
+                self._lost = True
+                return
             except SpindleError as exc:  # the next refresh tries again; the lease outlives one miss
                 logger.info(f"checkpoint: could not refresh the save-folder lease: {exc}")
 
@@ -232,7 +279,8 @@ class FolderLock:
             self._thread.join(timeout=5)
             self._thread = None
             try:
-                self.storage.delete_prefix(LOCK_FILE)
+                if not self._lost:
+                    self.storage.delete_prefix(LOCK_FILE)
             except SpindleError:
                 pass  # a stale lease is taken over by the next run
         if self._fd is not None:

@@ -5,16 +5,18 @@ where no config is at hand, e.g. `spindle eval --ckpt boto3:s3://...`)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 
 @dataclass(frozen=True)
 class S3Settings:
     # an endpoint that is down fails within the connect timeout; one that accepts connections but never
-    # answers, within the read timeout (each try; start-up makes two)
+    # answers, within the read timeout (each attempt; the start-up check makes two)
     connect_timeout_s: float = 5.0
     read_timeout_s: float = 60.0
-    # a transient failure (connection error, 5xx, throttling) is retried `retries` times, sleeping
-    # backoff_s * 2**k seconds (jittered) between tries, at most max_backoff_s
-    retries: int = 5
-    backoff_s: float = 0.5
-    max_backoff_s: float = 30.0
+    # botocore's own retries (Config(retries={"mode": ..., "total_max_attempts": ...})): "standard" retries connection
+    # errors, 5xx, throttling and timeouts with jittered exponential backoff (at most 20 s a wait); "adaptive"
+    # also slows this client down while the server throttles (SlowDown). Every request makes at most
+    # max_attempts attempts, the first one included (botocore's own "max_attempts" counts only the retries).
+    retry_mode: Literal["standard", "adaptive"] = "standard"
+    max_attempts: int = 6

@@ -92,7 +92,6 @@ def test_failed_upload_keeps_training_stays_staged_and_is_uploaded_by_the_next_r
     lines = spindle_lines
     tr = Trainer(cfg(tmp_path, url, total=4, checkpoint_every=2, async_upload=True), ParallelEnv())
     st = tr.ckpt_manager.storage
-    st.retries, st.backoff_s = 2, 0.01
     calls = []
     real = st._client.upload_file
 

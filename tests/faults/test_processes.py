@@ -324,7 +324,7 @@ def s3_folder(moto_server, monkeypatch):
     boto3.client("s3", endpoint_url=moto_server.endpoint, region_name="us-east-1", **keys).create_bucket(Bucket=bucket)
     return open_storage(f"boto3:s3://{bucket}/ckpt", endpoint_url=moto_server.endpoint, access_key=keys[
         "aws_access_key_id"], secret_key=keys["aws_secret_access_key"],
-        settings=S3Settings(retries=1, backoff_s=0.01))
+        settings=S3Settings(max_attempts=2))
 
 
 def test_s3_lease_of_a_dead_process_on_this_host_is_taken_over_at_once(s3_folder, spindle_lines):

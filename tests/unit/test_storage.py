@@ -263,8 +263,7 @@ def bucket(moto_server):
 
 
 def _s3(moto_server, bucket, prefix="ckpt", **kw):
-    kw.setdefault("retries", 1)
-    kw.setdefault("backoff_s", 0.01)
+    kw.setdefault("max_attempts", 2)
     return open_storage(f"boto3:s3://{bucket}/{prefix}", endpoint_url=moto_server.endpoint,
                         access_key=ACCESS, secret_key=SECRET, settings=S3Settings(**kw))
 
@@ -327,13 +326,13 @@ def test_s3_pagination(moto_server, bucket):
 def test_s3_embedded_endpoint_and_env_credentials(moto_server, bucket, monkeypatch):
     monkeypatch.setenv("S3_ACCESS_KEY_ID", ACCESS)
     monkeypatch.setenv("S3_SECRET_ACCESS_KEY", SECRET)
-    st = open_storage(f"boto3:s3://{bucket}.127.0.0.1:{moto_server.port}/emb", settings=S3Settings(retries=0))
+    st = open_storage(f"boto3:s3://{bucket}.127.0.0.1:{moto_server.port}/emb", settings=S3Settings(max_attempts=1))
     assert st.endpoint_url == moto_server.endpoint
     assert st.url == f"boto3:s3://{bucket}/emb"
     st.write_bytes("x", b"hello")
 
     monkeypatch.setenv("AWS_ENDPOINT_URL", moto_server.endpoint)  # endpoint from the environment
-    st2 = open_storage(f"boto3:s3://{bucket}/emb", settings=S3Settings(retries=0))
+    st2 = open_storage(f"boto3:s3://{bucket}/emb", settings=S3Settings(max_attempts=1))
     assert st2.read_bytes("x") == b"hello"
     for text in (repr(st), str(st), repr(st2), st2.url, str(st2.location)):
         _no_secret(text)
@@ -341,7 +340,7 @@ def test_s3_embedded_endpoint_and_env_credentials(moto_server, bucket, monkeypat
 
 def test_s3_missing_bucket_fails_without_retry(moto_server):
     st = open_storage("boto3:s3://no-such-bucket-spindle/x", endpoint_url=moto_server.endpoint,
-                      access_key=ACCESS, secret_key=SECRET, settings=S3Settings(retries=3, backoff_s=1.0))
+                      access_key=ACCESS, secret_key=SECRET, settings=S3Settings(max_attempts=4))
     t0 = time.monotonic()
     with pytest.raises(SpindleError) as ei:
         st.write_bytes("a", b"1")
@@ -400,7 +399,7 @@ def test_async_upload_retries_then_recovers_after_restart(tmp_path):
         _create_bucket(server.endpoint, bucket)
         st = open_storage(f"boto3:s3://{bucket}/ckpt", endpoint_url=server.endpoint,
                           access_key=ACCESS, secret_key=SECRET,
-                          settings=S3Settings(retries=2, backoff_s=0.05))
+                          settings=S3Settings(max_attempts=3))
         sends = []
         st._client.meta.events.register("before-send.s3", lambda **kw: sends.append(1))
         staging = _make_staging(tmp_path, {"model.pt": b"weights"})
@@ -416,7 +415,7 @@ def test_async_upload_retries_then_recovers_after_restart(tmp_path):
             msg = str(ei.value)
             assert "after 3 attempts" in msg and "upload of" in msg
             assert f"s3://{bucket}/ckpt/10/model.pt" in msg
-            assert len(sends) == 3  # one HTTP request per attempt: botocore adds none of its own
+            assert len(sends) == 3  # max_attempts=3: botocore's retries, one HTTP request per attempt
             assert done == [] and fut.exception() is not None
             _no_secret(msg)
 

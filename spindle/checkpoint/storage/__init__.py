@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import os
 
-from spindle.checkpoint.storage.base import Storage, StorageNotFound
+from spindle.checkpoint.storage.base import Storage, StorageNotFound, WriteConflict
 from spindle.checkpoint.storage.local import LocalStorage
 from spindle.checkpoint.storage.s3 import S3Storage
 from spindle.checkpoint.storage.s3_address import S3Location, parse_s3_url
@@ -35,6 +35,7 @@ __all__ = [
     "S3Storage",
     "Storage",
     "StorageNotFound",
+    "WriteConflict",
     "open_storage",
     "parse_s3_url",
 ]
@@ -73,10 +74,10 @@ def open_storage(
     S3_SECRET_ACCESS_KEY / AWS_SECRET_ACCESS_KEY; with no keys anywhere boto3's usual chain
     (profiles, instance roles) applies. Nothing is contacted here; call `ping()` for that.
 
-    settings: the timeouts and retries (spindle/config/s3.py, the config's `ckpt.s3_*` values where a run
-    opens it: `CkptConfig.s3_settings()`). An operation makes up to retries + 1 attempts; connect_timeout_s is
-    what makes a dead endpoint fail in seconds, read_timeout_s one that accepts connections but never answers.
-    Ignored for local folders.
+    settings: the timeouts and botocore's retries (spindle/config/s3.py, the config's `ckpt.s3_*` values where
+    a run opens it: `CkptConfig.s3_settings()`). A request makes up to max_attempts attempts; connect_timeout_s
+    is what makes a dead endpoint fail in seconds, read_timeout_s one that accepts connections but never
+    answers. Ignored for local folders. S3 needs the [s3] extra (boto3): one line names it when it is missing.
     """
     if not url:
         raise SpindleError("checkpoint path is empty")

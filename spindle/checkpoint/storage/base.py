@@ -11,7 +11,7 @@ import os
 import posixpath
 import socket
 import time
-from typing import Iterator
+from typing import Iterator, Optional
 
 from spindle.errors import SpindleError
 from spindle.fileio import TMP_MARK  # in the names of in-flight atomic writes: listings hide them
@@ -22,6 +22,10 @@ class StorageNotFound(SpindleError, FileNotFoundError):
 
     Also a FileNotFoundError so callers probing for optional files can catch the usual type.
     """
+
+
+class WriteConflict(SpindleError):
+    """A conditional write found the object there (create) or changed since it was read (replace)."""
 
 
 def _clean_rel(rel: str) -> str:
@@ -65,6 +69,16 @@ class Storage(abc.ABC):
     @abc.abstractmethod
     def read_bytes(self, rel: str) -> bytes:
         """Content of the file at `rel`; StorageNotFound if missing."""
+
+    def read_versioned(self, rel: str) -> tuple[bytes, Optional[str]]:
+        """Content of the file at `rel` and its version (an S3 ETag) for `write_if`; None where there are none."""
+        return self.read_bytes(rel), None
+
+    def write_if(self, rel: str, data: bytes, *, version: Optional[str] = None) -> Optional[str]:
+        """Store `data` at `rel` only if nothing is there (version None) or the file is still at `version`;
+        the new version, or WriteConflict. None, having written nothing, where the storage has no conditional
+        writes: the caller falls back on what works without them."""
+        return None
 
     @abc.abstractmethod
     def exists(self, rel: str) -> bool:

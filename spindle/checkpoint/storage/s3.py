@@ -1,4 +1,4 @@
-"""A checkpoint folder as a prefix in an S3 (or S3-compatible) bucket, through boto3.
+"""A checkpoint folder as a prefix in an S3 (or S3-compatible) bucket, through boto3 (the [s3] extra).
 
 Every failure a user can cause or meet (missing object, unreachable endpoint, bad keys) is a
 `SpindleError` whose message names the place, and never contains a secret key.
@@ -6,34 +6,42 @@ Every failure a user can cause or meet (missing object, unreachable endpoint, ba
 
 from __future__ import annotations
 
+import io
 import logging
 import os
-import random
 import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import Callable
+from typing import Callable, Optional
 
-from spindle.checkpoint.storage.base import Storage, StorageNotFound, _clean_rel, _join_rel, _walk_files
+from spindle.checkpoint.storage.base import (
+    Storage, StorageNotFound, WriteConflict, _clean_rel, _join_rel, _walk_files,
+)
 from spindle.checkpoint.storage.s3_address import (
-    S3Location, _client_error_info, _exception_chain, _is_not_found, _is_transient,
+    S3_FOLDERS, S3Location, _attempts_made, _client_error_info, _exception_chain, _is_not_found, _is_transient,
 )
 from spindle.config.redact import REDACTED
 from spindle.config.s3 import S3Settings
 from spindle.errors import SpindleError
+from spindle.extras import require
 from spindle.fileio import safe_join
 
 logger = logging.getLogger(__name__)
 
 _PROXY_ENV = ("HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy")
+# what servers answer to a conditional PUT: 412 when the condition fails, 409 while another conditional
+# write of the same key is in flight (AWS); 501 where the server has no conditional writes at all
+_CONFLICT_CODES = frozenset({"PreconditionFailed", "ConditionalRequestConflict"})
+_UNSUPPORTED_CODES = frozenset({"NotImplemented"})
 
 
 class S3Storage(Storage):
     """A prefix in an S3 (or S3-compatible) bucket.
 
-    Every remote call is retried with exponential backoff on transient errors (connection
-    failures, 5xx, throttling); botocore's own retries are switched off so `retries` is the one
-    knob and the error can say how many attempts were made.
+    Retries are botocore's own (Config(retries={"mode": settings.retry_mode, "total_max_attempts": ...})): a
+    transient failure (connection error, 5xx, throttling, a timeout) is retried inside the client with its
+    jittered backoff; what is left when the attempts are spent is one SpindleError naming the place and the
+    attempts made. Large files go through boto3's transfer manager, which also re-reads a download whose
+    stream broke.
     """
 
     def __init__(
@@ -47,28 +55,25 @@ class S3Storage(Storage):
         settings: S3Settings = S3Settings(),
         file_workers: int = 4,
     ):
-        import boto3
-        from boto3.s3.transfer import TransferConfig
-        from botocore.config import Config
+        boto3 = require("boto3", "s3", S3_FOLDERS)
+        transfer = require("boto3.s3.transfer", "s3", S3_FOLDERS)
+        self._config_type = require("botocore.config", "s3", S3_FOLDERS).Config
 
-        if settings.retries < 0:
-            raise SpindleError(f"retries must be >= 0, got {settings.retries}")
+        if settings.max_attempts < 1:
+            raise SpindleError(f"max_attempts must be >= 1, got {settings.max_attempts}")
         self.location = location
         self.bucket = location.bucket
         self.prefix = location.prefix
         self.url = location.url
         self.endpoint_url = endpoint_url
         self.region = region
-        # copied, not read through `settings`: a test may shorten one storage's patience
-        self.retries, self.backoff_s, self.max_backoff_s = settings.retries, settings.backoff_s, settings.max_backoff_s
+        self.settings = settings
         self.file_workers = max(1, file_workers)
         # S3's own cap for one listing page and one DeleteObjects call; tests lower it to cover
         # the continuation paths without creating thousands of objects.
         self._page_size = 1000
         # Kept only to scrub them from error text; excluded from repr.
         self._redact = tuple(s for s in (secret_key, access_key) if s and len(s) >= 4)
-        # A per-instance generator: jitter must not touch (or depend on) the global random state.
-        self._rng = random.Random()
 
         proxies = [name for name in _PROXY_ENV if os.environ.get(name)]
         if proxies:
@@ -78,7 +83,7 @@ class S3Storage(Storage):
         config_kwargs = dict(
             connect_timeout=settings.connect_timeout_s,
             read_timeout=settings.read_timeout_s,
-            retries={"total_max_attempts": 1},
+            retries={"mode": settings.retry_mode, "total_max_attempts": settings.max_attempts},
             signature_version="s3v4",
             max_pool_connections=max(10, 2 * self.file_workers + 2),
         )
@@ -88,25 +93,23 @@ class S3Storage(Storage):
             config_kwargs["s3"] = {"addressing_style": "path"}
             config_kwargs["request_checksum_calculation"] = "when_required"
             config_kwargs["response_checksum_validation"] = "when_required"
-        try:
-            config = Config(**config_kwargs)
-        except TypeError:  # botocore older than 1.36 has no checksum options
-            config_kwargs.pop("request_checksum_calculation", None)
-            config_kwargs.pop("response_checksum_validation", None)
-            config = Config(**config_kwargs)
-
-        session = boto3.session.Session(
+        self._config = self._config_type(**config_kwargs)
+        self._session = boto3.session.Session(
             aws_access_key_id=access_key,
             aws_secret_access_key=secret_key,
             region_name=region or "us-east-1",
         )
-        try:
-            self._client = session.client("s3", endpoint_url=endpoint_url, config=config)
-        except ValueError as exc:  # e.g. a malformed endpoint URL
-            raise SpindleError(f"cannot use S3 endpoint {endpoint_url!r} for {self.url}: {exc}") from None
-        self._transfer_config = TransferConfig(
+        self._client = self._open_client(self._config)
+        self._quick: Optional[object] = None  # the start-up check's client (`_ping_ops`), made when first used
+        self._transfer_config = transfer.TransferConfig(
             multipart_threshold=64 << 20, multipart_chunksize=64 << 20, max_concurrency=4,
         )
+
+    def _open_client(self, config):
+        try:
+            return self._session.client("s3", endpoint_url=self.endpoint_url, config=config)
+        except ValueError as exc:  # e.g. a malformed endpoint URL
+            raise SpindleError(f"cannot use S3 endpoint {self.endpoint_url!r} for {self.url}: {exc}") from None
 
     def __repr__(self) -> str:
         return f"S3Storage({self.url!r}, endpoint_url={self.endpoint_url!r})"
@@ -127,7 +130,7 @@ class S3Storage(Storage):
         where = f"s3://{self.bucket}/{key}"
         return f"{where} (endpoint {self.endpoint_url})" if self.endpoint_url else where
 
-    # -- retry core --
+    # -- errors --
 
     def _reason(self, exc: BaseException) -> str:
         text = f"{type(exc).__name__}: {exc}"
@@ -142,56 +145,70 @@ class S3Storage(Storage):
             text = text.replace(secret, REDACTED)
         return text
 
-    def _call(self, what: str, fn: Callable[[], object], *, retries: int | None = None,
-              backoff_s: float | None = None) -> object:
-        """Run fn, retrying transient failures; raise SpindleError("{what} failed ...") at the end."""
-        from botocore import exceptions as bexc
+    def _failure(self, what: str, exc: BaseException, attempts: int) -> SpindleError:
+        """The one line for a request that failed: botocore has already retried what was transient."""
+        if isinstance(exc, require("botocore.exceptions", "s3", S3_FOLDERS).NoCredentialsError):
+            return SpindleError(
+                f"{what} failed: no S3 credentials; set S3_ACCESS_KEY_ID and S3_SECRET_ACCESS_KEY "
+                "(or AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY)")
+        if _is_not_found(exc):
+            return StorageNotFound(f"{what} failed: {self._reason(exc)}")
+        if _is_transient(exc):
+            made = _attempts_made(exc, attempts)
+            return SpindleError(f"{what} failed after {made} attempt{'s' if made != 1 else ''}: {self._reason(exc)}")
+        return SpindleError(f"{what} failed: {self._reason(exc)}")
 
-        retries = self.retries if retries is None else retries
-        backoff_s = self.backoff_s if backoff_s is None else backoff_s
-        attempts = retries + 1
-        for attempt in range(1, attempts + 1):
-            try:
-                return fn()
-            except SpindleError:
-                raise
-            except bexc.NoCredentialsError:
-                raise SpindleError(
-                    f"{what} failed: no S3 credentials; set S3_ACCESS_KEY_ID and S3_SECRET_ACCESS_KEY "
-                    "(or AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY)") from None
-            except Exception as exc:  # noqa: BLE001 - classified below, re-raised as SpindleError
-                if _is_not_found(exc):
-                    raise StorageNotFound(f"{what} failed: {self._reason(exc)}") from None
-                if not _is_transient(exc):
-                    raise SpindleError(f"{what} failed: {self._reason(exc)}") from None
-                if attempt == attempts:
-                    raise SpindleError(
-                        f"{what} failed after {attempts} attempts: {self._reason(exc)}") from None
-                delay = min(self.max_backoff_s, backoff_s * (2 ** (attempt - 1)))
-                delay *= 0.5 + 0.5 * self._rng.random()  # jitter: ranks must not retry in lockstep
-                logger.warning("%s: attempt %d/%d failed (%s); retrying in %.2fs",
-                               what, attempt, attempts, self._reason(exc), delay)
-                time.sleep(delay)
-        raise AssertionError("unreachable")
+    def _call(self, what: str, fn: Callable[[], object], attempts: Optional[int] = None) -> object:
+        """Run fn (its requests retried by botocore); raise SpindleError("{what} failed ...") when it fails."""
+        try:
+            return fn()
+        except SpindleError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - classified by _failure, re-raised as SpindleError
+            raise self._failure(what, exc, attempts or self.settings.max_attempts) from None
 
     # -- single objects --
 
-    def write_bytes(self, rel: str, data: bytes, *, retries: int | None = None,
-                    backoff_s: float | None = None) -> None:
+    def write_bytes(self, rel: str, data: bytes) -> None:
         key = self._key(rel)
         # A single PUT is atomic in S3: readers see the old object or the new one, never a mix.
         self._call(f"write of {self._where(key)}",
-                   lambda: self._client.put_object(Bucket=self.bucket, Key=key, Body=bytes(data)),
-                   retries=retries, backoff_s=backoff_s)
+                   lambda: self._client.put_object(Bucket=self.bucket, Key=key, Body=bytes(data)))
 
-    def read_bytes(self, rel: str, *, retries: int | None = None,
-                   backoff_s: float | None = None) -> bytes:
+    def read_bytes(self, rel: str) -> bytes:
         key = self._key(rel)
 
-        def read() -> bytes:  # the body is read inside the retry so a dropped stream is retried
-            return self._client.get_object(Bucket=self.bucket, Key=key)["Body"].read()
+        def read() -> bytes:  # through the transfer manager, which reads a broken stream again
+            buf = io.BytesIO()
+            self._client.download_fileobj(self.bucket, key, buf, Config=self._transfer_config)
+            return buf.getvalue()
 
-        return self._call(f"read of {self._where(key)}", read, retries=retries, backoff_s=backoff_s)
+        return self._call(f"read of {self._where(key)}", read)
+
+    def read_versioned(self, rel: str) -> tuple[bytes, Optional[str]]:
+        key = self._key(rel)
+
+        def read() -> tuple[bytes, Optional[str]]:
+            response = self._client.get_object(Bucket=self.bucket, Key=key)
+            return response["Body"].read(), response.get("ETag")
+
+        return self._call(f"read of {self._where(key)}", read)
+
+    def write_if(self, rel: str, data: bytes, *, version: Optional[str] = None) -> Optional[str]:
+        """A PUT with If-None-Match: * (create) or If-Match: version (replace), S3's conditional writes."""
+        key = self._key(rel)
+        condition = {"IfMatch": version} if version else {"IfNoneMatch": "*"}
+        try:
+            response = self._client.put_object(Bucket=self.bucket, Key=key, Body=bytes(data), **condition)
+        except Exception as exc:  # noqa: BLE001 - a refused condition is an answer, not a failure
+            info = next(filter(None, map(_client_error_info, _exception_chain(exc))), None)
+            # 404 on a replace: the version read is gone, which is a change too
+            if info is not None and (info[0] in _CONFLICT_CODES or info[1] == 412 or (version and _is_not_found(exc))):
+                raise WriteConflict(f"{self._where(key)} was written by someone else ({self._reason(exc)})") from None
+            if info is not None and (info[0] in _UNSUPPORTED_CODES or info[1] == 501):
+                return None
+            raise self._failure(f"write of {self._where(key)}", exc, self.settings.max_attempts) from None
+        return response.get("ETag")
 
     def exists(self, rel: str) -> bool:
         key = self._key(rel)
@@ -337,10 +354,18 @@ class S3Storage(Storage):
             self._call(f"delete of {self._where(key)}", delete)
 
     def _ping_ops(self, rel: str, payload: bytes) -> None:
-        # One quick retry only: ping runs at start-up, where a dead endpoint should fail in
-        # seconds, not after the full backoff schedule meant for saves.
-        quick = dict(retries=min(self.retries, 1), backoff_s=min(self.backoff_s, 0.2))
-        self.write_bytes(rel, payload, **quick)
-        if self.read_bytes(rel, **quick) != payload:
-            raise SpindleError(f"{self._where(self._key(rel))} read back different bytes")
-        self.delete_prefix(rel)
+        # Two attempts only: the check runs at start-up, where a dead endpoint should fail in seconds, not
+        # after the whole retry schedule meant for saves.
+        attempts = min(2, self.settings.max_attempts)
+        if self._quick is None:
+            self._quick = self._open_client(self._config.merge(self._config_type(
+                retries={"mode": self.settings.retry_mode, "total_max_attempts": attempts})))
+        client, key = self._quick, self._key(rel)
+        self._call(f"write of {self._where(key)}",
+                   lambda: client.put_object(Bucket=self.bucket, Key=key, Body=payload), attempts)
+        back = self._call(f"read of {self._where(key)}",
+                          lambda: client.get_object(Bucket=self.bucket, Key=key)["Body"].read(), attempts)
+        if back != payload:
+            raise SpindleError(f"{self._where(key)} read back different bytes")
+        self._call(f"delete of {self._where(key)}", lambda: client.delete_object(Bucket=self.bucket, Key=key),
+                   attempts)

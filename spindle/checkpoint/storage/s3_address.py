@@ -7,7 +7,10 @@ from dataclasses import dataclass
 from typing import Iterator
 
 from spindle.errors import SpindleError
+from spindle.extras import require
 from spindle.fileio import safe_relpath
+
+S3_FOLDERS = "an S3 checkpoint folder (boto3:s3://)"
 
 # "bucket.10.1.2.3", "bucket.10.1.2.3:9000", "bucket.localhost:5000", "bucket.s3.lan:9000":
 # an endpoint embedded after the first dot. A dotted name without a port that is not an IPv4
@@ -81,8 +84,19 @@ def _client_error_info(exc: BaseException) -> tuple[str, int] | None:
     return code, status
 
 
+def _attempts_made(exc: BaseException, attempts: int) -> int:
+    """How many attempts botocore made: the server's error says how many retries it took; a connection error
+    or timeout carries no answer, and botocore retries those until the attempts are spent."""
+    for e in _exception_chain(exc):
+        response = getattr(e, "response", None)
+        if isinstance(response, dict):
+            retried = response.get("ResponseMetadata", {}).get("RetryAttempts")
+            return int(retried) + 1 if isinstance(retried, int) else attempts
+    return attempts
+
+
 def _is_transient(exc: BaseException) -> bool:
-    from botocore import exceptions as bexc
+    bexc = require("botocore.exceptions", "s3", S3_FOLDERS)
 
     for e in _exception_chain(exc):
         if isinstance(e, (bexc.ConnectionError, bexc.HTTPClientError, bexc.IncompleteReadError,
