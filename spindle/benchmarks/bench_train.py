@@ -45,6 +45,8 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from spindle.benchmarks.hand_llama import HandLlama, load_hand_from_spindle  # noqa: E402
+from spindle.errors import SpindleError  # noqa: E402
+from spindle.extras import require  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
@@ -56,6 +58,7 @@ SIZES = {
     "tiny": (64, 2, 4, 256, 32, 2),  # tests only
 }
 ALL_VARIANTS = ("spindle", "spindle_c", "hf", "hf_c", "hand", "hand_c")
+HF_BASELINE = "the transformers variants of spindle bench train (hf, hf_c)"
 LR = 1e-4
 
 
@@ -131,15 +134,13 @@ def build_variants(size: str, names, run_folder: str) -> tuple[list[Variant], di
 
             out.append(Variant(name, step, tr.raw_model, logits))
         elif name in ("hf", "hf_c"):
-            import transformers
-
+            transformers = require("transformers", "hf", HF_BASELINE)
             transformers.logging.set_verbosity_error()
-            from transformers import LlamaConfig, LlamaForCausalLM
             from spindle.interop.families import family_named, hf_config, to_hf_name
 
-            hcfg = LlamaConfig(**{k: v for k, v in hf_config(mcfg.to_args()).items() if k not in ("architectures",)})
-            hcfg._attn_implementation = "sdpa"
-            m = LlamaForCausalLM(hcfg).float()
+            hcfg = transformers.LlamaConfig(attn_implementation="sdpa", **{
+                k: v for k, v in hf_config(mcfg.to_args()).items() if k not in ("architectures",)})
+            m = transformers.LlamaForCausalLM(hcfg).float()
             sd = {to_hf_name(k, family_named("llama")): v for k, v in ref_state.items() if not k.startswith("rotary")}
             missing, unexpected = m.load_state_dict(sd, strict=False)
             if [k for k in missing if "rotary" not in k] or unexpected:
@@ -316,10 +317,10 @@ def main(argv=None) -> int:
             f"{os.cpu_count()} cpus", "torch": torch.__version__, "threads": torch.get_num_threads(),
             "rounds": rounds, "load_before": [round(x, 2) for x in os.getloadavg()], "argv": sys.argv[1:]}
     try:
-        import transformers
-
-        meta["transformers"] = transformers.__version__
-    except ImportError:
+        meta["transformers"] = require("transformers", "hf", HF_BASELINE).__version__
+    except SpindleError as missing:  # the other variants still run; the line says what the hf ones need
+        if any(n.startswith("hf") for n in names):
+            logger.warning(f"{missing}; the hf variants are left out")
         names = [n for n in names if not n.startswith("hf")]
     results = []
     with tempfile.TemporaryDirectory() as tmp:

@@ -15,6 +15,9 @@ from typing import Optional
 
 from spindle.cli import options
 from spindle.errors import SpindleError
+from spindle.extras import require
+
+EVAL_TASKS = "spindle eval tasks (lm-evaluation-harness)"
 
 
 def add_parser(sub) -> None:
@@ -38,8 +41,7 @@ def add_parser(sub) -> None:
 
 def task_manager(names: list[str], include_path: Optional[str]):
     """lm-eval's TaskManager that knows every name asked for: --include-path alone when it holds them all."""
-    from lm_eval.tasks import TaskManager
-
+    TaskManager = require("lm_eval.tasks", "eval", EVAL_TASKS).TaskManager
     if include_path is not None:
         manager = TaskManager(include_path=include_path, include_defaults=False)
         if all(manager.match_tasks([n]) for n in names):
@@ -55,8 +57,8 @@ def task_manager(names: list[str], include_path: Optional[str]):
 
 def run(args: argparse.Namespace) -> int:
     import spindle.eval.harness  # noqa: F401  (registers the spindle model; one line when lm-eval is missing)
-    from lm_eval import simple_evaluate
-    from lm_eval.utils import make_table
+    simple_evaluate = require("lm_eval", "eval", EVAL_TASKS).simple_evaluate
+    make_table = require("lm_eval.utils", "eval", EVAL_TASKS).make_table
 
     from spindle.fileio import write_atomic
 

@@ -23,7 +23,10 @@ import re
 from typing import Optional
 
 from spindle.errors import SpindleError
+from spindle.extras import require
 
+# what needs transformers here: rendering a tokenizer's chat template (the fallback rendering needs nothing)
+CHAT_TEMPLATES = "a tokenizer's chat template"
 ROLE_PREFIX = {"system": "<|System|>:", "user": "<|User|>:", "assistant": "<|Bot|>:"}
 MARK_START, MARK_END = "\U000f0000", "\U000f0001"  # private-use: never in real text
 
@@ -73,12 +76,11 @@ def _as_text(tok, token: str, token_id: int) -> list[int]:
 
 
 def _render(template: str, messages: list[dict], where: str, generation: bool = False, **kwargs):
-    from jinja2 import TemplateError
-    from transformers.utils.chat_template_utils import render_jinja_template
-
+    TemplateError = require("jinja2", "hf", CHAT_TEMPLATES).TemplateError
+    templates = require("transformers.utils.chat_template_utils", "hf", CHAT_TEMPLATES)
     try:
-        rendered, spans = render_jinja_template([messages], chat_template=template,
-                                                return_assistant_tokens_mask=generation, **kwargs)
+        rendered, spans = templates.render_jinja_template([messages], chat_template=template,
+                                                          return_assistant_tokens_mask=generation, **kwargs)
     except (TemplateError, TypeError, ValueError) as e:
         raise SpindleError(f"{where}: the chat template refused the conversation ({type(e).__name__}: {e})") from None
     return rendered[0], (spans[0] if generation else None)

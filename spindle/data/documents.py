@@ -22,6 +22,7 @@ from typing import Iterator, Sequence
 from spindle.data.files import unique_files, walk_files
 from spindle.data.hub import is_hub_dataset, split_files
 from spindle.errors import SpindleError
+from spindle.extras import require
 
 LINE_FORMATS = (".txt", ".json", ".jsonl", ".parquet")
 LINE_FORMATS_KINDS = tuple(ext[1:] for ext in LINE_FORMATS)
@@ -187,8 +188,8 @@ def iter_batches(path: str, text_key: str = "text", raw_json_line: bool = False,
 
 
 def _parquet_batches(path: str, text_key: str) -> Iterator[Batch]:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
+    pa = require("pyarrow", "hf", "reading parquet files")
+    pq = require("pyarrow.parquet", "hf", "reading parquet files")
 
     try:
         src = pa.BufferReader(gzip.open(path).read()) if path.endswith(".gz") else path

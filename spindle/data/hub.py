@@ -7,23 +7,31 @@ with their `data_files` per split), `.gitattributes`, hub caches (`.cache/`, `.h
 (`spindle prepare` and `data.type="streaming"`) take the files of one split of one config from
 here, so a validation or test split, another config or the card never ends up in training.
 
-The split rules are the `datasets` library's own (its pattern table, `datasets.data_files`),
+The split rules are the `datasets` library's own (its public pattern table, `datasets.data_files`),
 matched against a loop-safe walk of the folder (spindle.data.files) instead of a glob that
-would follow symlink loops.
+would follow symlink loops. `datasets` and `huggingface_hub` come with the [hf] extra; telling
+whether a folder is a Hub download needs neither, so a plain folder is read without them.
 """
 
 from __future__ import annotations
 
 import os
+import re
 from typing import Optional
 
 from spindle.data.files import glob_regex, walk_files
 from spindle.errors import SpindleError
+from spindle.extras import require
 
+HUB_FOLDERS = "reading a Hugging Face dataset folder"
 CARD = "README.md"
 # not data, whatever their extension (datasets' FILES_TO_IGNORE)
 NOT_DATA = {CARD, "config.json", "dataset_info.json", "dataset_infos.json", "dataset_dict.json", "dummy_data.zip"}
 HUB_MARKERS = (".gitattributes", ".huggingface", os.path.join(".cache", "huggingface"))
+# the Hub's shard names (datasets' SPLIT_PATTERN_SHARDED with any split): only to recognise a download
+SHARDED_NAMES = "data/*-[0-9][0-9][0-9][0-9][0-9]-of-[0-9][0-9][0-9][0-9][0-9]*.*"
+SHARD_SPLIT = re.compile(r"(.+)-[0-9]{5}-of-[0-9]{5}")
+SPLIT_NAME = re.compile(r"\w+(\.\w+)*")  # what `datasets` accepts as a split name
 BUILDERS = {".parquet": "parquet", ".json": "json", ".jsonl": "json", ".csv": "csv", ".txt": "text", ".arrow": "arrow"}
 
 
@@ -40,11 +48,10 @@ def _card_configs(root: str) -> dict:
     with open(card, encoding="utf-8", errors="replace") as f:
         if f.readline().strip() != "---":  # no YAML header: a plain README
             return {}
-    from datasets.utils.metadata import MetadataConfigs
-    from huggingface_hub import DatasetCard
-
+    metadata = require("datasets.utils.metadata", "hf", HUB_FOLDERS)
+    hub = require("huggingface_hub", "hf", HUB_FOLDERS)
     try:
-        return dict(MetadataConfigs.from_dataset_card_data(DatasetCard.load(card).data))
+        return dict(metadata.MetadataConfigs.from_dataset_card_data(hub.DatasetCard.load(card).data))
     except Exception as e:  # noqa: BLE001 - yaml / validation errors of many types
         raise SpindleError(f"{card}: unreadable dataset card YAML ({type(e).__name__}: {e})") from None
 
@@ -60,9 +67,7 @@ def is_hub_dataset(root: str) -> bool:
         with open(card, encoding="utf-8", errors="replace") as f:
             if f.readline().strip() == "---":
                 return True
-    from datasets.data_files import SPLIT_PATTERN_SHARDED
-
-    rx = glob_regex(SPLIT_PATTERN_SHARDED.replace("{split}", "*"))
+    rx = glob_regex(SHARDED_NAMES)
     return any(rx.match(p) for p in _data_paths(root))
 
 
@@ -82,18 +87,31 @@ def _match(paths: list[str], patterns: list[str]) -> list[str]:
     return sorted(p for p in paths if any(rx.match(p) for rx in rxs))
 
 
-def _inferred_splits(paths: list[str]) -> tuple[dict[str, list[str]], bool]:
-    """{split: files} by datasets' pattern table, and whether the split came from the layout
-    (False when no name says a split, so every file is "train")."""
-    from datasets.data_files import DEFAULT_PATTERNS_ALL, _get_data_files_patterns
-
-    try:
-        patterns = _get_data_files_patterns(lambda pattern: _match(paths, [pattern]))
-    except FileNotFoundError:
-        return {}, False
-    patterns = {str(k): v for k, v in patterns.items()}
-    by_layout = patterns != {str(k): v for k, v in DEFAULT_PATTERNS_ALL.items()}
-    return {split: _match(paths, pats) for split, pats in patterns.items()}, by_layout
+def _inferred_splits(paths: list[str], root: str) -> tuple[dict[str, list[str]], bool]:
+    """{split: files} by datasets' pattern table, in its order: the sharded names (`data/{split}-NNNNN-of-NNNNN.*`)
+    first, then each table of split-keyword patterns, the first that matches any file deciding; and whether the
+    split came from the layout (False when no name says a split, so every file is "train")."""
+    table = require("datasets.data_files", "hf", HUB_FOLDERS)
+    for sharded in table.ALL_SPLIT_PATTERNS:
+        files = _match(paths, [sharded.replace("{split}", "*")])
+        if not files:
+            continue
+        names = set()
+        for f in files:
+            shard = SHARD_SPLIT.match(os.path.basename(f))
+            name = shard.group(1) if shard else ""  # 'data/-00000-of-00001.parquet' names no split
+            if not SPLIT_NAME.fullmatch(name):
+                raise SpindleError(f"{root}/{f}: {name!r} is not a split name (letters, digits, _ and dots)")
+            names.add(name)
+        known = [str(s) for s in table.DEFAULT_SPLITS]
+        order = [s for s in known if s in names] + sorted(names - set(known))
+        return {s: _match(paths, [sharded.replace("{split}", s)]) for s in order}, True
+    for patterns in table.ALL_DEFAULT_PATTERNS:
+        splits = {str(split): _match(paths, pats) for split, pats in patterns.items()}
+        splits = {split: files for split, files in splits.items() if files}
+        if splits:
+            return splits, patterns != table.DEFAULT_PATTERNS_ALL
+    return {}, False
 
 
 def dataset_splits(root: str, subset: Optional[str] = None, subset_key: str = "--subset") -> dict[str, list[str]]:
@@ -104,9 +122,8 @@ def dataset_splits(root: str, subset: Optional[str] = None, subset_key: str = "-
         name = subset
         if name is None:
             try:
-                from datasets.utils.metadata import MetadataConfigs
-
-                name = MetadataConfigs(configs).get_default_config_name()
+                name = require("datasets.utils.metadata", "hf", HUB_FOLDERS).MetadataConfigs(
+                    configs).get_default_config_name()
             except ValueError as e:
                 raise SpindleError(f"{root}/{CARD}: {e}") from None
             if name is None:
@@ -120,11 +137,10 @@ def dataset_splits(root: str, subset: Optional[str] = None, subset_key: str = "-
         if base:
             paths = [p[len(base) + 1:] for p in paths if p.startswith(base + "/")]
         if cfg.get("data_files") is not None:
-            from datasets.data_files import sanitize_patterns
-
+            sanitize_patterns = require("datasets.data_files", "hf", HUB_FOLDERS).sanitize_patterns
             splits = {s: _match(paths, pats) for s, pats in sanitize_patterns(cfg["data_files"]).items()}
         else:
-            splits, _ = _inferred_splits(paths)
+            splits, _ = _inferred_splits(paths, root)
         root = os.path.join(root, base) if base else root
     elif subset is not None:
         sub = os.path.join(root, subset)
@@ -132,7 +148,7 @@ def dataset_splits(root: str, subset: Optional[str] = None, subset_key: str = "-
             raise SpindleError(f"{subset_key}: {root} has no config (README configs) or folder named {subset!r}")
         return dataset_splits(sub, None, subset_key)
     else:
-        splits, by_layout = _inferred_splits(paths)
+        splits, by_layout = _inferred_splits(paths, root)
         if by_layout:
             _refuse_mixed_configs(root, splits, subset_key)
     return {s: [os.path.join(root, p) for p in files] for s, files in splits.items() if files}
@@ -141,9 +157,8 @@ def dataset_splits(root: str, subset: Optional[str] = None, subset_key: str = "-
 def _refuse_mixed_configs(root: str, splits: dict[str, list[str]], subset_key: str) -> None:
     """`{config}/{split}/...`: one split's files under several top-level folders that are not
     themselves split folders are several configs; reading them together would mix them."""
-    from datasets.data_files import SPLIT_KEYWORDS
-
-    split_words = {w for words in SPLIT_KEYWORDS.values() for w in words} | {"data"}
+    keywords = require("datasets.data_files", "hf", HUB_FOLDERS).SPLIT_KEYWORDS
+    split_words = {w for words in keywords.values() for w in words} | {"data"}
     for files in splits.values():
         tops = {p.split("/", 1)[0] for p in files if "/" in p}
         if len(tops) > 1 and not tops & split_words:

@@ -48,6 +48,7 @@ from spindle.data.hub import builder_of, split_files
 from spindle.data.packing import Pack, assemble_pack, collate
 from spindle.data.sampler import micro_num_at
 from spindle.errors import SpindleError
+from spindle.extras import require
 
 TOKENIZE_BATCH = 256  # records per tokenizer call
 
@@ -76,8 +77,7 @@ def open_stream(folder: str, subset_name: Optional[str] = None, split: str = "tr
     """The `datasets.IterableDataset` of one split of a local dataset folder (repository layout or
     save_to_disk). A repository folder's files are handed to `datasets` as `data_files`, so neither
     the card, nor another split or config, nor a symlink loop reaches it."""
-    import datasets
-
+    datasets = require("datasets", "hf", 'data.type="streaming"')
     files = stream_files(folder, subset_name, split, folder_key)
     if _saved_to_disk(Path(folder)):
         ds = datasets.load_from_disk(str(folder))  # save_to_disk output: memory-mapped arrow

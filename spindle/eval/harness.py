@@ -25,14 +25,13 @@ import torch
 import torch.nn.functional as F
 
 from spindle.errors import SpindleError
+from spindle.extras import require
 
-try:
-    from lm_eval.api.model import TemplateLM
-    from lm_eval.api.registry import register_model
-    from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
-except ImportError:
-    raise SpindleError("lm-evaluation-harness is not installed: pip install 'spindle[eval]' "
-                       "(or pip install 'lm-eval>=0.4')") from None
+LM_EVAL = "the lm-evaluation-harness model (spindle eval tasks, lm_eval --model spindle)"
+TemplateLM = require("lm_eval.api.model", "eval", LM_EVAL).TemplateLM
+register_model = require("lm_eval.api.registry", "eval", LM_EVAL).register_model
+get_rolling_token_windows = require("lm_eval.utils", "eval", LM_EVAL).get_rolling_token_windows
+make_disjoint_window = require("lm_eval.utils", "eval", LM_EVAL).make_disjoint_window
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 MODEL_ARGS = ("ckpt", "rope", "max_length", "train_len", "batch_size", "max_batch_size", "device", "dtype",
@@ -316,7 +315,7 @@ class SpindleLM(TemplateLM):
 def main(argv: Optional[list[str]] = None) -> int:
     """`python -m spindle.eval.harness run --model spindle --model_args ckpt=... --tasks ...`: lm-eval's own
     command line, with the spindle model registered. Bad model_args are one line (exit code 2), as in `spindle`."""
-    from lm_eval.__main__ import cli_evaluate
+    cli_evaluate = require("lm_eval.__main__", "eval", LM_EVAL).cli_evaluate
 
     if argv is not None:
         sys.argv = [sys.argv[0], *argv]
@@ -337,6 +336,6 @@ if __name__ == "__main__":
 else:
     # lm-eval fills its registry with its own backends only while the registry is empty: list them first,
     # or registering this one would hide `hf`, `vllm`, ... from the same process
-    import lm_eval.models  # noqa: F401
+    require("lm_eval.models", "eval", LM_EVAL)
 
     register_model("spindle")(SpindleLM)
