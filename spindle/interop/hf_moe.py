@@ -73,7 +73,7 @@ def refuse_unbuilt(model_type, archs: list, source: str) -> None:
     for name, (arch, what) in NOT_BUILT.items():
         if model_type == name or arch in archs:
             raise SpindleError(f"{source}: {arch} (model_type {name!r}) is not built in Spindle yet ({what}); "
-                               "the mixture-of-experts families it reads are Mixtral, Qwen2-MoE and Qwen3-MoE")
+                               "of the mixture-of-experts families, Spindle reads Mixtral, Qwen2-MoE and Qwen3-MoE")
 
 
 # --------------------------------------------------------------------------- config.json <-> ours
