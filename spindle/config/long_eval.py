@@ -3,20 +3,46 @@
     long_eval = dict(lengths=[4096, 16384], variants=["plain", "yarn"],       # val/ppl@4096, val/ppl@4096/yarn
                      passkey_lengths=[8192], passkey_depths=[0, 0.5, 1])    # val/passkey@8192
 
-Empty `lengths` and `passkey_lengths` (the default) switch it off.
+Empty `lengths` and `passkey_lengths` (the default) switch it off. `tasks` runs lm-evaluation-harness tasks on the
+model being trained, at its own cadence (spindle/train/lm_eval_hook.py, docs/evaluation.md):
+
+    long_eval = dict(tasks=dict(names=["my_task"], include_path="my_tasks/", limit=50, every=500))
 """
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal, Optional
 
 from pydantic import Field, field_validator
 
-from spindle.config.base import Section, _count
+from spindle.config.base import Section, _count, path_value
 
 MAX_LONG_EVAL_LENGTH = 1 << 24  # as `spindle eval`: beyond any model this evaluates
 _Length = Annotated[int, Field(strict=True, ge=2, le=MAX_LONG_EVAL_LENGTH)]
 _Depth = Annotated[float, Field(ge=0, le=1)]
+
+
+class LmEvalTasksConfig(Section):
+    """lm-evaluation-harness tasks on the model being trained (spindle/train/lm_eval_hook.py):
+    `lm_eval/{task}/{metric}` in the step's record."""
+
+    names: tuple[str, ...] = ()  # lm-eval task names (glob patterns allowed); () = off
+    include_path: Optional[str] = None  # a folder of task YAML files of your own, looked up first
+    every: Optional[int] = _count(default=None, ge=1, le=10**12)  # steps; None: data.valid_every
+    limit: Optional[float] = Field(default=None, gt=0, le=1e9)  # samples per task (a fraction below 1)
+    num_fewshot: Optional[int] = _count(default=None, ge=0, le=1000)
+    batch_size: int = _count(default=1, ge=1, le=4096)
+    max_length: Optional[int] = _count(default=None, ge=2, le=MAX_LONG_EVAL_LENGTH)  # None: data.seq_len
+
+    _paths = field_validator("include_path")(path_value)
+
+    @field_validator("names", mode="before")
+    @classmethod
+    def _names(cls, v: Any) -> Any:
+        names = (v,) if isinstance(v, str) else v
+        if isinstance(names, (list, tuple)) and any(not isinstance(n, str) or not n.strip() for n in names):
+            raise ValueError("expected lm-eval task names (non-empty strings)")
+        return names
 
 
 class LongEvalConfig(Section):
@@ -30,6 +56,7 @@ class LongEvalConfig(Section):
     passkey_samples: int = _count(default=2, ge=1, le=4096)
     passkey_mode: Literal["teacher", "generate"] = "teacher"  # teacher works for models too small to prompt
     seed: int = _count(default=0, ge=0, lt=2**63)  # the passkey samples' own seed (never the training RNG)
+    tasks: LmEvalTasksConfig = Field(default_factory=LmEvalTasksConfig)
 
     @property
     def enabled(self) -> bool:

@@ -2,6 +2,8 @@
 
 The `long_eval` section (spindle/config/long_eval.py) names the lengths, the RoPE variants and the
 passkey grid; the metric names are in spindle/eval/curves.py (`val/ppl@4096`, `val/passkey@8192/yarn`).
+Its `tasks` (lm-evaluation-harness tasks, at their own cadence) run here too, on the same gathered model:
+spindle/train/lm_eval_hook.py.
 The numbers are those of `spindle eval ppl` / `spindle eval passkey` on the same windows: the same
 functions compute them (`evaluate_variant`: chunked prefill with the KV cache; `passkey_grid`).
 
@@ -72,6 +74,11 @@ class LongEval:
         self.windows = self.tokenizer = None
         if self.le.enabled:
             self._prepare(cfg)
+        self.tasks = None  # lm-eval tasks at their own cadence (spindle/train/lm_eval_hook.py)
+        if self.le.tasks.names:
+            from spindle.train.lm_eval_hook import TrainingTasks
+
+            self.tasks = TrainingTasks(cfg, env.device)
 
     def _prepare(self, cfg) -> None:
         from spindle.data.tokenizer import load_tokenizer
@@ -117,7 +124,9 @@ class LongEval:
             raise _as_key(exc, "long_eval") from None
 
     def __call__(self, step: int) -> dict:
-        if not self.le.enabled or step % self.every:
+        context_due = self.le.enabled and step % self.every == 0
+        tasks_due = self.tasks is not None and self.tasks.due(step)
+        if not (context_due or tasks_due):  # the same answer on every rank: the gather below is collective
             return {}
         from spindle.parallel.gather import whole_model
 
@@ -126,6 +135,10 @@ class LongEval:
             return {}
         if model is not self.raw_model:
             model = model.to(self.env.device)
+        out = self._long_context(model, step) if context_due else {}
+        return out | (self.tasks.run(model, step) if tasks_due else {})
+
+    def _long_context(self, model, step: int) -> dict:
         t0 = time.perf_counter()
         devices = [self.env.device] if self.env.device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices):  # the training RNG is untouched, whatever runs inside
