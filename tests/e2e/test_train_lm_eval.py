@@ -113,3 +113,23 @@ def test_bad_task_keys_are_one_line_before_training(tmp_path, tasks, says):
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert says.format(**fill) in r.stderr
     assert not (tmp_path / "runs" / "bad" / "metrics.jsonl").exists()
+
+
+@pytest.mark.slow  # lm-eval's import and its task index in a fresh process (about 20 s alone)
+def test_an_evaluation_failing_mid_run_is_one_line_and_training_goes_on(tmp_path, monkeypatch):
+    """A task's data gone after the start, a bug in lm-eval: rank 0 says so in one line, the run trains to the end."""
+    import lm_eval
+
+    def broken(**kwargs):
+        raise FileNotFoundError(f"{tmp_path}/tasks/mc.jsonl\nand a long traceback")
+
+    monkeypatch.setattr(lm_eval, "simple_evaluate", broken)
+    write_text(tmp_path)
+    tasks = {"names": ["spindle_mc"], "include_path": str(write_tasks(tmp_path / "tasks")), "every": 2}
+    r = spindle("train", "--config", config(tmp_path, "broken", long_eval={"tasks": tasks}))
+    assert r.returncode == 0, r.stderr
+    said = [line for line in (r.stdout + r.stderr).splitlines() if "lm-eval after step" in line]
+    assert said == [f"lm-eval after step {s} failed (FileNotFoundError: {tmp_path}/tasks/mc.jsonl); no scores this "
+                    "time, training goes on" for s in (1, 3)], said
+    records = (tmp_path / "runs" / "broken" / "metrics.jsonl").read_text().splitlines()
+    assert len(records) == 4 and "lm_eval/" not in "".join(records)
