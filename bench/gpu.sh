@@ -6,7 +6,9 @@
 #      attention kernel (spindle.benchmarks.gpu_train; JSON under $OUT);
 #   2. the save / resume round trip, bit for bit (deterministic kernels);
 #   3. with two or more GPUs: the parity layouts that fit them, a rank per GPU (NCCL), against one process;
-#   4. `spindle bench attention --quick --device cuda` (packed vs dense attention).
+#   4. `spindle bench attention --quick --device cuda` (packed vs dense attention);
+#   5. an MoE training step (every layer 8 experts, top 2; --moe; eager): tokens/s, MFU on active FLOPs, and
+#      the expert kernel it ran (grouped GEMMs on CUDA in bf16; JSON under $OUT).
 # Usage: bench/gpu.sh [--preset 1b|tiny] [--device cuda|cpu] [extra gpu_train.py flags]
 # A machine that reaches no package index (the lent H200s): bench/gpu_wheels.sh first where pip works, and
 # bring .whl/ along. CPU smoke run of the same stages (what tests/e2e/test_gpu_sh.py runs): bench/gpu.sh --preset tiny --device cpu
@@ -90,5 +92,8 @@ fi
 if [ "$DEVICE" = cuda ]; then
   stage "attention kernels" 120 "$PY" -m spindle.cli bench attention --quick --device cuda
 fi
+# eager: compiled MoE blocks are not checked yet (on the CPU's loop kernel every step compiles again)
+stage "MoE train step" "$LIMIT" "$PY" -m spindle.benchmarks.gpu_train --preset "$PRESET" --device "$DEVICE" --moe \
+  "${STEPS[@]}" --no-compile --out "$OUT/gpu_train_moe_$STAMP.json" "${EXTRA[@]}"
 echo "bench/gpu.sh: done ($( [ $FAILED = 0 ] && echo 'all stages passed' || echo 'some stages FAILED' )); JSON in $OUT"
 exit $FAILED

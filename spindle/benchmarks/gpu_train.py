@@ -14,6 +14,11 @@ dropped and the median and best of the rest are reported.
 The `1b` preset: d2048, 16 layers, 32 heads (8 KV heads), SwiGLU 8192 (mlp_ratio 4 rounded), vocab
 32000, seq 2048, micro-batch 4: about 1.0 B parameters. The `tiny` preset (d64, 2 layers, vocab 256,
 seq 32) runs the same code path on a CPU in seconds; it is what the unit test runs.
+
+`--moe` makes every layer a mixture of 8 experts, top 2 (the 1b preset: each 1024 wide, an eighth of the
+dense SwiGLU, so the same 1,104,480,256 parameters and memory as the dense preset, 500,500,480 active, 3.41
+GFLOP/token); MFU counts active FLOPs, and the result names the expert kernel
+(`spindle.model.moe.choose_expert_kernel`: grouped GEMMs on CUDA in bf16).
 """
 
 from __future__ import annotations
@@ -41,19 +46,21 @@ PRESETS = {
              "mlp_ratio": 8 / 3, "multiple_of": 16, "vocab_size": 256, "seq_len": 32, "micro_bsz": 2},
 }
 DTYPES = {"bf16": "torch.bfloat16", "fp32": "torch.float32", "fp16": "torch.float16"}
+MOE = {"1b": {"num_experts": 8, "top_k": 2, "moe_intermediate_size": 1024},
+       "tiny": {"num_experts": 4, "top_k": 2, "moe_intermediate_size": 48}}
 
 
 def build_config(preset: str, steps: int, dtype: str, compile: bool, device: str, run_folder: str,
-                 micro_bsz=None, seq_len=None, peak_tflops=None, fused=None, packed=False):
+                 micro_bsz=None, seq_len=None, peak_tflops=None, fused=None, packed=False, moe=False):
     from spindle.config import validate_config
 
-    p = dict(PRESETS[preset])
+    p = dict(PRESETS[preset]) | (MOE[preset] if moe else {})
     seq = seq_len or p.pop("seq_len")
     p.pop("seq_len", None)
     bsz = micro_bsz or p.pop("micro_bsz")
     p.pop("micro_bsz", None)
     raw = {
-        "JOB_NAME": f"gpu_bench_{preset}",
+        "JOB_NAME": f"gpu_bench_{preset}{'_moe' if moe else ''}",
         # packed: random-length documents packed into the rows (the varlen / segment kernels)
         "data": {"type": "dummy", "seq_len": seq, "micro_bsz": bsz, "micro_num": 1, "total_steps": steps,
                  "fixed_random_dataset_seqlen": not packed},
@@ -65,6 +72,14 @@ def build_config(preset: str, steps: int, dtype: str, compile: bool, device: str
                     "compile": compile, "device": device, "log_every": max(1, steps // 5), "peak_tflops": peak_tflops},
     }
     return validate_config(raw)
+
+
+def expert_kernel(device: torch.device, dtype: str) -> str:
+    """How an MoE block runs its experts on this device and dtype (the one place that decides it)."""
+    from spindle.dtypes import compute_dtype
+    from spindle.model.moe import choose_expert_kernel
+
+    return choose_expert_kernel(device.type, compute_dtype(dtype).torch_dtype)
 
 
 def attention_kernel(device: torch.device, dtype: str, packed: bool, seq_len: int) -> str:
@@ -82,7 +97,8 @@ def attention_kernel(device: torch.device, dtype: str, packed: bool, seq_len: in
 
 
 def run(preset="tiny", steps=8, warmup=2, dtype="bf16", compile=True, device="auto", micro_bsz=None, seq_len=None,
-        peak_tflops=None, fused=None, run_folder=None, packed=False) -> dict:
+        peak_tflops=None, fused=None, run_folder=None, packed=False, moe=False) -> dict:
+    from spindle.model.flops import parameter_counts
     from spindle.parallel.mesh import init_distributed
     from spindle.train.trainer import Trainer
 
@@ -91,7 +107,7 @@ def run(preset="tiny", steps=8, warmup=2, dtype="bf16", compile=True, device="au
     env = init_distributed(None, None, None, device)
     with tempfile.TemporaryDirectory() as tmp:
         cfg = build_config(preset, steps, dtype, compile, device, run_folder or tmp, micro_bsz, seq_len,
-                           peak_tflops, fused, packed)
+                           peak_tflops, fused, packed, moe)
         t0 = time.perf_counter()
         with quiet(env.rank):  # the trainer's start-up lines are not the benchmark's output
             tr = Trainer(cfg, env)
@@ -103,11 +119,13 @@ def run(preset="tiny", steps=8, warmup=2, dtype="bf16", compile=True, device="au
     mfu = [h["mfu"] for h in hist]
     dev = tr.device
     out = {
-        "preset": preset, "device": str(dev), "packed": packed,
+        "preset": preset, "device": str(dev), "packed": packed, "moe": moe,
         "attention_kernel": attention_kernel(dev, cfg.model.dtype, packed, cfg.data.seq_len),
+        "expert_kernel": expert_kernel(dev, cfg.model.dtype) if moe else None,
         "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else platform.processor() or "cpu",
         "dtype": cfg.model.dtype, "compile": compile, "fused_adamw": bool(opt_defaults.get("fused")),
-        "params": tr.n_params, "seq_len": cfg.data.seq_len, "micro_bsz": cfg.data.micro_bsz,
+        "params": tr.n_params, "active_params": parameter_counts(cfg.model)["active"],
+        "seq_len": cfg.data.seq_len, "micro_bsz": cfg.data.micro_bsz,
         "flops_per_token": tr.flops_per_token, "peak_tflops": tr.peak, "peak_source": tr.peak_source,
         "steps": steps, "warmup": warmup, "wall_s": wall,
         "tokens_per_s": {"median": statistics.median(tgs), "best": max(tgs)},
@@ -117,7 +135,8 @@ def run(preset="tiny", steps=8, warmup=2, dtype="bf16", compile=True, device="au
         "max_memory_gib": torch.cuda.max_memory_allocated(dev) / 2**30 if dev.type == "cuda" else None,
         "torch": torch.__version__, "date": time.strftime("%Y-%m-%d %H:%M"),
     }
-    logger.info(f"{preset}{' packed' if packed else ''} on {out['device_name']} ({out['dtype']}, "
+    what = preset + (" packed" if packed else "") + (f" MoE (experts: {out['expert_kernel']})" if moe else "")
+    logger.info(f"{what} on {out['device_name']} ({out['dtype']}, "
                 f"{out['attention_kernel']}, compile {compile}, fused AdamW {out['fused_adamw']}): "
                 f"{out['params']:,} params, {tgs and out['tokens_per_s']['median']:,.0f} tokens/s median "
                 f"({out['tokens_per_s']['best']:,.0f} best), MFU {out['mfu']['median']:.1%} median "
@@ -182,6 +201,7 @@ def main(argv=None) -> int:
     ap.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
     ap.add_argument("--no-compile", action="store_true")
     ap.add_argument("--packed", action="store_true", help="random-length documents packed into the rows")
+    ap.add_argument("--moe", action="store_true", help="every layer a mixture of experts (MFU on active FLOPs)")
     ap.add_argument("--resume-check", action="store_true", help="only the save/resume round trip (4 steps)")
     ap.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto")
     ap.add_argument("--peak-tflops", type=options.float_in(0, 1e6, lo_open=True), default=None,
@@ -193,7 +213,7 @@ def main(argv=None) -> int:
         print(json.dumps(out))
         return 0 if out["resume_bit_exact"] else 1
     out = run(args.preset, args.steps, args.warmup, args.dtype, not args.no_compile, args.device, args.micro_bsz,
-              args.seq_len, args.peak_tflops, packed=args.packed)
+              args.seq_len, args.peak_tflops, packed=args.packed, moe=args.moe)
     if args.out:
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
         with open(args.out, "w") as f:

@@ -1,4 +1,4 @@
-"""`spindle bench train|data|memory|attention|gpu`: run one of the benchmarks of spindle/benchmarks/.
+"""`spindle bench train|data|memory|attention|gpu|moe`: run one of the benchmarks of spindle/benchmarks/.
 
 They compare Spindle with outside baselines (transformers, a hand-written loop, a seed-style tokenizer);
 the baselines' libraries come with `pip install spindle[test]`. Figures and commands: docs/benchmarks.md.
@@ -17,6 +17,7 @@ SCRIPTS = {
     "memory": ("bench_memory", "peak RSS of a long-context evaluation at 4K/16K/64K tokens"),
     "attention": ("bench_attention", "packed vs dense attention: time and peak memory of a step (--quick: 4K/16K)"),
     "gpu": ("gpu_train", "~1B model, bf16, fused AdamW, compile, on one GPU (tokens/s, MFU)"),
+    "moe": ("bench_moe", "MoE step vs a dense model of the same active parameters; router share, EP2 all-to-all"),
 }
 
 

@@ -1,6 +1,6 @@
 """bench/gpu.sh: on a machine without a CUDA device it stops at once (one line, exit 2) instead of
 installing or training; its CPU smoke mode runs every stage a GPU run runs (dense and packed steps with
-their attention kernel, the bit-exact resume round trip)."""
+their attention kernel, the bit-exact resume round trip, the MoE step with its expert kernel)."""
 
 import json
 import os
@@ -34,7 +34,12 @@ def test_cpu_smoke_runs_every_stage(tmp_path):
                        env={**ENV, "OUT": str(tmp_path)}, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     assert "all stages passed" in r.stdout and "resume round trip (tiny, bf16, cpu): bit-exact" in r.stdout
-    results = {json.loads(p.read_text())["packed"]: json.loads(p.read_text()) for p in tmp_path.glob("*.json")}
-    assert results[False]["attention_kernel"] == "sdpa_causal" and results[True]["attention_kernel"] == "segments"
+    found = [json.loads(p.read_text()) for p in tmp_path.glob("*.json")]
+    results = {(out["packed"], out.get("moe", False)): out for out in found}
+    assert len(found) == len(results) == 3  # dense rows, packed documents, MoE
+    assert results[False, False]["attention_kernel"] == "sdpa_causal"
+    assert results[True, False]["attention_kernel"] == "segments"
+    moe = results[False, True]
+    assert moe["expert_kernel"] == "loop" and moe["active_params"] < moe["params"]  # the CPU's kernel
     for out in results.values():
         assert out["dtype"] == "torch.bfloat16" and out["tokens_per_s"]["median"] > 0 and out["mfu"]["median"] > 0
