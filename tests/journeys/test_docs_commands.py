@@ -141,6 +141,8 @@ RUNS = {
         ("fp32 KV cache alone: 1.0 KiB per token",), ("--lengths", "512,1024", "--layers", "1")),
     ".venv/bin/spindle bench gpu --preset tiny --device cpu --steps 4 --warmup 1 --no-compile": Run(
         ("tiny on cpu", "tokens/s median")),
+    ".venv/bin/spindle bench moe --out runs/bench_moe.json": Run(
+        ("MoE / dense step time, paired: median", "cross ranks"), ("--shape", "tiny", "--rounds", "1")),
     "spindle eval ppl --ckpt runs/demo/ckpt --data held_out/ --lengths 256,512,1024,2048,4096,8192,16384 --variants "
     "plain,dynamic,yarn,logn --windows 8 --out eval/demo": Run(
         ("perplexity over the first L tokens",), EVAL_SMALL),  # held_out/: the user's text (setup)
