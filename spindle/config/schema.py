@@ -20,6 +20,7 @@ from spindle.config.data import DataConfig
 from spindle.config.long_eval import LongEvalConfig
 from spindle.config.model import ModelConfig
 from spindle.config.s3 import S3Settings
+from spindle.config.trackers import MlflowConfig, WandbConfig, on_or_settings
 
 # --------------------------------------------------------------------------- ckpt
 
@@ -227,6 +228,11 @@ class AlertConfig(Section):
 class MonitorConfig(Section):
     alert: AlertConfig = Field(default_factory=AlertConfig)
     tensorboard: Optional[dict] = None  # InternEvo's writer queue (queue_max_length): no effect here
+    # experiment trackers (spindle/config/trackers.py): True, or a dict of their settings
+    wandb: Optional[WandbConfig] = None
+    mlflow: Optional[MlflowConfig] = None
+
+    _trackers = field_validator("wandb", "mlflow", mode="before")(on_or_settings)
 
 
 # --------------------------------------------------------------------------- trainer (ours)

@@ -188,11 +188,21 @@ def continue_tensorboard(previous: Optional[str], tb_dir: Path) -> None:
     logger.info(f"tensorboard: {copied} event file(s) of {previous} copied into {tb_dir} (resume_tb_folder)")
 
 
-class MetricSinks:
-    """JSONL file and TensorBoard events in the run folder (rank 0 only)."""
+def scalar_metrics(metrics: dict) -> dict[str, float]:
+    """A step record's numbers as the series TensorBoard and the trackers plot: finite values only, `step` left out
+    (it is their x axis), each named by its key's first word ('tgs (tokens/gpu/second)' -> 'tgs')."""
+    return {key.split(" ")[0]: float(value) for key, value in metrics.items()
+            if isinstance(value, (int, float)) and key != "step" and math.isfinite(float(value))}
 
-    def __init__(self, run_dir: Path, jsonl: bool = True, tensorboard: bool = True, tb_dir: Optional[str] = None):
+
+class MetricSinks:
+    """JSONL file and TensorBoard events in the run folder, and the experiment trackers (spindle.train.trackers.
+    Trackers, which never raise: a failing tracker is alerted and dropped); rank 0 only."""
+
+    def __init__(self, run_dir: Path, jsonl: bool = True, tensorboard: bool = True, tb_dir: Optional[str] = None,
+                 trackers=None):
         self.jsonl = LineFile(run_dir / "metrics.jsonl") if jsonl else None
+        self.trackers = trackers or None
         self.tb = None
         if tensorboard:
             try:
@@ -205,12 +215,18 @@ class MetricSinks:
     def write(self, metrics: dict, step: int) -> None:
         if self.jsonl is not None:
             self.jsonl.write_line(json.dumps(metrics, default=float))
-        if self.tb is not None:
-            for key, value in metrics.items():
-                if isinstance(value, (int, float)) and key != "step" and math.isfinite(float(value)):
-                    self.tb.add_scalar(key.split(" ")[0], float(value), step)
+        if self.tb is not None or self.trackers is not None:
+            scalars = scalar_metrics(metrics)
+            if self.tb is not None:
+                for name, value in scalars.items():
+                    self.tb.add_scalar(name, value, step)
+            if self.trackers is not None:
+                self.trackers.log(scalars, step)
 
-    def close(self) -> None:
+    def close(self, failed: bool = False) -> None:
+        """`failed`: the fit is ending on an error (a tracker marks its run so)."""
+        if self.trackers is not None:
+            self.trackers.close(failed)
         if self.jsonl is not None:
             self.jsonl.close()
         if self.tb is not None:
