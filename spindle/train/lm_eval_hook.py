@@ -57,10 +57,11 @@ def task_scores(results: dict) -> dict[str, float]:
     out = {}
     for task, scores in results.items():
         for key, value in scores.items():
-            metric, _, applied = key.partition(",")
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or metric.endswith("_stderr"):
-                continue
-            out[f"lm_eval/{task}/{metric}" + (f"/{applied}" if applied and applied != "none" else "")] = float(value)
+            metric, comma, applied = key.partition(",")
+            number = isinstance(value, (int, float)) and not isinstance(value, bool)
+            if not comma or not number or metric.endswith("_stderr"):
+                continue  # a score is "metric,filter"; sample_len, alias and the like are not
+            out[f"lm_eval/{task}/{metric}" + (f"/{applied}" if applied != "none" else "")] = float(value)
     return out
 
 

@@ -76,8 +76,10 @@ def test_scores_at_their_cadence_and_training_untouched(runs):
     assert scored == [1, 3]  # after 2 and 4 trained steps
     for r in with_tasks:
         if r["step"] in scored:
-            assert {"lm_eval/spindle_text/word_perplexity", "lm_eval/spindle_text/bits_per_byte"} <= set(r)
             assert 0 <= r["lm_eval/spindle_mc/acc"] <= 1 and r["lm_eval/spindle_text/bits_per_byte"] > 0
+            # scores only: lm-eval's sample_len and alias are not
+            scores = sorted(k.removeprefix("lm_eval/") for k in r if k.startswith("lm_eval/"))
+            assert scores == ["spindle_mc/acc", "spindle_text/bits_per_byte", "spindle_text/word_perplexity"]
     # dropout draws from the training RNG every step: the evaluations moved none of it
     assert [r["loss"] for r in with_tasks] == [r["loss"] for r in without]
 
@@ -133,3 +135,24 @@ def test_an_evaluation_failing_mid_run_is_one_line_and_training_goes_on(tmp_path
                     "time, training goes on" for s in (1, 3)], said
     records = (tmp_path / "runs" / "broken" / "metrics.jsonl").read_text().splitlines()
     assert len(records) == 4 and "lm_eval/" not in "".join(records)
+
+
+@pytest.mark.slow
+def test_two_ranks_rank_0_scores_and_the_other_waits(tmp_path):
+    """Under torchrun (2 CPU ranks, the optimizer state sharded over them) rank 0 alone runs lm-eval, as one
+    process, on the gathered model; rank 1 goes on to the next step and waits there; the run ends normally."""
+    import os
+    import subprocess
+    import sys
+
+    write_text(tmp_path)
+    tasks = {"names": ["spindle_mc"], "include_path": str(write_tasks(tmp_path / "tasks")), "every": 2}
+    path = config(tmp_path, "two", long_eval={"tasks": tasks}, parallel={"timeout_s": 120})
+    r = subprocess.run([str(Path(sys.executable).parent / "torchrun"), "--standalone", "--nproc_per_node=2",
+                        "-m", "spindle.cli", "train", "--config", str(path)], capture_output=True, text=True,
+                       timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    records = [json.loads(line) for line in (tmp_path / "runs" / "two" / "metrics.jsonl").read_text().splitlines()]
+    assert [rec["step"] for rec in records if "lm_eval/spindle_mc/acc" in rec] == [1, 3]
+    said = [line for line in r.stdout.splitlines() if "lm-eval after step" in line]
+    assert len(said) == 2 and said[0].startswith("lm-eval after step 1: spindle_mc/acc "), r.stdout  # rank 0 alone
