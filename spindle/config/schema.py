@@ -187,6 +187,23 @@ class WeightConfig(Section):
     memory_pool: bool = False
 
 
+class ExpertConfig(Section):
+    """Expert parallelism (docs/moe.md): each MoE layer's experts split over `size` data-parallel ranks, tokens
+    sent to their experts' ranks and back by all-to-all. InternEvo's key; -1: all the data-parallel ranks."""
+
+    size: int = Field(default=1, ge=-1, le=2**12)
+    # InternEvo's no_tp=True keeps the experts whole on every tensor rank: the only way here (docs/moe.md),
+    # so False is refused by the layout when tensor parallelism is on
+    no_tp: bool = True
+
+    @field_validator("size")
+    @classmethod
+    def _not_zero(cls, v: int) -> int:
+        if v == 0:
+            raise ValueError("expected -1 (all the data-parallel ranks), 1 (no expert parallelism) or a size >= 2")
+        return v
+
+
 class ParallelConfig(Section):
     zero1: ZeroConfig = Field(default_factory=ZeroConfig)
     tensor: TensorConfig = Field(default_factory=TensorConfig)
@@ -194,6 +211,7 @@ class ParallelConfig(Section):
     sequence_parallel: bool = False
     context: int = Field(default=1, ge=1, le=2**12)  # context-parallel size (ours)
     weight: WeightConfig = Field(default_factory=WeightConfig)
+    expert: ExpertConfig = Field(default_factory=ExpertConfig)
     fsdp: bool = False  # full sharding of parameters, gradients and optimizer state (FSDP2)
     # how long a collective (or the rendezvous) waits for the other ranks before the job stops with one line
     timeout_s: float = Field(default=600.0, gt=0, le=7 * 86400)
@@ -203,7 +221,7 @@ class ParallelConfig(Section):
     def _zero1_int(cls, v: Any) -> Any:
         return {"size": v} if isinstance(v, int) and not isinstance(v, bool) else v
 
-    @field_validator("tensor", "pipeline", mode="before")
+    @field_validator("tensor", "pipeline", "expert", mode="before")
     @classmethod
     def _size_int(cls, v: Any) -> Any:
         return {"size": v} if isinstance(v, int) and not isinstance(v, bool) else v

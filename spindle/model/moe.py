@@ -217,6 +217,9 @@ class MoEFeedForward(nn.Module):
             self.score_bias = None
         self.aux_loss: Optional[torch.Tensor] = None
         self.stats: Optional[RoutingStats] = None
+        # expert parallelism puts here what runs the experts across ranks (spindle/parallel/experts.py):
+        # called as expert_parallel(x, plan, kernel, w1, w3, w2); None runs them all on this rank
+        self.expert_parallel = None
 
     def reset_buffers(self) -> None:
         """After `to_empty()`: the balancing bias starts at zero."""
@@ -235,7 +238,11 @@ class MoEFeedForward(nn.Module):
         plan = plan_by_expert(routing.experts, routing.weights, keep, self.num_experts)
         kernel = EXPERT_KERNELS[choose_expert_kernel(x.device.type, x.dtype)]
         e = self.experts
-        out = kernel(flat, plan, e.w1.weight, e.w3.weight, e.w2.weight)
+        weights = (e.w1.weight, e.w3.weight, e.w2.weight)
+        if self.expert_parallel is None:
+            out = kernel(flat, plan, *weights)
+        else:
+            out = self.expert_parallel(flat, plan, kernel, *weights)
         if self.shared_experts is not None:
             shared = self.shared_experts(flat)
             if self.shared_expert_gate is not None:

@@ -43,6 +43,30 @@ def full_sharding(parallel) -> bool:
     return bool(parallel.fsdp or parallel.zero1.fsdp)
 
 
+def expert_size(parallel, model, dp: int, tp: int, shard: int) -> int:
+    """`parallel.expert.size` for this layout (-1: every data-parallel rank), or the LayoutError of the
+    combinations expert parallelism does not take."""
+    size = parallel.expert.size
+    ep = dp if size == -1 else size
+    if ep == 1:
+        return 1
+    key = f"parallel.expert.size={size}"
+    if not model.num_experts:
+        raise LayoutError(f"{key} needs a mixture-of-experts model (model.num_experts > 0)")
+    if dp % ep:
+        raise LayoutError(f"{key} must divide the data-parallel size {dp}: the experts are split over data-parallel "
+                          "ranks", with_world=True)
+    if model.num_experts % ep:
+        raise LayoutError(f"{key} must divide model.num_experts ({model.num_experts})")
+    if shard != dp:  # the experts' own FSDP group is cut from the one data-parallel shard dimension
+        raise LayoutError(f"{key} needs parameters sharded over every data-parallel rank: parallel.zero1=-1 or "
+                          f"parallel.fsdp=True (this layout has zero1={parallel.zero1.size})")
+    if tp > 1 and not parallel.expert.no_tp:
+        raise LayoutError("parallel.expert.no_tp=False: experts split by tensor parallelism are not built; "
+                          "with tensor parallelism the experts stay whole on every tensor rank (no_tp=True)")
+    return ep
+
+
 @dataclass(frozen=True)
 class Groups:
     """The DeviceMesh ("dp_replicate", "dp_shard", "cp", "pp", "tp") and the process groups cut from it."""
@@ -54,6 +78,8 @@ class Groups:
     cp: object
     grad: object  # data x context parallel: where gradients and loss sums add up
     fsdp_mesh: object  # 1-D ("dp_shard") or 2-D ("dp_replicate", "dp_shard") mesh for FSDP2
+    ep_mesh: object = None  # expert parallelism: the ranks that split the experts ("ep")
+    edp_mesh: object = None  # and the ranks holding the same experts, the experts' FSDP mesh ("dp_shard_mod_ep")
 
 
 @dataclass(frozen=True)
@@ -65,6 +91,7 @@ class Layout:
     cp: int = 1  # context-parallel ranks: one batch, each its slice of the sequence
     shard: int = 1  # ranks of one FSDP / ZeRO shard group (1: no sharding, dp: the whole data-parallel group)
     fsdp: bool = False  # parameters re-gathered in backward too (ZeRO-3), not only optimizer state + gradients
+    ep: int = 1  # expert-parallel ranks: data-parallel ranks that split each MoE layer's experts between them
     process: ParallelEnv = field(default_factory=ParallelEnv)  # this process: rank, device
     dp_rank: int = 0
     tp_rank: int = 0
@@ -80,9 +107,13 @@ class Layout:
         """The sizes for `world` processes (and rows of `seq_len` tokens), or a LayoutError naming the keys
         that do not fit (or the torch that cannot run them): every layout refusal of the run is here."""
         tp, pp, cp = parallel.tensor.size, parallel.pipeline.size, parallel.context
-        if model.num_experts:
-            raise LayoutError(f"model.num_experts={model.num_experts}: mixture-of-experts models are not trainable "
-                              "yet: docs/moe.md")
+        if model.num_experts and pp > 1:  # the stages' balance losses never reach the schedule's loss
+            raise LayoutError(f"model.num_experts={model.num_experts} with parallel.pipeline.size={pp}: "
+                              "mixture-of-experts models do not pipeline yet (docs/moe.md); use pipeline.size=1")
+        if model.num_experts and cp > 1:  # each rank would balance its slice of the rows, not the rows
+            raise LayoutError(f"model.num_experts={model.num_experts} with parallel.context={cp}: "
+                              "mixture-of-experts models have no context parallelism yet (docs/moe.md); "
+                              "use context=1")
         if pp > 1 and TorchVersion(torch_version) < PIPELINE_MIN_TORCH:
             raise LayoutError(f"parallel.pipeline.size={pp} needs torch >= 2.13 (this is torch {torch_version}, "
                               "whose pipelining wants a gradient for the positions and labels the stages hand on): "
@@ -110,7 +141,8 @@ class Layout:
                               f"/ tensor {tp} / pipeline {pp}" + (f" / context {cp}" if cp > 1 else "") + ")",
                               with_world=True)
         shard = dp if (full or zero <= 0) else zero
-        return cls(world, dp, tp, pp, cp, shard, full)
+        ep = expert_size(parallel, model, dp, tp, shard)
+        return cls(world, dp, tp, pp, cp, shard, full, ep)
 
     @classmethod
     def build(cls, env, cfg) -> "Layout":
@@ -129,6 +161,8 @@ class Layout:
         zero1 <= 0 or fsdp). Context ranks read the same batch (each its own slice of the sequence)."""
         from torch.distributed.device_mesh import init_device_mesh
 
+        if self.ep > 1:
+            return self._with_expert_mesh(env)
         dp, shard, cp = self.dp, self.shard, self.cp
         mesh = init_device_mesh(env.device.type, (dp // shard, shard, cp, self.pp, self.tp),
                                 mesh_dim_names=("dp_replicate", "dp_shard", "cp", "pp", "tp"))
@@ -145,9 +179,25 @@ class Layout:
                       tp_rank=mesh["tp"].get_local_rank(), pp_rank=mesh["pp"].get_local_rank(),
                       cp_rank=mesh["cp"].get_local_rank(), groups=groups)
 
+    def _with_expert_mesh(self, env: ParallelEnv) -> "Layout":
+        """Expert parallelism (context 1, parameters sharded over all of dp: `expert_size`): the data-parallel
+        dimension split into ("dp_shard_mod_ep", "ep"), ep ranks adjacent. Every parameter is sharded over
+        both (flattened: "dp"), the experts over "ep" by expert and over "dp_shard_mod_ep" by FSDP."""
+        from torch.distributed.device_mesh import init_device_mesh
+
+        mesh = init_device_mesh(env.device.type, (self.dp // self.ep, self.ep, 1, self.pp, self.tp),
+                                mesh_dim_names=("dp_shard_mod_ep", "ep", "cp", "pp", "tp"))
+        dp_mesh = mesh["dp_shard_mod_ep", "ep"]._flatten("dp")
+        groups = Groups(mesh, dp_mesh.get_group(), mesh["tp"].get_group(), mesh["pp"].get_group(),
+                        mesh["cp"].get_group(), dp_mesh.get_group(), dp_mesh, ep_mesh=mesh["ep"],
+                        edp_mesh=mesh["dp_shard_mod_ep"])
+        return Layout(*self.sizes, process=env, dp_rank=dp_mesh.get_local_rank(),
+                      tp_rank=mesh["tp"].get_local_rank(), pp_rank=mesh["pp"].get_local_rank(),
+                      cp_rank=0, groups=groups)
+
     @property
     def sizes(self) -> tuple:
-        return self.world, self.dp, self.tp, self.pp, self.cp, self.shard, self.fsdp
+        return self.world, self.dp, self.tp, self.pp, self.cp, self.shard, self.fsdp, self.ep
 
     # ------------------------------------------------------------------ what the trainer asks
 
@@ -213,4 +263,4 @@ class Layout:
 
     def record(self) -> dict:
         """The layout recorded in every checkpoint's trainer state."""
-        return {"processes": self.world, "dp": self.dp, "tp": self.tp, "pp": self.pp, "cp": self.cp}
+        return {"processes": self.world, "dp": self.dp, "tp": self.tp, "pp": self.pp, "cp": self.cp, "ep": self.ep}

@@ -17,6 +17,7 @@ from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoi
 from spindle.config import SpindleConfig
 from spindle.dtypes import compute_dtype
 from spindle.model.llama import materialize
+from spindle.model.moe import MoEFeedForward
 from spindle.parallel.layout import Layout, full_sharding
 
 
@@ -31,6 +32,7 @@ def apply_tensor_parallel(model: nn.Module, layout: Layout, sequence_parallel: b
     from torch.distributed.tensor.parallel import (
         ColwiseParallel,
         PrepareModuleInput,
+        PrepareModuleOutput,
         RowwiseParallel,
         SequenceParallel,
         parallelize_module,
@@ -60,12 +62,20 @@ def apply_tensor_parallel(model: nn.Module, layout: Layout, sequence_parallel: b
             "attention.wk": ColwiseParallel(),
             "attention.wv": ColwiseParallel(),
             "attention.wo": RowwiseParallel(output_layouts=residual),
-            "feed_forward": PrepareModuleInput(input_layouts=(residual,), desired_input_layouts=(Replicate(),)),
-            "feed_forward.w1": ColwiseParallel(),
-            "feed_forward.w2": RowwiseParallel(output_layouts=residual),
         }
-        if block.feed_forward.w3 is not None:
-            plan["feed_forward.w3"] = ColwiseParallel()
+        if isinstance(block.feed_forward, MoEFeedForward):
+            # the router and the experts are whole on every tensor rank (docs/moe.md): each routes the whole
+            # sequence and adds its output to the residual stream as the stream is laid out
+            plan["feed_forward"] = PrepareModuleInput(input_layouts=(residual,), desired_input_layouts=(Replicate(),),
+                                                      use_local_output=True)
+            parallelize_module(block, tp_mesh, {"feed_forward": PrepareModuleOutput(
+                output_layouts=(Replicate(),), desired_output_layouts=(residual,), use_local_output=True)})
+        else:
+            plan["feed_forward"] = PrepareModuleInput(input_layouts=(residual,), desired_input_layouts=(Replicate(),))
+            plan["feed_forward.w1"] = ColwiseParallel()
+            plan["feed_forward.w2"] = RowwiseParallel(output_layouts=residual)
+            if block.feed_forward.w3 is not None:
+                plan["feed_forward.w3"] = ColwiseParallel()
         if block.attention.q_norm is not None:
             # per-head norms (Qwen3) see only this rank's heads, dim 2 of (B, L, heads, head_dim): as
             # replicated DTensors over input sharded on that dim their gradients are partial sums that
@@ -106,6 +116,7 @@ def apply_fsdp(root: nn.Module, model: nn.Module, layout: Layout, reshard_after_
     forward input is cast, so RoPE cos/sin, log-n scales and the residual stream stay fp32. Gradients
     are reduced in fp32."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    from torch.distributed.tensor import Shard
 
     fp32 = MixedPrecisionPolicy(cast_forward_inputs=False)
     compute = MixedPrecisionPolicy(param_dtype=mixed_precision, reduce_dtype=torch.float32,
@@ -118,6 +129,12 @@ def apply_fsdp(root: nn.Module, model: nn.Module, layout: Layout, reshard_after_
 
     for block in model.layers.values():
         keep_fp32([m for m in block.modules() if isinstance(m, (nn.RMSNorm, nn.LayerNorm))])
+        experts = getattr(block.feed_forward, "experts", None)
+        if layout.ep > 1 and experts is not None:
+            # expert-parallel weights (DTensors by expert on "ep"): sharded again over the ranks holding the same
+            # experts, along dim 1, as dim 0 is already split by expert
+            fully_shard(experts, mesh=layout.groups.edp_mesh, reshard_after_forward=reshard_after_forward,
+                        mp_policy=compute, shard_placement_fn=lambda p: Shard(1))
         fully_shard(block, mp_policy=compute, **shard)
     embedding, head = model.tok_embeddings, model.output
     tied = embedding is not None and head is not None and head.weight is embedding.weight
@@ -143,7 +160,11 @@ class LocalStages(nn.Module):
 
 
 def apply_model_parallel(model: nn.Module, cfg: SpindleConfig, layout: Layout) -> nn.Module:
-    """Tensor/sequence parallel, activation checkpointing, compile: in place on the plain model."""
+    """Expert, tensor/sequence parallel, activation checkpointing, compile: in place on the plain model."""
+    if layout.ep > 1:
+        from spindle.parallel.experts import apply_expert_parallel
+
+        apply_expert_parallel(model, layout)
     if layout.tp > 1:
         apply_tensor_parallel(model, layout, cfg.parallel.sequence_parallel)
     n_ckpt = cfg.model.num_checkpointed_layers

@@ -190,9 +190,12 @@ def _layout_lines(old: dict, cfg: SpindleConfig, now: dict, state: dict, changes
         lines.append(f"resume: {', '.join(causes) + ': ' if causes else ''}{per_step}; {schedule}"
                      + ("; the data continues from the same position of the same order" if old_dp != now["dp"]
                         else ""))
-    for key, name in (("tp", "tensor-parallel"), ("pp", "pipeline"), ("cp", "context-parallel")):
-        if key in before and before[key] != now[key]:
-            lines.append(f"resume: {before[key]} -> {now[key]} {name} ranks (the checkpoint is resharded on load)")
+    for key, name in (("tp", "tensor-parallel"), ("pp", "pipeline"), ("cp", "context-parallel"),
+                      ("ep", "expert-parallel")):
+        # a checkpoint from before "ep" was recorded had no expert parallelism
+        if before and before.get(key, 1 if key == "ep" else None) not in (None, now[key]):
+            lines.append(f"resume: {before.get(key, 1)} -> {now[key]} {name} ranks "
+                         "(the checkpoint is resharded on load)")
     return lines
 
 

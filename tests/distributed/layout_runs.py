@@ -66,6 +66,21 @@ LAYOUTS = {
     "dp2_tp2_cp2": Job(8, (M4, TP2, CP2)),
     "tp2_pp2_cp2": Job(8, (TP2, PP2, CP2)),
 }
+# mixture of experts (docs/moe.md): 4 experts of which each token takes 2, one gated shared expert, the first
+# layer dense; every layout against the one-process run with dp x the micro-batches (MOE_LAYOUTS)
+MOE = ("model.num_experts=4", "model.top_k=2", "model.moe_intermediate_size=48", "model.num_shared_experts=1",
+       "model.shared_expert_gate=True", "model.first_k_dense=1", "model.z_loss_coeff=0.001")
+CAPACITY = ("model.capacity_factor=1.0", "model.min_capacity=1")  # GShard's dropping, under expert parallelism
+EP2, SHARDED = "parallel.expert=2", "parallel.zero1=-1"
+MOE_LAYOUTS = {
+    "moe_dp2": ("moe_single", Job(2, (*MOE, M4))),
+    "moe_ep2": ("moe_single", Job(2, (*MOE, M4, EP2, SHARDED))),
+    "moe_ep2_fsdp": ("moe_single", Job(2, (*MOE, M4, EP2, "parallel.fsdp=True"))),
+    "moe_tp2_sp": ("moe_single", Job(2, (*MOE, TP2, SP))),
+    "moe_ep2_capacity": ("moe_capacity_single", Job(2, (*MOE, *CAPACITY, M4, EP2, SHARDED))),
+    "moe_ep2_tp2": ("moe_single", Job(4, (*MOE, M4, EP2, SHARDED, TP2))),
+    "moe_ep4": ("moe_single", Job(4, (*MOE, "data.micro_num=2", "parallel.expert=-1", SHARDED))),
+}
 LONG_EVAL = ("data.valid_every=5", "long_eval={'lengths': [32, 96], 'variants': ['plain', 'yarn'], "
              "'data': ['{le_doc}'], 'passkey_lengths': [256], 'passkey_depths': [0.5], 'passkey_samples': 1, "
              "'chunk': 40}")
@@ -82,6 +97,9 @@ SOURCES = ("hf:{sources}/qwen3", "internevo:{sources}/internevo/41")
 JOBS = {
     "single": Job(1),  # the one-process reference of every tiny.py layout
     **LAYOUTS,
+    "moe_single": Job(1, MOE),
+    "moe_capacity_single": Job(1, (*MOE, *CAPACITY)),
+    **{name: job for name, (_, job) in MOE_LAYOUTS.items()},
     "micro_num_1_single": Job(1, ("data.micro_num=1",)),  # fewer micro-batches than stages: 1F1B runs as GPipe
     "micro_num_1_pp2": Job(2, ("data.micro_num=1", PP2)),
     "rampup_single": Job(1, RAMPUP),

@@ -10,13 +10,9 @@ import pytest
 
 from distributed.layout_runs import LAYOUTS, TINY
 from distributed.marks import layouts, needs_pipeline_torch
+from distributed.parity_checks import closing_sample, within
 
 pytestmark = pytest.mark.dist
-
-
-def within(a: list[float], b: list[float], steps: int = 10, tol: float = 1e-4) -> bool:
-    assert len(a) == len(b) == steps, (a, b)
-    return max(abs(x - y) for x, y in zip(a, b)) < tol
 
 
 @pytest.mark.parametrize("name", layouts(LAYOUTS, runs=lambda name: ("single", name)))
@@ -24,14 +20,6 @@ def test_layout_matches_single_process(layout_runs, name):
     losses, reference = layout_runs[name].losses, layout_runs["single"].losses
     assert within(losses, reference), f"{name}: {losses} vs {reference}"
     assert reference[-1] < reference[0]
-
-
-def closing_sample(stdout: str) -> str:
-    """The text after the sample header: the prompt and the 8 tokens sampled (rank 0 alone prints it)."""
-    lines = stdout.splitlines()
-    header = [i for i, line in enumerate(lines) if line.startswith("sample (")]
-    assert len(header) == 1 and "8 tokens;" in lines[header[0]], stdout[-2000:]
-    return "\n".join(lines[header[0] + 1:])
 
 
 @pytest.mark.parametrize("name", layouts(LAYOUTS, runs=lambda name: ("single", name)))

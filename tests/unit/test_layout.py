@@ -14,11 +14,30 @@ NPROC_HINT = " (--dry-run --nproc N plans for N processes)"  # where the process
 
 # (processes, config sections, the one line, whether the process count decides)
 REFUSED = [
-    (1, {"model": {"num_experts": 4, "mlp_bias": False}},
-     "model.num_experts=4: mixture-of-experts models are not trainable yet: docs/moe.md", False),
+    (2, {"model": {"num_experts": 4, "mlp_bias": False, "num_layers": 2}, "parallel": {"pipeline": {"size": 2}}},
+     "model.num_experts=4 with parallel.pipeline.size=2: mixture-of-experts models do not pipeline yet "
+     "(docs/moe.md); use pipeline.size=1", False),
+    (2, {"model": {"num_experts": 4, "mlp_bias": False}, "parallel": {"context": 2}},
+     "model.num_experts=4 with parallel.context=2: mixture-of-experts models have no context parallelism yet "
+     "(docs/moe.md); use context=1", False),
     (2, {"model": {"num_layers": 2, "tie_word_embeddings": True}, "parallel": {"pipeline": {"size": 2}}},
      "model.tie_word_embeddings cannot be used with pipeline parallelism (parallel.pipeline.size=2: the embedding "
      "and the head live on different stages)", False),
+    (2, {"parallel": {"expert": 2, "zero1": -1}},
+     "parallel.expert.size=2 needs a mixture-of-experts model (model.num_experts > 0)", False),
+    (4, {"model": {"num_experts": 4, "mlp_bias": False}, "parallel": {"expert": 4, "zero1": -1, "tensor": 2}},
+     "parallel.expert.size=4 must divide the data-parallel size 2: the experts are split over data-parallel ranks",
+     True),
+    (2, {"model": {"num_experts": 3, "top_k": 1, "norm_topk_prob": False, "mlp_bias": False},
+         "parallel": {"expert": 2, "zero1": -1}},
+     "parallel.expert.size=2 must divide model.num_experts (3)", False),
+    (2, {"model": {"num_experts": 4, "mlp_bias": False}, "parallel": {"expert": -1, "zero1": 1}},
+     "parallel.expert.size=-1 needs parameters sharded over every data-parallel rank: parallel.zero1=-1 or "
+     "parallel.fsdp=True (this layout has zero1=1)", False),
+    (4, {"model": {"num_experts": 4, "mlp_bias": False},
+         "parallel": {"expert": {"size": 2, "no_tp": False}, "zero1": -1, "tensor": 2}},
+     "parallel.expert.no_tp=False: experts split by tensor parallelism are not built; with tensor parallelism the "
+     "experts stay whole on every tensor rank (no_tp=True)", False),
     (2, {"parallel": {"tensor": {"size": 4}}},
      "parallel: world size 2 is not divisible by tensor (4) x pipeline (1)", True),
     (4, {"parallel": {"tensor": {"size": 4}}},
