@@ -23,7 +23,6 @@ NO_EFFECT = {
                                                "by themselves",
     "hybrid_zero_optimizer.overlap_sync_param": "FSDP2 prefetches the next block's parameters by itself",
     "hybrid_zero_optimizer.reduce_bucket_size": "FSDP2 reduces per block, DDP with its own buckets",
-    "loss.moe_loss_coeff": "no mixture-of-experts models here",
     "model.embed_split_hidden": "how InternEvo splits the embedding under tensor parallelism; the numbers "
                                 "are the same",
     "model.parallel_output": "under tensor parallelism the logits stay sharded over the vocabulary and the "
@@ -128,3 +127,154 @@ def translate_parallel(raw: dict) -> list[str]:
         notes.append(f"parallel.weight size {weight['size']}: parameters sharded with FSDP over the data-parallel "
                      "ranks (the same numbers)")
     return notes
+
+
+# --------------------------------------------------------------------------- mixture of experts
+
+# InternEvo's MoE layers (model.moe_type): the `moe` keys each constructor takes, with its defaults
+# (internlm/model/moe/gshard_layer.py GShardMOELayer, megablock/megablock_moe.py, megablock_dmoe.py). A key the
+# layer does not take stops InternEvo with a TypeError; it is refused here in one line instead.
+MOE_LAYER_KEYS = {
+    "GShard": {"top_k": 1, "capacity_factor": 1.0, "eval_capacity_factor": 1.0, "min_capacity": 4,
+               "noisy_gate_policy": None, "drop_tokens": True, "use_rts": True},
+    "MegaBlock": {"top_k": 1, "capacity_factor": 1.0, "drop_tokens": True, "multiple_of": 256},
+    "MegaBlock-D": {"top_k": 1, "parallel_mode": "tensor", "multiple_of": 256},
+}
+INTERNEVO_MOE_LOSS_COEFF = 1.0  # internlm/initialize/launch.py: loss.moe_loss_coeff of a config that has none
+RESIDUAL_MOE = ("DeepSpeed's residual MoE mixes the experts' output and a dense MLP's by a learned softmax over two "
+                "logits (with a bias), scaling the experts' output too; Spindle's shared experts add a dense "
+                "output to the experts' unscaled one, so the weights would not mean the same; set it to False")
+
+
+def translate_moe(raw: dict, source: str) -> list[str]:
+    """InternEvo's MoE keys (model_type INTERNLM_MoE, model.num_experts / moe_type / moe_use_residual, the `moe`
+    section, loss.moe_loss_coeff) onto the model's MoE keys, in place, with a note for each key that does nothing
+    here; refuses what would train differently. A model key the file gives itself wins over an InternEvo
+    default and must agree with an InternEvo key the file gives (so a saved config.json reads back the same)."""
+    from pydantic import ValidationError
+
+    from spindle.config.schema import MoeConfig
+
+    model, section = raw.get("model", {}), raw.get("moe")
+    if not isinstance(model, dict) or model.get("moe_type") not in (None, *MOE_LAYER_KEYS):
+        return []  # the schema names what is wrong
+    try:
+        moe = MoeConfig.model_validate(section if section is not None else {})
+    except ValidationError:
+        return []  # likewise
+    if model.get("moe_use_residual") not in (None, False):
+        raise SpindleError(f"{source}: model.moe_use_residual={model['moe_use_residual']!r}: {RESIDUAL_MOE}")
+    internevo = raw.get("model_type") == "INTERNLM_MoE"
+    notes = []
+    experts = model.get("num_experts", 0)
+    if internevo and experts in (0, 1) and not isinstance(experts, bool):  # InternEvo: <= 1 is a dense model
+        if experts == 1:
+            model["num_experts"] = 0
+            notes.append("model.num_experts=1 (InternEvo's dense model: no experts)")
+        experts = 0
+    if not isinstance(experts, int) or isinstance(experts, bool):
+        return notes
+    coeff_given, coeff = _given(raw, "loss.moe_loss_coeff")
+    if experts == 0:
+        for key, given in (("moe", section is not None), ("model.moe_type", "moe_type" in model),
+                           ("loss.moe_loss_coeff", coeff_given and coeff is not None)):
+            if given:
+                notes.append(f"{key} (the model has no experts: model.num_experts=0)")
+        return notes
+    # model key -> (value, the InternEvo key it comes from; None for an InternEvo default)
+    mapped: dict = {}
+    if coeff_given and coeff is not None:
+        mapped["aux_loss_coeff"] = (coeff, "loss.moe_loss_coeff")
+    elif internevo:
+        mapped["aux_loss_coeff"] = (INTERNEVO_MOE_LOSS_COEFF, None)
+    if internevo or section is not None or "moe_type" in model:
+        mapped.update(_moe_layer(moe.model_dump(exclude_none=True), model, experts, source, notes))
+    for key, (value, origin) in mapped.items():
+        if key in model and model[key] != value:
+            if origin is not None:
+                raise SpindleError(f"{source}: model.{key}={model[key]!r} but {origin} gives {value!r}; "
+                                   "give one of them")
+            continue  # the file's own model key wins over InternEvo's default
+        model[key] = value
+    return notes
+
+
+def _moe_layer(given: dict, model: dict, experts: int, source: str, notes: list[str]) -> dict:
+    """The model keys InternEvo's MoE layer (model.moe_type, GShard by default) and its `moe` keys mean."""
+    layer = model.get("moe_type") or "GShard"
+    takes = MOE_LAYER_KEYS[layer]
+    for key in given:
+        if key not in takes:
+            raise SpindleError(f"{source}: moe.{key}: InternEvo's {layer} MoE layer (model.moe_type) takes no "
+                               f"{key}; it takes {', '.join(takes)}")
+
+    def value(key):
+        return given.get(key, takes[key])
+
+    def origin(key):
+        return f"moe.{key}" if key in given else None
+
+    top_k = given.get("top_k", model.get("top_k", takes["top_k"]))
+    if not isinstance(top_k, int) or isinstance(top_k, bool):
+        return {}  # the schema names model.top_k
+    if top_k > experts:
+        raise SpindleError(f"{source}: moe.top_k ({top_k}) must be at most model.num_experts ({experts})")
+    out = {"top_k": (top_k, origin("top_k"))}
+    if layer == "GShard":  # top-1 weighs its expert by the router probability; top-2 renormalises the pair
+        out["norm_topk_prob"] = (top_k > 1, origin("top_k"))
+    elif top_k == 1:
+        raise SpindleError(f"{source}: moe.top_k=1 with model.moe_type={layer!r}: MegaBlock weighs the one chosen "
+                           "expert by 1, so the router learns from the balance loss alone, which Spindle does not "
+                           "train (docs/moe.md); use top_k >= 2, or moe_type 'GShard' (weights = probabilities)")
+    else:
+        out["norm_topk_prob"] = (True, None)
+    dropping = layer != "MegaBlock-D" and value("drop_tokens")
+    if dropping:
+        out["capacity_factor"] = (value("capacity_factor"), origin("capacity_factor"))
+        out["min_capacity"] = (value("min_capacity"), origin("min_capacity")) if layer == "GShard" else (0, None)
+    else:
+        out["capacity_factor"] = (None, origin("drop_tokens") or ("model.moe_type" if "moe_type" in model else None))
+        notes += [f"moe.{k} (no effect: dropless)" for k in ("capacity_factor", "eval_capacity_factor",
+                                                              "min_capacity") if k in given]
+    hidden, ratio = model.get("hidden_size", 4096), model.get("mlp_ratio", 8 / 3)
+    if "multiple_of" in given and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in (hidden, ratio)):
+        width = int(hidden * ratio)  # InternEvo's expert width before rounding (MegaBlockMoE.ffn_dim)
+        m = given["multiple_of"]
+        out["moe_intermediate_size"] = (m * ((width + m - 1) // m), "moe.multiple_of")
+    if layer == "GShard":
+        _gshard_notes(given, value, top_k, dropping, source, notes)
+    elif layer == "MegaBlock" and dropping:
+        notes.append("model.moe_type='MegaBlock' (mapped; capacity rounds up here, down in MegaBlock, and a full "
+                     "expert keeps every first choice before second ones, MegaBlock token order: docs/moe.md)")
+    if "parallel_mode" in given:
+        notes.append("moe.parallel_mode (no effect: experts are whole on every tensor rank, parallel.expert)")
+    return out
+
+
+def _gshard_notes(given: dict, value, top_k: int, dropping: bool, source: str, notes: list[str]) -> None:
+    """What the GShard gate's keys do here: top-1 as InternEvo's; top-2's noise and RTS keys are ignored by
+    InternEvo's own top-2 gate, which also samples its second expert (docs/moe.md)."""
+    noisy = value("noisy_gate_policy") not in (None, "None")
+    if top_k != 2 and noisy:
+        raise SpindleError(f"{source}: moe.noisy_gate_policy={value('noisy_gate_policy')!r}: noisy gating (input "
+                           "jitter, a Gumbel-sampled choice) is not implemented; set it to None")
+    if top_k == 1 and dropping and value("use_rts"):
+        default = "" if "use_rts" in given else " (InternEvo's default)"
+        raise SpindleError(f"{source}: moe.use_rts=True{default}: random token selection (which tokens a full "
+                           "expert keeps) is not implemented, experts keep tokens in order here; set "
+                           "moe.use_rts=False")
+    if top_k > 1:
+        notes += [f"moe.{k} (no effect: only InternEvo's top-1 gate reads it)" for k in ("noisy_gate_policy",
+                                                                                        "use_rts") if k in given]
+        if not value("drop_tokens"):
+            notes.append("moe.drop_tokens=False (dropless here; InternEvo's top-2 gate ignores it and drops)")
+    elif "use_rts" in given and not dropping:
+        notes.append("moe.use_rts (no effect: dropless)")
+    if top_k == 2:
+        notes.append("model.moe_type='GShard' top-2 (mapped; the second expert is the next-highest score, "
+                     "Gumbel-sampled in InternEvo; the balance loss counts both choices: docs/moe.md)")
+    elif top_k > 2:
+        notes.append(f"moe.top_k={top_k} (InternEvo's GShard gate takes 1 or 2; here the top {top_k}, renormalised)")
+    if dropping and value("eval_capacity_factor") != value("capacity_factor"):
+        notes.append(f"moe.eval_capacity_factor={value('eval_capacity_factor')} (no effect: validation runs at "
+                     f"capacity_factor {value('capacity_factor')}, as training does)")

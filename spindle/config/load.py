@@ -20,7 +20,7 @@ from typing import Any, Optional
 
 from pydantic import BaseModel, ValidationError
 
-from spindle.config.internevo import _split_constants, compatibility_notes, translate_parallel
+from spindle.config.internevo import _split_constants, compatibility_notes, translate_moe, translate_parallel
 from spindle.config.redact import redact
 from spindle.config.schema import SpindleConfig
 from spindle.errors import SpindleError
@@ -75,7 +75,7 @@ def _format_error(err: dict) -> str:
 
 def validate_config(raw: dict, source: str = "<config>") -> SpindleConfig:
     keys, constants = _split_constants(_copy_tree(raw))
-    translated = translate_parallel(keys)
+    translated = translate_parallel(keys) + translate_moe(keys, source)
     if isinstance(keys.get("constants", {}), dict):  # else the schema reports `constants` (fuzz: constants=None)
         keys.setdefault("constants", {}).update(constants)
     try:

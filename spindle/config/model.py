@@ -105,6 +105,9 @@ class ModelConfig(Section):
     aux_loss_per_sequence: bool = False
     z_loss_coeff: float = Field(default=0.0, ge=0, le=1e3)
     bias_update_rate: float = Field(default=0.0, ge=0, le=1)
+    # InternEvo's MoE layer and its residual MoE: config/internevo.py translate_moe maps them onto the keys above
+    moe_type: Optional[Literal["GShard", "MegaBlock", "MegaBlock-D"]] = None
+    moe_use_residual: bool = False  # True is refused there (not the shared experts' computation)
 
     @field_validator("dtype")
     @classmethod

@@ -131,7 +131,25 @@ class HybridZeroOptimizerConfig(Section):
 
 class LossConfig(Section):
     label_smoothing: float = Field(default=0.0, ge=0, lt=1)
-    moe_loss_coeff: float = 0.0
+    # InternEvo's weight of the MoE balance loss: becomes model.aux_loss_coeff (config/internevo.py translate_moe);
+    # None: not given
+    moe_loss_coeff: Optional[float] = Field(default=None, ge=0, le=1e3)
+
+
+class MoeConfig(Section):
+    """InternEvo's top-level `moe` section: the keyword arguments of its MoE layer (model.moe_type picks the
+    layer). None: not given, the layer's own default applies. config/internevo.py translate_moe maps each onto
+    the model's MoE keys, says it does nothing here, or refuses it (docs/moe.md, "InternEvo configs")."""
+
+    top_k: Optional[int] = Field(default=None, ge=1, le=2**10)
+    capacity_factor: Optional[float] = Field(default=None, gt=0, le=2**10)
+    eval_capacity_factor: Optional[float] = Field(default=None, gt=0, le=2**10)
+    min_capacity: Optional[int] = Field(default=None, ge=0, le=2**30)
+    noisy_gate_policy: Optional[Literal["None", "Jitter", "RSample"]] = None
+    drop_tokens: Optional[bool] = None
+    use_rts: Optional[bool] = None
+    parallel_mode: Optional[Literal["tensor", "weight"]] = None  # MegaBlock-D's split of the experts over tp
+    multiple_of: Optional[int] = Field(default=None, ge=1, le=2**16)  # MegaBlock's rounding of the expert width
 
 
 class AdamConfig(Section):
@@ -291,7 +309,8 @@ class TrainerConfig(Section):
 
 class SpindleConfig(Section):
     JOB_NAME: str = "spindle"
-    model_type: Literal["INTERNLM", "INTERNLM2_PUBLIC", "LLAMA2", "LLAMA"] = "INTERNLM"
+    # INTERNLM_MoE: the INTERNLM model with MoE layers (model.num_experts > 1, the `moe` section)
+    model_type: Literal["INTERNLM", "INTERNLM2_PUBLIC", "LLAMA2", "LLAMA", "INTERNLM_MoE"] = "INTERNLM"
     ckpt: CkptConfig = Field(default_factory=CkptConfig)
     data: DataConfig = Field(default_factory=DataConfig)
     grad_scaler: GradScalerConfig = Field(default_factory=GradScalerConfig)
@@ -313,6 +332,7 @@ class SpindleConfig(Section):
     tensorboard_folder: Optional[str] = None
     resume_tb_folder: Optional[str] = None
     generation: Optional[dict] = None  # InternEvo's generation tool settings: no effect here (spindle generate)
+    moe: Optional[MoeConfig] = None  # InternEvo's MoE layer keys, translated onto model.* (config/internevo.py)
     # user constants (SEQ_LEN, TRAIN_FOLDER, ...): kept for reference, not interpreted
     constants: dict[str, Any] = Field(default_factory=dict)
     # keys the file gave that are accepted for compatibility and do nothing here (config/internevo.py)
