@@ -7,12 +7,12 @@ A folder as InternEvo's CheckpointManager writes it (internlm/checkpoint/compone
     model_config.pt                 the `model` section of the config (an InternEvo Config dict)
     optimizer_tp{t}_pp{p}_zo{z}.pt  HybridZeroOptimizer: grad scaler, AdamW state of flat fp32 buffers
     schedulder.pt (sic)             the LR scheduler; sampler.pt, context.pt (counters), {step}.step
+    model_moe_layer{L}_expert{E}_tp{t}.pt  an INTERNLM_MoE model's experts (internevo_moe.py)
 
-Shards are merged the way InternEvo's transformers/convert2hf_internlm*.py do: pipeline stages are
-renumbered by shifting each stage's layer indices past the previous stage's highest, tensor shards
-are concatenated along the dimension each layer splits (column-parallel q/k/v, w1, w3-or-w2-up and
-the vocabulary head along dim 0; row-parallel wo / out_proj and the down projection along dim 1;
-the embedding along dim 1 when `embed_split_hidden`, else along the vocabulary).
+Shards are merged the way InternEvo's transformers/convert2hf_internlm*.py do: pipeline stages are renumbered by
+shifting each stage's layer indices past the previous stage's highest, tensor shards are concatenated along the
+dimension each layer splits (column-parallel q/k/v, w1, w3-or-w2-up and the vocabulary head along dim 0; row-parallel
+wo / out_proj and the down projection along dim 1; the embedding along dim 1 when `embed_split_hidden`, else dim 0).
 
     model_type        layers                                   q/k layout
     INTERNLM          blocks.N.mixer.Wqkv (+bias) = (3, heads, head_dim) rows, out_proj (+bias),
@@ -22,10 +22,9 @@ the embedding along dim 1 when `embed_split_hidden`, else along the vocabulary).
                                                         adapt_hf (default True): rotate_half, else interleaved
     LLAMA2            layers.N.attention.wq/wk/wv/wo, feed_forward.w1/w3/w2, ...  adapt_hf (default False)
 
-Interleaved q/k rows (RoPE pairs (2i, 2i+1)) are permuted to our rotate_half pairs (i, i + d/2), as
-convert2hf_internlm2.py's `permute` does. InternEvo has used both meanings of w2/w3 (its revert_internlm.py
-`--version`); where the shapes tell which is the down projection they decide, else the convert script's convention holds
-(noted). Every .pt file is read with `torch.load(weights_only=True)`; InternEvo's Config class is read as a plain dict.
+Interleaved q/k rows (RoPE pairs (2i, 2i+1)) are permuted to our rotate_half pairs (i, i + d/2), as convert2hf's
+`permute` does. InternEvo has used both meanings of w2/w3 (revert_internlm.py `--version`): the shapes decide where
+they tell, else the convert script's convention (noted). Every .pt file is read with `torch.load(weights_only=True)`.
 """
 
 from __future__ import annotations
@@ -41,6 +40,7 @@ import torch
 
 from spindle.checkpoint.loading import is_internevo_folder
 from spindle.interop.families import split_grouped_qkv
+from spindle.interop.internevo_moe import read_moe
 from spindle.interop.weights import assign_weights, read_torch_file
 from spindle.errors import SpindleError
 
@@ -190,10 +190,11 @@ def _layer(sh: _Shards, mt: str, i: int, c: dict, notes: list[str]) -> dict[str,
     if out["attention.wq.weight"].shape[0] != heads * hd:
         raise SpindleError(f"{sh.folder}: layer {i} q projection has {out['attention.wq.weight'].shape[0]} rows, "
                            f"expected num_attention_heads x head_dim = {heads * hd} (model_config.pt)")
-    up, down = _up_down(sh, mlp, c["hidden_size"], mt, notes)
-    out["feed_forward.w1.weight"] = sh.cat(f"{mlp}.w1.weight", 0)
-    out["feed_forward.w3.weight"] = sh.cat(f"{mlp}.{up}.weight", 0)
-    out["feed_forward.w2.weight"] = sh.cat(f"{mlp}.{down}.weight", 1)
+    if not sh.has(f"{mlp}.moe_layer.gate.wg.weight"):  # an MoE layer's router and experts: internevo_moe.py
+        up, down = _up_down(sh, mlp, c["hidden_size"], mt, notes)
+        out["feed_forward.w1.weight"] = sh.cat(f"{mlp}.w1.weight", 0)
+        out["feed_forward.w3.weight"] = sh.cat(f"{mlp}.{up}.weight", 0)
+        out["feed_forward.w2.weight"] = sh.cat(f"{mlp}.{down}.weight", 1)
     for ours, theirs in zip(("attention_norm", "ffn_norm"), norms):
         for suffix in ("weight", "bias"):
             if sh.has(f"{p}.{theirs}.{suffix}"):
@@ -245,11 +246,11 @@ def _config(folder: Path, model_type: str, notes: list[str]) -> dict:
         raise SpindleError(f"{folder}: no model_config.pt (InternEvo writes it with every checkpoint)")
     raw = read_pt(path, "model config")
     for key, bad in (("num_chunks", lambda v: v != 1), ("use_swiglu", lambda v: not v),
-                     ("deepnorm", bool), ("num_experts", lambda v: v not in (None, 0, 1)), ("is_reward", bool)):
+                     ("deepnorm", bool), ("is_reward", bool)):
         value = raw.get(key, _DEFAULTS.get(key))
         if value is not None and bad(value):
             raise SpindleError(f"{path}: {key}={value!r} is not supported (interleaved pipeline chunks, non-SwiGLU "
-                               "MLPs, deepnorm, MoE and reward heads are not read)")
+                               "MLPs, deepnorm and reward heads are not read)")
     c = {**_DEFAULTS, **raw}
     for key in ("hidden_size", "num_attention_heads", "num_layers", "vocab_size"):
         if not isinstance(c.get(key), int) or isinstance(c.get(key), bool) or c[key] <= 0:
@@ -311,7 +312,7 @@ def read_internevo(path: str | Path) -> InternEvoCheckpoint:
               for t in range(tp)]
     model_type = _model_type(set(states[0]), folder)
     declared = _declared_model_type(folder)
-    if declared is not None and declared != model_type and not (declared == "LLAMA" and model_type == "LLAMA2"):
+    if declared is not None and {"LLAMA": "LLAMA2", "INTERNLM_MoE": "INTERNLM"}.get(declared, declared) != model_type:
         raise SpindleError(f"{folder}: config_file.pt says model_type={declared!r} but the shards hold "
                            f"{model_type} tensors")
     notes: list[str] = [f"InternEvo {model_type} checkpoint, tp={tp} x pp={pp}"]
@@ -333,7 +334,8 @@ def read_internevo(path: str | Path) -> InternEvoCheckpoint:
                            f"num_layers={c['num_layers']}")
     for i in range(c["num_layers"]):
         sd.update(_layer(sh, model_type, i, c, notes))
-    ffn, h = sd["layers.0.feed_forward.w1.weight"].shape[0], c["hidden_size"]
+    moe_keys = read_moe(folder, sh, c, model_type, (read_pt, _up_down), notes, sd)  # {} when dense
+    ffn, h = moe_keys.get("moe_intermediate_size") or sd["layers.0.feed_forward.w1.weight"].shape[0], c["hidden_size"]
     bias = {"qkv_bias": "layers.0.attention.wq.bias" in sd, "o_bias": "layers.0.attention.wo.bias" in sd,
             "mlp_bias": False}
     dtype = str(c.get("dtype", "torch.float32"))
@@ -346,7 +348,7 @@ def read_internevo(path: str | Path) -> InternEvoCheckpoint:
         "apply_post_layer_norm": bool(c["apply_post_layer_norm"]),
         "drop_rate": float(c["drop_rate"]), "attn_drop_rate": float(c["attn_drop_rate"]),
         "no_bias": not any(bias.values()) and "layers.0.attention_norm.bias" not in sd,
-        **({"dtype": dtype} if dtype.startswith("torch.") else {}),
+        **({"dtype": dtype} if dtype.startswith("torch.") else {}), **moe_keys,
     }
     if not model["no_bias"]:
         model.update(bias)
