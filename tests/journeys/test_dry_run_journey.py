@@ -23,3 +23,13 @@ def test_internevo_7b_internlm2_config_plans_for_8_processes(tmp_path):
     assert "parameters: 7,737,708,544" in r.stdout
     assert "accepted for compatibility, no effect here" in r.out
     assert sorted(folder.rglob("*")) == before  # a plan writes nothing (no run folder, no cache)
+
+
+def test_internevo_7B_MoE4_config_plans_for_8_processes(tmp_path):
+    """InternEvo's MoE config (configs/7B_MoE4_sft.py, model_type INTERNLM_MoE) with the seed's entry point."""
+    folder = user_folder(tmp_path)
+    shutil.copy(ROOT / "tests/fixtures/internevo_7B_MoE4_sft.py", folder / "configs/7B_MoE4_sft.py")
+    r = ok(sh("python train.py --config ./configs/7B_MoE4_sft.py --launcher torch --dry-run --nproc 8", folder))
+    assert "config: 7b_moe_train (model_type INTERNLM_MoE, dtype torch.bfloat16)" in r.stdout
+    assert "parameters: 11,851,796,480" in r.stdout and "active parameters per token 7,422,611,456" in r.stdout
+    assert "model.moe_type='GShard' top-2 (mapped" in r.out
