@@ -69,6 +69,10 @@ class CkptConfig(Section):
     # the timeouts of spindle/config/s3.py (which says what each bounds), defaults included
     s3_connect_timeout_s: float = Field(default=S3Settings.connect_timeout_s, gt=0, le=600)
     s3_read_timeout_s: float = Field(default=S3Settings.read_timeout_s, gt=0, le=3600)
+    # botocore's retries: "standard" or "adaptive" (client-side rate limiting under throttling), and the
+    # attempts each request may make, the first included
+    s3_retry_mode: Literal["standard", "adaptive"] = S3Settings.retry_mode
+    s3_max_attempts: int = Field(default=S3Settings.max_attempts, ge=1, le=20)
     # signals that save at the next step boundary and exit (docs/checkpoints.md, "Saving on a signal"): SIGTERM
     # (a time limit, a preemption), Slurm's early warning with #SBATCH --signal=USR1@120; () for none. The save
     # must be written within the timeout (below the scheduler's grace: Slurm's KillWait is 30 s by default)
@@ -102,7 +106,8 @@ class CkptConfig(Section):
 
     def s3_settings(self) -> S3Settings:
         """The settings every bucket of this run is opened with."""
-        return S3Settings(connect_timeout_s=self.s3_connect_timeout_s, read_timeout_s=self.s3_read_timeout_s)
+        return S3Settings(connect_timeout_s=self.s3_connect_timeout_s, read_timeout_s=self.s3_read_timeout_s,
+                          retry_mode=self.s3_retry_mode, max_attempts=self.s3_max_attempts)
 
 
 # --------------------------------------------------------------------------- optimisation

@@ -23,21 +23,21 @@ def test_fsync_only_in_fileio():
                           "fsync_tree):\n" + "\n".join(elsewhere)
 
 
-def test_s3_timeouts_are_the_configs_everywhere():
+def test_s3_timeouts_and_retries_are_the_configs_everywhere():
     from spindle.checkpoint.discovery import open_ckpt_storage
     from spindle.checkpoint.storage import open_storage
     from spindle.config.schema import CkptConfig
 
-    def timeouts(storage):
+    def timeouts(storage):  # what botocore's client was opened with
         c = storage._client.meta.config
-        return c.connect_timeout, c.read_timeout
+        return c.connect_timeout, c.read_timeout, c.retries["mode"], c.retries["total_max_attempts"]
 
     ckpt = CkptConfig()
-    defaults = (ckpt.s3_connect_timeout_s, ckpt.s3_read_timeout_s)
+    defaults = (ckpt.s3_connect_timeout_s, ckpt.s3_read_timeout_s, ckpt.s3_retry_mode, ckpt.s3_max_attempts)
     assert timeouts(open_storage("boto3:s3://bucket/run")) == defaults  # no config at hand: the same defaults
     assert timeouts(open_ckpt_storage("boto3:s3://bucket/run")) == defaults
-    set_ = CkptConfig(s3_connect_timeout_s=1.5, s3_read_timeout_s=7.0)
-    assert timeouts(open_ckpt_storage("boto3:s3://bucket/run", set_)) == (1.5, 7.0)
+    set_ = CkptConfig(s3_connect_timeout_s=1.5, s3_read_timeout_s=7.0, s3_retry_mode="adaptive", s3_max_attempts=3)
+    assert timeouts(open_ckpt_storage("boto3:s3://bucket/run", set_)) == (1.5, 7.0, "adaptive", 3)
 
 
 def _literals_naming(names: set, least: int):
