@@ -24,6 +24,14 @@ FAMILY_SWITCHES = {
     "internlm": ("internlm", {"no_bias": False, "qkv_bias": True, "o_bias": True, "mlp_bias": False,
                               "num_kv_attention_heads": 4}),  # InternLM v1 has no GQA
     "internlm2": ("internlm2", {}),
+    # mixtures of experts: 4 experts of width 32, 2 a token; Qwen2-MoE with its gated shared expert and a dense
+    # first layer (mlp_only_layers), Qwen3-MoE with q/k norms
+    "mixtral": ("mixtral", {"num_experts": 4, "top_k": 2, "moe_intermediate_size": 32}),
+    "qwen2_moe": ("qwen2_moe", {"no_bias": False, "qkv_bias": True, "o_bias": False, "mlp_bias": False,
+                                "num_experts": 4, "top_k": 2, "moe_intermediate_size": 32, "norm_topk_prob": False,
+                                "num_shared_experts": 1, "shared_expert_intermediate_size": 48,
+                                "shared_expert_gate": True, "first_k_dense": 1}),
+    "qwen3_moe": ("qwen3_moe", {"qk_norm": True, "num_experts": 4, "top_k": 2, "moe_intermediate_size": 32}),
 }
 SIZES = {"hidden_size": 32, "num_attention_heads": 4, "num_kv_attention_heads": 2, "num_layers": 2,
          "vocab_size": 64, "mlp_ratio": 1.5, "multiple_of": 48, "max_position_embeddings": 64}
@@ -53,13 +61,11 @@ def family_config(name: str, args) -> dict:
 def write_family_folders(root: Path) -> dict[str, Path]:
     from safetensors.torch import save_file
 
-    from spindle.interop.families import FAMILIES, family_named, to_hf_name
+    from spindle.interop.families import FAMILIES, family_named, ours_to_hf_tensors, to_hf_name
     from spindle.config import ModelConfig
     from spindle.model.llama import build_model
 
-    # the mixture-of-experts families (Family.moe) join when MoE trains under every layout (issue 27); until
-    # then tests/unit/test_hf_moe.py walks them
-    missing = {f.name for f in FAMILIES if f.moe is None} - {family for family, _ in FAMILY_SWITCHES.values()}
+    missing = {f.name for f in FAMILIES} - {family for family, _ in FAMILY_SWITCHES.values()}
     assert not missing, f"families without a folder in tests/family_folders.py FAMILY_SWITCHES: {sorted(missing)}"
     folders = {}
     for folder_name, (family, switches) in FAMILY_SWITCHES.items():
@@ -71,8 +77,8 @@ def write_family_folders(root: Path) -> dict[str, Path]:
                 p.copy_((1.0 if "norm" in n else 0.0) + 0.2 * torch.randn(p.shape, generator=gen))
         fam = family_named(family)
         state = {n: t for n, t in model.state_dict().items() if not (n == "output.weight" and args.tie_word_embeddings)}
-        tensors = {}
-        for n, t in state.items():
+        tensors = ours_to_hf_tensors(state, fam) if fam.moe is not None else {}  # the experts one tensor each
+        for n, t in state.items() if fam.moe is None else ():
             if fam.names == "internlm2" and ".attention.w" in n and n.split(".")[3] in ("wq", "wk", "wv"):
                 continue
             tensors[to_hf_name(n, fam)] = t

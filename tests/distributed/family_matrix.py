@@ -33,12 +33,25 @@ LAYOUTS = {
     "cp2": (2, {"context": 2}, 1),
     "dp2_tp2": (4, {"tensor": 2}, 2),  # TP x FSDP
     "dp4_zero1_2": (4, {"zero1": 2}, 4),  # hybrid: sharded within pairs of ranks, replicated across them
+    # mixtures of experts only: the experts split over 2 data-parallel ranks (all-to-all), and that next to TP
+    "ep2": (2, {"expert": 2, "zero1": -1}, 2),
+    "ep2_tp2": (4, {"expert": 2, "zero1": -1, "tensor": 2}, 2),
 }
+EXPERT_LAYOUTS = ("ep2", "ep2_tp2")
+# the mixture-of-experts folders of tests/family_folders.py (test_family_matrix.py checks this is all of them) and
+# the layouts each trains under. MoE has no pipeline or context parallelism (the layout refuses them). To keep
+# the suite's time, Mixtral takes every other MoE layout and the two Qwen MoE families the ones where what they
+# add (a gated shared expert and a dense first layer; q/k norms) meets a split: experts over ranks, heads over TP.
+MOE_FOLDERS = {"mixtral": ("dp2", "fsdp2", "tp2_sp", "ep2", "ep2_tp2"),
+               "qwen2_moe": ("tp2_sp", "ep2"), "qwen3_moe": ("tp2_sp", "ep2_tp2")}
 
 
 def offered(folder: str, layout: str) -> bool:
-    """Pipelines keep the embedding and the head on different stages: tied models are refused there."""
-    return not (folder.endswith("_tied") and "pipeline" in LAYOUTS[layout][1])
+    """Pipelines keep the embedding and the head on different stages: tied models are refused there. MoE
+    folders: the layouts of MOE_FOLDERS (and the one process); expert layouts only for them."""
+    if folder in MOE_FOLDERS:
+        return layout == "single" or layout in MOE_FOLDERS[folder]
+    return layout not in EXPERT_LAYOUTS and not (folder.endswith("_tied") and "pipeline" in LAYOUTS[layout][1])
 
 
 def config(folder: Path, layout: str, out: Path):

@@ -6,7 +6,7 @@ tests/distributed/family_matrix.py; all of a world size train in that world's on
 
 import pytest
 
-from distributed.family_matrix import LAYOUTS, offered
+from distributed.family_matrix import LAYOUTS, MOE_FOLDERS, offered
 from distributed.marks import needs_pipeline_torch
 from family_folders import FAMILY_SWITCHES
 
@@ -27,6 +27,11 @@ def cases():
             if "pipeline" in LAYOUTS[layout][1]:
                 marks.append(needs_pipeline_torch)
             yield pytest.param(folder, layout, marks=marks, id=f"{folder}-{layout}")
+
+
+def test_every_moe_folder_has_its_layouts():
+    """A new mixture-of-experts folder in tests/family_folders.py is not left with the one process alone."""
+    assert set(MOE_FOLDERS) == {name for name, (_, switches) in FAMILY_SWITCHES.items() if switches.get("num_experts")}
 
 
 @pytest.mark.parametrize("folder, layout", list(cases()))
