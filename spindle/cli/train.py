@@ -77,7 +77,8 @@ def dry_run_report(cfg, world: int) -> str:
         f"InternEvo formula: {internevo_flops_per_step(m, d.seq_len, 1) / d.seq_len / 1e9:.2f} GFLOP",
         f"layout for {world} process(es): data {dims.dp} x context {dims.cp} x pipeline {dims.pp} x tensor {dims.tp}; "
         + (f"FSDP ({'full' if dims.fsdp else 'ZeRO-1/2-like'}) over groups of {dims.shard * dims.cp}"
-           if dims.shard * dims.cp > 1 else "no sharding"),
+           if dims.shard * dims.cp > 1 else "no sharding")
+        + (f"; experts split over {dims.ep} data-parallel ranks" if dims.ep > 1 else ""),
         f"tokens per step: {tokens_per_rank:,} per data-parallel rank x {dims.dp} = {tokens_per_rank * dims.dp:,} "
         f"(micro_num {d.micro_num} x micro_bsz {d.micro_bsz} x seq_len {d.seq_len})",
         f"memory estimate per device: weights {mem['weights'] / gib:.1f} GiB, "

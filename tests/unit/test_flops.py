@@ -52,3 +52,40 @@ def test_memory_estimate_shards():
     cp = memory_estimate(load_config("configs/7B_sft.py", ["parallel.context=2", "parallel.zero1=4"]), 8)
     assert cp["activations"] == pytest.approx(eight["activations"] / 2)  # half of every sequence per rank
     assert cp["optimizer"] == pytest.approx(eight["optimizer"])  # sharded over 4 data x 2 context ranks
+
+
+def test_moe_counts_total_and_active_parameters():
+    """A mixture of experts: total is what the built model holds, active what one token passes through, and the
+    FLOPs per token count the active matrices only."""
+    from spindle.config import ModelConfig
+    from spindle.model.llama import build_model, count_parameters
+
+    keys = dict(hidden_size=32, num_layers=3, num_attention_heads=4, vocab_size=64, multiple_of=16)
+    moe = ModelConfig(**keys, num_experts=8, top_k=2, moe_intermediate_size=16, num_shared_experts=1,
+                      shared_expert_gate=True, first_k_dense=1)
+    counts = parameter_counts(moe)
+    assert counts["total"] == count_parameters(build_model(moe.to_args(), "meta"))
+    routed, layers = 3 * 32 * 16, 2  # one routed expert; the MoE layers (the first is dense)
+    assert counts["experts"] == layers * 8 * routed and counts["moe_layers"] == layers
+    assert counts["total"] - counts["active"] == layers * 6 * routed  # the 6 experts a token skips
+    assert counts["moe_ffn"] == layers * (32 * 8 + 32 + 8 * routed + routed)  # router, shared gate, experts
+    dense = parameter_counts(ModelConfig(**keys))
+    assert counts["matmul"] - dense["matmul"] == layers * (32 * 8 + 32 + 2 * routed + routed - 3 * 32 * 96)
+    assert model_flops_per_token(moe, 16) - model_flops_per_token(ModelConfig(**keys), 16) == \
+        6.0 * (counts["matmul"] - dense["matmul"])
+
+
+def test_moe_memory_splits_the_experts_over_expert_parallel_ranks():
+    from spindle.config import validate_config
+
+    def estimate(expert: int, **parallel):
+        cfg = validate_config({"model": {"hidden_size": 64, "num_layers": 2, "num_attention_heads": 4,
+                                         "vocab_size": 128, "num_experts": 8, "moe_intermediate_size": 64},
+                               "parallel": {"expert": expert, "zero1": -1, **parallel}})
+        return memory_estimate(cfg, 4), parameter_counts(cfg.model)
+
+    (one, counts), (four, _) = estimate(1), estimate(4)
+    assert one["weights"] - four["weights"] == pytest.approx(counts["experts"] * 3 / 4 * 4)  # fp32 masters
+    assert one["optimizer"] == four["optimizer"] == pytest.approx(counts["total"] * 8 / 4)
+    fsdp_one, fsdp_four = estimate(1, fsdp=True)[0], estimate(4, fsdp=True)[0]
+    assert fsdp_one["weights"] == fsdp_four["weights"] == pytest.approx(counts["total"] * 4 / 4)
