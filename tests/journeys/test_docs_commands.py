@@ -143,6 +143,8 @@ RUNS = {
         ("tiny on cpu", "tokens/s median")),
     ".venv/bin/spindle bench moe --out runs/bench_moe.json": Run(
         ("MoE / dense step time, paired: median", "cross ranks"), ("--shape", "tiny", "--rounds", "1")),
+    "spindle train --dry-run --set model.num_experts=8 model.top_k=2 model.moe_intermediate_size=128": Run(
+        ("experts: 4 of 4 layers MoE, 8 experts, top 2, expert width 128; active parameters per token 1,139,136",)),
     "spindle eval ppl --ckpt runs/demo/ckpt --data held_out/ --lengths 256,512,1024,2048,4096,8192,16384 --variants "
     "plain,dynamic,yarn,logn --windows 8 --out eval/demo": Run(
         ("perplexity over the first L tokens",), EVAL_SMALL),  # held_out/: the user's text (setup)

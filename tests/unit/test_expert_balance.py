@@ -124,3 +124,22 @@ def test_without_balance_losses_there_is_no_moe_loss_and_no_term():
 def test_layer_labels_skip_wrapper_segments():
     assert layer_label("layers.3.feed_forward") == "layer3"
     assert layer_label("layers.12._checkpoint_wrapped_module.feed_forward") == "layer12"
+
+
+def test_the_moe_step_adds_no_host_sync(tmp_path, monkeypatch):
+    """The balance term, the statistics, their reduction and the bias update stay on the device: the step keeps its
+    one read (update or skip); the CPU's loop kernel reads its group sizes (CUDA's grouped GEMMs do not)."""
+    from helpers import step_cfg
+    from spindle.parallel.mesh import ParallelEnv
+    from spindle.train.trainer import Trainer
+    from unit.test_host_syncs import audited_step
+
+    moe = {"num_experts": 4, "top_k": 2, "z_loss_coeff": 1e-3, "bias_update_rate": 0.01}
+    trainer = Trainer(step_cfg(tmp_path, model=moe), ParallelEnv())
+    ids = torch.randint(0, 64, (4, 16), generator=torch.Generator().manual_seed(2))
+    batches = [micro_batch(ids[:2], torch.roll(ids[:2], -1, 1)), micro_batch(ids[2:], torch.roll(ids[2:], -1, 1))]
+    trainer.train_step(batches)  # warm
+    bias = [b.score_bias.clone() for b in trainer.raw_model.moe_blocks()]
+    hits = audited_step(trainer, batches, monkeypatch)
+    assert dict(hits) == {"train_step": 1, "experts_loop": 2 * 2}  # 2 MoE layers x 2 micro-batches
+    assert any(not torch.equal(a, b.score_bias) for a, b in zip(bias, trainer.raw_model.moe_blocks()))
