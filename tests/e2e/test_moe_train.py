@@ -34,7 +34,7 @@ def records(run: Path) -> list[dict]:
 
 def test_moe_model_trains_and_reports_its_balance(tmp_path):
     cfg = tmp_path / "moe.py"
-    cfg.write_text(tiny_config_text(tmp_path / "runs", JOB_NAME="moe",
+    cfg.write_text(tiny_config_text(tmp_path / "runs", JOB_NAME="moe", trainer={"tensorboard": True},
                                     **moe_sections(tmp_path, capacity_factor=1.0, z_loss_coeff=1e-3)))
     r = run_cli("train", "--config", cfg)
     assert r.returncode == 0, r.stderr
@@ -53,6 +53,12 @@ def test_moe_model_trains_and_reports_its_balance(tmp_path):
     line = next(x for x in r.stdout.splitlines() if x.startswith("tflops=") and ",step=11," in x)
     assert ",grad_norm=" in line and ",moe_loss=" in line and line.index("grad_norm=") < line.index("moe_loss=")
     assert ",moe_imbalance=" in line and ",moe_dropped=" in line and "moe_load" not in line
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(tmp_path / "runs" / "moe" / "tensorboard"))
+    events.Reload()
+    for key in ("moe_loss", "moe_imbalance", "moe_dropped", "moe_imbalance/layer1", "moe_dropped/layer0"):
+        assert [round(e.value, 4) for e in events.Scalars(key)] == [round(s[key], 4) for s in steps], key
 
 
 def _trainer(tmp: Path, name: str, total: int, **model) -> Trainer:
