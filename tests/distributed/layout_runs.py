@@ -72,12 +72,15 @@ MOE = ("model.num_experts=4", "model.top_k=2", "model.moe_intermediate_size=48",
        "model.shared_expert_gate=True", "model.first_k_dense=1", "model.z_loss_coeff=0.001")
 CAPACITY = ("model.capacity_factor=1.0", "model.min_capacity=1")  # GShard's dropping, under expert parallelism
 EP2, SHARDED = "parallel.expert=2", "parallel.zero1=-1"
+# DeepSeek-V3's balancing: the bias moved by the step's load summed over ranks (every rank the same bias)
+BIAS = ("model.bias_update_rate=0.01", "model.router_score=sigmoid", "model.aux_loss_per_sequence=True")
 MOE_LAYOUTS = {
     "moe_dp2": ("moe_single", Job(2, (*MOE, M4))),
     "moe_ep2": ("moe_single", Job(2, (*MOE, M4, EP2, SHARDED))),
     "moe_ep2_fsdp": ("moe_single", Job(2, (*MOE, M4, EP2, "parallel.fsdp=True"))),
     "moe_tp2_sp": ("moe_single", Job(2, (*MOE, TP2, SP))),
     "moe_ep2_capacity": ("moe_capacity_single", Job(2, (*MOE, *CAPACITY, M4, EP2, SHARDED))),
+    "moe_ep2_bias": ("moe_bias_single", Job(2, (*MOE, *BIAS, M4, EP2, SHARDED))),
     "moe_ep2_tp2": ("moe_single", Job(4, (*MOE, M4, EP2, SHARDED, TP2))),
     "moe_ep4": ("moe_single", Job(4, (*MOE, "data.micro_num=2", "parallel.expert=-1", SHARDED))),
 }
@@ -99,6 +102,7 @@ JOBS = {
     **LAYOUTS,
     "moe_single": Job(1, MOE),
     "moe_capacity_single": Job(1, (*MOE, *CAPACITY)),
+    "moe_bias_single": Job(1, (*MOE, *BIAS)),
     **{name: job for name, (_, job) in MOE_LAYOUTS.items()},
     "micro_num_1_single": Job(1, ("data.micro_num=1",)),  # fewer micro-batches than stages: 1F1B runs as GPipe
     "micro_num_1_pp2": Job(2, ("data.micro_num=1", PP2)),
