@@ -11,13 +11,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-from typing import Optional
 
 from spindle.cli import options
 from spindle.errors import SpindleError
+from spindle.eval.lm_tasks import EVAL_TASKS, task_manager
 from spindle.extras import require
 
-EVAL_TASKS = "spindle eval tasks (lm-evaluation-harness)"
 
 
 def add_parser(sub) -> None:
@@ -37,22 +36,6 @@ def add_parser(sub) -> None:
     t.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: CUDA where there is one)")
     t.add_argument("--out", default=None, type=options.path, help="also write lm-eval's results JSON to this new file")
     t.add_argument("--debug", action="store_true")
-
-
-def task_manager(names: list[str], include_path: Optional[str]):
-    """lm-eval's TaskManager that knows every name asked for: --include-path alone when it holds them all."""
-    TaskManager = require("lm_eval.tasks", "eval", EVAL_TASKS).TaskManager
-    if include_path is not None:
-        manager = TaskManager(include_path=include_path, include_defaults=False)
-        if all(manager.match_tasks([n]) for n in names):
-            return manager
-    manager = TaskManager(include_path=include_path)
-    missing = [n for n in names if not manager.match_tasks([n])]
-    if missing:
-        where = f"{include_path} or " if include_path else ""
-        raise SpindleError(f"--tasks {','.join(missing)}: no such task in {where}lm-eval's tasks "
-                           "(lm-eval ls tasks lists them)")
-    return manager
 
 
 def run(args: argparse.Namespace) -> int:

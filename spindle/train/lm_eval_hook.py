@@ -96,11 +96,11 @@ class TrainingTasks:
         if t.include_path is not None and not os.path.isdir(t.include_path):
             raise SpindleError(f"long_eval.tasks.include_path {t.include_path}: no such folder (lm-eval task YAML "
                                "files)")
-        from spindle.cli.eval_tasks import task_manager
+        from spindle.eval.lm_tasks import task_manager
         from spindle.data.tokenizer import load_tokenizer
 
         try:
-            self.manager = task_manager(list(t.names), t.include_path)
+            self.manager = task_manager(list(t.names), t.include_path, FEATURE)
         except SpindleError as exc:  # its line names --tasks, the command line's option
             raise SpindleError("long_eval.tasks.names " + str(exc).removeprefix("--tasks ")) from None
         self.tokenizer = load_tokenizer(cfg.data.tokenizer_path or "default")

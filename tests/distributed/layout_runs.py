@@ -75,10 +75,8 @@ EP2, SHARDED = "parallel.expert=2", "parallel.zero1=-1"
 # DeepSeek-V3's balancing: the bias moved by the step's load summed over ranks (every rank the same bias)
 BIAS = ("model.bias_update_rate=0.01", "model.router_score=sigmoid", "model.aux_loss_per_sequence=True")
 MOE_LAYOUTS = {
-    "moe_dp2": ("moe_single", Job(2, (*MOE, M4))),
-    "moe_ep2": ("moe_single", Job(2, (*MOE, M4, EP2, SHARDED))),
+    # plain dp2, ep2 + ZeRO and tp2 + SP of the HF MoE families are in the family matrix (family_matrix.py)
     "moe_ep2_fsdp": ("moe_single", Job(2, (*MOE, M4, EP2, "parallel.fsdp=True"))),
-    "moe_tp2_sp": ("moe_single", Job(2, (*MOE, TP2, SP))),
     "moe_ep2_capacity": ("moe_capacity_single", Job(2, (*MOE, *CAPACITY, M4, EP2, SHARDED))),
     "moe_ep2_bias": ("moe_bias_single", Job(2, (*MOE, *BIAS, M4, EP2, SHARDED))),
     "moe_ep2_tp2": ("moe_single", Job(4, (*MOE, M4, EP2, SHARDED, TP2))),

@@ -1,6 +1,6 @@
 """What every fuzz target shares: its budget, a new seed every run, and the corpus of inputs that once failed.
 
-- Budget: FUZZ_EXAMPLES generated cases per target (default 2,000: the six targets take about two minutes
+- Budget: FUZZ_EXAMPLES generated cases per target (default 1,000: the six targets take about a minute
   together on the 2-core CI machine); the nightly-style search sets FUZZ_EXAMPLES=100000 (docs/reliability.md).
 - Search: hypothesis explores from a seed drawn anew every run (FUZZ_SEED=N replays run N exactly), so the
   suite covers new inputs over time instead of the same derandomized ones. A failure prints the seed, the
@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 
 from spindle.errors import SpindleError
 
-EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "2000"))
+EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "1000"))
 SEED = int(os.environ.get("FUZZ_SEED") or random.SystemRandom().randrange(2**32))
 CORPUS = Path(__file__).with_name("corpus")
 

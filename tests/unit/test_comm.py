@@ -31,6 +31,8 @@ DOCUMENTED = {
     ("train/optim.py", "clip_gradients", "sq"): "squared gradient norms, on the gradients' device",
     ("parallel/layout.py", "sum_over_data_ranks", "t"): "token counts of the step, on the layout's device",
     ("parallel/layout.py", "sum_over_gradient_ranks", "t"): "loss statistics of the step, on the layout's device",
+    ("parallel/experts.py", "exchange", "out"): "x.new_empty: the hidden states (or their gradients) exchanged",
+    ("parallel/experts.py", "__call__", "received"): "empty_like(plan.counts): routing counts, with the activations",
 }
 
 

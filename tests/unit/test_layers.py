@@ -7,7 +7,7 @@ from pathlib import Path
 SPINDLE = Path(__file__).resolve().parents[2] / "spindle"
 # bottom to top; a module may import its own layer and those before it
 LAYERS = [
-    {"errors", "fileio", "logs", "dtypes"},
+    {"errors", "fileio", "logs", "dtypes", "extras"},
     {"outputs", "ropelaws", "hardware"},
     {"config"},
     {"model"},
