@@ -41,14 +41,14 @@ class Job:
     after: str = ""  # a job whose checkpoint ({out}/{after}/ckpt) this one resumes from, in its own copy
 
 
-M4 = "data.micro_num=4"
+M2 = "data.micro_num=2"  # per data-parallel rank: 2 ranks x 2 = tiny.py's 4
 PP2, CP2, TP2, SP = ("parallel.pipeline.size=2", "parallel.context=2", "parallel.tensor=2",
                       "parallel.sequence_parallel=True")
 # the parity layouts: data.micro_num is per data-parallel rank, so every layout sees the same global batch
 LAYOUTS = {
-    "dp2": Job(2, (M4,)),
-    "dp2_zero1": Job(2, (M4, "parallel.zero1=-1")),
-    "fsdp2": Job(2, (M4, "parallel.fsdp=True")),
+    "dp2": Job(2, (M2,)),
+    "dp2_zero1": Job(2, (M2, "parallel.zero1=-1")),
+    "fsdp2": Job(2, (M2, "parallel.fsdp=True")),
     "tp2": Job(2, (TP2,)),
     "tp2_sp": Job(2, (TP2, SP)),
     "pp2_1f1b": Job(2, (PP2,)),
@@ -56,14 +56,14 @@ LAYOUTS = {
     "pp2_gpipe": Job(2, (PP2, "parallel.pipeline.schedule=gpipe")),
     "pp2_zero_bubble": Job(2, (PP2, "model.num_chunks=2", "parallel.pipeline.schedule=zero_bubble")),
     "cp2": Job(2, (CP2,)),  # context parallel: each rank holds half of every sequence
-    "dp2_tp2": Job(4, (M4, TP2)),
-    "dp2_pp2": Job(4, (M4, PP2)),
-    "dp2_cp2": Job(4, (M4, CP2)),
+    "dp2_tp2": Job(4, (M2, TP2)),
+    "dp2_pp2": Job(4, (M2, PP2)),
+    "dp2_cp2": Job(4, (M2, CP2)),
     "cp2_tp2_sp": Job(4, (CP2, TP2, SP)),
     "cp2_tp2": Job(4, (CP2, TP2)),
     "pp2_cp2": Job(4, (PP2, CP2)),
     # three-way, 8 processes (one launch for both): hybrid FSDP over (dp_replicate, dp_shard x cp) next to tp
-    "dp2_tp2_cp2": Job(8, (M4, TP2, CP2)),
+    "dp2_tp2_cp2": Job(8, (M2, TP2, CP2)),
     "tp2_pp2_cp2": Job(8, (TP2, PP2, CP2)),
 }
 # mixture of experts (docs/moe.md): 4 experts of which each token takes 2, one gated shared expert, the first
@@ -76,19 +76,19 @@ EP2, SHARDED = "parallel.expert=2", "parallel.zero1=-1"
 BIAS = ("model.bias_update_rate=0.01", "model.router_score=sigmoid", "model.aux_loss_per_sequence=True")
 MOE_LAYOUTS = {
     # plain dp2, ep2 + ZeRO and tp2 + SP of the HF MoE families are in the family matrix (family_matrix.py)
-    "moe_ep2_fsdp": ("moe_single", Job(2, (*MOE, M4, EP2, "parallel.fsdp=True"))),
-    "moe_ep2_capacity": ("moe_capacity_single", Job(2, (*MOE, *CAPACITY, M4, EP2, SHARDED))),
-    "moe_ep2_bias": ("moe_bias_single", Job(2, (*MOE, *BIAS, M4, EP2, SHARDED))),
-    "moe_ep2_tp2": ("moe_single", Job(4, (*MOE, M4, EP2, SHARDED, TP2))),
-    "moe_ep4": ("moe_single", Job(4, (*MOE, "data.micro_num=2", "parallel.expert=-1", SHARDED))),
+    "moe_ep2_fsdp": ("moe_single", Job(2, (*MOE, M2, EP2, "parallel.fsdp=True"))),
+    "moe_ep2_capacity": ("moe_capacity_single", Job(2, (*MOE, *CAPACITY, M2, EP2, SHARDED))),
+    "moe_ep2_bias": ("moe_bias_single", Job(2, (*MOE, *BIAS, M2, EP2, SHARDED))),
+    "moe_ep2_tp2": ("moe_single", Job(4, (*MOE, M2, EP2, SHARDED, TP2))),
+    "moe_ep4": ("moe_single", Job(4, (*MOE, "data.micro_num=1", "parallel.expert=-1", SHARDED))),
 }
 LONG_EVAL = ("data.valid_every=5", "long_eval={'lengths': [32, 96], 'variants': ['plain', 'yarn'], "
              "'data': ['{le_doc}'], 'passkey_lengths': [256], 'passkey_depths': [0.5], 'passkey_samples': 1, "
              "'chunk': 40}")
 PACKED = "data.fixed_random_dataset_seqlen=False"
-RAMPUP = (M4, "data.rampup_batch_size=1 1 3")  # micro_num 1, 2, 3, 4 over the steps
+RAMPUP = ("data.micro_num=4", "data.rampup_batch_size=1 1 3")  # micro_num 1, 2, 3, 4 over the steps
 FP16, BF16 = (("model.dtype=torch.float16", "data.total_steps=3"),
-              (M4, "model.dtype=torch.bfloat16", "data.total_steps=3"))
+              (M2, "model.dtype=torch.bfloat16", "data.total_steps=3"))
 LR = "lr_scheduler.total_steps=10"
 SAVE = ("ckpt.enable_save_ckpt=True", "ckpt.save_ckpt_folder=local:{folder}/ckpt", "ckpt.checkpoint_every=5", LR)
 RESUME = ("ckpt.enable_save_ckpt=True", "ckpt.save_ckpt_folder=local:{folder}/ckpt", "ckpt.auto_resume=True", LR)
@@ -109,14 +109,14 @@ JOBS = {
     "packed_single": Job(1, (PACKED,)),
     "packed_cp2": Job(2, (PACKED, CP2)),
     "le_single": Job(1, LONG_EVAL, setup="le_doc"),
-    "le_dp2": Job(2, (*LONG_EVAL, M4), setup="le_doc"),  # rank 0 evaluates the training model itself
+    "le_dp2": Job(2, (*LONG_EVAL, M2), setup="le_doc"),  # rank 0 evaluates the training model itself
     "le_cp2": Job(2, (*LONG_EVAL, CP2), setup="le_doc"),  # a plain copy (whole_model): the CP kernel gathers
     "layout_error": Job(2, ("parallel.tensor=4",)),
     "fp16_single": Job(1, FP16),
     "fp16_tp2": Job(2, (TP2, *FP16)),
     "bf16_dp2": Job(2, BF16),
     "bf16_zero1": Job(2, (*BF16, "parallel.zero1=-1")),
-    "reshard_dp2_tp2": Job(4, (M4, TP2, "data.total_steps=5", *SAVE)),
+    "reshard_dp2_tp2": Job(4, (M2, TP2, "data.total_steps=5", *SAVE)),
     "reshard_single": Job(1, RESUME, after="reshard_dp2_tp2"),
     "reshard_pp2": Job(2, (*RESUME, PP2), after="reshard_dp2_tp2"),
     "ppm_single": Job(1, **PPM),

@@ -30,12 +30,12 @@ def test_slurm_launcher_matches_torchrun(tmp_path, layout_runs):
             env.pop(k, None)
         procs.append(subprocess.Popen(
             [sys.executable, "train.py", "--config", TINY, "--launcher", "slurm", "--port", str(port),
-             "--backend", "gloo", "--seed", "5", "--set", f"trainer.run_folder={folder}", "data.micro_num=4"],
+             "--backend", "gloo", "--seed", "5", "--set", f"trainer.run_folder={folder}", "data.micro_num=2"],
             cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
     outs = [p.communicate(timeout=240) for p in procs]
     assert all(p.returncode == 0 for p in procs), outs
     slurm = [json.loads(l)["loss"] for l in (folder / "tiny" / "metrics.jsonl").read_text().splitlines()]
-    torch_run = layout_runs["dp2"].losses  # torchrun, data.micro_num=4
+    torch_run = layout_runs["dp2"].losses  # torchrun, data.micro_num=2
     assert slurm == torch_run  # same layout, same seed: identical
     logs = folder / "tiny" / "logs"
     assert (logs / "rank0.log").is_file() and (logs / "rank1.log").is_file()

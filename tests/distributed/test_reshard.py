@@ -22,7 +22,7 @@ def test_dp2_tp2_checkpoint_resumes_under_one_process_and_pp2(layout_runs):
     assert (ckpt / "5.step").is_file()
     assert max(abs(a - b) for a, b in zip(first.losses, reference[:5])) < 1e-4
     state = json.loads((ckpt / "5" / "trainer_state.json").read_text())
-    assert state["loader"]["position"] == 5 * 8  # 5 steps x (micro_num 4 x dp 2) packs, a global position
+    assert state["loader"]["position"] == 5 * 4  # 5 steps x (micro_num 2 x dp 2) packs, a global position
     for name in ("single", "pp2"):  # each resume continues from its own copy of step 5
         run = layout_runs[f"reshard_{name}"]
         assert "auto_resume: continuing from" in run.stdout and "(step 5, all state)" in run.stdout, run.stdout

@@ -138,7 +138,7 @@ RUNS = {
     ".venv/bin/python -m spindle.cli bench data --mb 2 --reps 3 --reads 20000 --out runs/bench_data.json": Run(
         ("results -> runs/bench_data.json",), ("--mb", "0.2", "--reps", "1", "--reads", "1000")),
     ".venv/bin/python -m spindle.cli bench memory --out runs/bench_memory.json": Run(
-        ("fp32 KV cache alone: 1.0 KiB per token",), ("--lengths", "512,1024", "--layers", "1")),
+        ("fp32 KV cache alone: 1.0 KiB per token",), ("--lengths", "256,512", "--layers", "1")),
     ".venv/bin/spindle bench gpu --preset tiny --device cpu --steps 4 --warmup 1 --no-compile": Run(
         ("tiny on cpu", "tokens/s median")),
     ".venv/bin/spindle bench moe --out runs/bench_moe.json": Run(
