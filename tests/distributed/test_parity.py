@@ -8,25 +8,29 @@ tests/distributed/layout_runs.py's (one launch per world size, the reference tra
 
 import pytest
 
-from distributed.layout_runs import LAYOUTS, TINY
+from distributed.layout_runs import LAYOUTS, REFERENCE, TINY
 from distributed.marks import layouts, needs_pipeline_torch
 from distributed.parity_checks import closing_sample, within
 
 pytestmark = pytest.mark.dist
 
 
-@pytest.mark.parametrize("name", layouts(LAYOUTS, runs=lambda name: ("single", name)))
+def reference_of(name: str) -> str:
+    return REFERENCE.get(name, "single")
+
+
+@pytest.mark.parametrize("name", layouts(LAYOUTS, runs=lambda name: (reference_of(name), name)))
 def test_layout_matches_single_process(layout_runs, name):
-    losses, reference = layout_runs[name].losses, layout_runs["single"].losses
+    losses, reference = layout_runs[name].losses, layout_runs[reference_of(name)].losses
     assert within(losses, reference), f"{name}: {losses} vs {reference}"
     assert reference[-1] < reference[0]
 
 
-@pytest.mark.parametrize("name", layouts(LAYOUTS, runs=lambda name: ("single", name)))
+@pytest.mark.parametrize("name", layouts(LAYOUTS, runs=lambda name: (reference_of(name), name)))
 def test_layout_ends_with_the_single_process_sample(layout_runs, name):
     """Spindle gathers the whole model on rank 0 for the sample (tensor shards, pipeline stages, FSDP shards):
     with the same weights (to 1e-4) and the same seed it samples what one process samples."""
-    reference = closing_sample(layout_runs["single"].stdout)
+    reference = closing_sample(layout_runs[reference_of(name)].stdout)
     assert reference.startswith("import ") and len(reference) > len("import ")  # something was generated
     assert closing_sample(layout_runs[name].stdout) == reference
 
