@@ -90,6 +90,7 @@ LONG_EVAL = ("data.valid_every=5", "long_eval={'lengths': [32, 96], 'variants': 
              "'data': ['{le_doc}'], 'passkey_lengths': [256], 'passkey_depths': [0.5], 'passkey_samples': 1, "
              "'chunk': 40}")
 PACKED = "data.fixed_random_dataset_seqlen=False"
+PACKED_BATCH = "data.micro_num=8"  # enough packs that 10+ documents cross the rank boundary (test_parity)
 RAMPUP = ("data.micro_num=4", "data.rampup_batch_size=1 1 3")  # micro_num 1, 2, 3, 4 over the steps
 FP16, BF16 = (("model.dtype=torch.float16", "data.total_steps=3"),
               (M2, "model.dtype=torch.bfloat16", "data.total_steps=3"))
@@ -111,8 +112,8 @@ JOBS = {
     "micro_num_1_pp2": Job(2, ("data.micro_num=1", PP2)),
     "rampup_single": Job(1, RAMPUP),
     "rampup_pp2": Job(2, (*RAMPUP, PP2)),
-    "packed_single": Job(1, (PACKED,)),
-    "packed_cp2": Job(2, (PACKED, CP2)),
+    "packed_single": Job(1, (PACKED, PACKED_BATCH)),
+    "packed_cp2": Job(2, (PACKED, PACKED_BATCH, CP2)),
     "le_single": Job(1, LONG_EVAL, setup="le_doc"),
     "le_dp2": Job(2, (*LONG_EVAL, M2), setup="le_doc"),  # rank 0 evaluates the training model itself
     "le_cp2": Job(2, (*LONG_EVAL, CP2), setup="le_doc"),  # a plain copy (whole_model): the CP kernel gathers

@@ -8,7 +8,7 @@ tests/distributed/layout_runs.py's (one launch per world size, the reference tra
 
 import pytest
 
-from distributed.layout_runs import LAYOUTS, REFERENCE, TINY
+from distributed.layout_runs import LAYOUTS, PACKED, PACKED_BATCH, REFERENCE, TINY
 from distributed.marks import layouts, needs_pipeline_torch
 from distributed.parity_checks import closing_sample, within
 
@@ -56,7 +56,7 @@ def test_context_parallel_on_packed_rows_with_documents_across_the_rank_boundary
     from spindle.data.loader import build_train_loader
     from spindle.parallel.context import balanced_indices
 
-    cfg = load_config(TINY, ["data.fixed_random_dataset_seqlen=False"])
+    cfg = load_config(TINY, [PACKED, PACKED_BATCH])  # what packed_single and packed_cp2 train on
     loader = build_train_loader(cfg.data, cfg.model.vocab_size, tmp_path / "cache", prefetch=False)
     length = cfg.data.seq_len
     owner = torch.zeros(length, dtype=torch.long)

@@ -137,8 +137,6 @@ RUNS = {
     "spindle convert to-hf runs/demo/ckpt hf_out/": Run(("(LlamaForCausalLM)",)),
     ".venv/bin/python -m spindle.cli bench data --mb 2 --reps 3 --reads 20000 --out runs/bench_data.json": Run(
         ("results -> runs/bench_data.json",), ("--mb", "0.2", "--reps", "1", "--reads", "1000")),
-    ".venv/bin/python -m spindle.cli bench memory --out runs/bench_memory.json": Run(
-        ("fp32 KV cache alone: 1.0 KiB per token",), ("--lengths", "256,512", "--layers", "1")),
     ".venv/bin/spindle bench gpu --preset tiny --device cpu --steps 4 --warmup 1 --no-compile": Run(
         ("tiny on cpu", "tokens/s median")),
     ".venv/bin/spindle bench moe --out runs/bench_moe.json": Run(
@@ -200,6 +198,8 @@ SKIPS = {
     "python -m spindle.benchmarks.bench_cp_memory --lengths 16384,32768 --contexts 2 --steps 2": SLOW_BENCH + "; "
         "the context-parallel kernel it measures is tests/unit/test_context_kernel.py's and tests/distributed/"
         "test_parity.py's (cp2)",
+    ".venv/bin/python -m spindle.cli bench memory --out runs/bench_memory.json": SLOW_BENCH + " (50 s in the suite "
+        "even on 2 lengths); tests/unit/test_bench.py::test_memory_bench_small_lengths runs its code on small lengths",
     "bench/gpu.sh": "needs a CUDA GPU; its CPU form runs in tests/e2e/test_gpu_sh.py::test_cpu_smoke_runs_every_stage "
         "(and `spindle bench gpu --device cpu` here)",
     "bench/gpu.sh --micro-bsz 8": "needs a CUDA GPU; tests/e2e/test_gpu_sh.py::test_cpu_smoke_runs_every_stage "
